@@ -1,0 +1,89 @@
+"""`rerank-batch run`: score and rank Parquet pairs with a yes/no reranker."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import click
+
+from pipeline.config import DEFAULT_INSTRUCTION, RunConfig
+from pipeline.read import resolve_inputs
+
+from .common import JobError, SizeType, domain_errors, setup_logging
+
+log = logging.getLogger("rerank-batch")
+
+
+def default_output(first_input: str) -> str:
+    d, name = os.path.split(first_input)
+    stem = name[: -len(".parquet")] if name.endswith(".parquet") else name
+    return os.path.join(d, f"{stem}.reranked.parquet")
+
+
+@click.command("run")
+@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
+@click.option("-o", "--output", help="Ranked Parquet file. [default: <stem>.reranked.parquet beside the first input]")
+@click.option("--model", default="Qwen/Qwen3-Reranker-0.6B", show_default=True,
+              help="Model directory (or hub id already in the local cache).")
+@click.option("--query-col", default="query", show_default=True, help="Query column.")
+@click.option("--doc-col", default="document", show_default=True, help="Document column (long form).")
+@click.option("--docs-col", default="documents", show_default=True,
+              help="List-of-documents column (nested form, used when --doc-col is absent).")
+@click.option("--instruction", default=DEFAULT_INSTRUCTION, show_default=True,
+              help="Task instruction; an `instruction` column overrides it row by row.")
+@click.option("--instruction-col", default="instruction", show_default=True, help="Per-row instruction column.")
+@click.option("--template", default="qwen3-reranker", show_default=True, help="Prompt template.")
+@click.option("--max-length", type=click.IntRange(min=8), default=8192, show_default=True,
+              help="Tokens per pair, template included; longer bodies are truncated at the end.")
+@click.option("--top-k", type=click.IntRange(min=1), default=None, help="Keep the best K rows of each query.")
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
+              show_default=True, help="auto: bfloat16 on CUDA, float32 on CPU.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--gpu-memory-limit", type=SizeType(), default=None,
+              help="Cap on GPU memory for this process, e.g. 4GiB (enforced).")
+@click.option("--max-batch-tokens", type=click.IntRange(min=1), default=None,
+              help="Token budget per packed batch. [default: sized from measured GPU memory; 8192 on CPU]")
+@click.option("--empty-cache-every", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Call torch.cuda.empty_cache() every N batches (always after an OOM); 0: never else.")
+@click.option("--window", "window_pairs", type=click.IntRange(min=1), default=16384, show_default=True,
+              help="Pairs per unit of work: the length-sort window and the checkpoint step.")
+@click.option("--on-null", type=click.Choice(["error", "skip"]), default="error", show_default=True,
+              help="A null query or document: stop with an error, or keep the row unscored.")
+@click.option("--attention", type=click.Choice(["auto", "flash_attn", "torch_varlen", "sdpa"]),
+              default="auto", show_default=True, help="Attention kernel for packed batches.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the model's own Python code to run.")
+@click.option("--checkpoint-dir", default=None, help="Where parts and the manifest go. [default: OUTPUT.ckpt]")
+@click.option("--keep-checkpoint", is_flag=True, help="Keep the checkpoint after success.")
+@click.option("--restart", is_flag=True, help="Discard an existing checkpoint and start over.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option("--summary", "summary_path", default=None, help="Write the JSON summary to this file.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar: periodic log lines instead.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def run_cmd(inputs, output, summary_path, quiet, verbose, **opts):
+    """Score (query, document) pairs in INPUT (Parquet files, directories or globs) and write
+    them ranked per query."""
+    setup_logging(verbose)
+    from pipeline.run import run
+
+    with domain_errors():
+        files = resolve_inputs(inputs)
+        if opts["device"] == "cpu" and opts["gpu_memory_limit"]:
+            raise JobError("--gpu-memory-limit applies to CUDA only; drop it or use --device cuda", 2)
+        if opts["device"] == "cpu" and opts["attention"] in ("flash_attn", "torch_varlen"):
+            raise JobError(f"--attention {opts['attention']} needs CUDA; use --attention sdpa on CPU", 2)
+        cfg = RunConfig(inputs=files, output=output or default_output(files[0]), **opts)
+        summary = run(cfg, progress=False if quiet else None, should_stop=_stop_flag())
+    text = summary.to_json()
+    if summary_path:
+        with open(summary_path, "w") as f:
+            f.write(text + "\n")
+    log.info("wrote %s (%d rows)", cfg.output, summary.rows)
+
+
+def _stop_flag():
+    # Set by jobs.cli.main's signal context; None when called as a library (e.g. CliRunner).
+    from . import cli
+
+    return cli.STOP

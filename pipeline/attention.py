@@ -1,0 +1,116 @@
+"""Variable-length causal attention over packed sequences, registered with transformers.
+
+A packed batch is one row of T tokens holding many sequences; `cu_seq_lens_q` marks where each
+starts. On CUDA the kernel is flash-attn's varlen function when that package imports, else
+torch's own FlashAttention-2 (`torch.nn.attention.varlen`). Elsewhere an exact fallback runs
+SDPA causally on each sequence, which gives the same numbers as a padded batch.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+NAME = "rerank_varlen"
+
+
+def _flash_attn():
+    try:
+        from flash_attn import flash_attn_varlen_func  # optional extra
+    except Exception:
+        return None
+    return flash_attn_varlen_func
+
+
+def _torch_varlen():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except Exception:
+        return None
+    return varlen_attn
+
+
+def choose_kernel(requested: str, device: torch.device) -> str:
+    """Resolve --attention auto to the fastest exact kernel available on this device."""
+    if device.type != "cuda":
+        if requested not in ("auto", "sdpa"):
+            log.warning("attention %s needs CUDA; using the exact per-sequence SDPA on %s", requested, device)
+        return "sdpa"
+    if requested == "auto":
+        if _flash_attn() is not None:
+            return "flash_attn"
+        if _torch_varlen() is not None:
+            return "torch_varlen"
+        return "sdpa"
+    return requested
+
+
+def _sdpa_per_sequence(q, k, v, cu, scale):
+    # q (T, H, D), k/v (T, Hkv, D). One causal SDPA per sequence: no cross-sequence leakage,
+    # no padding, and the same arithmetic as the reference's masked forward.
+    out = torch.empty_like(q)
+    bounds = cu.tolist()
+    gqa = q.shape[1] != k.shape[1]
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        if e == s:
+            continue
+        o = F.scaled_dot_product_attention(
+            q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1),
+            is_causal=True, scale=scale, enable_gqa=gqa,
+        )
+        out[s:e] = o.transpose(0, 1)
+    return out
+
+
+_TORCH_VARLEN_GQA = None
+
+
+def _torch_varlen_call(q, k, v, cu, max_len, scale):
+    global _TORCH_VARLEN_GQA
+    fn = _torch_varlen()
+    if _TORCH_VARLEN_GQA is None:
+        _TORCH_VARLEN_GQA = "enable_gqa" in inspect.signature(fn).parameters
+    kw = {"enable_gqa": q.shape[1] != k.shape[1]} if _TORCH_VARLEN_GQA else {}
+    return fn(q, k, v, cu, cu, max_len, max_len, scale=scale, window_size=(-1, 0), **kw)
+
+
+def packed_attention(q, k, v, cu, max_len: int, scale: float, kernel: str):
+    """Causal attention of packed sequences. q (T, H, D), k/v (T, Hkv, D) -> (T, H, D)."""
+    if kernel == "flash_attn":
+        return _flash_attn()(q, k, v, cu, cu, max_len, max_len, softmax_scale=scale, causal=True)
+    if kernel == "torch_varlen":
+        return _torch_varlen_call(q, k, v, cu, max_len, scale)
+    return _sdpa_per_sequence(q, k, v, cu, scale)
+
+
+def _transformers_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    # transformers hands (1, H, T, D); the kernels take (T, H, D).
+    cu = kwargs["cu_seq_lens_q"]
+    max_len = kwargs["max_length_q"]
+    kernel = getattr(module.config, "_rerank_kernel", "sdpa")
+    q = query[0].transpose(0, 1)
+    k = key[0].transpose(0, 1)
+    v = value[0].transpose(0, 1)
+    if kernel != "sdpa":
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = packed_attention(q, k, v, cu, max_len, scaling, kernel)
+    return out.unsqueeze(0), None
+
+
+_registered = False
+
+
+def register() -> str:
+    """Register the packed attention with transformers once; return its implementation name."""
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(NAME, _transformers_attention)
+        _registered = True
+    return NAME

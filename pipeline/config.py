@@ -1,0 +1,70 @@
+"""The one frozen configuration of a run. The CLI fills it; the library reads only it."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # Input: one or more Parquet files, already resolved from files, directories and globs.
+    inputs: tuple[str, ...]
+    # Final ranked Parquet file.
+    output: str
+    # Model directory or hub id (loaded from local files only when it is a directory).
+    model: str = "Qwen/Qwen3-Reranker-0.6B"
+    # Column names of the long form.
+    query_col: str = "query"
+    doc_col: str = "document"
+    # List-of-strings column of the nested form, used when doc_col is absent.
+    docs_col: str = "documents"
+    # Per-row instruction column; null or absent falls back to `instruction`.
+    instruction_col: str = "instruction"
+    instruction: str = DEFAULT_INSTRUCTION
+    # Template family; decides prefix/body/suffix and the yes/no tokens.
+    template: str = "qwen3-reranker"
+    # Total tokens per pair, prefix and suffix included (the recipe's max_length).
+    max_length: int = 8192
+    # Keep the best K rows of each query group (None keeps all).
+    top_k: int | None = None
+    # Torch dtype name or "auto" (bf16 on CUDA, float32 on CPU).
+    dtype: str = "auto"
+    # "auto", "cpu", "cuda" or "cuda:N".
+    device: str = "auto"
+    # Cap on GPU memory this process may use, in bytes (None: what is free at start).
+    gpu_memory_limit: int | None = None
+    # Token budget per packed batch (None: sized from measured memory on CUDA, 8192 on CPU).
+    max_batch_tokens: int | None = None
+    # Call torch.cuda.empty_cache() every N batches (0: only after an OOM).
+    empty_cache_every: int = 0
+    # Pairs per unit of work: the length-sort window, the checkpoint granularity, the memory bound.
+    window_pairs: int = 16384
+    # What to do with a null query or document: "error" or "skip" (kept with null score/rank).
+    on_null: str = "error"
+    trust_remote_code: bool = False
+    # Where per-unit parts and the manifest live (None: OUTPUT.ckpt beside the output).
+    checkpoint_dir: str | None = None
+    keep_checkpoint: bool = False
+    restart: bool = False
+    overwrite: bool = False
+    # Attention kernel: "auto", "flash_attn", "torch_varlen" or "sdpa" (exact per-sequence loop).
+    attention: str = "auto"
+
+    def replace(self, **changes) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def ckpt_dir(self) -> str:
+        return self.checkpoint_dir or (self.output + ".ckpt")
+
+    def score_fields(self) -> dict:
+        """The options that decide the scores; they enter the checkpoint fingerprint."""
+        return {
+            "query_col": self.query_col, "doc_col": self.doc_col, "docs_col": self.docs_col,
+            "instruction_col": self.instruction_col, "instruction": self.instruction,
+            "template": self.template, "max_length": self.max_length,
+            "on_null": self.on_null, "window_pairs": self.window_pairs,
+        }

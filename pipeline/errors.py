@@ -1,0 +1,39 @@
+"""Domain errors. The job layer maps InputError to exit status 2 and the rest to 1."""
+
+
+class RerankError(Exception):
+    """Base of every failure the pipeline reports to the user as one line."""
+
+    exit_code = 1
+
+
+class InputError(RerankError):
+    """The input files, columns, values or options are wrong; the user must change them."""
+
+    exit_code = 2
+
+
+class ModelError(RerankError):
+    """The model path is missing or the model is not a reranker this tool can score with."""
+
+    exit_code = 2
+
+
+class CheckpointError(RerankError):
+    """A checkpoint exists but belongs to a different run (fingerprint mismatch) or is damaged."""
+
+    exit_code = 2
+
+
+class ScoringError(RerankError):
+    """The GPU stage failed at run time, e.g. a single pair does not fit in memory."""
+
+    exit_code = 1
+
+
+class Interrupted(RerankError):
+    """SIGINT or SIGTERM stopped the run after the checkpoint was made consistent."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by signal {signum}; rerun the same command to resume")
+        self.exit_code = 128 + signum

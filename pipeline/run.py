@@ -1,0 +1,219 @@
+"""The main job as a library function: Parquet pairs in, ranked Parquet out, resumable.
+
+    check inputs and output -> plan units -> open checkpoint -> load model
+    -> for each unfinished unit: read, explode, tokenize (a thread ahead), score, commit a part
+    -> rank all parts per query -> write the output atomically -> drop the checkpoint
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from . import checkpoint as ckpt_mod
+from .config import RunConfig
+from .errors import InputError, Interrupted, RerankError
+from .pairs import UnitPairs, build_pairs, result_part
+from .progress import Progress
+from .read import InputLayout, Unit, check_same_layout, inspect_layout, iter_unit_tables, plan_units
+from .write import write_ranked
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Summary:
+    output: str
+    rows: int = 0
+    pairs_scored: int = 0
+    tokens: int = 0
+    truncated: int = 0
+    skipped_null: int = 0
+    seconds: float = 0.0
+    pairs_per_s: float = 0.0
+    tokens_per_s: float = 0.0
+    peak_gpu_memory_bytes: int = 0
+    oom_retries: int = 0
+    batches: int = 0
+    units: int = 0
+    units_resumed: int = 0
+    batch_token_budget: int = 0
+    device: str = ""
+    dtype: str = ""
+    attention: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=2, sort_keys=True)
+
+
+def check_output(cfg: RunConfig) -> None:
+    out = os.path.abspath(cfg.output)
+    for p in cfg.inputs:
+        if os.path.abspath(p) == out or (os.path.exists(cfg.output) and os.path.samefile(p, cfg.output)):
+            raise InputError(f"{cfg.output}: the output is one of the inputs; pass another -o")
+    if os.path.isdir(cfg.output):
+        raise InputError(f"{cfg.output}: the output is a directory; pass a file path with -o")
+    if os.path.exists(cfg.output) and not cfg.overwrite:
+        raise InputError(f"{cfg.output}: the output exists; pass --overwrite to replace it")
+    d = os.path.dirname(out)
+    if not os.path.isdir(d):
+        raise InputError(f"{cfg.output}: the directory {d} does not exist; create it or pass another -o")
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise InputError(f"{cfg.output}: the directory {d} is not writable; pass another -o")
+
+
+def validate(cfg: RunConfig) -> tuple[InputLayout, list[Unit], int]:
+    """Everything that can fail on bad input, before any model is loaded."""
+    check_output(cfg)
+    layout = inspect_layout(cfg.inputs[0], cfg)
+    check_same_layout(list(cfg.inputs), layout, cfg)
+    units, total_pairs = plan_units(cfg.inputs, layout, cfg.window_pairs)
+    return layout, units, total_pairs
+
+
+def fingerprint(cfg: RunConfig, layout: InputLayout, device: str, dtype: str, template) -> dict:
+    return {
+        "inputs": [ckpt_mod.file_fingerprint(p) for p in cfg.inputs],
+        "model": ckpt_mod.model_fingerprint(cfg.model),
+        "options": {**cfg.score_fields(), "device_type": device, "dtype": dtype, "nested": layout.nested},
+        "template": {"prefix": template.prefix, "body": template.body, "suffix": template.suffix,
+                     "positive": template.positive, "negative": template.negative},
+    }
+
+
+def score_unit(unit: Unit, table: pa.Table, layout: InputLayout, cfg: RunConfig, scorer,
+               on_batch=None, should_stop=None) -> tuple[pa.Table, dict]:
+    """Score one unit on its own: the piece any executor (this loop, Ray Data) can run."""
+    pairs = build_pairs(unit, table, layout, cfg)
+    enc = scorer.encoder.encode(pairs.instructions, pairs.queries, pairs.documents)
+    scores = scorer.score(enc, on_batch=on_batch, should_stop=should_stop)
+    return result_part(pairs, scores), _unit_info(pairs, enc)
+
+
+def _unit_info(pairs: UnitPairs, enc) -> dict:
+    return {"rows": pairs.table.num_rows, "pairs": len(enc), "tokens": int(enc.offsets[-1]),
+            "truncated": int(enc.truncated.sum()), "skipped_null": int((~pairs.valid).sum())}
+
+
+def _prefetch(units, layout, cfg, encoder, stop_event: threading.Event):
+    """Read, explode and tokenize units one ahead of the GPU, in a thread."""
+    q: queue.Queue = queue.Queue(maxsize=1)
+    target = pa.schema([layout.schema.field(n) for n in layout.columns])
+
+    def work():
+        try:
+            for unit, table in iter_unit_tables(units):
+                if stop_event.is_set():
+                    return
+                if table.schema != target:
+                    try:
+                        table = table.cast(target)
+                    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                        raise InputError(
+                            f"{unit.path}: its column types differ from {cfg.inputs[0]} ({exc}); "
+                            "give files of one schema in one run"
+                        ) from None
+                pairs = build_pairs(unit, table, layout, cfg)
+                enc = encoder.encode(pairs.instructions, pairs.queries, pairs.documents)
+                while not stop_event.is_set():
+                    try:
+                        q.put((unit, pairs, enc), timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as exc:  # handed to the main thread, which raises it
+            q.put(exc)
+            return
+        q.put(None)
+
+    t = threading.Thread(target=work, name="rerank-prefetch", daemon=True)
+    t.start()
+    while True:
+        item = q.get()
+        if item is None:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, scorer=None) -> Summary:
+    """Score and rank `cfg.inputs` into `cfg.output`. Rerunning after a crash resumes."""
+    from .score import Scorer, resolve_device, resolve_dtype
+    from .template import get_template
+
+    t0 = time.monotonic()
+    layout, units, total_pairs = validate(cfg)
+    device = resolve_device(cfg.device)
+    dtype = str(resolve_dtype(cfg.dtype, device)).removeprefix("torch.")
+    template = get_template(cfg.template)
+    fp = fingerprint(cfg, layout, device.type, dtype, template)
+    ck = ckpt_mod.Checkpoint.open(cfg.ckpt_dir, fp, restart=cfg.restart)
+    pending = [u for u in units if u.id not in ck.done]
+    if scorer is None:
+        scorer = Scorer.load(cfg)
+    summary = Summary(output=cfg.output, units=len(units), units_resumed=len(units) - len(pending),
+                      device=str(device), dtype=dtype, attention=scorer.kernel)
+    done_pairs = sum(ck.done[u.id]["pairs"] + ck.done[u.id]["skipped_null"] for u in units if u.id in ck.done)
+    prog = Progress(total_pairs, done_pairs, bar=progress)
+    stop_event = threading.Event()
+    if scorer.device.type == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(scorer.device)
+    t_score = time.monotonic()
+    try:
+        for unit, pairs, enc in _prefetch(pending, layout, cfg, scorer.encoder, stop_event):
+            if should_stop is not None and should_stop():
+                raise KeyboardInterrupt
+            scores = scorer.score(enc, on_batch=prog.update, should_stop=should_stop)
+            if pairs.valid.size and not pairs.valid.all():
+                prog.update(int((~pairs.valid).sum()), 0)
+            ck.commit(unit.id, result_part(pairs, scores), _unit_info(pairs, enc))
+    except KeyboardInterrupt:
+        stop_event.set()
+        prog.close()
+        signum = getattr(should_stop, "signum", None) or 2
+        raise Interrupted(signum) from None
+    except BaseException:
+        stop_event.set()
+        prog.close()
+        raise
+    prog.close()
+    score_seconds = time.monotonic() - t_score
+
+    done_units = [u.id for u in units]
+    summary.rows = write_ranked(ck.parts(done_units), layout, cfg)
+    for u in units:
+        info = ck.done[u.id]
+        summary.pairs_scored += info["pairs"]
+        summary.tokens += info["tokens"]
+        summary.truncated += info["truncated"]
+        summary.skipped_null += info["skipped_null"]
+    if not cfg.keep_checkpoint:
+        ck.remove()
+    summary.seconds = round(time.monotonic() - t0, 3)
+    this_run_pairs, this_run_tokens = prog.pairs, prog.tokens
+    summary.pairs_per_s = round(this_run_pairs / max(score_seconds, 1e-9), 2)
+    summary.tokens_per_s = round(this_run_tokens / max(score_seconds, 1e-9), 1)
+    summary.oom_retries = scorer.stats.oom_retries
+    summary.batches = scorer.stats.batches
+    summary.batch_token_budget = scorer.budget
+    if scorer.device.type == "cuda":
+        import torch
+
+        summary.peak_gpu_memory_bytes = int(torch.cuda.max_memory_reserved(scorer.device))
+    log.info("summary %s", json.dumps(summary.__dict__, sort_keys=True))
+    return summary
+
+
+__all__ = ["run", "validate", "score_unit", "Summary", "RerankError"]

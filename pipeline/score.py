@@ -1,0 +1,277 @@
+"""Load a yes/no reranker and score packed batches of token ids on one device.
+
+Only the last position of each sequence is projected, and only onto the two LM-head rows of
+the judged tokens: the full-vocabulary logits of the reference recipe are never formed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import attention
+from .config import RunConfig
+from .errors import ModelError, ScoringError
+from .template import get_template
+from .tokenize import PairEncoder
+
+log = logging.getLogger(__name__)
+
+CPU_BATCH_TOKENS = 8192
+# Past this many tokens a packed batch gains no speed, only memory risk.
+MAX_BATCH_TOKENS = 65536
+PROBE_TOKENS = 4096
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return dev
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def plan_batches(lengths: np.ndarray, budget: int) -> list[np.ndarray]:
+    """Sort by length (longest first) and pack greedily into batches of at most `budget` tokens.
+
+    A sequence longer than the budget gets a batch of its own. Longest first makes the biggest
+    batches come early, so a memory surprise shows at the start of a window, not at its end.
+    """
+    order = np.argsort(-lengths, kind="stable")
+    batches, current, used = [], [], 0
+    for i in order:
+        n = int(lengths[i])
+        if current and used + n > budget:
+            batches.append(np.asarray(current, dtype=np.int64))
+            current, used = [], 0
+        current.append(i)
+        used += n
+    if current:
+        batches.append(np.asarray(current, dtype=np.int64))
+    return batches
+
+
+def gather_packed(ids: np.ndarray, offsets: np.ndarray, idx: np.ndarray):
+    """Concatenate the sequences `idx` of a flat id array; return ids, cu_seqlens, positions."""
+    starts = offsets[idx]
+    lens = offsets[idx + 1] - starts
+    cu = np.zeros(len(idx) + 1, dtype=np.int64)
+    np.cumsum(lens, out=cu[1:])
+    within = np.arange(cu[-1], dtype=np.int64) - np.repeat(cu[:-1], lens)
+    flat = ids[np.repeat(starts, lens) + within]
+    return flat, cu, within
+
+
+@dataclass
+class ScoreStats:
+    batches: int = 0
+    oom_retries: int = 0
+    tokens: int = 0
+
+
+class Scorer:
+    """A model, its tokenizer-side encoder and the packed forward; see `load`."""
+
+    def __init__(self, model, tokenizer, encoder: PairEncoder, device, dtype, cfg: RunConfig, kernel: str):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.encoder = encoder
+        self.device = device
+        self.dtype = dtype
+        self.cfg = cfg
+        self.kernel = kernel
+        self.decoder = model.get_decoder()
+        w = model.get_output_embeddings().weight
+        rows = [encoder.negative_id, encoder.positive_id] if encoder.negative_id is not None else [encoder.positive_id]
+        # float32 head: the two logits are the whole output, so keep them exact.
+        self.head = w[rows].detach().to(torch.float32)
+        self.layer_types = sorted(set(getattr(model.config, "layer_types", None) or ["full_attention"]))
+        self.stats = ScoreStats()
+        self.budget = self._size_budget()
+
+    # -- loading -----------------------------------------------------------------------------
+    @classmethod
+    def load(cls, cfg: RunConfig) -> "Scorer":
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # our progress is the pairs, not the weight shards
+
+        device = resolve_device(cfg.device)
+        dtype = resolve_dtype(cfg.dtype, device)
+        path = cfg.model
+        if not os.path.isdir(path) and (os.path.exists(path) or not _HUB_ID.match(path)):
+            raise ModelError(f"model {path}: no such directory; pass a model directory or a hub id")
+        kw = dict(trust_remote_code=cfg.trust_remote_code)
+        try:
+            mconfig = AutoConfig.from_pretrained(path, **kw)
+        except Exception as exc:  # transformers raises OSError/ValueError with long texts
+            raise ModelError(
+                f"model {path}: cannot read its config ({_first_line(exc)}); pass a local directory "
+                "that holds config.json, tokenizer files and safetensors weights"
+            ) from None
+        archs = list(getattr(mconfig, "architectures", None) or [])
+        if not any(a.endswith("ForCausalLM") for a in archs):
+            raise ModelError(
+                f"model {path}: architecture {', '.join(archs) or mconfig.model_type!r} is not a causal "
+                "LM, so it cannot be a yes/no reranker; pass a Qwen3-Reranker model"
+            )
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+        except Exception as exc:
+            raise ModelError(f"model {path}: cannot load its tokenizer ({_first_line(exc)}); "
+                             "the directory needs tokenizer files") from None
+        template = get_template(cfg.template)
+        encoder = PairEncoder(tokenizer, template, cfg.max_length)
+        impl = attention.register()
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, attn_implementation=impl, use_safetensors=True, **kw
+            )
+        except Exception as exc:
+            raise ModelError(
+                f"model {path}: cannot load safetensors weights ({_first_line(exc)}); weights load only "
+                "from *.safetensors files"
+            ) from None
+        model.to(device).eval()
+        model.requires_grad_(False)
+        kernel = attention.choose_kernel(cfg.attention, device)
+        model.config._rerank_kernel = kernel
+        log.info("model %s on %s in %s, attention %s", path, device, str(dtype).removeprefix("torch."), kernel)
+        return cls(model, tokenizer, encoder, device, dtype, cfg, kernel)
+
+    # -- memory --------------------------------------------------------------------------------
+    def _size_budget(self) -> int:
+        cfg = self.cfg
+        if self.device.type != "cuda":
+            return cfg.max_batch_tokens or CPU_BATCH_TOKENS
+        dev = self.device
+        torch.cuda.synchronize(dev)
+        free, total = torch.cuda.mem_get_info(dev)
+        base = torch.cuda.memory_allocated(dev)
+        if cfg.gpu_memory_limit:
+            if cfg.gpu_memory_limit <= base:
+                raise ScoringError(
+                    f"--gpu-memory-limit {cfg.gpu_memory_limit / 2**30:.2f} GiB is less than the model "
+                    f"needs ({base / 2**30:.2f} GiB); raise the limit"
+                )
+            # The caching allocator refuses to reserve past this fraction: the cap is enforced,
+            # and going past it is an OOM that the batch splitter handles.
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.gpu_memory_limit / total), dev)
+            ceiling = min(cfg.gpu_memory_limit, base + free)
+        else:
+            ceiling = base + free
+        # Measure what a token costs in activations with a probe batch of real shape.
+        n = PROBE_TOKENS // 512
+        ids = np.random.default_rng(0).integers(0, self.tokenizer.vocab_size, PROBE_TOKENS).astype(np.int32)
+        offsets = np.arange(0, PROBE_TOKENS + 1, 512, dtype=np.int64)
+        torch.cuda.reset_peak_memory_stats(dev)
+        self._forward(*gather_packed(ids, offsets, np.arange(n)))
+        torch.cuda.synchronize(dev)
+        per_token = max(1.0, (torch.cuda.max_memory_allocated(dev) - base) / PROBE_TOKENS)
+        # Keep 10% and 256 MiB back for fragmentation and the allocator's rounding.
+        room = (ceiling - base) * 0.9 - 256 * 2**20
+        budget = int(room / per_token)
+        if cfg.max_batch_tokens:
+            budget = min(budget, cfg.max_batch_tokens)
+        budget = max(512, min(budget, MAX_BATCH_TOKENS))
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        log.info("batch budget %d tokens (%.1f KiB/token, %.2f GiB usable)", budget, per_token / 1024,
+                 room / 2**30)
+        return budget
+
+    # -- scoring -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _forward(self, flat: np.ndarray, cu: np.ndarray, pos: np.ndarray) -> torch.Tensor:
+        dev = self.device
+        pin = dev.type == "cuda"
+
+        def put(a, dtype):
+            t = torch.from_numpy(np.ascontiguousarray(a, dtype=dtype))
+            return t.pin_memory().to(dev, non_blocking=True) if pin else t
+
+        input_ids = put(flat, np.int64)[None]
+        position_ids = put(pos, np.int64)[None]
+        cu_t = put(cu, np.int32)
+        max_len = int(np.max(np.diff(cu)))
+        out = self.decoder(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            # A dict of masks tells transformers not to build any: packing needs none.
+            attention_mask={t: None for t in self.layer_types},
+            use_cache=False,
+            cu_seq_lens_q=cu_t, cu_seq_lens_k=cu_t, max_length_q=max_len, max_length_k=max_len,
+        )
+        last = out.last_hidden_state[0, cu_t[1:].long() - 1].to(torch.float32)
+        logits = last @ self.head.T
+        if logits.shape[1] == 1:
+            return torch.sigmoid(logits[:, 0])
+        return torch.softmax(logits, dim=-1)[:, 1]
+
+    def score(self, enc, on_batch=None, should_stop=None) -> np.ndarray:
+        """Scores (float32) of every pair in `enc`, in `enc`'s order."""
+        n = len(enc)
+        out = np.empty(n, dtype=np.float32)
+        if n == 0:
+            return out
+        pending: list[tuple[np.ndarray, torch.Tensor]] = []
+        stack = list(reversed(plan_batches(enc.lengths, self.budget)))
+        while stack:
+            if should_stop is not None and should_stop():
+                raise KeyboardInterrupt
+            idx = stack.pop()
+            packed = gather_packed(enc.ids, enc.offsets, idx)
+            try:
+                s = self._forward(*packed)
+            except torch.OutOfMemoryError:
+                s = None  # leave the except block first, so the failed batch's tensors are freed
+            if s is None:
+                self._after_oom(idx, packed[1][-1], stack)
+                continue
+            pending.append((idx, s))
+            self.stats.batches += 1
+            self.stats.tokens += int(packed[1][-1])
+            if on_batch is not None:
+                on_batch(len(idx), int(packed[1][-1]))
+            if self.cfg.empty_cache_every and self.device.type == "cuda" \
+                    and self.stats.batches % self.cfg.empty_cache_every == 0:
+                torch.cuda.empty_cache()
+        # One device-to-host copy per window: no host sync between batches.
+        all_idx = np.concatenate([i for i, _ in pending])
+        out[all_idx] = torch.cat([s for _, s in pending]).float().cpu().numpy()
+        return out
+
+    def _after_oom(self, idx: np.ndarray, tokens: int, stack: list) -> None:
+        self.stats.oom_retries += 1
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if len(idx) == 1:
+            raise ScoringError(
+                f"one pair of {tokens} tokens does not fit in GPU memory; lower --max-length or "
+                "raise --gpu-memory-limit"
+            )
+        # Later windows pack smaller batches, so the OOM is not met again and again.
+        self.budget = max(512, min(self.budget, int(tokens * 0.75)))
+        log.warning("out of memory on a batch of %d tokens; split it in two, budget now %d", tokens, self.budget)
+        half = len(idx) // 2
+        stack.append(idx[half:])
+        stack.append(idx[:half])
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__

@@ -1,0 +1,119 @@
+"""Random-weight Qwen3 rerankers of real architectures, built from config with no download.
+
+Tests, the sample data and the benchmark need a model that loads through the same
+``from_pretrained`` code as the real one. Real weights cannot be fetched here, so this module
+trains a small byte-level BPE tokenizer with Qwen2's exact pre-tokenizer and chat special
+tokens, and saves a ``Qwen3ForCausalLM`` with random weights next to it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# Architectures from the published config.json files (see shared/CONTEXT.md); "tiny" is ours.
+ARCHS: dict[str, dict] = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+    "0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                 num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                 vocab_size=151936, tie_word_embeddings=True),
+    "4b": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+               vocab_size=151936, tie_word_embeddings=True),
+    "8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+               vocab_size=151936, tie_word_embeddings=False),
+}
+
+# Tokens of the real Qwen3 tokenizer that the reranker template relies on.
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+ADDED_TOKENS = ["<think>", "</think>"]
+
+_BUILTIN_CORPUS = [
+    "yes", "no", "Yes", "No",
+    "Judge whether the Document meets the requirements based on the Query and the Instruct provided.",
+    'Note that the answer can only be "yes" or "no".',
+    "Given a web search query, retrieve relevant passages that answer the query",
+    "<Instruct>: <Query>: <Document>: system user assistant",
+    "The quick brown fox jumps over the lazy dog. Numbers 0123456789 and punctuation: ,.;:!?()[]{}",
+    "Le cœur a ses raisons que la raison ne connaît point. Über den Wolken muss die Freiheit grenzenlos sein.",
+    "東京は日本の首都です。北京是中国的首都。Москва — столица России. 🚀✨",
+]
+
+
+def train_tokenizer(out_dir: str | Path, texts: list[str] | None = None, vocab_size: int = 2048):
+    """Train a byte-level BPE with Qwen2's pre-tokenizer and save it as a Qwen2 tokenizer.
+
+    "yes" and "no" come out as single tokens, as in the real Qwen3 tokenizer.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AddedToken, Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    # The yes/no lines are repeated so that BPE merges them into single tokens.
+    corpus = _BUILTIN_CORPUS * 20 + list(texts or [])
+    bpe.train_from_iterator(corpus, trainer=trainer)
+    state = json.loads(bpe.to_str())
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["model"]["merges"]]
+    tok = Qwen2Tokenizer(vocab=state["model"]["vocab"], merges=merges)
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS[1:]])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in ADDED_TOKENS])
+    for word in ("yes", "no"):
+        if len(tok(word, add_special_tokens=False)["input_ids"]) != 1:
+            raise RuntimeError(f"tokenizer training did not make {word!r} a single token")
+    tok.save_pretrained(str(out_dir))
+    return tok
+
+
+def build_reranker(out_dir: str | Path, arch: str = "tiny", *, tie_word_embeddings: bool | None = None,
+                   seed: int = 0, init_std: float = 0.02, texts: list[str] | None = None,
+                   num_hidden_layers: int | None = None):
+    """Save a random-weight Qwen3 reranker (config, safetensors, tokenizer) into ``out_dir``.
+
+    ``init_std`` larger than the usual 0.02 makes a tiny model's scores spread over (0, 1), so
+    that parity tests can tell a right computation from a wrong one.
+    """
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer(out_dir, texts)
+    shape = dict(ARCHS[arch])
+    vocab = shape.pop("vocab_size", None) or len(tok)
+    tie = shape.pop("tie_word_embeddings", True) if tie_word_embeddings is None else tie_word_embeddings
+    shape.pop("tie_word_embeddings", None)
+    if num_hidden_layers is not None:
+        shape["num_hidden_layers"] = num_hidden_layers
+    config = Qwen3Config(
+        vocab_size=vocab, tie_word_embeddings=tie, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+        max_position_embeddings=40960, attention_bias=False, initializer_range=init_std,
+        bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+        torch_dtype="bfloat16" if arch != "tiny" else "float32",
+        **shape,
+    )
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config)
+    if arch == "tiny":
+        # Norm weights of 1 and a small std leave every score near 0.5; spread them out.
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 1:
+                    p.normal_(1.0, 0.3)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    return out_dir

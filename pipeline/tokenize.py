@@ -1,0 +1,90 @@
+"""Turn (instruction, query, document) triples into token ids exactly as the reference recipe.
+
+The recipe is prefix_ids + tokenizer(body, truncation='longest_first', max_length=max_length -
+len(prefix_ids) - len(suffix_ids), add_special_tokens=False) + suffix_ids. For one sequence,
+'longest_first' truncation keeps the first max_length tokens (or the last ones when the
+tokenizer truncates on the left), so we tokenize whole and cut ourselves: the ids are the same
+and we learn which pairs were truncated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InputError, ModelError
+from .template import Template
+
+
+@dataclass
+class Encoded:
+    """Token ids of a window of pairs, flat, with per-pair offsets (int64, len n+1)."""
+
+    ids: np.ndarray
+    offsets: np.ndarray
+    truncated: np.ndarray  # bool per pair
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+
+class PairEncoder:
+    def __init__(self, tokenizer, template: Template, max_length: int):
+        self.tokenizer = tokenizer
+        self.template = template
+        self.prefix_ids = tokenizer.encode(template.prefix, add_special_tokens=False)
+        self.suffix_ids = tokenizer.encode(template.suffix, add_special_tokens=False)
+        self.body_max = max_length - len(self.prefix_ids) - len(self.suffix_ids)
+        if self.body_max <= 0:
+            raise InputError(
+                f"--max-length {max_length} leaves no room for the pair: the template alone takes "
+                f"{len(self.prefix_ids) + len(self.suffix_ids)} tokens; use a larger --max-length"
+            )
+        self.truncate_left = getattr(tokenizer, "truncation_side", "right") == "left"
+        self.positive_id = _single_token(tokenizer, template.positive)
+        self.negative_id = _single_token(tokenizer, template.negative) if template.negative else None
+
+    def encode(self, instructions, queries, documents) -> Encoded:
+        bodies = [
+            self.template.format_body(i, q, d) for i, q, d in zip(instructions, queries, documents)
+        ]
+        if bodies:
+            body_ids = self.tokenizer(
+                bodies, add_special_tokens=False, return_attention_mask=False, verbose=False
+            )["input_ids"]
+        else:
+            body_ids = []
+        pre = np.asarray(self.prefix_ids, dtype=np.int32)
+        suf = np.asarray(self.suffix_ids, dtype=np.int32)
+        n = len(body_ids)
+        truncated = np.zeros(n, dtype=bool)
+        pieces = []
+        lengths = np.empty(n, dtype=np.int64)
+        for k, ids in enumerate(body_ids):
+            if len(ids) > self.body_max:
+                truncated[k] = True
+                ids = ids[-self.body_max:] if self.truncate_left else ids[: self.body_max]
+            pieces.append(pre)
+            pieces.append(np.asarray(ids, dtype=np.int32))
+            pieces.append(suf)
+            lengths[k] = len(pre) + len(ids) + len(suf)
+        flat = np.concatenate(pieces) if pieces else np.empty(0, dtype=np.int32)
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return Encoded(flat, offsets, truncated)
+
+
+def _single_token(tokenizer, token: str) -> int:
+    ids = tokenizer.encode(token, add_special_tokens=False)
+    tid = tokenizer.convert_tokens_to_ids(token)
+    if len(ids) != 1 or tid is None or tid == tokenizer.unk_token_id or tid != ids[0]:
+        raise ModelError(
+            f"the tokenizer has no single token for {token!r}, so this model is not a yes/no "
+            "reranker of this template; pass a reranker model or another --template"
+        )
+    return tid
