@@ -104,13 +104,6 @@ class Checkpoint:
         ck = cls(directory, fingerprint)
         if restart and os.path.exists(directory):
             shutil.rmtree(directory)
-        try:
-            os.makedirs(ck.parts_dir, exist_ok=True)
-        except OSError as exc:
-            raise CheckpointError(
-                f"{directory}: cannot create the checkpoint directory ({exc.strerror}); "
-                "pass a writable --checkpoint-dir"
-            ) from None
         if os.path.exists(ck.manifest_path):
             try:
                 with open(ck.manifest_path) as f:
@@ -130,15 +123,26 @@ class Checkpoint:
                        if os.path.exists(ck.part_path(u))}
             if ck.done:
                 log.info("resuming: %d units already scored in %s", len(ck.done), directory)
-        else:
-            ck._write_manifest()
         return ck
+
+    def _ensure_dirs(self) -> None:
+        # Made at the first commit, so that a run that fails before scoring leaves nothing behind.
+        if os.path.isdir(self.parts_dir):
+            return
+        try:
+            os.makedirs(self.parts_dir, exist_ok=True)
+        except OSError as exc:
+            raise CheckpointError(
+                f"{self.dir}: cannot create the checkpoint directory ({exc.strerror}); "
+                "pass a writable --checkpoint-dir"
+            ) from None
 
     def part_path(self, unit_id: str) -> str:
         return os.path.join(self.parts_dir, f"{unit_id}.parquet")
 
     def commit(self, unit_id: str, table: pa.Table, info: dict) -> None:
         """Write a unit's part, then record it. Either step may be killed; neither corrupts."""
+        self._ensure_dirs()
         try:
             atomic_write_parquet(table, self.part_path(unit_id))
             self.done[unit_id] = info
@@ -153,6 +157,12 @@ class Checkpoint:
     def _write_manifest(self) -> None:
         body = {"version": FORMAT_VERSION, "fingerprint": self.fingerprint, "units": self.done}
         atomic_write_bytes(self.manifest_path, json.dumps(body, indent=1, sort_keys=True).encode())
+
+    def finish(self) -> None:
+        """Record the fingerprint even for a run with no units (an empty input)."""
+        if not os.path.exists(self.manifest_path):
+            self._ensure_dirs()
+            self._write_manifest()
 
     def parts(self, unit_ids) -> list[str]:
         return [self.part_path(u) for u in unit_ids]

@@ -202,10 +202,11 @@ def plan_units(paths, layout: InputLayout, window_pairs: int) -> tuple[list[Unit
     return units, total_pairs
 
 
-def iter_unit_tables(units, columns=None, batch_rows: int = 8192):
+def iter_unit_tables(units, columns=None):
     """Yield (unit, table) for each unit, reading each file once from the first row group needed.
 
-    Units of one file must come in row order. Memory holds one unit plus one record batch.
+    Units of one file must come in row order. Record batches are unit-sized, so memory holds
+    about two units whatever the file's row groups are.
     """
     by_file: dict[str, list[Unit]] = {}
     for u in units:
@@ -222,7 +223,7 @@ def iter_unit_tables(units, columns=None, batch_rows: int = 8192):
         first_rg = max(i for i, s in enumerate(rg_starts) if s <= first) if rg_starts else 0
         pos = rg_starts[first_rg] if rg_starts else 0
         batches = pf.iter_batches(
-            batch_size=batch_rows, row_groups=range(first_rg, md.num_row_groups), columns=columns,
+            batch_size=max(1, max(u.rows for u in file_units)), row_groups=range(first_rg, md.num_row_groups), columns=columns,
             use_threads=True,
         )
         buffered: list[pa.RecordBatch] = []

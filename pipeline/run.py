@@ -199,7 +199,9 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
         summary.tokens += info["tokens"]
         summary.truncated += info["truncated"]
         summary.skipped_null += info["skipped_null"]
-    if not cfg.keep_checkpoint:
+    if cfg.keep_checkpoint:
+        ck.finish()
+    else:
         ck.remove()
     summary.seconds = round(time.monotonic() - t0, 3)
     this_run_pairs, this_run_tokens = prog.pairs, prog.tokens

@@ -1,15 +1,20 @@
 """Rank the scored parts per query and write the final Parquet file atomically.
 
-Ranking is global: a query's candidates may sit in several units or files. Polars does the
-group-wise sort over all parts in its streaming engine; the chunks are cast back to the input's
-Arrow types and written to a temp file that replaces the output only when complete.
+Ranking is global: a query's candidates may sit in several units or files. It runs in two
+passes so that memory stays bounded by a few windows, not by the input:
+  1. narrow: the group keys, score and input position of every row (no payload columns) are
+     ranked with polars, giving each output row its (part, row) source;
+  2. wide: window-sized output chunks gather their rows from the parts (a small cache keeps the
+     last parts read, and queries are usually contiguous, so each part is read about once), in
+     the input's own Arrow types, into a temp file that replaces the output only when complete.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
+from collections import OrderedDict
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -18,7 +23,8 @@ from .checkpoint import fsync_dir
 from .config import RunConfig
 from .read import InputLayout
 
-CHUNK_ROWS = 65536
+MAX_CHUNK_ROWS = 65536
+PART_CACHE = 3
 
 
 def output_schema(layout: InputLayout) -> pa.Schema:
@@ -39,40 +45,77 @@ def group_keys(layout: InputLayout) -> list[str]:
     return keys
 
 
-def ranked_frame(part_paths: list[str], layout: InputLayout, cfg: RunConfig) -> pl.LazyFrame:
+def rank_order(part_paths: list[str], layout: InputLayout, cfg: RunConfig) -> pl.DataFrame:
+    """Output order as rows (_part, _row, rank): groups in order of first appearance, best
+    score first, ties and null scores in input order (nulls last, with a null rank)."""
     keys = group_keys(layout)
-    lf = pl.scan_parquet(part_paths)
+    frames = []
+    for i, path in enumerate(part_paths):
+        t = pq.read_table(path, columns=keys + ["score", "_ord"])
+        frames.append(pl.from_arrow(t).with_columns(
+            _part=pl.lit(i, pl.Int32), _row=pl.int_range(0, pl.len(), dtype=pl.Int64)))
+    df = pl.concat(frames, how="vertical_relaxed")
     if layout.instruction_col in keys:
         # A null instruction means the default one, so it joins the default's group.
-        lf = lf.with_columns(_gi=pl.col(layout.instruction_col).fill_null(cfg.instruction))
-        keys = ["_gi" if k == layout.instruction_col else k for k in keys]
-    lf = (
-        lf.with_columns(_first=pl.col("_ord").min().over(keys))
-        # Groups in order of first appearance; best score first; ties keep input order.
+        df = df.with_columns(pl.col(layout.instruction_col).fill_null(cfg.instruction))
+    df = (
+        df.with_columns(_first=pl.col("_ord").min().over(keys))
         .sort(["_first", "score", "_ord"], descending=[False, True, False], nulls_last=True)
         .with_columns(rank=pl.when(pl.col("score").is_null()).then(None)
                       .otherwise(pl.int_range(1, pl.len() + 1).over(keys)).cast(pl.Int32))
     )
     if cfg.top_k is not None:
-        lf = lf.filter(pl.col("rank") <= cfg.top_k)
-    return lf
+        df = df.filter(pl.col("rank") <= cfg.top_k)
+    return df.select("_part", "_row", "rank")
+
+
+def _gather(order: pl.DataFrame, part_paths: list[str], schema: pa.Schema, chunk_rows: int):
+    """Yield output tables of up to `chunk_rows` rows (a window, so memory stays bounded by the
+    window whatever the row width), in output order."""
+    cache: OrderedDict[int, pa.Table] = OrderedDict()
+    columns = [n for n in schema.names if n != "rank"]
+
+    def part(i: int) -> pa.Table:
+        if i in cache:
+            cache.move_to_end(i)
+            return cache[i]
+        t = pq.read_table(part_paths[i], columns=columns)
+        cache[i] = t
+        if len(cache) > PART_CACHE:
+            cache.popitem(last=False)
+        return t
+
+    for start in range(0, order.height, chunk_rows):
+        chunk = order.slice(start, chunk_rows)
+        parts = chunk["_part"].to_numpy()
+        rows = chunk["_row"].to_numpy()
+        # Take rows part by part (stable, so each part's rows keep chunk order), then undo it.
+        by_part = np.argsort(parts, kind="stable")
+        bounds = np.flatnonzero(np.diff(parts[by_part])) + 1
+        pieces = [part(int(parts[seg[0]])).take(pa.array(rows[seg]))
+                  for seg in np.split(by_part, bounds) if len(seg)]
+        table = pa.concat_tables(pieces).take(pa.array(np.argsort(by_part, kind="stable")))
+        table = table.append_column("rank", chunk["rank"].to_arrow().cast(pa.int32()))
+        yield table.select(schema.names).cast(schema)
 
 
 def write_ranked(part_paths: list[str], layout: InputLayout, cfg: RunConfig) -> int:
     """Write the ranked output to cfg.output atomically; return the number of rows written."""
     schema = output_schema(layout)
     out_dir = os.path.dirname(os.path.abspath(cfg.output))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".parquet", dir=out_dir)
-    os.close(fd)
+    # A fixed hidden name: a run killed while writing leaves it, and the rerun overwrites it.
+    tmp = os.path.join(out_dir, "." + os.path.basename(cfg.output) + ".partial")
     rows = 0
     try:
         with pq.ParquetWriter(tmp, schema) as writer:
             if part_paths:
-                lf = ranked_frame(part_paths, layout, cfg).select(schema.names)
-                for chunk in lf.collect_batches(chunk_size=CHUNK_ROWS):
-                    table = chunk.to_arrow().cast(schema)
+                order = rank_order(part_paths, layout, cfg)
+                chunk_rows = max(1, min(MAX_CHUNK_ROWS, cfg.window_pairs))
+                for table in _gather(order, part_paths, schema, chunk_rows):
                     writer.write_table(table)
                     rows += table.num_rows
+            else:
+                writer.write_table(schema.empty_table())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, cfg.output)

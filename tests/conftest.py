@@ -1,0 +1,104 @@
+"""Shared fixtures: tiny random-weight Qwen3 rerankers (tied and untied embeddings) built with
+the real save_pretrained/from_pretrained code, the real data in ../shared/data, and a plain
+reimplementation of the official scoring recipe to compare against."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
+sys.path.insert(0, ROOT)
+
+torch.set_num_threads(2)
+
+
+def shared(name: str) -> str:
+    path = os.path.join(SHARED_DATA, name)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: the shared data must sit beside the checkout (../shared/data)")
+    return path
+
+
+def real_pairs(per_set: int = 120) -> pa.Table:
+    """Real long-form pairs from the three RAR-b sets: per_set rows of each, all columns."""
+    tables = []
+    for name in ("ARC-Challenge", "physicaliqa", "spartqa"):
+        tables.append(pq.read_table(shared(f"{name}.long.parquet")).slice(0, per_set))
+    return pa.concat_tables(tables)
+
+
+def _corpus() -> list[str]:
+    t = real_pairs(400)
+    return t.column("query").to_pylist() + t.column("document").to_pylist()
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory):
+    """{'tied': dir, 'untied': dir}: tiny Qwen3 rerankers whose scores spread over (0, 1)."""
+    from pipeline.synthetic import build_reranker
+
+    texts = _corpus()
+    out = {}
+    for name, tie in (("tied", True), ("untied", False)):
+        d = tmp_path_factory.mktemp(f"model-{name}")
+        build_reranker(d, arch="tiny", tie_word_embeddings=tie, texts=texts, init_std=0.1,
+                       seed=1 if tie else 2)
+        out[name] = str(d)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tied_model(models):
+    return models["tied"]
+
+
+PREFIX = ("<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and "
+          "the Instruct provided. Note that the answer can only be \"yes\" or \"no\".<|im_end|>\n"
+          "<|im_start|>user\n")
+SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+
+
+def reference_scores(model_dir: str, instructions, queries, documents, max_length: int = 8192,
+                     batch_size: int = 16) -> np.ndarray:
+    """The official transformers example, written out independently of the pipeline: left-padded
+    batches, the full forward with full-vocabulary logits, float32, log_softmax over [no, yes]."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    prefix_tokens = tok.encode(PREFIX, add_special_tokens=False)
+    suffix_tokens = tok.encode(SUFFIX, add_special_tokens=False)
+    yes = tok.convert_tokens_to_ids("yes")
+    no = tok.convert_tokens_to_ids("no")
+    pairs = [f"<Instruct>: {i}\n<Query>: {q}\n<Document>: {d}" for i, q, d in zip(instructions, queries, documents)]
+    out = []
+    for k in range(0, len(pairs), batch_size):
+        inputs = tok(pairs[k:k + batch_size], padding=False, truncation="longest_first",
+                     return_attention_mask=False,
+                     max_length=max_length - len(prefix_tokens) - len(suffix_tokens))
+        for i, ele in enumerate(inputs["input_ids"]):
+            inputs["input_ids"][i] = prefix_tokens + ele + suffix_tokens
+        inputs = tok.pad(inputs, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            logits = model(**inputs).logits[:, -1, :]
+        scores = torch.stack([logits[:, no], logits[:, yes]], dim=1)
+        out.append(torch.nn.functional.log_softmax(scores, dim=1)[:, 1].exp())
+    return torch.cat(out).numpy()
+
+
+def run_cli(args, **kw):
+    """Invoke `rerank-batch` in-process through click's CliRunner."""
+    from click.testing import CliRunner
+
+    from jobs.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False, **kw)

@@ -1,0 +1,151 @@
+"""`rerank-batch run` end to end: output schema, ranks, grouping, top-k, defaults, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import ROOT, real_pairs, run_cli
+
+SAMPLE = os.path.join(ROOT, "sample_data", "pairs.parquet")
+TINY = os.path.join(ROOT, "sample_data", "tiny-qwen3-reranker")
+
+
+def test_sample_command_writes_ranked_output(tmp_path):
+    out = tmp_path / "ranked.parquet"
+    summary = tmp_path / "s.json"
+    r = run_cli(["run", SAMPLE, "--model", TINY, "-o", out, "--summary", summary, "-q"])
+    assert r.exit_code == 0, r.output
+    t = pq.read_table(out)
+    src = pq.read_table(SAMPLE)
+    assert t.schema.names == src.schema.names + ["score", "rank"]
+    assert t.schema.field("score").type == pa.float32()
+    assert t.schema.field("rank").type == pa.int32()
+    assert sorted(t.column("doc_id").to_pylist()) == sorted(src.column("doc_id").to_pylist())
+    s = json.loads(summary.read_text())
+    assert s["rows"] == src.num_rows and s["pairs_scored"] == src.num_rows and s["tokens"] > 0
+    assert not os.path.exists(str(out) + ".ckpt")  # removed on success
+
+
+def _check_ranking(t: pa.Table, group_col: str, src_order: list):
+    d = t.to_pydict()
+    groups = d[group_col]
+    # Groups come in order of first appearance in the input.
+    seen = []
+    for g in groups:
+        if not seen or seen[-1] != g:
+            assert g not in seen, "a group is split in the output"
+            seen.append(g)
+    assert seen == list(dict.fromkeys(src_order))
+    # Within a group: ranks 1..n, scores non-increasing.
+    for g in seen:
+        idx = [i for i, x in enumerate(groups) if x == g]
+        assert [d["rank"][i] for i in idx] == list(range(1, len(idx) + 1))
+        sc = [d["score"][i] for i in idx]
+        assert all(a >= b for a, b in zip(sc, sc[1:]))
+
+
+def test_ranks_and_groups_on_real_data(tmp_path, tied_model):
+    src = real_pairs(60)
+    # Shuffle so that a query's candidates are scattered over several units.
+    perm = np.random.default_rng(0).permutation(src.num_rows)
+    src = src.take(pa.array(perm))
+    inp = tmp_path / "in.parquet"
+    pq.write_table(src, inp)
+    out = tmp_path / "out.parquet"
+    r = run_cli(["run", inp, "--model", tied_model, "-o", out, "--window", 25, "-q"])
+    assert r.exit_code == 0, r.output
+    t = pq.read_table(out)
+    assert t.num_rows == src.num_rows
+    _check_ranking(t, "query_id", src.column("query_id").to_pylist())
+
+
+def test_group_by_instruction_and_query_without_query_id(tmp_path, tied_model):
+    src = real_pairs(40).drop_columns(["query_id"])
+    inp = tmp_path / "in.parquet"
+    pq.write_table(src, inp)
+    out = tmp_path / "out.parquet"
+    assert run_cli(["run", inp, "--model", tied_model, "-o", out, "-q"]).exit_code == 0
+    t = pq.read_table(out)
+    keys = [f"{i}\x00{q}" for i, q in zip(t.column("instruction").to_pylist(), t.column("query").to_pylist())]
+    t = t.append_column("g", pa.array(keys))
+    _check_ranking(t, "g", [f"{i}\x00{q}" for i, q in zip(src.column("instruction").to_pylist(),
+                                                          src.column("query").to_pylist())])
+
+
+def test_ties_keep_input_order(tmp_path, tied_model):
+    # Identical pairs score identically; their ranks must follow input order.
+    rows = [{"query_id": "a", "doc_id": f"d{i}", "query": "same query", "document": "same text"} for i in range(5)]
+    inp = tmp_path / "ties.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), inp)
+    out = tmp_path / "out.parquet"
+    assert run_cli(["run", inp, "--model", tied_model, "-o", out, "-q", "--max-batch-tokens", 1]).exit_code == 0
+    t = pq.read_table(out)
+    assert t.column("doc_id").to_pylist() == [f"d{i}" for i in range(5)]
+    assert t.column("rank").to_pylist() == [1, 2, 3, 4, 5]
+
+
+def test_top_k_keeps_the_best_k_per_query(tmp_path, tied_model):
+    src = real_pairs(40)
+    inp = tmp_path / "in.parquet"
+    pq.write_table(src, inp)
+    full, top = tmp_path / "full.parquet", tmp_path / "top.parquet"
+    assert run_cli(["run", inp, "--model", tied_model, "-o", full, "-q"]).exit_code == 0
+    assert run_cli(["run", inp, "--model", tied_model, "-o", top, "-q", "--top-k", 2]).exit_code == 0
+    f = pq.read_table(full).to_pylist()
+    t = pq.read_table(top).to_pylist()
+    assert t == [r for r in f if r["rank"] <= 2]
+    assert max(r["rank"] for r in t) == 2
+    assert len(t) < len(f)
+
+
+def test_default_output_path_and_directory_input(tmp_path, tied_model):
+    d = tmp_path / "in"
+    d.mkdir()
+    src = real_pairs(10)
+    pq.write_table(src.slice(0, 15), d / "a.parquet")
+    pq.write_table(src.slice(15), d / "b.parquet")
+    r = run_cli(["run", d, "--model", tied_model, "-q"])
+    assert r.exit_code == 0, r.output
+    out = d / "a.reranked.parquet"
+    assert pq.read_table(out).num_rows == src.num_rows
+    # Rerunning refuses to clobber the output.
+    r = run_cli(["run", d / "a.parquet", d / "b.parquet", "--model", tied_model, "-q"])
+    assert r.exit_code == 2
+    assert "the output exists; pass --overwrite" in r.output
+
+
+def test_glob_input_and_custom_columns(tmp_path, tied_model):
+    src = real_pairs(10).rename_columns(["qid", "doc_id", "instruction", "question", "answer", "relevance"])
+    for i in range(3):
+        pq.write_table(src.slice(i * 10, 10), tmp_path / f"part-{i}.parquet")
+    out = tmp_path / "o.parquet"
+    r = run_cli(["run", str(tmp_path / "part-*.parquet"), "--query-col", "question", "--doc-col", "answer",
+                 "--model", tied_model, "-o", out, "-q"])
+    assert r.exit_code == 0, r.output
+    t = pq.read_table(out)
+    assert t.num_rows == 30 and "answer" in t.schema.names and "question" in t.schema.names
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "missing.parquet"], "missing.parquet: no such file or directory; check the path"),
+    (["run", "SAMPLE", "--query-col", "nope"],
+     "no query column 'nope' (columns: query_id, doc_id, query, document, first_stage_rank); pass --query-col NAME"),
+    (["run", "SAMPLE", "--max-length", "20"],
+     "--max-length 20 leaves no room for the pair"),
+    (["run", "SAMPLE", "--device", "cpu", "--gpu-memory-limit", "4GiB"],
+     "--gpu-memory-limit applies to CUDA only; drop it or use --device cuda"),
+    (["run", "SAMPLE", "--gpu-memory-limit", "lots"], "'lots' is not a size"),
+])
+def test_usage_and_input_errors_exit_2(tmp_path, args, message):
+    args = [a.replace("SAMPLE", SAMPLE) for a in args] + ["--model", TINY, "-o", str(tmp_path / "o.parquet")]
+    r = run_cli(args)
+    assert r.exit_code == 2, r.output
+    assert message in r.output
+    assert "Traceback" not in r.output
+    assert not os.path.exists(tmp_path / "o.parquet")
