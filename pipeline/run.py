@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import queue
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -62,13 +63,21 @@ def check_output(cfg: RunConfig) -> None:
             raise InputError(f"{cfg.output}: the output is one of the inputs; pass another -o")
     if os.path.isdir(cfg.output):
         raise InputError(f"{cfg.output}: the output is a directory; pass a file path with -o")
-    if os.path.exists(cfg.output) and not cfg.overwrite:
+    # An output beside its own checkpoint was written by a run killed before it removed the
+    # checkpoint: the rerun rewrites it from the parts (the fingerprint check still applies).
+    ours = os.path.exists(os.path.join(cfg.ckpt_dir, "manifest.json"))
+    if os.path.exists(cfg.output) and not cfg.overwrite and not ours:
         raise InputError(f"{cfg.output}: the output exists; pass --overwrite to replace it")
     d = os.path.dirname(out)
     if not os.path.isdir(d):
         raise InputError(f"{cfg.output}: the directory {d} does not exist; create it or pass another -o")
-    if not os.access(d, os.W_OK | os.X_OK):
-        raise InputError(f"{cfg.output}: the directory {d} is not writable; pass another -o")
+    try:  # os.access says yes to root on read-only file systems; a real file is the test
+        with tempfile.TemporaryFile(dir=d):
+            pass
+    except OSError as exc:
+        raise InputError(
+            f"{cfg.output}: cannot write in {d} ({exc.strerror}); pass an -o in a writable directory"
+        ) from None
 
 
 def validate(cfg: RunConfig) -> tuple[InputLayout, list[Unit], int]:

@@ -1,0 +1,233 @@
+"""Crash safety: SIGKILL at any moment, SIGTERM, full disk and fingerprints. Every rerun must
+end with exactly the rows and scores of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import ROOT, real_pairs, run_cli
+from pipeline.config import RunConfig
+from pipeline.errors import CheckpointError, Interrupted, RerankError
+from pipeline.run import run
+
+# A child that runs the CLI, optionally SIGKILLing itself at the Nth os.replace whose target
+# matches a regex: before the rename (a temp file fully written, not yet in place: the narrowest
+# window of a non-atomic writer) or just after it.
+_CHILD = r"""
+import os, re, signal, sys
+spec = os.environ.get("KILL_AT_REPLACE")
+if spec:
+    pattern, nth, when = spec.rsplit(":", 2)
+    real = os.replace
+    seen = [0]
+    def replace(src, dst, *a, **k):
+        hit = re.search(pattern, str(dst)) is not None
+        if hit:
+            seen[0] += 1
+        if hit and seen[0] == int(nth) and when == "before":
+            os.kill(os.getpid(), signal.SIGKILL)
+        out = real(src, dst, *a, **k)
+        if hit and seen[0] == int(nth) and when == "after":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
+    os.replace = replace
+sys.argv = ["rerank-batch"] + sys.argv[1:]
+from jobs.cli import main
+main()
+"""
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, models):
+    d = tmp_path_factory.mktemp("resume")
+    inp = d / "in.parquet"
+    pq.write_table(real_pairs(1000), inp, row_group_size=117)  # 3000 pairs, awkward row groups
+    ref = d / "ref.parquet"
+    r = run_cli(["run", inp, "--model", models["tied"], "-o", ref, "--window", 53, "-q"])
+    assert r.exit_code == 0, r.output
+    return {"dir": d, "input": inp, "ref": pq.read_table(ref), "model": models["tied"]}
+
+
+def _args(job, out):
+    return ["run", str(job["input"]), "--model", job["model"], "-o", str(out), "--window", "53", "-q"]
+
+
+def _spawn(args, env_extra=None):
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.Popen([sys.executable, "-c", _CHILD, *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _assert_same(out, ref):
+    got = pq.read_table(out)
+    assert got.num_rows == ref.num_rows
+    assert len(set(got.column("doc_id").to_pylist())) == got.num_rows  # no duplicates
+    assert got.equals(ref)  # same rows, same order, same scores and ranks
+
+
+def _parts(ck):
+    d = ck / "parts"
+    return len([n for n in os.listdir(d) if not n.startswith(".")]) if d.exists() else 0
+
+
+def test_sigkill_at_random_moments_then_resume(job, tmp_path):
+    out = tmp_path / "out.parquet"
+    ck = tmp_path / "out.parquet.ckpt"
+    rng = random.Random(7)
+    kills = 0
+    for attempt in range(30):
+        before = _parts(ck)
+        p = _spawn(_args(job, out))
+        # Wait until this attempt is scoring (a new part landed), then kill at a random moment
+        # of the next second: mid-batch, mid-part-write, mid-manifest or mid-final-write.
+        while p.poll() is None and _parts(ck) <= before and not out.exists():
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 1.0))
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+            kills += 1
+            if out.exists() and not ck.exists():
+                break  # killed while exiting, after all the work was done
+            continue
+        assert p.returncode == 0, p.stderr.read()[-2000:]
+        break
+    else:
+        pytest.fail("the run never finished")
+    assert kills >= 5, f"only {kills} kills landed; the run is too quick for this test"
+    if not out.exists():
+        p = _spawn(_args(job, out))
+        assert p.wait(timeout=300) == 0
+    _assert_same(out, job["ref"])
+    assert not ck.exists()
+
+
+@pytest.mark.parametrize("where", [
+    "/parts/[^/]+$:3:before",     # a part fully written, not renamed
+    "/parts/[^/]+$:3:after",      # a part in place, not in the manifest
+    "manifest\\.json$:4:before",  # a new manifest written, not renamed
+    "/out\\.parquet$:1:before",   # the final output written, not renamed
+    "/out\\.parquet$:1:after",    # the output in place, the checkpoint not yet removed
+])
+def test_sigkill_inside_writes_then_resume(job, tmp_path, where):
+    out = tmp_path / "out.parquet"
+    p = _spawn(_args(job, out), {"KILL_AT_REPLACE": where})
+    p.wait(timeout=300)
+    assert p.returncode == -signal.SIGKILL, p.stderr.read()[-2000:]
+    assert (tmp_path / "out.parquet.ckpt" / "manifest.json").exists()
+    if where.endswith("1:before"):
+        assert not out.exists()  # never a half-written output under the real name
+    p = _spawn(_args(job, out))
+    p.wait(timeout=300)
+    assert p.returncode == 0, p.stderr.read()[-2000:]
+    _assert_same(out, job["ref"])
+    assert sorted(os.listdir(tmp_path)) == ["out.parquet"]  # no temp files left behind
+
+
+def test_sigterm_stops_promptly_and_resumes(job, tmp_path):
+    out = tmp_path / "out.parquet"
+    ck = tmp_path / "out.parquet.ckpt"
+    p = _spawn(_args(job, out))
+    t0 = time.monotonic()
+    while not (ck / "manifest.json").exists():
+        assert p.poll() is None, p.stderr.read()[-2000:]
+        assert time.monotonic() - t0 < 120
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    t1 = time.monotonic()
+    p.wait(timeout=30)
+    assert time.monotonic() - t1 < 5, "SIGTERM did not stop the run promptly"
+    assert p.returncode == 143
+    err = p.stderr.read()
+    assert "interrupted by signal 15; rerun the same command to resume" in err
+    assert "Traceback" not in err
+    assert not out.exists()
+    manifest = json.loads((ck / "manifest.json").read_text())
+    assert manifest["units"] and all((ck / "parts" / f"{u}.parquet").exists() for u in manifest["units"])
+    p = _spawn(_args(job, out))
+    p.wait(timeout=300)
+    assert p.returncode == 0
+    _assert_same(out, job["ref"])
+
+
+def _stop_after(n):
+    calls = [0]
+
+    def should_stop():
+        calls[0] += 1
+        return calls[0] > n
+
+    should_stop.signum = signal.SIGINT
+    return should_stop
+
+
+def _cfg(job, out, **kw):
+    return RunConfig(inputs=(str(job["input"]),), output=str(out), model=job["model"], window_pairs=53, **kw)
+
+
+def test_fingerprint_mismatch_is_refused_and_restart_starts_over(job, tmp_path):
+    out = tmp_path / "out.parquet"
+    with pytest.raises(Interrupted) as exc:
+        run(_cfg(job, out), progress=False, should_stop=_stop_after(6))
+    assert exc.value.exit_code == 130
+    r = run_cli(_args(job, out) + ["--max-length", "512"])
+    assert r.exit_code == 2
+    assert ("the checkpoint belongs to a run with a different options.max_length; rerun with the same "
+            "inputs, model and options to resume, or pass --restart to start over") in r.output
+    # A changed input file is named too.
+    with pytest.raises(CheckpointError, match="different inputs"):
+        other = tmp_path / "other.parquet"
+        pq.write_table(real_pairs(10), other)
+        run(RunConfig(inputs=(str(other),), output=str(out), model=job["model"], window_pairs=53,
+                      checkpoint_dir=str(tmp_path / "out.parquet.ckpt")), progress=False)
+    r = run_cli(_args(job, out) + ["--max-length", "512", "--restart"])
+    assert r.exit_code == 0, r.output
+    assert pq.read_table(out).num_rows == job["ref"].num_rows
+
+
+def test_full_disk_during_a_part_write_leaves_a_valid_checkpoint(job, tmp_path, monkeypatch):
+    import errno
+
+    import pipeline.checkpoint as ckmod
+
+    out = tmp_path / "out.parquet"
+    real = ckmod.pq.write_table
+    calls = [0]
+
+    def failing(table, where, *a, **k):
+        calls[0] += 1
+        if calls[0] == 5:
+            with open(where, "wb") as f:  # a partial file, as a full disk leaves it
+                f.write(b"PAR1\x00\x00")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(table, where, *a, **k)
+
+    monkeypatch.setattr(ckmod.pq, "write_table", failing)
+    with pytest.raises(RerankError, match="cannot write a checkpoint part .No space left on device.; free disk space"):
+        run(_cfg(job, out), progress=False)
+    monkeypatch.setattr(ckmod.pq, "write_table", real)
+    manifest = json.loads((tmp_path / "out.parquet.ckpt" / "manifest.json").read_text())
+    assert len(manifest["units"]) == 4
+    assert not [n for n in os.listdir(tmp_path / "out.parquet.ckpt" / "parts") if n.startswith(".tmp")]
+    run(_cfg(job, out), progress=False)
+    _assert_same(out, job["ref"])
+
+
+def test_keep_checkpoint_and_checkpoint_dir(job, tmp_path):
+    out = tmp_path / "out.parquet"
+    ck = tmp_path / "elsewhere"
+    r = run_cli(_args(job, out) + ["--checkpoint-dir", ck, "--keep-checkpoint"])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((ck / "manifest.json").read_text())
+    assert len(manifest["units"]) == len(os.listdir(ck / "parts"))
+    assert sum(u["pairs"] for u in manifest["units"].values()) == job["ref"].num_rows
+    assert not (tmp_path / "out.parquet.ckpt").exists()
