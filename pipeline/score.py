@@ -126,7 +126,7 @@ class Scorer:
         archs = list(getattr(mconfig, "architectures", None) or [])
         if not any(a.endswith("ForCausalLM") for a in archs):
             raise ModelError(
-                f"model {path}: architecture {', '.join(archs) or mconfig.model_type!r} is not a causal "
+                f"model {path}: architecture {', '.join(archs) or mconfig.model_type} is not a causal "
                 "LM, so it cannot be a yes/no reranker; pass a Qwen3-Reranker model"
             )
         try:

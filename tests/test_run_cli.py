@@ -130,22 +130,3 @@ def test_glob_input_and_custom_columns(tmp_path, tied_model):
     assert r.exit_code == 0, r.output
     t = pq.read_table(out)
     assert t.num_rows == 30 and "answer" in t.schema.names and "question" in t.schema.names
-
-
-@pytest.mark.parametrize("args, message", [
-    (["run", "missing.parquet"], "missing.parquet: no such file or directory; check the path"),
-    (["run", "SAMPLE", "--query-col", "nope"],
-     "no query column 'nope' (columns: query_id, doc_id, query, document, first_stage_rank); pass --query-col NAME"),
-    (["run", "SAMPLE", "--max-length", "20"],
-     "--max-length 20 leaves no room for the pair"),
-    (["run", "SAMPLE", "--device", "cpu", "--gpu-memory-limit", "4GiB"],
-     "--gpu-memory-limit applies to CUDA only; drop it or use --device cuda"),
-    (["run", "SAMPLE", "--gpu-memory-limit", "lots"], "'lots' is not a size"),
-])
-def test_usage_and_input_errors_exit_2(tmp_path, args, message):
-    args = [a.replace("SAMPLE", SAMPLE) for a in args] + ["--model", TINY, "-o", str(tmp_path / "o.parquet")]
-    r = run_cli(args)
-    assert r.exit_code == 2, r.output
-    assert message in r.output
-    assert "Traceback" not in r.output
-    assert not os.path.exists(tmp_path / "o.parquet")

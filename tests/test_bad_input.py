@@ -1,0 +1,209 @@
+"""Bad input: a one-line error naming the file, column or row and the fix, exit status 2, no
+traceback, no output file. Runtime failures: exit 1 with the message."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import ROOT, real_pairs, run_cli
+
+SAMPLE = os.path.join(ROOT, "sample_data", "pairs.parquet")
+TINY = os.path.join(ROOT, "sample_data", "tiny-qwen3-reranker")
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    (d / "garbage.parquet").write_bytes(b"this is not parquet at all\n" * 10)
+    good = (d / "good.parquet")
+    pq.write_table(real_pairs(5), good)
+    data = good.read_bytes()
+    (d / "truncated.parquet").write_bytes(data[: len(data) // 2])
+    pq.write_table(pa.table({"query": ["q", "q"], "document": [1, 2]}), d / "intdoc.parquet")
+    pq.write_table(pa.table({"query": ["q", "q", "q"], "document": ["a", None, "c"]}), d / "nulldoc.parquet")
+    pq.write_table(pa.table({"query": ["q", None], "documents": [["a"], ["b", "c"]]}), d / "nullquery_nested.parquet")
+    pq.write_table(pa.table({"query": ["q"], "documents": [[1, 2]]}), d / "intlist.parquet")
+    pq.write_table(pa.table({"query": ["q"], "document": ["a"], "score": [0.5]}), d / "hasscore.parquet")
+    pq.write_table(pa.table({"q": ["x"], "d": ["y"]}), d / "othercols.parquet")
+    (d / "emptydir").mkdir()
+    # A model directory that is not a causal LM.
+    (d / "bert").mkdir()
+    (d / "bert" / "config.json").write_text(json.dumps({
+        "architectures": ["BertForSequenceClassification"], "model_type": "bert"}))
+    # A Qwen3 model whose tokenizer has no single "yes"/"no" tokens.
+    _model_without_yes_no(d / "noyes")
+    return d
+
+
+def _model_without_yes_no(path):
+    import shutil
+
+    from transformers import AddedToken, Qwen2Tokenizer
+
+    shutil.copytree(TINY, path)
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    vocab = {c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}
+    vocab["<|endoftext|>"] = len(vocab)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[])
+    tok.add_tokens([AddedToken(t, special=True) for t in ("<|im_start|>", "<|im_end|>")])
+    for f in os.listdir(path):
+        if f.startswith("tokenizer") or f in ("vocab.json", "merges.txt", "special_tokens_map.json"):
+            os.remove(path / f)
+    tok.save_pretrained(str(path))
+
+
+CASES = [
+    (["run", "{d}/missing.parquet"], "{d}/missing.parquet: no such file or directory; check the path"),
+    (["run", "{d}/*.nomatch"], "{d}/*.nomatch: no file matches this pattern; check the glob"),
+    (["run", "{d}/emptydir"], "{d}/emptydir: the directory holds no *.parquet file; pass a file or another directory"),
+    (["run", "{d}/garbage.parquet"], "{d}/garbage.parquet: not a readable Parquet file ("),
+    (["run", "{d}/truncated.parquet"], "{d}/truncated.parquet: not a readable Parquet file ("),
+    (["run", "{d}/othercols.parquet"],
+     "{d}/othercols.parquet: no query column 'query' (columns: q, d); pass --query-col NAME"),
+    (["run", "{d}/othercols.parquet", "--query-col", "q"],
+     "{d}/othercols.parquet: no document column 'document' and no list column 'documents' (columns: q, d); "
+     "pass --doc-col NAME or --docs-col NAME"),
+    (["run", "{d}/intdoc.parquet"],
+     "{d}/intdoc.parquet: column 'document' is int64, not string; cast it to string or pass --doc-col"),
+    (["run", "{d}/intlist.parquet"],
+     "{d}/intlist.parquet: column 'documents' is list<element: int64>, not a list of strings; cast it or pass --docs-col"),
+    (["run", "{d}/nulldoc.parquet"],
+     "{d}/nulldoc.parquet: row 1: column 'document' is null; fill it, or pass --on-null skip to keep such rows unscored"),
+    (["run", "{d}/nullquery_nested.parquet"],
+     "{d}/nullquery_nested.parquet: row 1, document 0: column 'query' is null; fill it, or pass --on-null skip"),
+    (["run", "{d}/hasscore.parquet"],
+     "{d}/hasscore.parquet: the input already has a column 'score', which the output adds; rename or drop it first"),
+    (["run", "{d}/good.parquet", "-o", "{d}/good.parquet"],
+     "{d}/good.parquet: the output is one of the inputs; pass another -o"),
+    (["run", "{d}/good.parquet", "-o", "{d}/nodir/out.parquet"],
+     "{d}/nodir/out.parquet: the directory {d}/nodir does not exist; create it or pass another -o"),
+    (["run", "{d}/good.parquet", "-o", "/proc/out.parquet"],
+     "/proc/out.parquet: cannot write in /proc ("),
+    (["run", "{d}/good.parquet", "-o", "{d}"], "{d}: the output is a directory; pass a file path with -o"),
+    (["run", "{d}/good.parquet", "--model", "{d}/nomodel"],
+     "model {d}/nomodel: no such directory; pass a model directory or a hub id"),
+    (["run", "{d}/good.parquet", "--model", "{d}/bert"],
+     "model {d}/bert: architecture BertForSequenceClassification is not a causal LM, so it cannot be a yes/no "
+     "reranker; pass a Qwen3-Reranker model"),
+    (["run", "{d}/good.parquet", "--model", "{d}/noyes"],
+     "the tokenizer has no single token for 'yes', so this model is not a yes/no reranker of this template; "
+     "pass a reranker model or another --template"),
+    (["run", "{d}/good.parquet", "--template", "nope"], "unknown template 'nope'; use one of: qwen3-reranker"),
+    (["run", "{d}/good.parquet", "--device", "cpu", "--attention", "flash_attn"],
+     "--attention flash_attn needs CUDA; use --attention sdpa on CPU"),
+    (["run", "{d}/good.parquet", "--device", "cpu", "--gpu-memory-limit", "4GiB"],
+     "--gpu-memory-limit applies to CUDA only; drop it or use --device cuda"),
+    (["run", "{d}/good.parquet", "--gpu-memory-limit", "lots"], "'lots' is not a size; write it like 4GiB"),
+    (["run", "{d}/good.parquet", "--max-length", "20"], "--max-length 20 leaves no room for the pair: the template alone takes"),
+]
+
+
+@pytest.mark.parametrize("args, expected", CASES, ids=[c[1].split(":")[0][-30:] + str(i) for i, c in enumerate(CASES)])
+def test_bad_input_exits_2_with_one_line(bad, tmp_path, args, expected):
+    d = str(bad)
+    args = [a.replace("{d}", d) for a in args]
+    if "-o" not in args:
+        args += ["-o", str(tmp_path / "out.parquet")]
+    if "--model" not in args:
+        args += ["--model", TINY]
+    r = run_cli(args)
+    assert r.exit_code == 2, r.output
+    errors = [line for line in r.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, r.output
+    assert expected.replace("{d}", d) in errors[0]
+    assert "Traceback" not in r.output
+    assert not (tmp_path / "out.parquet").exists()
+    assert not (tmp_path / "out.parquet.ckpt").exists()
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
+
+
+def test_on_null_skip_keeps_rows_unscored(bad, tmp_path):
+    out = tmp_path / "out.parquet"
+    summary = tmp_path / "s.json"
+    r = run_cli(["run", bad / "nulldoc.parquet", "--on-null", "skip", "--model", TINY, "-o", out,
+                 "--summary", summary, "-q"])
+    assert r.exit_code == 0, r.output
+    t = pq.read_table(out).to_pylist()
+    assert [row["document"] for row in t] == ["a", "c", None] or [row["document"] for row in t] == ["c", "a", None]
+    assert t[-1]["score"] is None and t[-1]["rank"] is None
+    assert sorted(row["rank"] for row in t[:2]) == [1, 2]
+    assert json.loads(summary.read_text())["skipped_null"] == 1
+
+
+def test_zero_rows_give_an_empty_output_with_the_schema(tmp_path):
+    inp = tmp_path / "empty.parquet"
+    pq.write_table(pq.read_table(SAMPLE).slice(0, 0), inp)
+    out = tmp_path / "out.parquet"
+    r = run_cli(["run", inp, "--model", TINY, "-o", out, "-q"])
+    assert r.exit_code == 0, r.output
+    t = pq.read_table(out)
+    assert t.num_rows == 0
+    assert t.schema.names == pq.read_schema(SAMPLE).names + ["score", "rank"]
+    # Nested form: the list column becomes document plus doc_index.
+    nested = tmp_path / "nested.parquet"
+    pq.write_table(pa.table({"query_id": pa.array([], pa.string()), "query": pa.array([], pa.string()),
+                             "documents": pa.array([], pa.list_(pa.string()))}), nested)
+    out2 = tmp_path / "out2.parquet"
+    assert run_cli(["run", nested, "--model", TINY, "-o", out2, "-q"]).exit_code == 0
+    assert pq.read_schema(out2).names == ["query_id", "query", "document", "doc_index", "score", "rank"]
+
+
+def test_empty_strings_are_valid_pairs(tmp_path):
+    inp = tmp_path / "e.parquet"
+    pq.write_table(pa.table({"query": ["", "q", ""], "document": ["d", "", ""]}), inp)
+    out = tmp_path / "o.parquet"
+    assert run_cli(["run", inp, "--model", TINY, "-o", out, "-q"]).exit_code == 0
+    scores = pq.read_table(out).column("score").to_pylist()
+    assert len(scores) == 3 and all(0 < s < 1 for s in scores)
+
+
+def _oom_over(limit):
+    """A forward that raises CUDA's OOM for batches of more than `limit` tokens."""
+    from pipeline.score import Scorer
+
+    real = Scorer._forward
+
+    def forward(self, flat, cu, pos):
+        if len(flat) > limit:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, flat, cu, pos)
+    return forward
+
+
+def test_oom_splits_the_batch_and_loses_no_row(tmp_path, monkeypatch, tied_model):
+    inp = tmp_path / "in.parquet"
+    pq.write_table(real_pairs(50), inp)
+    ref, out = tmp_path / "ref.parquet", tmp_path / "out.parquet"
+    assert run_cli(["run", inp, "--model", tied_model, "-o", ref, "-q"]).exit_code == 0
+    from pipeline.score import Scorer
+
+    monkeypatch.setattr(Scorer, "_forward", _oom_over(700))
+    s = tmp_path / "s.json"
+    r = run_cli(["run", inp, "--model", tied_model, "-o", out, "-q", "--summary", s])
+    assert r.exit_code == 0, r.output
+    a, b = pq.read_table(ref), pq.read_table(out)
+    assert a.column("doc_id").to_pylist() == b.column("doc_id").to_pylist()
+    assert np.abs(a.column("score").to_numpy() - b.column("score").to_numpy()).max() <= 1e-6
+    summary = json.loads(s.read_text())
+    assert summary["oom_retries"] > 0 and summary["rows"] == 150
+    assert summary["batch_token_budget"] <= 700
+
+
+def test_a_pair_that_never_fits_is_a_runtime_error_exit_1(tmp_path, monkeypatch):
+    from pipeline.score import Scorer
+
+    monkeypatch.setattr(Scorer, "_forward", _oom_over(10))
+    out = tmp_path / "out.parquet"
+    r = run_cli(["run", SAMPLE, "--model", TINY, "-o", out, "-q"])
+    assert r.exit_code == 1
+    assert "does not fit in GPU memory; lower --max-length or raise --gpu-memory-limit" in r.output
+    assert "Traceback" not in r.output
+    assert not out.exists()
