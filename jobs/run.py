@@ -53,6 +53,10 @@ def default_output(first_input: str) -> str:
               help="A null query or document: stop with an error, or keep the row unscored.")
 @click.option("--attention", type=click.Choice(["auto", "flash_attn", "torch_varlen", "sdpa"]),
               default="auto", show_default=True, help="Attention kernel for packed batches.")
+@click.option("--engine", type=click.Choice(["auto", "fused", "transformers"]), default="auto", show_default=True,
+              help="Forward: our fused Qwen3 path where it applies, or transformers' own modules.")
+@click.option("--compile", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="torch.compile the fused path's elementwise steps (auto: on CUDA).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model's own Python code to run.")
 @click.option("--checkpoint-dir", default=None, help="Where parts and the manifest go. [default: OUTPUT.ckpt]")
 @click.option("--keep-checkpoint", is_flag=True, help="Keep the checkpoint after success.")

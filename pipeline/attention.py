@@ -35,8 +35,13 @@ def _torch_varlen():
     return varlen_attn
 
 
-def choose_kernel(requested: str, device: torch.device) -> str:
+def choose_kernel(requested: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
     """Resolve --attention auto to the fastest exact kernel available on this device."""
+    if device.type == "cuda" and dtype == torch.float32:
+        # The FlashAttention kernels take fp16/bf16 only.
+        if requested not in ("auto", "sdpa"):
+            log.warning("attention %s has no float32 kernel; using the per-sequence SDPA", requested)
+        return "sdpa"
     if device.type != "cuda":
         if requested not in ("auto", "sdpa"):
             log.warning("attention %s needs CUDA; using the exact per-sequence SDPA on %s", requested, device)

@@ -52,6 +52,10 @@ class RunConfig:
     overwrite: bool = False
     # Attention kernel: "auto", "flash_attn", "torch_varlen" or "sdpa" (exact per-sequence loop).
     attention: str = "auto"
+    # Forward implementation: "auto" (fused Qwen3 path where it applies), "fused" or "transformers".
+    engine: str = "auto"
+    # torch.compile the fused path's elementwise steps: "auto" (on CUDA), "on" or "off".
+    compile: str = "auto"
 
     def replace(self, **changes) -> "RunConfig":
         return dataclasses.replace(self, **changes)

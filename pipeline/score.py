@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import attention
+from . import attention, fused_qwen3
 from .config import RunConfig
 from .errors import ModelError, ScoringError
 from .template import get_template
@@ -99,6 +99,16 @@ class Scorer:
         # float32 head: the two logits are the whole output, so keep them exact.
         self.head = w[rows].detach().to(torch.float32)
         self.layer_types = sorted(set(getattr(model.config, "layer_types", None) or ["full_attention"]))
+        self.fused = None
+        if cfg.engine != "transformers" and fused_qwen3.supports(model):
+            use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+            self.fused = fused_qwen3.FusedQwen3(model, kernel, compile=use_compile)
+        elif cfg.engine == "fused":
+            raise ModelError(f"--engine fused supports plain Qwen3 decoders only; this model is "
+                             f"{model.config.model_type}: use --engine auto")
+        self.engine = "fused" if self.fused is not None else "transformers"
+        log.info("model %s on %s in %s, attention %s, engine %s", cfg.model, device,
+                 str(dtype).removeprefix("torch."), kernel, self.engine)
         self.stats = ScoreStats()
         self.budget = self._size_budget()
 
@@ -148,9 +158,8 @@ class Scorer:
             ) from None
         model.to(device).eval()
         model.requires_grad_(False)
-        kernel = attention.choose_kernel(cfg.attention, device)
+        kernel = attention.choose_kernel(cfg.attention, device, dtype)
         model.config._rerank_kernel = kernel
-        log.info("model %s on %s in %s, attention %s", path, device, str(dtype).removeprefix("torch."), kernel)
         return cls(model, tokenizer, encoder, device, dtype, cfg, kernel)
 
     # -- memory --------------------------------------------------------------------------------
@@ -208,6 +217,10 @@ class Scorer:
         position_ids = put(pos, np.int64)[None]
         cu_t = put(cu, np.int32)
         max_len = int(np.max(np.diff(cu)))
+        last_idx = cu_t[1:].long() - 1
+        if self.fused is not None:
+            last = self.fused.last_hidden(input_ids[0], position_ids[0], cu_t, max_len, last_idx)
+            return self._head(last)
         out = self.decoder(
             input_ids=input_ids,
             position_ids=position_ids,
@@ -216,8 +229,10 @@ class Scorer:
             use_cache=False,
             cu_seq_lens_q=cu_t, cu_seq_lens_k=cu_t, max_length_q=max_len, max_length_k=max_len,
         )
-        last = out.last_hidden_state[0, cu_t[1:].long() - 1].to(torch.float32)
-        logits = last @ self.head.T
+        return self._head(out.last_hidden_state[0, last_idx])
+
+    def _head(self, last: torch.Tensor) -> torch.Tensor:
+        logits = last.to(torch.float32) @ self.head.T
         if logits.shape[1] == 1:
             return torch.sigmoid(logits[:, 0])
         return torch.softmax(logits, dim=-1)[:, 1]

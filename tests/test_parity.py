@@ -32,11 +32,12 @@ def pairs_file(tmp_path_factory):
     return path
 
 
+@pytest.mark.parametrize("engine", ["fused", "transformers"])
 @pytest.mark.parametrize("which", ["tied", "untied"])
 @pytest.mark.parametrize("max_length", [8192, 120])
-def test_scores_equal_reference(tmp_path, models, pairs_file, which, max_length):
+def test_scores_equal_reference(tmp_path, models, pairs_file, which, max_length, engine):
     model = models[which]
-    out = _run(tmp_path, pairs_file, model, max_length=max_length, window_pairs=100)
+    out = _run(tmp_path, pairs_file, model, max_length=max_length, window_pairs=100, engine=engine)
     src = pq.read_table(pairs_file)
     ref = reference_scores(model, src.column("instruction").to_pylist(), src.column("query").to_pylist(),
                            src.column("document").to_pylist(), max_length=max_length)
@@ -82,9 +83,11 @@ def test_null_instruction_falls_back_to_option(tmp_path, tied_model, pairs_file)
     assert np.abs(np.array([got[d] for d in src.column("doc_id").to_pylist()]) - ref).max() <= TOL
 
 
-def test_scores_do_not_depend_on_batch_composition(tmp_path, tied_model, pairs_file):
-    one = _by(_run(tmp_path, pairs_file, tied_model, "one", max_batch_tokens=1, window_pairs=7))
-    big = _by(_run(tmp_path, pairs_file, tied_model, "big", max_batch_tokens=65536, window_pairs=100000))
+@pytest.mark.parametrize("engine", ["fused", "transformers"])
+def test_scores_do_not_depend_on_batch_composition(tmp_path, tied_model, pairs_file, engine):
+    one = _by(_run(tmp_path, pairs_file, tied_model, "one", max_batch_tokens=1, window_pairs=7, engine=engine))
+    big = _by(_run(tmp_path, pairs_file, tied_model, "big", max_batch_tokens=65536, window_pairs=100000,
+                   engine=engine))
     a = np.array([one[k] for k in sorted(one)])
     b = np.array([big[k] for k in sorted(big)])
     assert len(a) == 360
