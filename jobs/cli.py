@@ -16,9 +16,11 @@ def cli():
 
 
 def _register():
+    from .bench import bench_cmd
     from .run import run_cmd
 
     cli.add_command(run_cmd)
+    cli.add_command(bench_cmd)
 
 
 _register()

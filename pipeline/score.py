@@ -144,8 +144,6 @@ class Scorer:
         except Exception as exc:
             raise ModelError(f"model {path}: cannot load its tokenizer ({_first_line(exc)}); "
                              "the directory needs tokenizer files") from None
-        template = get_template(cfg.template)
-        encoder = PairEncoder(tokenizer, template, cfg.max_length)
         impl = attention.register()
         try:
             model = AutoModelForCausalLM.from_pretrained(
@@ -156,7 +154,16 @@ class Scorer:
                 f"model {path}: cannot load safetensors weights ({_first_line(exc)}); weights load only "
                 "from *.safetensors files"
             ) from None
-        model.to(device).eval()
+        return cls.from_model(model, tokenizer, cfg, device)
+
+    @classmethod
+    def from_model(cls, model, tokenizer, cfg: RunConfig, device=None) -> "Scorer":
+        """A scorer over an already built model (the benchmark builds random ones in memory)."""
+        device = device or resolve_device(cfg.device)
+        dtype = resolve_dtype(cfg.dtype, device)
+        encoder = PairEncoder(tokenizer, get_template(cfg.template), cfg.max_length)
+        model.set_attn_implementation(attention.register())
+        model.to(device=device, dtype=dtype).eval()
         model.requires_grad_(False)
         kernel = attention.choose_kernel(cfg.attention, device, dtype)
         model.config._rerank_kernel = kernel

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
+# ../shared/data beside the checkout; the GPU machine gets a carried copy named by this variable.
+SHARED_DATA = os.environ.get("RERANK_SHARED_DATA", os.path.join(os.path.dirname(ROOT), "shared", "data"))
 sys.path.insert(0, ROOT)
 
 torch.set_num_threads(2)

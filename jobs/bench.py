@@ -1,0 +1,46 @@
+"""`rerank-batch bench`: the seed's way against our engine, on random-weight real architectures."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from .common import SizeType, domain_errors, setup_logging
+
+
+@click.command("bench")
+@click.option("--arch", type=click.Choice(["tiny", "0.6b", "4b", "8b"]), default="0.6b", show_default=True)
+@click.option("--workload", type=click.Choice(["w-mixed", "w-short", "w-long"]), default="w-mixed", show_default=True)
+@click.option("--pairs", type=click.IntRange(min=1), default=None, help="Use the first N pairs of the workload.")
+@click.option("--seed-pairs", type=click.IntRange(min=0), default=1500, show_default=True,
+              help="Pairs scored the seed's way (0 skips it); its rate is compared with ours.")
+@click.option("--e2e/--no-e2e", default=True, show_default=True, help="Also run Parquet in -> ranked Parquet out.")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--gpu-memory-limit", type=SizeType(), default=None)
+@click.option("--max-batch-tokens", type=click.IntRange(min=1), default=None)
+@click.option("--compile", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True)
+@click.option("--attention", type=click.Choice(["auto", "flash_attn", "torch_varlen", "sdpa"]), default="auto",
+              show_default=True)
+@click.option("--smoke", is_flag=True, help="CPU, tiny architecture, 64 pairs: checks that the bench runs.")
+@click.option("--profile", is_flag=True, help="Print the top CUDA kernels of one model-only pass.")
+@click.option("--json", "json_path", default=None, help="Write the record here.")
+def bench_cmd(arch, workload, pairs, seed_pairs, e2e, repeats, device, gpu_memory_limit, max_batch_tokens,
+              compile, attention, smoke, profile, json_path):
+    """Measure pairs/s, tokens/s, MFU, peak memory and GPU busy time against the seed's way."""
+    setup_logging()
+    from pipeline.bench import format_table, run_bench
+
+    if smoke:
+        arch, device, pairs, seed_pairs, repeats = "tiny", "cpu", pairs or 64, min(seed_pairs, 32), 1
+    with domain_errors():
+        rec = run_bench(arch, workload, device=device, seed_pairs=seed_pairs, e2e=e2e,
+                        gpu_memory_limit=gpu_memory_limit, pairs=pairs, repeats=repeats, compile=compile,
+                        attention=attention, max_batch_tokens=max_batch_tokens, profile=profile)
+    if rec.get("profile"):
+        click.echo(rec["profile"])
+    click.echo(format_table(rec))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(rec, f, indent=2)

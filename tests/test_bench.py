@@ -1,0 +1,47 @@
+"""The benchmark cannot rot: its smoke mode runs in CI, and its workloads and FLOP counts match
+shared/CONTEXT.md."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from conftest import run_cli
+from pipeline.bench import WORKLOADS, draw_lengths, model_flops, non_embedding_params, workload_table
+from pipeline.synthetic import ARCHS
+
+
+def test_bench_smoke_runs_all_three_ways(tmp_path):
+    out = tmp_path / "bench.json"
+    r = run_cli(["bench", "--smoke", "--json", out])
+    assert r.exit_code == 0, r.output
+    rec = json.loads(out.read_text())
+    for way in ("seed", "engine", "e2e"):
+        assert rec[way]["pairs"] > 0 and rec[way]["tokens_per_s"] > 0
+    assert rec["e2e"]["rows_written"] == 64
+    assert rec["speedup_model_only"] > 0
+    # The seed's fp16 padded way and our packed float32 way score the same pairs alike
+    # (on CPU the seed's fp16 model runs in fp16 too; the bound covers that rounding).
+    assert rec["seed_vs_engine_max_abs_diff"] < 5e-3
+    assert "speed-up over the seed's way" in r.output
+
+
+def test_workloads_follow_the_context_figures():
+    q, d = draw_lengths(WORKLOADS["w-mixed"])
+    lengths = 70 + q + d
+    assert len(lengths) == 6000
+    assert 270 < lengths.mean() < 320  # CONTEXT: mean about 293
+    assert 900 < np.percentile(lengths, 99) < 1200  # CONTEXT: p99 about 1040
+    q, d = draw_lengths(WORKLOADS["w-short"])
+    assert len(q) == 10000 and len(set(q[:100])) == 1  # 100 candidates share their query
+    assert d.min() >= 10 and d.max() <= 400
+    t = workload_table(WORKLOADS["w-short"], pairs=300)
+    assert t.num_rows == 300 and len(set(t.column("query_id").to_pylist())) == 3
+
+
+def test_flops_of_the_real_architectures():
+    assert abs(non_embedding_params(ARCHS["0.6b"]) / 1e9 - 0.44) < 0.01  # CONTEXT: 0.44 B
+    a = ARCHS["0.6b"]
+    one = model_flops(np.array([100]), a)
+    assert one == 2 * non_embedding_params(a) * 100 + 2 * 28 * 16 * 128 * 100 ** 2
