@@ -102,7 +102,9 @@ class FusedQwen3:
 
     def _compile(self):
         try:
-            opts = dict(dynamic=True, fullgraph=True)
+            # Automatic dynamism: after the first shape, only the token count becomes symbolic,
+            # so the feature dimensions (and the gate/up split offset) stay constants.
+            opts = dict(dynamic=None, fullgraph=True)
             self._qk = torch.compile(qk_norm_rope, **opts)
             self._add_norm = torch.compile(add_norm, **opts)
             self._swiglu = torch.compile(swiglu, **opts)

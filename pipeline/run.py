@@ -105,18 +105,31 @@ def score_unit(unit: Unit, table: pa.Table, layout: InputLayout, cfg: RunConfig,
     pairs = build_pairs(unit, table, layout, cfg)
     enc = scorer.encoder.encode(pairs.instructions, pairs.queries, pairs.documents)
     scores = scorer.score(enc, on_batch=on_batch, should_stop=should_stop)
-    return result_part(pairs, scores), _unit_info(pairs, enc)
+    return result_part(pairs, scores), _concat_info(pairs, [enc])
 
 
-def _unit_info(pairs: UnitPairs, enc) -> dict:
-    return {"rows": pairs.table.num_rows, "pairs": len(enc), "tokens": int(enc.offsets[-1]),
-            "truncated": int(enc.truncated.sum()), "skipped_null": int((~pairs.valid).sum())}
+# First chunk small, so the GPU starts at once; later ones larger, for fewer Python round trips.
+FIRST_CHUNK, MAX_CHUNK = 256, 4096
 
 
 def _prefetch(units, layout, cfg, encoder, stop_event: threading.Event):
-    """Read, explode and tokenize units one ahead of the GPU, in a thread."""
-    q: queue.Queue = queue.Queue(maxsize=1)
+    """Read, explode and tokenize units in a thread, ahead of the GPU.
+
+    Yields ("unit", unit, pairs), then ("chunk", Encoded) for pieces of that unit's pairs as
+    they are tokenized, then ("end",). The queue holds a few chunks, so memory stays about a
+    window while tokenization overlaps scoring, also inside the first window.
+    """
+    q: queue.Queue = queue.Queue(maxsize=4)
     target = pa.schema([layout.schema.field(n) for n in layout.columns])
+
+    def put(item) -> bool:
+        while not stop_event.is_set():
+            try:
+                q.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def work():
         try:
@@ -132,13 +145,19 @@ def _prefetch(units, layout, cfg, encoder, stop_event: threading.Event):
                             "give files of one schema in one run"
                         ) from None
                 pairs = build_pairs(unit, table, layout, cfg)
-                enc = encoder.encode(pairs.instructions, pairs.queries, pairs.documents)
-                while not stop_event.is_set():
-                    try:
-                        q.put((unit, pairs, enc), timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
+                if not put(("unit", unit, pairs)):
+                    return
+                start, size = 0, FIRST_CHUNK
+                n = len(pairs.queries)
+                while start < n:
+                    stop = min(n, start + size)
+                    enc = encoder.encode(pairs.instructions[start:stop], pairs.queries[start:stop],
+                                         pairs.documents[start:stop])
+                    if not put(("chunk", enc)):
+                        return
+                    start, size = stop, min(MAX_CHUNK, size * 2)
+                if not put(("end",)):
+                    return
         except BaseException as exc:  # handed to the main thread, which raises it
             q.put(exc)
             return
@@ -153,6 +172,37 @@ def _prefetch(units, layout, cfg, encoder, stop_event: threading.Event):
         if isinstance(item, BaseException):
             raise item
         yield item
+
+
+class _Timer:
+    """Wall time spent in named stages, for the summary."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def add(self, name: str, t0: float) -> float:
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - t0
+        return now
+
+
+def _unit_chunks(items, timer: _Timer, encs: list):
+    """The chunks of one unit from the prefetch stream; time spent waiting is input-bound time."""
+    while True:
+        t0 = time.perf_counter()
+        item = next(items)
+        timer.add("waiting_for_input", t0)
+        if item[0] == "end":
+            return
+        encs.append(item[1])
+        yield item[1]
+
+
+def _concat_info(pairs: UnitPairs, encs: list) -> dict:
+    return {"rows": pairs.table.num_rows, "pairs": int(sum(len(e) for e in encs)),
+            "tokens": int(sum(int(e.offsets[-1]) for e in encs)),
+            "truncated": int(sum(int(e.truncated.sum()) for e in encs)),
+            "skipped_null": int((~pairs.valid).sum())}
 
 
 def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, scorer=None) -> Summary:
@@ -180,14 +230,26 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
 
         torch.cuda.reset_peak_memory_stats(scorer.device)
     t_score = time.monotonic()
+    timer = _Timer()
     try:
-        for unit, pairs, enc in _prefetch(pending, layout, cfg, scorer.encoder, stop_event):
+        items = _prefetch(pending, layout, cfg, scorer.encoder, stop_event)
+        while True:
+            t0 = time.perf_counter()
+            head = next(items, None)
+            timer.add("waiting_for_input", t0)
+            if head is None:
+                break
+            _, unit, pairs = head
             if should_stop is not None and should_stop():
                 raise KeyboardInterrupt
-            scores = scorer.score(enc, on_batch=prog.update, should_stop=should_stop)
+            encs: list = []
+            scores = scorer.score_stream(_unit_chunks(items, timer, encs), on_batch=prog.update,
+                                         should_stop=should_stop)
             if pairs.valid.size and not pairs.valid.all():
                 prog.update(int((~pairs.valid).sum()), 0)
-            ck.commit(unit.id, result_part(pairs, scores), _unit_info(pairs, enc))
+            t0 = time.perf_counter()
+            ck.commit(unit.id, result_part(pairs, scores), _concat_info(pairs, encs))
+            timer.add("writing_parts", t0)
     except KeyboardInterrupt:
         stop_event.set()
         prog.close()
@@ -201,7 +263,10 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
     score_seconds = time.monotonic() - t_score
 
     done_units = [u.id for u in units]
+    t0 = time.perf_counter()
     summary.rows = write_ranked(ck.parts(done_units), layout, cfg)
+    timer.add("final_write", t0)
+    summary.extra = {f"seconds_{k}": round(v, 3) for k, v in timer.seconds.items()}
     for u in units:
         info = ck.done[u.id]
         summary.pairs_scored += info["pairs"]

@@ -246,17 +246,49 @@ class Scorer:
 
     def score(self, enc, on_batch=None, should_stop=None) -> np.ndarray:
         """Scores (float32) of every pair in `enc`, in `enc`'s order."""
-        n = len(enc)
-        out = np.empty(n, dtype=np.float32)
-        if n == 0:
-            return out
+        return self.score_stream([enc], on_batch=on_batch, should_stop=should_stop)
+
+    def score_stream(self, chunks, on_batch=None, should_stop=None) -> np.ndarray:
+        """Scores of pairs that arrive in chunks (tokenized while the GPU works), in order.
+
+        Full batches go to the GPU as soon as a chunk lands; the short remainder waits for the
+        next chunk, so only the last batch of the stream can be partly empty.
+        """
+        ids = np.empty(0, dtype=np.int32)
+        offsets = np.zeros(1, dtype=np.int64)
+        pool = np.empty(0, dtype=np.int64)  # pairs not yet sent
         pending: list[tuple[np.ndarray, torch.Tensor]] = []
-        stack = list(reversed(plan_batches(enc.lengths, self.budget)))
+        for enc in chunks:
+            if len(enc) == 0:
+                continue
+            n0 = len(offsets) - 1
+            ids = np.concatenate([ids, enc.ids]) if len(ids) else enc.ids
+            offsets = np.concatenate([offsets, enc.offsets[1:] + offsets[-1]])
+            pool = np.concatenate([pool, np.arange(n0, n0 + len(enc), dtype=np.int64)])
+            lengths = offsets[pool + 1] - offsets[pool]
+            batches = plan_batches(lengths, self.budget)
+            for b in batches[:-1]:
+                self._submit(pool[b], ids, offsets, pending, on_batch, should_stop)
+            pool = pool[batches[-1]]
+        if len(pool):
+            lengths = offsets[pool + 1] - offsets[pool]
+            for b in plan_batches(lengths, self.budget):
+                self._submit(pool[b], ids, offsets, pending, on_batch, should_stop)
+        out = np.empty(len(offsets) - 1, dtype=np.float32)
+        if pending:
+            # One device-to-host copy per window: no host sync between batches.
+            all_idx = np.concatenate([i for i, _ in pending])
+            out[all_idx] = torch.cat([s for _, s in pending]).float().cpu().numpy()
+        return out
+
+    def _submit(self, idx, ids, offsets, pending, on_batch, should_stop) -> None:
+        """Run one packed batch; on OOM, split it and run the halves (no pair is ever dropped)."""
+        stack = [idx]
         while stack:
             if should_stop is not None and should_stop():
                 raise KeyboardInterrupt
             idx = stack.pop()
-            packed = gather_packed(enc.ids, enc.offsets, idx)
+            packed = gather_packed(ids, offsets, idx)
             try:
                 s = self._forward(*packed)
             except torch.OutOfMemoryError:
@@ -272,10 +304,6 @@ class Scorer:
             if self.cfg.empty_cache_every and self.device.type == "cuda" \
                     and self.stats.batches % self.cfg.empty_cache_every == 0:
                 torch.cuda.empty_cache()
-        # One device-to-host copy per window: no host sync between batches.
-        all_idx = np.concatenate([i for i, _ in pending])
-        out[all_idx] = torch.cat([s for _, s in pending]).float().cpu().numpy()
-        return out
 
     def _after_oom(self, idx: np.ndarray, tokens: int, stack: list) -> None:
         self.stats.oom_retries += 1

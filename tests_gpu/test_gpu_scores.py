@@ -81,13 +81,14 @@ def test_real_size_06b_bf16_against_float32_cpu(tmp_path):
     """The 0.6B architecture (random weights): GPU bf16 against CPU float32 on 256 real pairs."""
     from pipeline.bench import build_model
 
+    import copy
+
     t = pq.read_table(shared("ARC-Challenge.long.parquet")).slice(0, 256)
-    model, tok, _ = build_model("0.6b", torch.device("cuda"), torch.bfloat16, str(tmp_path))
-    cfg = RunConfig(inputs=(), output="", device="cuda")
-    gpu = Scorer.from_model(model, tok, cfg)
+    cpu_model, tok, _ = build_model("0.6b", torch.device("cpu"), torch.float32, str(tmp_path))
+    gpu_model = copy.deepcopy(cpu_model)  # the same random weights on both sides
+    gpu = Scorer.from_model(gpu_model, tok, RunConfig(inputs=(), output="", device="cuda"))
     args = (t.column("instruction").to_pylist(), t.column("query").to_pylist(), t.column("document").to_pylist())
     b = gpu.score(gpu.encoder.encode(*args))
-    cpu_model, _, _ = build_model("0.6b", torch.device("cpu"), torch.float32, str(tmp_path / "c"))
     torch.set_num_threads(os.cpu_count() or 4)
     cpu = Scorer.from_model(cpu_model, tok, RunConfig(inputs=(), output="", device="cpu"))
     a = cpu.score(cpu.encoder.encode(*args))
