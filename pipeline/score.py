@@ -186,7 +186,8 @@ class Scorer:
                 )
             # The caching allocator refuses to reserve past this fraction: the cap is enforced,
             # and going past it is an OOM that the batch splitter handles.
-            torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.gpu_memory_limit / total), dev)
+            index = dev.index if dev.index is not None else torch.cuda.current_device()
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.gpu_memory_limit / total), index)
             ceiling = min(cfg.gpu_memory_limit, base + free)
         else:
             ceiling = base + free

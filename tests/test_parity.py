@@ -16,7 +16,9 @@ TOL = 1e-5
 
 
 def _run(tmp_path, inp, model, name="out", **kw):
-    cfg = RunConfig(inputs=(str(inp),), output=str(tmp_path / f"{name}.parquet"), model=model, **kw)
+    # float32 on the CPU, also where a GPU is present ("auto" would pick CUDA and bfloat16).
+    cfg = RunConfig(inputs=(str(inp),), output=str(tmp_path / f"{name}.parquet"), model=model, device="cpu",
+                    **kw)
     run(cfg, progress=False)
     return pq.read_table(cfg.output)
 
