@@ -165,13 +165,23 @@ def _prefetch(units, layout, cfg, encoder, stop_event: threading.Event):
 
     t = threading.Thread(target=work, name="rerank-prefetch", daemon=True)
     t.start()
-    while True:
-        item = q.get()
-        if item is None:
-            return
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    try:
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        # Stop the worker and wait for it: a thread left inside native tokenizer or Arrow code
+        # while the interpreter shuts down can abort the process (SIGABRT instead of exit 143).
+        stop_event.set()
+        while t.is_alive():
+            try:
+                q.get(timeout=0.05)
+            except queue.Empty:
+                pass
 
 
 class _Timer:
@@ -231,8 +241,8 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
         torch.cuda.reset_peak_memory_stats(scorer.device)
     t_score = time.monotonic()
     timer = _Timer()
+    items = _prefetch(pending, layout, cfg, scorer.encoder, stop_event)
     try:
-        items = _prefetch(pending, layout, cfg, scorer.encoder, stop_event)
         while True:
             t0 = time.perf_counter()
             head = next(items, None)
@@ -251,12 +261,12 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
             ck.commit(unit.id, result_part(pairs, scores), _concat_info(pairs, encs))
             timer.add("writing_parts", t0)
     except KeyboardInterrupt:
-        stop_event.set()
+        items.close()
         prog.close()
         signum = getattr(should_stop, "signum", None) or 2
         raise Interrupted(signum) from None
     except BaseException:
-        stop_event.set()
+        items.close()
         prog.close()
         raise
     prog.close()
