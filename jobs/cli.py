@@ -17,9 +17,13 @@ def cli():
 
 def _register():
     from .bench import bench_cmd
+    from .eval import eval_cmd
+    from .prepare import prepare_cmd
     from .run import run_cmd
 
     cli.add_command(run_cmd)
+    cli.add_command(prepare_cmd)
+    cli.add_command(eval_cmd)
     cli.add_command(bench_cmd)
 
 

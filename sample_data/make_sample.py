@@ -79,10 +79,43 @@ def write_pairs(path: str) -> pa.Table:
     return table
 
 
+# Graded judgments for the BEIR-style mini set (2 = answers it, 1 = related; the rest 0).
+RELEVANCE = {"q1-d0": 2, "q1-d3": 2, "q1-d1": 1, "q2-d0": 2, "q2-d1": 2, "q3-d0": 2, "q3-d3": 1,
+             "q4-d0": 2, "q4-d2": 2, "q5-d0": 2, "q5-d4": 1, "q5-d1": 1, "q6-d0": 2, "q6-d1": 1}
+
+
+def write_beir_mini(folder: str) -> None:
+    """A tiny BEIR folder (corpus, queries, qrels) and a first-stage TREC run over it."""
+    import json
+    import random
+
+    os.makedirs(os.path.join(folder, "qrels"), exist_ok=True)
+    with open(os.path.join(folder, "queries.jsonl"), "w", encoding="utf-8") as f:
+        for qid, (query, _) in QUERIES.items():
+            f.write(json.dumps({"_id": qid, "text": query}, ensure_ascii=False) + "\n")
+    with open(os.path.join(folder, "corpus.jsonl"), "w", encoding="utf-8") as f:
+        for qid, (_, docs) in QUERIES.items():
+            for i, doc in enumerate(docs):
+                f.write(json.dumps({"_id": f"{qid}-d{i}", "title": "", "text": doc}, ensure_ascii=False) + "\n")
+    with open(os.path.join(folder, "qrels", "test.tsv"), "w", encoding="utf-8") as f:
+        f.write("query-id\tcorpus-id\tscore\n")
+        for did, rel in RELEVANCE.items():
+            f.write(f"{did.split('-')[0]}\t{did}\t{rel}\n")
+    # A first stage that ranks candidates in a fixed pseudo-random order (a weak retriever).
+    rng = random.Random(0)
+    with open(os.path.join(folder, "first-stage.trec"), "w", encoding="utf-8") as f:
+        for qid, (_, docs) in QUERIES.items():
+            order = list(range(len(docs)))
+            rng.shuffle(order)
+            for rank, i in enumerate(order, 1):
+                f.write(f"{qid} Q0 {qid}-d{i} {rank} {20.0 - rank:.2f} bm25\n")
+
+
 def main() -> None:
     from pipeline.synthetic import build_reranker
 
     table = write_pairs(os.path.join(HERE, "pairs.parquet"))
+    write_beir_mini(os.path.join(HERE, "beir-mini"))
     texts = table.column("query").to_pylist() + table.column("document").to_pylist()
     build_reranker(os.path.join(HERE, "tiny-qwen3-reranker"), arch="tiny", texts=texts, init_std=0.1)
 

@@ -1,0 +1,70 @@
+"""`rerank-batch eval`: ranking metrics of a scored file against qrels, exact to trec_eval."""
+
+from __future__ import annotations
+
+import json
+
+import click
+import polars as pl
+
+from pipeline.errors import InputError
+
+from .common import JobError, domain_errors, setup_logging
+
+
+@click.command("eval")
+@click.argument("scored")
+@click.option("--qrels", default=None, help="TREC qrels ('qid 0 docid rel'), BEIR TSV, or Parquet "
+              "(query_id, doc_id, relevance).")
+@click.option("--relevance-col", default=None, help="Take relevance from this column of SCORED instead of --qrels.")
+@click.option("--metrics", default="ndcg@10,map,mrr,p@1,recall@10", show_default=True,
+              help="Comma-separated: ndcg, ndcg@k, map, map@k, mrr, mrr@k, recall@k, p@k.")
+@click.option("--score-col", default="score", show_default=True, help="The reranker's score column.")
+@click.option("--baseline-col", default=None,
+              help="Evaluate this column too (a first-stage score, or the input order) beside the scores.")
+@click.option("--baseline-ascending", is_flag=True,
+              help="Lower baseline values rank first (ranks, positions such as doc_index).")
+@click.option("--query-id-col", default="query_id", show_default=True)
+@click.option("--doc-id-col", default="doc_id", show_default=True)
+@click.option("--json", "json_path", default=None, help="Write means (by metric name), per-query values and "
+              "the baseline comparison here.")
+@click.option("--plot", "plot_path", default=None, help="PNG of the per-query change of the first metric "
+              "(needs --baseline-col and matplotlib).")
+def eval_cmd(scored, qrels, relevance_col, metrics, score_col, baseline_col, baseline_ascending, query_id_col,
+             doc_id_col, json_path, plot_path):
+    """Evaluate the ranking in SCORED (the output of `rerank-batch run`) against relevance judgments."""
+    setup_logging()
+    from pipeline.evaluate import evaluate, format_table, load_scored, parse_metrics, plot_delta, read_qrels
+
+    with domain_errors():
+        if (qrels is None) == (relevance_col is None):
+            raise JobError("give exactly one of --qrels FILE and --relevance-col COL", 2)
+        if plot_path and not baseline_col:
+            raise JobError("--plot draws the change against a baseline; add --baseline-col COL", 2)
+        ms = parse_metrics(metrics)
+        cols = [score_col] + ([baseline_col] if baseline_col else []) + ([relevance_col] if relevance_col else [])
+        run = load_scored(scored, query_id_col, doc_id_col, cols)
+        if relevance_col:
+            judgments = run.select("query_id", "doc_id", pl.col(relevance_col).cast(pl.Int64).alias("relevance"))
+        else:
+            judgments = read_qrels(qrels)
+        means, per_q = evaluate(run, judgments, ms, score_col)
+        if per_q.height == 0:
+            raise InputError(f"{scored}: no query of the run is in the qrels; check --query-id-col and the qrels")
+        base_means = base_per_q = None
+        if baseline_col:
+            base_means, base_per_q = evaluate(run, judgments, ms, baseline_col, descending=not baseline_ascending)
+        if plot_path:
+            plot_delta(per_q, base_per_q, ms[0].name, plot_path)
+    click.echo(format_table(means, base_means, per_q.height))
+    if json_path:
+        record = dict(means)
+        record["queries"] = per_q.height
+        record["per_query"] = {r["query_id"]: {m.name: r[m.name] for m in ms} for r in per_q.iter_rows(named=True)}
+        if base_means is not None:
+            record["baseline"] = base_means
+            record["delta"] = {k: means[k] - base_means[k] for k in means}
+            record["baseline_per_query"] = {r["query_id"]: {m.name: r[m.name] for m in ms}
+                                            for r in base_per_q.iter_rows(named=True)}
+        with open(json_path, "w") as f:
+            json.dump(record, f, indent=1)

@@ -1,0 +1,60 @@
+"""`rerank-batch prepare`: pairs Parquet from BEIR folders and multiple-choice files."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from .common import domain_errors, setup_logging
+
+
+@click.group("prepare")
+def prepare_cmd():
+    """Build a pairs file for `rerank-batch run` from a common dataset layout."""
+
+
+def _check_out(output: str, overwrite: bool):
+    from pipeline.errors import InputError
+
+    if os.path.exists(output) and not overwrite:
+        raise InputError(f"{output}: the output exists; pass --overwrite to replace it")
+
+
+@prepare_cmd.command("beir")
+@click.argument("beir_dir")
+@click.option("--run", "run_path", required=True, help="TREC run file of first-stage candidates.")
+@click.option("-o", "--output", required=True, help="Pairs Parquet to write.")
+@click.option("--depth", type=click.IntRange(min=1), default=None, help="Keep the top K candidates per query.")
+@click.option("--split", default="test", show_default=True, help="qrels/<split>.tsv gives the relevance column.")
+@click.option("--overwrite", is_flag=True)
+def beir_cmd(beir_dir, run_path, output, depth, split, overwrite):
+    """Pairs from a BEIR folder and a TREC run file (first-stage score and rank kept)."""
+    setup_logging()
+    from pipeline.prepare import prepare_beir
+
+    with domain_errors():
+        _check_out(output, overwrite)
+        n = prepare_beir(beir_dir, run_path, output, depth=depth, split=split)
+    click.echo(f"wrote {output} ({n} pairs)")
+
+
+@prepare_cmd.command("mc")
+@click.argument("path")
+@click.option("-o", "--output", required=True, help="Pairs Parquet to write.")
+@click.option("--qrels-out", default=None, help="Also write TREC qrels for `rerank-batch eval`.")
+@click.option("--query-col", default="query", show_default=True)
+@click.option("--docs-col", default="documents", show_default=True)
+@click.option("--label-col", default="label", show_default=True, help="Index (or list of indices) of the right one.")
+@click.option("--id-col", default="query_id", show_default=True)
+@click.option("--overwrite", is_flag=True)
+def mc_cmd(path, output, qrels_out, query_col, docs_col, label_col, id_col, overwrite):
+    """Pairs from a multiple-choice file (query, candidates, index of the right one)."""
+    setup_logging()
+    from pipeline.prepare import prepare_mc
+
+    with domain_errors():
+        _check_out(output, overwrite)
+        n = prepare_mc(path, output, query_col=query_col, docs_col=docs_col, label_col=label_col, id_col=id_col,
+                       qrels_out=qrels_out)
+    click.echo(f"wrote {output} ({n} pairs)")

@@ -1,0 +1,161 @@
+"""`rerank-batch eval` equals trec_eval (pytrec_eval) to 1e-9; `prepare` builds the pairs."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import pytrec_eval
+
+from conftest import ROOT, run_cli, shared
+from pipeline.evaluate import evaluate, parse_metrics, read_qrels
+
+METRICS = "ndcg@10,ndcg@3,ndcg,map,map@5,mrr,mrr@3,recall@5,recall@100,p@1,p@5"
+# Our name -> pytrec_eval measure; mrr@k is trec_eval's recip_rank on the run cut at k.
+TREC = {"ndcg@10": "ndcg_cut_10", "ndcg@3": "ndcg_cut_3", "ndcg": "ndcg", "map": "map", "map@5": "map_cut_5",
+        "mrr": "recip_rank", "recall@5": "recall_5", "recall@100": "recall_100", "p@1": "P_1", "p@5": "P_5"}
+
+
+def _trec(run: dict, qrels: dict) -> dict:
+    ev = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.3,10", "ndcg", "map", "map_cut.5", "recip_rank",
+                                                "recall.5,100", "P.1,5"})
+    return ev.evaluate(run)
+
+
+def _mrr_at(run: dict, qrels: dict, k: int) -> dict:
+    # Cut each query's run at k in trec_eval's order (score desc, doc id desc), then recip_rank.
+    cut = {}
+    for q, docs in run.items():
+        order = sorted(docs.items(), key=lambda x: x[0], reverse=True)
+        order = sorted(order, key=lambda x: -x[1])[:k]
+        cut[q] = dict(order)
+    ev = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"})
+    return {q: v["recip_rank"] for q, v in ev.evaluate(cut).items()}
+
+
+def _compare(run: dict, qrels: dict):
+    df = pl.DataFrame([(q, d, s) for q, docs in run.items() for d, s in docs.items()],
+                      schema={"query_id": pl.String, "doc_id": pl.String, "score": pl.Float64}, orient="row")
+    qr = pl.DataFrame([(q, d, r) for q, docs in qrels.items() for d, r in docs.items()],
+                      schema={"query_id": pl.String, "doc_id": pl.String, "relevance": pl.Int64}, orient="row")
+    means, per_q = evaluate(df, qr, parse_metrics(METRICS))
+    ref = _trec(run, qrels)
+    mrr3 = _mrr_at(run, qrels, 3)
+    assert set(per_q["query_id"].to_list()) == set(ref)
+    for row in per_q.iter_rows(named=True):
+        q = row["query_id"]
+        for ours, theirs in TREC.items():
+            assert abs(row[ours] - ref[q][theirs]) <= 1e-9, (q, ours, row[ours], ref[q][theirs])
+        assert abs(row["mrr@3"] - mrr3[q]) <= 1e-9
+    for ours, theirs in TREC.items():
+        mean = sum(v[theirs] for v in ref.values()) / len(ref)
+        assert abs(means[ours] - mean) <= 1e-9
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_runs_with_ties_graded_relevance_and_empty_queries(seed):
+    rng = random.Random(seed)
+    run, qrels = {}, {}
+    for q in range(40):
+        qid = f"q{q:02d}"
+        docs = [f"d{rng.randrange(200):03d}" for _ in range(rng.randrange(1, 30))]
+        # Few distinct scores: many ties, broken by doc id as trec_eval does.
+        run[qid] = {d: float(rng.choice([0.1, 0.25, 0.5, 0.5, 0.75, rng.random()])) for d in docs}
+        if q % 7 == 3:
+            continue  # in the run only: not evaluated
+        judged = rng.sample(sorted(set(docs)), k=min(len(set(docs)), rng.randrange(0, 6)))
+        judged += [f"x{rng.randrange(50)}" for _ in range(rng.randrange(0, 3))]  # relevant, never retrieved
+        qrels[qid] = {d: rng.choice([0, 0, 1, 2, 3]) for d in judged}
+        if q % 5 == 0:
+            qrels[qid] = {d: 0 for d in judged} or {"zz": 0}  # no relevant document at all
+    qrels["only-in-qrels"] = {"d001": 1}
+    _compare(run, qrels)
+
+
+def test_shared_qrels_with_real_scores(tmp_path, tied_model):
+    """The tiny model's scores on a real set, evaluated against its TREC qrels."""
+    inp = tmp_path / "arc.parquet"
+    pq.write_table(pq.read_table(shared("ARC-Challenge.long.parquet")).slice(0, 900), inp)
+    out = tmp_path / "ranked.parquet"
+    assert run_cli(["run", inp, "--model", tied_model, "-o", out, "-q", "--device", "cpu"]).exit_code == 0
+    t = pq.read_table(out)
+    run = {}
+    for q, d, s in zip(t.column("query_id").to_pylist(), t.column("doc_id").to_pylist(), t.column("score").to_pylist()):
+        run.setdefault(q, {})[d] = float(s)
+    qrels = {}
+    for r in read_qrels(shared("ARC-Challenge.qrels.txt")).iter_rows():
+        qrels.setdefault(r[0], {})[r[1]] = r[2]
+    _compare(run, qrels)
+    # And through the CLI: JSON keys exactly as given, per-query values apart.
+    js = tmp_path / "e.json"
+    r = run_cli(["eval", out, "--qrels", shared("ARC-Challenge.qrels.txt"), "--metrics", "NDCG@10,map,mrr",
+                 "--json", js])
+    assert r.exit_code == 0, r.output
+    rec = json.loads(js.read_text())
+    assert {"NDCG@10", "map", "mrr", "per_query", "queries"} <= set(rec)
+    ref = _trec(run, qrels)
+    assert abs(rec["map"] - sum(v["map"] for v in ref.values()) / len(ref)) <= 1e-9
+    assert rec["queries"] == len(ref) and set(rec["per_query"]) == set(ref)
+
+
+def test_baseline_relevance_col_and_plot(tmp_path):
+    # The sample flow: prepare (BEIR) -> run -> eval, before and after.
+    beir = os.path.join(ROOT, "sample_data", "beir-mini")
+    pairs, ranked = tmp_path / "pairs.parquet", tmp_path / "ranked.parquet"
+    r = run_cli(["prepare", "beir", beir, "--run", os.path.join(beir, "first-stage.trec"), "--depth", 4, "-o", pairs])
+    assert r.exit_code == 0, r.output
+    p = pq.read_table(pairs)
+    assert p.num_rows == 24 and max(p.column("first_stage_rank").to_pylist()) == 4
+    assert {"first_stage_score", "first_stage_rank", "relevance", "query", "document"} <= set(p.schema.names)
+    tiny = os.path.join(ROOT, "sample_data", "tiny-qwen3-reranker")
+    assert run_cli(["run", pairs, "--model", tiny, "-o", ranked, "-q"]).exit_code == 0
+    js, png = tmp_path / "e.json", tmp_path / "d.png"
+    r = run_cli(["eval", ranked, "--qrels", os.path.join(beir, "qrels", "test.tsv"), "--metrics", "ndcg@10,map",
+                 "--baseline-col", "first_stage_rank", "--baseline-ascending", "--json", js, "--plot", png])
+    assert r.exit_code == 0, r.output
+    assert "before" in r.output and "delta" in r.output
+    rec = json.loads(js.read_text())
+    assert abs(rec["delta"]["map"] - (rec["map"] - rec["baseline"]["map"])) < 1e-12
+    # Ranking by first-stage rank ascending equals ranking by first-stage score descending.
+    r2 = run_cli(["eval", ranked, "--qrels", os.path.join(beir, "qrels", "test.tsv"), "--metrics", "ndcg@10,map",
+                  "--baseline-col", "first_stage_score", "--json", tmp_path / "e2.json"])
+    assert json.loads((tmp_path / "e2.json").read_text())["baseline"] == rec["baseline"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    # --relevance-col: judgments from the file itself (unjudged candidates count as 0).
+    r = run_cli(["eval", ranked, "--relevance-col", "relevance", "--metrics", "p@1", "--json", tmp_path / "r.json"])
+    assert r.exit_code == 0, r.output
+
+
+def test_prepare_mc_reproduces_the_shared_long_form_and_qrels(tmp_path):
+    out, qrels = tmp_path / "pairs.parquet", tmp_path / "qrels.txt"
+    r = run_cli(["prepare", "mc", shared("physicaliqa.nested.parquet"), "-o", out, "--qrels-out", qrels])
+    assert r.exit_code == 0, r.output
+    got = pq.read_table(out)
+    want = pq.read_table(shared("physicaliqa.long.parquet"))
+    for col in ("query_id", "doc_id", "instruction", "query", "document", "relevance"):
+        assert got.column(col).to_pylist() == want.column(col).to_pylist(), col
+    assert sorted(open(qrels).read().split("\n")) == sorted(open(shared("physicaliqa.qrels.txt")).read().split("\n"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval", "{s}"], "give exactly one of --qrels FILE and --relevance-col COL"),
+    (["eval", "{s}", "--qrels", "{q}", "--metrics", "ndcg@10,foo"], "--metrics: 'foo' is not a metric"),
+    (["eval", "{s}", "--qrels", "{q}", "--metrics", "recall"], "--metrics: 'recall' needs a cutoff; write recall@10"),
+    (["eval", "{s}", "--qrels", "nope.txt"], "nope.txt: no such qrels file; check the path"),
+    (["eval", "{s}", "--qrels", "{q}", "--plot", "x.png"], "--plot draws the change against a baseline; add --baseline-col"),
+    (["eval", "{s}", "--qrels", "{q}", "--doc-id-col", "nope"], "no column 'nope'"),
+    (["prepare", "beir", "nodir", "--run", "r.trec", "-o", "o.parquet"], "nodir: not a directory; pass a BEIR folder"),
+])
+def test_eval_and_prepare_errors_exit_2(tmp_path, args, message):
+    s = tmp_path / "s.parquet"
+    pq.write_table(pa.table({"query_id": ["a"], "doc_id": ["x"], "score": [0.5]}), s)
+    q = tmp_path / "q.txt"
+    q.write_text("a 0 x 1\n")
+    r = run_cli([a.replace("{s}", str(s)).replace("{q}", str(q)) for a in args])
+    assert r.exit_code == 2, r.output
+    assert message in r.output
