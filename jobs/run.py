@@ -34,7 +34,13 @@ def default_output(first_input: str) -> str:
 @click.option("--instruction", default=DEFAULT_INSTRUCTION, show_default=True,
               help="Task instruction; an `instruction` column overrides it row by row.")
 @click.option("--instruction-col", default="instruction", show_default=True, help="Per-row instruction column.")
-@click.option("--template", default="qwen3-reranker", show_default=True, help="Prompt template.")
+@click.option("--template", default=None,
+              help="Prompt template of causal-LM rerankers: qwen3-reranker, bge-reranker-v2-gemma, or a JSON file "
+              "(prefix, body, suffix, positive, negative). [default: by model type]")
+@click.option("--family", type=click.Choice(["auto", "yes-no", "seq-cls"]), default="auto", show_default=True,
+              help="Reranker kind: from config.architectures, a yes/no causal LM, or a classification head.")
+@click.option("--activation", type=click.Choice(["auto", "none"]), default="auto", show_default=True,
+              help="auto: a probability (softmax over two, sigmoid of one logit); none: the raw logit.")
 @click.option("--max-length", type=click.IntRange(min=8), default=8192, show_default=True,
               help="Tokens per pair, template included; longer bodies are truncated at the end.")
 @click.option("--top-k", type=click.IntRange(min=1), default=None, help="Keep the best K rows of each query.")

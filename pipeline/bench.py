@@ -291,7 +291,8 @@ def build_model(arch: str, device, dtype, workdir: str, num_hidden_layers: int |
         shape["num_hidden_layers"] = num_hidden_layers
     config = Qwen3Config(vocab_size=vocab, tie_word_embeddings=tie, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
                          max_position_embeddings=40960, attention_bias=False,
-                         initializer_range=0.02 if arch != "tiny" else 0.1, **shape)
+                         initializer_range=0.02 if arch != "tiny" else 0.1,
+                         architectures=["Qwen3ForCausalLM"], **shape)
     torch.manual_seed(0)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

@@ -24,8 +24,13 @@ class RunConfig:
     # Per-row instruction column; null or absent falls back to `instruction`.
     instruction_col: str = "instruction"
     instruction: str = DEFAULT_INSTRUCTION
-    # Template family; decides prefix/body/suffix and the yes/no tokens.
-    template: str = "qwen3-reranker"
+    # Prompt template (built-in name or JSON file) of causal-LM rerankers; None: by model type.
+    template: str | None = None
+    # Reranker family: "auto" (from config.architectures), "yes-no" (causal LM judged by tokens)
+    # or "seq-cls" (a classification head).
+    family: str = "auto"
+    # Score transform: "auto" (softmax over [no, yes] / two labels, sigmoid of one logit) or "none".
+    activation: str = "auto"
     # Total tokens per pair, prefix and suffix included (the recipe's max_length).
     max_length: int = 8192
     # Keep the best K rows of each query group (None keeps all).
@@ -69,6 +74,7 @@ class RunConfig:
         return {
             "query_col": self.query_col, "doc_col": self.doc_col, "docs_col": self.docs_col,
             "instruction_col": self.instruction_col, "instruction": self.instruction,
-            "template": self.template, "max_length": self.max_length,
+            "template": self.template, "max_length": self.max_length, "family": self.family,
+            "activation": self.activation,
             "on_null": self.on_null, "window_pairs": self.window_pairs,
         }

@@ -62,9 +62,8 @@ class FusedQwen3:
     """Holds references to (and fused copies of) the HF model's weights; `last_hidden` is the
     only entry point."""
 
-    def __init__(self, hf_model, kernel: str, compile: bool = False):
+    def __init__(self, hf_model, base, kernel: str, compile: bool = False):
         cfg = hf_model.config
-        base = hf_model.get_decoder()
         self.kernel = kernel
         self.h = cfg.num_attention_heads
         self.hkv = cfg.num_key_value_heads

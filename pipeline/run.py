@@ -89,13 +89,14 @@ def validate(cfg: RunConfig) -> tuple[InputLayout, list[Unit], int]:
     return layout, units, total_pairs
 
 
-def fingerprint(cfg: RunConfig, layout: InputLayout, device: str, dtype: str, template) -> dict:
+def fingerprint(cfg: RunConfig, layout: InputLayout, device: str, dtype: str, kind) -> dict:
+    t = kind.template
     return {
         "inputs": [ckpt_mod.file_fingerprint(p) for p in cfg.inputs],
-        "model": ckpt_mod.model_fingerprint(cfg.model),
+        "model": {**ckpt_mod.model_fingerprint(cfg.model), "family": kind.family},
         "options": {**cfg.score_fields(), "device_type": device, "dtype": dtype, "nested": layout.nested},
-        "template": {"prefix": template.prefix, "body": template.body, "suffix": template.suffix,
-                     "positive": template.positive, "negative": template.negative},
+        "template": None if t is None else {"prefix": t.prefix, "body": t.body, "suffix": t.suffix,
+                                            "positive": t.positive, "negative": t.negative},
     }
 
 
@@ -217,19 +218,19 @@ def _concat_info(pairs: UnitPairs, encs: list) -> dict:
 
 def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, scorer=None) -> Summary:
     """Score and rank `cfg.inputs` into `cfg.output`. Rerunning after a crash resumes."""
+    from .families import inspect_model
     from .score import Scorer, resolve_device, resolve_dtype
-    from .template import get_template
 
     t0 = time.monotonic()
     layout, units, total_pairs = validate(cfg)
     device = resolve_device(cfg.device)
     dtype = str(resolve_dtype(cfg.dtype, device)).removeprefix("torch.")
-    template = get_template(cfg.template)
-    fp = fingerprint(cfg, layout, device.type, dtype, template)
+    kind = scorer.kind if scorer is not None else inspect_model(cfg)
+    fp = fingerprint(cfg, layout, device.type, dtype, kind)
     ck = ckpt_mod.Checkpoint.open(cfg.ckpt_dir, fp, restart=cfg.restart)
     pending = [u for u in units if u.id not in ck.done]
     if scorer is None:
-        scorer = Scorer.load(cfg)
+        scorer = Scorer.load(cfg, kind)
     summary = Summary(output=cfg.output, units=len(units), units_resumed=len(units) - len(pending),
                       device=str(device), dtype=dtype, attention=scorer.kernel)
     done_pairs = sum(ck.done[u.id]["pairs"] + ck.done[u.id]["skipped_null"] for u in units if u.id in ck.done)

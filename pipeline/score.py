@@ -7,8 +7,6 @@ the judged tokens: the full-vocabulary logits of the reference recipe are never 
 from __future__ import annotations
 
 import logging
-import os
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,8 +15,8 @@ import torch
 from . import attention, fused_qwen3
 from .config import RunConfig
 from .errors import ModelError, ScoringError
-from .template import get_template
-from .tokenize import PairEncoder
+from .families import ModelKind, inspect_model
+from .tokenize import CrossEncoderEncoder, PairEncoder
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +24,6 @@ CPU_BATCH_TOKENS = 8192
 # Past this many tokens a packed batch gains no speed, only memory risk.
 MAX_BATCH_TOKENS = 65536
 PROBE_TOKENS = 4096
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -44,8 +41,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
-def plan_batches(lengths: np.ndarray, budget: int) -> list[np.ndarray]:
-    """Sort by length (longest first) and pack greedily into batches of at most `budget` tokens.
+def plan_batches(lengths: np.ndarray, budget: int, padded: bool = False) -> list[np.ndarray]:
+    """Sort by length (longest first) and pack greedily into batches of at most `budget` tokens
+    (for padded batches: rows x the longest row, which is the first one).
 
     A sequence longer than the budget gets a batch of its own. Longest first makes the biggest
     batches come early, so a memory surprise shows at the start of a window, not at its end.
@@ -54,7 +52,8 @@ def plan_batches(lengths: np.ndarray, budget: int) -> list[np.ndarray]:
     batches, current, used = [], [], 0
     for i in order:
         n = int(lengths[i])
-        if current and used + n > budget:
+        cost = (len(current) + 1) * int(lengths[current[0]]) if padded and current else used + n
+        if current and cost > budget:
             batches.append(np.asarray(current, dtype=np.int64))
             current, used = [], 0
         current.append(i)
@@ -64,15 +63,16 @@ def plan_batches(lengths: np.ndarray, budget: int) -> list[np.ndarray]:
     return batches
 
 
-def gather_packed(ids: np.ndarray, offsets: np.ndarray, idx: np.ndarray):
-    """Concatenate the sequences `idx` of a flat id array; return ids, cu_seqlens, positions."""
+def gather_packed(ids: np.ndarray, offsets: np.ndarray, idx: np.ndarray, types: np.ndarray | None = None):
+    """Concatenate the sequences `idx` of a flat id array; return ids, cu_seqlens, positions and
+    token types (None when there are none)."""
     starts = offsets[idx]
     lens = offsets[idx + 1] - starts
     cu = np.zeros(len(idx) + 1, dtype=np.int64)
     np.cumsum(lens, out=cu[1:])
     within = np.arange(cu[-1], dtype=np.int64) - np.repeat(cu[:-1], lens)
-    flat = ids[np.repeat(starts, lens) + within]
-    return flat, cu, within
+    src = np.repeat(starts, lens) + within
+    return ids[src], cu, within, (types[src] if types is not None else None)
 
 
 @dataclass
@@ -82,10 +82,17 @@ class ScoreStats:
     tokens: int = 0
 
 
-class Scorer:
-    """A model, its tokenizer-side encoder and the packed forward; see `load`."""
+def decoder_of(model):
+    """The decoder stack under a causal LM or sequence-classification wrapper."""
+    get = getattr(model, "get_decoder", None)
+    dec = get() if callable(get) else None
+    return dec if dec is not None and dec is not model else getattr(model, model.base_model_prefix)
 
-    def __init__(self, model, tokenizer, encoder: PairEncoder, device, dtype, cfg: RunConfig, kernel: str):
+
+class Scorer:
+    """A model, its tokenizer-side encoder and the batched forward; see `load`."""
+
+    def __init__(self, model, tokenizer, encoder, device, dtype, cfg: RunConfig, kernel: str, kind: ModelKind):
         self.model = model
         self.tokenizer = tokenizer
         self.encoder = encoder
@@ -93,81 +100,81 @@ class Scorer:
         self.dtype = dtype
         self.cfg = cfg
         self.kernel = kernel
-        self.decoder = model.get_decoder()
-        w = model.get_output_embeddings().weight
-        rows = [encoder.negative_id, encoder.positive_id] if encoder.negative_id is not None else [encoder.positive_id]
-        # float32 head: the two logits are the whole output, so keep them exact.
-        self.head = w[rows].detach().to(torch.float32)
-        self.layer_types = sorted(set(getattr(model.config, "layer_types", None) or ["full_attention"]))
+        self.kind = kind
+        self.padded = kind.family == "seq-cls-encoder"
         self.fused = None
-        if cfg.engine != "transformers" and fused_qwen3.supports(model):
-            use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
-            self.fused = fused_qwen3.FusedQwen3(model, kernel, compile=use_compile)
-        elif cfg.engine == "fused":
-            raise ModelError(f"--engine fused supports plain Qwen3 decoders only; this model is "
-                             f"{model.config.model_type}: use --engine auto")
-        self.engine = "fused" if self.fused is not None else "transformers"
-        log.info("model %s on %s in %s, attention %s, engine %s", cfg.model, device,
+        if self.padded:
+            self.engine = "transformers-padded"
+        else:
+            self.decoder = decoder_of(model)
+            if kind.family == "yes-no":
+                w = model.get_output_embeddings().weight
+                rows = [encoder.positive_id] if encoder.negative_id is None else [encoder.negative_id, encoder.positive_id]
+                # float32 head: the judged logits are the whole output, so keep them exact.
+                self.head_w, self.head_b = w[rows].detach().to(torch.float32), None
+            else:
+                score = model.score
+                self.head_w = score.weight.detach().to(torch.float32)
+                self.head_b = score.bias.detach().to(torch.float32) if getattr(score, "bias", None) is not None else None
+            self.layer_types = sorted(set(getattr(model.config, "layer_types", None) or ["full_attention"]))
+            if cfg.engine != "transformers" and fused_qwen3.supports(model):
+                use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+                self.fused = fused_qwen3.FusedQwen3(model, self.decoder, kernel, compile=use_compile)
+            elif cfg.engine == "fused":
+                raise ModelError(f"--engine fused supports plain Qwen3 decoders only; this model is "
+                                 f"{model.config.model_type}: use --engine auto")
+            self.engine = "fused" if self.fused is not None else "transformers"
+        log.info("model %s (%s) on %s in %s, attention %s, engine %s", cfg.model, kind.family, device,
                  str(dtype).removeprefix("torch."), kernel, self.engine)
         self.stats = ScoreStats()
         self.budget = self._size_budget()
 
     # -- loading -----------------------------------------------------------------------------
     @classmethod
-    def load(cls, cfg: RunConfig) -> "Scorer":
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    def load(cls, cfg: RunConfig, kind: ModelKind | None = None) -> "Scorer":
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # our progress is the pairs, not the weight shards
 
         device = resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, device)
+        kind = kind or inspect_model(cfg)
         path = cfg.model
-        if not os.path.isdir(path) and (os.path.exists(path) or not _HUB_ID.match(path)):
-            raise ModelError(f"model {path}: no such directory; pass a model directory or a hub id")
         kw = dict(trust_remote_code=cfg.trust_remote_code)
-        try:
-            mconfig = AutoConfig.from_pretrained(path, **kw)
-        except Exception as exc:  # transformers raises OSError/ValueError with long texts
-            raise ModelError(
-                f"model {path}: cannot read its config ({_first_line(exc)}); pass a local directory "
-                "that holds config.json, tokenizer files and safetensors weights"
-            ) from None
-        archs = list(getattr(mconfig, "architectures", None) or [])
-        if not any(a.endswith("ForCausalLM") for a in archs):
-            raise ModelError(
-                f"model {path}: architecture {', '.join(archs) or mconfig.model_type} is not a causal "
-                "LM, so it cannot be a yes/no reranker; pass a Qwen3-Reranker model"
-            )
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, **kw)
         except Exception as exc:
             raise ModelError(f"model {path}: cannot load its tokenizer ({_first_line(exc)}); "
                              "the directory needs tokenizer files") from None
-        impl = attention.register()
+        auto = AutoModelForSequenceClassification if kind.family.startswith("seq-cls") else AutoModelForCausalLM
+        extra = {} if kind.family == "seq-cls-encoder" else {"attn_implementation": attention.register()}
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype, attn_implementation=impl, use_safetensors=True, **kw
-            )
+            model = auto.from_pretrained(path, dtype=dtype, use_safetensors=True, **extra, **kw)
         except Exception as exc:
             raise ModelError(
                 f"model {path}: cannot load safetensors weights ({_first_line(exc)}); weights load only "
                 "from *.safetensors files"
             ) from None
-        return cls.from_model(model, tokenizer, cfg, device)
+        return cls.from_model(model, tokenizer, cfg, device, kind)
 
     @classmethod
-    def from_model(cls, model, tokenizer, cfg: RunConfig, device=None) -> "Scorer":
+    def from_model(cls, model, tokenizer, cfg: RunConfig, device=None, kind: ModelKind | None = None) -> "Scorer":
         """A scorer over an already built model (the benchmark builds random ones in memory)."""
         device = device or resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, device)
-        encoder = PairEncoder(tokenizer, get_template(cfg.template), cfg.max_length)
-        model.set_attn_implementation(attention.register())
+        kind = kind or inspect_model(cfg, model.config)
+        if kind.family == "seq-cls-encoder":
+            encoder = CrossEncoderEncoder(tokenizer, cfg.max_length)
+            kernel = "padded-sdpa"
+        else:
+            encoder = PairEncoder(tokenizer, kind.template, cfg.max_length)
+            model.set_attn_implementation(attention.register())
+            kernel = attention.choose_kernel(cfg.attention, device, dtype)
+            model.config._rerank_kernel = kernel
         model.to(device=device, dtype=dtype).eval()
         model.requires_grad_(False)
-        kernel = attention.choose_kernel(cfg.attention, device, dtype)
-        model.config._rerank_kernel = kernel
-        return cls(model, tokenizer, encoder, device, dtype, cfg, kernel)
+        return cls(model, tokenizer, encoder, device, dtype, cfg, kernel, kind)
 
     # -- memory --------------------------------------------------------------------------------
     def _size_budget(self) -> int:
@@ -192,13 +199,14 @@ class Scorer:
         else:
             ceiling = base + free
         # Measure what a token costs in activations with a probe batch of real shape.
-        n = PROBE_TOKENS // 512
-        ids = np.random.default_rng(0).integers(0, self.tokenizer.vocab_size, PROBE_TOKENS).astype(np.int32)
-        offsets = np.arange(0, PROBE_TOKENS + 1, 512, dtype=np.int64)
+        seq = 512 if not self.padded else min(512, getattr(self.model.config, "max_position_embeddings", 512) - 2)
+        n = PROBE_TOKENS // seq
+        ids = np.random.default_rng(0).integers(0, self.tokenizer.vocab_size, n * seq).astype(np.int32)
+        offsets = np.arange(0, n * seq + 1, seq, dtype=np.int64)
         torch.cuda.reset_peak_memory_stats(dev)
         self._forward(*gather_packed(ids, offsets, np.arange(n)))
         torch.cuda.synchronize(dev)
-        per_token = max(1.0, (torch.cuda.max_memory_allocated(dev) - base) / PROBE_TOKENS)
+        per_token = max(1.0, (torch.cuda.max_memory_allocated(dev) - base) / (n * seq))
         # Keep 10% and 256 MiB back for fragmentation and the allocator's rounding.
         room = (ceiling - base) * 0.9 - 256 * 2**20
         budget = int(room / per_token)
@@ -213,7 +221,7 @@ class Scorer:
 
     # -- scoring -------------------------------------------------------------------------------
     @torch.inference_mode()
-    def _forward(self, flat: np.ndarray, cu: np.ndarray, pos: np.ndarray) -> torch.Tensor:
+    def _forward(self, flat: np.ndarray, cu: np.ndarray, pos: np.ndarray, types=None) -> torch.Tensor:
         dev = self.device
         pin = dev.type == "cuda"
 
@@ -221,6 +229,8 @@ class Scorer:
             t = torch.from_numpy(np.ascontiguousarray(a, dtype=dtype))
             return t.pin_memory().to(dev, non_blocking=True) if pin else t
 
+        if self.padded:
+            return self._forward_padded(flat, cu, types, put)
         input_ids = put(flat, np.int64)[None]
         position_ids = put(pos, np.int64)[None]
         cu_t = put(cu, np.int32)
@@ -228,7 +238,7 @@ class Scorer:
         last_idx = cu_t[1:].long() - 1
         if self.fused is not None:
             last = self.fused.last_hidden(input_ids[0], position_ids[0], cu_t, max_len, last_idx)
-            return self._head(last)
+            return self._activate(self._head(last))
         out = self.decoder(
             input_ids=input_ids,
             position_ids=position_ids,
@@ -237,12 +247,39 @@ class Scorer:
             use_cache=False,
             cu_seq_lens_q=cu_t, cu_seq_lens_k=cu_t, max_length_q=max_len, max_length_k=max_len,
         )
-        return self._head(out.last_hidden_state[0, last_idx])
+        return self._activate(self._head(out.last_hidden_state[0, last_idx]))
+
+    def _forward_padded(self, flat, cu, types, put) -> torch.Tensor:
+        # Cross-encoders attend both ways, so no packing: right-padded rows of the batch's
+        # longest length (batches are length-sorted, so little is wasted).
+        lens = np.diff(cu)
+        n, width = len(lens), int(lens.max())
+        ids = np.full((n, width), self.tokenizer.pad_token_id, dtype=np.int64)
+        mask = np.zeros((n, width), dtype=np.int64)
+        rows = np.repeat(np.arange(n), lens)
+        cols = np.arange(len(flat)) - np.repeat(cu[:-1], lens)
+        ids[rows, cols] = flat
+        mask[rows, cols] = 1
+        kw = {"input_ids": put(ids, np.int64), "attention_mask": put(mask, np.int64)}
+        if types is not None and getattr(self.model.config, "type_vocab_size", 0) > 1:
+            tt = np.zeros((n, width), dtype=np.int64)
+            tt[rows, cols] = types
+            kw["token_type_ids"] = put(tt, np.int64)
+        logits = self.model(**kw).logits.to(torch.float32)
+        return self._activate(logits)
 
     def _head(self, last: torch.Tensor) -> torch.Tensor:
-        logits = last.to(torch.float32) @ self.head.T
+        logits = last.to(torch.float32) @ self.head_w.T
+        return logits + self.head_b if self.head_b is not None else logits
+
+    def _activate(self, logits: torch.Tensor) -> torch.Tensor:
+        """[no, yes] or two labels: softmax's second; one logit: sigmoid; --activation none:
+        the raw logit (for two, the log-odds second minus first)."""
+        raw = logits[:, 0] if logits.shape[1] == 1 else logits[:, 1] - logits[:, 0]
+        if self.cfg.activation == "none":
+            return raw
         if logits.shape[1] == 1:
-            return torch.sigmoid(logits[:, 0])
+            return torch.sigmoid(raw)
         return torch.softmax(logits, dim=-1)[:, 1]
 
     def score(self, enc, on_batch=None, should_stop=None) -> np.ndarray:
@@ -256,6 +293,7 @@ class Scorer:
         next chunk, so only the last batch of the stream can be partly empty.
         """
         ids = np.empty(0, dtype=np.int32)
+        types = None  # token types, for cross-encoders
         offsets = np.zeros(1, dtype=np.int64)
         pool = np.empty(0, dtype=np.int64)  # pairs not yet sent
         pending: list[tuple[np.ndarray, torch.Tensor]] = []
@@ -264,17 +302,19 @@ class Scorer:
                 continue
             n0 = len(offsets) - 1
             ids = np.concatenate([ids, enc.ids]) if len(ids) else enc.ids
+            if enc.type_ids is not None:
+                types = np.concatenate([types, enc.type_ids]) if types is not None else enc.type_ids
             offsets = np.concatenate([offsets, enc.offsets[1:] + offsets[-1]])
             pool = np.concatenate([pool, np.arange(n0, n0 + len(enc), dtype=np.int64)])
             lengths = offsets[pool + 1] - offsets[pool]
-            batches = plan_batches(lengths, self.budget)
+            batches = plan_batches(lengths, self.budget, self.padded)
             for b in batches[:-1]:
-                self._submit(pool[b], ids, offsets, pending, on_batch, should_stop)
+                self._submit(pool[b], ids, offsets, types, pending, on_batch, should_stop)
             pool = pool[batches[-1]]
         if len(pool):
             lengths = offsets[pool + 1] - offsets[pool]
-            for b in plan_batches(lengths, self.budget):
-                self._submit(pool[b], ids, offsets, pending, on_batch, should_stop)
+            for b in plan_batches(lengths, self.budget, self.padded):
+                self._submit(pool[b], ids, offsets, types, pending, on_batch, should_stop)
         out = np.empty(len(offsets) - 1, dtype=np.float32)
         if pending:
             # One device-to-host copy per window: no host sync between batches.
@@ -282,14 +322,14 @@ class Scorer:
             out[all_idx] = torch.cat([s for _, s in pending]).float().cpu().numpy()
         return out
 
-    def _submit(self, idx, ids, offsets, pending, on_batch, should_stop) -> None:
+    def _submit(self, idx, ids, offsets, types, pending, on_batch, should_stop) -> None:
         """Run one packed batch; on OOM, split it and run the halves (no pair is ever dropped)."""
         stack = [idx]
         while stack:
             if should_stop is not None and should_stop():
                 raise KeyboardInterrupt
             idx = stack.pop()
-            packed = gather_packed(ids, offsets, idx)
+            packed = gather_packed(ids, offsets, idx, types)
             try:
                 s = self._forward(*packed)
             except torch.OutOfMemoryError:

@@ -24,6 +24,7 @@ class Encoded:
     ids: np.ndarray
     offsets: np.ndarray
     truncated: np.ndarray  # bool per pair
+    type_ids: np.ndarray | None = None  # token type ids, laid out as `ids` (cross-encoders)
 
     @property
     def lengths(self) -> np.ndarray:
@@ -88,3 +89,37 @@ def _single_token(tokenizer, token: str) -> int:
             "reranker of this template; pass a reranker model or another --template"
         )
     return tid
+
+
+class CrossEncoderEncoder:
+    """Pairs as a cross-encoder's tokenizer encodes them: tokenizer(query, document,
+    truncation='only_second', max_length), special tokens and token types included."""
+
+    def __init__(self, tokenizer, max_length: int):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        if tokenizer.pad_token_id is None:
+            raise ModelError("the tokenizer has no padding token, which padded cross-encoder batches need; "
+                             "set pad_token in the model's tokenizer_config.json")
+        self.positive_id = self.negative_id = None
+
+    def encode(self, instructions, queries, documents) -> Encoded:
+        n = len(queries)
+        if n == 0:
+            return Encoded(np.empty(0, np.int32), np.zeros(1, np.int64), np.zeros(0, bool), np.empty(0, np.int8))
+        kw = dict(max_length=self.max_length, return_attention_mask=False, return_token_type_ids=True,
+                  verbose=False)
+        try:
+            enc = self.tokenizer(list(queries), list(documents), truncation="only_second", **kw)
+        except Exception:
+            # A query longer than max_length alone cannot be cut from the document side.
+            enc = self.tokenizer(list(queries), list(documents), truncation="longest_first", **kw)
+        ids = enc["input_ids"]
+        types = enc.get("token_type_ids") or [[0] * len(x) for x in ids]
+        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=n)
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        flat = np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(offsets[-1]))
+        tflat = np.fromiter((t for x in types for t in x), dtype=np.int8, count=int(offsets[-1]))
+        # A pair that fills max_length was (almost surely) cut.
+        return Encoded(flat, offsets, lengths >= self.max_length, tflat)

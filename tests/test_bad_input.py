@@ -33,10 +33,11 @@ def bad(tmp_path_factory):
     pq.write_table(pa.table({"query": ["q"], "document": ["a"], "score": [0.5]}), d / "hasscore.parquet")
     pq.write_table(pa.table({"q": ["x"], "d": ["y"]}), d / "othercols.parquet")
     (d / "emptydir").mkdir()
+    (d / "bad-template.json").write_text(json.dumps({"prefix": "", "body": "{query} {document}", "positive": "yes"}))
     # A model directory that is not a causal LM.
     (d / "bert").mkdir()
     (d / "bert" / "config.json").write_text(json.dumps({
-        "architectures": ["BertForSequenceClassification"], "model_type": "bert"}))
+        "architectures": ["BertForMaskedLM"], "model_type": "bert"}))
     # A Qwen3 model whose tokenizer has no single "yes"/"no" tokens.
     _model_without_yes_no(d / "noyes")
     return d
@@ -91,12 +92,15 @@ CASES = [
     (["run", "{d}/good.parquet", "--model", "{d}/nomodel"],
      "model {d}/nomodel: no such directory; pass a model directory or a hub id"),
     (["run", "{d}/good.parquet", "--model", "{d}/bert"],
-     "model {d}/bert: architecture BertForSequenceClassification is not a causal LM, so it cannot be a yes/no "
-     "reranker; pass a Qwen3-Reranker model"),
+     "model {d}/bert: architecture BertForMaskedLM is neither a causal LM nor a sequence classifier, so it "
+     "cannot be a reranker; pass a reranker model"),
     (["run", "{d}/good.parquet", "--model", "{d}/noyes"],
      "the tokenizer has no single token for 'yes', so this model is not a yes/no reranker of this template; "
      "pass a reranker model or another --template"),
-    (["run", "{d}/good.parquet", "--template", "nope"], "unknown template 'nope'; use one of: qwen3-reranker"),
+    (["run", "{d}/good.parquet", "--template", "nope"],
+     "unknown template 'nope'; use one of: bge-reranker-v2-gemma, qwen3-reranker, or a JSON template file"),
+    (["run", "{d}/good.parquet", "--template", "{d}/bad-template.json"],
+     "bad-template.json: the template needs string fields prefix, body, suffix, positive (missing suffix); add them"),
     (["run", "{d}/good.parquet", "--device", "cpu", "--attention", "flash_attn"],
      "--attention flash_attn needs CUDA; use --attention sdpa on CPU"),
     (["run", "{d}/good.parquet", "--device", "cpu", "--gpu-memory-limit", "4GiB"],
@@ -171,10 +175,10 @@ def _oom_over(limit):
 
     real = Scorer._forward
 
-    def forward(self, flat, cu, pos):
+    def forward(self, flat, *rest):
         if len(flat) > limit:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(self, flat, cu, pos)
+        return real(self, flat, *rest)
     return forward
 
 
