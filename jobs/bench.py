@@ -21,13 +21,14 @@ from .common import SizeType, domain_errors, setup_logging
 @click.option("--gpu-memory-limit", type=SizeType(), default=None)
 @click.option("--max-batch-tokens", type=click.IntRange(min=1), default=None)
 @click.option("--compile", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True)
+@click.option("--engine", type=click.Choice(["auto", "fused", "transformers"]), default="auto", show_default=True)
 @click.option("--attention", type=click.Choice(["auto", "flash_attn", "torch_varlen", "sdpa"]), default="auto",
               show_default=True)
 @click.option("--smoke", is_flag=True, help="CPU, tiny architecture, 64 pairs: checks that the bench runs.")
 @click.option("--profile", is_flag=True, help="Print the top CUDA kernels of one model-only pass.")
 @click.option("--json", "json_path", default=None, help="Write the record here.")
 def bench_cmd(arch, workload, pairs, seed_pairs, e2e, repeats, device, gpu_memory_limit, max_batch_tokens,
-              compile, attention, smoke, profile, json_path):
+              compile, engine, attention, smoke, profile, json_path):
     """Measure pairs/s, tokens/s, MFU, peak memory and GPU busy time against the seed's way."""
     setup_logging()
     from pipeline.bench import format_table, run_bench
@@ -37,7 +38,7 @@ def bench_cmd(arch, workload, pairs, seed_pairs, e2e, repeats, device, gpu_memor
     with domain_errors():
         rec = run_bench(arch, workload, device=device, seed_pairs=seed_pairs, e2e=e2e,
                         gpu_memory_limit=gpu_memory_limit, pairs=pairs, repeats=repeats, compile=compile,
-                        attention=attention, max_batch_tokens=max_batch_tokens, profile=profile)
+                        attention=attention, max_batch_tokens=max_batch_tokens, profile=profile, engine=engine)
     if rec.get("profile"):
         click.echo(rec["profile"])
     click.echo(format_table(rec))

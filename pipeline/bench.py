@@ -312,7 +312,7 @@ def build_model(arch: str, device, dtype, workdir: str, num_hidden_layers: int |
 def run_bench(arch: str, workload: str, *, device: str = "auto", seed_pairs: int = 1500, e2e: bool = True,
               gpu_memory_limit: int | None = None, pairs: int | None = None, repeats: int = 3,
               compile: str = "auto", attention: str = "auto", max_batch_tokens: int | None = None,
-              profile: bool = False) -> dict:
+              profile: bool = False, engine: str = "auto") -> dict:
     from .score import Scorer, resolve_device
 
     dev = resolve_device(device)
@@ -325,7 +325,7 @@ def run_bench(arch: str, workload: str, *, device: str = "auto", seed_pairs: int
         record["non_embedding_params"] = non_embedding_params(shape)
         peak = measure_matmul_peak(dev) if dev.type == "cuda" else None
         record["matmul_peak_tflops"] = round(peak / 1e12, 1) if peak else None
-        cfg_kw = dict(model=f"<random {arch}>", device=str(dev), compile=compile, attention=attention,
+        cfg_kw = dict(model=f"<random {arch}>", device=str(dev), compile=compile, attention=attention, engine=engine,
                       max_batch_tokens=max_batch_tokens, gpu_memory_limit=gpu_memory_limit)
         enc = synthetic_encoded(w, len(tok) if arch == "tiny" else shape.get("vocab_size", len(tok)), pairs)
         from .template import QWEN3_RERANKER

@@ -150,12 +150,20 @@ class Scorer:
         auto = AutoModelForSequenceClassification if kind.family.startswith("seq-cls") else AutoModelForCausalLM
         extra = {} if kind.family == "seq-cls-encoder" else {"attn_implementation": attention.register()}
         try:
-            model = auto.from_pretrained(path, dtype=dtype, use_safetensors=True, **extra, **kw)
+            model, info = auto.from_pretrained(path, dtype=dtype, use_safetensors=True, output_loading_info=True,
+                                               **extra, **kw)
         except Exception as exc:
             raise ModelError(
                 f"model {path}: cannot load safetensors weights ({_first_line(exc)}); weights load only "
                 "from *.safetensors files"
             ) from None
+        missing = sorted(info.get("missing_keys") or [])
+        if missing:
+            # transformers would fill them with random values: scores would mean nothing.
+            raise ModelError(
+                f"model {path}: the checkpoint lacks {len(missing)} weights the {kind.family} head needs "
+                f"(e.g. {missing[0]}); check --family, or pass a reranker checkpoint"
+            )
         return cls.from_model(model, tokenizer, cfg, device, kind)
 
     @classmethod
@@ -261,7 +269,7 @@ class Scorer:
         ids[rows, cols] = flat
         mask[rows, cols] = 1
         kw = {"input_ids": put(ids, np.int64), "attention_mask": put(mask, np.int64)}
-        if types is not None and getattr(self.model.config, "type_vocab_size", 0) > 1:
+        if types is not None:
             tt = np.zeros((n, width), dtype=np.int64)
             tt[rows, cols] = types
             kw["token_type_ids"] = put(tt, np.int64)

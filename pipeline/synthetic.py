@@ -117,3 +117,117 @@ def build_reranker(out_dir: str | Path, arch: str = "tiny", *, tie_word_embeddin
                     p.normal_(1.0, 0.3)
     model.save_pretrained(str(out_dir), safe_serialization=True)
     return out_dir
+
+
+# -- other reranker families (tests and trials; random weights) -----------------------------------
+
+def train_wordpiece(out_dir: str | Path, texts: list[str], style: str = "bert"):
+    """A WordPiece tokenizer with BERT ([CLS] a [SEP] b [SEP], token types) or RoBERTa/XLM-R
+    (<s> a </s></s> b </s>) pair templates, saved as a fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if style == "bert":
+        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        pad, unk, cls, sep, mask = specials
+    else:
+        specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # XLM-R's order: <s>=0, <pad>=1, </s>=2
+        cls, pad, sep, unk, mask = specials
+    tok = Tokenizer(models.WordPiece(unk_token=unk))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(list(texts) + _BUILTIN_CORPUS * 5,
+                            trainers.WordPieceTrainer(vocab_size=3000, special_tokens=specials, show_progress=False))
+    c, s = tok.token_to_id(cls), tok.token_to_id(sep)
+    if style == "bert":
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1", special_tokens=[(cls, c), (sep, s)])
+    else:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} {sep} $B {sep}", special_tokens=[(cls, c), (sep, s)])
+    names = ["input_ids", "token_type_ids", "attention_mask"] if style == "bert" else ["input_ids", "attention_mask"]
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=unk, pad_token=pad, cls_token=cls,
+                                   sep_token=sep, mask_token=mask, model_max_length=512, model_input_names=names)
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def build_cross_encoder(out_dir: str | Path, arch: str, texts: list[str], *, num_labels: int = 1, seed: int = 0,
+                        init_std: float = 0.2):
+    """A tiny random cross-encoder: arch 'bert', 'xlm-roberta' or 'modernbert'."""
+    import torch
+    from transformers import (AutoModelForSequenceClassification, BertConfig, ModernBertConfig,
+                              XLMRobertaConfig)
+
+    out_dir = Path(out_dir)
+    tok = train_wordpiece(out_dir, texts, "roberta" if arch == "xlm-roberta" else "bert")
+    common = dict(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=128, num_labels=num_labels, initializer_range=init_std,
+                  pad_token_id=tok.pad_token_id)
+    if arch == "bert":
+        config = BertConfig(max_position_embeddings=512, type_vocab_size=2,
+                            architectures=["BertForSequenceClassification"], **common)
+    elif arch == "xlm-roberta":
+        config = XLMRobertaConfig(max_position_embeddings=514, type_vocab_size=1, bos_token_id=tok.cls_token_id,
+                                  eos_token_id=tok.sep_token_id, architectures=["XLMRobertaForSequenceClassification"],
+                                  **common)
+    elif arch == "modernbert":
+        config = ModernBertConfig(max_position_embeddings=512, cls_token_id=tok.cls_token_id,
+                                  sep_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id,
+                                  eos_token_id=tok.sep_token_id, global_attn_every_n_layers=2, local_attention=64,
+                                  architectures=["ModernBertForSequenceClassification"], **common)
+    else:
+        raise ValueError(arch)
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(config)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    return out_dir
+
+
+def build_qwen3_seq_cls(out_dir: str | Path, texts: list[str], seed: int = 0):
+    """A tiny Qwen3ForSequenceClassification with one label (as the Qwen3-Reranker seq-cls
+    conversions) and the Qwen tokenizer."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForSequenceClassification
+
+    out_dir = Path(out_dir)
+    tok = train_tokenizer(out_dir, texts)
+    config = Qwen3Config(vocab_size=len(tok), num_labels=1, architectures=["Qwen3ForSequenceClassification"],
+                         pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"), initializer_range=0.1,
+                         rms_norm_eps=1e-6, rope_theta=1_000_000.0, **ARCHS["tiny"])
+    torch.manual_seed(seed)
+    model = Qwen3ForSequenceClassification(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.normal_(1.0, 0.3)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    return out_dir
+
+
+def build_gemma_reranker(out_dir: str | Path, texts: list[str], seed: int = 0):
+    """A tiny Gemma-style causal LM with "<bos>" and a single-token "Yes", for the
+    bge-reranker-v2-gemma template."""
+    import torch
+    from transformers import AddedToken, GemmaConfig, GemmaForCausalLM
+
+    out_dir = Path(out_dir)
+    tok = train_tokenizer(out_dir, list(texts) + ["Yes", "No"] * 50)
+    tok.add_tokens([AddedToken("<bos>", special=True, normalized=False)])
+    tok.save_pretrained(str(out_dir))
+    if len(tok("Yes", add_special_tokens=False)["input_ids"]) != 1:
+        raise RuntimeError("tokenizer training did not make 'Yes' a single token")
+    config = GemmaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=1, head_dim=16, initializer_range=0.1,
+                         bos_token_id=tok.convert_tokens_to_ids("<bos>"),
+                         pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+                         eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), architectures=["GemmaForCausalLM"])
+    torch.manual_seed(seed)
+    model = GemmaForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.normal_(0.0, 0.3)  # Gemma's norm scales by (1 + w)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    return out_dir

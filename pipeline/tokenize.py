@@ -106,20 +106,32 @@ class CrossEncoderEncoder:
     def encode(self, instructions, queries, documents) -> Encoded:
         n = len(queries)
         if n == 0:
-            return Encoded(np.empty(0, np.int32), np.zeros(1, np.int64), np.zeros(0, bool), np.empty(0, np.int8))
-        kw = dict(max_length=self.max_length, return_attention_mask=False, return_token_type_ids=True,
-                  verbose=False)
+            return Encoded(np.empty(0, np.int32), np.zeros(1, np.int64), np.zeros(0, bool))
+        # Token types only where the tokenizer returns them by default (its model_input_names),
+        # exactly as tokenizer(query, document) hands them to the model.
+        kw = dict(max_length=self.max_length, return_attention_mask=False, verbose=False)
         try:
             enc = self.tokenizer(list(queries), list(documents), truncation="only_second", **kw)
         except Exception:
-            # A query longer than max_length alone cannot be cut from the document side.
-            enc = self.tokenizer(list(queries), list(documents), truncation="longest_first", **kw)
+            # Some query alone is longer than max_length, so cutting the document cannot suffice:
+            # those pairs (only those) are cut from both sides ('longest_first').
+            enc = {"input_ids": [], "token_type_ids": []}
+            for q, d in zip(queries, documents):
+                try:
+                    one = self.tokenizer(q, d, truncation="only_second", **kw)
+                except Exception:
+                    one = self.tokenizer(q, d, truncation="longest_first", **kw)
+                enc["input_ids"].append(one["input_ids"])
+                enc["token_type_ids"].append(one.get("token_type_ids"))
+            if any(t is None for t in enc["token_type_ids"]):
+                del enc["token_type_ids"]
         ids = enc["input_ids"]
-        types = enc.get("token_type_ids") or [[0] * len(x) for x in ids]
+        types = enc.get("token_type_ids")
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=n)
         offsets = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         flat = np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(offsets[-1]))
-        tflat = np.fromiter((t for x in types for t in x), dtype=np.int8, count=int(offsets[-1]))
+        tflat = None if types is None else np.fromiter((t for x in types for t in x), dtype=np.int8,
+                                                       count=int(offsets[-1]))
         # A pair that fills max_length was (almost surely) cut.
         return Encoded(flat, offsets, lengths >= self.max_length, tflat)
