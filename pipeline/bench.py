@@ -279,7 +279,7 @@ def build_model(arch: str, device, dtype, workdir: str, num_hidden_layers: int |
     trained on the benchmark's words; saved to `workdir` only for the tiny smoke model."""
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
-    from .synthetic import train_tokenizer
+    from .synthetic import spread_norms, train_tokenizer
 
     tok_dir = os.path.join(workdir, "tokenizer")
     train_tokenizer(tok_dir, texts=[" ".join(WORDS)] * 5)
@@ -302,10 +302,7 @@ def build_model(arch: str, device, dtype, workdir: str, num_hidden_layers: int |
     finally:
         torch.set_default_dtype(prev)
     if arch == "tiny":
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.dim() == 1:
-                    p.normal_(1.0, 0.3)
+        spread_norms(model)
     return model.eval(), tok, shape
 
 

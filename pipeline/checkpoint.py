@@ -40,27 +40,14 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
+def _atomic(path: str, write, suffix: str = "") -> None:
+    """write(tmp_path) into a temp file beside `path`, fsync it, rename it over `path`, fsync
+    the directory: readers see the old file or the whole new one, never a part."""
     d = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink(tmp)
-        raise
-    fsync_dir(d)
-
-
-def atomic_write_parquet(table: pa.Table, path: str) -> None:
-    d = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".parquet", dir=d)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=d)
     os.close(fd)
     try:
-        pq.write_table(table, tmp)
+        write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -68,6 +55,18 @@ def atomic_write_parquet(table: pa.Table, path: str) -> None:
         _unlink(tmp)
         raise
     fsync_dir(d)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    _atomic(path, write)
+
+
+def atomic_write_parquet(table: pa.Table, path: str) -> None:
+    _atomic(path, lambda tmp: pq.write_table(table, tmp), suffix=".parquet")
 
 
 def _unlink(path: str) -> None:

@@ -78,6 +78,17 @@ def train_tokenizer(out_dir: str | Path, texts: list[str] | None = None, vocab_s
     return tok
 
 
+def spread_norms(model, mean: float = 1.0, std: float = 0.3) -> None:
+    """Random norm weights: with all norms at their init value and a small init std, every
+    score of a tiny model sits near 0.5, and parity tests could not tell right from wrong."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.normal_(mean, std)
+
+
 def build_reranker(out_dir: str | Path, arch: str = "tiny", *, tie_word_embeddings: bool | None = None,
                    seed: int = 0, init_std: float = 0.02, texts: list[str] | None = None,
                    num_hidden_layers: int | None = None):
@@ -110,11 +121,7 @@ def build_reranker(out_dir: str | Path, arch: str = "tiny", *, tie_word_embeddin
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(config)
     if arch == "tiny":
-        # Norm weights of 1 and a small std leave every score near 0.5; spread them out.
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.dim() == 1:
-                    p.normal_(1.0, 0.3)
+        spread_norms(model)
     model.save_pretrained(str(out_dir), safe_serialization=True)
     return out_dir
 
@@ -198,10 +205,7 @@ def build_qwen3_seq_cls(out_dir: str | Path, texts: list[str], seed: int = 0):
                          rms_norm_eps=1e-6, rope_theta=1_000_000.0, **ARCHS["tiny"])
     torch.manual_seed(seed)
     model = Qwen3ForSequenceClassification(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.normal_(1.0, 0.3)
+    spread_norms(model)
     model.save_pretrained(str(out_dir), safe_serialization=True)
     return out_dir
 
@@ -225,9 +229,6 @@ def build_gemma_reranker(out_dir: str | Path, texts: list[str], seed: int = 0):
                          eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), architectures=["GemmaForCausalLM"])
     torch.manual_seed(seed)
     model = GemmaForCausalLM(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.normal_(0.0, 0.3)  # Gemma's norm scales by (1 + w)
+    spread_norms(model, mean=0.0)  # Gemma's norm scales by (1 + w)
     model.save_pretrained(str(out_dir), safe_serialization=True)
     return out_dir
