@@ -101,6 +101,12 @@ def test_shared_qrels_with_real_scores(tmp_path, tied_model):
     ref = _trec(run, qrels)
     assert abs(rec["map"] - sum(v["map"] for v in ref.values()) / len(ref)) <= 1e-9
     assert rec["queries"] == len(ref) and set(rec["per_query"]) == set(ref)
+    # The same qrels as Parquet (query_id, doc_id, relevance) give the same numbers.
+    qp = tmp_path / "qrels.parquet"
+    read_qrels(shared("ARC-Challenge.qrels.txt")).write_parquet(qp)
+    js2 = tmp_path / "e2.json"
+    assert run_cli(["eval", out, "--qrels", qp, "--metrics", "NDCG@10,map,mrr", "--json", js2]).exit_code == 0
+    assert json.loads(js2.read_text()) == rec
 
 
 def test_baseline_relevance_col_and_plot(tmp_path):

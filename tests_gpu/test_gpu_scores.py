@@ -141,3 +141,27 @@ def test_real_cuda_oom_is_split_and_the_cap_holds(tied_model):
     assert scorer.stats.oom_retries > 0
     assert peak <= limit
     assert d < 0.02
+
+
+def test_other_families_on_cuda_against_cpu(tmp_path):
+    """Cross-encoders (padded) and a Qwen3 seq-cls model (packed, fused) on CUDA in bf16 against
+    float32 on the CPU, on real pairs."""
+    from cpu_conftest import _corpus, real_pairs
+    from pipeline.synthetic import build_cross_encoder, build_qwen3_seq_cls
+
+    texts = _corpus()
+    models = {a: build_cross_encoder(tmp_path / a, a, texts, num_labels=2 if a == "modernbert" else 1)
+              for a in ("bert", "xlm-roberta", "modernbert")}
+    models["qwen3-seq-cls"] = build_qwen3_seq_cls(tmp_path / "q3", texts)
+    p = tmp_path / "pairs.parquet"
+    pq.write_table(real_pairs(300), p)
+    found = {}
+    for name, m in models.items():
+        cpu, _ = _scores(p, str(m), tmp_path / f"{name}-c.parquet", device="cpu", max_length=256)
+        gpu, s = _scores(p, str(m), tmp_path / f"{name}-g.parquet", device="cuda", max_length=256)
+        a = np.array([cpu[k] for k in sorted(cpu)])
+        b = np.array([gpu[k] for k in sorted(cpu)])
+        found[name] = {"max_abs": float(np.abs(a - b).max()), "spearman": _spearman(a, b), "attention": s.attention}
+    _record("families_bf16_vs_cpu_fp32", **found)
+    for name, v in found.items():
+        assert v["max_abs"] < 0.05 and v["spearman"] > 0.98, (name, v)
