@@ -13,7 +13,6 @@ import os
 
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from .checkpoint import atomic_write_parquet
 from .errors import InputError

@@ -16,7 +16,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import pyarrow as pa
 
 from . import checkpoint as ckpt_mod

@@ -130,6 +130,7 @@ def test_baseline_relevance_col_and_plot(tmp_path):
     # Ranking by first-stage rank ascending equals ranking by first-stage score descending.
     r2 = run_cli(["eval", ranked, "--qrels", os.path.join(beir, "qrels", "test.tsv"), "--metrics", "ndcg@10,map",
                   "--baseline-col", "first_stage_score", "--json", tmp_path / "e2.json"])
+    assert r2.exit_code == 0, r2.output
     assert json.loads((tmp_path / "e2.json").read_text())["baseline"] == rec["baseline"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     # --relevance-col: judgments from the file itself (unjudged candidates count as 0).

@@ -8,7 +8,6 @@ import os
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from conftest import ROOT, real_pairs, run_cli
 
