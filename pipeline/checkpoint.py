@@ -99,7 +99,8 @@ class Checkpoint:
 
     @classmethod
     def open(cls, directory: str, fingerprint: dict, restart: bool = False) -> "Checkpoint":
-        """Open or create the checkpoint; refuse one whose fingerprint differs from this run's."""
+        """Open the checkpoint (made on disk at the first commit); refuse one whose fingerprint differs
+        from this run's."""
         ck = cls(directory, fingerprint)
         if restart and os.path.exists(directory):
             shutil.rmtree(directory)

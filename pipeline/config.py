@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
@@ -61,9 +60,6 @@ class RunConfig:
     engine: str = "auto"
     # torch.compile the fused path's elementwise steps: "auto" (on CUDA), "on" or "off".
     compile: str = "auto"
-
-    def replace(self, **changes) -> "RunConfig":
-        return dataclasses.replace(self, **changes)
 
     @property
     def ckpt_dir(self) -> str:

@@ -1,6 +1,12 @@
 """Domain errors. The job layer maps InputError to exit status 2 and the rest to 1."""
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of a library's (often multi-line) error, for a one-line message."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
 class RerankError(Exception):
     """Base of every failure the pipeline reports to the user as one line."""
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from .errors import InputError
+from .errors import InputError, first_line
 
 METRIC = re.compile(r"^(ndcg|map|mrr|recall|p)(?:@(\d+))?$")
 
@@ -162,7 +162,7 @@ def load_scored(path: str, query_id_col: str, doc_id_col: str, columns: list[str
     try:
         schema = pl.read_parquet_schema(path)
     except Exception as exc:
-        raise InputError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
+        raise InputError(f"{path}: not a readable Parquet file ({first_line(exc)})") from None
     need = [query_id_col, doc_id_col] + columns
     missing = [c for c in need if c not in schema]
     if missing:

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 
 from .config import RunConfig
-from .errors import ModelError
+from .errors import ModelError, first_line
 from .template import DEFAULT_TEMPLATE, Template, get_template
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -32,11 +32,6 @@ class ModelKind:
     num_labels: int = 0
 
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
-
-
 def load_config(cfg: RunConfig):
     from transformers import AutoConfig
 
@@ -47,7 +42,7 @@ def load_config(cfg: RunConfig):
         return AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     except Exception as exc:  # transformers raises OSError/ValueError with long texts
         raise ModelError(
-            f"model {path}: cannot read its config ({_first_line(exc)}); pass a local directory "
+            f"model {path}: cannot read its config ({first_line(exc)}); pass a local directory "
             "that holds config.json, tokenizer files and safetensors weights"
         ) from None
 

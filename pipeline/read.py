@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import RunConfig
-from .errors import InputError
+from .errors import InputError, first_line
 
 
 @dataclass(frozen=True)
@@ -84,9 +84,9 @@ def open_parquet(path: str) -> pq.ParquetFile:
     try:
         return pq.ParquetFile(path)
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(
-            f"{path}: not a readable Parquet file ({first}); check that the file is complete and is Parquet"
+            f"{path}: not a readable Parquet file ({first_line(exc)}); check that the file is complete and is "
+            "Parquet"
         ) from None
 
 
@@ -242,7 +242,7 @@ def iter_unit_tables(units, columns=None):
                     ) from None
                 except (pa.ArrowException, OSError) as exc:
                     raise InputError(
-                        f"{path}: cannot read rows near {buf_start + buf_rows} ({str(exc).splitlines()[0]}); "
+                        f"{path}: cannot read rows near {buf_start + buf_rows} ({first_line(exc)}); "
                         "the file is damaged: rewrite it"
                     ) from None
                 if buf_rows == 0 and buf_start + b.num_rows <= unit.start:

@@ -1,7 +1,8 @@
-"""Load a yes/no reranker and score packed batches of token ids on one device.
+"""Load a reranker and score batches of token ids on one device.
 
-Only the last position of each sequence is projected, and only onto the two LM-head rows of
-the judged tokens: the full-vocabulary logits of the reference recipe are never formed.
+Causal families run packed (varlen) batches, and only the last position of each sequence is
+projected: onto the LM-head rows of the judged tokens, or onto the classification head. The
+full-vocabulary logits of the reference recipe are never formed. Cross-encoders run padded.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from . import attention, fused_qwen3
 from .config import RunConfig
-from .errors import ModelError, ScoringError
+from .errors import ModelError, ScoringError, first_line
 from .families import ModelKind, inspect_model
 from .tokenize import CrossEncoderEncoder, PairEncoder
 
@@ -145,7 +146,7 @@ class Scorer:
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, **kw)
         except Exception as exc:
-            raise ModelError(f"model {path}: cannot load its tokenizer ({_first_line(exc)}); "
+            raise ModelError(f"model {path}: cannot load its tokenizer ({first_line(exc)}); "
                              "the directory needs tokenizer files") from None
         auto = AutoModelForSequenceClassification if kind.family.startswith("seq-cls") else AutoModelForCausalLM
         extra = {} if kind.family == "seq-cls-encoder" else {"attn_implementation": attention.register()}
@@ -154,7 +155,7 @@ class Scorer:
                                                **extra, **kw)
         except Exception as exc:
             raise ModelError(
-                f"model {path}: cannot load safetensors weights ({_first_line(exc)}); weights load only "
+                f"model {path}: cannot load safetensors weights ({first_line(exc)}); weights load only "
                 "from *.safetensors files"
             ) from None
         missing = sorted(info.get("missing_keys") or [])
@@ -369,8 +370,3 @@ class Scorer:
         half = len(idx) // 2
         stack.append(idx[half:])
         stack.append(idx[:half])
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__

@@ -3,6 +3,7 @@ end with exactly the rows and scores of an uninterrupted run."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -231,3 +232,22 @@ def test_keep_checkpoint_and_checkpoint_dir(job, tmp_path):
     assert len(manifest["units"]) == len(os.listdir(ck / "parts"))
     assert sum(u["pairs"] for u in manifest["units"].values()) == job["ref"].num_rows
     assert not (tmp_path / "out.parquet.ckpt").exists()
+
+
+def test_score_unit_runs_a_unit_on_its_own(job, tmp_path):
+    """The executor contract: any unit, scored alone by score_unit, gives the part the run commits."""
+    from pipeline.read import iter_unit_tables
+    from pipeline.run import score_unit, validate
+    from pipeline.score import Scorer
+
+    out = tmp_path / "out.parquet"
+    cfg = _cfg(job, out, keep_checkpoint=True, device="cpu")
+    run(cfg, progress=False)
+    layout, units, _ = validate(dataclasses.replace(cfg, overwrite=True))
+    scorer = Scorer.load(cfg)
+    unit = units[len(units) // 2]  # one from the middle, read alone
+    (_, table), = list(iter_unit_tables([unit]))
+    part, info = score_unit(unit, table, layout, cfg, scorer)
+    committed = pq.read_table(tmp_path / "out.parquet.ckpt" / "parts" / f"{unit.id}.parquet")
+    assert part.equals(committed)
+    assert info["pairs"] == part.num_rows
