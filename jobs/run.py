@@ -68,6 +68,19 @@ def default_output(first_input: str) -> str:
 @click.option("--restart", is_flag=True, help="Discard an existing checkpoint and start over.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option("--summary", "summary_path", default=None, help="Write the JSON summary to this file.")
+@click.option("--devices", default=None,
+              help="Several devices of this host, one worker process each: all, a count, or a list like "
+              "cuda:0,cuda:2 (cpu,cpu on CPU). [default: this process on --device]")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this host (with --devices, one process per device); ray: Ray Data workers.")
+@click.option("--ray-address", default=None, help="Ray cluster to join (e.g. ray://head:10001 or auto). "
+              "[default: start a local Ray]")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Ray workers (actors). [default: one per GPU of the cluster, else per CPU]")
+@click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=None,
+              help="GPUs per Ray worker. [default: 1 where the cluster has GPUs, else 0]")
+@click.option("--cpus-per-worker", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
+              help="CPUs per Ray worker (its tokenizer and, on CPU, its torch threads).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar: periodic log lines instead.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def run_cmd(inputs, output, summary_path, quiet, verbose, **opts):
@@ -82,6 +95,11 @@ def run_cmd(inputs, output, summary_path, quiet, verbose, **opts):
             raise JobError("--gpu-memory-limit applies to CUDA only; drop it or use --device cuda", 2)
         if opts["device"] == "cpu" and opts["attention"] in ("flash_attn", "torch_varlen"):
             raise JobError(f"--attention {opts['attention']} needs CUDA; use --attention sdpa on CPU", 2)
+        if opts["executor"] == "ray" and opts["devices"]:
+            raise JobError("--devices is for the local executor; with --executor ray use --workers and "
+                           "--gpus-per-worker", 2)
+        if opts["executor"] != "ray" and (opts["ray_address"] or opts["workers"] or opts["gpus_per_worker"] is not None):
+            raise JobError("--ray-address, --workers and --gpus-per-worker need --executor ray", 2)
         cfg = RunConfig(inputs=files, output=output or default_output(files[0]), **opts)
         summary = run(cfg, progress=False if quiet else None, should_stop=_stop_flag())
     text = summary.to_json()

@@ -154,6 +154,15 @@ class Checkpoint:
                 "or pass another --checkpoint-dir, then rerun to resume"
             ) from None
 
+    def prepare(self) -> None:
+        """Make the directories before workers in other processes write parts into them."""
+        self._ensure_dirs()
+
+    def record(self, unit_id: str, info: dict) -> None:
+        """Record a unit whose part a worker has written."""
+        self.done[unit_id] = info
+        self._write_manifest()
+
     def _write_manifest(self) -> None:
         body = {"version": FORMAT_VERSION, "fingerprint": self.fingerprint, "units": self.done}
         atomic_write_bytes(self.manifest_path, json.dumps(body, indent=1, sort_keys=True).encode())
@@ -169,6 +178,17 @@ class Checkpoint:
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def write_part(ckpt_dir: str, unit_id: str, table: pa.Table) -> None:
+    """A worker's write of one unit's part (recorded by the driver afterwards)."""
+    try:
+        atomic_write_parquet(table, os.path.join(ckpt_dir, "parts", f"{unit_id}.parquet"))
+    except OSError as exc:
+        raise RerankError(
+            f"{ckpt_dir}: cannot write a checkpoint part ({exc.strerror or exc}); free disk space "
+            "or pass another --checkpoint-dir, then rerun to resume"
+        ) from None
 
 
 # -- fingerprint ---------------------------------------------------------------------------------

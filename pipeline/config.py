@@ -60,6 +60,16 @@ class RunConfig:
     engine: str = "auto"
     # torch.compile the fused path's elementwise steps: "auto" (on CUDA), "on" or "off".
     compile: str = "auto"
+    # Where units run: "local" (this process, or one process per device with `devices`) or "ray".
+    executor: str = "local"
+    # Several devices of this host, one worker process each: "all", a count, or "cuda:0,cuda:2" /
+    # "cpu,cpu" (None: this process alone, on `device`).
+    devices: str | None = None
+    # Ray: the cluster address (None: start a local Ray), actors, and resources per actor.
+    ray_address: str | None = None
+    workers: int | None = None
+    gpus_per_worker: float | None = None  # None: 1 where the cluster has GPUs, else 0
+    cpus_per_worker: float = 1.0
 
     @property
     def ckpt_dir(self) -> str:

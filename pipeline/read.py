@@ -203,59 +203,73 @@ def plan_units(paths, layout: InputLayout, window_pairs: int) -> tuple[list[Unit
 
 
 def iter_unit_tables(units, columns=None):
-    """Yield (unit, table) for each unit, reading each file once from the first row group needed.
+    """Yield (unit, table) for each unit of an iterable that may be lazy (a worker pulls units from
+    its driver one at a time). Consecutive units of one file continue one reader; a unit that
+    jumps back, or past the reader's row group, reopens the file at the row group it needs.
+    Record batches are unit-sized, so memory holds about two units whatever the row groups are."""
+    cursor = None
+    for unit in units:
+        if cursor is None or not cursor.can_continue(unit):
+            cursor = _FileCursor(unit, columns)
+        yield unit, cursor.take(unit)
 
-    Units of one file must come in row order. Record batches are unit-sized, so memory holds
-    about two units whatever the file's row groups are.
-    """
-    by_file: dict[str, list[Unit]] = {}
-    for u in units:
-        by_file.setdefault(u.path, []).append(u)
-    for path, file_units in by_file.items():
-        pf = open_parquet(path)
-        md = pf.metadata
-        rg_starts = []
+
+class _FileCursor:
+    """A forward-only reader of one file's rows, from the row group that holds its first unit."""
+
+    def __init__(self, unit, columns):
+        self.path = unit.path
+        self.columns = columns
+        self.pf = open_parquet(unit.path)
+        md = self.pf.metadata
+        self.rg_starts = []
         acc = 0
         for i in range(md.num_row_groups):
-            rg_starts.append(acc)
+            self.rg_starts.append(acc)
             acc += md.row_group(i).num_rows
-        first = file_units[0].start
-        first_rg = max(i for i, s in enumerate(rg_starts) if s <= first) if rg_starts else 0
-        pos = rg_starts[first_rg] if rg_starts else 0
-        batches = pf.iter_batches(
-            batch_size=max(1, max(u.rows for u in file_units)), row_groups=range(first_rg, md.num_row_groups), columns=columns,
-            use_threads=True,
-        )
-        buffered: list[pa.RecordBatch] = []
-        buf_start = pos  # file row of the first buffered row
-        buf_rows = 0
-        for unit in file_units:
-            if buf_start + buf_rows <= unit.start:  # all buffered rows belong to finished units
-                buf_start += buf_rows
-                buffered, buf_rows = [], 0
-            while buf_start + buf_rows < unit.stop:
-                try:
-                    b = next(batches)
-                except StopIteration:
-                    raise InputError(
-                        f"{path}: the file ended before row {unit.stop}; was it changed during the run?"
-                    ) from None
-                except (pa.ArrowException, OSError) as exc:
-                    raise InputError(
-                        f"{path}: cannot read rows near {buf_start + buf_rows} ({first_line(exc)}); "
-                        "the file is damaged: rewrite it"
-                    ) from None
-                if buf_rows == 0 and buf_start + b.num_rows <= unit.start:
-                    buf_start += b.num_rows  # skipped on resume: never kept in memory
-                    continue
-                buffered.append(b)
-                buf_rows += b.num_rows
-            if unit.rows == 0:
-                yield unit, pf.schema_arrow.empty_table().select(columns or pf.schema_arrow.names)
+        first_rg = max((i for i, s in enumerate(self.rg_starts) if s <= unit.start), default=0)
+        self.buf_start = self.rg_starts[first_rg] if self.rg_starts else 0
+        self.batches = self.pf.iter_batches(batch_size=max(1, unit.rows),
+                                            row_groups=range(first_rg, md.num_row_groups),
+                                            columns=columns, use_threads=True)
+        self.buffered: list[pa.RecordBatch] = []
+        self.buf_rows = 0
+
+    def can_continue(self, unit) -> bool:
+        if unit.path != self.path or unit.start < self.buf_start:
+            return False
+        # Skipping rows means reading them: reopen instead when the unit starts in a later row group.
+        later = [s for s in self.rg_starts if self.buf_start + self.buf_rows < s <= unit.start]
+        return not later
+
+    def take(self, unit) -> pa.Table:
+        path = self.path
+        if self.buf_start + self.buf_rows <= unit.start:  # all buffered rows lie before this unit
+            self.buf_start += self.buf_rows
+            self.buffered, self.buf_rows = [], 0
+        while self.buf_start + self.buf_rows < unit.stop:
+            try:
+                b = next(self.batches)
+            except StopIteration:
+                raise InputError(
+                    f"{path}: the file ended before row {unit.stop}; was it changed during the run?"
+                ) from None
+            except (pa.ArrowException, OSError) as exc:
+                raise InputError(
+                    f"{path}: cannot read rows near {self.buf_start + self.buf_rows} ({first_line(exc)}); "
+                    "the file is damaged: rewrite it"
+                ) from None
+            if self.buf_rows == 0 and self.buf_start + b.num_rows <= unit.start:
+                self.buf_start += b.num_rows  # skipped on resume: never kept in memory
                 continue
-            window = pa.Table.from_batches(buffered)
-            yield unit, window.slice(unit.start - buf_start, unit.rows).combine_chunks()
-            rest = window.slice(unit.stop - buf_start)
-            buffered = rest.to_batches()
-            buf_rows = rest.num_rows
-            buf_start = unit.stop
+            self.buffered.append(b)
+            self.buf_rows += b.num_rows
+        if unit.rows == 0:
+            return self.pf.schema_arrow.empty_table().select(self.columns or self.pf.schema_arrow.names)
+        window = pa.Table.from_batches(self.buffered)
+        out = window.slice(unit.start - self.buf_start, unit.rows).combine_chunks()
+        rest = window.slice(unit.stop - self.buf_start)
+        self.buffered = rest.to_batches()
+        self.buf_rows = rest.num_rows
+        self.buf_start = unit.stop
+        return out

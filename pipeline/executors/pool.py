@@ -1,0 +1,271 @@
+"""Several devices on one host: one worker process per device, units handed out as workers ask.
+
+The driver (this process) owns the plan, the checkpoint records and the progress; each worker
+loads the model once on its device, then asks for a unit, scores it, writes its part into the
+checkpoint and reports the unit's counts. Nothing is split in advance, so a slow device takes
+fewer units. A worker that dies (killed, a CUDA error) loses only the units it held, which go
+back to the front of the queue for the others; the run fails only when every worker is gone, or
+when a worker reports a domain error (bad input is bad on every device).
+
+The channel is one `multiprocessing` pipe per worker. Messages, worker to driver:
+  ("ready", info)                 the model is loaded
+  ("want",)                       give me a unit (the worker asks one unit ahead, to prefetch)
+  ("progress", pairs, tokens)     a batch was scored
+  ("done", unit_id, info)         the unit's part is written
+  ("error", exit_code, message)   a domain error: stop the run with it
+driver to worker: ("unit", unit), ("end",) and ("stop",).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait
+
+from ..errors import InputError, RerankError, first_line
+
+log = logging.getLogger(__name__)
+
+# A unit whose worker died this many times is not handed out again: the run stops with an
+# error instead of letting one poisonous unit kill every worker in turn.
+MAX_ATTEMPTS = 3
+
+
+@dataclass
+class WorkerState:
+    index: int
+    device: str
+    proc: mp.Process
+    conn: object
+    held: deque = field(default_factory=deque)  # units sent and not yet done, oldest first
+    waiting: int = 0  # "want" requests not yet answered
+    ready: bool = False
+    alive: bool = True
+    units: int = 0
+    pairs: int = 0
+    tokens: int = 0
+    busy_s: float = 0.0
+    started: float = 0.0
+    load_s: float = 0.0
+    exit_reason: str = ""
+
+
+class DeviceError(RerankError):
+    """Every worker is gone, or a unit killed its workers too often."""
+
+    exit_code = 1
+
+
+class _RemoteDomainError(RerankError):
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def run_pool(devices, worker_main, worker_args: tuple, units, on_done, on_progress=None,
+             should_stop=None, poll_s: float = 0.2) -> list[dict]:
+    """Run `units` on one worker process per device. `worker_main(conn, device, *worker_args)` is
+    the worker's entry point (a module-level function: workers are spawned, not forked, because
+    CUDA cannot be used in a forked child). `on_done(unit, info)` records a finished unit; it runs
+    in this process, in the order units finish. Returns one row per device for the summary."""
+    ctx = mp.get_context("spawn")
+    queue = deque(units)
+    by_id = {u.id: u for u in units}
+    attempts: dict[str, int] = {}
+    workers: list[WorkerState] = []
+    try:
+        for i, dev in enumerate(devices):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=worker_main, args=(child, dev, *worker_args),
+                               name=f"rerank-worker-{i}", daemon=True)
+            proc.start()
+            child.close()
+            workers.append(WorkerState(i, dev, proc, parent, started=time.monotonic()))
+        remaining = len(queue)
+        last_error = ""
+        while remaining:
+            if should_stop is not None and should_stop():
+                raise KeyboardInterrupt
+            alive = [w for w in workers if w.alive]
+            if not alive:
+                raise DeviceError(f"every worker is gone (last: {last_error}); check the devices and "
+                                  "rerun the same command to resume")
+            objs = [w.conn for w in alive] + [w.proc.sentinel for w in alive]
+            for obj in wait(objs, timeout=poll_s):
+                w = next(x for x in alive if obj is x.conn or obj == x.proc.sentinel)
+                if not w.alive:
+                    continue
+                if obj is w.conn:
+                    try:
+                        msg = w.conn.recv()
+                    except (EOFError, OSError):
+                        msg = None
+                    if msg is not None:
+                        remaining -= _handle(w, msg, by_id, on_done, on_progress)
+                        continue
+                last_error = _bury(w, queue, attempts)
+            _answer(workers, queue)
+    finally:
+        _shutdown(workers)
+    return [{"device": w.device, "units": w.units, "pairs": w.pairs, "tokens": w.tokens,
+             "busy_seconds": round(w.busy_s, 3), "load_seconds": round(w.load_s, 3),
+             "alive": w.alive, **({"exit": w.exit_reason} if w.exit_reason else {})} for w in workers]
+
+
+def _handle(w: WorkerState, msg, by_id, on_done, on_progress) -> int:
+    kind = msg[0]
+    if kind == "want":
+        w.waiting += 1
+    elif kind == "ready":
+        w.ready = True
+        w.load_s = time.monotonic() - w.started
+        log.info("worker %d on %s ready (%.1f s)", w.index, w.device, w.load_s)
+    elif kind == "progress":
+        w.pairs += msg[1]
+        w.tokens += msg[2]
+        if on_progress is not None:
+            on_progress(msg[1], msg[2])
+    elif kind == "done":
+        unit_id, info = msg[1], msg[2]
+        unit = by_id[unit_id]
+        w.held = deque(u for u in w.held if u.id != unit_id)
+        w.units += 1
+        w.busy_s += info.get("seconds", 0.0)
+        on_done(unit, info)
+        return 1
+    elif kind == "error":
+        raise _RemoteDomainError(msg[2], msg[1])
+    return 0
+
+
+def _bury(w: WorkerState, queue: deque, attempts: dict) -> str:
+    """A worker died: its units go back to the front of the queue, in order."""
+    w.alive = False
+    w.proc.join(timeout=5)
+    code = w.proc.exitcode
+    w.exit_reason = f"worker {w.index} on {w.device} exited with {code}"
+    log.warning("%s; its %d unit(s) go to the other workers", w.exit_reason, len(w.held))
+    for u in reversed(w.held):
+        attempts[u.id] = attempts.get(u.id, 0) + 1
+        if attempts[u.id] >= MAX_ATTEMPTS:
+            raise DeviceError(f"unit {u.id} ({u.path} rows {u.start}-{u.stop}) killed its worker "
+                              f"{attempts[u.id]} times ({w.exit_reason}); check that input and the "
+                              "device, then rerun to resume")
+        queue.appendleft(u)
+    w.held.clear()
+    return w.exit_reason
+
+
+def _answer(workers, queue: deque) -> None:
+    """Hand queued units to workers that asked. A request with nothing queued stays parked until
+    the run ends (then "stop") or a dead worker's units come back."""
+    for w in workers:
+        while w.alive and w.waiting and queue:
+            u = queue.popleft()
+            w.held.append(u)
+            _send(w, ("unit", u))
+            w.waiting -= 1
+
+
+def _send(w: WorkerState, msg) -> None:
+    try:
+        w.conn.send(msg)
+    except (BrokenPipeError, OSError):
+        pass  # its death shows up on the sentinel
+
+
+def _shutdown(workers) -> None:
+    for w in workers:
+        if w.proc.is_alive():
+            _send(w, ("stop",))
+    deadline = time.monotonic() + 10
+    for w in workers:
+        w.proc.join(timeout=max(0.1, deadline - time.monotonic()))
+        if w.proc.is_alive():
+            w.proc.kill()
+            w.proc.join(timeout=5)
+        try:
+            w.conn.close()
+        except OSError:
+            pass
+
+
+# -- the worker side ----------------------------------------------------------------------------
+
+class DriverLink:
+    """A worker's end of the pipe. `units()` asks the driver for work one unit at a time; the
+    scoring thread and the prefetch thread both send, so sends are locked."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+
+    def send(self, msg) -> None:
+        with self.lock:
+            self.conn.send(msg)
+
+    def units(self):
+        while not self.stopped.is_set():
+            self.send(("want",))
+            try:
+                msg = self.conn.recv()
+            except (EOFError, OSError):
+                self.stopped.set()
+                return
+            if msg[0] != "unit":
+                self.stopped.set()
+                return
+            yield msg[1]
+
+    def should_stop(self) -> bool:
+        return self.stopped.is_set() or os.getppid() == 1  # the driver is gone
+
+    def report_error(self, exc: BaseException) -> None:
+        code = exc.exit_code if isinstance(exc, RerankError) else 1
+        try:
+            self.send(("error", code, str(exc) if isinstance(exc, RerankError) else first_line(exc)))
+        except OSError:
+            pass
+
+
+def parse_devices(spec: str, cuda_count: int) -> list[str]:
+    """`all`, a count, or a comma-separated list (cuda:0,cuda:2, cpu,cpu, 0,1)."""
+    spec = spec.strip()
+    if spec == "all":
+        if cuda_count == 0:
+            raise InputError("--devices all: no CUDA device is visible; pass --devices cpu or a count of CPU workers")
+        return [f"cuda:{i}" for i in range(cuda_count)]
+    if spec.isdigit():
+        n = int(spec)
+        if n < 1:
+            raise InputError(f"--devices {spec}: give at least one device")
+        if cuda_count == 0:
+            return ["cpu"] * n
+        if n > cuda_count:
+            raise InputError(f"--devices {spec}: only {cuda_count} CUDA device(s) are visible; pass at most "
+                               f"{cuda_count} or `all`")
+        return [f"cuda:{i}" for i in range(n)]
+    out = []
+    for item in (s.strip() for s in spec.split(",")):
+        if item.isdigit():
+            item = f"cuda:{item}"
+        if item == "cpu" or item == "cuda":
+            out.append("cuda:0" if item == "cuda" else item)
+            continue
+        if item.startswith("cuda:") and item[5:].isdigit():
+            if int(item[5:]) >= cuda_count:
+                raise InputError(f"--devices {spec}: {item} is not visible ({cuda_count} CUDA device(s)); "
+                                   "check CUDA_VISIBLE_DEVICES")
+            out.append(item)
+            continue
+        raise InputError(f"--devices {spec}: {item!r} is not a device; write all, a count, or a list like "
+                           "cuda:0,cuda:2 or cpu,cpu")
+    if not out:
+        raise InputError("--devices: give all, a count, or a list of devices")
+    return out
