@@ -91,10 +91,10 @@ def run_ray(spec, units, on_done, on_progress=None, should_stop=None, *, address
         ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
         threads = max(1, int(cpus_per_worker)) if gpus_per_worker == 0 else 0
         ds = ds.map_batches(
-            RayUnitScorer, batch_size=1, concurrency=workers, num_gpus=gpus_per_worker or None,
-            num_cpus=cpus_per_worker, fn_constructor_kwargs={"spec": spec, "cpu_threads": threads},
-            max_restarts=-1, max_task_retries=-1,
-        )
+            RayUnitScorer, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers),
+            num_gpus=gpus_per_worker or None, num_cpus=cpus_per_worker,
+            fn_constructor_kwargs={"spec": spec, "cpu_threads": threads},
+        )  # Ray Data's actor pools restart dead actors and retry their tasks by default
         per_device: dict[str, dict] = {}
         for row in ds.iter_rows():
             if should_stop is not None and should_stop():
