@@ -26,13 +26,34 @@ from .common import SizeType, domain_errors, setup_logging
               show_default=True)
 @click.option("--smoke", is_flag=True, help="CPU, tiny architecture, 64 pairs: checks that the bench runs.")
 @click.option("--profile", is_flag=True, help="Print the top CUDA kernels of one model-only pass.")
+@click.option("--devices", "device_counts", default=None,
+              help="Whole runs on 1..N devices of this host, e.g. 1,2,4 (CPU workers where no GPU): pairs/s in "
+              "total and per device, speed-up over one device, busy share, driver CPU per unit.")
+@click.option("--window", type=click.IntRange(min=1), default=16384, show_default=True,
+              help="Pairs per unit for --devices runs.")
 @click.option("--json", "json_path", default=None, help="Write the record here.")
 def bench_cmd(arch, workload, pairs, seed_pairs, e2e, repeats, device, gpu_memory_limit, max_batch_tokens,
-              compile, engine, attention, smoke, profile, json_path):
+              compile, engine, attention, smoke, profile, device_counts, window, json_path):
     """Measure pairs/s, tokens/s, MFU, peak memory and GPU busy time against the seed's way."""
     setup_logging()
     from pipeline.bench import format_table, run_bench
 
+    if device_counts:
+        from pipeline.bench_devices import format_devices_table, run_devices_bench
+
+        try:
+            counts = [int(x) for x in device_counts.split(",")]
+        except ValueError:
+            raise click.BadParameter("write counts like 1,2,4", param_hint="--devices") from None
+        if smoke:
+            arch, pairs = "tiny", pairs or 64
+        with domain_errors():
+            rec = run_devices_bench(arch, workload, counts, pairs=pairs, repeats=repeats, window=window)
+        click.echo(format_devices_table(rec))
+        if json_path:
+            with open(json_path, "w") as f:
+                json.dump(rec, f, indent=2)
+        return
     if smoke:
         arch, device, pairs, seed_pairs, repeats = "tiny", "cpu", pairs or 64, min(seed_pairs, 32), 1
     with domain_errors():

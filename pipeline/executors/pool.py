@@ -78,6 +78,7 @@ def run_pool(devices, worker_main, worker_args: tuple, units, on_done, on_progre
     by_id = {u.id: u for u in units}
     attempts: dict[str, int] = {}
     workers: list[WorkerState] = []
+    t_start = time.monotonic()
     try:
         for i, dev in enumerate(devices):
             parent, child = ctx.Pipe()
@@ -110,10 +111,13 @@ def run_pool(devices, worker_main, worker_args: tuple, units, on_done, on_progre
                         continue
                 last_error = _bury(w, queue, attempts)
             _answer(workers, queue)
+        t_end = time.monotonic()  # before the workers' exit, which is teardown, not work
     finally:
         _shutdown(workers)
     return [{"device": w.device, "units": w.units, "pairs": w.pairs, "tokens": w.tokens,
              "busy_seconds": round(w.busy_s, 3), "load_seconds": round(w.load_s, 3),
+             # From this worker's model being loaded to the end of the run: its share of the wall.
+             "seconds_after_load": round(t_end - t_start - w.load_s, 3) if w.ready else None,
              "alive": w.alive, **({"exit": w.exit_reason} if w.exit_reason else {})} for w in workers]
 
 
