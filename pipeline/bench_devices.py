@@ -45,6 +45,13 @@ def _one_run(inp: str, model: str, devices: str | None, workdir: str, cfg_kw: di
     c0, t0 = _cpu_seconds(), time.perf_counter()
     s = run(cfg, progress=False)
     wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+    # The plain run's model and cached blocks must not sit on cuda:0 while pool workers size
+    # their budgets from its free memory.
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     row = {"devices": devices or "plain", "pairs": s.pairs_scored, "tokens": s.tokens, "wall_seconds": round(wall, 3),
            "units": s.units, "driver_cpu_seconds": round(cpu, 3),
            "driver_cpu_ms_per_unit": round(1000 * cpu / max(1, s.units), 2)}
