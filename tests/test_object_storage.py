@@ -78,3 +78,31 @@ def test_uri_detection():
     assert is_uri("s3://b/k") and is_uri("gs://b/k") and is_uri("hdfs://h:8020/p")
     assert not is_uri("/tmp/x.parquet") and not is_uri("rel/x.parquet") and not is_uri("file:///tmp/x")
     assert os.path.basename("s3://b/k/x.parquet") == "x.parquet"
+
+
+def test_expand_and_publish(bucket, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline import storage_remote as sr
+    from pipeline.errors import InputError
+
+    local = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"x": [1, 2, 3]}), local)
+    for key in ("in/a.parquet", "in/b.parquet", "in/sub/c.parquet", "in/notes.txt"):
+        sr.publish(str(local), f"{bucket}/{key}")
+    assert sr.expand(f"{bucket}/in") == [f"{bucket}/in/a.parquet", f"{bucket}/in/b.parquet"]
+    assert sr.expand(f"{bucket}/in/") == [f"{bucket}/in/a.parquet", f"{bucket}/in/b.parquet"]
+    assert sr.expand(f"{bucket}/in/*.parquet") == [f"{bucket}/in/a.parquet", f"{bucket}/in/b.parquet"]
+    assert sr.expand(f"{bucket}/in/**/*.parquet")[-1] == f"{bucket}/in/sub/c.parquet"
+    assert sr.expand(f"{bucket}/in/a.parquet") == [f"{bucket}/in/a.parquet"]
+    for bad in ("in/none.parquet", "in/*.csv"):
+        with pytest.raises(InputError):
+            sr.expand(f"{bucket}/{bad}")
+    assert pq.ParquetFile(sr.open_input(f"{bucket}/in/a.parquet")).read().num_rows == 3
+    size, mtime = sr.stat(f"{bucket}/in/a.parquet")
+    assert size == local.stat().st_size and mtime > 0
+    assert sr.stat(f"{bucket}/in/none") is None
+    assert sr.kind(f"{bucket}/in") == "dir" and sr.kind(f"{bucket}/in/a.parquet") == "file"
+    # No temp object is left beside the published one.
+    assert [n for n in sr.RemoteStore(f"{bucket}/in").list("") if "partial" in n] == []
