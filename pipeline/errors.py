@@ -31,6 +31,12 @@ class CheckpointError(RerankError):
     exit_code = 2
 
 
+class LockedError(RerankError):
+    """Another live run holds the checkpoint's lease; exit 75 (EX_TEMPFAIL: try again later)."""
+
+    exit_code = 75
+
+
 class ScoringError(RerankError):
     """The GPU stage failed at run time, e.g. a single pair does not fit in memory."""
 

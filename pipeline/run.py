@@ -1,30 +1,23 @@
 """The main job as a library function: Parquet pairs in, ranked Parquet out, resumable.
 
-    check inputs and output -> plan units -> open checkpoint -> load model
-    -> for each unfinished unit: read, explode, tokenize (a thread ahead), score, commit a part
-    -> rank all parts per query -> write the output atomically -> drop the checkpoint
+    plan    (pipeline/plan.py):    validate inputs from footers, units, fingerprint, checkpoint + lock
+    execute (pipeline/execute.py): unfinished units -> parts, via score_unit
+    finish  (pipeline/finish.py):  rank, publish the output, remove the checkpoint
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import queue
-import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 
-import pyarrow as pa
-
-from . import checkpoint as ckpt_mod
 from .config import RunConfig
-from .errors import InputError, Interrupted, RerankError
-from .pairs import UnitPairs, build_pairs, result_part
+from .errors import Interrupted, RerankError, ScoringError
+from .execute import _Timer, execute, score_unit
+from .finish import cleanup, publish, published_output, totals
+from .plan import check_output, fingerprint, make_plan, validate
 from .progress import Progress
-from .read import InputLayout, Unit, check_same_layout, inspect_layout, iter_unit_tables, plan_units
-from .write import write_ranked
 
 log = logging.getLogger(__name__)
 
@@ -55,242 +48,85 @@ class Summary:
         return json.dumps(self.__dict__, indent=2, sort_keys=True)
 
 
-def check_output(cfg: RunConfig) -> None:
-    out = os.path.abspath(cfg.output)
-    for p in cfg.inputs:
-        if os.path.abspath(p) == out or (os.path.exists(cfg.output) and os.path.samefile(p, cfg.output)):
-            raise InputError(f"{cfg.output}: the output is one of the inputs; pass another -o")
-    if os.path.isdir(cfg.output):
-        raise InputError(f"{cfg.output}: the output is a directory; pass a file path with -o")
-    # An output beside its own checkpoint was written by a run killed before it removed the
-    # checkpoint: the rerun rewrites it from the parts (the fingerprint check still applies).
-    ours = os.path.exists(os.path.join(cfg.ckpt_dir, "manifest.json"))
-    if os.path.exists(cfg.output) and not cfg.overwrite and not ours:
-        raise InputError(f"{cfg.output}: the output exists; pass --overwrite to replace it")
-    d = os.path.dirname(out)
-    if not os.path.isdir(d):
-        raise InputError(f"{cfg.output}: the directory {d} does not exist; create it or pass another -o")
-    try:  # os.access says yes to root on read-only file systems; a real file is the test
-        with tempfile.TemporaryFile(dir=d):
-            pass
-    except OSError as exc:
-        raise InputError(
-            f"{cfg.output}: cannot write in {d} ({exc.strerror}); pass an -o in a writable directory"
-        ) from None
+def _load_scorer(cfg: RunConfig, kind):
+    """Scorer.load, with GPU memory failures as one line naming the free memory and the fix."""
+    import torch
 
+    from .score import Scorer
 
-def validate(cfg: RunConfig) -> tuple[InputLayout, list[Unit], int]:
-    """Everything that can fail on bad input, before any model is loaded."""
-    check_output(cfg)
-    layout = inspect_layout(cfg.inputs[0], cfg)
-    check_same_layout(list(cfg.inputs), layout, cfg)
-    units, total_pairs = plan_units(cfg.inputs, layout, cfg.window_pairs)
-    return layout, units, total_pairs
-
-
-def fingerprint(cfg: RunConfig, layout: InputLayout, device: str, dtype: str, kind) -> dict:
-    t = kind.template
-    return {
-        "inputs": [ckpt_mod.file_fingerprint(p) for p in cfg.inputs],
-        "model": {**ckpt_mod.model_fingerprint(cfg.model), "family": kind.family},
-        "options": {**cfg.score_fields(), "device_type": device, "dtype": dtype, "nested": layout.nested},
-        "template": None if t is None else {"prefix": t.prefix, "body": t.body, "suffix": t.suffix,
-                                            "positive": t.positive, "negative": t.negative},
-    }
-
-
-def score_unit(unit: Unit, table: pa.Table, layout: InputLayout, cfg: RunConfig, scorer,
-               on_batch=None, should_stop=None) -> tuple[pa.Table, dict]:
-    """Score one unit on its own: the piece any executor (this loop, Ray Data) can run."""
-    pairs = build_pairs(unit, table, layout, cfg)
-    enc = scorer.encoder.encode(pairs.instructions, pairs.queries, pairs.documents)
-    scores = scorer.score(enc, on_batch=on_batch, should_stop=should_stop)
-    return result_part(pairs, scores), _concat_info(pairs, [enc])
-
-
-# First chunk small, so the GPU starts at once; later ones larger, for fewer Python round trips.
-FIRST_CHUNK, MAX_CHUNK = 256, 4096
-
-
-def _prefetch(units, layout, cfg, encoder, stop_event: threading.Event):
-    """Read, explode and tokenize units in a thread, ahead of the GPU.
-
-    Yields ("unit", unit, pairs), then ("chunk", Encoded) for pieces of that unit's pairs as
-    they are tokenized, then ("end",). The queue holds a few chunks, so memory stays about a
-    window while tokenization overlaps scoring, also inside the first window.
-    """
-    q: queue.Queue = queue.Queue(maxsize=4)
-    target = pa.schema([layout.schema.field(n) for n in layout.columns])
-
-    def put(item) -> bool:
-        while not stop_event.is_set():
-            try:
-                q.put(item, timeout=0.2)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def work():
-        try:
-            for unit, table in iter_unit_tables(units):
-                if stop_event.is_set():
-                    return
-                if table.schema != target:
-                    try:
-                        table = table.cast(target)
-                    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-                        raise InputError(
-                            f"{unit.path}: its column types differ from {cfg.inputs[0]} ({exc}); "
-                            "give files of one schema in one run"
-                        ) from None
-                pairs = build_pairs(unit, table, layout, cfg)
-                if not put(("unit", unit, pairs)):
-                    return
-                start, size = 0, FIRST_CHUNK
-                n = len(pairs.queries)
-                while start < n:
-                    stop = min(n, start + size)
-                    enc = encoder.encode(pairs.instructions[start:stop], pairs.queries[start:stop],
-                                         pairs.documents[start:stop])
-                    if not put(("chunk", enc)):
-                        return
-                    start, size = stop, min(MAX_CHUNK, size * 2)
-                if not put(("end",)):
-                    return
-        except BaseException as exc:  # handed to the main thread, which raises it
-            q.put(exc)
-            return
-        q.put(None)
-
-    t = threading.Thread(target=work, name="rerank-prefetch", daemon=True)
-    t.start()
     try:
-        while True:
-            item = q.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        # Stop the worker and wait for it: a thread left inside native tokenizer or Arrow code
-        # while the interpreter shuts down can abort the process (SIGABRT instead of exit 143).
-        stop_event.set()
-        while t.is_alive():
-            try:
-                q.get(timeout=0.05)
-            except queue.Empty:
-                pass
-
-
-class _Timer:
-    """Wall time spent in named stages, for the summary."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    def add(self, name: str, t0: float) -> float:
-        now = time.perf_counter()
-        self.seconds[name] = self.seconds.get(name, 0.0) + now - t0
-        return now
-
-
-def _unit_chunks(items, timer: _Timer, encs: list):
-    """The chunks of one unit from the prefetch stream; time spent waiting is input-bound time."""
-    while True:
-        t0 = time.perf_counter()
-        item = next(items)
-        timer.add("waiting_for_input", t0)
-        if item[0] == "end":
-            return
-        encs.append(item[1])
-        yield item[1]
-
-
-def _concat_info(pairs: UnitPairs, encs: list) -> dict:
-    return {"rows": pairs.table.num_rows, "pairs": int(sum(len(e) for e in encs)),
-            "tokens": int(sum(int(e.offsets[-1]) for e in encs)),
-            "truncated": int(sum(int(e.truncated.sum()) for e in encs)),
-            "skipped_null": int((~pairs.valid).sum())}
+        return Scorer.load(cfg, kind)
+    except (torch.OutOfMemoryError, torch.AcceleratorError if hasattr(torch, "AcceleratorError") else RuntimeError
+            ) as exc:
+        if not isinstance(exc, torch.OutOfMemoryError) and "CUDA" not in str(exc):
+            raise
+        free = ""
+        try:
+            free_b, total_b = torch.cuda.mem_get_info()
+            free = f" ({free_b / 2**20:.0f} MiB free of {total_b / 2**30:.0f} GiB)"
+        except Exception:  # no CUDA context to ask: say nothing rather than guess
+            pass
+        raise ScoringError(
+            f"model {cfg.model}: the GPU has not enough free memory to load it{free}; another process may hold "
+            "it: free the GPU, pick another with --device cuda:N, or pass --device cpu"
+        ) from None
 
 
 def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, scorer=None) -> Summary:
     """Score and rank `cfg.inputs` into `cfg.output`. Rerunning after a crash resumes."""
-    from .families import inspect_model
-    from .score import Scorer, resolve_device, resolve_dtype
-
-    t0 = time.monotonic()
-    layout, units, total_pairs = validate(cfg)
-    device = resolve_device(cfg.device)
-    dtype = str(resolve_dtype(cfg.dtype, device)).removeprefix("torch.")
-    kind = scorer.kind if scorer is not None else inspect_model(cfg)
-    fp = fingerprint(cfg, layout, device.type, dtype, kind)
-    ck = ckpt_mod.Checkpoint.open(cfg.ckpt_dir, fp, restart=cfg.restart)
-    pending = [u for u in units if u.id not in ck.done]
-    if scorer is None:
-        scorer = Scorer.load(cfg, kind)
-    summary = Summary(output=cfg.output, units=len(units), units_resumed=len(units) - len(pending),
-                      device=str(device), dtype=dtype, attention=scorer.kernel)
-    done_pairs = sum(ck.done[u.id]["pairs"] + ck.done[u.id]["skipped_null"] for u in units if u.id in ck.done)
-    prog = Progress(total_pairs, done_pairs, bar=progress)
-    stop_event = threading.Event()
-    if scorer.device.type == "cuda":
-        import torch
-
-        torch.cuda.reset_peak_memory_stats(scorer.device)
-    t_score = time.monotonic()
-    timer = _Timer()
-    items = _prefetch(pending, layout, cfg, scorer.encoder, stop_event)
+    t_start = time.monotonic()
+    plan = None
     try:
-        while True:
-            t0 = time.perf_counter()
-            head = next(items, None)
-            timer.add("waiting_for_input", t0)
-            if head is None:
-                break
-            _, unit, pairs = head
-            if should_stop is not None and should_stop():
-                raise KeyboardInterrupt
-            encs: list = []
-            scores = scorer.score_stream(_unit_chunks(items, timer, encs), on_batch=prog.update,
-                                         should_stop=should_stop)
-            if pairs.valid.size and not pairs.valid.all():
-                prog.update(int((~pairs.valid).sum()), 0)
-            t0 = time.perf_counter()
-            ck.commit(unit.id, result_part(pairs, scores), _concat_info(pairs, encs))
-            timer.add("writing_parts", t0)
+        plan = make_plan(cfg, kind=scorer.kind if scorer is not None else None)
+        ck = plan.ckpt
+        summary = Summary(output=cfg.output, units=len(plan.units), device=str(plan.device), dtype=plan.dtype)
+        rec = published_output(plan)
+        if rec is not None:  # killed after publishing: finish the cleanup only
+            log.info("%s was already written by this checkpoint; removing the checkpoint", cfg.output)
+            summary.rows = rec["rows"]
+            summary.units_resumed = len(plan.units)
+            summary.__dict__.update(rec.get("totals", {}))
+            cleanup(plan, cfg.keep_checkpoint)
+            summary.seconds = round(time.monotonic() - t_start, 3)
+            return summary
+        if scorer is None:
+            scorer = _load_scorer(cfg, plan.kind)
+        if should_stop is not None and should_stop():
+            raise KeyboardInterrupt
+        summary.units_resumed = sum(1 for u in plan.units if u.id in ck.done)
+        summary.attention = scorer.kernel
+        done_pairs = sum(ck.done[u.id]["pairs"] + ck.done[u.id]["skipped_null"] for u in plan.units if u.id in ck.done)
+        prog = Progress(plan.total_pairs, done_pairs, bar=progress)
+        if scorer.device.type == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats(scorer.device)
+        t_score = time.monotonic()
+        timer = _Timer()
+        try:
+            execute(plan, scorer, prog, timer, should_stop)
+        finally:
+            prog.close()
+        score_seconds = time.monotonic() - t_score
+        t0 = time.perf_counter()
+        summary.rows = publish(plan, should_stop)
+        timer.add("final_write", t0)
+        summary.__dict__.update(totals(plan))
+        cleanup(plan, cfg.keep_checkpoint)
     except KeyboardInterrupt:
-        items.close()
-        prog.close()
+        if plan is not None and plan.ckpt is not None:
+            plan.ckpt.close(remove=False)
         signum = getattr(should_stop, "signum", None) or 2
         raise Interrupted(signum) from None
     except BaseException:
-        items.close()
-        prog.close()
+        if plan is not None and plan.ckpt is not None and plan.ckpt.lease is not None:
+            # nothing scored yet: leave no checkpoint behind; else keep it for the rerun
+            plan.ckpt.close(remove=not plan.ckpt.done and plan.ckpt.state != "published")
         raise
-    prog.close()
-    score_seconds = time.monotonic() - t_score
-
-    done_units = [u.id for u in units]
-    t0 = time.perf_counter()
-    summary.rows = write_ranked(ck.parts(done_units), layout, cfg)
-    timer.add("final_write", t0)
     summary.extra = {f"seconds_{k}": round(v, 3) for k, v in timer.seconds.items()}
-    for u in units:
-        info = ck.done[u.id]
-        summary.pairs_scored += info["pairs"]
-        summary.tokens += info["tokens"]
-        summary.truncated += info["truncated"]
-        summary.skipped_null += info["skipped_null"]
-    if cfg.keep_checkpoint:
-        ck.finish()
-    else:
-        ck.remove()
-    summary.seconds = round(time.monotonic() - t0, 3)
-    this_run_pairs, this_run_tokens = prog.pairs, prog.tokens
-    summary.pairs_per_s = round(this_run_pairs / max(score_seconds, 1e-9), 2)
-    summary.tokens_per_s = round(this_run_tokens / max(score_seconds, 1e-9), 1)
+    summary.seconds = round(time.monotonic() - t_start, 3)  # the whole run, plan to cleanup
+    summary.pairs_per_s = round(prog.pairs / max(score_seconds, 1e-9), 2)
+    summary.tokens_per_s = round(prog.tokens / max(score_seconds, 1e-9), 1)
     summary.oom_retries = scorer.stats.oom_retries
     summary.batches = scorer.stats.batches
     summary.batch_token_budget = scorer.budget
@@ -302,4 +138,4 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
     return summary
 
 
-__all__ = ["run", "validate", "score_unit", "Summary", "RerankError"]
+__all__ = ["run", "validate", "check_output", "fingerprint", "score_unit", "Summary", "RerankError"]
