@@ -151,10 +151,10 @@ def make_plan(cfg: RunConfig, kind=None, run_id: str | None = None) -> Plan:
 
     layout, units, total_pairs = validate(cfg)
     if kind is None:
-        check_model_files(cfg)
         mconfig = load_config(cfg)
-        check_max_length(cfg, mconfig)
         kind = inspect_model(cfg, mconfig)
+        check_model_files(cfg)
+        check_max_length(cfg, mconfig)
     device = resolve_device(cfg.device)
     dtype = str(resolve_dtype(cfg.dtype, device)).removeprefix("torch.")
     fp = fingerprint(cfg, layout, device.type, dtype, kind)
