@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
-import click
+import os
+import signal
+import sys
 
-from pipeline.signals import graceful_signals
+
+def _quiet_exit(signum, frame):  # nothing to save yet: exit 130/143 without a traceback
+    os._exit(128 + signum)
+
+
+# Installed before the heavy imports below, and given back once they are done.
+_early = {s: signal.signal(s, _quiet_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+
+import click  # noqa: E402
+
+from pipeline.signals import graceful_signals  # noqa: E402
 
 STOP = None
 
@@ -28,13 +40,18 @@ def _register():
 
 
 _register()
+for _s, _h in _early.items():
+    signal.signal(_s, _h)
 
 
 def main():
     global STOP
-    with graceful_signals() as flag:
-        STOP = flag
-        cli()
+    try:
+        with graceful_signals() as flag:
+            STOP = flag
+            cli()
+    except KeyboardInterrupt:  # a signal outside any run (click's own code): no traceback
+        sys.exit(128 + ((STOP and STOP.signum) or signal.SIGINT))
 
 
 if __name__ == "__main__":

@@ -91,6 +91,9 @@ def run_cmd(inputs, output, summary_path, quiet, verbose, **opts):
 
     with domain_errors():
         files = resolve_inputs(inputs)
+        if summary_path and not os.path.isdir(os.path.dirname(os.path.abspath(summary_path))):
+            raise JobError(f"--summary {summary_path}: the directory {os.path.dirname(os.path.abspath(summary_path))} "
+                           "does not exist; create it or pass another path", 2)
         if opts["device"] == "cpu" and opts["gpu_memory_limit"]:
             raise JobError("--gpu-memory-limit applies to CUDA only; drop it or use --device cuda", 2)
         if opts["device"] == "cpu" and opts["attention"] in ("flash_attn", "torch_varlen"):

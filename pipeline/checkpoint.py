@@ -1,48 +1,223 @@
-"""Per-unit result parts and the manifest that records them, with a fingerprint of the run.
+"""The checkpoint: finished units as whole part objects plus one small record each.
 
-Layout of OUTPUT.ckpt/:
-  manifest.json        fingerprint + finished units; replaced atomically after each part
-  parts/<unit>.parquet one finished unit's scored rows, written to a temp name, fsynced, renamed
+Layout of a checkpoint directory (OUTPUT.ckpt by default):
+  .rerank-batch-checkpoint  marker, written first: format, run id, state ("running"/"published")
+  .rerank-batch-lock        the live run's lease (pipeline/lock.py)
+  fingerprint.json          what the checkpoint was made from; written once
+  parts/<unit>.parquet      one finished unit's scored rows, one object written whole
+  done/<unit>.json          its record (pairs, tokens, ..., the part's bytes and rows), written
+                            only after the part: the append-only log of finished units
 
-A part is recorded in the manifest only after it exists on disk, so a crash at any moment leaves
-either a recorded, complete part or an unrecorded file that the next run overwrites.
+A unit is finished when its record exists and its part exists with the recorded size and row
+count; anything else (a crash between the two writes, a zero-byte or garbage file) is redone.
+A commit writes two small objects whatever the number of units, so its cost is O(1). Every file
+operation goes through a store (pipeline/storage.py), so that workers in other processes can
+commit given only the directory, and an object-storage store can replace the local one.
+Cleanup deletes only the names above, marker last; a directory we did not mark is never touched.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import shutil
+import re
 import tempfile
+import uuid
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import CheckpointError, RerankError
+from .errors import CheckpointError, InputError, RerankError
+from .fingerprint import check_inputs, diff_fingerprints, file_fingerprint
+from .lock import LEASE_NAME, LocalLease
+from .storage import LocalStore, fsync_dir
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+MARKER = ".rerank-batch-checkpoint"
+FINGERPRINT = "fingerprint.json"
+_OURS_TOP = {MARKER, LEASE_NAME, FINGERPRINT, "parts", "done"}
+_OUR_FILE = re.compile(r"^(\.tmp-[0-9a-f]{32}-)?[0-9A-Za-z_.-]+\.(parquet|json)$")
+
+__all__ = ["Checkpoint", "open_checkpoint", "atomic_write_parquet", "fsync_dir"]
 
 
-def fsync_dir(path: str) -> None:
+class Checkpoint:
+    """A checkpoint directory. Constructed from the path alone, so any worker can commit parts."""
+
+    def __init__(self, directory: str, store=None):
+        self.dir = directory
+        self.store = store or LocalStore(directory)
+        self.lease: LocalLease | None = None
+        self.marker: dict = {}
+        self.fingerprint: dict = {}
+        self.done: dict[str, dict] = {}
+
+    # -- what workers call -------------------------------------------------------------------
+    def commit(self, unit_id: str, table: pa.Table, info: dict) -> dict:
+        """Write a unit's part whole, then its record. A kill between the two leaves an
+        unrecorded part, which the next run overwrites."""
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf)
+        data = buf.getvalue().to_pybytes()
+        record = {**info, "part_bytes": len(data), "part_rows": table.num_rows}
+        try:
+            self.store.write(f"parts/{unit_id}.parquet", data)
+            self.store.write(f"done/{unit_id}.json", json.dumps(record, sort_keys=True).encode())
+        except OSError as exc:
+            raise RerankError(
+                f"{self.dir}: cannot write a checkpoint part ({exc.strerror or exc}); free disk space "
+                "or pass another --checkpoint-dir, then rerun to resume"
+            ) from None
+        self.done[unit_id] = record
+        if self.lease is not None:
+            self.lease.renew()
+        return record
+
+    def part_path(self, unit_id: str) -> str:
+        return self.store.path(f"parts/{unit_id}.parquet")
+
+    def parts(self, unit_ids) -> list[str]:
+        return [self.part_path(u) for u in unit_ids]
+
+    # -- reading state -------------------------------------------------------------------------
+    def finished(self) -> dict[str, dict]:
+        """Units whose record and valid part both exist; damaged ones are logged and redone."""
+        done = {}
+        for name in self.store.list("done"):
+            base = name.rsplit("/", 1)[1]
+            if base.startswith(".") or not base.endswith(".json"):
+                continue
+            uid = base[: -len(".json")]
+            try:
+                rec = json.loads(self.store.read(name))
+                ok = (isinstance(rec, dict) and self.store.size(f"parts/{uid}.parquet") == rec["part_bytes"]
+                      and pq.read_metadata(self.part_path(uid)).num_rows == rec["part_rows"])
+            except (OSError, ValueError, KeyError, TypeError, pa.ArrowException):
+                ok = False
+            if ok:
+                done[uid] = rec
+            else:
+                log.warning("%s: unit %s has a damaged part or record; scoring it again", self.dir, uid)
+        return done
+
+    def _read_json(self, name: str) -> dict | None:
+        if not self.store.exists(name):
+            return None
+        try:
+            body = json.loads(self.store.read(name))
+        except (OSError, ValueError):
+            body = None
+        if not isinstance(body, dict):
+            raise CheckpointError(f"{self.store.path(name)}: unreadable; pass --restart to start over")
+        return body
+
+    @property
+    def state(self) -> str:
+        return self.marker.get("state", "running")
+
+    # -- the run's side ----------------------------------------------------------------------
+    def write_marker(self, **fields) -> None:
+        self.marker = {**self.marker, **fields}
+        self.store.write(MARKER, json.dumps(self.marker, sort_keys=True).encode())
+
+    def delete_ours(self) -> None:
+        """Delete the names we write, the marker last; strangers' files stay where they are."""
+        for folder in ("parts", "done"):
+            for name in self.store.list(folder):
+                if _OUR_FILE.match(name.rsplit("/", 1)[1]):
+                    self.store.delete(name)
+            self.store.remove_empty(folder)
+        for name in self.store.list(""):
+            if name.startswith(".tmp-") and _OUR_FILE.match(name):
+                self.store.delete(name)
+        self.store.delete(FINGERPRINT)
+        self.store.delete(MARKER)
+
+    def close(self, remove: bool) -> None:
+        """Release the lease; with remove, delete our files and the directory if we made it."""
+        created = self.marker.get("created_dir")
+        if remove:
+            self.delete_ours()
+        if self.lease is not None:
+            self.lease.release(unlink=remove or not self.store.exists(MARKER))
+            self.lease = None
+        if remove and created:
+            self.store.remove_empty("")
+
+
+def _strangers(directory: str) -> list[str]:
+    return sorted(n for n in os.listdir(directory)
+                  if n not in _OURS_TOP and not (n.startswith(".tmp-") or n.startswith(".probe-")))
+
+
+def open_checkpoint(directory: str, fingerprint: dict, paths, *, restart: bool, run_id: str | None = None
+                    ) -> Checkpoint:
+    """Take the lease on `directory` (made and marked when absent or empty), check the fingerprint,
+    and load the finished units. Refuses a non-empty directory without our marker (exit 2),
+    a directory a live run holds (exit 75) and a fingerprint that differs (exit 2)."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise InputError(f"{directory}: the checkpoint directory is a file; pass a directory with --checkpoint-dir")
+    existed = os.path.isdir(directory)
+    if existed and not os.path.exists(os.path.join(directory, MARKER)):
+        strangers = _strangers(directory)
+        if strangers:
+            shown = ", ".join(strangers[:3]) + (", ..." if len(strangers) > 3 else "")
+            raise InputError(
+                f"{directory}: not a rerank-batch checkpoint and not empty (holds {shown}); pass a new or empty "
+                "--checkpoint-dir (the run deletes its checkpoint when done)"
+            )
+    ck = Checkpoint(directory)
+    run_id = run_id or uuid.uuid4().hex[:12]
+    new = False
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
+        os.makedirs(directory, exist_ok=True)
+        ck.lease = LocalLease(directory, run_id).acquire()
+    except OSError as exc:
+        raise InputError(
+            f"{directory}: cannot write the checkpoint here ({exc.strerror or exc}); pass a writable --checkpoint-dir"
+        ) from None
     try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        why = ck.store.is_writable()
+        if why:
+            raise InputError(f"{directory}: cannot write the checkpoint here ({why}); pass a writable --checkpoint-dir")
+        ck.marker = ck._read_json(MARKER) or {}
+        if restart and ck.marker:
+            ck.delete_ours()
+            ck.marker = {}
+        if not ck.marker:
+            new = True
+            ck.write_marker(format=FORMAT_VERSION, run_id=run_id, state="running", created_dir=not existed)
+        elif ck.marker.get("format") != FORMAT_VERSION:
+            raise CheckpointError(f"{directory}: a checkpoint of another rerank-batch version; pass --restart")
+        ck.done = ck.finished()
+        old = ck._read_json(FINGERPRINT)
+        if old is not None and (ck.done or ck.state == "published"):
+            field = diff_fingerprints({k: v for k, v in old.items() if k != "inputs"}, fingerprint)
+            if field:
+                raise CheckpointError(
+                    f"{directory}: the checkpoint belongs to a run with a different {field}; rerun with the same "
+                    "inputs, model and options to resume, or pass --restart to start over"
+                )
+            check_inputs(old.get("inputs", []), paths)
+            ck.fingerprint = old
+        else:  # nothing to lose: (re)write it, with the content hashes of the inputs
+            ck.fingerprint = {**fingerprint, "inputs": [file_fingerprint(p) for p in paths]}
+            ck.store.write(FINGERPRINT, json.dumps(ck.fingerprint, indent=1, sort_keys=True).encode())
+            ck.done = {}
+        if ck.done:
+            log.info("resuming: %d units already scored in %s", len(ck.done), directory)
+    except BaseException:
+        ck.close(remove=new)
+        raise
+    return ck
 
+
+# -- whole-file atomic writes outside checkpoints (prepare's outputs) -----------------------------
 
 def _atomic(path: str, write, suffix: str = "") -> None:
-    """write(tmp_path) into a temp file beside `path`, fsync it, rename it over `path`, fsync
-    the directory: readers see the old file or the whole new one, never a part."""
     d = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=d)
     os.close(fd)
@@ -52,188 +227,14 @@ def _atomic(path: str, write, suffix: str = "") -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        _unlink(tmp)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
         raise
     fsync_dir(d)
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            f.write(data)
-
-    _atomic(path, write)
 
 
 def atomic_write_parquet(table: pa.Table, path: str) -> None:
     _atomic(path, lambda tmp: pq.write_table(table, tmp), suffix=".parquet")
 
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
-def diff_fingerprints(old: dict, new: dict, prefix: str = "") -> str | None:
-    """The first field (dotted path) where two fingerprints differ, or None."""
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            found = diff_fingerprints(a, b, f"{prefix}{key}.")
-            if found:
-                return found
-        elif a != b:
-            return f"{prefix}{key}"
-    return None
-
-
-class Checkpoint:
-    def __init__(self, directory: str, fingerprint: dict):
-        self.dir = directory
-        self.parts_dir = os.path.join(directory, "parts")
-        self.manifest_path = os.path.join(directory, "manifest.json")
-        self.fingerprint = fingerprint
-        self.done: dict[str, dict] = {}
-
-    @classmethod
-    def open(cls, directory: str, fingerprint: dict, restart: bool = False) -> "Checkpoint":
-        """Open the checkpoint (made on disk at the first commit); refuse one whose fingerprint differs
-        from this run's."""
-        ck = cls(directory, fingerprint)
-        if restart and os.path.exists(directory):
-            shutil.rmtree(directory)
-        if os.path.exists(ck.manifest_path):
-            try:
-                with open(ck.manifest_path) as f:
-                    manifest = json.load(f)
-            except (OSError, ValueError):
-                raise CheckpointError(
-                    f"{ck.manifest_path}: the manifest is unreadable; pass --restart to start over"
-                ) from None
-            old = manifest.get("fingerprint", {})
-            field = diff_fingerprints(old, fingerprint)
-            if field:
-                raise CheckpointError(
-                    f"{directory}: the checkpoint belongs to a run with a different {field}; rerun with "
-                    "the same inputs, model and options to resume, or pass --restart to start over"
-                )
-            ck.done = {u: info for u, info in manifest.get("units", {}).items()
-                       if os.path.exists(ck.part_path(u))}
-            if ck.done:
-                log.info("resuming: %d units already scored in %s", len(ck.done), directory)
-        return ck
-
-    def _ensure_dirs(self) -> None:
-        # Made at the first commit, so that a run that fails before scoring leaves nothing behind.
-        if os.path.isdir(self.parts_dir):
-            return
-        try:
-            os.makedirs(self.parts_dir, exist_ok=True)
-        except OSError as exc:
-            raise CheckpointError(
-                f"{self.dir}: cannot create the checkpoint directory ({exc.strerror}); "
-                "pass a writable --checkpoint-dir"
-            ) from None
-
-    def part_path(self, unit_id: str) -> str:
-        return os.path.join(self.parts_dir, f"{unit_id}.parquet")
-
-    def commit(self, unit_id: str, table: pa.Table, info: dict) -> None:
-        """Write a unit's part, then record it. Either step may be killed; neither corrupts."""
-        self._ensure_dirs()
-        try:
-            atomic_write_parquet(table, self.part_path(unit_id))
-            self.done[unit_id] = info
-            self._write_manifest()
-        except OSError as exc:
-            self.done.pop(unit_id, None)
-            raise RerankError(
-                f"{self.dir}: cannot write a checkpoint part ({exc.strerror or exc}); free disk space "
-                "or pass another --checkpoint-dir, then rerun to resume"
-            ) from None
-
-    def prepare(self) -> None:
-        """Make the directories before workers in other processes write parts into them."""
-        self._ensure_dirs()
-
-    def record(self, unit_id: str, info: dict) -> None:
-        """Record a unit whose part a worker has written."""
-        self.done[unit_id] = info
-        self._write_manifest()
-
-    def _write_manifest(self) -> None:
-        body = {"version": FORMAT_VERSION, "fingerprint": self.fingerprint, "units": self.done}
-        atomic_write_bytes(self.manifest_path, json.dumps(body, indent=1, sort_keys=True).encode())
-
-    def finish(self) -> None:
-        """Record the fingerprint even for a run with no units (an empty input)."""
-        if not os.path.exists(self.manifest_path):
-            self._ensure_dirs()
-            self._write_manifest()
-
-    def parts(self, unit_ids) -> list[str]:
-        return [self.part_path(u) for u in unit_ids]
-
-    def remove(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def write_part(ckpt_dir: str, unit_id: str, table: pa.Table) -> None:
-    """A worker's write of one unit's part (recorded by the driver afterwards)."""
-    try:
-        atomic_write_parquet(table, os.path.join(ckpt_dir, "parts", f"{unit_id}.parquet"))
-    except OSError as exc:
-        raise RerankError(
-            f"{ckpt_dir}: cannot write a checkpoint part ({exc.strerror or exc}); free disk space "
-            "or pass another --checkpoint-dir, then rerun to resume"
-        ) from None
-
-
-# -- fingerprint ---------------------------------------------------------------------------------
-
-def file_fingerprint(path: str) -> dict:
-    md = pq.ParquetFile(path).metadata
-    st = os.stat(path)
-    footer = json.dumps(md.to_dict(), sort_keys=True, default=str).encode()
-    return {
-        "path": os.path.abspath(path),
-        "size": st.st_size,
-        "rows": md.num_rows,
-        "footer_sha256": hashlib.sha256(footer).hexdigest(),
-    }
-
-
-def _sample_hash(path: str, chunk: int = 1 << 20) -> str:
-    """sha256 of the safetensors header and three 1 MiB samples: changes with any re-save,
-    without reading 16 GB of 8B weights at every start."""
-    h = hashlib.sha256()
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        h.update(head)
-        if len(head) == 8:
-            n = int.from_bytes(head, "little")
-            h.update(f.read(min(n, 100 << 20)))
-        for off in (0, max(0, size // 2 - chunk // 2), max(0, size - chunk)):
-            f.seek(off)
-            h.update(f.read(chunk))
-    h.update(str(size).encode())
-    return h.hexdigest()
-
-
-def model_fingerprint(model: str) -> dict:
-    if not os.path.isdir(model):
-        return {"id": model}
-    files = {}
-    for name in sorted(os.listdir(model)):
-        p = os.path.join(model, name)
-        if not os.path.isfile(p):
-            continue
-        if name.endswith(".safetensors"):
-            files[name] = _sample_hash(p)
-        elif name.endswith((".json", ".txt", ".model")) and os.path.getsize(p) < (64 << 20):
-            with open(p, "rb") as f:
-                files[name] = hashlib.sha256(f.read()).hexdigest()
-    return {"path": os.path.abspath(model), "files": files}

@@ -70,29 +70,55 @@ def build_pairs(unit: Unit, table: pa.Table, layout: InputLayout, cfg: RunConfig
     queries = out.column(layout.query_col)
     documents = out.column(doc_name)
     valid = np.ones(out.num_rows, dtype=bool)
-    for name, col in ((layout.query_col, queries), (doc_name, documents)):
+    # A null query_id would put unrelated rows in one ranked group: as bad as a null query.
+    checked = [(layout.query_col, queries), (doc_name, documents)]
+    if "query_id" in layout.columns:
+        checked.append(("query_id", out.column("query_id")))
+    for name, col in checked:
         nulls = np.asarray(pc.is_null(col).to_numpy(zero_copy_only=False), dtype=bool) if out.num_rows else valid[:0]
         if nulls.any():
             if cfg.on_null == "error":
                 k = int(np.argmax(nulls))
-                where = f"row {file_rows[k]}" + (f", document {int(out.column('doc_index')[k].as_py())}" if layout.nested else "")
+                where = f"row {file_rows[k]}"
+                if layout.nested:
+                    where += f", document {int(out.column('doc_index')[k].as_py())}"
+                    if name == doc_name:  # an element of the list column
+                        name = layout.doc_col
                 raise InputError(
                     f"{unit.path}: {where}: column {name!r} is null; fill it, or pass --on-null skip "
                     "to keep such rows unscored"
                 )
             valid &= ~nulls
-    if layout.instruction_col:
-        instr = pc.fill_null(out.column(layout.instruction_col), cfg.instruction).to_pylist()
-    else:
-        instr = [cfg.instruction] * out.num_rows
-    q = queries.to_pylist()
-    d = documents.to_pylist()
+    try:
+        if layout.instruction_col:
+            instr = pc.fill_null(out.column(layout.instruction_col), cfg.instruction).to_pylist()
+        else:
+            instr = [cfg.instruction] * out.num_rows
+        q = queries.to_pylist()
+        d = documents.to_pylist()
+    except UnicodeDecodeError:
+        raise _bad_utf8(unit, out, layout, doc_name, file_rows) from None
     if not valid.all():
         keep = np.flatnonzero(valid)
         instr = [instr[i] for i in keep]
         q = [q[i] for i in keep]
         d = [d[i] for i in keep]
     return UnitPairs(out, instr, q, d, valid)
+
+
+def _bad_utf8(unit: Unit, out: pa.Table, layout: InputLayout, doc_name: str, file_rows) -> InputError:
+    for name in (layout.instruction_col, layout.query_col, doc_name):
+        if not name:
+            continue
+        col = out.column(name).combine_chunks()
+        try:
+            col.validate(full=True)
+        except pa.ArrowInvalid as exc:
+            k = int(str(exc).rsplit("index", 1)[1].split()[0]) if "index" in str(exc) else 0
+            shown = layout.doc_col if layout.nested and name == doc_name else name
+            return InputError(f"{unit.path}: row {file_rows[k]}: column {shown!r} is not valid UTF-8; "
+                              "re-encode the text as UTF-8")
+    return InputError(f"{unit.path}: a string column is not valid UTF-8; re-encode the text as UTF-8")
 
 
 def result_part(pairs: UnitPairs, scores: np.ndarray) -> pa.Table:

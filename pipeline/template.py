@@ -91,5 +91,7 @@ def load_template_file(path: str) -> Template:
     negative = spec.get("negative")
     if negative is not None and not isinstance(negative, str):
         raise InputError(f"{path}: the template's negative must be a string or null")
+    if negative == spec["positive"]:  # softmax over two equal logits: every score would be 0.5
+        raise InputError(f"{path}: the template's positive and negative are both {negative!r}; make them differ")
     return Template(name=spec.get("name") or os.path.basename(path), prefix=spec["prefix"], body=spec["body"],
                     suffix=spec["suffix"], positive=spec["positive"], negative=negative)

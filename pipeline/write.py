@@ -51,7 +51,7 @@ def rank_order(part_paths: list[str], layout: InputLayout, cfg: RunConfig) -> pl
     keys = group_keys(layout)
     frames = []
     for i, path in enumerate(part_paths):
-        t = pq.read_table(path, columns=keys + ["score", "_ord"])
+        t = pq.read_table(path, columns=keys + ["score", "_ord"], pre_buffer=False)
         frames.append(pl.from_arrow(t).with_columns(
             _part=pl.lit(i, pl.Int32), _row=pl.int_range(0, pl.len(), dtype=pl.Int64)))
     df = pl.concat(frames, how="vertical_relaxed")
@@ -79,7 +79,7 @@ def _gather(order: pl.DataFrame, part_paths: list[str], schema: pa.Schema, chunk
         if i in cache:
             cache.move_to_end(i)
             return cache[i]
-        t = pq.read_table(part_paths[i], columns=columns)
+        t = pq.read_table(part_paths[i], columns=columns, pre_buffer=False)
         cache[i] = t
         if len(cache) > PART_CACHE:
             cache.popitem(last=False)
@@ -99,12 +99,13 @@ def _gather(order: pl.DataFrame, part_paths: list[str], schema: pa.Schema, chunk
         yield table.select(schema.names).cast(schema)
 
 
-def write_ranked(part_paths: list[str], layout: InputLayout, cfg: RunConfig) -> int:
-    """Write the ranked output to cfg.output atomically; return the number of rows written."""
+def write_ranked(part_paths: list[str], layout: InputLayout, cfg: RunConfig, *, tmp: str | None = None,
+                 publish=os.replace) -> int:
+    """Write the ranked output to `tmp`, then publish(tmp, cfg.output) (an atomic rename by
+    default); return the number of rows written. `tmp` should be unique per run."""
     schema = output_schema(layout)
     out_dir = os.path.dirname(os.path.abspath(cfg.output))
-    # A fixed hidden name: a run killed while writing leaves it, and the rerun overwrites it.
-    tmp = os.path.join(out_dir, "." + os.path.basename(cfg.output) + ".partial")
+    tmp = tmp or os.path.join(out_dir, "." + os.path.basename(cfg.output) + ".partial")
     rows = 0
     try:
         with pq.ParquetWriter(tmp, schema) as writer:
@@ -118,7 +119,7 @@ def write_ranked(part_paths: list[str], layout: InputLayout, cfg: RunConfig) -> 
                 writer.write_table(schema.empty_table())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, cfg.output)
+        publish(tmp, cfg.output)
     except BaseException:
         try:
             os.unlink(tmp)

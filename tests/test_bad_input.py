@@ -33,6 +33,30 @@ def bad(tmp_path_factory):
     pq.write_table(pa.table({"query": ["q"], "document": ["a"], "score": [0.5]}), d / "hasscore.parquet")
     pq.write_table(pa.table({"q": ["x"], "d": ["y"]}), d / "othercols.parquet")
     (d / "emptydir").mkdir()
+    pq.write_table(pa.Table.from_arrays([pa.array(["q"]), pa.array(["a"]), pa.array(["b"])],
+                                        names=["query", "document", "document"]), d / "dupcols.parquet")
+    bad_utf8 = pa.Array.from_buffers(pa.string(), 2, [None, pa.py_buffer(np.array([0, 2, 6], np.int32).tobytes()),
+                                                     pa.py_buffer(b"okba\xff\xfe")])
+    pq.write_table(pa.table({"query": ["q", "q"], "document": bad_utf8}), d / "badutf8.parquet")
+    pq.write_table(pa.table({"query_id": pa.array([None] * 4, pa.string()), "query": ["a", "b", "c", "d"],
+                             "document": ["w", "x", "y", "z"]}), d / "nullqid.parquet")
+    pq.write_table(pa.table({"query": ["q", "r"], "documents": [["a"], ["b", None]]}), d / "nullelem.parquet")
+    pq.write_table(pa.table({"query_id": ["1"], "query": ["q"], "document": ["a"]}), d / "qid_str.parquet")
+    pq.write_table(pa.table({"query_id": [1], "query": ["q"], "document": ["a"]}), d / "qid_int.parquet")
+    # Nulls only in the 3rd row group: refused from the footer, before anything is scored.
+    late = real_pairs(40).select(["query", "document"])
+    late = late.set_column(1, "document", pa.array(late.column("document").to_pylist()[:-1] + [None]))
+    pq.write_table(late, d / "late_null.parquet", row_group_size=16)
+    (d / "ckfile").write_text("a file")
+    (d / "same-template.json").write_text(json.dumps({"prefix": "", "body": "{query} {document}", "suffix": "",
+                                                      "positive": "yes", "negative": "yes"}))
+    notok = d / "notok"
+    import shutil
+
+    shutil.copytree(TINY, notok)
+    for f in os.listdir(notok):
+        if f.startswith("tokenizer") or f in ("vocab.json", "merges.txt", "special_tokens_map.json"):
+            os.remove(notok / f)
     (d / "bad-template.json").write_text(json.dumps({"prefix": "", "body": "{query} {document}", "positive": "yes"}))
     # A model directory that is not a causal LM.
     (d / "bert").mkdir()
@@ -79,7 +103,7 @@ CASES = [
     (["run", "{d}/nulldoc.parquet"],
      "{d}/nulldoc.parquet: row 1: column 'document' is null; fill it, or pass --on-null skip to keep such rows unscored"),
     (["run", "{d}/nullquery_nested.parquet"],
-     "{d}/nullquery_nested.parquet: row 1, document 0: column 'query' is null; fill it, or pass --on-null skip"),
+     "{d}/nullquery_nested.parquet: row 1: column 'query' is null; fill it, or pass --on-null skip"),
     (["run", "{d}/hasscore.parquet"],
      "{d}/hasscore.parquet: the input already has a column 'score', which the output adds; rename or drop it first"),
     (["run", "{d}/good.parquet", "-o", "{d}/good.parquet"],
@@ -106,6 +130,34 @@ CASES = [
     (["run", "{d}/good.parquet", "--device", "cpu", "--gpu-memory-limit", "4GiB"],
      "--gpu-memory-limit applies to CUDA only; drop it or use --device cuda"),
     (["run", "{d}/good.parquet", "--gpu-memory-limit", "lots"], "'lots' is not a size; write it like 4GiB"),
+    # issue 9, finding 8
+    (["run", "{d}/dupcols.parquet"], "{d}/dupcols.parquet: the column name 'document' appears more than once; "
+     "rename the copies"),
+    (["run", "{d}/badutf8.parquet"], "{d}/badutf8.parquet: row 1: column 'document' is not valid UTF-8; "
+     "re-encode the text as UTF-8"),
+    (["run", "{d}/good.parquet", "--device", "tpu"], "--device 'tpu': not a device; use auto, cpu, cuda or cuda:N"),
+    (["run", "{d}/good.parquet", "--device", "cuda:x"], "--device 'cuda:x': not a device; use auto"),
+    (["run", "{d}/good.parquet", "--device", ""], "--device '': not a device; use auto"),
+    (["run", "{d}/good.parquet", "--summary", "{d}/nodir/s.json"],
+     "--summary {d}/nodir/s.json: the directory {d}/nodir does not exist; create it or pass another path"),
+    (["run", "{d}/good.parquet", "--restart", "--checkpoint-dir", "{d}/ckfile"],
+     "{d}/ckfile: the checkpoint directory is a file; pass a directory with --checkpoint-dir"),
+    (["run", "{d}/good.parquet", "--max-length", "1000000"], "--max-length 1000000 exceeds the"),
+    # finding 5
+    (["run", "{d}/nullqid.parquet"], "{d}/nullqid.parquet: row 0: column 'query_id' is null; fill it, or pass "
+     "--on-null skip"),
+    # finding 9: types across files and nulls from footers, before any scoring
+    (["run", "{d}/qid_str.parquet", "{d}/qid_int.parquet"],
+     "{d}/qid_int.parquet: column 'query_id' is int64, but string in {d}/qid_str.parquet; give files of one schema"),
+    (["run", "{d}/late_null.parquet"], "{d}/late_null.parquet: row 119: column 'document' is null; fill it"),
+    # finding 14
+    (["run", "{d}/nullelem.parquet"], "{d}/nullelem.parquet: row 1, document 1: column 'documents' is null"),
+    (["run", "{d}/good.parquet", "--model", "{d}/notok"], "model {d}/notok: no tokenizer files (tokenizer.json"),
+    (["run", "{d}/good.parquet", "--template", "{d}/same-template.json"],
+     "same-template.json: the template's positive and negative are both 'yes'; make them differ"),
+    (["run", "{d}/good.parquet", "--gpu-memory-limit", "4GiB"],
+     "--gpu-memory-limit applies to CUDA only, and --device auto found no GPU here; drop the option or pass "
+     "--device cuda"),
     (["run", "{d}/good.parquet", "--max-length", "20"], "--max-length 20 leaves no room for the pair: the template alone takes"),
 ]
 
@@ -211,3 +263,53 @@ def test_a_pair_that_never_fits_is_a_runtime_error_exit_1(tmp_path, monkeypatch)
     assert "does not fit in GPU memory; lower --max-length or raise --gpu-memory-limit" in r.output
     assert "Traceback" not in r.output
     assert not out.exists()
+
+
+def test_gpu_memory_held_by_another_process_is_one_line(tmp_path, monkeypatch):
+    """Issue 9, finding 8: an OOM while loading the model names the free memory and the fix."""
+    from pipeline.score import Scorer
+
+    def load(cfg, kind=None):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB (simulated)")
+
+    monkeypatch.setattr(Scorer, "load", load)
+    out = tmp_path / "out.parquet"
+    r = run_cli(["run", SAMPLE, "--model", TINY, "-o", out, "-q"])
+    assert r.exit_code == 1, r.output
+    assert ("the GPU has not enough free memory to load it; another process may hold it: free the GPU, pick "
+            "another with --device cuda:N, or pass --device cpu") in r.output
+    assert "Traceback" not in r.output
+    assert sorted(os.listdir(tmp_path)) == []  # no output, no checkpoint
+
+
+def test_output_name_not_utf8_is_refused_without_debris(tmp_path):
+    out = os.path.join(str(tmp_path), "out\udcff.parquet")  # a non-UTF-8 byte, as Python decodes it
+    r = run_cli(["run", SAMPLE, "--model", TINY, "-o", out, "-q"])
+    assert r.exit_code == 2, r.output
+    assert "the output name is not valid UTF-8; rename it" in r.output
+    assert os.listdir(tmp_path) == []
+
+
+def test_full_output_disk_at_the_final_write_is_one_line_and_resumable(tmp_path, monkeypatch):
+    import errno
+
+    import pipeline.write as wmod
+
+    real = wmod.pq.ParquetWriter
+
+    class Full(real):
+        def write_table(self, *a, **k):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(wmod.pq, "ParquetWriter", Full)
+    out = tmp_path / "out.parquet"
+    r = run_cli(["run", SAMPLE, "--model", TINY, "-o", out, "-q"])
+    assert r.exit_code == 1, r.output
+    assert ("out.parquet: cannot write the output (No space left on device); free space in "
+            f"{tmp_path} and rerun the same command: the scores are kept in the checkpoint") in r.output
+    assert "Traceback" not in r.output
+    assert sorted(os.listdir(tmp_path)) == ["out.parquet.ckpt"]  # no temp output left
+    monkeypatch.setattr(wmod.pq, "ParquetWriter", real)
+    r = run_cli(["run", SAMPLE, "--model", TINY, "-o", out, "-q"])
+    assert r.exit_code == 0, r.output
+    assert sorted(os.listdir(tmp_path)) == ["out.parquet"]

@@ -41,6 +41,18 @@ if spec:
             os.kill(os.getpid(), signal.SIGKILL)
         return out
     os.replace = replace
+spec = os.environ.get("KILL_AT_UNLINK")
+if spec:  # SIGKILL before the Nth unlink whose path matches (the checkpoint's cleanup)
+    pattern, nth = spec.rsplit(":", 1)
+    real_unlink = os.unlink
+    seen_u = [0]
+    def unlink(path, *a, **k):
+        if re.search(pattern, str(path)):
+            seen_u[0] += 1
+            if seen_u[0] == int(nth):
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real_unlink(path, *a, **k)
+    os.unlink = unlink
 sys.argv = ["rerank-batch"] + sys.argv[1:]
 from jobs.cli import main
 main()
@@ -75,24 +87,33 @@ def _assert_same(out, ref):
     assert got.equals(ref)  # same rows, same order, same scores and ranks
 
 
-def _parts(ck):
-    d = ck / "parts"
-    return len([n for n in os.listdir(d) if not n.startswith(".")]) if d.exists() else 0
+def _done(ck):
+    """Finished units: the checkpoint's done records (the events the kill tests wait on)."""
+    d = ck / "done"
+    try:
+        return len([n for n in os.listdir(d) if not n.startswith(".")])
+    except FileNotFoundError:
+        return 0
 
 
 def test_sigkill_at_random_moments_then_resume(job, tmp_path):
+    """Each attempt is killed at a random event of the checkpoint (after 2-10 more finished units,
+    plus a random few polls), not at a wall-clock time, so the test kills as often on a loaded
+    machine as on an idle one."""
     out = tmp_path / "out.parquet"
     ck = tmp_path / "out.parquet.ckpt"
     rng = random.Random(7)
     kills = 0
-    for attempt in range(30):
-        before = _parts(ck)
+    for attempt in range(40):
+        target = _done(ck) + rng.randint(2, 10)
+        extra_polls = rng.randint(0, 20)
         p = _spawn(_args(job, out))
-        # Wait until this attempt is scoring (a new part landed), then kill at a random moment
-        # of the next second: mid-batch, mid-part-write, mid-manifest or mid-final-write.
-        while p.poll() is None and _parts(ck) <= before and not out.exists():
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0.0, 1.0))
+        while p.poll() is None and _done(ck) < target and not out.exists():
+            time.sleep(0.005)
+        for _ in range(extra_polls):  # land mid-batch, mid-part, mid-record or mid-final-write
+            if p.poll() is not None:
+                break
+            time.sleep(0.005)
         if p.poll() is None:
             p.send_signal(signal.SIGKILL)
             p.wait()
@@ -104,27 +125,27 @@ def test_sigkill_at_random_moments_then_resume(job, tmp_path):
         break
     else:
         pytest.fail("the run never finished")
-    assert kills >= 5, f"only {kills} kills landed; the run is too quick for this test"
-    if not out.exists():
-        p = _spawn(_args(job, out))
-        assert p.wait(timeout=300) == 0
+    assert kills >= 5, f"only {kills} kills landed"
+    p = _spawn(_args(job, out))  # the rerun after any kill ends with exit 0 and the output
+    assert p.wait(timeout=300) == 0, p.stderr.read()[-2000:]
     _assert_same(out, job["ref"])
-    assert not ck.exists()
+    assert sorted(os.listdir(tmp_path)) == ["out.parquet"]
 
 
 @pytest.mark.parametrize("where", [
     "/parts/[^/]+$:3:before",     # a part fully written, not renamed
-    "/parts/[^/]+$:3:after",      # a part in place, not in the manifest
-    "manifest\\.json$:4:before",  # a new manifest written, not renamed
+    "/parts/[^/]+$:3:after",      # a part in place, without its done record
+    "/done/[^/]+$:4:before",      # a done record written, not renamed
     "/out\\.parquet$:1:before",   # the final output written, not renamed
-    "/out\\.parquet$:1:after",    # the output in place, the checkpoint not yet removed
+    "/out\\.parquet$:1:after",    # the output in place, not yet marked published
+    "checkpoint$:2:after",        # marked published, the checkpoint not yet removed
 ])
 def test_sigkill_inside_writes_then_resume(job, tmp_path, where):
     out = tmp_path / "out.parquet"
     p = _spawn(_args(job, out), {"KILL_AT_REPLACE": where})
     p.wait(timeout=300)
     assert p.returncode == -signal.SIGKILL, p.stderr.read()[-2000:]
-    assert (tmp_path / "out.parquet.ckpt" / "manifest.json").exists()
+    assert (tmp_path / "out.parquet.ckpt" / ".rerank-batch-checkpoint").exists()
     if where.endswith("1:before"):
         assert not out.exists()  # never a half-written output under the real name
     p = _spawn(_args(job, out))
@@ -139,7 +160,7 @@ def test_sigterm_stops_promptly_and_resumes(job, tmp_path):
     ck = tmp_path / "out.parquet.ckpt"
     p = _spawn(_args(job, out))
     t0 = time.monotonic()
-    while not (ck / "manifest.json").exists():
+    while _done(ck) < 1:
         assert p.poll() is None, p.stderr.read()[-2000:]
         assert time.monotonic() - t0 < 120
         time.sleep(0.05)
@@ -152,8 +173,8 @@ def test_sigterm_stops_promptly_and_resumes(job, tmp_path):
     assert "interrupted by signal 15; rerun the same command to resume" in err
     assert "Traceback" not in err
     assert not out.exists()
-    manifest = json.loads((ck / "manifest.json").read_text())
-    assert manifest["units"] and all((ck / "parts" / f"{u}.parquet").exists() for u in manifest["units"])
+    done = [n[:-len(".json")] for n in os.listdir(ck / "done")]
+    assert done and all((ck / "parts" / f"{u}.parquet").exists() for u in done)
     p = _spawn(_args(job, out))
     p.wait(timeout=300)
     assert p.returncode == 0
@@ -198,27 +219,32 @@ def test_fingerprint_mismatch_is_refused_and_restart_starts_over(job, tmp_path):
 def test_full_disk_during_a_part_write_leaves_a_valid_checkpoint(job, tmp_path, monkeypatch):
     import errno
 
-    import pipeline.checkpoint as ckmod
+    from pipeline.storage import LocalStore
 
     out = tmp_path / "out.parquet"
-    real = ckmod.pq.write_table
+    real = LocalStore.write
     calls = [0]
 
-    def failing(table, where, *a, **k):
-        calls[0] += 1
-        if calls[0] == 5:
-            with open(where, "wb") as f:  # a partial file, as a full disk leaves it
-                f.write(b"PAR1\x00\x00")
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(table, where, *a, **k)
+    def failing(self, name, data):
+        if name.startswith("parts/"):
+            calls[0] += 1
+            if calls[0] == 5:
+                def full(tmp, dst):  # the temp file written, its rename refused
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                real_replace, os.replace = os.replace, full
+                try:
+                    return real(self, name, data)
+                finally:
+                    os.replace = real_replace
+        return real(self, name, data)
 
-    monkeypatch.setattr(ckmod.pq, "write_table", failing)
+    monkeypatch.setattr(LocalStore, "write", failing)
     with pytest.raises(RerankError, match="cannot write a checkpoint part .No space left on device.; free disk space"):
         run(_cfg(job, out), progress=False)
-    monkeypatch.setattr(ckmod.pq, "write_table", real)
-    manifest = json.loads((tmp_path / "out.parquet.ckpt" / "manifest.json").read_text())
-    assert len(manifest["units"]) == 4
-    assert not [n for n in os.listdir(tmp_path / "out.parquet.ckpt" / "parts") if n.startswith(".tmp")]
+    monkeypatch.setattr(LocalStore, "write", real)
+    ck = tmp_path / "out.parquet.ckpt"
+    assert _done(ck) == 4
+    assert not [n for n in os.listdir(ck / "parts") if n.startswith(".tmp")]
     run(_cfg(job, out), progress=False)
     _assert_same(out, job["ref"])
 
@@ -228,9 +254,9 @@ def test_keep_checkpoint_and_checkpoint_dir(job, tmp_path):
     ck = tmp_path / "elsewhere"
     r = run_cli(_args(job, out) + ["--checkpoint-dir", ck, "--keep-checkpoint"])
     assert r.exit_code == 0, r.output
-    manifest = json.loads((ck / "manifest.json").read_text())
-    assert len(manifest["units"]) == len(os.listdir(ck / "parts"))
-    assert sum(u["pairs"] for u in manifest["units"].values()) == job["ref"].num_rows
+    records = [json.loads((ck / "done" / n).read_text()) for n in os.listdir(ck / "done")]
+    assert len(records) == len(os.listdir(ck / "parts"))
+    assert sum(r["pairs"] for r in records) == job["ref"].num_rows
     assert not (tmp_path / "out.parquet.ckpt").exists()
 
 
@@ -251,3 +277,22 @@ def test_score_unit_runs_a_unit_on_its_own(job, tmp_path):
     committed = pq.read_table(tmp_path / "out.parquet.ckpt" / "parts" / f"{unit.id}.parquet")
     assert part.equals(committed)
     assert info["pairs"] == part.num_rows
+
+
+@pytest.mark.parametrize("where", [
+    "/parts/[^/]+$:1", "/parts/[^/]+$:30", "/done/[^/]+$:2", "fingerprint\\.json$:1", "checkpoint$:1",
+])
+def test_sigkill_during_cleanup_then_the_rerun_exits_0(job, tmp_path, where):
+    """Issue 9, finding 6: a kill between deleting files of the checkpoint; the rerun of the same
+    command (an Airflow retry) must end with exit 0 and the complete output, and leave nothing."""
+    out = tmp_path / "out.parquet"
+    p = _spawn(_args(job, out), {"KILL_AT_UNLINK": where})
+    p.wait(timeout=300)
+    assert p.returncode == -signal.SIGKILL, p.stderr.read()[-2000:]
+    assert out.exists()
+    p = _spawn(_args(job, out))
+    p.wait(timeout=300)
+    err = p.stderr.read()
+    assert p.returncode == 0, err[-2000:]
+    _assert_same(out, job["ref"])
+    assert sorted(os.listdir(tmp_path)) == ["out.parquet"]

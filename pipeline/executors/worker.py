@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import time
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +36,13 @@ class UnitWorker:
     def run(self, units, on_batch=None, should_stop=None):
         """Score `units` (an iterator, pulled one ahead so reading and tokenizing overlap the
         device) and write each part into the checkpoint; yield (unit, info) as each is written."""
-        from ..checkpoint import write_part
+        from ..checkpoint import Checkpoint
         from .stream import score_units
 
+        ck = Checkpoint(self.spec.ckpt_dir)  # no lease: the driver holds the run's
         for unit, part, info in score_units(units, self.spec.layout, self.spec.cfg, self.scorer,
                                             on_batch=on_batch, should_stop=should_stop):
-            t0 = time.perf_counter()
-            write_part(self.spec.ckpt_dir, unit.id, part)
-            info["seconds_writing"] = time.perf_counter() - t0
-            yield unit, info
+            yield unit, ck.commit(unit.id, part, info)
 
 
 def pool_worker_main(conn, device: str, spec: WorkSpec, log_level: int, cpu_threads: int) -> None:

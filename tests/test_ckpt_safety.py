@@ -1,0 +1,315 @@
+"""Issue 9: checkpoints that are ours only, locked, content-verified, and cheap to commit.
+Each test reproduces one finding of the issue on the code before it."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import ROOT, real_pairs, run_cli
+from pipeline.config import RunConfig
+from pipeline.errors import CheckpointError, InputError, Interrupted
+from pipeline.run import run
+
+_CHILD = r"""
+import sys
+sys.argv = ["rerank-batch"] + sys.argv[1:]
+from jobs.cli import main
+main()
+"""
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, models):
+    d = tmp_path_factory.mktemp("safety")
+    inp = d / "in.parquet"
+    pq.write_table(real_pairs(100), inp, row_group_size=37)  # 300 pairs, 6 units of 53
+    refs = {}
+    for n in (64, 128):
+        ref = d / f"ref{n}.parquet"
+        r = run_cli(["run", inp, "--model", models["tied"], "-o", ref, "--window", 53, "-q", "--max-length", n])
+        assert r.exit_code == 0, r.output
+        refs[n] = pq.read_table(ref)
+    return {"dir": d, "input": inp, "refs": refs, "model": models["tied"]}
+
+
+def _args(job, inp, out, n=64, *extra):
+    return ["run", str(inp), "--model", job["model"], "-o", str(out), "--window", "53", "-q",
+            "--max-length", str(n), *map(str, extra)]
+
+
+def _spawn(args):
+    return subprocess.Popen([sys.executable, "-c", _CHILD, *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _cfg(job, inp, out, **kw):
+    return RunConfig(inputs=(str(inp),), output=str(out), model=job["model"], window_pairs=53, max_length=64, **kw)
+
+
+def _stop_after(n, then=None):
+    """A should_stop that (optionally) does something at its nth call and stops after it."""
+    calls = [0]
+
+    def should_stop():
+        calls[0] += 1
+        if calls[0] == n and then is not None:
+            then()
+            return False
+        return then is None and calls[0] > n
+
+    should_stop.signum = signal.SIGINT
+    return should_stop
+
+
+def _done(ck):
+    try:
+        return len([n for n in os.listdir(ck / "done") if not n.startswith(".")])
+    except FileNotFoundError:
+        return 0
+
+
+# -- finding 1: never delete what we did not create --------------------------------------------
+
+def test_checkpoint_dir_we_do_not_own_is_refused_and_untouched(job, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(job["input"], data / "pairs.parquet")
+    (data / "notes.txt").write_text("mine")
+    before = sorted(os.listdir(data))
+    for extra in ([], ["--restart"]):
+        r = run_cli(_args(job, data / "pairs.parquet", data / "ranked.parquet", 64, "--checkpoint-dir", data, *extra))
+        assert r.exit_code == 2, r.output
+        assert f"{data}: not a rerank-batch checkpoint and not empty (holds notes.txt, pairs.parquet)" in r.output
+        assert sorted(os.listdir(data)) == before
+
+
+def test_an_empty_checkpoint_dir_of_the_user_is_kept_and_only_our_files_go(job, tmp_path):
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    out = tmp_path / "out.parquet"
+    with pytest.raises(Interrupted):
+        run(_cfg(job, job["input"], out, checkpoint_dir=str(ck)), progress=False, should_stop=_stop_after(3))
+    (ck / "notes.txt").write_text("a stranger's file in our checkpoint")
+    r = run_cli(_args(job, job["input"], out, 64, "--checkpoint-dir", ck))
+    assert r.exit_code == 0, r.output
+    assert pq.read_table(out).equals(job["refs"][64])
+    assert os.listdir(ck) == ["notes.txt"]  # ours gone, theirs and the directory kept
+
+
+# -- finding 2: a lock, and two runs at random offsets --------------------------------------------
+
+def test_overlapping_runs_at_random_offsets(job, tmp_path):
+    rng = random.Random(11)
+    for i in range(4):
+        d = tmp_path / f"r{i}"
+        d.mkdir()
+        out = d / "out.parquet"
+        ck = d / "out.parquet.ckpt"
+        a = _spawn(_args(job, job["input"], out, 64))
+        wait_units = rng.randint(0, 4)  # start the second run after a random number of finished units
+        while a.poll() is None and _done(ck) < wait_units:
+            time.sleep(0.005)
+        b = _spawn(_args(job, job["input"], out, 128))
+        ra, rb = a.wait(timeout=300), b.wait(timeout=300)
+        errs = {64: a.stderr.read(), 128: b.stderr.read()}
+        codes = {64: ra, 128: rb}
+        assert sorted(codes.values()) in ([0, 2], [0, 75]), errs
+        winner = 64 if ra == 0 else 128
+        loser = 128 if winner == 64 else 64
+        if codes[loser] == 75:
+            assert "another run holds this checkpoint (pid " in errs[loser]
+        else:
+            assert "the output exists; pass --overwrite" in errs[loser]
+        assert "Traceback" not in errs[loser]
+        assert pq.read_table(out).equals(job["refs"][winner])  # whole, and of one option set
+        assert sorted(os.listdir(d)) == ["out.parquet"]
+
+
+def test_a_lock_of_a_dead_run_does_not_block(job, tmp_path):
+    out = tmp_path / "out.parquet"
+    p = _spawn(_args(job, job["input"], out, 64))
+    ck = tmp_path / "out.parquet.ckpt"
+    while _done(ck) < 1:
+        assert p.poll() is None, p.stderr.read()
+        time.sleep(0.01)
+    holder = json.loads((ck / ".rerank-batch-lock").read_text())
+    assert holder["pid"] == p.pid
+    p.kill()
+    p.wait()
+    r = run_cli(_args(job, job["input"], out, 64))
+    assert r.exit_code == 0, r.output
+    assert pq.read_table(out).equals(job["refs"][64])
+
+
+# -- findings 3 and 4: inputs verified by content ---------------------------------------------
+
+def _edit_one_char(path):
+    data = bytearray(path.read_bytes())
+    doc = pq.read_table(path).column("document")[5].as_py().encode()
+    at = data.find(doc)
+    assert at > 0
+    k = at + len(doc) // 2
+    data[k] = ord("X") if data[k] != ord("X") else ord("Y")
+    path.write_bytes(bytes(data))
+
+
+def test_same_size_edit_is_refused_and_touch_or_copy_resumes(job, tmp_path):
+    inp = tmp_path / "in.parquet"
+    pq.write_table(real_pairs(100), inp, row_group_size=37, compression="none")
+    out = tmp_path / "out.parquet"
+    with pytest.raises(Interrupted):
+        run(_cfg(job, inp, out), progress=False, should_stop=_stop_after(6))
+    assert _done(out.parent / (out.name + ".ckpt")) > 0
+    # A touch, then a copy with the same bytes: the checkpoint resumes.
+    os.utime(inp, ns=(time.time_ns(), time.time_ns() + 10**9))
+    with pytest.raises(Interrupted):
+        run(_cfg(job, inp, out), progress=False, should_stop=_stop_after(6))
+    assert _done(out.parent / (out.name + ".ckpt")) > 0
+    shutil.copy(inp, tmp_path / "copy.parquet")
+    os.replace(tmp_path / "copy.parquet", inp)
+    size = inp.stat().st_size
+    _edit_one_char(inp)
+    assert inp.stat().st_size == size
+    r = run_cli(_args(job, inp, out, 64))
+    assert r.exit_code == 2, r.output
+    assert (f"{inp}: the file changed since the checkpoint was made (its content differs); its old scores cannot "
+            "be reused: pass --restart to score it again") in r.output
+    r = run_cli(_args(job, inp, out, 64, "--restart"))
+    assert r.exit_code == 0, r.output
+    got = pq.read_table(out)
+    ref = run_cli(_args(job, inp, tmp_path / "fresh.parquet", 64))
+    assert ref.exit_code == 0
+    assert got.equals(pq.read_table(tmp_path / "fresh.parquet"))
+
+
+def test_touch_then_resume_gives_the_uninterrupted_output(job, tmp_path):
+    inp = tmp_path / "in.parquet"
+    shutil.copy(job["input"], inp)
+    out = tmp_path / "out.parquet"
+    with pytest.raises(Interrupted):
+        run(_cfg(job, inp, out), progress=False, should_stop=_stop_after(6))
+    assert _done(out.parent / (out.name + ".ckpt")) > 0
+    os.utime(inp)
+    run(_cfg(job, inp, out), progress=False)
+    assert pq.read_table(out).equals(job["refs"][64])
+
+
+def test_input_replaced_mid_run_is_never_published(job, tmp_path):
+    inp = tmp_path / "in.parquet"
+    shutil.copy(job["input"], inp)
+    out = tmp_path / "out.parquet"
+
+    def replace_with_longer():
+        pq.write_table(real_pairs(120), tmp_path / "new.parquet", row_group_size=37)
+        os.replace(tmp_path / "new.parquet", inp)
+
+    with pytest.raises(InputError, match="the file changed during the run; nothing was published: rerun with "
+                                         "--restart"):
+        run(_cfg(job, inp, out), progress=False, should_stop=_stop_after(2, then=replace_with_longer))
+    assert not out.exists()
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".partial")]
+
+
+# -- finding 8: a damaged part is redone --------------------------------------------------------
+
+def test_zero_byte_or_garbage_parts_are_scored_again(job, tmp_path):
+    out = tmp_path / "out.parquet"
+    with pytest.raises(Interrupted):
+        run(_cfg(job, job["input"], out), progress=False, should_stop=_stop_after(12))
+    ck = tmp_path / "out.parquet.ckpt"
+    parts = sorted((ck / "parts").iterdir())
+    assert len(parts) >= 2
+    parts[0].write_bytes(b"")
+    parts[1].write_bytes(b"garbage" * 100)
+    r = run_cli(_args(job, job["input"], out, 64))
+    assert r.exit_code == 0, r.output
+    assert pq.read_table(out).equals(job["refs"][64])
+
+
+# -- finding 10: options that change float32 scores are in the fingerprint --------------------
+
+@pytest.mark.parametrize("extra, field", [(["--engine", "transformers"], "options.engine"),
+                                          (["--max-batch-tokens", "999"], "options.max_batch_tokens")])
+def test_engine_and_batch_budget_must_match_to_resume(job, tmp_path, extra, field):
+    out = tmp_path / "out.parquet"
+    with pytest.raises(Interrupted):
+        run(_cfg(job, job["input"], out), progress=False, should_stop=_stop_after(6))
+    assert _done(out.parent / (out.name + ".ckpt")) > 0
+    r = run_cli(_args(job, job["input"], out, 64, *extra))
+    assert r.exit_code == 2, r.output
+    assert f"the checkpoint belongs to a run with a different {field}" in r.output
+
+
+# -- findings 11 and 13: commit cost independent of the number of units ------------------------
+
+def test_commit_writes_two_small_objects_whatever_the_unit_count(job, tmp_path, monkeypatch):
+    from pipeline.storage import LocalStore
+
+    writes = []
+    real = LocalStore.write
+
+    def record(self, name, data):
+        writes.append((name, len(data)))
+        return real(self, name, data)
+
+    monkeypatch.setattr(LocalStore, "write", record)
+    out = tmp_path / "out.parquet"
+    cfg = RunConfig(inputs=(str(job["input"]),), output=str(out), model=job["model"], window_pairs=2, max_length=64)
+    run(cfg, progress=False)
+    records = [n for n, _ in writes if n.startswith("done/")]
+    parts = [n for n, _ in writes if n.startswith("parts/")]
+    assert len(records) == len(parts) > 150  # one unit per 2 pairs, split at row groups
+    other = [n for n, _ in writes if not n.startswith(("done/", "parts/"))]
+    assert len(other) <= 4  # marker, fingerprint, published marker (and a probe): not per unit
+    assert max(size for n, size in writes if n.startswith("done/")) < 512  # a record does not grow
+    got, ref = pq.read_table(out), job["refs"][64]
+    assert got.num_rows == ref.num_rows
+    diff = (got.sort_by("doc_id").column("score").to_numpy() - ref.sort_by("doc_id").column("score").to_numpy())
+    assert abs(diff).max() <= 1e-5
+
+
+# -- finding 14: --restart does not overwrite an output without --overwrite ----------------------
+
+def test_restart_does_not_overwrite_an_existing_output(job, tmp_path):
+    out = tmp_path / "out.parquet"
+    out.write_bytes(b"someone's file")
+    r = run_cli(_args(job, job["input"], out, 64, "--restart"))
+    assert r.exit_code == 2, r.output
+    assert "the output exists; pass --overwrite to replace it" in r.output
+    assert out.read_bytes() == b"someone's file"
+    assert sorted(os.listdir(tmp_path)) == ["out.parquet"]
+
+
+# -- issue 14, bug 1: the summary's seconds is the whole run ------------------------------------
+
+def test_summary_seconds_is_the_whole_run(job, tmp_path):
+    out, s = tmp_path / "out.parquet", tmp_path / "s.json"
+    r = run_cli(_args(job, job["input"], out, 64, "--summary", s))
+    assert r.exit_code == 0, r.output
+    summary = json.loads(s.read_text())
+    stages = sum(v for k, v in summary["extra"].items() if k.startswith("seconds_"))
+    assert summary["seconds"] >= stages > 0
+
+
+def test_checkpoint_error_is_a_checkpoint_error(job, tmp_path):
+    """A different input list is named as such (the fingerprint's inputs)."""
+    out = tmp_path / "out.parquet"
+    with pytest.raises(Interrupted):
+        run(_cfg(job, job["input"], out), progress=False, should_stop=_stop_after(6))
+    assert _done(out.parent / (out.name + ".ckpt")) > 0
+    other = tmp_path / "other.parquet"
+    pq.write_table(pa.table({"query": ["q"], "document": ["d"]}), other)
+    with pytest.raises(CheckpointError, match="different inputs"):
+        run(RunConfig(inputs=(str(other),), output=str(out), model=job["model"], window_pairs=53, max_length=64,
+                      checkpoint_dir=str(tmp_path / "out.parquet.ckpt")), progress=False)
