@@ -28,17 +28,18 @@ import uuid
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import CheckpointError, InputError, RerankError
+from .errors import CheckpointError, InputError, RerankError, first_line
 from .fingerprint import check_inputs, diff_fingerprints, file_fingerprint
 from .lock import LEASE_NAME, LocalLease
 from .storage import LocalStore, fsync_dir
+from .storage_remote import REMOTE_LEASE_NAME, RemoteLease, RemoteStore, is_uri
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
 MARKER = ".rerank-batch-checkpoint"
 FINGERPRINT = "fingerprint.json"
-_OURS_TOP = {MARKER, LEASE_NAME, FINGERPRINT, "parts", "done"}
+_OURS_TOP = {MARKER, LEASE_NAME, REMOTE_LEASE_NAME, FINGERPRINT, "parts", "done"}
 _OUR_FILE = re.compile(r"^(\.tmp-[0-9a-f]{32}-)?[0-9A-Za-z_.-]+\.(parquet|json)$")
 
 __all__ = ["Checkpoint", "open_checkpoint", "atomic_write_parquet", "fsync_dir"]
@@ -49,7 +50,7 @@ class Checkpoint:
 
     def __init__(self, directory: str, store=None):
         self.dir = directory
-        self.store = store or LocalStore(directory)
+        self.store = store or (RemoteStore(directory) if is_uri(directory) else LocalStore(directory))
         self.lease: LocalLease | None = None
         self.marker: dict = {}
         self.fingerprint: dict = {}
@@ -94,7 +95,7 @@ class Checkpoint:
             try:
                 rec = json.loads(self.store.read(name))
                 ok = (isinstance(rec, dict) and self.store.size(f"parts/{uid}.parquet") == rec["part_bytes"]
-                      and pq.read_metadata(self.part_path(uid)).num_rows == rec["part_rows"])
+                      and pq.read_metadata(self.store.source(f"parts/{uid}.parquet")).num_rows == rec["part_rows"])
             except (OSError, ValueError, KeyError, TypeError, pa.ArrowException):
                 ok = False
             if ok:
@@ -148,30 +149,46 @@ class Checkpoint:
             self.store.remove_empty("")
 
 
-def _strangers(directory: str) -> list[str]:
-    return sorted(n for n in os.listdir(directory)
+def _strangers(store) -> list[str]:
+    return sorted(n for n in store.list("")
                   if n not in _OURS_TOP and not (n.startswith(".tmp-") or n.startswith(".probe-")))
 
 
-def open_checkpoint(directory: str, fingerprint: dict, paths, *, restart: bool, run_id: str | None = None
-                    ) -> Checkpoint:
-    """Take the lease on `directory` (made and marked when absent or empty), check the fingerprint,
-    and load the finished units. Refuses a non-empty directory without our marker (exit 2),
-    a directory a live run holds (exit 75) and a fingerprint that differs (exit 2)."""
-    if os.path.exists(directory) and not os.path.isdir(directory):
-        raise InputError(f"{directory}: the checkpoint directory is a file; pass a directory with --checkpoint-dir")
-    existed = os.path.isdir(directory)
-    if existed and not os.path.exists(os.path.join(directory, MARKER)):
-        strangers = _strangers(directory)
+def _open_remote(directory: str, run_id: str) -> tuple[Checkpoint, bool]:
+    """Object storage: no folders to make or to find foreign; a prefix with objects of others
+    but no marker is refused as a local directory would be; the lease is an expiring object."""
+    store = RemoteStore(directory)
+    existed = bool(store.list(""))
+    if existed and not store.exists(MARKER):
+        strangers = _strangers(store)
         if strangers:
             shown = ", ".join(strangers[:3]) + (", ..." if len(strangers) > 3 else "")
             raise InputError(
                 f"{directory}: not a rerank-batch checkpoint and not empty (holds {shown}); pass a new or empty "
                 "--checkpoint-dir (the run deletes its checkpoint when done)"
             )
+    ck = Checkpoint(directory, store)
+    try:
+        ck.lease = RemoteLease(store, REMOTE_LEASE_NAME, run_id).acquire()
+    except OSError as exc:
+        raise InputError(f"{directory}: cannot write the checkpoint there ({first_line(exc)}); check the bucket, "
+                         "the credentials, or pass another --checkpoint-dir") from None
+    return ck, existed
+
+
+def _open_local(directory: str, run_id: str) -> tuple[Checkpoint, bool]:
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise InputError(f"{directory}: the checkpoint directory is a file; pass a directory with --checkpoint-dir")
+    existed = os.path.isdir(directory)
     ck = Checkpoint(directory)
-    run_id = run_id or uuid.uuid4().hex[:12]
-    new = False
+    if existed and not os.path.exists(os.path.join(directory, MARKER)):
+        strangers = _strangers(ck.store)
+        if strangers:
+            shown = ", ".join(strangers[:3]) + (", ..." if len(strangers) > 3 else "")
+            raise InputError(
+                f"{directory}: not a rerank-batch checkpoint and not empty (holds {shown}); pass a new or empty "
+                "--checkpoint-dir (the run deletes its checkpoint when done)"
+            )
     try:
         os.makedirs(directory, exist_ok=True)
         ck.lease = LocalLease(directory, run_id).acquire()
@@ -179,6 +196,20 @@ def open_checkpoint(directory: str, fingerprint: dict, paths, *, restart: bool, 
         raise InputError(
             f"{directory}: cannot write the checkpoint here ({exc.strerror or exc}); pass a writable --checkpoint-dir"
         ) from None
+    return ck, existed
+
+
+def open_checkpoint(directory: str, fingerprint: dict, paths, *, restart: bool, run_id: str | None = None
+                    ) -> Checkpoint:
+    """Take the lease on `directory` (made and marked when absent or empty), check the fingerprint,
+    and load the finished units. Refuses a non-empty directory without our marker (exit 2),
+    a directory a live run holds (exit 75) and a fingerprint that differs (exit 2)."""
+    run_id = run_id or uuid.uuid4().hex[:12]
+    new = False
+    if is_uri(directory):
+        ck, existed = _open_remote(directory, run_id)
+    else:
+        ck, existed = _open_local(directory, run_id)
     try:
         why = ck.store.is_writable()
         if why:

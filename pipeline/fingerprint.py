@@ -14,6 +14,7 @@ import hashlib
 import os
 
 from .errors import CheckpointError, InputError
+from .storage_remote import is_uri, open_input, stat
 
 HASH_CHUNK = 8 << 20
 
@@ -29,19 +30,37 @@ def _footer_bytes(f, size: int) -> bytes:
     return f.read(min(n, size - 8)) + tail
 
 
+def _open(path: str):
+    """A binary file object for a local path or an object-storage URI."""
+    if is_uri(path):
+        return open_input(path)
+    return open(path, "rb")
+
+
+def _where(path: str) -> str:
+    return path if is_uri(path) else os.path.abspath(path)
+
+
 def content_hash(path: str) -> str:
     h = hashlib.blake2b(digest_size=32)
-    with open(path, "rb") as f:
+    with _open(path) as f:
         while chunk := f.read(HASH_CHUNK):
             h.update(chunk)
     return h.hexdigest()
 
 
 def quick_stat(path: str) -> dict:
-    st = os.stat(path)
-    with open(path, "rb") as f:
-        footer = _footer_bytes(f, st.st_size)
-    return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+    if is_uri(path):
+        found = stat(path)
+        if found is None:
+            raise FileNotFoundError(path)
+        size, mtime_ns = found
+    else:
+        st = os.stat(path)
+        size, mtime_ns = st.st_size, st.st_mtime_ns
+    with _open(path) as f:
+        footer = _footer_bytes(f, size)
+    return {"path": _where(path), "size": size, "mtime_ns": mtime_ns,
             "footer_blake2b": hashlib.blake2b(footer, digest_size=32).hexdigest()}
 
 
@@ -63,7 +82,7 @@ def same_input(old: dict, path: str) -> bool:
 def check_inputs(old: list[dict], paths) -> None:
     """Refuse a checkpoint made from other input files or other bytes; name the file."""
     old_paths = [o.get("path") for o in old]
-    new_paths = [os.path.abspath(p) for p in paths]
+    new_paths = [_where(p) for p in paths]
     if old_paths != new_paths:
         raise CheckpointError(
             "the checkpoint belongs to a run with different inputs; rerun with the same inputs, model and "

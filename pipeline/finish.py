@@ -18,10 +18,12 @@ import uuid
 
 import pyarrow.parquet as pq
 
-from .errors import RerankError
+from . import storage_remote as sr
+from .errors import RerankError, first_line
 from .fingerprint import recheck_inputs
 from .signals import critical
 from .storage import fsync_dir
+from .storage_remote import is_uri
 from .write import write_ranked
 
 
@@ -42,9 +44,14 @@ def published_output(plan) -> dict | None:
     if not rec:
         return None
     try:
-        st = os.stat(out)
-        ok = (rec["path"] == os.path.abspath(out) and st.st_size == rec["size"]
-              and st.st_mtime_ns == rec["mtime_ns"] and pq.read_metadata(out).num_rows == rec["rows"])
+        if is_uri(out):
+            size, mtime_ns = sr.stat(out) or (None, None)
+            rows = pq.read_metadata(sr.open_input(out)).num_rows if size is not None else None
+            ok = rec["path"] == out and (size, mtime_ns, rows) == (rec["size"], rec["mtime_ns"], rec["rows"])
+        else:
+            st = os.stat(out)
+            ok = (rec["path"] == os.path.abspath(out) and st.st_size == rec["size"]
+                  and st.st_mtime_ns == rec["mtime_ns"] and pq.read_metadata(out).num_rows == rec["rows"])
     except (OSError, KeyError, ValueError, TypeError):
         ok = False
     if ok:
@@ -57,6 +64,8 @@ def publish(plan, should_stop=None) -> int:
     """Steps 1-3; returns the rows written."""
     cfg, ck = plan.cfg, plan.ckpt
     recheck_inputs(ck.fingerprint["inputs"], cfg.inputs)
+    if is_uri(cfg.output):
+        return _publish_remote(plan, should_stop)
     out = os.path.abspath(cfg.output)
     out_dir = os.path.dirname(out)
     tmp = os.path.join(out_dir, f".{os.path.basename(out)}.{ck.marker.get('run_id', '')}-{uuid.uuid4().hex[:8]}.partial")
@@ -79,6 +88,36 @@ def publish(plan, should_stop=None) -> int:
             f"{cfg.output}: cannot write the output ({exc.strerror or exc}); free space in {out_dir} and rerun "
             "the same command: the scores are kept in the checkpoint"
         ) from None
+
+
+def _publish_remote(plan, should_stop=None) -> int:
+    """An object-storage output: written to local temp space (TMPDIR) first, then uploaded to a
+    temp object and moved onto the final key, so the key shows the old object or the whole new
+    one; the marker records the object's size and mtime like a local output's."""
+    import tempfile
+
+    cfg, ck = plan.cfg, plan.ckpt
+    sums = totals(plan)
+
+    def upload_and_record(src, dst):
+        rows = pq.read_metadata(src).num_rows
+        with critical(should_stop):
+            sr.publish(src, cfg.output)
+            size, mtime_ns = sr.stat(cfg.output)
+            ck.write_marker(state="published", output={"path": cfg.output, "size": size, "mtime_ns": mtime_ns,
+                                                       "rows": rows, "totals": sums})
+        os.unlink(src)
+
+    with tempfile.TemporaryDirectory(prefix="rerank-batch-") as stage:
+        tmp = os.path.join(stage, cfg.output.rsplit("/", 1)[-1])
+        try:
+            return write_ranked(ck.parts([u.id for u in plan.units]), plan.layout, cfg, tmp=tmp,
+                                publish=upload_and_record)
+        except OSError as exc:
+            raise RerankError(
+                f"{cfg.output}: cannot write the output ({first_line(exc)}); check the bucket and the local temp "
+                "space (TMPDIR), then rerun the same command: the scores are kept in the checkpoint"
+            ) from None
 
 
 def cleanup(plan, keep: bool) -> None:

@@ -52,10 +52,35 @@ def check_options(cfg: RunConfig) -> None:
                              "drop the option or pass --device cuda")
 
 
+def _check_remote_output(cfg: RunConfig, resumable: bool | None) -> None:
+    """check_output for an object-storage output: the same refusals, asked of the store."""
+    from . import storage_remote as sr
+
+    if cfg.output in cfg.inputs:
+        raise InputError(f"{cfg.output}: the output is one of the inputs; pass another -o")
+    where = sr.kind(cfg.output)
+    if where == "dir":
+        raise InputError(f"{cfg.output}: the output is a prefix with objects under it; pass an object key with -o")
+    if resumable is None:
+        resumable = sr.is_uri(cfg.ckpt_dir) and sr.RemoteStore(cfg.ckpt_dir).exists(MARKER)
+    if where == "file" and not cfg.overwrite and (cfg.restart or not resumable):
+        raise InputError(f"{cfg.output}: the output exists; pass --overwrite to replace it")
+    why = sr.RemoteStore(cfg.output.rsplit("/", 1)[0]).is_writable()
+    if why:
+        raise InputError(f"{cfg.output}: cannot write there ({why}); check the bucket and the credentials")
+
+
 def check_output(cfg: RunConfig, resumable: bool | None = None) -> None:
     """`resumable`: the checkpoint holds work of this output (None: peek at its marker)."""
+    from .storage_remote import RemoteStore, is_uri
+
     _utf8(cfg.output, "output")
     _utf8(cfg.ckpt_dir, "checkpoint directory")
+    if is_uri(cfg.output):
+        _check_remote_output(cfg, resumable)
+        return
+    if is_uri(cfg.ckpt_dir) and resumable is None:  # a local output, its checkpoint in object storage
+        resumable = RemoteStore(cfg.ckpt_dir).exists(MARKER)
     out = os.path.abspath(cfg.output)
     for p in cfg.inputs:
         if os.path.abspath(p) == out or (os.path.exists(cfg.output) and os.path.samefile(p, cfg.output)):
@@ -76,7 +101,7 @@ def check_output(cfg: RunConfig, resumable: bool | None = None) -> None:
         raise InputError(
             f"{cfg.output}: cannot write in {d} ({exc.strerror}); pass an -o in a writable directory"
         ) from None
-    if os.path.exists(cfg.ckpt_dir) and not os.path.isdir(cfg.ckpt_dir):
+    if not is_uri(cfg.ckpt_dir) and os.path.exists(cfg.ckpt_dir) and not os.path.isdir(cfg.ckpt_dir):
         raise InputError(f"{cfg.ckpt_dir}: the checkpoint directory is a file; pass a directory with --checkpoint-dir")
 
 

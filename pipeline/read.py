@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 from .config import RunConfig
 from .errors import InputError, first_line
+from .storage_remote import is_uri, open_input
 
 
 @dataclass(frozen=True)
@@ -51,9 +52,13 @@ class InputLayout:
 
 def resolve_inputs(specs) -> tuple[str, ...]:
     """Expand files, directories (their *.parquet, sorted) and globs into a list of files."""
+    from .storage_remote import expand
+
     files: list[str] = []
     for spec in specs:
-        if any(ch in spec for ch in "*?["):
+        if is_uri(spec):
+            files.extend(expand(spec))
+        elif any(ch in spec for ch in "*?["):
             found = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
             if not found:
                 raise InputError(f"{spec}: no file matches this pattern; check the glob")
@@ -73,7 +78,7 @@ def resolve_inputs(specs) -> tuple[str, ...]:
     seen = set()
     unique = []
     for f in files:
-        key = os.path.realpath(f)
+        key = f if is_uri(f) else os.path.realpath(f)
         if key not in seen:
             seen.add(key)
             unique.append(f)
@@ -84,6 +89,8 @@ def open_parquet(path: str) -> pq.ParquetFile:
     try:
         # pre_buffer=False: the default pre-buffering keeps every row group read so far (RSS
         # grew ~0.5 GB per 1M long pairs of one file); without it memory stays about a window.
+        if is_uri(path):  # object storage: ranged reads through pyarrow.fs, never the whole object
+            return pq.ParquetFile(open_input(path), pre_buffer=False)
         return pq.ParquetFile(path, pre_buffer=False)
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError, ValueError) as exc:
         raise InputError(

@@ -61,6 +61,10 @@ class LocalStore:
             raise
         fsync_dir(d)
 
+    def source(self, name: str):
+        """What pyarrow.parquet reads the object from (a path here, an open file remotely)."""
+        return self.path(name)
+
     def read(self, name: str) -> bytes:
         with open(self.path(name), "rb") as f:
             return f.read()

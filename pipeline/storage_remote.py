@@ -75,6 +75,9 @@ class RemoteStore:
         with self.fs.open_output_stream(self._key(name)) as f:
             f.write(data)
 
+    def source(self, name: str):
+        return self.fs.open_input_file(self._key(name))
+
     def read(self, name: str) -> bytes:
         with self.fs.open_input_stream(self._key(name)) as f:
             return f.read()
@@ -130,6 +133,7 @@ class RemoteStore:
         return None
 
 
+REMOTE_LEASE_NAME = ".rerank-batch-lease.json"
 # How long a lease on object storage lasts without renewal. Short enough that a rerun after a
 # killed driver waits at most this long, long enough that a renewal every third of it survives
 # a slow store.

@@ -51,7 +51,7 @@ def rank_order(part_paths: list[str], layout: InputLayout, cfg: RunConfig) -> pl
     keys = group_keys(layout)
     frames = []
     for i, path in enumerate(part_paths):
-        t = pq.read_table(path, columns=keys + ["score", "_ord"], pre_buffer=False)
+        t = read_part(path, keys + ["score", "_ord"])
         frames.append(pl.from_arrow(t).with_columns(
             _part=pl.lit(i, pl.Int32), _row=pl.int_range(0, pl.len(), dtype=pl.Int64)))
     df = pl.concat(frames, how="vertical_relaxed")
@@ -79,7 +79,7 @@ def _gather(order: pl.DataFrame, part_paths: list[str], schema: pa.Schema, chunk
         if i in cache:
             cache.move_to_end(i)
             return cache[i]
-        t = pq.read_table(part_paths[i], columns=columns, pre_buffer=False)
+        t = read_part(part_paths[i], columns)
         cache[i] = t
         if len(cache) > PART_CACHE:
             cache.popitem(last=False)
@@ -97,6 +97,16 @@ def _gather(order: pl.DataFrame, part_paths: list[str], schema: pa.Schema, chunk
         table = pa.concat_tables(pieces).take(pa.array(np.argsort(by_part, kind="stable")))
         table = table.append_column("rank", chunk["rank"].to_arrow().cast(pa.int32()))
         yield table.select(schema.names).cast(schema)
+
+
+def read_part(path: str, columns) -> pa.Table:
+    """One checkpoint part, local or in object storage (parts are small: read whole)."""
+    from .storage_remote import is_uri, open_input
+
+    if is_uri(path):
+        with open_input(path) as f:
+            return pq.read_table(f, columns=columns, pre_buffer=False)
+    return pq.read_table(path, columns=columns, pre_buffer=False)
 
 
 def write_ranked(part_paths: list[str], layout: InputLayout, cfg: RunConfig, *, tmp: str | None = None,

@@ -106,3 +106,101 @@ def test_expand_and_publish(bucket, tmp_path):
     assert sr.kind(f"{bucket}/in") == "dir" and sr.kind(f"{bucket}/in/a.parquet") == "file"
     # No temp object is left beside the published one.
     assert [n for n in sr.RemoteStore(f"{bucket}/in").list("") if "partial" in n] == []
+
+
+# -- whole runs in a bucket -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def local_ref(tmp_path_factory, models):
+    import pyarrow.parquet as pq
+
+    from conftest import real_pairs, run_cli
+
+    d = tmp_path_factory.mktemp("s3ref")
+    inp = d / "in.parquet"
+    pq.write_table(real_pairs(40), inp, row_group_size=30)  # 120 pairs
+    out = d / "ref.parquet"
+    r = run_cli(["run", inp, "--model", models["tied"], "-o", out, "--window", 20, "-q"])
+    assert r.exit_code == 0, r.output
+    return {"input": inp, "ref": pq.read_table(out), "model": models["tied"]}
+
+
+def _read(uri):
+    import pyarrow.parquet as pq
+
+    from pipeline.storage_remote import open_input
+
+    with open_input(uri) as f:
+        return pq.read_table(f)
+
+
+def test_run_in_a_bucket_equals_the_local_run(bucket, local_ref):
+    from conftest import run_cli
+    from pipeline.storage_remote import RemoteStore, publish
+
+    publish(str(local_ref["input"]), f"{bucket}/in/part-0.parquet")
+    out = f"{bucket}/out/ranked.parquet"
+    r = run_cli(["run", f"{bucket}/in/", "--model", local_ref["model"], "-o", out, "--window", 20, "-q"])
+    assert r.exit_code == 0, r.output
+    got = _read(out)
+    assert got.equals(local_ref["ref"])
+    # Only the output is left: no checkpoint objects, no temp objects.
+    assert RemoteStore(bucket).list("out") == ["out/ranked.parquet"]
+    # The output exists now: the same command is refused without --overwrite.
+    r = run_cli(["run", f"{bucket}/in/", "--model", local_ref["model"], "-o", out, "-q"])
+    assert r.exit_code == 2 and "pass --overwrite" in r.output
+
+
+def test_killed_run_in_a_bucket_resumes(bucket, local_ref, s3_server):
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT, run_cli
+    from pipeline.storage_remote import RemoteStore, publish
+
+    publish(str(local_ref["input"]), f"{bucket}/in.parquet")
+    out = f"{bucket}/out.parquet"
+    args = ["run", f"{bucket}/in.parquet", "--model", local_ref["model"], "-o", out, "--window", 20, "-q"]
+    env = dict(os.environ, PYTHONPATH=ROOT, **s3_server)
+    p = subprocess.Popen([sys.executable, "-m", "jobs.cli", *map(str, args)], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ck = RemoteStore(out + ".ckpt")
+    deadline = time.monotonic() + 600
+    while len(ck.list("done")) < 2:
+        assert p.poll() is None, p.stderr.read()[-2000:]
+        assert time.monotonic() < deadline, "no part appeared"
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=60)
+    assert ck.exists(".rerank-batch-lease.json")  # the dead run's lease is still there...
+    r = run_cli(args)  # ...and does not block: its holder is gone
+    assert r.exit_code == 0, r.output
+    assert _read(out).equals(local_ref["ref"])
+    assert RemoteStore(bucket).list("") == ["in.parquet", "out.parquet"]
+
+
+def test_checkpoint_in_a_bucket_for_a_local_output(bucket, local_ref, tmp_path):
+    from conftest import run_cli
+    from pipeline.storage_remote import RemoteStore
+
+    out = tmp_path / "o.parquet"
+    r = run_cli(["run", local_ref["input"], "--model", local_ref["model"], "-o", out, "--window", 20, "-q",
+                 "--checkpoint-dir", f"{bucket}/ck", "--keep-checkpoint"])
+    assert r.exit_code == 0, r.output
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(out).equals(local_ref["ref"])
+    names = RemoteStore(f"{bucket}/ck").list("")
+    assert ".rerank-batch-checkpoint" in names and "parts" in names and "done" in names
+
+
+def test_foreign_prefix_is_not_a_checkpoint(bucket, local_ref, tmp_path):
+    from conftest import run_cli
+    from pipeline.storage_remote import RemoteStore
+
+    RemoteStore(f"{bucket}/data").write("notes.txt", b"mine")
+    r = run_cli(["run", local_ref["input"], "--model", local_ref["model"], "-o", tmp_path / "o.parquet",
+                 "--checkpoint-dir", f"{bucket}/data", "-q"])
+    assert r.exit_code == 2 and "not a rerank-batch checkpoint" in r.output
+    assert RemoteStore(f"{bucket}/data").list("") == ["notes.txt"]
