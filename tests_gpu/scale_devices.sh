@@ -12,5 +12,5 @@ N=$(python3 -c "import torch; print(torch.cuda.device_count())")
 COUNTS=$(python3 -c "print(','.join(str(i) for i in range(1, $N + 1)))")
 b() { python3 -m jobs.cli bench "$@" 2>&1 | grep -v "^rerank-batch"; }
 b --arch 0.6b --workload w-mixed --pairs ${PAIRS_06B:-20000} --devices "$COUNTS" --repeats 2 --json "$OUT/devices_06b_mixed.json"
-b --arch 4b --workload w-mixed --pairs ${PAIRS_4B:-4000} --devices "$COUNTS" --repeats 1 --json "$OUT/devices_4b_mixed.json"
 python3 tests_gpu/devices_kill_resume.py --arch 0.6b --workload w-short --pairs ${PAIRS_KILL:-100000} > "$OUT/devices_kill_resume.json" 2> "$OUT/kill.log"; tail -30 "$OUT/devices_kill_resume.json"
+b --arch 4b --workload w-mixed --pairs ${PAIRS_4B:-4000} --devices "$COUNTS" --repeats 1 --json "$OUT/devices_4b_mixed.json"
