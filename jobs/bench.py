@@ -29,8 +29,8 @@ from .common import SizeType, domain_errors, setup_logging
 @click.option("--devices", "device_counts", default=None,
               help="Whole runs on 1..N devices of this host, e.g. 1,2,4 (CPU workers where no GPU): pairs/s in "
               "total and per device, speed-up over one device, busy share, driver CPU per unit.")
-@click.option("--window", type=click.IntRange(min=1), default=16384, show_default=True,
-              help="Pairs per unit for --devices runs.")
+@click.option("--window", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="Pairs per unit for --devices runs: enough units for every device to stay busy.")
 @click.option("--json", "json_path", default=None, help="Write the record here.")
 def bench_cmd(arch, workload, pairs, seed_pairs, e2e, repeats, device, gpu_memory_limit, max_batch_tokens,
               compile, engine, attention, smoke, profile, device_counts, window, json_path):

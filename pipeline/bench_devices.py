@@ -72,7 +72,7 @@ def _one_run(inp: str, model: str, devices: str | None, workdir: str, cfg_kw: di
 
 
 def run_devices_bench(arch: str, workload: str, counts: list[int], *, pairs: int | None = None,
-                      repeats: int = 1, window: int = 16384) -> dict:
+                      repeats: int = 1, window: int = 2048) -> dict:
     import pyarrow.parquet as pq
 
     from .bench import WORKLOADS, workload_table

@@ -222,3 +222,32 @@ def test_ray_missing_is_one_line(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_ray)
     with pytest.raises(InputError, match=r"rerank-batch\[ray\]"):
         ray_data.import_ray()
+
+
+def test_pool_serves_empty_handed_workers_first():
+    """A worker asking one unit ahead must not take the units of a worker still loading."""
+    from collections import deque
+
+    from pipeline.executors.pool import WorkerState, _answer
+
+    class Conn:
+        def __init__(self):
+            self.sent = []
+
+        def send(self, msg):
+            self.sent.append(msg)
+
+    fast = WorkerState(0, "cuda:0", None, Conn(), waiting=2, ready=True)
+    slow = WorkerState(1, "cuda:1", None, Conn())  # still loading: has not asked yet
+    queue = deque(["u1", "u2"])
+    _answer([fast, slow], queue)
+    assert list(fast.held) == ["u1"] and list(queue) == ["u2"] and fast.waiting == 1
+    slow.waiting = 1
+    _answer([fast, slow], queue)
+    assert list(slow.held) == ["u2"] and not queue
+    # With more units than empty hands, the look-ahead request is served.
+    fast.held.clear()
+    fast.waiting = 2
+    queue.extend(["u3", "u4", "u5"])
+    _answer([fast, slow], queue)
+    assert list(fast.held) == ["u3", "u4"]

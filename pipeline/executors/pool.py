@@ -166,10 +166,16 @@ def _bury(w: WorkerState, queue: deque, attempts: dict) -> str:
 
 
 def _answer(workers, queue: deque) -> None:
-    """Hand queued units to workers that asked. A request with nothing queued stays parked until
-    the run ends (then "stop") or a dead worker's units come back."""
-    for w in workers:
-        while w.alive and w.waiting and queue:
+    """Hand queued units to workers that asked. A worker with nothing in hand is served first; one
+    that already holds a unit (asking one ahead, to prefetch) gets another only while more units
+    wait than there are empty-handed workers, so a worker that loaded first cannot take the units
+    of one still loading. A request with nothing to give stays parked until the run ends ("stop")
+    or a dead worker's units come back."""
+    for w in sorted((x for x in workers if x.alive), key=lambda x: len(x.held)):
+        while w.waiting and queue:
+            empty_handed = sum(1 for x in workers if x.alive and not x.held and x is not w)
+            if w.held and len(queue) <= empty_handed:
+                break
             u = queue.popleft()
             w.held.append(u)
             _send(w, ("unit", u))
