@@ -153,16 +153,22 @@ def _strangers(directory: str) -> list[str]:
                   if n not in _OURS_TOP and not (n.startswith(".tmp-") or n.startswith(".probe-")))
 
 
-def open_checkpoint(directory: str, fingerprint: dict, paths, *, restart: bool, run_id: str | None = None
-                    ) -> Checkpoint:
+def open_checkpoint(directory: str, fingerprint: dict, paths, *, restart: bool, run_id: str | None = None,
+                    own_root: bool = False) -> Checkpoint:
     """Take the lease on `directory` (made and marked when absent or empty), check the fingerprint,
     and load the finished units. Refuses a non-empty directory without our marker (exit 2),
-    a directory a live run holds (exit 75) and a fingerprint that differs (exit 2)."""
+    a directory a live run holds (exit 75) and a fingerprint that differs (exit 2). `own_root`:
+    the directory's name is ours (OUTPUT.ckpt), so it goes with the checkpoint once empty."""
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise InputError(f"{directory}: the checkpoint directory is a file; pass a directory with --checkpoint-dir")
     existed = os.path.isdir(directory)
     if existed and not os.path.exists(os.path.join(directory, MARKER)):
         strangers = _strangers(directory)
+        if "manifest.json" in strangers and os.path.isdir(os.path.join(directory, "parts")):
+            raise CheckpointError(
+                f"{directory}: a checkpoint of an older rerank-batch (manifest.json), which this version cannot "
+                "resume; delete that directory to start over"
+            )
         if strangers:
             shown = ", ".join(strangers[:3]) + (", ..." if len(strangers) > 3 else "")
             raise InputError(
@@ -189,7 +195,7 @@ def open_checkpoint(directory: str, fingerprint: dict, paths, *, restart: bool, 
             ck.marker = {}
         if not ck.marker:
             new = True
-            ck.write_marker(format=FORMAT_VERSION, run_id=run_id, state="running", created_dir=not existed)
+            ck.write_marker(format=FORMAT_VERSION, run_id=run_id, state="running", created_dir=own_root or not existed)
         elif ck.marker.get("format") != FORMAT_VERSION:
             raise CheckpointError(f"{directory}: a checkpoint of another rerank-batch version; pass --restart")
         ck.done = ck.finished()
@@ -211,6 +217,8 @@ def open_checkpoint(directory: str, fingerprint: dict, paths, *, restart: bool, 
             log.info("resuming: %d units already scored in %s", len(ck.done), directory)
     except BaseException:
         ck.close(remove=new)
+        if new and (own_root or not existed):
+            ck.store.remove_empty("")
         raise
     return ck
 
