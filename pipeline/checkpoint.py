@@ -183,6 +183,11 @@ def _open_local(directory: str, run_id: str) -> tuple[Checkpoint, bool]:
     ck = Checkpoint(directory)
     if existed and not os.path.exists(os.path.join(directory, MARKER)):
         strangers = _strangers(ck.store)
+        if "manifest.json" in strangers and os.path.isdir(os.path.join(directory, "parts")):
+            raise CheckpointError(
+                f"{directory}: a checkpoint of an older rerank-batch (manifest.json), which this version cannot "
+                "resume; delete that directory to start over"
+            )
         if strangers:
             shown = ", ".join(strangers[:3]) + (", ..." if len(strangers) > 3 else "")
             raise InputError(
@@ -199,11 +204,12 @@ def _open_local(directory: str, run_id: str) -> tuple[Checkpoint, bool]:
     return ck, existed
 
 
-def open_checkpoint(directory: str, fingerprint: dict, paths, *, restart: bool, run_id: str | None = None
-                    ) -> Checkpoint:
+def open_checkpoint(directory: str, fingerprint: dict, paths, *, restart: bool, run_id: str | None = None,
+                    own_root: bool = False) -> Checkpoint:
     """Take the lease on `directory` (made and marked when absent or empty), check the fingerprint,
     and load the finished units. Refuses a non-empty directory without our marker (exit 2),
-    a directory a live run holds (exit 75) and a fingerprint that differs (exit 2)."""
+    a directory a live run holds (exit 75) and a fingerprint that differs (exit 2). `own_root`:
+    the directory's name is ours (OUTPUT.ckpt), so it goes with the checkpoint once empty."""
     run_id = run_id or uuid.uuid4().hex[:12]
     new = False
     if is_uri(directory):
@@ -220,7 +226,7 @@ def open_checkpoint(directory: str, fingerprint: dict, paths, *, restart: bool, 
             ck.marker = {}
         if not ck.marker:
             new = True
-            ck.write_marker(format=FORMAT_VERSION, run_id=run_id, state="running", created_dir=not existed)
+            ck.write_marker(format=FORMAT_VERSION, run_id=run_id, state="running", created_dir=own_root or not existed)
         elif ck.marker.get("format") != FORMAT_VERSION:
             raise CheckpointError(f"{directory}: a checkpoint of another rerank-batch version; pass --restart")
         ck.done = ck.finished()
@@ -242,6 +248,8 @@ def open_checkpoint(directory: str, fingerprint: dict, paths, *, restart: bool, 
             log.info("resuming: %d units already scored in %s", len(ck.done), directory)
     except BaseException:
         ck.close(remove=new)
+        if new and (own_root or not existed):
+            ck.store.remove_empty("")
         raise
     return ck
 

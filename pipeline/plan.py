@@ -183,7 +183,8 @@ def make_plan(cfg: RunConfig, kind=None, run_id: str | None = None) -> Plan:
     device = resolve_device(cfg.device)
     dtype = str(resolve_dtype(cfg.dtype, device)).removeprefix("torch.")
     fp = fingerprint(cfg, layout, device.type, dtype, kind)
-    ck = open_checkpoint(cfg.ckpt_dir, fp, cfg.inputs, restart=cfg.restart, run_id=run_id)
+    ck = open_checkpoint(cfg.ckpt_dir, fp, cfg.inputs, restart=cfg.restart, run_id=run_id,
+                         own_root=cfg.checkpoint_dir is None)
     try:  # again under the lock: a run that finished meanwhile has published the output
         check_output(cfg, resumable=bool(ck.done) or ck.state == "published")
     except BaseException:
