@@ -29,7 +29,7 @@ from .rank_stream import Ranker, buckets, contiguous, merge, spill
 from .read import InputLayout
 
 MAX_CHUNK_ROWS = 65536  # rows per output row group
-MEMORY_BUDGET = 256 << 20  # bytes of rows held at once (chunks, spill buffers, one bucket)
+MEMORY_BUDGET = 128 << 20  # bytes of rows held at once (chunks, spill buffers, one bucket)
 
 
 def output_schema(layout: InputLayout) -> pa.Schema:
@@ -62,10 +62,12 @@ def ranked_tables(part_paths: list[str], layout: InputLayout, cfg: RunConfig, sp
     names = [n for n in output_schema(layout).names if n != "rank"]
     columns = list(dict.fromkeys(names + keys + ["_ord"]))
     rank = Ranker(keys, fill, names, cfg.top_k)
-    meta = next(pq.ParquetFile(p).metadata for p in part_paths if pq.ParquetFile(p).metadata.num_rows)
-    row_bytes = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)) / meta.num_rows
-    budget_rows = max(1, int(memory_budget // (3 * max(row_bytes, 1.0))))
-    chunk_rows = min(budget_rows, 1 << 18)
+    # Rows per chunk and per bucket from the in-memory width of a row; a chunk is copied a few
+    # times on its way (concatenated, taken in rank order, regrouped for the writer).
+    first = next(p for p in part_paths if pq.ParquetFile(p).metadata.num_rows)
+    sample = pq.read_table(first, columns=columns)
+    budget_rows = max(1, int(memory_budget // (4 * max(sample.nbytes / sample.num_rows, 1.0))))
+    chunk_rows = min(budget_rows, MAX_CHUNK_ROWS)
     spill_dir = None
     try:
         scattered: Iterator = iter(())

@@ -11,19 +11,17 @@ wall seconds as JSON lines. The tests build their random parts with `synth_parts
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
-import resource
 import subprocess
 import sys
-import time
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .config import RunConfig
 from .pairs import ORD_STRIDE
 from .read import InputLayout
 
@@ -105,11 +103,15 @@ def synth_parts(directory: str, rows: int, *, key: str = "query_id", nested: boo
     return paths, synth_layout(key, nested)
 
 
+# The timed process imports only the checkout under test (it may predate this module).
 _CHILD = """
 import json, resource, sys, time
-from pipeline.write import write_ranked
-from pipeline.write_bench import synth_layout
+import pyarrow as pa
 from pipeline.config import RunConfig
+from pipeline.read import InputLayout
+from pipeline.write import write_ranked
+LS = pa.large_string()
+""" + inspect.getsource(synth_layout) + """
 paths, key, nested, out = json.loads(sys.argv[1])
 layout = synth_layout(key, nested)
 cfg = RunConfig(inputs=("synthetic",), output=out)
