@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import polars as pl
@@ -126,6 +127,20 @@ print(json.dumps({"rows": rows, "wall_s": round(time.perf_counter() - t0, 2),
 """
 
 
+def _du(directory: str, prefix: str) -> int:
+    """Bytes under the entries of `directory` whose names start with `prefix`."""
+    total = 0
+    for e in os.scandir(directory):
+        if not e.name.startswith(prefix):
+            continue
+        try:
+            paths = [e.path] if e.is_file() else [os.path.join(e.path, f) for f in os.listdir(e.path)]
+            total += sum(os.path.getsize(q) for q in paths)
+        except OSError:
+            pass
+    return total
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, required=True)
@@ -147,12 +162,19 @@ def main(argv=None) -> None:
     out = os.path.join(a.dir, "out.parquet")
     env = dict(os.environ, PYTHONPATH=a.repo)
     for _ in range(a.repeat):
-        res = subprocess.run([sys.executable, "-c", _CHILD, json.dumps([paths, a.key, a.nested, out])],
-                             env=env, cwd=a.repo, capture_output=True, text=True)
-        if res.returncode:
-            sys.exit(res.stderr[-3000:])
-        line = json.loads(res.stdout.strip().splitlines()[-1])
-        line.update(case=name, repo=a.repo, parts_mb=round(parts_mb), out_mb=round(os.path.getsize(out) / 2**20))
+        p = subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps([paths, a.key, a.nested, out])],
+                             env=env, cwd=a.repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # The writer's own disk (temp output, spill), sampled while it runs.
+        peak_disk = 0
+        while p.poll() is None:
+            peak_disk = max(peak_disk, _du(a.dir, ".out.parquet"))
+            time.sleep(0.2)
+        stdout, stderr = p.communicate()
+        if p.returncode:
+            sys.exit(stderr[-3000:])
+        line = json.loads(stdout.strip().splitlines()[-1])
+        line.update(case=name, repo=a.repo, parts_mb=round(parts_mb), out_mb=round(os.path.getsize(out) / 2**20),
+                    peak_write_disk_mb=round(peak_disk / 2**20))
         print(json.dumps(line), flush=True)
         os.unlink(out)
 
