@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from contextlib import closing
 from typing import Iterator
 
@@ -50,10 +49,17 @@ def group_keys(layout: InputLayout) -> list[str]:
     return keys
 
 
+def spill_path(output: str, parent: str) -> str:
+    """A fixed hidden name, like the temp output's: a run killed (SIGKILL) while spilling leaves
+    it, and the rerun removes it before spilling again."""
+    return os.path.join(parent, "." + os.path.basename(output) + ".spill")
+
+
 def ranked_tables(part_paths: list[str], layout: InputLayout, cfg: RunConfig, spill_parent: str,
                   memory_budget: int = MEMORY_BUDGET) -> Iterator[pa.Table]:
     """The output rows in order, as tables; spill files (only for queries whose rows are not
-    contiguous) go in a temp dir under `spill_parent`, removed when the generator ends or is closed."""
+    contiguous) go in a hidden dir under `spill_parent`, removed when the generator ends or is
+    closed."""
     keys = group_keys(layout)
     fill = {layout.instruction_col: cfg.instruction} if layout.instruction_col in keys else {}
     index = build_index(part_paths, keys, fill)
@@ -72,7 +78,9 @@ def ranked_tables(part_paths: list[str], layout: InputLayout, cfg: RunConfig, sp
     try:
         scattered: Iterator = iter(())
         if index.scattered.any():
-            spill_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(cfg.output)}.spill-", dir=spill_parent)
+            spill_dir = spill_path(cfg.output, spill_parent)
+            shutil.rmtree(spill_dir, ignore_errors=True)  # left by a run killed while writing
+            os.makedirs(spill_dir)
             files = spill(part_paths, columns, index, keys, fill, spill_dir, budget_rows, memory_budget // 2)
             scattered = buckets(files, rank)
         stream: Iterator = iter(())

@@ -129,3 +129,15 @@ def test_a_failure_mid_write_removes_the_spill(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         write_ranked(paths, layout, cfg, memory_budget=20_000)
     assert os.listdir(tmp_path) == ["parts"]
+
+
+def test_a_spill_left_by_a_killed_run_is_replaced_and_removed(tmp_path):
+    paths, layout = synth_parts(str(tmp_path / "parts"), 1500, per_group=10, scatter=0.5,
+                                part_rows=200, seed=8)
+    stale = tmp_path / ".out.parquet.spill"
+    stale.mkdir()
+    (stale / "bucket-00000.arrow").write_bytes(b"left by SIGKILL")
+    cfg = RunConfig(inputs=("x",), output=str(tmp_path / "out.parquet"))
+    write_ranked(paths, layout, cfg, memory_budget=20_000)
+    assert pq.read_table(cfg.output).equals(reference(paths, layout, cfg))
+    assert sorted(os.listdir(tmp_path)) == ["out.parquet", "parts"]
