@@ -121,7 +121,9 @@ def spill(part_paths, columns, index: GroupIndex, keys, fill, spill_dir: str,
 
     def flush():
         for b, pieces in buffers.items():
-            t = pa.concat_tables(pieces)
+            # One record batch per bucket and flush: batches of a few rows compress badly and
+            # cost a fixed overhead each, to write and to read back.
+            t = pa.concat_tables(pieces).combine_chunks()
             if b not in writers:
                 writers[b] = pa.ipc.new_stream(paths[b], t.schema, options=SPILL_OPTIONS)
             writers[b].write_table(t)
@@ -133,12 +135,15 @@ def spill(part_paths, columns, index: GroupIndex, keys, fill, spill_dir: str,
             mask = index.scattered[g]
             if not mask.any():
                 continue
-            t = t.filter(pa.array(mask)).append_column("_g", pa.array(g[mask], pa.int64()))
             b = bucket_of[g[mask]]
             order = np.argsort(b, kind="stable")
-            bounds = np.flatnonzero(np.diff(b[order])) + 1
-            for seg in np.split(order, bounds):
-                buffers[int(b[seg[0]])].append(t.take(pa.array(seg)))
+            # One take puts the part's scattered rows in bucket order; the buckets are slices.
+            rows = np.flatnonzero(mask)[order]
+            t = t.take(pa.array(rows)).append_column("_g", pa.array(g[rows], pa.int64()))
+            b = b[order]
+            bounds = np.r_[0, np.flatnonzero(np.diff(b)) + 1, len(b)]
+            for lo, hi in zip(bounds[:-1], bounds[1:]):
+                buffers[int(b[lo])].append(t.slice(lo, hi - lo))
             buffered += t.nbytes
             if buffered > buffer_bytes:
                 flush()
