@@ -151,6 +151,7 @@ def main(argv=None) -> None:
     ap.add_argument("--dir", default="/tmp/write_bench")
     ap.add_argument("--repo", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--out", default=None, help="output file (default: DIR/out.parquet)")
     a = ap.parse_args(argv)
     name = f"{a.rows}-{a.key}-{'nested' if a.nested else 'long'}-{a.per_group}-{a.scatter}"
     d = os.path.join(a.dir, name)
@@ -159,7 +160,7 @@ def main(argv=None) -> None:
         open(os.path.join(d, "DONE"), "w").close()
     paths = sorted(os.path.join(d, n) for n in os.listdir(d) if n.endswith(".parquet"))
     parts_mb = sum(os.path.getsize(p) for p in paths) / 2**20
-    out = os.path.join(a.dir, "out.parquet")
+    out = os.path.abspath(a.out or os.path.join(a.dir, "out.parquet"))
     env = dict(os.environ, PYTHONPATH=a.repo)
     for _ in range(a.repeat):
         p = subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps([paths, a.key, a.nested, out])],
@@ -167,7 +168,7 @@ def main(argv=None) -> None:
         # The writer's own disk (temp output, spill), sampled while it runs.
         peak_disk = 0
         while p.poll() is None:
-            peak_disk = max(peak_disk, _du(a.dir, ".out.parquet"))
+            peak_disk = max(peak_disk, _du(os.path.dirname(out), "." + os.path.basename(out)))
             time.sleep(0.2)
         stdout, stderr = p.communicate()
         if p.returncode:
