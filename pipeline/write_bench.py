@@ -60,7 +60,6 @@ def synth_parts(directory: str, rows: int, *, key: str = "query_id", nested: boo
         g = r // per_group
         moved = rng.random(n) < scatter
         if nested:  # a whole input row takes another row's query
-            pg = parent.copy()
             pick = np.flatnonzero(moved & (r % per_group == 0))
             new = rng.integers(0, groups, len(pick))
             for j, k in zip(pick, new):
