@@ -2,7 +2,7 @@
 
 Ranking is global: a query's candidates may sit in several units or files. It runs in two
 streaming passes over the parts, so the driver's memory stays bounded by the memory budget and
-the number of queries (about 50 bytes each), not by the rows:
+the number of queries (about 220 bytes each at the peak), not by the rows:
   1. narrow (rank_index): every row's group key is hashed; the groups' first positions, sizes
      and contiguity are indexed;
   2. wide (rank_stream): queries whose rows are one contiguous run are ranked straight from the
