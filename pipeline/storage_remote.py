@@ -326,3 +326,22 @@ def publish(local_path: str, uri: str) -> None:
         except OSError:
             pass
         raise
+
+
+def read_part(path: str, columns):
+    """A small Parquet file (a checkpoint part: one unit), local or in object storage, read whole."""
+    import pyarrow.parquet as pq
+
+    if is_uri(path):
+        with open_input(path) as f:
+            return pq.read_table(f, columns=columns, pre_buffer=False)
+    return pq.read_table(path, columns=columns, pre_buffer=False)
+
+
+def part_rows(path: str) -> int:
+    import pyarrow.parquet as pq
+
+    if is_uri(path):
+        with open_input(path) as f:
+            return pq.ParquetFile(f).metadata.num_rows
+    return pq.ParquetFile(path).metadata.num_rows

@@ -1,30 +1,34 @@
 """Rank the scored parts per query and write the final Parquet file atomically.
 
 Ranking is global: a query's candidates may sit in several units or files. It runs in two
-passes so that memory stays bounded by a few windows, not by the input:
-  1. narrow: the group keys, score and input position of every row (no payload columns) are
-     ranked with polars, giving each output row its (part, row) source;
-  2. wide: window-sized output chunks gather their rows from the parts (a small cache keeps the
-     last parts read, and queries are usually contiguous, so each part is read about once), in
-     the input's own Arrow types, into a temp file that replaces the output only when complete.
+streaming passes over the parts, so the driver's memory stays bounded by the memory budget and
+the number of queries (about 220 bytes each at the peak), not by the rows:
+  1. narrow (rank_index): every row's group key is hashed; the groups' first positions, sizes
+     and contiguity are indexed;
+  2. wide (rank_stream): queries whose rows are one contiguous run are ranked straight from the
+     stream; the rows of the others are spilled to buckets beside the output, read back, ranked
+     and merged in; in the input's own Arrow types, into a temp file that replaces the output
+     only when complete.
 """
 
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
+import shutil
+from contextlib import closing
+from typing import Iterator
 
-import numpy as np
-import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .checkpoint import fsync_dir
 from .config import RunConfig
+from .rank_index import build_index
+from .rank_stream import Ranker, buckets, contiguous, merge, spill
 from .read import InputLayout
+from .storage_remote import part_rows, read_part
 
-MAX_CHUNK_ROWS = 65536
-PART_CACHE = 3
+MAX_CHUNK_ROWS = 65536  # rows per output row group
+MEMORY_BUDGET = 128 << 20  # bytes of rows held at once (chunks, spill buffers, one bucket)
 
 
 def output_schema(layout: InputLayout) -> pa.Schema:
@@ -45,87 +49,83 @@ def group_keys(layout: InputLayout) -> list[str]:
     return keys
 
 
-def rank_order(part_paths: list[str], layout: InputLayout, cfg: RunConfig) -> pl.DataFrame:
-    """Output order as rows (_part, _row, rank): groups in order of first appearance, best
-    score first, ties and null scores in input order (nulls last, with a null rank)."""
+def spill_path(output: str, parent: str) -> str:
+    """A fixed hidden name, like the temp output's: a run killed (SIGKILL) while spilling leaves
+    it, and the rerun removes it before spilling again."""
+    return os.path.join(parent, "." + os.path.basename(output) + ".spill")
+
+
+def ranked_tables(part_paths: list[str], layout: InputLayout, cfg: RunConfig, spill_parent: str,
+                  memory_budget: int = MEMORY_BUDGET) -> Iterator[pa.Table]:
+    """The output rows in order, as tables; spill files (only for queries whose rows are not
+    contiguous) go in a hidden dir under `spill_parent`, removed when the generator ends or is
+    closed."""
     keys = group_keys(layout)
-    frames = []
-    for i, path in enumerate(part_paths):
-        t = read_part(path, keys + ["score", "_ord"])
-        frames.append(pl.from_arrow(t).with_columns(
-            _part=pl.lit(i, pl.Int32), _row=pl.int_range(0, pl.len(), dtype=pl.Int64)))
-    df = pl.concat(frames, how="vertical_relaxed")
-    if layout.instruction_col in keys:
-        # A null instruction means the default one, so it joins the default's group.
-        df = df.with_columns(pl.col(layout.instruction_col).fill_null(cfg.instruction))
-    df = (
-        df.with_columns(_first=pl.col("_ord").min().over(keys))
-        .sort(["_first", "score", "_ord"], descending=[False, True, False], nulls_last=True)
-        .with_columns(rank=pl.when(pl.col("score").is_null()).then(None)
-                      .otherwise(pl.int_range(1, pl.len() + 1).over(keys)).cast(pl.Int32))
-    )
-    if cfg.top_k is not None:
-        df = df.filter(pl.col("rank") <= cfg.top_k)
-    return df.select("_part", "_row", "rank")
+    fill = {layout.instruction_col: cfg.instruction} if layout.instruction_col in keys else {}
+    index = build_index(part_paths, keys, fill)
+    if not index.groups:
+        return
+    names = [n for n in output_schema(layout).names if n != "rank"]
+    columns = list(dict.fromkeys(names + keys + ["_ord"]))
+    rank = Ranker(keys, fill, names, cfg.top_k)
+    # Rows per chunk and per bucket from the in-memory width of a row; a chunk is copied a few
+    # times on its way (concatenated, taken in rank order, regrouped for the writer).
+    first = next(p for p in part_paths if part_rows(p))
+    sample = read_part(first, columns)
+    budget_rows = max(1, int(memory_budget // (4 * max(sample.nbytes / sample.num_rows, 1.0))))
+    chunk_rows = min(budget_rows, MAX_CHUNK_ROWS)
+    spill_dir = None
+    try:
+        scattered: Iterator = iter(())
+        if index.scattered.any():
+            spill_dir = spill_path(cfg.output, spill_parent)
+            shutil.rmtree(spill_dir, ignore_errors=True)  # left by a run killed while writing
+            os.makedirs(spill_dir)
+            files = spill(part_paths, columns, index, keys, fill, spill_dir, budget_rows, memory_budget // 2)
+            scattered = buckets(files, rank)
+        stream: Iterator = iter(())
+        if not index.scattered.all():
+            stream = contiguous(part_paths, columns, index, keys, fill, rank, chunk_rows)
+        yield from merge(stream, scattered)
+    finally:
+        if spill_dir is not None:
+            shutil.rmtree(spill_dir, ignore_errors=True)
 
 
-def _gather(order: pl.DataFrame, part_paths: list[str], schema: pa.Schema, chunk_rows: int):
-    """Yield output tables of up to `chunk_rows` rows (a window, so memory stays bounded by the
-    window whatever the row width), in output order."""
-    cache: OrderedDict[int, pa.Table] = OrderedDict()
-    columns = [n for n in schema.names if n != "rank"]
-
-    def part(i: int) -> pa.Table:
-        if i in cache:
-            cache.move_to_end(i)
-            return cache[i]
-        t = read_part(part_paths[i], columns)
-        cache[i] = t
-        if len(cache) > PART_CACHE:
-            cache.popitem(last=False)
-        return t
-
-    for start in range(0, order.height, chunk_rows):
-        chunk = order.slice(start, chunk_rows)
-        parts = chunk["_part"].to_numpy()
-        rows = chunk["_row"].to_numpy()
-        # Take rows part by part (stable, so each part's rows keep chunk order), then undo it.
-        by_part = np.argsort(parts, kind="stable")
-        bounds = np.flatnonzero(np.diff(parts[by_part])) + 1
-        pieces = [part(int(parts[seg[0]])).take(pa.array(rows[seg]))
-                  for seg in np.split(by_part, bounds) if len(seg)]
-        table = pa.concat_tables(pieces).take(pa.array(np.argsort(by_part, kind="stable")))
-        table = table.append_column("rank", chunk["rank"].to_arrow().cast(pa.int32()))
-        yield table.select(schema.names).cast(schema)
-
-
-def read_part(path: str, columns) -> pa.Table:
-    """One checkpoint part, local or in object storage (parts are small: read whole)."""
-    from .storage_remote import is_uri, open_input
-
-    if is_uri(path):
-        with open_input(path) as f:
-            return pq.read_table(f, columns=columns, pre_buffer=False)
-    return pq.read_table(path, columns=columns, pre_buffer=False)
+def _row_groups(tables: Iterator[pa.Table], size: int) -> Iterator[pa.Table]:
+    """Regroup the ranked slices (some tiny, where groups of the two streams interleave) into
+    tables of whole row groups of `size` rows, the last one shorter."""
+    held: list[pa.Table] = []
+    n = 0
+    for t in tables:
+        held.append(t)
+        n += t.num_rows
+        if n >= size:
+            t = pa.concat_tables(held)
+            k = n - n % size
+            yield t.slice(0, k)
+            held, n = [t.slice(k)], n - k
+    if n:
+        yield pa.concat_tables(held)
 
 
 def write_ranked(part_paths: list[str], layout: InputLayout, cfg: RunConfig, *, tmp: str | None = None,
-                 publish=os.replace) -> int:
+                 publish=os.replace, memory_budget: int = MEMORY_BUDGET) -> int:
     """Write the ranked output to `tmp`, then publish(tmp, cfg.output) (an atomic rename by
-    default); return the number of rows written. `tmp` should be unique per run."""
+    default); return the number of rows written. `tmp` should be unique per run; spill files go
+    beside it. `memory_budget` (bytes) sizes the chunks and spill buckets held at once."""
     schema = output_schema(layout)
-    out_dir = os.path.dirname(os.path.abspath(cfg.output))
-    tmp = tmp or os.path.join(out_dir, "." + os.path.basename(cfg.output) + ".partial")
+    tmp = tmp or os.path.join(os.path.dirname(os.path.abspath(cfg.output)), "." + os.path.basename(cfg.output) + ".partial")
+    tmp_dir = os.path.dirname(os.path.abspath(tmp))
     rows = 0
     try:
         with pq.ParquetWriter(tmp, schema) as writer:
-            if part_paths:
-                order = rank_order(part_paths, layout, cfg)
-                chunk_rows = max(1, min(MAX_CHUNK_ROWS, cfg.window_pairs))
-                for table in _gather(order, part_paths, schema, chunk_rows):
-                    writer.write_table(table)
+            group_rows = max(1, min(MAX_CHUNK_ROWS, cfg.window_pairs))
+            with closing(ranked_tables(part_paths, layout, cfg, tmp_dir, memory_budget)) as tables:
+                for table in _row_groups(tables, group_rows):
+                    writer.write_table(table.cast(schema), row_group_size=group_rows)
                     rows += table.num_rows
-            else:
+            if not rows:
                 writer.write_table(schema.empty_table())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -136,5 +136,4 @@ def write_ranked(part_paths: list[str], layout: InputLayout, cfg: RunConfig, *, 
         except OSError:
             pass
         raise
-    fsync_dir(out_dir)
     return rows
