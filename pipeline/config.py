@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
@@ -9,10 +10,12 @@ DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that
 
 @dataclass(frozen=True)
 class RunConfig:
-    # Input: one or more Parquet files, already resolved from files, directories and globs.
+    # Input: one or more Parquet files, directories (their *.parquet) or globs, or one such path as
+    # a string; resolved to files when the config is made.
     inputs: tuple[str, ...]
-    # Final ranked Parquet file.
-    output: str
+    # Final ranked Parquet file (None: <stem>.reranked.parquet beside the first input, or
+    # DIR.reranked.parquet beside a directory).
+    output: str | None = None
     # Model directory or hub id (loaded from local files only when it is a directory).
     model: str = "Qwen/Qwen3-Reranker-0.6B"
     # Column names of the long form.
@@ -60,6 +63,15 @@ class RunConfig:
     engine: str = "auto"
     # torch.compile the fused path's elementwise steps: "auto" (on CUDA), "on" or "off".
     compile: str = "auto"
+
+    def __post_init__(self):
+        from .inputs import default_output, resolve_inputs
+
+        specs = (self.inputs,) if isinstance(self.inputs, (str, os.PathLike)) else tuple(self.inputs)
+        files = resolve_inputs(specs)
+        object.__setattr__(self, "inputs", files)
+        if self.output is None:
+            object.__setattr__(self, "output", default_output(specs[0]) if specs else "")
 
     @property
     def ckpt_dir(self) -> str:

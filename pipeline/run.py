@@ -21,6 +21,7 @@ import pyarrow as pa
 from . import checkpoint as ckpt_mod
 from .config import RunConfig
 from .errors import InputError, Interrupted, RerankError
+from .hub import with_local_model
 from .pairs import UnitPairs, build_pairs, result_part
 from .progress import Progress
 from .read import InputLayout, Unit, check_same_layout, inspect_layout, iter_unit_tables, plan_units
@@ -222,6 +223,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
 
     t0 = time.monotonic()
     layout, units, total_pairs = validate(cfg)
+    cfg = cfg if scorer is not None else with_local_model(cfg)
     device = resolve_device(cfg.device)
     dtype = str(resolve_dtype(cfg.dtype, device)).removeprefix("torch.")
     kind = scorer.kind if scorer is not None else inspect_model(cfg)
