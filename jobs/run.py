@@ -83,6 +83,7 @@ def run_cmd(inputs, output, summary_path, quiet, verbose, **opts):
         if opts["device"] == "cpu" and opts["attention"] in ("flash_attn", "torch_varlen"):
             raise JobError(f"--attention {opts['attention']} needs CUDA; use --attention sdpa on CPU", 2)
         cfg = RunConfig(inputs=inputs, output=output, **opts)
+        log.debug("%d input files, output %s; %s", len(cfg.inputs), cfg.output, cfg)
         summary = run(cfg, progress=False if quiet else None, should_stop=_stop_flag())
     text = summary.to_json()
     if summary_path:
