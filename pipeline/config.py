@@ -16,7 +16,7 @@ class RunConfig:
     # Final ranked Parquet file (None: <stem>.reranked.parquet beside the first input, or
     # DIR.reranked.parquet beside a directory).
     output: str | None = None
-    # Model directory or hub id (loaded from local files only when it is a directory).
+    # Model directory or hub id (org/name; pipeline.hub resolves it through the Hugging Face cache).
     model: str = "Qwen/Qwen3-Reranker-0.6B"
     # Column names of the long form.
     query_col: str = "query"
