@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import sys
 
@@ -28,15 +29,33 @@ def domain_errors():
         raise JobError(str(exc), exc.exit_code) from None
 
 
+OURS = ("rerank-batch", "pipeline", "jobs")
+
+
+class _Prefix(logging.Formatter):
+    """Our lines start with `rerank-batch:`; a dependency's (shown with -v) with its logger name."""
+
+    def format(self, record):
+        ours = record.name.split(".")[0] in OURS
+        return f"{'rerank-batch' if ours else record.name}: {record.getMessage()}" + (
+            "\n" + self.formatException(record.exc_info) if record.exc_info else "")
+
+
 def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="rerank-batch: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
-    for noisy in ("transformers", "huggingface_hub", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    """Our INFO lines (DEBUG with -v). Dependencies (transformers, the hub client, matplotlib, ...)
+    stay quiet unless -v, which shows their warnings too."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Prefix())
+    logging.basicConfig(level=logging.WARNING if verbose else logging.ERROR, handlers=[handler], force=True)
+    for name in OURS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
+    # transformers sets its root logger's level when first imported (later, lazily), from this
+    # variable; set the level too, for when it is already imported.
+    os.environ["TRANSFORMERS_VERBOSITY"] = "warning" if verbose else "error"
+    for noisy in ("transformers", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.ERROR)
+    for chatty in ("urllib3", "filelock", "httpx", "httpcore", "matplotlib", "PIL", "fsspec"):
+        logging.getLogger(chatty).setLevel(logging.WARNING if verbose else logging.ERROR)
 
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,

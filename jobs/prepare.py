@@ -19,6 +19,9 @@ def _check_out(output: str, overwrite: bool):
 
     if os.path.exists(output) and not overwrite:
         raise InputError(f"{output}: the output exists; pass --overwrite to replace it")
+    d = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(d):
+        raise InputError(f"{output}: the directory {d} does not exist; create it or pass another -o")
 
 
 @prepare_cmd.command("beir")

@@ -8,24 +8,23 @@ import os
 import click
 
 from pipeline.config import DEFAULT_INSTRUCTION, RunConfig
-from pipeline.read import resolve_inputs
 
 from .common import JobError, SizeType, domain_errors, setup_logging
 
 log = logging.getLogger("rerank-batch")
 
-
-def default_output(first_input: str) -> str:
-    d, name = os.path.split(first_input)
-    stem = name[: -len(".parquet")] if name.endswith(".parquet") else name
-    return os.path.join(d, f"{stem}.reranked.parquet")
+# Every option can come from the environment: RERANK_BATCH_MODEL, RERANK_BATCH_MAX_LENGTH, ...
+# (how Airflow, Kubernetes and cron configure a tool); the command line wins over the environment.
+ENV_PREFIX = "RERANK_BATCH"
 
 
-@click.command("run")
+@click.command("run", context_settings={"auto_envvar_prefix": ENV_PREFIX})
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
-@click.option("-o", "--output", help="Ranked Parquet file. [default: <stem>.reranked.parquet beside the first input]")
-@click.option("--model", default="Qwen/Qwen3-Reranker-0.6B", show_default=True,
-              help="Model directory (or hub id already in the local cache).")
+@click.option("-o", "--output", help="Ranked Parquet file. [default: <stem>.reranked.parquet beside the first input "
+              "file, DIR.reranked.parquet beside an input directory]")
+@click.option("--model", default="Qwen/Qwen3-Reranker-0.6B", show_default=True, metavar="DIR|HUB_ID",
+              help="Model directory, or a hub id (org/name) from the Hugging Face cache, downloaded into it when "
+              "the hub is reachable.")
 @click.option("--query-col", default="query", show_default=True, help="Query column.")
 @click.option("--doc-col", default="document", show_default=True, help="Document column (long form).")
 @click.option("--docs-col", default="documents", show_default=True,
@@ -85,12 +84,14 @@ def default_output(first_input: str) -> str:
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def run_cmd(inputs, output, summary_path, quiet, verbose, **opts):
     """Score (query, document) pairs in INPUT (Parquet files, directories or globs) and write
-    them ranked per query."""
+    them ranked per query.
+
+    Every option can also be set from the environment: RERANK_BATCH_ and the option's name in
+    capitals, e.g. RERANK_BATCH_MODEL, RERANK_BATCH_MAX_LENGTH, RERANK_BATCH_OVERWRITE=1."""
     setup_logging(verbose)
     from pipeline.run import run
 
     with domain_errors():
-        files = resolve_inputs(inputs)
         if summary_path and not os.path.isdir(os.path.dirname(os.path.abspath(summary_path))):
             raise JobError(f"--summary {summary_path}: the directory {os.path.dirname(os.path.abspath(summary_path))} "
                            "does not exist; create it or pass another path", 2)
@@ -103,13 +104,21 @@ def run_cmd(inputs, output, summary_path, quiet, verbose, **opts):
                            "--gpus-per-worker", 2)
         if opts["executor"] != "ray" and (opts["ray_address"] or opts["workers"] or opts["gpus_per_worker"] is not None):
             raise JobError("--ray-address, --workers and --gpus-per-worker need --executor ray", 2)
-        cfg = RunConfig(inputs=files, output=output or default_output(files[0]), **opts)
+        cfg = RunConfig(inputs=inputs, output=output, **opts)
+        log.debug("%d input files, output %s; %s", len(cfg.inputs), cfg.output, cfg)
         summary = run(cfg, progress=False if quiet else None, should_stop=_stop_flag())
     text = summary.to_json()
     if summary_path:
         with open(summary_path, "w") as f:
             f.write(text + "\n")
     log.info("wrote %s (%d rows)", cfg.output, summary.rows)
+
+
+for _p in run_cmd.params:  # named after the long option (--window: RERANK_BATCH_WINDOW), listed in --help
+    if isinstance(_p, click.Option):
+        _long = max(_p.opts, key=len).lstrip("-")
+        _p.envvar = f"{ENV_PREFIX}_{_long.replace('-', '_').upper()}"
+        _p.show_envvar = True
 
 
 def _stop_flag():

@@ -366,8 +366,11 @@ def run_bench(arch: str, workload: str, *, device: str = "auto", seed_pairs: int
 
 
 def format_table(rec: dict) -> str:
+    peak = rec.get("matmul_peak_tflops")
+    # The peak (and so MFU) is measured on CUDA only.
+    peak_text = f"matmul peak {peak} TFLOP/s" if peak else "no matmul peak off CUDA, so no MFU"
     lines = [f"{rec['arch']} {rec['workload']} on {rec['device']} ({rec.get('engine_impl')}, {rec.get('attention')}, "
-             f"budget {rec.get('batch_token_budget')} tokens, matmul peak {rec.get('matmul_peak_tflops')} TFLOP/s)",
+             f"budget {rec.get('batch_token_budget')} tokens, {peak_text})",
              f"{'way':<8} {'pairs/s':>10} {'tokens/s':>12} {'MFU':>7} {'peak GiB':>9} {'busy':>6}"]
     for name in ("seed", "engine", "e2e"):
         r = rec.get(name)

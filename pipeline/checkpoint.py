@@ -260,6 +260,7 @@ def _atomic(path: str, write, suffix: str = "") -> None:
     d = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=d)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
@@ -272,6 +273,19 @@ def _atomic(path: str, write, suffix: str = "") -> None:
             pass
         raise
     fsync_dir(d)
+
+
+def _umask() -> int:
+    try:  # Linux shows it; reading it elsewhere means setting it, racy with other threads
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_parquet(table: pa.Table, path: str) -> None:

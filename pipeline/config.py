@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
@@ -9,11 +10,13 @@ DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that
 
 @dataclass(frozen=True)
 class RunConfig:
-    # Input: one or more Parquet files, already resolved from files, directories and globs.
+    # Input: one or more Parquet files, directories (their *.parquet) or globs, or one such path as
+    # a string; resolved to files when the config is made.
     inputs: tuple[str, ...]
-    # Final ranked Parquet file.
-    output: str
-    # Model directory or hub id (loaded from local files only when it is a directory).
+    # Final ranked Parquet file (None: <stem>.reranked.parquet beside the first input, or
+    # DIR.reranked.parquet beside a directory).
+    output: str | None = None
+    # Model directory or hub id (org/name; pipeline.hub resolves it through the Hugging Face cache).
     model: str = "Qwen/Qwen3-Reranker-0.6B"
     # Column names of the long form.
     query_col: str = "query"
@@ -70,6 +73,15 @@ class RunConfig:
     workers: int | None = None
     gpus_per_worker: float | None = None  # None: 1 where the cluster has GPUs, else 0
     cpus_per_worker: float = 1.0
+
+    def __post_init__(self):
+        from .inputs import default_output, resolve_inputs
+
+        specs = (self.inputs,) if isinstance(self.inputs, (str, os.PathLike)) else tuple(self.inputs)
+        files = resolve_inputs(specs)
+        object.__setattr__(self, "inputs", files)
+        if self.output is None:
+            object.__setattr__(self, "output", default_output(specs[0]) if specs else "")
 
     @property
     def ckpt_dir(self) -> str:

@@ -42,14 +42,14 @@ def build_pairs(unit: Unit, table: pa.Table, layout: InputLayout, cfg: RunConfig
         if n_rows and lengths.max(initial=0) >= ORD_STRIDE:
             bad = int(np.argmax(lengths >= ORD_STRIDE))
             raise InputError(
-                f"{unit.path}: row {unit.start + bad} has {lengths[bad]} documents, more than "
+                f"{unit.path}: row {unit.start + bad} (from 0) has {lengths[bad]} documents, more than "
                 f"{ORD_STRIDE - 1}; split the list into several rows"
             )
         null_lists = np.asarray(pc.is_null(lists).to_numpy(zero_copy_only=False), dtype=bool) if n_rows else np.zeros(0, bool)
         if null_lists.any():
             bad = int(np.argmax(null_lists))
             raise InputError(
-                f"{unit.path}: row {unit.start + bad}: column {layout.doc_col!r} is null; "
+                f"{unit.path}: row {unit.start + bad} (from 0): column {layout.doc_col!r} is null; "
                 "give an empty list or remove the row"
             )
         parent = np.repeat(np.arange(n_rows), lengths)
@@ -79,7 +79,7 @@ def build_pairs(unit: Unit, table: pa.Table, layout: InputLayout, cfg: RunConfig
         if nulls.any():
             if cfg.on_null == "error":
                 k = int(np.argmax(nulls))
-                where = f"row {file_rows[k]}"
+                where = f"row {file_rows[k]} (from 0)"
                 if layout.nested:
                     where += f", document {int(out.column('doc_index')[k].as_py())}"
                     if name == doc_name:  # an element of the list column

@@ -125,7 +125,7 @@ def check_nulls(paths, layout: InputLayout, cfg: RunConfig) -> None:
                     col = pf.read_row_group(i, columns=[name]).column(0)
                     k = col.to_pylist().index(None)
                     raise InputError(
-                        f"{path}: row {start + k}: column {name!r} is null; fill it, or pass --on-null skip "
+                        f"{path}: row {start + k} (from 0): column {name!r} is null; fill it, or pass --on-null skip "
                         "to keep such rows unscored"
                     )
             start += rg.num_rows
@@ -175,7 +175,10 @@ def make_plan(cfg: RunConfig, kind=None, run_id: str | None = None) -> Plan:
     from .score import resolve_device, resolve_dtype
 
     layout, units, total_pairs = validate(cfg)
-    if kind is None:
+    if kind is None:  # a hub id becomes its cached snapshot here, after the input checks
+        from .hub import with_local_model
+
+        cfg = with_local_model(cfg)
         mconfig = load_config(cfg)
         kind = inspect_model(cfg, mconfig)
         check_model_files(cfg)

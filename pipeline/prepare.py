@@ -140,7 +140,7 @@ def prepare_mc(path: str, output: str, *, query_col: str = "query", docs_col: st
     for i, qid in enumerate(qids):
         docs, label = cols[docs_col][i], cols[label_col][i]
         if docs is None:
-            raise InputError(f"{path}: row {i}: {docs_col!r} is null; give a list of candidates")
+            raise InputError(f"{path}: row {i} (from 0): {docs_col!r} is null; give a list of candidates")
         right = set(label) if isinstance(label, list) else {label}
         for j, doc in enumerate(docs):
             out["query_id"].append(str(qid))

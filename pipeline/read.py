@@ -6,8 +6,6 @@ alone, so its id is stable across runs and any executor can read it on its own.
 
 from __future__ import annotations
 
-import glob
-import os
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -16,6 +14,7 @@ import pyarrow.parquet as pq
 from .config import RunConfig
 from .errors import InputError, first_line
 from .storage_remote import is_uri, open_input
+from .inputs import resolve_inputs  # noqa: F401  (re-exported: it lived here)
 
 
 @dataclass(frozen=True)
@@ -48,41 +47,6 @@ class InputLayout:
     instruction_col: str | None
     columns: tuple[str, ...]  # every input column, in order
     schema: pa.Schema
-
-
-def resolve_inputs(specs) -> tuple[str, ...]:
-    """Expand files, directories (their *.parquet, sorted) and globs into a list of files."""
-    from .storage_remote import expand
-
-    files: list[str] = []
-    for spec in specs:
-        if is_uri(spec):
-            files.extend(expand(spec))
-        elif any(ch in spec for ch in "*?["):
-            found = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
-            if not found:
-                raise InputError(f"{spec}: no file matches this pattern; check the glob")
-            files.extend(found)
-        elif os.path.isdir(spec):
-            found = sorted(
-                os.path.join(spec, n) for n in os.listdir(spec)
-                if n.endswith(".parquet") and os.path.isfile(os.path.join(spec, n))
-            )
-            if not found:
-                raise InputError(f"{spec}: the directory holds no *.parquet file; pass a file or another directory")
-            files.extend(found)
-        elif os.path.isfile(spec):
-            files.append(spec)
-        else:
-            raise InputError(f"{spec}: no such file or directory; check the path")
-    seen = set()
-    unique = []
-    for f in files:
-        key = f if is_uri(f) else os.path.realpath(f)
-        if key not in seen:
-            seen.add(key)
-            unique.append(f)
-    return tuple(unique)
 
 
 def open_parquet(path: str) -> pq.ParquetFile:

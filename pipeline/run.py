@@ -78,6 +78,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
     plan = None
     try:
         plan = make_plan(cfg, kind=scorer.kind if scorer is not None else None)
+        cfg = plan.cfg  # with a hub id resolved to its local snapshot
         ck = plan.ckpt
         summary = Summary(output=cfg.output, units=len(plan.units), device=str(plan.device), dtype=plan.dtype)
         rec = published_output(plan)

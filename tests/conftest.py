@@ -7,6 +7,10 @@ from __future__ import annotations
 import os
 import sys
 
+# No test reaches a hub: set before huggingface_hub or transformers is imported (they read it once).
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq

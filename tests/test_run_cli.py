@@ -111,10 +111,10 @@ def test_default_output_path_and_directory_input(tmp_path, tied_model):
     pq.write_table(src.slice(15), d / "b.parquet")
     r = run_cli(["run", d, "--model", tied_model, "-q"])
     assert r.exit_code == 0, r.output
-    out = d / "a.reranked.parquet"
+    out = tmp_path / "in.reranked.parquet"  # beside the directory, never inside it
     assert pq.read_table(out).num_rows == src.num_rows
     # Rerunning refuses to clobber the output.
-    r = run_cli(["run", d / "a.parquet", d / "b.parquet", "--model", tied_model, "-q"])
+    r = run_cli(["run", d, "--model", tied_model, "-q"])
     assert r.exit_code == 2
     assert "the output exists; pass --overwrite" in r.output
 

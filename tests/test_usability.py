@@ -1,0 +1,224 @@
+"""What a new user trips over: options from the environment, where the default output goes, the
+library taking a single path, file modes, quiet dependency logs, -v, progress on odd terminals."""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import logging
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import termios
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import ROOT, run_cli
+
+from pipeline.config import RunConfig
+from pipeline.errors import InputError
+
+SAMPLE = os.path.join(ROOT, "sample_data", "pairs.parquet")
+TINY = os.path.join(ROOT, "sample_data", "tiny-qwen3-reranker")
+N = pq.read_metadata(SAMPLE).num_rows
+
+
+def test_every_run_option_comes_from_the_environment(tmp_path):
+    out = tmp_path / "env.parquet"
+    env = {"RERANK_BATCH_MODEL": TINY, "RERANK_BATCH_OUTPUT": str(out), "RERANK_BATCH_TOP_K": "1",
+           "RERANK_BATCH_MAX_LENGTH": "64", "RERANK_BATCH_QUIET": "1", "RERANK_BATCH_WINDOW": "10",
+           "RERANK_BATCH_SUMMARY": str(tmp_path / "s.json")}
+    r = run_cli(["run", SAMPLE], env=env)
+    assert r.exit_code == 0, r.output
+    t = pq.read_table(out)
+    assert t.num_rows == len(set(t.column("query_id").to_pylist())) < N  # top-k 1 per query
+    s = (tmp_path / "s.json").read_text()
+    assert '"truncated": 0' not in s and '"units": 3' in s  # max length 64 truncates; window 10
+    # The command line wins over the environment.
+    out2 = tmp_path / "cli.parquet"
+    r = run_cli(["run", SAMPLE, "-o", out2, "--top-k", "2"], env=env)
+    assert r.exit_code == 0, r.output
+    assert pq.read_table(out2).num_rows > t.num_rows
+    # A bad value names the variable.
+    r = run_cli(["run", SAMPLE], env={**env, "RERANK_BATCH_MAX_LENGTH": "many", "RERANK_BATCH_OVERWRITE": "1"})
+    assert r.exit_code == 2 and "'many' is not a valid integer" in r.output, r.output
+
+
+def test_help_lists_each_option_variable():
+    from jobs.run import run_cmd
+
+    r = run_cli(["run", "--help"], terminal_width=200)
+    text = " ".join(r.output.split())
+    for p in run_cmd.params:
+        if p.param_type_name == "option":
+            name = "RERANK_BATCH_" + max(p.opts, key=len).lstrip("-").replace("-", "_").upper()
+            assert f"env var: {name}" in text, name
+
+
+@pytest.fixture
+def parts_dir(tmp_path):
+    d = tmp_path / "parts"
+    d.mkdir()
+    t = pq.read_table(SAMPLE)
+    pq.write_table(t.slice(0, 10), d / "a.parquet")
+    pq.write_table(t.slice(10), d / "b.parquet")
+    return d
+
+
+def test_directory_input_writes_beside_the_directory(parts_dir, tmp_path):
+    before = sorted(os.listdir(parts_dir))
+    r = run_cli(["run", parts_dir, "--model", TINY, "-q"])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "parts.reranked.parquet"
+    assert pq.read_table(out).num_rows == N
+    assert sorted(os.listdir(parts_dir)) == before  # nothing written inside the input directory
+    # The rerun of the same command: refused only because the output exists, and --overwrite works.
+    r = run_cli(["run", parts_dir, "--model", TINY, "-q"])
+    assert r.exit_code == 2 and "the output exists; pass --overwrite" in r.output
+    r = run_cli(["run", str(parts_dir) + "/", "--model", TINY, "-q", "--overwrite"])
+    assert r.exit_code == 0, r.output
+    # -o elsewhere reads only the inputs (no `score` column from an earlier output in the folder).
+    r = run_cli(["run", parts_dir, "--model", TINY, "-q", "-o", tmp_path / "elsewhere.parquet"])
+    assert r.exit_code == 0, r.output
+    # A glob counts as the directory it searches.
+    r = run_cli(["run", f"{parts_dir}/*.parquet", "--model", TINY, "-q", "--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert sorted(os.listdir(parts_dir)) == before
+
+
+def test_library_config_takes_one_path_a_directory_or_a_glob(parts_dir, tmp_path):
+    from pipeline.run import run
+
+    one = RunConfig(inputs=SAMPLE, output=str(tmp_path / "o.parquet"))
+    assert one.inputs == (SAMPLE,)
+    assert RunConfig(inputs=str(parts_dir)).inputs == (str(parts_dir / "a.parquet"), str(parts_dir / "b.parquet"))
+    assert RunConfig(inputs=str(parts_dir)).output == str(parts_dir) + ".reranked.parquet"
+    assert RunConfig(inputs=[parts_dir / "b.parquet"]).inputs == (str(parts_dir / "b.parquet"),)
+    cfg = RunConfig(inputs=f"{parts_dir}/*.parquet", output=str(tmp_path / "g.parquet"), model=TINY)
+    assert len(cfg.inputs) == 2
+    assert run(cfg, progress=False).rows == N
+    with pytest.raises(InputError, match="no file matches this pattern"):
+        RunConfig(inputs=f"{tmp_path}/none-*.parquet")
+
+
+def test_outputs_get_the_usual_mode(tmp_path):
+    mode = 0o666 & ~_umask()
+    pairs = tmp_path / "mini.parquet"
+    r = run_cli(["prepare", "beir", os.path.join(ROOT, "sample_data", "beir-mini"), "--run",
+                 os.path.join(ROOT, "sample_data", "beir-mini", "first-stage.trec"), "--depth", 2, "-o", pairs,
+                 ])
+    assert r.exit_code == 0, r.output
+    assert os.stat(pairs).st_mode & 0o777 == mode
+    out = tmp_path / "ranked.parquet"
+    r = run_cli(["run", pairs, "--model", TINY, "-o", out, "-q"])
+    assert r.exit_code == 0, r.output
+    assert os.stat(out).st_mode & 0o777 == mode
+
+
+def _umask() -> int:
+    m = os.umask(0o022)
+    os.umask(m)
+    return m
+
+
+def _cli(*args, env=None):
+    full = {**os.environ, "PYTHONPATH": ROOT, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *map(str, args)], cwd=ROOT, env=full,
+                          capture_output=True, text=True)
+
+
+def test_dependency_logs_are_quiet_and_verbose_adds_ours(tmp_path):
+    # A wrong --family makes transformers report missing weights; only our one line may show.
+    p = _cli("run", SAMPLE, "--model", TINY, "-o", tmp_path / "x.parquet", "--family", "seq-cls")
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert p.stderr.startswith("Error: model ") and "LOAD REPORT" not in p.stderr
+    quiet = _cli("run", SAMPLE, "--model", TINY, "-o", tmp_path / "q.parquet")
+    loud = _cli("run", SAMPLE, "--model", TINY, "-o", tmp_path / "v.parquet", "-v")
+    assert quiet.returncode == 0 and loud.returncode == 0, quiet.stderr + loud.stderr
+    assert "batch of" not in quiet.stderr and "rerank-batch: batch of" in loud.stderr
+    assert len(loud.stderr.splitlines()) > len(quiet.stderr.splitlines())
+
+
+def test_setup_logging_silences_dependencies_unless_verbose(capsys):
+    from jobs.common import setup_logging
+
+    setup_logging()
+    logging.getLogger("matplotlib.font_manager").info("generated new fontManager")
+    logging.getLogger("pipeline.run").debug("a debug line")
+    logging.getLogger("pipeline.run").info("an info line")
+    err = capsys.readouterr().err
+    assert err == "rerank-batch: an info line\n"
+    setup_logging(verbose=True)
+    logging.getLogger("huggingface_hub.file_download").warning("a hub warning")
+    logging.getLogger("pipeline.run").debug("a debug line")
+    err = capsys.readouterr().err
+    assert "huggingface_hub.file_download: a hub warning" in err and "rerank-batch: a debug line" in err
+    setup_logging()
+
+
+def _tty(rows: int, cols: int):
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+    return master, os.fdopen(slave, "w")
+
+
+def test_zero_size_terminal_gets_log_lines_and_a_real_one_a_bar(caplog):
+    from pipeline.progress import Progress, is_terminal
+
+    master, f = _tty(0, 0)
+    try:
+        assert not is_terminal(f)
+        with caplog.at_level(logging.INFO, logger="pipeline.progress"):
+            p = Progress(100, bar=None, file=f, log_every_s=0)
+            p.update(10, 500)
+            p.close()
+        assert p.bar is None and "10/100 pairs" in caplog.text
+    finally:
+        f.close()
+        os.close(master)
+    master, f = _tty(24, 80)
+    try:
+        assert is_terminal(f)
+        p = Progress(100, bar=None, file=f)
+        assert p.bar is not None
+        p.close()
+    finally:
+        f.close()
+        os.close(master)
+
+
+def test_the_bar_redraws_at_every_batch():
+    from pipeline.progress import Progress
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    f = Tty()
+    p = Progress(1000, bar=True, file=f, min_interval_s=0)
+    steps = [300] + [5] * 20  # a fast first batch, then small ones
+    done = 0
+    for s in steps:
+        p.update(s, 10 * s)
+        done += s
+        assert f"{done}/1000" in f.getvalue(), done
+    p.close()
+
+
+def test_bench_smoke_names_no_missing_peak():
+    r = run_cli(["bench", "--smoke", "--no-e2e", "--seed-pairs", 0, "--pairs", 8])
+    assert r.exit_code == 0, r.output
+    assert "None" not in r.output and "no matmul peak off CUDA" in r.output
+
+
+def test_current_directory_has_no_default_output(tmp_path, monkeypatch):
+    shutil.copy(SAMPLE, tmp_path / "p.parquet")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match="pass -o"):
+        RunConfig(inputs=".")
+    with pytest.raises(InputError, match="pass -o"):
+        RunConfig(inputs="*.parquet")
+    assert RunConfig(inputs="p.parquet").output == "p.reranked.parquet"
