@@ -294,6 +294,9 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
     summary.oom_retries = scorer.stats.oom_retries
     summary.batches = scorer.stats.batches
     summary.batch_token_budget = scorer.budget
+    # Prefix sharing: the pairs' tokens this run scored, and those that went through the model.
+    summary.extra["tokens_before_sharing"] = scorer.stats.tokens
+    summary.extra["tokens_after_sharing"] = scorer.stats.tokens_computed
     if scorer.device.type == "cuda":
         import torch
 
