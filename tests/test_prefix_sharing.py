@@ -246,3 +246,21 @@ def test_auto_shares_only_where_it_pays(tmp_path, tied_model, long_file):
     pq.write_table(one, p1)
     _, s1 = _run(tmp_path, p1, tied_model, "one-out")
     assert s1.extra["tokens_after_sharing"] == s1.tokens
+
+
+@pytest.mark.parametrize("family", ["gemma", "qwen3-seq-cls"])
+def test_gemma_template_and_decoder_seq_cls_share(tmp_path, long_file, family):
+    """bge-reranker-v2-gemma's template (query before document, transformers engine) and a Qwen3
+    seq-cls head (fused engine): sharing on equals off."""
+    from conftest import _corpus
+    from pipeline.synthetic import build_gemma_reranker, build_qwen3_seq_cls
+
+    build = build_gemma_reranker if family == "gemma" else build_qwen3_seq_cls
+    model = str(build(tmp_path / "model", _corpus()))
+    src = pq.read_table(long_file)
+    on, s_on = _run(tmp_path, long_file, model, "on", prefix_sharing="on", max_batch_tokens=400)
+    off, _ = _run(tmp_path, long_file, model, "off", prefix_sharing="off")
+    a, b = _scores(on, src), _scores(off, src)
+    assert b.std() > 0.02
+    assert np.abs(a - b).max() <= TOL
+    assert s_on.extra["tokens_after_sharing"] < 0.8 * s_on.tokens
