@@ -41,10 +41,10 @@ def prefix_lengths(ids: np.ndarray, offsets: np.ndarray, pool: np.ndarray, keys:
     k = keys[pool]
     order = np.argsort(k, kind="stable")
     ks = k[order]
-    bounds = np.flatnonzero(np.diff(ks)) + 1
-    for run in np.split(order, bounds):
-        if len(run) < 2:
-            continue
+    starts = np.r_[0, np.flatnonzero(np.diff(ks)) + 1]
+    sizes = np.diff(np.r_[starts, len(ks)])
+    for a, m in zip(starts[sizes > 1].tolist(), sizes[sizes > 1].tolist()):  # groups of one share nothing
+        run = order[a:a + m]
         members = pool[run]
         starts, ends = offsets[members], offsets[members + 1]
         p = int((ends - starts).min()) - 1

@@ -240,6 +240,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
 
         torch.cuda.reset_peak_memory_stats(scorer.device)
     t_score = time.monotonic()
+    tokens0, computed0 = scorer.stats.tokens, scorer.stats.tokens_computed  # a passed-in scorer may have run before
     timer = _Timer()
     items = _prefetch(pending, layout, cfg, scorer.encoder, stop_event)
     try:
@@ -295,8 +296,8 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
     summary.batches = scorer.stats.batches
     summary.batch_token_budget = scorer.budget
     # Prefix sharing: the pairs' tokens this run scored, and those that went through the model.
-    summary.extra["tokens_before_sharing"] = scorer.stats.tokens
-    summary.extra["tokens_after_sharing"] = scorer.stats.tokens_computed
+    summary.extra["tokens_before_sharing"] = scorer.stats.tokens - tokens0
+    summary.extra["tokens_after_sharing"] = scorer.stats.tokens_computed - computed0
     if scorer.device.type == "cuda":
         import torch
 
