@@ -255,7 +255,9 @@ def seed_way(model, encoder, enc: Encoded, device, pairs: int) -> dict:
 
 
 def engine_model_only(scorer, enc: Encoded, device, repeats: int = 1) -> dict:
-    scorer.score(Encoded(enc.ids, enc.offsets[: min(len(enc), 512) + 1], enc.truncated))  # warm-up/compile
+    n = min(len(enc), 512)
+    keys = enc.keys[:n] if enc.keys is not None else None
+    scorer.score(Encoded(enc.ids, enc.offsets[: n + 1], enc.truncated, keys=keys))  # warm-up/compile
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -317,6 +317,7 @@ class Scorer:
         ids = np.empty(0, dtype=np.int32)
         types = None  # token types, for cross-encoders
         keys = None  # group keys, for prefix sharing
+        share = self.sharing != "off"
         offsets = np.zeros(1, dtype=np.int64)
         pool = np.empty(0, dtype=np.int64)  # pairs not yet sent
         pending: list[tuple[np.ndarray, torch.Tensor]] = []
@@ -327,7 +328,9 @@ class Scorer:
             ids = np.concatenate([ids, enc.ids]) if len(ids) else enc.ids
             if enc.type_ids is not None:
                 types = np.concatenate([types, enc.type_ids]) if types is not None else enc.type_ids
-            if enc.keys is not None and self.sharing != "off":
+            if enc.keys is None or not share:
+                share, keys = False, None  # a chunk without group keys: this stream shares nothing
+            else:
                 keys = np.concatenate([keys, enc.keys]) if keys is not None else enc.keys
             offsets = np.concatenate([offsets, enc.offsets[1:] + offsets[-1]])
             pool = np.concatenate([pool, np.arange(n0, n0 + len(enc), dtype=np.int64)])

@@ -152,6 +152,11 @@ def parity_tiny():
             c0 = sc.stats.tokens_computed
             s = score_with(sc, enc, mode)
             out[f"{dtype}_{mode}"] = {**cmp(s, ref), "tokens_computed": sc.stats.tokens_computed - c0}
+        if dtype == "bfloat16":  # the transformers engine (HF modules with our attention) too
+            m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16).to(DEV).eval()
+            st = scorer(m, tok, dtype=dtype, engine="transformers")
+            for mode in ("off", "on"):
+                out[f"transformers_bf16_{mode}"] = cmp(score_with(st, enc, mode), ref)
         out["tokens_unshared"] = int(enc.offsets[-1])
     out["ref_std"] = float(ref.std())
     save("parity_tiny_real_pairs_vs_cpu_float32", out)
