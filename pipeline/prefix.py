@@ -41,20 +41,20 @@ def prefix_lengths(ids: np.ndarray, offsets: np.ndarray, pool: np.ndarray, keys:
     k = keys[pool]
     order = np.argsort(k, kind="stable")
     ks = k[order]
-    starts = np.r_[0, np.flatnonzero(np.diff(ks)) + 1]
-    sizes = np.diff(np.r_[starts, len(ks)])
-    for a, m in zip(starts[sizes > 1].tolist(), sizes[sizes > 1].tolist()):  # groups of one share nothing
+    heads = np.r_[0, np.flatnonzero(np.diff(ks)) + 1]
+    sizes = np.diff(np.r_[heads, len(ks)])
+    for a, m in zip(heads[sizes > 1].tolist(), sizes[sizes > 1].tolist()):  # groups of one share nothing
         run = order[a:a + m]
         members = pool[run]
         starts, ends = offsets[members], offsets[members + 1]
         p = int((ends - starts).min()) - 1
-        ref = ids[starts[0]:starts[0] + p]
-        for s in starts[1:]:
-            if p == 0:
-                break
-            neq = np.flatnonzero(ids[s:s + p] != ref[:p])
-            if len(neq):
-                p = int(neq[0])
+        if p > 0:
+            # One (members x p) comparison with the first member's ids; the prefix ends at the
+            # first column where any member differs.
+            block = ids[starts[:, None] + np.arange(p)]
+            differs = (block != block[0]).any(0)
+            if differs.any():
+                p = int(np.argmax(differs))
         out[run] = p
     return out
 

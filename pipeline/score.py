@@ -238,7 +238,11 @@ class Scorer:
         return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
 
     @torch.inference_mode()
-    def _forward(self, flat: np.ndarray, cu: np.ndarray, pos: np.ndarray, types=None) -> torch.Tensor:
+    def _forward(self, flat: np.ndarray, cu: np.ndarray, pos: np.ndarray, types=None, shared=None) -> torch.Tensor:
+        """Scores of one batch: flat ids, cu_seqlens, positions (token types); `shared`: the
+        prefix.SharedBatch these come from, for a batch with shared prefixes."""
+        if shared is not None:
+            return self._forward_shared(shared)
         if self.padded:
             return self._forward_padded(flat, cu, types, self._put)
         cu_t = self._put(cu, np.int32)
@@ -379,7 +383,7 @@ class Scorer:
                 sb = prefix.gather_shared(ids, offsets, idx, *share)
                 tokens, computed, area = sb.unshared_tokens, len(sb.ids), sb.area
             try:
-                s = self._forward(*packed) if share is None else self._forward_shared(sb)
+                s = self._forward(*packed) if share is None else self._forward(sb.ids, sb.cu_q, sb.pos, None, sb)
             except torch.OutOfMemoryError:
                 s = None  # leave the except block first, so the failed batch's tensors are freed
             if s is None:
