@@ -264,3 +264,21 @@ def test_gemma_template_and_decoder_seq_cls_share(tmp_path, long_file, family):
     assert b.std() > 0.02
     assert np.abs(a - b).max() <= TOL
     assert s_on.extra["tokens_after_sharing"] < 0.8 * s_on.tokens
+
+
+def test_cli_option_summary_and_fingerprint(tmp_path, tied_model, long_file):
+    import json
+
+    from conftest import run_cli
+
+    s = tmp_path / "s.json"
+    r = run_cli(["run", long_file, "--model", tied_model, "-o", tmp_path / "o.parquet", "-q", "--device", "cpu",
+                 "--prefix-sharing", "on", "--summary", s])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(s.read_text())
+    assert summary["extra"]["tokens_before_sharing"] == summary["tokens"]
+    assert 0 < summary["extra"]["tokens_after_sharing"] < summary["tokens"]
+    bad = run_cli(["run", long_file, "--model", tied_model, "-o", tmp_path / "p.parquet", "--prefix-sharing", "yes"])
+    assert bad.exit_code == 2 and "--prefix-sharing" in bad.output
+    # Sharing does not change scores beyond float tolerance: it is not part of the fingerprint.
+    assert "prefix_sharing" not in RunConfig(inputs=(), output="x").score_fields()
