@@ -15,6 +15,7 @@ positions continuing after the prefix, exactly as in the unshared sequence.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,10 +27,20 @@ KV_FACTOR = 4
 
 
 def group_keys(instructions, queries) -> np.ndarray:
-    """One int64 key per pair: equal (instruction, query) get equal keys. A hash collision only
-    puts two queries in one group, whose common prefix of ids is then shorter: still exact."""
-    return np.fromiter((hash((i, q)) for i, q in zip(instructions, queries)), dtype=np.int64,
-                       count=len(queries))
+    """One int64 key per pair: equal (instruction, query) get equal keys, in every process (the
+    plan orders groups by key, and a resumed run must pack, hence round, as the first did). A
+    hash collision only puts two queries in one group, whose common prefix of ids is then
+    shorter: still exact."""
+    memo: dict = {}
+    out = np.empty(len(queries), dtype=np.int64)
+    for n, pair in enumerate(zip(instructions, queries)):
+        k = memo.get(pair)
+        if k is None:
+            i, q = pair
+            text = f"{len(str(i))}:{i}\x00{q}".encode("utf-8", "surrogatepass")
+            k = memo[pair] = int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little", signed=True)
+        out[n] = k
+    return out
 
 
 def prefix_lengths(ids: np.ndarray, offsets: np.ndarray, pool: np.ndarray, keys: np.ndarray) -> np.ndarray:

@@ -282,3 +282,20 @@ def test_cli_option_summary_and_fingerprint(tmp_path, tied_model, long_file):
     assert bad.exit_code == 2 and "--prefix-sharing" in bad.output
     # Sharing does not change scores beyond float tolerance: it is not part of the fingerprint.
     assert "prefix_sharing" not in RunConfig(inputs=(), output="x").score_fields()
+
+
+def test_group_keys_are_the_same_in_every_process():
+    """A resumed run must pack (hence round) as the first did: keys may not depend on Python's
+    per-process string hash seed."""
+    import subprocess
+    import sys
+
+    code = "from pipeline.prefix import group_keys; print(group_keys(['i', 'i', 'j'], ['q', 'q', 'q']).tolist())"
+    outs = set()
+    for seed in ("1", "2"):
+        env = {**__import__("os").environ, "PYTHONHASHSEED": seed}
+        outs.add(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                check=True).stdout)
+    assert len(outs) == 1
+    k = eval(outs.pop())
+    assert k[0] == k[1] != k[2]
