@@ -11,7 +11,7 @@ from .common import SizeType, domain_errors, setup_logging
 
 @click.command("bench")
 @click.option("--arch", type=click.Choice(["tiny", "0.6b", "4b", "8b"]), default="0.6b", show_default=True)
-@click.option("--workload", type=click.Choice(["w-mixed", "w-short", "w-long"]), default="w-mixed", show_default=True)
+@click.option("--workload", type=click.Choice(["w-mixed", "w-short", "w-long", "w-longq"]), default="w-mixed", show_default=True)
 @click.option("--pairs", type=click.IntRange(min=1), default=None, help="Use the first N pairs of the workload.")
 @click.option("--seed-pairs", type=click.IntRange(min=0), default=1500, show_default=True,
               help="Pairs scored the seed's way (0 skips it); its rate is compared with ours.")
@@ -24,6 +24,8 @@ from .common import SizeType, domain_errors, setup_logging
 @click.option("--engine", type=click.Choice(["auto", "fused", "transformers"]), default="auto", show_default=True)
 @click.option("--attention", type=click.Choice(["auto", "flash_attn", "torch_varlen", "sdpa"]), default="auto",
               show_default=True)
+@click.option("--prefix-sharing", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Share each query's prompt prefix across its candidates (as rerank-batch run).")
 @click.option("--smoke", is_flag=True, help="CPU, tiny architecture, 64 pairs: checks that the bench runs.")
 @click.option("--profile", is_flag=True, help="Print the top CUDA kernels of one model-only pass.")
 @click.option("--devices", "device_counts", default=None,
@@ -33,7 +35,7 @@ from .common import SizeType, domain_errors, setup_logging
               help="Pairs per unit for --devices runs: enough units for every device to stay busy.")
 @click.option("--json", "json_path", default=None, help="Write the record here.")
 def bench_cmd(arch, workload, pairs, seed_pairs, e2e, repeats, device, gpu_memory_limit, max_batch_tokens,
-              compile, engine, attention, smoke, profile, device_counts, window, json_path):
+              compile, engine, attention, prefix_sharing, smoke, profile, device_counts, window, json_path):
     """Measure pairs/s, tokens/s, MFU, peak memory and GPU busy time against the seed's way."""
     setup_logging()
     from pipeline.bench import format_table, run_bench
@@ -59,7 +61,8 @@ def bench_cmd(arch, workload, pairs, seed_pairs, e2e, repeats, device, gpu_memor
     with domain_errors():
         rec = run_bench(arch, workload, device=device, seed_pairs=seed_pairs, e2e=e2e,
                         gpu_memory_limit=gpu_memory_limit, pairs=pairs, repeats=repeats, compile=compile,
-                        attention=attention, max_batch_tokens=max_batch_tokens, profile=profile, engine=engine)
+                        attention=attention, max_batch_tokens=max_batch_tokens, profile=profile, engine=engine,
+                        prefix_sharing=prefix_sharing)
     if rec.get("profile"):
         click.echo(rec["profile"])
     click.echo(format_table(rec))

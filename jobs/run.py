@@ -61,6 +61,9 @@ ENV_PREFIX = "RERANK_BATCH"
               help="Forward: our fused Qwen3 path where it applies, or transformers' own modules.")
 @click.option("--compile", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="torch.compile the fused path's elementwise steps (auto: on CUDA).")
+@click.option("--prefix-sharing", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Compute each query's shared prompt prefix once for all its candidates (causal "
+                   "rerankers; auto: where it saves >= 20% of the tokens). Same scores.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model's own Python code to run.")
 @click.option("--checkpoint-dir", default=None, help="Where parts and the manifest go. [default: OUTPUT.ckpt]")
 @click.option("--keep-checkpoint", is_flag=True, help="Keep the checkpoint after success.")

@@ -37,12 +37,17 @@ class Workload:
     doc_sigma: float
     doc_clip: tuple[int, int]
     queries: int | None = None  # candidates per query = pairs / queries
+    # Query tokens lognormal (median, sigma), clipped to `query`; None: uniform over `query`.
+    query_lognormal: tuple[float, float] | None = None
 
 
 WORKLOADS = {
     "w-mixed": Workload("w-mixed", 6000, (6, 20), 150, 0.8, (10, 4000)),
     "w-short": Workload("w-short", 10000, (6, 12), 60, 0.5, (10, 400), queries=100),
     "w-long": Workload("w-long", 1000, (6, 20), 1200, 0.7, (100, 8000)),
+    # Retrieval-augmented generation style: long queries, many candidates each (issue 12).
+    "w-longq": Workload("w-longq", 10000, (20, 600), 100, 0.6, (10, 1000), queries=200,
+                        query_lognormal=(120, 0.5)),
 }
 
 
@@ -51,19 +56,35 @@ def draw_lengths(w: Workload, pairs: int | None = None, seed: int = 0):
     rng = np.random.default_rng(seed)
     n = pairs or w.pairs
     per = w.pairs // w.queries if w.queries else 1
-    q = np.repeat(rng.integers(w.query[0], w.query[1] + 1, -(-n // per)), per)[:n]
+    if w.query_lognormal:
+        med, sigma = w.query_lognormal
+        qd = np.clip(np.round(rng.lognormal(np.log(med), sigma, -(-n // per))), *w.query).astype(np.int64)
+    else:
+        qd = rng.integers(w.query[0], w.query[1] + 1, -(-n // per))
+    q = np.repeat(qd, per)[:n]
     d = np.clip(np.round(rng.lognormal(np.log(w.doc_median), w.doc_sigma, n)), *w.doc_clip).astype(np.int64)
     return q, d
 
 
 def synthetic_encoded(w: Workload, vocab: int, pairs: int | None = None, seed: int = 0) -> Encoded:
-    """Token ids of a workload (template + query + document per pair), random ids."""
+    """Token ids of a workload (template + query + document per pair), random ids; every pair
+    begins with the same template ids and the candidates of a query with the same query ids, so
+    prefix sharing sees what it sees in real input."""
     q, d = draw_lengths(w, pairs, seed)
     lengths = TEMPLATE_TOKENS + q + d
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     ids = np.random.default_rng(seed + 1).integers(0, vocab, int(offsets[-1])).astype(np.int32)
-    return Encoded(ids, offsets, np.zeros(len(lengths), dtype=bool))
+    per = w.pairs // w.queries if w.queries else 1
+    group = np.arange(len(lengths)) // per
+    head = offsets[group * per]  # the first candidate of the pair's query
+    pre = TEMPLATE_TOKENS + q
+    within = np.arange(int(pre.sum())) - np.repeat(np.cumsum(pre) - pre, pre)
+    dst = np.repeat(offsets[:-1], pre) + within
+    src = np.repeat(head, pre) + within
+    src = np.where(within < TEMPLATE_TOKENS, within, src)  # the template: pair 0's ids everywhere
+    ids[dst] = ids[src]
+    return Encoded(ids, offsets, np.zeros(len(lengths), dtype=bool), keys=group.astype(np.int64))
 
 
 WORDS = [w for w in (
@@ -116,6 +137,13 @@ def model_flops(lengths: np.ndarray, arch: dict) -> float:
     dense = 2.0 * non_embedding_params(arch) * lengths.sum()
     attn = 2.0 * arch["num_hidden_layers"] * arch["num_attention_heads"] * arch["head_dim"] * (lengths ** 2).sum()
     return dense + attn
+
+
+def computed_flops(tokens: int, attention_area: int, arch: dict) -> float:
+    """FLOPs actually computed: 2 x non-embedding params per token that went through the model
+    (after prefix sharing), plus attention over the blocks' real score areas (ScoreStats)."""
+    return (2.0 * non_embedding_params(arch) * tokens
+            + 2.0 * arch["num_hidden_layers"] * arch["num_attention_heads"] * arch["head_dim"] * attention_area)
 
 
 def measure_matmul_peak(device) -> float:
@@ -227,11 +255,15 @@ def seed_way(model, encoder, enc: Encoded, device, pairs: int) -> dict:
 
 
 def engine_model_only(scorer, enc: Encoded, device, repeats: int = 1) -> dict:
-    scorer.score(Encoded(enc.ids, enc.offsets[: min(len(enc), 512) + 1], enc.truncated))  # warm-up/compile
+    n = min(len(enc), 512)
+    keys = enc.keys[:n] if enc.keys is not None else None
+    scorer.score(Encoded(enc.ids, enc.offsets[: n + 1], enc.truncated, keys=keys))  # warm-up/compile
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
+    st = scorer.stats
+    c0, a0 = st.tokens_computed, st.attention_area
     with BusySampler(device) as busy:
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -241,7 +273,8 @@ def engine_model_only(scorer, enc: Encoded, device, repeats: int = 1) -> dict:
     peak = torch.cuda.max_memory_reserved(device) if device.type == "cuda" else 0
     return {"pairs": len(enc), "tokens": int(enc.offsets[-1]), "seconds": float(np.median(times)),
             "seconds_all": times, "peak_gpu_memory_bytes": int(peak), "gpu_busy": busy.busy,
-            "lengths": enc.lengths, "scores": scores}
+            "lengths": enc.lengths, "scores": scores,
+            "tokens_computed": (st.tokens_computed - c0) // repeats, "attention_area": (st.attention_area - a0) // repeats}
 
 
 def profile_engine(scorer, enc: Encoded, top: int = 25) -> str:
@@ -309,7 +342,7 @@ def build_model(arch: str, device, dtype, workdir: str, num_hidden_layers: int |
 def run_bench(arch: str, workload: str, *, device: str = "auto", seed_pairs: int = 1500, e2e: bool = True,
               gpu_memory_limit: int | None = None, pairs: int | None = None, repeats: int = 3,
               compile: str = "auto", attention: str = "auto", max_batch_tokens: int | None = None,
-              profile: bool = False, engine: str = "auto") -> dict:
+              profile: bool = False, engine: str = "auto", prefix_sharing: str = "auto") -> dict:
     from .score import Scorer, resolve_device
 
     dev = resolve_device(device)
@@ -323,7 +356,8 @@ def run_bench(arch: str, workload: str, *, device: str = "auto", seed_pairs: int
         peak = measure_matmul_peak(dev) if dev.type == "cuda" else None
         record["matmul_peak_tflops"] = round(peak / 1e12, 1) if peak else None
         cfg_kw = dict(model=f"<random {arch}>", device=str(dev), compile=compile, attention=attention, engine=engine,
-                      max_batch_tokens=max_batch_tokens, gpu_memory_limit=gpu_memory_limit)
+                      max_batch_tokens=max_batch_tokens, gpu_memory_limit=gpu_memory_limit,
+                      prefix_sharing=prefix_sharing)
         enc = synthetic_encoded(w, len(tok) if arch == "tiny" else shape.get("vocab_size", len(tok)), pairs)
         from .template import QWEN3_RERANKER
         from .tokenize import PairEncoder
@@ -334,6 +368,7 @@ def run_bench(arch: str, workload: str, *, device: str = "auto", seed_pairs: int
             results["seed"] = seed_way(model, encoder, enc, dev, seed_pairs)
         scorer = Scorer.from_model(model, tok, RunConfig(inputs=(), output="", **cfg_kw), dev)
         record["engine_impl"] = scorer.engine
+        record["prefix_sharing"] = prefix_sharing
         record["attention"] = scorer.kernel
         record["batch_token_budget"] = scorer.budget
         results["engine"] = engine_model_only(scorer, enc, dev, repeats=repeats)
@@ -349,7 +384,14 @@ def run_bench(arch: str, workload: str, *, device: str = "auto", seed_pairs: int
                "peak_gpu_memory_gib": round(r["peak_gpu_memory_bytes"] / 2**30, 3),
                "gpu_busy": r["gpu_busy"]}
         if r.get("lengths") is not None and peak:
+            # mfu: the useful FLOPs of the unshared pairs (as if no prefix were shared);
+            # mfu_computed: the FLOPs that ran (tokens after sharing). Equal without sharing.
             row["mfu"] = round(model_flops(r["lengths"], shape) / r["seconds"] / peak, 4)
+            if r.get("tokens_computed"):
+                row["mfu_computed"] = round(computed_flops(r["tokens_computed"], r["attention_area"], shape)
+                                            / r["seconds"] / peak, 4)
+        if r.get("tokens_computed"):
+            row["tokens_computed"] = r["tokens_computed"]
         if name == "e2e":
             row["rows_written"] = r["rows_written"]
         record[name] = row
@@ -371,18 +413,21 @@ def format_table(rec: dict) -> str:
     peak_text = f"matmul peak {peak} TFLOP/s" if peak else "no matmul peak off CUDA, so no MFU"
     lines = [f"{rec['arch']} {rec['workload']} on {rec['device']} ({rec.get('engine_impl')}, {rec.get('attention')}, "
              f"budget {rec.get('batch_token_budget')} tokens, {peak_text})",
-             f"{'way':<8} {'pairs/s':>10} {'tokens/s':>12} {'MFU':>7} {'peak GiB':>9} {'busy':>6}"]
+             f"{'way':<8} {'pairs/s':>10} {'tokens/s':>12} {'MFU':>7} {'MFUc':>7} {'peak GiB':>9} {'busy':>6}"]
     for name in ("seed", "engine", "e2e"):
         r = rec.get(name)
         if not r:
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
         busy = f"{100 * r['gpu_busy']:.0f}%" if r.get("gpu_busy") is not None else "-"
-        lines.append(f"{name:<8} {r['pairs_per_s']:>10.1f} {r['tokens_per_s']:>12.0f} {mfu:>7} "
+        mfuc = f"{100 * r['mfu_computed']:.1f}%" if r.get("mfu_computed") is not None else "-"
+        lines.append(f"{name:<8} {r['pairs_per_s']:>10.1f} {r['tokens_per_s']:>12.0f} {mfu:>7} {mfuc:>7} "
                      f"{r['peak_gpu_memory_gib']:>9.2f} {busy:>6}")
     if "speedup_model_only" in rec:
         lines.append(f"speed-up over the seed's way: {rec['speedup_model_only']}x model only"
                      + (f", {rec['speedup_end_to_end']}x end to end" if "speedup_end_to_end" in rec else ""))
     if "e2e_over_model_only" in rec:
         lines.append(f"end to end / model only (tokens/s): {rec['e2e_over_model_only']}")
+    lines.append(f"prefix sharing {rec.get('prefix_sharing')}; MFU on the unshared pairs' tokens, "
+                 "MFUc on the tokens computed after sharing")
     return "\n".join(lines)

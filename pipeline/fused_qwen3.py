@@ -119,15 +119,16 @@ class FusedQwen3:
         return cos[0], sin[0]
 
     @torch.inference_mode()
-    def last_hidden(self, input_ids, position_ids, cu, max_len: int, last_idx) -> torch.Tensor:
-        """Final-normed hidden states at rows `last_idx` of a packed batch: (n, hidden)."""
+    def last_hidden(self, input_ids, position_ids, cu, max_len: int, last_idx, shared=None) -> torch.Tensor:
+        """Final-normed hidden states at rows `last_idx` of a packed batch: (n, hidden).
+        `shared`: (kv_idx, cu_k, max_k) of a batch with shared prefixes (attention.packed_attention)."""
         x = F.embedding(input_ids, self.embed)
         cos, sin = self.rope_tables(position_ids, x.dtype)
         n_layers = len(self.layers)
         hn = self._norm(x, self.layers[0].ln1, self.eps)
         for i, L in enumerate(self.layers):
             q, k, v = self._qk(F.linear(hn, L.w_qkv), L.qn, L.kn, cos, sin, self.eps, self.h, self.hkv, self.d)
-            att = packed_attention(q, k, v, cu, max_len, self.scale, self.kernel)
+            att = packed_attention(q, k, v, cu, max_len, self.scale, self.kernel, shared)
             att = F.linear(att.reshape(att.shape[0], -1), L.w_o)
             if i == n_layers - 1:
                 # Only the scored rows go on: the last MLP and norm on n rows, not T.

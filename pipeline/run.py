@@ -104,6 +104,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
             torch.cuda.reset_peak_memory_stats(scorer.device)
         t_score = time.monotonic()
         timer = _Timer()
+        fresh = [u.id for u in plan.units if u.id not in ck.done]  # scored by this run
         try:
             per_device = execute(plan, scorer, prog, timer, should_stop)
         finally:
@@ -127,6 +128,9 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
     summary.extra = {f"seconds_{k}": round(v, 3) for k, v in timer.seconds.items()}
     if per_device is not None:
         summary.extra["devices"] = per_device
+    # Prefix sharing: the pairs' tokens this run scored, and those that went through the model.
+    summary.extra["tokens_before_sharing"] = sum(ck.done[u]["tokens"] for u in fresh)
+    summary.extra["tokens_after_sharing"] = sum(ck.done[u].get("tokens_computed", ck.done[u]["tokens"]) for u in fresh)
     summary.seconds = round(time.monotonic() - t_start, 3)  # the whole run, plan to cleanup
     summary.pairs_per_s = round(prog.pairs / max(score_seconds, 1e-9), 2)
     summary.tokens_per_s = round(prog.tokens / max(score_seconds, 1e-9), 1)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import attention, fused_qwen3
+from . import attention, fused_qwen3, prefix
 from .config import RunConfig
 from .errors import ModelError, ScoringError, first_line
 from .families import ModelKind, inspect_model
@@ -80,7 +80,9 @@ def gather_packed(ids: np.ndarray, offsets: np.ndarray, idx: np.ndarray, types: 
 class ScoreStats:
     batches: int = 0
     oom_retries: int = 0
-    tokens: int = 0
+    tokens: int = 0  # tokens of the pairs scored (before prefix sharing)
+    tokens_computed: int = 0  # tokens that went through the model (after prefix sharing)
+    attention_area: int = 0  # sum over attention blocks of 2*Lq*Lk - Lq^2 (for FLOP counts)
 
 
 def decoder_of(model):
@@ -104,6 +106,8 @@ class Scorer:
         self.kind = kind
         self.padded = kind.family == "seq-cls-encoder"
         self.fused = None
+        # Cross-encoders attend both ways: a candidate's prefix depends on its document.
+        self.sharing = "off" if self.padded else cfg.prefix_sharing
         if self.padded:
             self.engine = "transformers-padded"
         else:
@@ -229,32 +233,45 @@ class Scorer:
         return budget
 
     # -- scoring -------------------------------------------------------------------------------
+    def _put(self, a, dtype):
+        t = torch.from_numpy(np.ascontiguousarray(a, dtype=dtype))
+        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
+
     @torch.inference_mode()
-    def _forward(self, flat: np.ndarray, cu: np.ndarray, pos: np.ndarray, types=None) -> torch.Tensor:
-        dev = self.device
-        pin = dev.type == "cuda"
-
-        def put(a, dtype):
-            t = torch.from_numpy(np.ascontiguousarray(a, dtype=dtype))
-            return t.pin_memory().to(dev, non_blocking=True) if pin else t
-
+    def _forward(self, flat: np.ndarray, cu: np.ndarray, pos: np.ndarray, types=None, shared=None) -> torch.Tensor:
+        """Scores of one batch: flat ids, cu_seqlens, positions (token types); `shared`: the
+        prefix.SharedBatch these come from, for a batch with shared prefixes."""
+        if shared is not None:
+            return self._forward_shared(shared)
         if self.padded:
-            return self._forward_padded(flat, cu, types, put)
-        input_ids = put(flat, np.int64)[None]
-        position_ids = put(pos, np.int64)[None]
-        cu_t = put(cu, np.int32)
-        max_len = int(np.max(np.diff(cu)))
-        last_idx = cu_t[1:].long() - 1
+            return self._forward_padded(flat, cu, types, self._put)
+        cu_t = self._put(cu, np.int32)
+        return self._forward_packed(flat, pos, cu_t, int(np.max(np.diff(cu))), cu_t[1:].long() - 1)
+
+    @torch.inference_mode()
+    def _forward_shared(self, b: "prefix.SharedBatch") -> torch.Tensor:
+        """A batch whose candidates share their group's prefix rows (see prefix.py)."""
+        put = self._put
+        cu_k = put(b.cu_k, np.int32)
+        shared = (put(b.kv_idx, np.int64), cu_k, int(np.max(np.diff(b.cu_k))))
+        return self._forward_packed(b.ids, b.pos, put(b.cu_q, np.int32), int(np.max(np.diff(b.cu_q))),
+                                    put(b.last, np.int64), shared)
+
+    def _forward_packed(self, flat, pos, cu_t, max_len: int, last_idx, shared=None) -> torch.Tensor:
+        input_ids = self._put(flat, np.int64)[None]
+        position_ids = self._put(pos, np.int64)[None]
         if self.fused is not None:
-            last = self.fused.last_hidden(input_ids[0], position_ids[0], cu_t, max_len, last_idx)
+            last = self.fused.last_hidden(input_ids[0], position_ids[0], cu_t, max_len, last_idx, shared)
             return self._activate(self._head(last))
+        kv = {} if shared is None else {"rerank_kv_idx": shared[0]}
+        cu_k, max_k = (cu_t, max_len) if shared is None else shared[1:]
         out = self.decoder(
             input_ids=input_ids,
             position_ids=position_ids,
             # A dict of masks tells transformers not to build any: packing needs none.
             attention_mask={t: None for t in self.layer_types},
             use_cache=False,
-            cu_seq_lens_q=cu_t, cu_seq_lens_k=cu_t, max_length_q=max_len, max_length_k=max_len,
+            cu_seq_lens_q=cu_t, cu_seq_lens_k=cu_k, max_length_q=max_len, max_length_k=max_k, **kv,
         )
         return self._activate(self._head(out.last_hidden_state[0, last_idx]))
 
@@ -303,6 +320,8 @@ class Scorer:
         """
         ids = np.empty(0, dtype=np.int32)
         types = None  # token types, for cross-encoders
+        keys = None  # group keys, for prefix sharing
+        share = self.sharing != "off"
         offsets = np.zeros(1, dtype=np.int64)
         pool = np.empty(0, dtype=np.int64)  # pairs not yet sent
         pending: list[tuple[np.ndarray, torch.Tensor]] = []
@@ -313,17 +332,22 @@ class Scorer:
             ids = np.concatenate([ids, enc.ids]) if len(ids) else enc.ids
             if enc.type_ids is not None:
                 types = np.concatenate([types, enc.type_ids]) if types is not None else enc.type_ids
+            if enc.keys is None or not share:
+                share, keys = False, None  # a chunk without group keys: this stream shares nothing
+            else:
+                keys = np.concatenate([keys, enc.keys]) if keys is not None else enc.keys
             offsets = np.concatenate([offsets, enc.offsets[1:] + offsets[-1]])
             pool = np.concatenate([pool, np.arange(n0, n0 + len(enc), dtype=np.int64)])
-            lengths = offsets[pool + 1] - offsets[pool]
-            batches = plan_batches(lengths, self.budget, self.padded)
+            batches, plen = self._plan(pool, ids, offsets, keys)
             for b in batches[:-1]:
-                self._submit(pool[b], ids, offsets, types, pending, on_batch, should_stop)
+                self._submit(pool[b], ids, offsets, types, pending, on_batch, should_stop,
+                             None if plen is None else (plen[b], keys[pool[b]]))
             pool = pool[batches[-1]]
         if len(pool):
-            lengths = offsets[pool + 1] - offsets[pool]
-            for b in plan_batches(lengths, self.budget, self.padded):
-                self._submit(pool[b], ids, offsets, types, pending, on_batch, should_stop)
+            batches, plen = self._plan(pool, ids, offsets, keys)
+            for b in batches:
+                self._submit(pool[b], ids, offsets, types, pending, on_batch, should_stop,
+                             None if plen is None else (plen[b], keys[pool[b]]))
         out = np.empty(len(offsets) - 1, dtype=np.float32)
         if pending:
             # One device-to-host copy per window: no host sync between batches.
@@ -331,31 +355,52 @@ class Scorer:
             out[all_idx] = torch.cat([s for _, s in pending]).float().cpu().numpy()
         return out
 
-    def _submit(self, idx, ids, offsets, types, pending, on_batch, should_stop) -> None:
-        """Run one packed batch; on OOM, split it and run the halves (no pair is ever dropped)."""
-        stack = [idx]
+    def _plan(self, pool, ids, offsets, keys):
+        """Batches of `pool` (positions into it) and, where prefixes are shared, each pair's
+        shared-prefix length (else None)."""
+        lengths = offsets[pool + 1] - offsets[pool]
+        if keys is not None and self.sharing != "off" and len(pool) > 1:
+            pk = keys[pool]
+            plen = prefix.prefix_lengths(ids, offsets, pool, keys)
+            saved = prefix.saving(lengths, plen, pk)
+            if saved > 0 and (self.sharing == "on" or saved >= prefix.AUTO_MIN_SAVING * lengths.sum()):
+                return prefix.plan_shared(lengths, plen, pk, self.budget), plen
+        return plan_batches(lengths, self.budget, self.padded), None
+
+    def _submit(self, idx, ids, offsets, types, pending, on_batch, should_stop, share=None) -> None:
+        """Run one packed batch; on OOM, split it and run the halves (no pair is ever dropped).
+        `share`: (prefix length, group key) per pair of idx, for a batch with shared prefixes."""
+        stack = [(idx, share)]
         while stack:
             if should_stop is not None and should_stop():
                 raise KeyboardInterrupt
-            idx = stack.pop()
-            packed = gather_packed(ids, offsets, idx, types)
+            idx, share = stack.pop()
+            if share is None:
+                packed = gather_packed(ids, offsets, idx, types)
+                tokens = computed = int(packed[1][-1])
+                area = int((np.diff(packed[1]) ** 2).sum())
+            else:
+                sb = prefix.gather_shared(ids, offsets, idx, *share)
+                tokens, computed, area = sb.unshared_tokens, len(sb.ids), sb.area
             try:
-                s = self._forward(*packed)
+                s = self._forward(*packed) if share is None else self._forward(sb.ids, sb.cu_q, sb.pos, None, sb)
             except torch.OutOfMemoryError:
                 s = None  # leave the except block first, so the failed batch's tensors are freed
             if s is None:
-                self._after_oom(idx, packed[1][-1], stack)
+                self._after_oom(idx, computed, stack, share)
                 continue
             pending.append((idx, s))
             self.stats.batches += 1
-            self.stats.tokens += int(packed[1][-1])
+            self.stats.tokens += tokens
+            self.stats.tokens_computed += computed
+            self.stats.attention_area += area
             if on_batch is not None:
-                on_batch(len(idx), int(packed[1][-1]))
+                on_batch(len(idx), tokens)
             if self.cfg.empty_cache_every and self.device.type == "cuda" \
                     and self.stats.batches % self.cfg.empty_cache_every == 0:
                 torch.cuda.empty_cache()
 
-    def _after_oom(self, idx: np.ndarray, tokens: int, stack: list) -> None:
+    def _after_oom(self, idx: np.ndarray, tokens: int, stack: list, share=None) -> None:
         self.stats.oom_retries += 1
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -368,5 +413,8 @@ class Scorer:
         self.budget = max(512, min(self.budget, int(tokens * 0.75)))
         log.warning("out of memory on a batch of %d tokens; split it in two, budget now %d", tokens, self.budget)
         half = len(idx) // 2
-        stack.append(idx[half:])
-        stack.append(idx[:half])
+        # A group cut in two keeps its prefix length: the common prefix of a part is no shorter.
+        hi, lo = (None, None) if share is None else ((share[0][half:], share[1][half:]),
+                                                     (share[0][:half], share[1][:half]))
+        stack.append((idx[half:], hi))
+        stack.append((idx[:half], lo))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import InputError, ModelError
+from .prefix import group_keys
 from .template import Template
 
 
@@ -25,6 +26,9 @@ class Encoded:
     offsets: np.ndarray
     truncated: np.ndarray  # bool per pair
     type_ids: np.ndarray | None = None  # token type ids, laid out as `ids` (cross-encoders)
+    # Group key per pair, equal for equal (instruction, query): candidates that may share a
+    # prompt prefix (prefix.py). None where sharing cannot apply (cross-encoders).
+    keys: np.ndarray | None = None
 
     @property
     def lengths(self) -> np.ndarray:
@@ -77,7 +81,7 @@ class PairEncoder:
         flat = np.concatenate(pieces) if pieces else np.empty(0, dtype=np.int32)
         offsets = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        return Encoded(flat, offsets, truncated)
+        return Encoded(flat, offsets, truncated, keys=group_keys(instructions, queries))
 
 
 def _single_token(tokenizer, token: str) -> int:

@@ -45,3 +45,30 @@ def test_flops_of_the_real_architectures():
     a = ARCHS["0.6b"]
     one = model_flops(np.array([100]), a)
     assert one == 2 * non_embedding_params(a) * 100 + 2 * 28 * 16 * 128 * 100 ** 2
+
+
+def test_w_longq_and_shared_synthetic_prefixes():
+    from pipeline.bench import synthetic_encoded
+    from pipeline.prefix import prefix_lengths
+
+    w = WORKLOADS["w-longq"]
+    q, d = draw_lengths(w)
+    assert len(q) == 10000 and len(set(q[:50])) == 1 and len(set(q[::50].tolist())) > 100
+    assert q.min() >= 20 and q.max() <= 600 and 100 < np.median(q[::50]) < 140  # median 120
+    assert d.min() >= 10 and d.max() <= 1000 and 85 < np.median(d) < 115  # median 100
+    enc = synthetic_encoded(w, 1000, pairs=150)
+    pl = prefix_lengths(enc.ids, enc.offsets, np.arange(150), enc.keys)
+    # Candidates of a query share the template and the query (the first document token may match
+    # by chance), never more than their own length less one.
+    assert (pl >= 70 + q[:150]).all() and (pl < enc.lengths).all()
+
+
+def test_bench_smoke_with_prefix_sharing_reports_both_mfus(tmp_path):
+    out = tmp_path / "bench.json"
+    r = run_cli(["bench", "--smoke", "--workload", "w-short", "--prefix-sharing", "on", "--seed-pairs", "0",
+                 "--json", out])
+    assert r.exit_code == 0, r.output
+    rec = json.loads(out.read_text())
+    assert rec["prefix_sharing"] == "on"
+    assert 0 < rec["engine"]["tokens_computed"] < 0.8 * rec["engine"]["tokens"]
+    assert "MFUc" in r.output

@@ -144,6 +144,7 @@ def score_units(units, layout, cfg, scorer, on_batch=None, should_stop=None, tim
                 raise KeyboardInterrupt
             encs: list = []
             t_unit = time.perf_counter()
+            computed0 = scorer.stats.tokens_computed
             scores = scorer.score_stream(_unit_chunks(items, timer, encs), on_batch=on_batch,
                                          should_stop=should_stop)
             skipped = int((~pairs.valid).sum()) if pairs.valid.size else 0
@@ -151,6 +152,7 @@ def score_units(units, layout, cfg, scorer, on_batch=None, should_stop=None, tim
                 on_batch(skipped, 0)
             info = unit_info(pairs, encs)
             info["seconds"] = time.perf_counter() - t_unit
+            info["tokens_computed"] = int(scorer.stats.tokens_computed - computed0)  # after prefix sharing
             yield unit, result_part(pairs, scores), info
     finally:
         items.close()
