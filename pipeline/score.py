@@ -2,7 +2,8 @@
 
 Causal families run packed (varlen) batches, and only the last position of each sequence is
 projected: onto the LM-head rows of the judged tokens, or onto the classification head. The
-full-vocabulary logits of the reference recipe are never formed. Cross-encoders run padded.
+full-vocabulary logits of the reference recipe are never formed. BERT, XLM-R and ModernBERT
+cross-encoders run packed too, bidirectionally (fused_encoder.py); other encoders run padded.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import attention, fused_qwen3
+from . import attention, fused_encoder, fused_qwen3
 from .config import RunConfig
 from .errors import ModelError, ScoringError, first_line
 from .families import ModelKind, inspect_model
@@ -103,8 +104,16 @@ class Scorer:
         self.kernel = kernel
         self.kind = kind
         self.padded = kind.family == "seq-cls-encoder"
-        self.fused = None
-        if self.padded:
+        self.fused = self.fused_encoder = None
+        if self.padded and kernel != "padded-sdpa":
+            use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+            self.fused_encoder = fused_encoder.FusedEncoder(model, kernel, compile=use_compile)
+            self.padded = False
+            self.engine = "fused-encoder"
+        elif self.padded:
+            if cfg.engine == "fused":
+                raise ModelError(f"--engine fused does not support {model.config.model_type} cross-encoders; "
+                                 "use --engine auto")
             self.engine = "transformers-padded"
         else:
             self.decoder = decoder_of(model)
@@ -175,7 +184,8 @@ class Scorer:
         kind = kind or inspect_model(cfg, model.config)
         if kind.family == "seq-cls-encoder":
             encoder = CrossEncoderEncoder(tokenizer, cfg.max_length)
-            kernel = "padded-sdpa"
+            packed = cfg.engine != "transformers" and fused_encoder.supports(model)
+            kernel = attention.choose_kernel(cfg.attention, device, dtype) if packed else "padded-sdpa"
         else:
             encoder = PairEncoder(tokenizer, kind.template, cfg.max_length)
             model.set_attn_implementation(attention.register())
@@ -208,7 +218,9 @@ class Scorer:
         else:
             ceiling = base + free
         # Measure what a token costs in activations with a probe batch of real shape.
-        seq = 512 if not self.padded else min(512, getattr(self.model.config, "max_position_embeddings", 512) - 2)
+        seq = 512
+        if self.kind.family == "seq-cls-encoder":  # learned positions end at max_position_embeddings
+            seq = min(512, getattr(self.model.config, "max_position_embeddings", 512) - 2)
         n = PROBE_TOKENS // seq
         ids = np.random.default_rng(0).integers(0, self.tokenizer.vocab_size, n * seq).astype(np.int32)
         offsets = np.arange(0, n * seq + 1, seq, dtype=np.int64)
@@ -244,6 +256,10 @@ class Scorer:
         position_ids = put(pos, np.int64)[None]
         cu_t = put(cu, np.int32)
         max_len = int(np.max(np.diff(cu)))
+        if self.fused_encoder is not None:
+            tt = put(types, np.int64) if types is not None else None
+            logits = self.fused_encoder.logits(input_ids[0], tt, position_ids[0], cu_t, max_len, cu_t[:-1].long())
+            return self._activate(logits.to(torch.float32))
         last_idx = cu_t[1:].long() - 1
         if self.fused is not None:
             last = self.fused.last_hidden(input_ids[0], position_ids[0], cu_t, max_len, last_idx)
