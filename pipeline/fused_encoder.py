@@ -112,7 +112,9 @@ class FusedEncoder:
                                      torch.cat([s.query.bias, s.key.bias, s.value.bias], 0)))
         if compile:
             try:
-                self._add_ln = torch.compile(add_layer_norm, dynamic=None, fullgraph=True)
+                from .compiled import compile_rows
+
+                self._add_ln = compile_rows(add_layer_norm)
             except Exception as exc:  # no Triton: eager is exact, only slower
                 log.warning("torch.compile unavailable (%s); running eagerly", exc)
 

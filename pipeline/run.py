@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from . import checkpoint as ckpt_mod
+from . import startup
 from .config import RunConfig
 from .errors import InputError, Interrupted, RerankError
 from .pairs import UnitPairs, build_pairs, result_part
@@ -220,6 +221,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
     from .families import inspect_model
     from .score import Scorer, resolve_device, resolve_dtype
 
+    startup.reset("process_to_run")
     t0 = time.monotonic()
     layout, units, total_pairs = validate(cfg)
     device = resolve_device(cfg.device)
@@ -228,6 +230,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
     fp = fingerprint(cfg, layout, device.type, dtype, kind)
     ck = ckpt_mod.Checkpoint.open(cfg.ckpt_dir, fp, restart=cfg.restart)
     pending = [u for u in units if u.id not in ck.done]
+    startup.mark("inputs_and_config")
     if scorer is None:
         scorer = Scorer.load(cfg, kind)
     summary = Summary(output=cfg.output, units=len(units), units_resumed=len(units) - len(pending),
@@ -242,6 +245,15 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
     t_score = time.monotonic()
     timer = _Timer()
     items = _prefetch(pending, layout, cfg, scorer.encoder, stop_event)
+
+    def on_batch(pairs: int, tokens: int) -> None:
+        if not startup.seen("first_batch"):
+            if scorer.device.type == "cuda":  # the batch is done, not only launched
+                import torch
+
+                torch.cuda.synchronize(scorer.device)
+            startup.mark("first_batch")
+        prog.update(pairs, tokens)
     try:
         while True:
             t0 = time.perf_counter()
@@ -253,7 +265,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
             if should_stop is not None and should_stop():
                 raise KeyboardInterrupt
             encs: list = []
-            scores = scorer.score_stream(_unit_chunks(items, timer, encs), on_batch=prog.update,
+            scores = scorer.score_stream(_unit_chunks(items, timer, encs), on_batch=on_batch,
                                          should_stop=should_stop)
             if pairs.valid.size and not pairs.valid.all():
                 prog.update(int((~pairs.valid).sum()), 0)
@@ -277,6 +289,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
     summary.rows = write_ranked(ck.parts(done_units), layout, cfg)
     timer.add("final_write", t0)
     summary.extra = {f"seconds_{k}": round(v, 3) for k, v in timer.seconds.items()}
+    summary.extra.update({f"startup_{k}_s": v for k, v in startup.stages().items()})
     for u in units:
         info = ck.done[u.id]
         summary.pairs_scored += info["pairs"]

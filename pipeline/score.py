@@ -8,13 +8,14 @@ cross-encoders run packed too, bidirectionally (fused_encoder.py); other encoder
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from . import attention, fused_encoder, fused_qwen3
+from . import attention, fused_encoder, fused_qwen3, startup
 from .config import RunConfig
 from .errors import ModelError, ScoringError, first_line
 from .families import ModelKind, inspect_model
@@ -137,7 +138,9 @@ class Scorer:
         log.info("model %s (%s) on %s in %s, attention %s, engine %s", cfg.model, kind.family, device,
                  str(dtype).removeprefix("torch."), kernel, self.engine)
         self.stats = ScoreStats()
+        startup.mark("model_setup")
         self.budget = self._size_budget()
+        startup.mark("memory_probe")
 
     # -- loading -----------------------------------------------------------------------------
     @classmethod
@@ -157,8 +160,12 @@ class Scorer:
         except Exception as exc:
             raise ModelError(f"model {path}: cannot load its tokenizer ({first_line(exc)}); "
                              "the directory needs tokenizer files") from None
+        startup.mark("tokenizer")
         auto = AutoModelForSequenceClassification if kind.family.startswith("seq-cls") else AutoModelForCausalLM
         extra = {} if kind.family == "seq-cls-encoder" else {"attn_implementation": attention.register()}
+        if device.type == "cuda" and importlib.util.find_spec("accelerate") is not None:
+            # Straight from the safetensors files onto the GPU: no full copy in host memory first.
+            extra["device_map"] = str(device)
         try:
             model, info = auto.from_pretrained(path, dtype=dtype, use_safetensors=True, output_loading_info=True,
                                                **extra, **kw)
@@ -167,6 +174,7 @@ class Scorer:
                 f"model {path}: cannot load safetensors weights ({first_line(exc)}); weights load only "
                 "from *.safetensors files"
             ) from None
+        startup.mark("weights")
         missing = sorted(info.get("missing_keys") or [])
         if missing:
             # transformers would fill them with random values: scores would mean nothing.
@@ -182,6 +190,10 @@ class Scorer:
         device = device or resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, device)
         kind = kind or inspect_model(cfg, model.config)
+        if device.type == "cpu":
+            from .threads import configure_cpu
+
+            configure_cpu()
         if kind.family == "seq-cls-encoder":
             encoder = CrossEncoderEncoder(tokenizer, cfg.max_length)
             packed = cfg.engine != "transformers" and fused_encoder.supports(model)
