@@ -10,7 +10,8 @@ from .common import SizeType, domain_errors, setup_logging
 
 
 @click.command("bench")
-@click.option("--arch", type=click.Choice(["tiny", "0.6b", "4b", "8b"]), default="0.6b", show_default=True)
+@click.option("--arch", type=click.Choice(["tiny", "0.6b", "4b", "8b", "minilm-l6", "xlmr-large", "modernbert-base"]),
+              default="0.6b", show_default=True, help="Qwen3 shapes, or cross-encoder shapes (these imply --peer).")
 @click.option("--workload", type=click.Choice(["w-mixed", "w-short", "w-long"]), default="w-mixed", show_default=True)
 @click.option("--pairs", type=click.IntRange(min=1), default=None, help="Use the first N pairs of the workload.")
 @click.option("--seed-pairs", type=click.IntRange(min=0), default=1500, show_default=True,
@@ -26,11 +27,28 @@ from .common import SizeType, domain_errors, setup_logging
               show_default=True)
 @click.option("--smoke", is_flag=True, help="CPU, tiny architecture, 64 pairs: checks that the bench runs.")
 @click.option("--profile", is_flag=True, help="Print the top CUDA kernels of one model-only pass.")
+@click.option("--peer", is_flag=True,
+              help="Measure against sentence-transformers' CrossEncoder.predict (when importable) and the "
+                   "whole CLI in fresh processes, on a model saved to disk, instead of the seed's way.")
+@click.option("--st/--no-st", default=True, show_default=True, help="With --peer: the sentence-transformers rows.")
+@click.option("--cli-row/--no-cli-row", default=True, show_default=True, help="With --peer: the fresh-process CLI row.")
 @click.option("--json", "json_path", default=None, help="Write the record here.")
 def bench_cmd(arch, workload, pairs, seed_pairs, e2e, repeats, device, gpu_memory_limit, max_batch_tokens,
-              compile, engine, attention, smoke, profile, json_path):
+              compile, engine, attention, smoke, profile, peer, st, cli_row, json_path):
     """Measure pairs/s, tokens/s, MFU, peak memory and GPU busy time against the seed's way."""
     setup_logging()
+    from pipeline.bench_peer import ENCODER_ARCHS
+
+    if peer or arch in ENCODER_ARCHS:
+        from pipeline.bench_peer import format_peer_table, run_peer_bench
+
+        with domain_errors():
+            rec = run_peer_bench(arch, workload, device=device, pairs=pairs, repeats=repeats, st=st, cli=cli_row)
+        click.echo(format_peer_table(rec))
+        if json_path:
+            with open(json_path, "w") as f:
+                json.dump(rec, f, indent=2)
+        return
     from pipeline.bench import format_table, run_bench
 
     if smoke:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import attention
-from .padded_attention import padded_sdpa
+from .padded_attention import padded_sdpa, padded_sdpa_qkv
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +136,11 @@ class FusedEncoder:
         t, h, d = x.shape[0], self.h, self.d
         for i, blk in enumerate(layers):
             qkv = F.linear(x, *self.qkv[i]).view(t, 3, h, d)
-            att = bidirectional_attention(qkv[:, 0].contiguous(), qkv[:, 1].contiguous(), qkv[:, 2].contiguous(),
-                                          cu, max_len, self.scale, self.kernel)
+            if self.kernel in ("torch_varlen", "flash_attn"):
+                att = bidirectional_attention(qkv[:, 0].contiguous(), qkv[:, 1].contiguous(),
+                                              qkv[:, 2].contiguous(), cu, max_len, self.scale, self.kernel)
+            else:
+                att = padded_sdpa_qkv(qkv, cu, max_len, self.scale)
             att = att.reshape(-1, h * d)
             if i == len(layers) - 1:
                 # Only the pooled rows are scored: the rest of the last layer runs on n rows.
