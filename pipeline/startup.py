@@ -15,14 +15,14 @@ _marks: list[tuple[str, float]] = []
 
 
 def process_start() -> float | None:
-    """The process's start as a Unix time, or None where /proc is missing."""
+    """The process's start as a Unix time (to a clock tick), or None where /proc is missing."""
     try:
         with open("/proc/self/stat") as f:
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: start time, in clock ticks
-        with open("/proc/stat") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: start, in ticks since boot
+        # The age against the boot-time clock: /proc/stat's btime is whole seconds only.
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+        return time.time() - age
+    except (OSError, ValueError, IndexError, AttributeError):
         return None
 
 
