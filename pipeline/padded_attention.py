@@ -54,7 +54,12 @@ def padded_sdpa(q, k, v, cu, max_len: int, scale: float, causal: bool, window: i
         out[valid] = x
         return out.transpose(1, 2)  # (n, H, L, D)
 
-    out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=_mask(valid, max_len, causal, window),
-                                         scale=scale,
+    if causal and window is None:
+        # Right padding: a real query's keys (those before it) are all real, so the causal mask
+        # alone is exact for the rows kept, and SDPA needs no mask tensor (its fast kernel).
+        mask, is_causal = None, True
+    else:
+        mask, is_causal = _mask(valid, max_len, causal, window), False
+    out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask, is_causal=is_causal, scale=scale,
                                          enable_gqa=q.shape[1] != k.shape[1])
     return out.transpose(1, 2)[valid]
