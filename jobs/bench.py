@@ -10,7 +10,8 @@ from .common import SizeType, domain_errors, setup_logging
 
 
 @click.command("bench")
-@click.option("--arch", type=click.Choice(["tiny", "0.6b", "4b", "8b"]), default="0.6b", show_default=True)
+@click.option("--arch", type=click.Choice(["tiny", "0.6b", "4b", "8b", "minilm-l6", "xlmr-large", "modernbert-base"]),
+              default="0.6b", show_default=True, help="Qwen3 shapes, or cross-encoder shapes (these imply --peer).")
 @click.option("--workload", type=click.Choice(["w-mixed", "w-short", "w-long", "w-longq"]), default="w-mixed", show_default=True)
 @click.option("--pairs", type=click.IntRange(min=1), default=None, help="Use the first N pairs of the workload.")
 @click.option("--seed-pairs", type=click.IntRange(min=0), default=1500, show_default=True,
@@ -33,12 +34,19 @@ from .common import SizeType, domain_errors, setup_logging
               "total and per device, speed-up over one device, busy share, driver CPU per unit.")
 @click.option("--window", type=click.IntRange(min=1), default=2048, show_default=True,
               help="Pairs per unit for --devices runs: enough units for every device to stay busy.")
+@click.option("--peer", is_flag=True,
+              help="Measure against sentence-transformers' CrossEncoder.predict (when importable) and the "
+                   "whole CLI in fresh processes, on a model saved to disk, instead of the seed's way.")
+@click.option("--st/--no-st", default=True, show_default=True, help="With --peer: the sentence-transformers rows.")
+@click.option("--cli-row/--no-cli-row", default=True, show_default=True, help="With --peer: the fresh-process CLI row.")
 @click.option("--json", "json_path", default=None, help="Write the record here.")
 def bench_cmd(arch, workload, pairs, seed_pairs, e2e, repeats, device, gpu_memory_limit, max_batch_tokens,
-              compile, engine, attention, prefix_sharing, smoke, profile, device_counts, window, json_path):
-    """Measure pairs/s, tokens/s, MFU, peak memory and GPU busy time against the seed's way."""
+              compile, engine, attention, prefix_sharing, smoke, profile, device_counts, window, peer, st, cli_row,
+              json_path):
+    """Measure pairs/s, tokens/s, MFU, peak memory and GPU busy time against the seed's way (or,
+    with --peer, against sentence-transformers; with --devices, on 1..N devices)."""
     setup_logging()
-    from pipeline.bench import format_table, run_bench
+    from pipeline.bench_peer import ENCODER_ARCHS
 
     if device_counts:
         from pipeline.bench_devices import format_devices_table, run_devices_bench
@@ -51,11 +59,17 @@ def bench_cmd(arch, workload, pairs, seed_pairs, e2e, repeats, device, gpu_memor
             arch, pairs = "tiny", pairs or 64
         with domain_errors():
             rec = run_devices_bench(arch, workload, counts, pairs=pairs, repeats=repeats, window=window)
-        click.echo(format_devices_table(rec))
-        if json_path:
-            with open(json_path, "w") as f:
-                json.dump(rec, f, indent=2)
+        _emit(rec, format_devices_table(rec), json_path)
         return
+    if peer or arch in ENCODER_ARCHS:
+        from pipeline.bench_peer import format_peer_table, run_peer_bench
+
+        with domain_errors():
+            rec = run_peer_bench(arch, workload, device=device, pairs=pairs, repeats=repeats, st=st, cli=cli_row)
+        _emit(rec, format_peer_table(rec), json_path)
+        return
+    from pipeline.bench import format_table, run_bench
+
     if smoke:
         arch, device, pairs, seed_pairs, repeats = "tiny", "cpu", pairs or 64, min(seed_pairs, 32), 1
     with domain_errors():
@@ -65,7 +79,11 @@ def bench_cmd(arch, workload, pairs, seed_pairs, e2e, repeats, device, gpu_memor
                         prefix_sharing=prefix_sharing)
     if rec.get("profile"):
         click.echo(rec["profile"])
-    click.echo(format_table(rec))
+    _emit(rec, format_table(rec), json_path)
+
+
+def _emit(rec: dict, table: str, json_path: str | None) -> None:
+    click.echo(table)
     if json_path:
         with open(json_path, "w") as f:
             json.dump(rec, f, indent=2)

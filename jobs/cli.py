@@ -51,7 +51,28 @@ def main():
             STOP = flag
             cli()
     except KeyboardInterrupt:  # a signal outside any run (click's own code): no traceback
-        sys.exit(128 + ((STOP and STOP.signum) or signal.SIGINT))
+        _exit_now(128 + ((STOP and STOP.signum) or signal.SIGINT))
+    except SystemExit as exc:
+        _exit_now(exc.code)
+    _exit_now(0)
+
+
+def _exit_now(code) -> None:
+    """Exit without the interpreter's teardown. After torch.compile has run, freeing the modules
+    and caches took 10-12 s (measured on a 2-core CPU machine, 8-9 s on the H100 machine) after
+    the output was written; the exit handlers still run, and every file is closed by then."""
+    import atexit
+
+    if isinstance(code, str):  # sys.exit("message"): printed, exit status 1
+        print(code, file=sys.stderr)
+        code = 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

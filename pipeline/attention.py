@@ -3,7 +3,8 @@
 A packed batch is one row of T tokens holding many sequences; `cu_seq_lens_q` marks where each
 starts. On CUDA the kernel is flash-attn's varlen function when that package imports, else
 torch's own FlashAttention-2 (`torch.nn.attention.varlen`). Elsewhere an exact fallback runs
-SDPA causally on each sequence, which gives the same numbers as a padded batch.
+one masked SDPA over the batch padded to its longest sequence (padded_attention.py), which gives
+the same numbers as the padded reference.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import logging
 
 import torch
 import torch.nn.functional as F
+
+from .padded_attention import padded_sdpa
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +137,8 @@ def packed_attention(q, k, v, cu, max_len: int, scale: float, kernel: str, share
         return _flash_attn()(q, k, v, cu, cu, max_len, max_len, softmax_scale=scale, causal=True)
     if kernel == "torch_varlen":
         return _torch_varlen_call(q, k, v, cu, max_len, scale)
-    return _sdpa_per_sequence(q, k, v, cu, scale)
+    # One padded SDPA call (exact, no per-sequence loop); the loop stays for reference.
+    return padded_sdpa(q, k, v, cu, max_len, scale, causal=True)
 
 
 def _transformers_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

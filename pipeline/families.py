@@ -5,7 +5,8 @@
 - seq-cls-causal: a causal LM with a classification head on the last token (Qwen3 seq-cls
   conversions); the same templates and packed batches, the head's logit is the score.
 - seq-cls-encoder: a bidirectional cross-encoder (BERT, XLM-R, ModernBERT): pairs encoded by its
-  tokenizer (query, document), padded batches.
+  tokenizer (query, document); packed batches for BERT, XLM-R and ModernBERT (fused_encoder.py),
+  padded ones for the rest.
 """
 
 from __future__ import annotations

@@ -101,13 +101,14 @@ class FusedQwen3:
 
     def _compile(self):
         try:
-            # Automatic dynamism: after the first shape, only the token count becomes symbolic,
-            # so the feature dimensions (and the gate/up split offset) stay constants.
-            opts = dict(dynamic=None, fullgraph=True)
-            self._qk = torch.compile(qk_norm_rope, **opts)
-            self._add_norm = torch.compile(add_norm, **opts)
-            self._swiglu = torch.compile(swiglu, **opts)
-            self._norm = torch.compile(rms_norm, **opts)
+            # Only the token count is symbolic, from the first call (one compilation, see
+            # compiled.py); the feature dimensions (and the gate/up split offset) stay constants.
+            from .compiled import compile_rows
+
+            self._qk = compile_rows(qk_norm_rope)
+            self._add_norm = compile_rows(add_norm)
+            self._swiglu = compile_rows(swiglu)
+            self._norm = compile_rows(rms_norm)
         except Exception as exc:  # no Triton, no compiler: eager is exact, only slower
             log.warning("torch.compile unavailable (%s); running eagerly", exc)
             self._qk, self._add_norm, self._swiglu, self._norm = qk_norm_rope, add_norm, swiglu, rms_norm

@@ -12,6 +12,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from . import startup
 from .config import RunConfig
 from .errors import Interrupted, RerankError, ScoringError
 from .execute import _Timer, execute, score_unit, uses_workers
@@ -72,13 +73,34 @@ def _load_scorer(cfg: RunConfig, kind):
         ) from None
 
 
+class _FirstBatch:
+    """The progress sink, marking the moment the first batch is done (for the startup timeline)."""
+
+    def __init__(self, prog: Progress, scorer):
+        self.prog, self.scorer = prog, scorer
+
+    def update(self, pairs: int, tokens: int) -> None:
+        if not startup.seen("first_batch"):
+            if self.scorer is not None and self.scorer.device.type == "cuda":  # done, not only launched
+                import torch
+
+                torch.cuda.synchronize(self.scorer.device)
+            startup.mark("first_batch")
+        self.prog.update(pairs, tokens)
+
+    def __getattr__(self, name):
+        return getattr(self.prog, name)
+
+
 def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, scorer=None) -> Summary:
     """Score and rank `cfg.inputs` into `cfg.output`. Rerunning after a crash resumes."""
     t_start = time.monotonic()
+    startup.reset("process_to_run")
     plan = None
     try:
         plan = make_plan(cfg, kind=scorer.kind if scorer is not None else None)
         cfg = plan.cfg  # with a hub id resolved to its local snapshot
+        startup.mark("inputs_and_config")
         ck = plan.ckpt
         summary = Summary(output=cfg.output, units=len(plan.units), device=str(plan.device), dtype=plan.dtype)
         rec = published_output(plan)
@@ -97,7 +119,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
         summary.units_resumed = sum(1 for u in plan.units if u.id in ck.done)
         summary.attention = scorer.kernel if scorer is not None else ""
         done_pairs = sum(ck.done[u.id]["pairs"] + ck.done[u.id]["skipped_null"] for u in plan.units if u.id in ck.done)
-        prog = Progress(plan.total_pairs, done_pairs, bar=progress)
+        prog = _FirstBatch(Progress(plan.total_pairs, done_pairs, bar=progress), scorer)
         if scorer is not None and scorer.device.type == "cuda":
             import torch
 
@@ -126,6 +148,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
             plan.ckpt.close(remove=not plan.ckpt.done and plan.ckpt.state != "published")
         raise
     summary.extra = {f"seconds_{k}": round(v, 3) for k, v in timer.seconds.items()}
+    summary.extra.update({f"startup_{k}_s": v for k, v in startup.stages().items()})
     if per_device is not None:
         summary.extra["devices"] = per_device
     # Prefix sharing: the pairs' tokens this run scored, and those that went through the model.

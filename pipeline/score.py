@@ -2,18 +2,20 @@
 
 Causal families run packed (varlen) batches, and only the last position of each sequence is
 projected: onto the LM-head rows of the judged tokens, or onto the classification head. The
-full-vocabulary logits of the reference recipe are never formed. Cross-encoders run padded.
+full-vocabulary logits of the reference recipe are never formed. BERT, XLM-R and ModernBERT
+cross-encoders run packed too, bidirectionally (fused_encoder.py); other encoders run padded.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from . import attention, fused_qwen3, prefix
+from . import attention, fused_encoder, fused_qwen3, prefix, startup
 from .config import RunConfig
 from .errors import ModelError, ScoringError, first_line
 from .families import ModelKind, inspect_model
@@ -105,10 +107,18 @@ class Scorer:
         self.kernel = kernel
         self.kind = kind
         self.padded = kind.family == "seq-cls-encoder"
-        self.fused = None
+        self.fused = self.fused_encoder = None
         # Cross-encoders attend both ways: a candidate's prefix depends on its document.
         self.sharing = "off" if self.padded else cfg.prefix_sharing
-        if self.padded:
+        if self.padded and kernel != "padded-sdpa":
+            use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+            self.fused_encoder = fused_encoder.FusedEncoder(model, kernel, compile=use_compile)
+            self.padded = False
+            self.engine = "fused-encoder"
+        elif self.padded:
+            if cfg.engine == "fused":
+                raise ModelError(f"--engine fused does not support {model.config.model_type} cross-encoders; "
+                                 "use --engine auto")
             self.engine = "transformers-padded"
         else:
             self.decoder = decoder_of(model)
@@ -132,7 +142,9 @@ class Scorer:
         log.info("model %s (%s) on %s in %s, attention %s, engine %s", cfg.model, kind.family, device,
                  str(dtype).removeprefix("torch."), kernel, self.engine)
         self.stats = ScoreStats()
+        startup.mark("model_setup")
         self.budget = self._size_budget()
+        startup.mark("memory_probe")
 
     # -- loading -----------------------------------------------------------------------------
     @classmethod
@@ -152,8 +164,12 @@ class Scorer:
         except Exception as exc:
             raise ModelError(f"model {path}: cannot load its tokenizer ({first_line(exc)}); "
                              "the directory needs tokenizer files") from None
+        startup.mark("tokenizer")
         auto = AutoModelForSequenceClassification if kind.family.startswith("seq-cls") else AutoModelForCausalLM
         extra = {} if kind.family == "seq-cls-encoder" else {"attn_implementation": attention.register()}
+        if device.type == "cuda" and importlib.util.find_spec("accelerate") is not None:
+            # Straight from the safetensors files onto the GPU: no full copy in host memory first.
+            extra["device_map"] = str(device)
         try:
             model, info = auto.from_pretrained(path, dtype=dtype, use_safetensors=True, output_loading_info=True,
                                                **extra, **kw)
@@ -162,6 +178,7 @@ class Scorer:
                 f"model {path}: cannot load safetensors weights ({first_line(exc)}); weights load only "
                 "from *.safetensors files"
             ) from None
+        startup.mark("weights")
         missing = sorted(info.get("missing_keys") or [])
         if missing:
             # transformers would fill them with random values: scores would mean nothing.
@@ -177,9 +194,14 @@ class Scorer:
         device = device or resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, device)
         kind = kind or inspect_model(cfg, model.config)
+        if device.type == "cpu":
+            from .threads import configure_cpu
+
+            configure_cpu()
         if kind.family == "seq-cls-encoder":
             encoder = CrossEncoderEncoder(tokenizer, cfg.max_length)
-            kernel = "padded-sdpa"
+            packed = cfg.engine != "transformers" and fused_encoder.supports(model)
+            kernel = attention.choose_kernel(cfg.attention, device, dtype) if packed else "padded-sdpa"
         else:
             encoder = PairEncoder(tokenizer, kind.template, cfg.max_length)
             model.set_attn_implementation(attention.register())
@@ -212,7 +234,9 @@ class Scorer:
         else:
             ceiling = base + free
         # Measure what a token costs in activations with a probe batch of real shape.
-        seq = 512 if not self.padded else min(512, getattr(self.model.config, "max_position_embeddings", 512) - 2)
+        seq = 512
+        if self.kind.family == "seq-cls-encoder":  # learned positions end at max_position_embeddings
+            seq = min(512, getattr(self.model.config, "max_position_embeddings", 512) - 2)
         n = PROBE_TOKENS // seq
         ids = np.random.default_rng(0).integers(0, self.tokenizer.vocab_size, n * seq).astype(np.int32)
         offsets = np.arange(0, n * seq + 1, seq, dtype=np.int64)
@@ -246,6 +270,11 @@ class Scorer:
         if self.padded:
             return self._forward_padded(flat, cu, types, self._put)
         cu_t = self._put(cu, np.int32)
+        if self.fused_encoder is not None:  # packed cross-encoder: the classifier reads each first row
+            tt = self._put(types, np.int64) if types is not None else None
+            logits = self.fused_encoder.logits(self._put(flat, np.int64), tt, self._put(pos, np.int64), cu_t,
+                                               int(np.max(np.diff(cu))), cu_t[:-1].long())
+            return self._activate(logits.to(torch.float32))
         return self._forward_packed(flat, pos, cu_t, int(np.max(np.diff(cu))), cu_t[1:].long() - 1)
 
     @torch.inference_mode()

@@ -182,3 +182,35 @@ def test_family_detection_override_and_fingerprint(tmp_path, family_models, tied
     r = run_cli(["run", pairs, "--model", tied_model, "--device", "cpu", "--window", 40, "-o", out, "-q",
                  "--activation", "none"])
     assert r.exit_code == 2 and "different options.activation" in r.output
+
+
+def test_packed_encoder_equals_padded_engine(tmp_path, family_models, pairs):
+    # The packed forward (fused_encoder.py) and the padded transformers forward, through our
+    # whole pipeline: same scores, so either engine is the reference for the other.
+    packed, _ = _ours(tmp_path, pairs, family_models["bert"], max_length=128)
+    padded, _ = _ours(tmp_path, pairs, family_models["bert"], max_length=128, engine="transformers")
+    assert packed.std() > 0.02
+    assert np.abs(packed - padded).max() <= TOL
+
+
+@pytest.mark.parametrize("causal,window", [(True, None), (False, None), (False, 3)])
+def test_padded_sdpa_equals_one_sdpa_per_sequence(causal, window):
+    import torch.nn.functional as F
+
+    from pipeline.padded_attention import padded_sdpa
+
+    torch.manual_seed(0)
+    lens = [5, 1, 9, 4]
+    cu = torch.tensor([0] + list(np.cumsum(lens)), dtype=torch.int32)
+    q, k, v = torch.randn(sum(lens), 4, 8), torch.randn(sum(lens), 2, 8), torch.randn(sum(lens), 2, 8)
+    got = padded_sdpa(q, k, v, cu, max(lens), 0.3, causal=causal, window=window)
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        i = torch.arange(e - s)
+        mask = torch.ones(e - s, e - s, dtype=torch.bool)
+        if causal:
+            mask &= i[None, :] <= i[:, None]
+        if window is not None:
+            mask &= (i[None, :] - i[:, None]).abs() <= window
+        ref = F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1),
+                                             attn_mask=mask, scale=0.3, enable_gqa=True).transpose(0, 1)
+        assert torch.allclose(got[s:e], ref, atol=1e-6)

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Issue 13's device session: packed cross-encoder tests, then the peer bench (sentence-transformers
+# rows, fresh-process CLI rows) per shape; records under $OUT. Run from the repo root on the GPU
+# machine with .whl (a polars wheel, used when polars is missing) and shared-data beside it.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+python3 -c "import polars" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD RERANK_SHARED_DATA=$PWD/shared-data
+nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
+python3 -c "import torch, transformers, sentence_transformers as s, importlib.util as u; print('torch', torch.__version__, 'transformers', transformers.__version__, 'st', s.__version__, 'accelerate', u.find_spec('accelerate') is not None)"
+timeout 60 python3 -m pytest -x -q -s -p no:cacheprovider tests_gpu/test_gpu_encoders.py 2>&1 | grep -vE "^\s*$|Writing|Loading" | tail -12 | tee "$OUT/gpu_tests.log"
+b() { name=$1; shift; echo "== bench $*"; timeout "$TMO" python3 -m jobs.cli bench "$@" --json "$OUT/$name.json" 2>&1 | grep -vE "^rerank-batch:|Writing|Loading|it/s" | tee -a "$OUT/tables.txt"; }
+TMO=100 b peer_minilm_l6 --arch minilm-l6 --workload w-mixed --pairs 3000
+TMO=130 b peer_xlmr_large --arch xlmr-large --workload w-mixed --pairs 3000
+TMO=115 b peer_06b_cli --arch 0.6b --peer --no-st --workload w-mixed
+TMO=50 b peer_modernbert --arch modernbert-base --workload w-mixed --pairs 1000 --no-cli-row
+cat "$OUT/tables.txt"
