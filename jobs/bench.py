@@ -46,10 +46,10 @@ def bench_cmd(arch, workload, pairs, seed_pairs, e2e, repeats, device, gpu_memor
     """Measure pairs/s, tokens/s, MFU, peak memory and GPU busy time against the seed's way (or,
     with --peer, against sentence-transformers; with --devices, on 1..N devices)."""
     setup_logging()
-    from pipeline.bench_peer import ENCODER_ARCHS
+    from pipeline.bench.peer import ENCODER_ARCHS
 
     if device_counts:
-        from pipeline.bench_devices import format_devices_table, run_devices_bench
+        from pipeline.bench.devices import format_devices_table, run_devices_bench
 
         try:
             counts = [int(x) for x in device_counts.split(",")]
@@ -62,13 +62,13 @@ def bench_cmd(arch, workload, pairs, seed_pairs, e2e, repeats, device, gpu_memor
         _emit(rec, format_devices_table(rec), json_path)
         return
     if peer or arch in ENCODER_ARCHS:
-        from pipeline.bench_peer import format_peer_table, run_peer_bench
+        from pipeline.bench.peer import format_peer_table, run_peer_bench
 
         with domain_errors():
             rec = run_peer_bench(arch, workload, device=device, pairs=pairs, repeats=repeats, st=st, cli=cli_row)
         _emit(rec, format_peer_table(rec), json_path)
         return
-    from pipeline.bench import format_table, run_bench
+    from pipeline.bench.throughput import format_table, run_bench
 
     if smoke:
         arch, device, pairs, seed_pairs, repeats = "tiny", "cpu", pairs or 64, min(seed_pairs, 32), 1

@@ -16,7 +16,7 @@ _early = {s: signal.signal(s, _quiet_exit) for s in (signal.SIGINT, signal.SIGTE
 
 import click  # noqa: E402
 
-from pipeline.signals import graceful_signals  # noqa: E402
+from pipeline.job.signals import graceful_signals  # noqa: E402
 
 STOP = None
 

@@ -34,7 +34,7 @@ def eval_cmd(scored, qrels, relevance_col, metrics, score_col, baseline_col, bas
              doc_id_col, json_path, plot_path):
     """Evaluate the ranking in SCORED (the output of `rerank-batch run`) against relevance judgments."""
     setup_logging()
-    from pipeline.evaluate import evaluate, format_table, load_scored, parse_metrics, plot_delta, read_qrels
+    from pipeline.evaluation.metrics import evaluate, format_table, load_scored, parse_metrics, plot_delta, read_qrels
 
     with domain_errors():
         if (qrels is None) == (relevance_col is None):

@@ -34,7 +34,7 @@ def _check_out(output: str, overwrite: bool):
 def beir_cmd(beir_dir, run_path, output, depth, split, overwrite):
     """Pairs from a BEIR folder and a TREC run file (first-stage score and rank kept)."""
     setup_logging()
-    from pipeline.prepare import prepare_beir
+    from pipeline.evaluation.prepare import prepare_beir
 
     with domain_errors():
         _check_out(output, overwrite)
@@ -54,7 +54,7 @@ def beir_cmd(beir_dir, run_path, output, depth, split, overwrite):
 def mc_cmd(path, output, qrels_out, query_col, docs_col, label_col, id_col, overwrite):
     """Pairs from a multiple-choice file (query, candidates, index of the right one)."""
     setup_logging()
-    from pipeline.prepare import prepare_mc
+    from pipeline.evaluation.prepare import prepare_mc
 
     with domain_errors():
         _check_out(output, overwrite)

@@ -7,7 +7,7 @@ __all__ = ["Reranker"]
 
 def __getattr__(name):
     if name == "Reranker":
-        from .reranker import Reranker
+        from pipeline.reranker import Reranker
 
         return Reranker
     raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

@@ -16,7 +16,7 @@ class RunConfig:
     # Final ranked Parquet file (None: <stem>.reranked.parquet beside the first input, or
     # DIR.reranked.parquet beside a directory).
     output: str | None = None
-    # Model directory or hub id (org/name; pipeline.hub resolves it through the Hugging Face cache).
+    # Model directory or hub id (org/name; pipeline.engines.hub resolves it through the Hugging Face cache).
     model: str = "Qwen/Qwen3-Reranker-0.6B"
     # Column names of the long form.
     query_col: str = "query"
@@ -79,7 +79,7 @@ class RunConfig:
     cpus_per_worker: float = 1.0
 
     def __post_init__(self):
-        from .inputs import default_output, resolve_inputs
+        from pipeline.data.inputs import default_output, resolve_inputs
 
         specs = (self.inputs,) if isinstance(self.inputs, (str, os.PathLike)) else tuple(self.inputs)
         files = resolve_inputs(specs)

@@ -5,7 +5,7 @@
     scores = reranker.predict([("what is a cat?", "A cat is a small feline."), ...])
     hits = reranker.rank("what is a cat?", documents, top_k=3, return_documents=True)
 
-The model loads once. Scoring runs the engine of `rerank-batch run` (pipeline.score.Scorer:
+The model loads once. Scoring runs the engine of `rerank-batch run` (pipeline.engines.score.Scorer:
 length sorting, token budgets, packed batches, OOM split) over windows of `window_pairs` pairs, so
 the scores equal those of `rerank-batch run` on the same pairs and options.
 """
@@ -18,8 +18,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .config import RunConfig
-from .errors import InputError
+from pipeline.config import RunConfig
+from pipeline.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +33,9 @@ class Reranker:
     instruction, family, activation, gpu_memory_limit, max_batch_tokens, attention, engine, ...)."""
 
     def __init__(self, model: str = "Qwen/Qwen3-Reranker-0.6B", **options):
-        from .families import inspect_model
-        from .hub import resolve_model
-        from .score import Scorer
+        from pipeline.engines.families import inspect_model
+        from pipeline.engines.hub import resolve_model
+        from pipeline.engines.score import Scorer
 
         known = {f.name for f in dataclasses.fields(RunConfig)}
         unknown = sorted(set(options) - known)
@@ -61,7 +61,7 @@ class Reranker:
             return out
         prog = None
         if show_progress_bar:
-            from .progress import Progress
+            from pipeline.job.progress import Progress
 
             prog = Progress(len(queries), bar=True)
         step = self.config.window_pairs  # the sort window of `run`: same batches, same scores

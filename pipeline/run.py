@@ -1,8 +1,8 @@
 """The main job as a library function: Parquet pairs in, ranked Parquet out, resumable.
 
-    plan    (pipeline/plan.py):    validate inputs from footers, units, fingerprint, checkpoint + lock
-    execute (pipeline/execute.py): unfinished units -> parts, via score_unit
-    finish  (pipeline/finish.py):  rank, publish the output, remove the checkpoint
+    plan    (pipeline/job/plan.py):    validate inputs from footers, units, fingerprint, checkpoint + lock
+    execute (pipeline/job/execute.py): unfinished units -> parts, via score_unit
+    finish  (pipeline/job/finish.py):  rank, publish the output, remove the checkpoint
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from . import startup
-from .config import RunConfig
-from .errors import Interrupted, RerankError, ScoringError
-from .execute import _Timer, execute, score_unit, uses_workers
-from .finish import cleanup, publish, published_output, totals
-from .plan import check_output, fingerprint, make_plan, validate
-from .progress import Progress
+from pipeline.job import startup
+from pipeline.config import RunConfig
+from pipeline.errors import Interrupted, RerankError, ScoringError
+from pipeline.job.execute import _Timer, execute, score_unit, uses_workers
+from pipeline.job.finish import cleanup, publish, published_output, totals
+from pipeline.job.plan import check_output, fingerprint, make_plan, validate
+from pipeline.job.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def _load_scorer(cfg: RunConfig, kind):
     """Scorer.load, with GPU memory failures as one line naming the free memory and the fix."""
     import torch
 
-    from .score import Scorer
+    from pipeline.engines.score import Scorer
 
     try:
         return Scorer.load(cfg, kind)

@@ -112,7 +112,7 @@ def write_beir_mini(folder: str) -> None:
 
 
 def main() -> None:
-    from pipeline.synthetic import build_reranker
+    from pipeline.bench.synthetic import build_reranker
 
     table = write_pairs(os.path.join(HERE, "pairs.parquet"))
     write_beir_mini(os.path.join(HERE, "beir-mini"))

@@ -48,7 +48,7 @@ def _corpus() -> list[str]:
 @pytest.fixture(scope="session")
 def models(tmp_path_factory):
     """{'tied': dir, 'untied': dir}: tiny Qwen3 rerankers whose scores spread over (0, 1)."""
-    from pipeline.synthetic import build_reranker
+    from pipeline.bench.synthetic import build_reranker
 
     texts = _corpus()
     out = {}

@@ -223,7 +223,7 @@ def test_empty_strings_are_valid_pairs(tmp_path):
 
 def _oom_over(limit):
     """A forward that raises CUDA's OOM for batches of more than `limit` tokens."""
-    from pipeline.score import Scorer
+    from pipeline.engines.score import Scorer
 
     real = Scorer._forward
 
@@ -239,7 +239,7 @@ def test_oom_splits_the_batch_and_loses_no_row(tmp_path, monkeypatch, tied_model
     pq.write_table(real_pairs(50), inp)
     ref, out = tmp_path / "ref.parquet", tmp_path / "out.parquet"
     assert run_cli(["run", inp, "--model", tied_model, "-o", ref, "-q"]).exit_code == 0
-    from pipeline.score import Scorer
+    from pipeline.engines.score import Scorer
 
     monkeypatch.setattr(Scorer, "_forward", _oom_over(700))
     s = tmp_path / "s.json"
@@ -254,7 +254,7 @@ def test_oom_splits_the_batch_and_loses_no_row(tmp_path, monkeypatch, tied_model
 
 
 def test_a_pair_that_never_fits_is_a_runtime_error_exit_1(tmp_path, monkeypatch):
-    from pipeline.score import Scorer
+    from pipeline.engines.score import Scorer
 
     monkeypatch.setattr(Scorer, "_forward", _oom_over(10))
     out = tmp_path / "out.parquet"
@@ -267,7 +267,7 @@ def test_a_pair_that_never_fits_is_a_runtime_error_exit_1(tmp_path, monkeypatch)
 
 def test_gpu_memory_held_by_another_process_is_one_line(tmp_path, monkeypatch):
     """Issue 9, finding 8: an OOM while loading the model names the free memory and the fix."""
-    from pipeline.score import Scorer
+    from pipeline.engines.score import Scorer
 
     def load(cfg, kind=None):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB (simulated)")
@@ -293,7 +293,7 @@ def test_output_name_not_utf8_is_refused_without_debris(tmp_path):
 def test_full_output_disk_at_the_final_write_is_one_line_and_resumable(tmp_path, monkeypatch):
     import errno
 
-    import pipeline.write as wmod
+    import pipeline.data.write as wmod
 
     real = wmod.pq.ParquetWriter
 

@@ -8,8 +8,8 @@ import json
 import numpy as np
 
 from conftest import run_cli
-from pipeline.bench import WORKLOADS, draw_lengths, model_flops, non_embedding_params, workload_table
-from pipeline.synthetic import ARCHS
+from pipeline.bench.throughput import WORKLOADS, draw_lengths, model_flops, non_embedding_params, workload_table
+from pipeline.bench.synthetic import ARCHS
 
 
 def test_bench_smoke_runs_all_three_ways(tmp_path):
@@ -48,8 +48,8 @@ def test_flops_of_the_real_architectures():
 
 
 def test_w_longq_and_shared_synthetic_prefixes():
-    from pipeline.bench import synthetic_encoded
-    from pipeline.prefix import prefix_lengths
+    from pipeline.bench.throughput import synthetic_encoded
+    from pipeline.engines.prefix import prefix_lengths
 
     w = WORKLOADS["w-longq"]
     q, d = draw_lengths(w)

@@ -254,7 +254,7 @@ def test_engine_and_batch_budget_must_match_to_resume(job, tmp_path, extra, fiel
 # -- findings 11 and 13: commit cost independent of the number of units ------------------------
 
 def test_commit_writes_two_small_objects_whatever_the_unit_count(job, tmp_path, monkeypatch):
-    from pipeline.storage import LocalStore
+    from pipeline.storage.local import LocalStore
 
     writes = []
     real = LocalStore.write

@@ -13,7 +13,7 @@ import pytest
 import pytrec_eval
 
 from conftest import ROOT, run_cli, shared
-from pipeline.evaluate import evaluate, parse_metrics, read_qrels
+from pipeline.evaluation.metrics import evaluate, parse_metrics, read_qrels
 
 METRICS = "ndcg@10,ndcg@3,ndcg,map,map@5,mrr,mrr@3,recall@5,recall@100,p@1,p@5"
 # Our name -> pytrec_eval measure; mrr@k is trec_eval's recip_rank on the run cut at k.

@@ -14,14 +14,14 @@ import torch
 from conftest import PREFIX, SUFFIX, _corpus, real_pairs, run_cli
 from pipeline.config import RunConfig
 from pipeline.run import run
-from pipeline.template import BGE_RERANKER_V2_GEMMA
+from pipeline.engines.template import BGE_RERANKER_V2_GEMMA
 
 TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
 def family_models(tmp_path_factory):
-    from pipeline.synthetic import build_cross_encoder, build_gemma_reranker, build_qwen3_seq_cls
+    from pipeline.bench.synthetic import build_cross_encoder, build_gemma_reranker, build_qwen3_seq_cls
 
     texts = _corpus()
     d = {}
@@ -101,7 +101,7 @@ def _left_padded(tok, seqs):
 def test_qwen3_seq_cls_equals_transformers(tmp_path, family_models, pairs):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from pipeline.template import QWEN3_RERANKER
+    from pipeline.engines.template import QWEN3_RERANKER
 
     m = family_models["qwen3-seq-cls"]
     for engine in ("fused", "transformers"):
@@ -157,7 +157,7 @@ def test_template_file_and_yes_no_raw_logits(tmp_path, tied_model, pairs):
 
 
 def test_family_detection_override_and_fingerprint(tmp_path, family_models, tied_model, pairs):
-    from pipeline.families import inspect_model
+    from pipeline.engines.families import inspect_model
 
     kinds = {k: inspect_model(RunConfig(inputs=(), output="", model=v)).family for k, v in family_models.items()}
     assert kinds == {"bert": "seq-cls-encoder", "xlm-roberta": "seq-cls-encoder", "modernbert": "seq-cls-encoder",
@@ -197,7 +197,7 @@ def test_packed_encoder_equals_padded_engine(tmp_path, family_models, pairs):
 def test_padded_sdpa_equals_one_sdpa_per_sequence(causal, window):
     import torch.nn.functional as F
 
-    from pipeline.padded_attention import padded_sdpa
+    from pipeline.engines.padded_attention import padded_sdpa
 
     torch.manual_seed(0)
     lens = [5, 1, 9, 4]

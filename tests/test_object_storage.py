@@ -13,7 +13,7 @@ from s3server import bucket, s3_server  # noqa: F401 - fixtures
 
 
 def test_remote_store_verbs(bucket):
-    from pipeline.storage_remote import RemoteStore
+    from pipeline.storage.remote import RemoteStore
 
     st = RemoteStore(f"{bucket}/ck")
     assert st.list("") == [] and st.list("done") == []
@@ -73,7 +73,7 @@ def test_remote_lease_of_a_dead_holder_does_not_block(bucket, monkeypatch):
 
 
 def test_uri_detection():
-    from pipeline.storage_remote import is_uri
+    from pipeline.storage.remote import is_uri
 
     assert is_uri("s3://b/k") and is_uri("gs://b/k") and is_uri("hdfs://h:8020/p")
     assert not is_uri("/tmp/x.parquet") and not is_uri("rel/x.parquet") and not is_uri("file:///tmp/x")
@@ -128,7 +128,7 @@ def local_ref(tmp_path_factory, models):
 def _read(uri):
     import pyarrow.parquet as pq
 
-    from pipeline.storage_remote import open_input
+    from pipeline.storage.remote import open_input
 
     with open_input(uri) as f:
         return pq.read_table(f)
@@ -136,7 +136,7 @@ def _read(uri):
 
 def test_run_in_a_bucket_equals_the_local_run(bucket, local_ref):
     from conftest import run_cli
-    from pipeline.storage_remote import RemoteStore, publish
+    from pipeline.storage.remote import RemoteStore, publish
 
     publish(str(local_ref["input"]), f"{bucket}/in/part-0.parquet")
     out = f"{bucket}/out/ranked.parquet"
@@ -157,7 +157,7 @@ def test_killed_run_in_a_bucket_resumes(bucket, local_ref, s3_server):
     import sys
 
     from conftest import ROOT, run_cli
-    from pipeline.storage_remote import RemoteStore, publish
+    from pipeline.storage.remote import RemoteStore, publish
 
     publish(str(local_ref["input"]), f"{bucket}/in.parquet")
     out = f"{bucket}/out.parquet"
@@ -182,7 +182,7 @@ def test_killed_run_in_a_bucket_resumes(bucket, local_ref, s3_server):
 
 def test_checkpoint_in_a_bucket_for_a_local_output(bucket, local_ref, tmp_path):
     from conftest import run_cli
-    from pipeline.storage_remote import RemoteStore
+    from pipeline.storage.remote import RemoteStore
 
     out = tmp_path / "o.parquet"
     r = run_cli(["run", local_ref["input"], "--model", local_ref["model"], "-o", out, "--window", 20, "-q",
@@ -197,7 +197,7 @@ def test_checkpoint_in_a_bucket_for_a_local_output(bucket, local_ref, tmp_path):
 
 def test_foreign_prefix_is_not_a_checkpoint(bucket, local_ref, tmp_path):
     from conftest import run_cli
-    from pipeline.storage_remote import RemoteStore
+    from pipeline.storage.remote import RemoteStore
 
     RemoteStore(f"{bucket}/data").write("notes.txt", b"mine")
     r = run_cli(["run", local_ref["input"], "--model", local_ref["model"], "-o", tmp_path / "o.parquet",

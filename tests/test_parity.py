@@ -125,8 +125,8 @@ def test_tokens_equal_the_recipe_at_the_seams(models):
     from transformers import AutoTokenizer
 
     from conftest import PREFIX, SUFFIX
-    from pipeline.template import QWEN3_RERANKER
-    from pipeline.tokenize import PairEncoder
+    from pipeline.engines.template import QWEN3_RERANKER
+    from pipeline.engines.tokenize import PairEncoder
 
     tok = AutoTokenizer.from_pretrained(models["tied"])
     enc = PairEncoder(tok, QWEN3_RERANKER, 110)

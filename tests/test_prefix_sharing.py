@@ -11,7 +11,7 @@ import torch
 
 from conftest import real_pairs, reference_scores, shared
 from pipeline import prefix
-from pipeline.attention import causal_mask_bottom_right, packed_attention
+from pipeline.engines.attention import causal_mask_bottom_right, packed_attention
 from pipeline.config import RunConfig
 from pipeline.run import run
 
@@ -196,7 +196,7 @@ def test_query_longer_than_max_length(tmp_path, tied_model):
     pq.write_table(t, path)
     from transformers import AutoTokenizer
 
-    from pipeline.template import QWEN3_RERANKER
+    from pipeline.engines.template import QWEN3_RERANKER
 
     tok = AutoTokenizer.from_pretrained(tied_model)
     frame = len(tok.encode(QWEN3_RERANKER.prefix + QWEN3_RERANKER.suffix, add_special_tokens=False))
@@ -253,7 +253,7 @@ def test_gemma_template_and_decoder_seq_cls_share(tmp_path, long_file, family):
     """bge-reranker-v2-gemma's template (query before document, transformers engine) and a Qwen3
     seq-cls head (fused engine): sharing on equals off."""
     from conftest import _corpus
-    from pipeline.synthetic import build_gemma_reranker, build_qwen3_seq_cls
+    from pipeline.bench.synthetic import build_gemma_reranker, build_qwen3_seq_cls
 
     build = build_gemma_reranker if family == "gemma" else build_qwen3_seq_cls
     model = str(build(tmp_path / "model", _corpus()))
@@ -290,7 +290,7 @@ def test_group_keys_are_the_same_in_every_process():
     import subprocess
     import sys
 
-    code = "from pipeline.prefix import group_keys; print(group_keys(['i', 'i', 'j'], ['q', 'q', 'q']).tolist())"
+    code = "from pipeline.engines.prefix import group_keys; print(group_keys(['i', 'i', 'j'], ['q', 'q', 'q']).tolist())"
     outs = set()
     for seed in ("1", "2"):
         env = {**__import__("os").environ, "PYTHONHASHSEED": seed}

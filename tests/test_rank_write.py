@@ -16,8 +16,8 @@ import pytest
 from pipeline import rank_stream
 from pipeline.config import RunConfig
 from pipeline.errors import RerankError
-from pipeline.write import group_keys, output_schema, write_ranked
-from pipeline.write_bench import synth_parts
+from pipeline.data.write import group_keys, output_schema, write_ranked
+from pipeline.bench.final_write import synth_parts
 
 
 def reference(paths, layout, cfg) -> pa.Table:
@@ -80,7 +80,7 @@ def test_tiny_budget_spills_in_many_buckets(tmp_path, monkeypatch):
         made.append(len(files))
         return files
 
-    monkeypatch.setattr("pipeline.write.spill", spy)
+    monkeypatch.setattr("pipeline.data.write.spill", spy)
     cfg = RunConfig(inputs=("x",), output=str(tmp_path / "out.parquet"))
     write_ranked(paths, layout, cfg, memory_budget=10_000)
     assert made and made[0] > 10  # the scattered rows went through many bucket files
@@ -89,7 +89,7 @@ def test_tiny_budget_spills_in_many_buckets(tmp_path, monkeypatch):
 
 def test_contiguous_input_spills_nothing(tmp_path, monkeypatch):
     paths, layout = synth_parts(str(tmp_path / "parts"), 3000, per_group=40, part_rows=256, seed=4)
-    monkeypatch.setattr("pipeline.write.spill", lambda *a, **k: pytest.fail("spilled"))
+    monkeypatch.setattr("pipeline.data.write.spill", lambda *a, **k: pytest.fail("spilled"))
     cfg = RunConfig(inputs=("x",), output=str(tmp_path / "out.parquet"))
     write_ranked(paths, layout, cfg, memory_budget=10_000)
     assert pq.read_table(cfg.output).equals(reference(paths, layout, cfg))
@@ -106,9 +106,9 @@ def test_parts_out_of_input_order(tmp_path):
 def test_a_hash_collision_stops_the_write(tmp_path, monkeypatch):
     paths, layout = synth_parts(str(tmp_path / "parts"), 500, per_group=10, part_rows=100, seed=6)
     # Every key hashes alike: the groups merge, and the key check must catch it.
-    monkeypatch.setattr("pipeline.rank_index.key_hashes",
+    monkeypatch.setattr("pipeline.data.rank_index.key_hashes",
                         lambda k: (np.zeros(k.height, np.uint64), np.zeros(k.height, np.uint64)))
-    monkeypatch.setattr("pipeline.rank_stream.key_hashes",
+    monkeypatch.setattr("pipeline.data.rank_stream.key_hashes",
                         lambda k: (np.zeros(k.height, np.uint64), np.zeros(k.height, np.uint64)))
     cfg = RunConfig(inputs=("x",), output=str(tmp_path / "out.parquet"))
     with pytest.raises(RerankError, match="share a 128-bit hash"):
@@ -124,7 +124,7 @@ def test_a_failure_mid_write_removes_the_spill(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr("pipeline.write.buckets", boom)
+    monkeypatch.setattr("pipeline.data.write.buckets", boom)
     cfg = RunConfig(inputs=("x",), output=str(tmp_path / "out.parquet"))
     with pytest.raises(OSError, match="disk full"):
         write_ranked(paths, layout, cfg, memory_budget=20_000)

@@ -86,7 +86,7 @@ def test_predict_keeps_input_order_and_rank_sorts(tied_model):
 
 def test_cross_encoder_family_equals_the_run_command(tmp_path, data):
     from pipeline import Reranker
-    from pipeline.synthetic import build_cross_encoder
+    from pipeline.bench.synthetic import build_cross_encoder
 
     inp, t = data
     model = str(build_cross_encoder(tmp_path / "bert", "bert", t.column("document").to_pylist(), num_labels=1))

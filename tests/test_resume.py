@@ -219,7 +219,7 @@ def test_fingerprint_mismatch_is_refused_and_restart_starts_over(job, tmp_path):
 def test_full_disk_during_a_part_write_leaves_a_valid_checkpoint(job, tmp_path, monkeypatch):
     import errno
 
-    from pipeline.storage import LocalStore
+    from pipeline.storage.local import LocalStore
 
     out = tmp_path / "out.parquet"
     real = LocalStore.write
@@ -262,9 +262,9 @@ def test_keep_checkpoint_and_checkpoint_dir(job, tmp_path):
 
 def test_score_unit_runs_a_unit_on_its_own(job, tmp_path):
     """The executor contract: any unit, scored alone by score_unit, gives the part the run commits."""
-    from pipeline.read import iter_unit_tables
+    from pipeline.data.read import iter_unit_tables
     from pipeline.run import score_unit, validate
-    from pipeline.score import Scorer
+    from pipeline.engines.score import Scorer
 
     out = tmp_path / "out.parquet"
     cfg = _cfg(job, out, keep_checkpoint=True, device="cpu")

@@ -46,13 +46,13 @@ if hold == "import":
         return real_import(name, *a, **k)
     builtins.__import__ = imp
 elif hold == "load":
-    import pipeline.score as s
+    import pipeline.engines.score as s
     s.Scorer.load = classmethod(holding(s.Scorer.load.__func__))
 elif hold == "write":
-    import pipeline.write as w
+    import pipeline.data.write as w
     w.rank_order = holding(w.rank_order)
 elif hold == "native":
-    import pipeline.score as s
+    import pipeline.engines.score as s
     s.Scorer.score_stream = holding(s.Scorer.score_stream)
 sys.argv = ["rerank-batch"] + sys.argv[1:]
 from jobs.cli import main

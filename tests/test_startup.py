@@ -41,7 +41,7 @@ def test_timeline_marks_in_order():
 
 
 def test_cpu_threads_follow_affinity_and_env(monkeypatch):
-    from pipeline.threads import configure_cpu, usable_cores
+    from pipeline.engines.threads import configure_cpu, usable_cores
 
     before = torch.get_num_threads()
     try:

@@ -63,8 +63,8 @@ def main():
     a = ap.parse_args()
     import torch
 
-    from pipeline.bench import WORKLOADS, workload_table
-    from pipeline.bench_devices import save_random_reranker
+    from pipeline.bench.throughput import WORKLOADS, workload_table
+    from pipeline.bench.devices import save_random_reranker
 
     n = torch.cuda.device_count()
     devices = ",".join(f"cuda:{i}" for i in range(n))

@@ -22,9 +22,9 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from pipeline import bench, prefix  # noqa: E402
-from pipeline.attention import packed_attention  # noqa: E402
+from pipeline.engines.attention import packed_attention  # noqa: E402
 from pipeline.config import RunConfig  # noqa: E402
-from pipeline.score import Scorer  # noqa: E402
+from pipeline.engines.score import Scorer  # noqa: E402
 
 SMOKE = "--smoke" in sys.argv
 DEV = torch.device("cpu" if SMOKE else "cuda")
@@ -129,7 +129,7 @@ def parity_tiny():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from conftest import _corpus, shared
-    from pipeline.synthetic import build_reranker
+    from pipeline.bench.synthetic import build_reranker
 
     d = tempfile.mkdtemp()
     build_reranker(d, arch="tiny", tie_word_embeddings=True, texts=_corpus(), init_std=0.1, seed=1)

@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pipeline import bench  # noqa: E402
 from pipeline.config import RunConfig  # noqa: E402
 from pipeline.run import run  # noqa: E402
-from pipeline.score import Scorer  # noqa: E402
+from pipeline.engines.score import Scorer  # noqa: E402
 
 DEV = torch.device("cuda")
 REC = {"device": torch.cuda.get_device_name(0), "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM")}

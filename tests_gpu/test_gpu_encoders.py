@@ -11,7 +11,7 @@ import torch
 from cpu_conftest import _corpus, real_pairs
 from pipeline import fused_encoder
 from pipeline.config import RunConfig
-from pipeline.score import Scorer
+from pipeline.engines.score import Scorer
 
 PAIRS = 240
 
@@ -31,7 +31,7 @@ def _score(model_dir, texts, **kw):
 
 @pytest.mark.parametrize("arch", ["bert", "xlm-roberta", "modernbert"])
 def test_packed_encoder_on_cuda(tmp_path, texts, arch, monkeypatch):
-    from pipeline.synthetic import build_cross_encoder
+    from pipeline.bench.synthetic import build_cross_encoder
 
     m = str(build_cross_encoder(tmp_path, arch, _corpus(), num_labels=1))
     ref, _ = _score(m, texts, device="cpu")

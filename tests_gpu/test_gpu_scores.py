@@ -16,7 +16,7 @@ import torch
 from cpu_conftest import shared
 from pipeline.config import RunConfig
 from pipeline.run import run
-from pipeline.score import Scorer
+from pipeline.engines.score import Scorer
 
 RECORD = {}
 
@@ -79,7 +79,7 @@ def test_float32_cuda_equals_cpu(shared_pairs, tied_model, tmp_path):
 
 def test_real_size_06b_bf16_against_float32_cpu(tmp_path):
     """The 0.6B architecture (random weights): GPU bf16 against CPU float32 on 256 real pairs."""
-    from pipeline.bench import build_model
+    from pipeline.bench.throughput import build_model
 
     import copy
 
@@ -147,7 +147,7 @@ def test_other_families_on_cuda_against_cpu(tmp_path):
     """Cross-encoders (padded) and a Qwen3 seq-cls model (packed, fused) on CUDA in bf16 against
     float32 on the CPU, on real pairs."""
     from cpu_conftest import _corpus, real_pairs
-    from pipeline.synthetic import build_cross_encoder, build_qwen3_seq_cls
+    from pipeline.bench.synthetic import build_cross_encoder, build_qwen3_seq_cls
 
     texts = _corpus()
     models = {a: build_cross_encoder(tmp_path / a, a, texts, num_labels=2 if a == "modernbert" else 1)

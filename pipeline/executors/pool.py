@@ -27,7 +27,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 
-from ..errors import InputError, RerankError, first_line
+from pipeline.errors import InputError, RerankError, first_line
 
 log = logging.getLogger(__name__)
 

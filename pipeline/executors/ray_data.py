@@ -14,7 +14,7 @@ import dataclasses
 import json
 import logging
 
-from ..errors import InputError
+from pipeline.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class RayUnitScorer:
         self.device = f"{device}@{socket.gethostname()}:{os.getpid()}"  # one summary row per actor
 
     def __call__(self, batch):
-        from ..read import Unit
+        from pipeline.data.read import Unit
 
         ids, infos = [], []
         units = [Unit(**json.loads(s)) for s in batch["unit"]]

@@ -13,9 +13,9 @@ import time
 
 import pyarrow as pa
 
-from ..errors import InputError
-from ..pairs import UnitPairs, build_pairs, result_part
-from ..read import iter_unit_tables
+from pipeline.errors import InputError
+from pipeline.data.pairs import UnitPairs, build_pairs, result_part
+from pipeline.data.read import iter_unit_tables
 
 # First chunk small, so the GPU starts at once; later ones larger, for fewer Python round trips.
 FIRST_CHUNK, MAX_CHUNK = 256, 4096

@@ -25,7 +25,7 @@ class WorkSpec:
 
 class UnitWorker:
     def __init__(self, spec: WorkSpec, device: str | None = None):
-        from ..score import Scorer
+        from pipeline.engines.score import Scorer
 
         cfg = spec.cfg
         if device is not None and device != cfg.device:
@@ -36,7 +36,7 @@ class UnitWorker:
     def run(self, units, on_batch=None, should_stop=None):
         """Score `units` (an iterator, pulled one ahead so reading and tokenizing overlap the
         device) and write each part into the checkpoint; yield (unit, info) as each is written."""
-        from ..checkpoint import Checkpoint
+        from pipeline.storage.checkpoint import Checkpoint
         from .stream import score_units
 
         ck = Checkpoint(self.spec.ckpt_dir)  # no lease: the driver holds the run's
@@ -64,7 +64,7 @@ def pool_worker_main(conn, device: str, spec: WorkSpec, log_level: int, cpu_thre
     except KeyboardInterrupt:
         pass
     except BaseException as exc:  # noqa: BLE001 - reported to the driver, then this process ends
-        from ..errors import RerankError
+        from pipeline.errors import RerankError
 
         if isinstance(exc, RerankError) and exc.exit_code == 2:
             link.report_error(exc)  # bad input or model: stop the whole run

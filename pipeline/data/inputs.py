@@ -1,0 +1,86 @@
+"""Where a run reads and writes: INPUT specs (files, directories, globs) to files, and the
+default output path. Standard library only, so that `pipeline.config` stays light to import."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+from pipeline.errors import InputError
+
+_MAGIC = "*?["
+
+
+def _is_glob(spec: str) -> bool:
+    return any(ch in spec for ch in _MAGIC)
+
+
+def resolve_inputs(specs) -> tuple[str, ...]:
+    """Expand files, directories (their *.parquet, sorted) and globs into a list of files.
+
+    A single string is one spec (not a sequence of characters)."""
+    if isinstance(specs, (str, os.PathLike)):
+        specs = (specs,)
+    from pipeline.storage.remote import expand, is_uri
+
+    files: list[str] = []
+    for spec in map(os.fspath, specs):
+        if is_uri(spec):  # object storage: an object, a prefix or a glob on keys
+            files.extend(expand(spec))
+        elif _is_glob(spec):
+            found = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+            if not found:
+                raise InputError(f"{spec}: no file matches this pattern; check the glob")
+            files.extend(found)
+        elif os.path.isdir(spec):
+            found = sorted(
+                os.path.join(spec, n) for n in os.listdir(spec)
+                if n.endswith(".parquet") and os.path.isfile(os.path.join(spec, n))
+            )
+            if not found:
+                raise InputError(f"{spec}: the directory holds no *.parquet file; pass a file or another directory")
+            files.extend(found)
+        elif os.path.isfile(spec):
+            files.append(spec)
+        else:
+            raise InputError(f"{spec}: no such file or directory; check the path")
+    seen = set()
+    unique = []
+    for f in files:
+        key = f if is_uri(f) else os.path.realpath(f)
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return tuple(unique)
+
+
+def default_output(first_spec: str) -> str:
+    """`<stem>.reranked.parquet` beside a file; `DIR.reranked.parquet` beside a directory.
+
+    Never inside an input directory: the next run would read the output as an input. A glob
+    counts as the directory it searches (`data/*.parquet` -> `data.reranked.parquet`)."""
+    from pipeline.storage.remote import is_uri, kind
+
+    spec = os.fspath(first_spec)
+    if is_uri(spec):  # the same rules on keys: beside the object, the prefix or the glob's folder
+        if _is_glob(spec):
+            fixed = spec[: min(spec.index(c) for c in _MAGIC if c in spec)].rsplit("/", 1)[0]
+            return fixed + ".reranked.parquet"
+        if spec.endswith("/") or kind(spec) == "dir":
+            return spec.rstrip("/") + ".reranked.parquet"
+        stem = spec[: -len(".parquet")] if spec.endswith(".parquet") else spec
+        return stem + ".reranked.parquet"
+    if _is_glob(spec):
+        parts = spec.split(os.sep)
+        fixed = os.sep.join(p for p in parts[: next(i for i, p in enumerate(parts) if _is_glob(p))])
+        if fixed in ("", ".", os.sep) or fixed.rstrip(os.sep) in ("", "."):
+            raise InputError(f"{spec}: a glob in the current directory has no default output beside it; pass -o")
+        return fixed.rstrip(os.sep) + ".reranked.parquet"
+    if os.path.isdir(spec):
+        d = os.path.normpath(spec)
+        if d in (".", os.sep) or os.path.basename(d) in ("", ".", ".."):
+            raise InputError(f"{spec}: the current directory has no default output beside it; pass -o")
+        return d + ".reranked.parquet"
+    d, name = os.path.split(spec)
+    stem = name[: -len(".parquet")] if name.endswith(".parquet") else name
+    return os.path.join(d, f"{stem}.reranked.parquet")

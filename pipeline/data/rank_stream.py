@@ -1,0 +1,190 @@
+"""Second pass of the final rank: stream the parts in order and emit ranked rows in output order.
+
+Output order: groups by first appearance (g), then best score first, ties and null scores in input
+order (nulls last, null rank). With the parts in input order, a group whose rows form one
+contiguous run ("contiguous", the usual case: input sorted or nested by query) is complete when its
+run ends, and such groups come in g order: they are ranked straight from the stream, holding one
+chunk. Rows of the other groups ("scattered") are first spilled to Arrow files in buckets of
+consecutive g (one pass), then each bucket is read back, ranked and merged with the stream by g.
+Memory: the group index, one chunk or one bucket (sized by the memory budget), and the largest
+group. Disk: the spill holds only scattered rows, and each bucket is deleted once written, so the
+spill and the output together never exceed about one copy of the parts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from typing import Iterator
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from pipeline.storage.remote import read_part
+
+from pipeline.errors import RerankError
+from pipeline.data.rank_index import GroupIndex, key_frame, key_hashes
+
+MAX_BUCKETS = 256  # open spill files at once
+SPILL_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd")  # about half the parts' size, fast to read
+
+Ranked = tuple[pa.Table, np.ndarray]  # complete groups, ranked, and each row's g (non-decreasing)
+
+
+class Ranker:
+    """Ranks tables of complete groups and checks that each group holds one key."""
+
+    def __init__(self, keys: list[str], fill: dict[str, str], names: list[str], top_k: int | None):
+        self.keys, self.fill, self.names, self.top_k = keys, fill, names, top_k
+
+    def __call__(self, table: pa.Table, g: np.ndarray) -> Ranked:
+        n = table.num_rows
+        narrow = pl.DataFrame({"_g": g, "score": pl.from_arrow(table.column("score")),
+                               "_ord": table.column("_ord").to_numpy(),
+                               "_i": np.arange(n, dtype=np.int64)})
+        narrow = narrow.sort(["_g", "score", "_ord"], descending=[False, True, False], nulls_last=True)
+        perm = narrow["_i"].to_numpy()
+        gs = narrow["_g"].to_numpy()
+        same = gs[1:] == gs[:-1]
+        self._check_keys(table.take(pa.array(perm)), same)
+        idx = np.arange(n, dtype=np.int64)
+        starts = np.maximum.accumulate(np.where(np.r_[True, ~same], idx, 0)) if n else idx
+        rank = (idx - starts + 1).astype(np.int32)
+        null = narrow["score"].is_null().to_numpy()
+        if self.top_k is not None:
+            keep = ~null & (rank <= self.top_k)
+            perm, gs, rank, null = perm[keep], gs[keep], rank[keep], null[keep]
+        out = table.take(pa.array(perm)).select(self.names)
+        out = out.append_column("rank", pa.array(rank, pa.int32(), mask=null if null.any() else None))
+        return out, gs
+
+    def _check_keys(self, sorted_table: pa.Table, same: np.ndarray) -> None:
+        if not same.any():
+            return
+        kf = key_frame(sorted_table, self.keys, self.fill)
+        differs = np.zeros(len(same), bool)
+        for c in kf.columns:
+            col = kf[c]
+            differs |= col.slice(1).ne_missing(col.slice(0, len(col) - 1)).to_numpy()
+        if (differs & same).any():
+            raise RerankError(
+                f"two query keys of columns {self.keys} share a 128-bit hash; please report it "
+                "(the output was not written)")
+
+
+def _read(path: str, columns: list[str], index: GroupIndex, keys, fill) -> tuple[pa.Table, np.ndarray]:
+    t = read_part(path, columns)
+    return t, index.lookup(*key_hashes(key_frame(t, keys, fill)))
+
+
+def contiguous(part_paths, columns, index: GroupIndex, keys, fill, rank: Ranker,
+               chunk_rows: int) -> Iterator[Ranked]:
+    """The contiguous groups, from the stream, in chunks of complete groups."""
+    tables: list[pa.Table] = []
+    gs: list[np.ndarray] = []
+    held = 0
+    for path in part_paths:
+        t, g = _read(path, columns, index, keys, fill)
+        keep = ~index.scattered[g]
+        if not keep.all():
+            t, g = t.filter(pa.array(keep)), g[keep]
+        if not len(g):
+            continue
+        tables.append(t)
+        gs.append(g)
+        held += len(g)
+        if held < chunk_rows:
+            continue
+        t, g = pa.concat_tables(tables), np.concatenate(gs)
+        # Rows come in g order; the last group may go on in the next part.
+        last = g[-1]
+        cut = len(g) if len(g) - np.searchsorted(g, last) == index.n[last] else int(np.searchsorted(g, last))
+        if cut:
+            yield rank(t.slice(0, cut), g[:cut])
+        tables, gs, held = [t.slice(cut)], [g[cut:]], len(g) - cut
+    if held:
+        yield rank(pa.concat_tables(tables), np.concatenate(gs))
+
+
+def spill(part_paths, columns, index: GroupIndex, keys, fill, spill_dir: str,
+          bucket_rows: int, buffer_bytes: int) -> list[str]:
+    """Write the scattered rows into bucket files of consecutive g; return them in g order."""
+    sc = np.flatnonzero(index.scattered)
+    rows = index.n[sc]
+    bucket_rows = max(bucket_rows, -(-int(rows.sum()) // MAX_BUCKETS))
+    bucket_of = np.full(index.groups, -1, np.int64)
+    bucket_of[sc] = (np.cumsum(rows) - rows) // bucket_rows
+    paths = [os.path.join(spill_dir, f"bucket-{b:05d}.arrow") for b in range(int(bucket_of.max()) + 1)]
+    writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
+    buffers: dict[int, list[pa.Table]] = defaultdict(list)
+    buffered = 0
+
+    def flush():
+        for b, pieces in buffers.items():
+            # One record batch per bucket and flush: batches of a few rows compress badly and
+            # cost a fixed overhead each, to write and to read back.
+            t = pa.concat_tables(pieces).combine_chunks()
+            if b not in writers:
+                writers[b] = pa.ipc.new_stream(paths[b], t.schema, options=SPILL_OPTIONS)
+            writers[b].write_table(t)
+        buffers.clear()
+
+    try:
+        for path in part_paths:
+            t, g = _read(path, columns, index, keys, fill)
+            mask = index.scattered[g]
+            if not mask.any():
+                continue
+            b = bucket_of[g[mask]]
+            order = np.argsort(b, kind="stable")
+            # One take puts the part's scattered rows in bucket order; the buckets are slices.
+            rows = np.flatnonzero(mask)[order]
+            t = t.take(pa.array(rows)).append_column("_g", pa.array(g[rows], pa.int64()))
+            b = b[order]
+            bounds = np.r_[0, np.flatnonzero(np.diff(b)) + 1, len(b)]
+            for lo, hi in zip(bounds[:-1], bounds[1:]):
+                buffers[int(b[lo])].append(t.slice(lo, hi - lo))
+            buffered += t.nbytes
+            if buffered > buffer_bytes:
+                flush()
+                buffered = 0
+        flush()
+    finally:
+        for w in writers.values():
+            w.close()
+    return [p for p in paths if os.path.exists(p)]
+
+
+def buckets(paths: list[str], rank: Ranker) -> Iterator[Ranked]:
+    """The scattered groups, one bucket at a time; each bucket file is deleted once read."""
+    for path in paths:
+        with pa.ipc.open_stream(path) as reader:
+            t = reader.read_all()
+        os.unlink(path)
+        g = t.column("_g").to_numpy()
+        yield rank(t.drop_columns(["_g"]), g)
+
+
+def _next(it: Iterator[Ranked]) -> Ranked | None:
+    """The next non-empty item (--top-k can leave a table of null-score groups empty)."""
+    for item in it:
+        if len(item[1]):
+            return item
+    return None
+
+
+def merge(a: Iterator[Ranked], b: Iterator[Ranked]) -> Iterator[pa.Table]:
+    """Merge two streams of complete groups, each in g order and with no g in common, by g."""
+    ha, hb = _next(a), _next(b)
+    while ha is not None and hb is not None:
+        if ha[1][0] > hb[1][0]:
+            a, b, ha, hb = b, a, hb, ha
+        (ta, ga), gb0 = ha, hb[1][0]
+        cut = int(np.searchsorted(ga, gb0))
+        yield ta.slice(0, cut)
+        ha = (ta.slice(cut), ga[cut:]) if cut < len(ga) else _next(a)
+    for head, rest in ((ha, a), (hb, b)):
+        while head is not None:
+            yield head[0]
+            head = _next(rest)

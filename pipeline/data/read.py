@@ -1,0 +1,257 @@
+"""Find the input files, check their columns, plan units of work and read them in bounded windows.
+
+A unit is a contiguous range of input rows of one file. It is planned from the Parquet footer
+alone, so its id is stable across runs and any executor can read it on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config import RunConfig
+from pipeline.errors import InputError, first_line
+from pipeline.storage.remote import is_uri, open_input
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One self-contained piece of work: rows [start, stop) of one input file."""
+
+    file_index: int
+    path: str
+    start: int
+    stop: int
+    # Global row number of `start`, counted over all inputs; orders output rows.
+    global_start: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.file_index:05d}-{self.start:012d}-{self.stop:012d}"
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class InputLayout:
+    """How the pairs are laid out in the input files (the same for every file)."""
+
+    nested: bool
+    query_col: str
+    doc_col: str  # for nested input: the list column
+    instruction_col: str | None
+    columns: tuple[str, ...]  # every input column, in order
+    schema: pa.Schema
+
+
+def open_parquet(path: str) -> pq.ParquetFile:
+    try:
+        # pre_buffer=False: the default pre-buffering keeps every row group read so far (RSS
+        # grew ~0.5 GB per 1M long pairs of one file); without it memory stays about a window.
+        if is_uri(path):  # object storage: ranged reads through pyarrow.fs, never the whole object
+            return pq.ParquetFile(open_input(path), pre_buffer=False)
+        return pq.ParquetFile(path, pre_buffer=False)
+    except (pa.ArrowInvalid, pa.ArrowIOError, OSError, ValueError) as exc:
+        raise InputError(
+            f"{path}: not a readable Parquet file ({first_line(exc)}); check that the file is complete and is "
+            "Parquet"
+        ) from None
+
+
+def _is_string(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def _is_list_of_strings(t: pa.DataType) -> bool:
+    return (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_list_view(t)) and _is_string(t.value_type)
+
+
+def inspect_layout(path: str, cfg: RunConfig) -> InputLayout:
+    """Decide long or nested form from one file's schema, and check the column types."""
+    schema = open_parquet(path).schema_arrow
+    names = schema.names
+    present = ", ".join(names)
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise InputError(f"{path}: the column name {dup[0]!r} appears more than once; rename the copies")
+    if cfg.query_col not in names:
+        raise InputError(
+            f"{path}: no query column {cfg.query_col!r} (columns: {present}); pass --query-col NAME"
+        )
+    if cfg.doc_col in names:
+        nested, doc_col = False, cfg.doc_col
+    elif cfg.docs_col in names:
+        nested, doc_col = True, cfg.docs_col
+    else:
+        raise InputError(
+            f"{path}: no document column {cfg.doc_col!r} and no list column {cfg.docs_col!r} "
+            f"(columns: {present}); pass --doc-col NAME or --docs-col NAME"
+        )
+    qtype = schema.field(cfg.query_col).type
+    if not _is_string(qtype):
+        raise InputError(
+            f"{path}: column {cfg.query_col!r} is {qtype}, not string; cast it to string or pass --query-col"
+        )
+    dtype = schema.field(doc_col).type
+    if nested and not _is_list_of_strings(dtype):
+        raise InputError(
+            f"{path}: column {doc_col!r} is {dtype}, not a list of strings; cast it or pass --docs-col"
+        )
+    if not nested and not _is_string(dtype):
+        raise InputError(
+            f"{path}: column {doc_col!r} is {dtype}, not string; cast it to string or pass --doc-col"
+        )
+    instruction_col = cfg.instruction_col if cfg.instruction_col in names else None
+    if instruction_col and not _is_string(schema.field(instruction_col).type):
+        raise InputError(
+            f"{path}: column {instruction_col!r} is {schema.field(instruction_col).type}, not string; "
+            "cast it to string or rename it"
+        )
+    reserved = ("score", "rank") + (("document", "doc_index") if nested else ())
+    for name in reserved:
+        if name in names:
+            raise InputError(
+                f"{path}: the input already has a column {name!r}, which the output adds; "
+                "rename or drop it first"
+            )
+    return InputLayout(nested, cfg.query_col, doc_col, instruction_col, tuple(names), schema)
+
+
+def check_same_layout(paths, layout: InputLayout, cfg: RunConfig) -> None:
+    for path in paths[1:]:
+        other = inspect_layout(path, cfg)
+        if other.nested != layout.nested or set(other.columns) != set(layout.columns):
+            raise InputError(
+                f"{path}: its columns ({', '.join(other.columns)}) differ from {paths[0]} "
+                f"({', '.join(layout.columns)}); give files of one schema in one run"
+            )
+        for name in layout.columns:  # caught here, before file 1 is scored
+            a, b = layout.schema.field(name).type, other.schema.field(name).type
+            if a != b and not (_is_string(a) and _is_string(b)) and not (
+                    _is_list_of_strings(a) and _is_list_of_strings(b)):
+                raise InputError(
+                    f"{path}: column {name!r} is {b}, but {a} in {paths[0]}; give files of one schema in one run"
+                )
+
+
+def _list_leaf_counts(pf: pq.ParquetFile, list_col: str) -> list[int]:
+    """Elements of the list column per row group, read from the footer's column statistics."""
+    md = pf.metadata
+    leaf = None
+    for j in range(md.num_columns):
+        p = md.schema.column(j).path
+        if p.split(".")[0] == list_col:
+            leaf = j
+            break
+    counts = []
+    for i in range(md.num_row_groups):
+        rg = md.row_group(i)
+        counts.append(rg.column(leaf).num_values if leaf is not None else rg.num_rows)
+    return counts
+
+
+def plan_units(paths, layout: InputLayout, window_pairs: int) -> tuple[list[Unit], int]:
+    """Split every file into row ranges of about `window_pairs` pairs; return units and total pairs.
+
+    For nested input the pairs per row are estimated per row group from the footer, so that a
+    window of lists of 100 documents holds as many pairs as a window of long rows.
+    """
+    units: list[Unit] = []
+    total_pairs = 0
+    global_row = 0
+    for fi, path in enumerate(paths):
+        pf = open_parquet(path)
+        md = pf.metadata
+        rg_rows = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
+        rg_pairs = _list_leaf_counts(pf, layout.doc_col) if layout.nested else rg_rows
+        total_pairs += sum(rg_pairs)
+        start = 0
+        rg_start = 0
+        for rows, pairs in zip(rg_rows, rg_pairs):
+            per_row = max(1.0, pairs / rows) if rows else 1.0
+            step = max(1, int(window_pairs / per_row))
+            rg_stop = rg_start + rows
+            while start < rg_stop:
+                stop = min(rg_stop, start + step)
+                units.append(Unit(fi, path, start, stop, global_row + start))
+                start = stop
+            rg_start = rg_stop
+        global_row += md.num_rows
+    return units, total_pairs
+
+
+def iter_unit_tables(units, columns=None):
+    """Yield (unit, table) for each unit of an iterable that may be lazy (a worker pulls units from
+    its driver one at a time). Consecutive units of one file continue one reader; a unit that
+    jumps back, or past the reader's row group, reopens the file at the row group it needs.
+    Record batches are unit-sized, so memory holds about two units whatever the row groups are."""
+    cursor = None
+    for unit in units:
+        if cursor is None or not cursor.can_continue(unit):
+            cursor = _FileCursor(unit, columns)
+        yield unit, cursor.take(unit)
+
+
+class _FileCursor:
+    """A forward-only reader of one file's rows, from the row group that holds its first unit."""
+
+    def __init__(self, unit, columns):
+        self.path = unit.path
+        self.columns = columns
+        self.pf = open_parquet(unit.path)
+        md = self.pf.metadata
+        self.rg_starts = []
+        acc = 0
+        for i in range(md.num_row_groups):
+            self.rg_starts.append(acc)
+            acc += md.row_group(i).num_rows
+        first_rg = max((i for i, s in enumerate(self.rg_starts) if s <= unit.start), default=0)
+        self.buf_start = self.rg_starts[first_rg] if self.rg_starts else 0
+        self.batches = self.pf.iter_batches(batch_size=max(1, unit.rows),
+                                            row_groups=range(first_rg, md.num_row_groups),
+                                            columns=columns, use_threads=True)
+        self.buffered: list[pa.RecordBatch] = []
+        self.buf_rows = 0
+
+    def can_continue(self, unit) -> bool:
+        if unit.path != self.path or unit.start < self.buf_start:
+            return False
+        # Skipping rows means reading them: reopen instead when the unit starts in a later row group.
+        later = [s for s in self.rg_starts if self.buf_start + self.buf_rows < s <= unit.start]
+        return not later
+
+    def take(self, unit) -> pa.Table:
+        path = self.path
+        if self.buf_start + self.buf_rows <= unit.start:  # all buffered rows lie before this unit
+            self.buf_start += self.buf_rows
+            self.buffered, self.buf_rows = [], 0
+        while self.buf_start + self.buf_rows < unit.stop:
+            try:
+                b = next(self.batches)
+            except StopIteration:
+                raise InputError(
+                    f"{path}: the file ended before row {unit.stop}; was it changed during the run?"
+                ) from None
+            except (pa.ArrowException, OSError) as exc:
+                raise InputError(
+                    f"{path}: cannot read rows near {self.buf_start + self.buf_rows} ({first_line(exc)}); "
+                    "the file is damaged: rewrite it"
+                ) from None
+            if self.buf_rows == 0 and self.buf_start + b.num_rows <= unit.start:
+                self.buf_start += b.num_rows  # skipped on resume: never kept in memory
+                continue
+            self.buffered.append(b)
+            self.buf_rows += b.num_rows
+        if unit.rows == 0:
+            return self.pf.schema_arrow.empty_table().select(self.columns or self.pf.schema_arrow.names)
+        window = pa.Table.from_batches(self.buffered)
+        out = window.slice(unit.start - self.buf_start, unit.rows).combine_chunks()
+        rest = window.slice(unit.stop - self.buf_start)
+        self.buffered = rest.to_batches()
+        self.buf_rows = rest.num_rows
+        self.buf_start = unit.stop
+        return out

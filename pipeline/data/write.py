@@ -1,0 +1,139 @@
+"""Rank the scored parts per query and write the final Parquet file atomically.
+
+Ranking is global: a query's candidates may sit in several units or files. It runs in two
+streaming passes over the parts, so the driver's memory stays bounded by the memory budget and
+the number of queries (about 220 bytes each at the peak), not by the rows:
+  1. narrow (rank_index): every row's group key is hashed; the groups' first positions, sizes
+     and contiguity are indexed;
+  2. wide (rank_stream): queries whose rows are one contiguous run are ranked straight from the
+     stream; the rows of the others are spilled to buckets beside the output, read back, ranked
+     and merged in; in the input's own Arrow types, into a temp file that replaces the output
+     only when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from contextlib import closing
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config import RunConfig
+from pipeline.data.rank_index import build_index
+from pipeline.data.rank_stream import Ranker, buckets, contiguous, merge, spill
+from pipeline.data.read import InputLayout
+from pipeline.storage.remote import part_rows, read_part
+
+MAX_CHUNK_ROWS = 65536  # rows per output row group
+MEMORY_BUDGET = 128 << 20  # bytes of rows held at once (chunks, spill buffers, one bucket)
+
+
+def output_schema(layout: InputLayout) -> pa.Schema:
+    fields = [f for f in layout.schema if f.name != layout.doc_col or not layout.nested]
+    if layout.nested:
+        fields += [pa.field("document", layout.schema.field(layout.doc_col).type.value_type),
+                   pa.field("doc_index", pa.int32())]
+    return pa.schema(fields + [pa.field("score", pa.float32()), pa.field("rank", pa.int32())])
+
+
+def group_keys(layout: InputLayout) -> list[str]:
+    """query_id when present, else (instruction, query)."""
+    if "query_id" in layout.columns:
+        return ["query_id"]
+    keys = [layout.query_col]
+    if layout.instruction_col:
+        keys.insert(0, layout.instruction_col)
+    return keys
+
+
+def spill_path(output: str, parent: str) -> str:
+    """A fixed hidden name, like the temp output's: a run killed (SIGKILL) while spilling leaves
+    it, and the rerun removes it before spilling again."""
+    return os.path.join(parent, "." + os.path.basename(output) + ".spill")
+
+
+def ranked_tables(part_paths: list[str], layout: InputLayout, cfg: RunConfig, spill_parent: str,
+                  memory_budget: int = MEMORY_BUDGET) -> Iterator[pa.Table]:
+    """The output rows in order, as tables; spill files (only for queries whose rows are not
+    contiguous) go in a hidden dir under `spill_parent`, removed when the generator ends or is
+    closed."""
+    keys = group_keys(layout)
+    fill = {layout.instruction_col: cfg.instruction} if layout.instruction_col in keys else {}
+    index = build_index(part_paths, keys, fill)
+    if not index.groups:
+        return
+    names = [n for n in output_schema(layout).names if n != "rank"]
+    columns = list(dict.fromkeys(names + keys + ["_ord"]))
+    rank = Ranker(keys, fill, names, cfg.top_k)
+    # Rows per chunk and per bucket from the in-memory width of a row; a chunk is copied a few
+    # times on its way (concatenated, taken in rank order, regrouped for the writer).
+    first = next(p for p in part_paths if part_rows(p))
+    sample = read_part(first, columns)
+    budget_rows = max(1, int(memory_budget // (4 * max(sample.nbytes / sample.num_rows, 1.0))))
+    chunk_rows = min(budget_rows, MAX_CHUNK_ROWS)
+    spill_dir = None
+    try:
+        scattered: Iterator = iter(())
+        if index.scattered.any():
+            spill_dir = spill_path(cfg.output, spill_parent)
+            shutil.rmtree(spill_dir, ignore_errors=True)  # left by a run killed while writing
+            os.makedirs(spill_dir)
+            files = spill(part_paths, columns, index, keys, fill, spill_dir, budget_rows, memory_budget // 2)
+            scattered = buckets(files, rank)
+        stream: Iterator = iter(())
+        if not index.scattered.all():
+            stream = contiguous(part_paths, columns, index, keys, fill, rank, chunk_rows)
+        yield from merge(stream, scattered)
+    finally:
+        if spill_dir is not None:
+            shutil.rmtree(spill_dir, ignore_errors=True)
+
+
+def _row_groups(tables: Iterator[pa.Table], size: int) -> Iterator[pa.Table]:
+    """Regroup the ranked slices (some tiny, where groups of the two streams interleave) into
+    tables of whole row groups of `size` rows, the last one shorter."""
+    held: list[pa.Table] = []
+    n = 0
+    for t in tables:
+        held.append(t)
+        n += t.num_rows
+        if n >= size:
+            t = pa.concat_tables(held)
+            k = n - n % size
+            yield t.slice(0, k)
+            held, n = [t.slice(k)], n - k
+    if n:
+        yield pa.concat_tables(held)
+
+
+def write_ranked(part_paths: list[str], layout: InputLayout, cfg: RunConfig, *, tmp: str | None = None,
+                 publish=os.replace, memory_budget: int = MEMORY_BUDGET) -> int:
+    """Write the ranked output to `tmp`, then publish(tmp, cfg.output) (an atomic rename by
+    default); return the number of rows written. `tmp` should be unique per run; spill files go
+    beside it. `memory_budget` (bytes) sizes the chunks and spill buckets held at once."""
+    schema = output_schema(layout)
+    tmp = tmp or os.path.join(os.path.dirname(os.path.abspath(cfg.output)), "." + os.path.basename(cfg.output) + ".partial")
+    tmp_dir = os.path.dirname(os.path.abspath(tmp))
+    rows = 0
+    try:
+        with pq.ParquetWriter(tmp, schema) as writer:
+            group_rows = max(1, min(MAX_CHUNK_ROWS, cfg.window_pairs))
+            with closing(ranked_tables(part_paths, layout, cfg, tmp_dir, memory_budget)) as tables:
+                for table in _row_groups(tables, group_rows):
+                    writer.write_table(table.cast(schema), row_group_size=group_rows)
+                    rows += table.num_rows
+            if not rows:
+                writer.write_table(schema.empty_table())
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        publish(tmp, cfg.output)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return rows

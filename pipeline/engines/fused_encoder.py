@@ -1,0 +1,186 @@
+"""A lean, packed forward of BERT, XLM-R and ModernBERT cross-encoders over the HF modules' weights.
+
+The padded transformers forward spends most of a length-mixed batch on padding. Here a batch is
+one row of T real tokens holding n pairs (`cu` marks where each starts): embeddings with each
+pair's own positions and token types, bidirectional varlen attention (flash-attn's or torch's
+FlashAttention kernel without the causal mask; an exact padded SDPA on CPU and in float32),
+and in the last layer only the pooled rows (the first token of each pair) go through the output
+projection, the MLP and the classifier. The arithmetic is the reference's, step by step: the same
+LayerNorms, activations, rotary tables and head, so float32 scores equal the padded forward's.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.engines import attention
+from pipeline.engines.padded_attention import padded_sdpa, padded_sdpa_qkv
+
+log = logging.getLogger(__name__)
+
+BERT_LIKE = {"bert", "xlm-roberta", "roberta"}
+
+
+def supports(hf_model) -> bool:
+    cfg = hf_model.config
+    mtype = getattr(cfg, "model_type", "")
+    if mtype in BERT_LIKE:
+        return (getattr(cfg, "position_embedding_type", "absolute") in (None, "absolute")
+                and hasattr(hf_model, "classifier") and not getattr(cfg, "is_decoder", False))
+    if mtype == "modernbert":
+        return getattr(cfg, "classifier_pooling", "cls") in ("cls", "mean") and hasattr(hf_model, "head")
+    return False
+
+
+_VARLEN_PARAMS = None
+
+
+def bidirectional_attention(q, k, v, cu, max_len: int, scale: float, kernel: str, window: int | None = None):
+    """Packed attention without a causal mask; `window`: ModernBERT's local layers (keys at most
+    `window` tokens away on either side, inclusive)."""
+    global _VARLEN_PARAMS
+    if kernel == "flash_attn":
+        ws = (window, window) if window is not None else (-1, -1)
+        return attention._flash_attn()(q, k, v, cu, cu, max_len, max_len, softmax_scale=scale, causal=False,
+                                       window_size=ws)
+    if kernel == "torch_varlen":
+        fn = attention._torch_varlen()
+        if _VARLEN_PARAMS is None:
+            _VARLEN_PARAMS = set(inspect.signature(fn).parameters)
+        kw = {"is_causal": False} if "is_causal" in _VARLEN_PARAMS else {}
+        if "window_size" in _VARLEN_PARAMS:
+            kw["window_size"] = (window, window) if window is not None else (-1, -1)
+            return fn(q, k, v, cu, cu, max_len, max_len, scale=scale, **kw)
+        if window is None:
+            return fn(q, k, v, cu, cu, max_len, max_len, scale=scale, **kw)
+    return padded_sdpa(q, k, v, cu, max_len, scale, causal=False, window=window)
+
+
+def add_layer_norm(x, delta, w, b, eps: float):
+    """Post-LN residual (BERT): LayerNorm(x + delta)."""
+    return F.layer_norm(x + delta, (x.shape[-1],), w, b, eps)
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope(x, cos, sin):
+    # As ModernBERT's apply_rotary_pos_emb: rotate in float32, cast back.
+    xf = x.float()
+    return ((xf * cos) + (_rotate_half(xf) * sin)).to(x.dtype)
+
+
+class FusedEncoder:
+    """References to the HF model's weights; `logits` is the only entry point."""
+
+    def __init__(self, hf_model, kernel: str, compile: bool = False):
+        self.cfg = cfg = hf_model.config
+        self.kernel = kernel
+        self.kind = cfg.model_type
+        self.modern = self.kind == "modernbert"
+        self.h = cfg.num_attention_heads
+        self.d = cfg.hidden_size // cfg.num_attention_heads
+        self.scale = self.d ** -0.5
+        self.model = hf_model
+        self._add_ln = add_layer_norm
+        if self.modern:
+            self.base = hf_model.model
+            types = list(getattr(cfg, "layer_types", None) or [])
+            if not types:  # older configs: every n-th layer global
+                every = cfg.global_attn_every_n_layers
+                types = ["full_attention" if i % every == 0 else "sliding_attention"
+                         for i in range(cfg.num_hidden_layers)]
+            self.layer_types = types
+            self.window = cfg.local_attention // 2
+        else:
+            self.base = getattr(hf_model, hf_model.base_model_prefix)
+            emb = self.base.embeddings
+            # XLM-R and RoBERTa count positions from padding_idx + 1; BERT from 0.
+            self.pos_offset = emb.padding_idx + 1 if self.kind != "bert" else 0
+            # Fused q/k/v: one GEMM instead of three.
+            self.qkv = []
+            with torch.no_grad():
+                for blk in self.base.encoder.layer:
+                    s = blk.attention.self
+                    self.qkv.append((torch.cat([s.query.weight, s.key.weight, s.value.weight], 0),
+                                     torch.cat([s.query.bias, s.key.bias, s.value.bias], 0)))
+        if compile:
+            try:
+                from pipeline.engines.compiled import compile_rows
+
+                self._add_ln = compile_rows(add_layer_norm)
+            except Exception as exc:  # no Triton: eager is exact, only slower
+                log.warning("torch.compile unavailable (%s); running eagerly", exc)
+
+    @torch.inference_mode()
+    def logits(self, input_ids, type_ids, positions, cu, max_len: int, first_idx) -> torch.Tensor:
+        """Classifier logits (n, labels) of a packed batch; `first_idx`: the row of each pair's
+        first token ([CLS] / <s>)."""
+        if self.modern:
+            return self._modernbert(input_ids, positions, cu, max_len, first_idx)
+        return self._bert(input_ids, type_ids, positions, cu, max_len, first_idx)
+
+    def _bert(self, input_ids, type_ids, positions, cu, max_len, first_idx):
+        emb = self.base.embeddings
+        x = emb.word_embeddings(input_ids) + emb.token_type_embeddings(
+            type_ids if type_ids is not None else torch.zeros_like(input_ids))
+        x = x + emb.position_embeddings(positions + self.pos_offset)
+        x = F.layer_norm(x, x.shape[-1:], emb.LayerNorm.weight, emb.LayerNorm.bias, emb.LayerNorm.eps)
+        layers = self.base.encoder.layer
+        t, h, d = x.shape[0], self.h, self.d
+        for i, blk in enumerate(layers):
+            qkv = F.linear(x, *self.qkv[i]).view(t, 3, h, d)
+            if self.kernel in ("torch_varlen", "flash_attn"):
+                att = bidirectional_attention(qkv[:, 0].contiguous(), qkv[:, 1].contiguous(),
+                                              qkv[:, 2].contiguous(), cu, max_len, self.scale, self.kernel)
+            else:
+                att = padded_sdpa_qkv(qkv, cu, max_len, self.scale)
+            att = att.reshape(-1, h * d)
+            if i == len(layers) - 1:
+                # Only the pooled rows are scored: the rest of the last layer runs on n rows.
+                x, att = x[first_idx], att[first_idx]
+            out = blk.attention.output
+            x = self._add_ln(x, F.linear(att, out.dense.weight, out.dense.bias), out.LayerNorm.weight,
+                             out.LayerNorm.bias, out.LayerNorm.eps)
+            mid = blk.intermediate.intermediate_act_fn(blk.intermediate.dense(x))
+            out = blk.output
+            x = self._add_ln(x, F.linear(mid, out.dense.weight, out.dense.bias), out.LayerNorm.weight,
+                             out.LayerNorm.bias, out.LayerNorm.eps)
+        m = self.model
+        if self.kind == "bert":  # pooler (dense, tanh) then the classifier
+            return m.classifier(m.bert.pooler.activation(m.bert.pooler.dense(x)))
+        head = m.classifier  # XLM-R / RoBERTa: dense, tanh, out_proj on <s>
+        return head.out_proj(torch.tanh(head.dense(x)))
+
+    def _modernbert(self, input_ids, positions, cu, max_len, first_idx):
+        base, m = self.base, self.model
+        x = base.embeddings.norm(base.embeddings.tok_embeddings(input_ids))
+        tables = {lt: base.rotary_emb(x, positions[None], lt) for lt in set(self.layer_types)}
+        t, h, d = x.shape[0], self.h, self.d
+        mean = self.cfg.classifier_pooling == "mean"
+        for i, blk in enumerate(base.layers):
+            lt = self.layer_types[i]
+            cos, sin = tables[lt]
+            cos, sin = cos[0][:, None, :], sin[0][:, None, :]
+            qkv = blk.attn.Wqkv(blk.attn_norm(x)).view(t, 3, h, d)
+            q, k = rope(qkv[:, 0], cos, sin).contiguous(), rope(qkv[:, 1], cos, sin).contiguous()
+            att = bidirectional_attention(q, k, qkv[:, 2].contiguous(), cu, max_len, self.scale, self.kernel,
+                                          self.window if lt == "sliding_attention" else None)
+            att = blk.attn.Wo(att.reshape(-1, h * d))
+            if i == len(base.layers) - 1 and not mean:
+                x, att = x[first_idx], att[first_idx]
+            x = x + att
+            x = x + blk.mlp(blk.mlp_norm(x))
+        x = base.final_norm(x)
+        if mean:
+            seg = torch.repeat_interleave(torch.arange(len(cu) - 1, device=x.device), cu[1:] - cu[:-1],
+                                          output_size=x.shape[0])
+            sums = torch.zeros(len(cu) - 1, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, seg, x)
+            x = sums / (cu[1:] - cu[:-1]).to(x.dtype)[:, None]
+        return m.classifier(m.head(x))

@@ -1,0 +1,155 @@
+"""A lean forward of Qwen3 decoders over packed token rows, built from the loaded HF model.
+
+Same arithmetic as transformers' Qwen3Model (RMSNorm in float32, the same RoPE tables, the same
+matmuls), minus what a reranker does not need: no KV cache, no masks, no (1, H, T, D) layout
+shuffles, one GEMM for q/k/v and one for gate/up, and in the last layer the MLP runs only on
+the rows whose hidden state is scored. On CUDA the small elementwise steps are compiled into
+fused kernels with torch.compile when it works, and run eagerly otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.engines.attention import packed_attention
+
+log = logging.getLogger(__name__)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    # As Qwen3RMSNorm: normalize in float32, cast back, then scale.
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return w * h.to(x.dtype)
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def qk_norm_rope(qkv, qw, kw, cos, sin, eps: float, h: int, hkv: int, d: int):
+    """Split fused q/k/v rows, apply the per-head RMSNorm and RoPE; (T, H, D) outputs."""
+    t = qkv.shape[0]
+    q, k, v = qkv.split([h * d, hkv * d, hkv * d], dim=-1)
+    q = rms_norm(q.reshape(t, h, d), qw, eps)
+    k = rms_norm(k.reshape(t, hkv, d), kw, eps)
+    c, s = cos[:, None, :], sin[:, None, :]
+    q = q * c + _rotate_half(q) * s
+    k = k * c + _rotate_half(k) * s
+    return q.contiguous(), k.contiguous(), v.reshape(t, hkv, d).contiguous()
+
+
+def add_norm(x, delta, w, eps: float):
+    """Residual add, then RMSNorm of the sum: returns (sum, normed)."""
+    y = x + delta
+    return y, rms_norm(y, w, eps)
+
+
+def swiglu(gu):
+    g, u = gu.chunk(2, dim=-1)
+    return F.silu(g) * u
+
+
+class _Layer:
+    __slots__ = ("ln1", "ln2", "w_qkv", "w_o", "qn", "kn", "w_gu", "w_down")
+
+
+class FusedQwen3:
+    """Holds references to (and fused copies of) the HF model's weights; `last_hidden` is the
+    only entry point."""
+
+    def __init__(self, hf_model, base, kernel: str, compile: bool = False):
+        cfg = hf_model.config
+        self.kernel = kernel
+        self.h = cfg.num_attention_heads
+        self.hkv = cfg.num_key_value_heads
+        self.d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.eps = cfg.rms_norm_eps
+        self.scale = self.d ** -0.5
+        self.embed = base.embed_tokens.weight
+        self.norm = base.norm.weight
+        self.rotary = base.rotary_emb
+        self.layers = []
+        with torch.no_grad():
+            for blk in base.layers:
+                a, m = blk.self_attn, blk.mlp
+                L = _Layer()
+                L.ln1 = blk.input_layernorm.weight
+                L.ln2 = blk.post_attention_layernorm.weight
+                L.w_qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], 0)
+                L.w_o = a.o_proj.weight
+                L.qn, L.kn = a.q_norm.weight, a.k_norm.weight
+                L.w_gu = torch.cat([m.gate_proj.weight, m.up_proj.weight], 0)
+                L.w_down = m.down_proj.weight
+                self.layers.append(L)
+        # The fused copies replace the originals: free those, so weights are held once.
+        for blk in base.layers:
+            a, m = blk.self_attn, blk.mlp
+            for mod in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj):
+                mod.weight = torch.nn.Parameter(torch.empty(0, dtype=mod.weight.dtype, device=mod.weight.device),
+                                                requires_grad=False)
+        self._qk = qk_norm_rope
+        self._add_norm = add_norm
+        self._swiglu = swiglu
+        self._norm = rms_norm
+        if compile:
+            self._compile()
+
+    def _compile(self):
+        try:
+            # Only the token count is symbolic, from the first call (one compilation, see
+            # compiled.py); the feature dimensions (and the gate/up split offset) stay constants.
+            from pipeline.engines.compiled import compile_rows
+
+            self._qk = compile_rows(qk_norm_rope)
+            self._add_norm = compile_rows(add_norm)
+            self._swiglu = compile_rows(swiglu)
+            self._norm = compile_rows(rms_norm)
+        except Exception as exc:  # no Triton, no compiler: eager is exact, only slower
+            log.warning("torch.compile unavailable (%s); running eagerly", exc)
+            self._qk, self._add_norm, self._swiglu, self._norm = qk_norm_rope, add_norm, swiglu, rms_norm
+
+    def rope_tables(self, position_ids: torch.Tensor, dtype):
+        # The model's own rotary module: identical tables to the reference forward.
+        dummy = torch.empty(0, dtype=dtype, device=position_ids.device)
+        cos, sin = self.rotary(dummy, position_ids[None])
+        return cos[0], sin[0]
+
+    @torch.inference_mode()
+    def last_hidden(self, input_ids, position_ids, cu, max_len: int, last_idx, shared=None) -> torch.Tensor:
+        """Final-normed hidden states at rows `last_idx` of a packed batch: (n, hidden).
+        `shared`: (kv_idx, cu_k, max_k) of a batch with shared prefixes (attention.packed_attention)."""
+        x = F.embedding(input_ids, self.embed)
+        cos, sin = self.rope_tables(position_ids, x.dtype)
+        n_layers = len(self.layers)
+        hn = self._norm(x, self.layers[0].ln1, self.eps)
+        for i, L in enumerate(self.layers):
+            q, k, v = self._qk(F.linear(hn, L.w_qkv), L.qn, L.kn, cos, sin, self.eps, self.h, self.hkv, self.d)
+            att = packed_attention(q, k, v, cu, max_len, self.scale, self.kernel, shared)
+            att = F.linear(att.reshape(att.shape[0], -1), L.w_o)
+            if i == n_layers - 1:
+                # Only the scored rows go on: the last MLP and norm on n rows, not T.
+                x, att = x[last_idx], att[last_idx]
+            x, hn = self._add_norm(x, att, L.ln2, self.eps)
+            mlp = F.linear(self._swiglu(F.linear(hn, L.w_gu)), L.w_down)
+            nxt = self.layers[i + 1].ln1 if i + 1 < n_layers else self.norm
+            x, hn = self._add_norm(x, mlp, nxt, self.eps)
+        return hn
+
+
+def supports(hf_model) -> bool:
+    """Plain Qwen3 decoders only: no sliding window, no attention bias, default RoPE."""
+    cfg = hf_model.config
+    rope = getattr(cfg, "rope_scaling", None) or getattr(cfg, "rope_parameters", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    return (
+        cfg.model_type == "qwen3"
+        and not getattr(cfg, "use_sliding_window", False)
+        and not getattr(cfg, "attention_bias", False)
+        and rope_type == "default"
+        and set(getattr(cfg, "layer_types", None) or ["full_attention"]) == {"full_attention"}
+    )

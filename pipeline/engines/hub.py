@@ -1,0 +1,75 @@
+"""A model given as a hub id (org/name) becomes a local directory of the Hugging Face cache.
+
+Online, the snapshot is downloaded into the cache (or found there up to date); offline
+(HF_HUB_OFFLINE=1) or with the hub unreachable, the cached snapshot is used; when neither works
+the user gets one line with the fix. Everything after this step loads from a directory, so
+transformers never reaches for the network itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+from pipeline.errors import ModelError, first_line
+
+log = logging.getLogger(__name__)
+
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+# What scoring needs: config, tokenizer files, safetensors weights (never .bin, ONNX or GGUF copies).
+PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.py", "tokenizer*"]
+_TRUE = {"1", "on", "yes", "true"}
+
+
+def offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) as set now, not when huggingface_hub was imported."""
+    return any(os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def cache_dir() -> str:
+    """The hub cache as huggingface_hub computes it: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.path.expanduser(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface")
+    return os.path.join(os.path.expanduser(home), "hub")
+
+
+def resolve_model(model: str) -> str:
+    """A local directory for `model`: itself when it is one, else the cached snapshot of a hub id."""
+    model = os.fspath(model)
+    if os.path.isdir(model):
+        return model
+    if os.path.exists(model) or not HUB_ID.match(model):
+        raise ModelError(f"model {model}: no such directory; pass a model directory or a hub id (org/name)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    off = offline()
+    cache = cache_dir()
+    fix = f"download it with `hf download {model}` where the hub is reachable, or pass a model directory"
+    try:
+        path = snapshot_download(model, cache_dir=cache, local_files_only=off, allow_patterns=PATTERNS,
+                                 endpoint=os.environ.get("HF_ENDPOINT") or None)
+    except GatedRepoError:
+        raise ModelError(f"model {model}: the model is gated on the hub; accept its terms there and log in "
+                         f"with `hf auth login`, or pass a model directory") from None
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        raise ModelError(f"model {model}: no such model on the hub (or it is private); check the id, log in with "
+                         "`hf auth login`, or pass a model directory") from None
+    except Exception as exc:  # not cached, and offline or unreachable (the hub client's many error types)
+        why = "HF_HUB_OFFLINE is set" if off else f"the hub cannot be reached ({first_line(exc, 120)})"
+        raise ModelError(f"model {model}: not in the Hugging Face cache {cache} and {why}; {fix}") from None
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ModelError(f"model {model}: its cached snapshot {path} has no config.json; {fix}")
+    log.debug("model %s: snapshot %s", model, path)
+    return path
+
+
+def with_local_model(cfg):
+    """`cfg` with its model as a local directory (the same config when it already is one)."""
+    import dataclasses
+
+    path = resolve_model(cfg.model)
+    return cfg if path == cfg.model else dataclasses.replace(cfg, model=path)

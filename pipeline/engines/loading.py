@@ -1,0 +1,103 @@
+"""Loading a reranker: the device and dtype, the tokenizer and safetensors weights (refusing a
+checkpoint whose head would be random), then the tokenizer-side encoder and the attention kernel
+for an already built model (the benchmark builds random ones in memory)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from pipeline.config import RunConfig
+from pipeline.engines import attention, fused_encoder
+from pipeline.engines.families import ModelKind, inspect_model
+from pipeline.engines.tokenize import CrossEncoderEncoder, PairEncoder
+from pipeline.errors import ModelError, first_line
+from pipeline.job import startup
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return dev
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def decoder_of(model):
+    """The decoder stack under a causal LM or sequence-classification wrapper."""
+    get = getattr(model, "get_decoder", None)
+    dec = get() if callable(get) else None
+    return dec if dec is not None and dec is not model else getattr(model, model.base_model_prefix)
+
+
+def load(cfg: RunConfig, kind: ModelKind | None = None):
+    """(model, tokenizer, device, kind) of `cfg.model`, the weights in `cfg.dtype` on `cfg.device`."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our progress is the pairs, not the weight shards
+
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    kind = kind or inspect_model(cfg)
+    path = cfg.model
+    kw = dict(trust_remote_code=cfg.trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+    except Exception as exc:
+        raise ModelError(f"model {path}: cannot load its tokenizer ({first_line(exc)}); "
+                         "the directory needs tokenizer files") from None
+    startup.mark("tokenizer")
+    auto = AutoModelForSequenceClassification if kind.family.startswith("seq-cls") else AutoModelForCausalLM
+    extra = {} if kind.family == "seq-cls-encoder" else {"attn_implementation": attention.register()}
+    if device.type == "cuda" and importlib.util.find_spec("accelerate") is not None:
+        # Straight from the safetensors files onto the GPU: no full copy in host memory first.
+        extra["device_map"] = str(device)
+    try:
+        model, info = auto.from_pretrained(path, dtype=dtype, use_safetensors=True, output_loading_info=True,
+                                           **extra, **kw)
+    except Exception as exc:
+        raise ModelError(
+            f"model {path}: cannot load safetensors weights ({first_line(exc)}); weights load only "
+            "from *.safetensors files"
+        ) from None
+    startup.mark("weights")
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        # transformers would fill them with random values: scores would mean nothing.
+        raise ModelError(
+            f"model {path}: the checkpoint lacks {len(missing)} weights the {kind.family} head needs "
+            f"(e.g. {missing[0]}); check --family, or pass a reranker checkpoint"
+        )
+    return model, tokenizer, device, kind
+
+
+def prepare(model, tokenizer, cfg: RunConfig, device=None, kind: ModelKind | None = None):
+    """Put a built model on its device for scoring: (device, dtype, kind, encoder, kernel)."""
+    device = device or resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    kind = kind or inspect_model(cfg, model.config)
+    if device.type == "cpu":
+        from pipeline.engines.threads import configure_cpu
+
+        configure_cpu()
+    if kind.family == "seq-cls-encoder":
+        encoder = CrossEncoderEncoder(tokenizer, cfg.max_length)
+        packed = cfg.engine != "transformers" and fused_encoder.supports(model)
+        kernel = attention.choose_kernel(cfg.attention, device, dtype) if packed else "padded-sdpa"
+    else:
+        encoder = PairEncoder(tokenizer, kind.template, cfg.max_length)
+        model.set_attn_implementation(attention.register())
+        kernel = attention.choose_kernel(cfg.attention, device, dtype)
+        model.config._rerank_kernel = kernel
+    model.to(device=device, dtype=dtype).eval()
+    model.requires_grad_(False)
+    return device, dtype, kind, encoder, kernel

@@ -1,0 +1,125 @@
+"""Finish a run: rank all parts, publish the output, then remove the checkpoint.
+
+The sequence is safe to kill at any point; the rerun of the same command ends with exit 0 and
+the right output:
+  1. re-check every input (fast path): an input changed during the run is never published;
+  2. write the ranked output to a temp name unique to this run, fsync;
+  3. rename it into place and mark the checkpoint "published" (with the output's size, mtime
+     and rows), one critical section that signals do not split;
+  4. delete the parts and records, the fingerprint, the marker last.
+A rerun that finds a published checkpoint checks that the output is still the one recorded,
+finishes step 4 and exits 0; an output that was changed or removed since is written again.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pyarrow.parquet as pq
+
+from pipeline.storage import remote as sr
+from pipeline.errors import RerankError, first_line
+from pipeline.storage.fingerprint import recheck_inputs
+from pipeline.job.signals import critical
+from pipeline.storage.local import fsync_dir
+from pipeline.storage.remote import is_uri
+from pipeline.data.write import write_ranked
+
+
+def totals(plan) -> dict:
+    t = {"pairs_scored": 0, "tokens": 0, "truncated": 0, "skipped_null": 0}
+    for u in plan.units:
+        info = plan.ckpt.done[u.id]
+        t["pairs_scored"] += info["pairs"]
+        for k in ("tokens", "truncated", "skipped_null"):
+            t[k] += info[k]
+    return t
+
+
+def published_output(plan) -> dict | None:
+    """The record of an output this checkpoint already published, if the file is still it."""
+    ck, out = plan.ckpt, plan.cfg.output
+    rec = ck.marker.get("output") if ck.state == "published" else None
+    if not rec:
+        return None
+    try:
+        if is_uri(out):
+            size, mtime_ns = sr.stat(out) or (None, None)
+            rows = pq.read_metadata(sr.open_input(out)).num_rows if size is not None else None
+            ok = rec["path"] == out and (size, mtime_ns, rows) == (rec["size"], rec["mtime_ns"], rec["rows"])
+        else:
+            st = os.stat(out)
+            ok = (rec["path"] == os.path.abspath(out) and st.st_size == rec["size"]
+                  and st.st_mtime_ns == rec["mtime_ns"] and pq.read_metadata(out).num_rows == rec["rows"])
+    except (OSError, KeyError, ValueError, TypeError):
+        ok = False
+    if ok:
+        return rec
+    ck.write_marker(state="running", output=None)  # write it again from the parts
+    return None
+
+
+def publish(plan, should_stop=None) -> int:
+    """Steps 1-3; returns the rows written."""
+    cfg, ck = plan.cfg, plan.ckpt
+    recheck_inputs(ck.fingerprint["inputs"], cfg.inputs)
+    if is_uri(cfg.output):
+        return _publish_remote(plan, should_stop)
+    out = os.path.abspath(cfg.output)
+    out_dir = os.path.dirname(out)
+    tmp = os.path.join(out_dir, f".{os.path.basename(out)}.{ck.marker.get('run_id', '')}-{uuid.uuid4().hex[:8]}.partial")
+    sums = totals(plan)
+
+    def rename_and_record(src, dst):
+        rows = pq.read_metadata(src).num_rows
+        with critical(should_stop):
+            os.replace(src, dst)
+            fsync_dir(out_dir)
+            st = os.stat(dst)
+            ck.write_marker(state="published", output={"path": out, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                                                       "rows": rows, "totals": sums})
+
+    try:
+        return write_ranked(ck.parts([u.id for u in plan.units]), plan.layout, cfg, tmp=tmp,
+                            publish=rename_and_record)
+    except OSError as exc:
+        raise RerankError(
+            f"{cfg.output}: cannot write the output ({exc.strerror or exc}); free space in {out_dir} and rerun "
+            "the same command: the scores are kept in the checkpoint"
+        ) from None
+
+
+def _publish_remote(plan, should_stop=None) -> int:
+    """An object-storage output: written to local temp space (TMPDIR) first, then uploaded to a
+    temp object and moved onto the final key, so the key shows the old object or the whole new
+    one; the marker records the object's size and mtime like a local output's."""
+    import tempfile
+
+    cfg, ck = plan.cfg, plan.ckpt
+    sums = totals(plan)
+
+    def upload_and_record(src, dst):
+        rows = pq.read_metadata(src).num_rows
+        with critical(should_stop):
+            sr.publish(src, cfg.output)
+            size, mtime_ns = sr.stat(cfg.output)
+            ck.write_marker(state="published", output={"path": cfg.output, "size": size, "mtime_ns": mtime_ns,
+                                                       "rows": rows, "totals": sums})
+        os.unlink(src)
+
+    with tempfile.TemporaryDirectory(prefix="rerank-batch-") as stage:
+        tmp = os.path.join(stage, cfg.output.rsplit("/", 1)[-1])
+        try:
+            return write_ranked(ck.parts([u.id for u in plan.units]), plan.layout, cfg, tmp=tmp,
+                                publish=upload_and_record)
+        except OSError as exc:
+            raise RerankError(
+                f"{cfg.output}: cannot write the output ({first_line(exc)}); check the bucket and the local temp "
+                "space (TMPDIR), then rerun the same command: the scores are kept in the checkpoint"
+            ) from None
+
+
+def cleanup(plan, keep: bool) -> None:
+    """Step 4 (or, with keep, just release the lease)."""
+    plan.ckpt.close(remove=not keep)

@@ -1,0 +1,293 @@
+"""The checkpoint: finished units as whole part objects plus one small record each.
+
+Layout of a checkpoint directory (OUTPUT.ckpt by default):
+  .rerank-batch-checkpoint  marker, written first: format, run id, state ("running"/"published")
+  .rerank-batch-lock        the live run's lease (pipeline/storage/lock.py)
+  fingerprint.json          what the checkpoint was made from; written once
+  parts/<unit>.parquet      one finished unit's scored rows, one object written whole
+  done/<unit>.json          its record (pairs, tokens, ..., the part's bytes and rows), written
+                            only after the part: the append-only log of finished units
+
+A unit is finished when its record exists and its part exists with the recorded size and row
+count; anything else (a crash between the two writes, a zero-byte or garbage file) is redone.
+A commit writes two small objects whatever the number of units, so its cost is O(1). Every file
+operation goes through a store (pipeline/storage/local.py), so that workers in other processes can
+commit given only the directory, and an object-storage store can replace the local one.
+Cleanup deletes only the names above, marker last; a directory we did not mark is never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import uuid
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import CheckpointError, InputError, RerankError, first_line
+from pipeline.storage.fingerprint import check_inputs, diff_fingerprints, file_fingerprint
+from pipeline.storage.lock import LEASE_NAME, LocalLease
+from pipeline.storage.local import LocalStore, fsync_dir
+from pipeline.storage.remote import REMOTE_LEASE_NAME, RemoteLease, RemoteStore, is_uri
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 2
+MARKER = ".rerank-batch-checkpoint"
+FINGERPRINT = "fingerprint.json"
+_OURS_TOP = {MARKER, LEASE_NAME, REMOTE_LEASE_NAME, FINGERPRINT, "parts", "done"}
+_OUR_FILE = re.compile(r"^(\.tmp-[0-9a-f]{32}-)?[0-9A-Za-z_.-]+\.(parquet|json)$")
+
+__all__ = ["Checkpoint", "open_checkpoint", "atomic_write_parquet", "fsync_dir"]
+
+
+class Checkpoint:
+    """A checkpoint directory. Constructed from the path alone, so any worker can commit parts."""
+
+    def __init__(self, directory: str, store=None):
+        self.dir = directory
+        self.store = store or (RemoteStore(directory) if is_uri(directory) else LocalStore(directory))
+        self.lease: LocalLease | None = None
+        self.marker: dict = {}
+        self.fingerprint: dict = {}
+        self.done: dict[str, dict] = {}
+
+    # -- what workers call -------------------------------------------------------------------
+    def commit(self, unit_id: str, table: pa.Table, info: dict) -> dict:
+        """Write a unit's part whole, then its record. A kill between the two leaves an
+        unrecorded part, which the next run overwrites."""
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf)
+        data = buf.getvalue().to_pybytes()
+        record = {**info, "part_bytes": len(data), "part_rows": table.num_rows}
+        try:
+            self.store.write(f"parts/{unit_id}.parquet", data)
+            self.store.write(f"done/{unit_id}.json", json.dumps(record, sort_keys=True).encode())
+        except OSError as exc:
+            raise RerankError(
+                f"{self.dir}: cannot write a checkpoint part ({exc.strerror or exc}); free disk space "
+                "or pass another --checkpoint-dir, then rerun to resume"
+            ) from None
+        self.done[unit_id] = record
+        if self.lease is not None:
+            self.lease.renew()
+        return record
+
+    def part_path(self, unit_id: str) -> str:
+        return self.store.path(f"parts/{unit_id}.parquet")
+
+    def parts(self, unit_ids) -> list[str]:
+        return [self.part_path(u) for u in unit_ids]
+
+    # -- reading state -------------------------------------------------------------------------
+    def finished(self) -> dict[str, dict]:
+        """Units whose record and valid part both exist; damaged ones are logged and redone."""
+        done = {}
+        for name in self.store.list("done"):
+            base = name.rsplit("/", 1)[1]
+            if base.startswith(".") or not base.endswith(".json"):
+                continue
+            uid = base[: -len(".json")]
+            try:
+                rec = json.loads(self.store.read(name))
+                ok = (isinstance(rec, dict) and self.store.size(f"parts/{uid}.parquet") == rec["part_bytes"]
+                      and pq.read_metadata(self.store.source(f"parts/{uid}.parquet")).num_rows == rec["part_rows"])
+            except (OSError, ValueError, KeyError, TypeError, pa.ArrowException):
+                ok = False
+            if ok:
+                done[uid] = rec
+            else:
+                log.warning("%s: unit %s has a damaged part or record; scoring it again", self.dir, uid)
+        return done
+
+    def _read_json(self, name: str) -> dict | None:
+        if not self.store.exists(name):
+            return None
+        try:
+            body = json.loads(self.store.read(name))
+        except (OSError, ValueError):
+            body = None
+        if not isinstance(body, dict):
+            raise CheckpointError(f"{self.store.path(name)}: unreadable; pass --restart to start over")
+        return body
+
+    @property
+    def state(self) -> str:
+        return self.marker.get("state", "running")
+
+    # -- the run's side ----------------------------------------------------------------------
+    def write_marker(self, **fields) -> None:
+        self.marker = {**self.marker, **fields}
+        self.store.write(MARKER, json.dumps(self.marker, sort_keys=True).encode())
+
+    def delete_ours(self) -> None:
+        """Delete the names we write, the marker last; strangers' files stay where they are."""
+        for folder in ("parts", "done"):
+            for name in self.store.list(folder):
+                if _OUR_FILE.match(name.rsplit("/", 1)[1]):
+                    self.store.delete(name)
+            self.store.remove_empty(folder)
+        for name in self.store.list(""):
+            if name.startswith(".tmp-") and _OUR_FILE.match(name):
+                self.store.delete(name)
+        self.store.delete(FINGERPRINT)
+        self.store.delete(MARKER)
+
+    def close(self, remove: bool) -> None:
+        """Release the lease; with remove, delete our files and the directory if we made it."""
+        created = self.marker.get("created_dir")
+        if remove:
+            self.delete_ours()
+        if self.lease is not None:
+            self.lease.release(unlink=remove or not self.store.exists(MARKER))
+            self.lease = None
+        if remove and created:
+            self.store.remove_empty("")
+
+
+def _strangers(store) -> list[str]:
+    return sorted(n for n in store.list("")
+                  if n not in _OURS_TOP and not (n.startswith(".tmp-") or n.startswith(".probe-")))
+
+
+def _open_remote(directory: str, run_id: str) -> tuple[Checkpoint, bool]:
+    """Object storage: no folders to make or to find foreign; a prefix with objects of others
+    but no marker is refused as a local directory would be; the lease is an expiring object."""
+    store = RemoteStore(directory)
+    existed = bool(store.list(""))
+    if existed and not store.exists(MARKER):
+        strangers = _strangers(store)
+        if strangers:
+            shown = ", ".join(strangers[:3]) + (", ..." if len(strangers) > 3 else "")
+            raise InputError(
+                f"{directory}: not a rerank-batch checkpoint and not empty (holds {shown}); pass a new or empty "
+                "--checkpoint-dir (the run deletes its checkpoint when done)"
+            )
+    ck = Checkpoint(directory, store)
+    try:
+        ck.lease = RemoteLease(store, REMOTE_LEASE_NAME, run_id).acquire()
+    except OSError as exc:
+        raise InputError(f"{directory}: cannot write the checkpoint there ({first_line(exc)}); check the bucket, "
+                         "the credentials, or pass another --checkpoint-dir") from None
+    return ck, existed
+
+
+def _open_local(directory: str, run_id: str) -> tuple[Checkpoint, bool]:
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise InputError(f"{directory}: the checkpoint directory is a file; pass a directory with --checkpoint-dir")
+    existed = os.path.isdir(directory)
+    ck = Checkpoint(directory)
+    if existed and not os.path.exists(os.path.join(directory, MARKER)):
+        strangers = _strangers(ck.store)
+        if "manifest.json" in strangers and os.path.isdir(os.path.join(directory, "parts")):
+            raise CheckpointError(
+                f"{directory}: a checkpoint of an older rerank-batch (manifest.json), which this version cannot "
+                "resume; delete that directory to start over"
+            )
+        if strangers:
+            shown = ", ".join(strangers[:3]) + (", ..." if len(strangers) > 3 else "")
+            raise InputError(
+                f"{directory}: not a rerank-batch checkpoint and not empty (holds {shown}); pass a new or empty "
+                "--checkpoint-dir (the run deletes its checkpoint when done)"
+            )
+    try:
+        os.makedirs(directory, exist_ok=True)
+        ck.lease = LocalLease(directory, run_id).acquire()
+    except OSError as exc:
+        raise InputError(
+            f"{directory}: cannot write the checkpoint here ({exc.strerror or exc}); pass a writable --checkpoint-dir"
+        ) from None
+    return ck, existed
+
+
+def open_checkpoint(directory: str, fingerprint: dict, paths, *, restart: bool, run_id: str | None = None,
+                    own_root: bool = False) -> Checkpoint:
+    """Take the lease on `directory` (made and marked when absent or empty), check the fingerprint,
+    and load the finished units. Refuses a non-empty directory without our marker (exit 2),
+    a directory a live run holds (exit 75) and a fingerprint that differs (exit 2). `own_root`:
+    the directory's name is ours (OUTPUT.ckpt), so it goes with the checkpoint once empty."""
+    run_id = run_id or uuid.uuid4().hex[:12]
+    new = False
+    if is_uri(directory):
+        ck, existed = _open_remote(directory, run_id)
+    else:
+        ck, existed = _open_local(directory, run_id)
+    try:
+        why = ck.store.is_writable()
+        if why:
+            raise InputError(f"{directory}: cannot write the checkpoint here ({why}); pass a writable --checkpoint-dir")
+        ck.marker = ck._read_json(MARKER) or {}
+        if restart and ck.marker:
+            ck.delete_ours()
+            ck.marker = {}
+        if not ck.marker:
+            new = True
+            ck.write_marker(format=FORMAT_VERSION, run_id=run_id, state="running", created_dir=own_root or not existed)
+        elif ck.marker.get("format") != FORMAT_VERSION:
+            raise CheckpointError(f"{directory}: a checkpoint of another rerank-batch version; pass --restart")
+        ck.done = ck.finished()
+        old = ck._read_json(FINGERPRINT)
+        if old is not None and (ck.done or ck.state == "published"):
+            field = diff_fingerprints({k: v for k, v in old.items() if k != "inputs"}, fingerprint)
+            if field:
+                raise CheckpointError(
+                    f"{directory}: the checkpoint belongs to a run with a different {field}; rerun with the same "
+                    "inputs, model and options to resume, or pass --restart to start over"
+                )
+            check_inputs(old.get("inputs", []), paths)
+            ck.fingerprint = old
+        else:  # nothing to lose: (re)write it, with the content hashes of the inputs
+            ck.fingerprint = {**fingerprint, "inputs": [file_fingerprint(p) for p in paths]}
+            ck.store.write(FINGERPRINT, json.dumps(ck.fingerprint, indent=1, sort_keys=True).encode())
+            ck.done = {}
+        if ck.done:
+            log.info("resuming: %d units already scored in %s", len(ck.done), directory)
+    except BaseException:
+        ck.close(remove=new)
+        if new and (own_root or not existed):
+            ck.store.remove_empty("")
+        raise
+    return ck
+
+
+# -- whole-file atomic writes outside checkpoints (prepare's outputs) -----------------------------
+
+def _atomic(path: str, write, suffix: str = "") -> None:
+    d = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=d)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(d)
+
+
+def _umask() -> int:
+    try:  # Linux shows it; reading it elsewhere means setting it, racy with other threads
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_parquet(table: pa.Table, path: str) -> None:
+    _atomic(path, lambda tmp: pq.write_table(table, tmp), suffix=".parquet")
+

@@ -1,0 +1,157 @@
+"""What a checkpoint was made from: inputs (content-verified), model files and the options that
+decide scores. A checkpoint resumes only under the same fingerprint.
+
+Inputs are checked cheaply at every start: size + mtime_ns + a hash of the raw Parquet footer.
+When size and footer match but the mtime differs (a copy, a touch, or an edit in place that kept
+the size), the file's bytes are hashed and compared with the hash taken when the checkpoint was
+made: equal content resumes, anything else is refused. So the whole input is read once more
+only when the checkpoint is created and when a file's mtime moved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from pipeline.errors import CheckpointError, InputError
+from pipeline.storage.remote import is_uri, open_input, stat
+
+HASH_CHUNK = 8 << 20
+
+
+def _footer_bytes(f, size: int) -> bytes:
+    # Raw bytes, never decoded: statistics may hold invalid UTF-8 (a UnicodeDecodeError before).
+    if size < 12:
+        return b""
+    f.seek(size - 8)
+    tail = f.read(8)
+    n = int.from_bytes(tail[:4], "little")
+    f.seek(max(0, size - 8 - n))
+    return f.read(min(n, size - 8)) + tail
+
+
+def _open(path: str):
+    """A binary file object for a local path or an object-storage URI."""
+    if is_uri(path):
+        return open_input(path)
+    return open(path, "rb")
+
+
+def _where(path: str) -> str:
+    return path if is_uri(path) else os.path.abspath(path)
+
+
+def content_hash(path: str) -> str:
+    h = hashlib.blake2b(digest_size=32)
+    with _open(path) as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def quick_stat(path: str) -> dict:
+    if is_uri(path):
+        found = stat(path)
+        if found is None:
+            raise FileNotFoundError(path)
+        size, mtime_ns = found
+    else:
+        st = os.stat(path)
+        size, mtime_ns = st.st_size, st.st_mtime_ns
+    with _open(path) as f:
+        footer = _footer_bytes(f, size)
+    return {"path": _where(path), "size": size, "mtime_ns": mtime_ns,
+            "footer_blake2b": hashlib.blake2b(footer, digest_size=32).hexdigest()}
+
+
+def file_fingerprint(path: str) -> dict:
+    """The fast-path fields plus the content hash (read once, when a checkpoint is made)."""
+    return {**quick_stat(path), "content_blake2b": content_hash(path)}
+
+
+def same_input(old: dict, path: str) -> bool:
+    """True when `path` holds the bytes `old` was taken from (cheap unless its mtime moved)."""
+    now = quick_stat(path)
+    if now["size"] != old.get("size") or now["footer_blake2b"] != old.get("footer_blake2b"):
+        return False
+    if now["mtime_ns"] == old.get("mtime_ns"):
+        return True
+    return content_hash(path) == old.get("content_blake2b")
+
+
+def check_inputs(old: list[dict], paths) -> None:
+    """Refuse a checkpoint made from other input files or other bytes; name the file."""
+    old_paths = [o.get("path") for o in old]
+    new_paths = [_where(p) for p in paths]
+    if old_paths != new_paths:
+        raise CheckpointError(
+            "the checkpoint belongs to a run with different inputs; rerun with the same inputs, model and "
+            "options to resume, or pass --restart to start over"
+        )
+    for o, p in zip(old, paths):
+        if not same_input(o, p):
+            raise CheckpointError(
+                f"{p}: the file changed since the checkpoint was made (its content differs); its old scores "
+                "cannot be reused: pass --restart to score it again"
+            )
+
+
+def recheck_inputs(old: list[dict], paths) -> None:
+    """Before the output is published: every input must still be the version that was scored."""
+    for o, p in zip(old, paths):
+        try:
+            ok = same_input(o, p)
+        except OSError:
+            ok = False
+        if not ok:
+            raise InputError(
+                f"{p}: the file changed during the run; nothing was published: rerun with --restart to score "
+                "the new version"
+            )
+
+
+def diff_fingerprints(old: dict, new: dict, prefix: str = "") -> str | None:
+    """The first field (dotted path) where two fingerprints differ, or None."""
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = diff_fingerprints(a, b, f"{prefix}{key}.")
+            if found:
+                return found
+        elif a != b:
+            return f"{prefix}{key}"
+    return None
+
+
+def _sample_hash(path: str, chunk: int = 1 << 20) -> str:
+    """sha256 of the safetensors header and three 1 MiB samples: changes with any re-save,
+    without reading 16 GB of 8B weights at every start."""
+    h = hashlib.sha256()
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        h.update(head)
+        if len(head) == 8:
+            n = int.from_bytes(head, "little")
+            h.update(f.read(min(n, 100 << 20)))
+        for off in (0, max(0, size // 2 - chunk // 2), max(0, size - chunk)):
+            f.seek(off)
+            h.update(f.read(chunk))
+    h.update(str(size).encode())
+    return h.hexdigest()
+
+
+def model_fingerprint(model: str) -> dict:
+    if not os.path.isdir(model):
+        return {"id": model}
+    files = {}
+    for name in sorted(os.listdir(model)):
+        p = os.path.join(model, name)
+        if not os.path.isfile(p):
+            continue
+        if name.endswith(".safetensors"):
+            files[name] = _sample_hash(p)
+        elif name.endswith((".json", ".txt", ".model")) and os.path.getsize(p) < (64 << 20):
+            with open(p, "rb") as f:
+                files[name] = hashlib.sha256(f.read()).hexdigest()
+    return {"path": os.path.abspath(model), "files": files}
