@@ -133,7 +133,7 @@ CASES = [
     # issue 9, finding 8
     (["run", "{d}/dupcols.parquet"], "{d}/dupcols.parquet: the column name 'document' appears more than once; "
      "rename the copies"),
-    (["run", "{d}/badutf8.parquet"], "{d}/badutf8.parquet: row 1: column 'document' is not valid UTF-8; "
+    (["run", "{d}/badutf8.parquet"], "{d}/badutf8.parquet: row 1 (from 0): column 'document' is not valid UTF-8; "
      "re-encode the text as UTF-8"),
     (["run", "{d}/good.parquet", "--device", "tpu"], "--device 'tpu': not a device; use auto, cpu, cuda or cuda:N"),
     (["run", "{d}/good.parquet", "--device", "cuda:x"], "--device 'cuda:x': not a device; use auto"),
@@ -144,14 +144,14 @@ CASES = [
      "{d}/ckfile: the checkpoint directory is a file; pass a directory with --checkpoint-dir"),
     (["run", "{d}/good.parquet", "--max-length", "1000000"], "--max-length 1000000 exceeds the"),
     # finding 5
-    (["run", "{d}/nullqid.parquet"], "{d}/nullqid.parquet: row 0: column 'query_id' is null; fill it, or pass "
+    (["run", "{d}/nullqid.parquet"], "{d}/nullqid.parquet: row 0 (from 0): column 'query_id' is null; fill it, or pass "
      "--on-null skip"),
     # finding 9: types across files and nulls from footers, before any scoring
     (["run", "{d}/qid_str.parquet", "{d}/qid_int.parquet"],
      "{d}/qid_int.parquet: column 'query_id' is int64, but string in {d}/qid_str.parquet; give files of one schema"),
-    (["run", "{d}/late_null.parquet"], "{d}/late_null.parquet: row 119: column 'document' is null; fill it"),
+    (["run", "{d}/late_null.parquet"], "{d}/late_null.parquet: row 119 (from 0): column 'document' is null; fill it"),
     # finding 14
-    (["run", "{d}/nullelem.parquet"], "{d}/nullelem.parquet: row 1, document 1: column 'documents' is null"),
+    (["run", "{d}/nullelem.parquet"], "{d}/nullelem.parquet: row 1 (from 0), document 1: column 'documents' is null"),
     (["run", "{d}/good.parquet", "--model", "{d}/notok"], "model {d}/notok: no tokenizer files (tokenizer.json"),
     (["run", "{d}/good.parquet", "--template", "{d}/same-template.json"],
      "same-template.json: the template's positive and negative are both 'yes'; make them differ"),

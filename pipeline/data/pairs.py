@@ -116,7 +116,7 @@ def _bad_utf8(unit: Unit, out: pa.Table, layout: InputLayout, doc_name: str, fil
         except pa.ArrowInvalid as exc:
             k = int(str(exc).rsplit("index", 1)[1].split()[0]) if "index" in str(exc) else 0
             shown = layout.doc_col if layout.nested and name == doc_name else name
-            return InputError(f"{unit.path}: row {file_rows[k]}: column {shown!r} is not valid UTF-8; "
+            return InputError(f"{unit.path}: row {file_rows[k]} (from 0): column {shown!r} is not valid UTF-8; "
                               "re-encode the text as UTF-8")
     return InputError(f"{unit.path}: a string column is not valid UTF-8; re-encode the text as UTF-8")
 
