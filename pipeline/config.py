@@ -64,7 +64,7 @@ class RunConfig:
     # torch.compile the fused path's elementwise steps: "auto" (on CUDA), "on" or "off".
     compile: str = "auto"
     # Compute each query's shared prompt prefix once per batch for all its candidates (causal
-    # families): "auto" (where it saves >= 20% of the tokens), "on" or "off". Scores are the
+    # families): "auto" (on CUDA, where it saves >= 20% of the tokens), "on" or "off". Scores are the
     # same to float tolerance, so it is not part of the fingerprint.
     prefix_sharing: str = "auto"
     # Where units run: "local" (this process, or one process per device with `devices`) or "ray".

@@ -22,6 +22,18 @@ import numpy as np
 
 # auto: share where it saves at least this fraction of the tokens being planned.
 AUTO_MIN_SAVING = 0.2
+# Where `auto` may share. On CPU the shared batch runs one SDPA call per block with an explicit
+# mask, against one masked call for a whole plain batch: measured slower on the 2-core machine,
+# so `auto` shares on CUDA only (`on` forces it anywhere; the CPU tests do).
+AUTO_DEVICES = ("cuda",)
+
+
+def resolve_mode(mode: str, device_type: str, padded: bool) -> str:
+    """The sharing mode a scorer runs: cross-encoders attend both ways (a candidate's prefix
+    depends on its document), so never; `auto` only on AUTO_DEVICES."""
+    if padded or (mode == "auto" and device_type not in AUTO_DEVICES):
+        return "off"
+    return mode
 # Keys per batch (what the gathered K/V hold) at most this many times the token budget.
 KV_FACTOR = 4
 

@@ -54,8 +54,7 @@ class Scorer:
         self.kind = kind
         self.padded = kind.family == "seq-cls-encoder"
         self.fused = self.fused_encoder = None
-        # Cross-encoders attend both ways: a candidate's prefix depends on its document.
-        self.sharing = "off" if self.padded else cfg.prefix_sharing
+        self.sharing = prefix.resolve_mode(cfg.prefix_sharing, device.type, self.padded)
         if self.padded and kernel != "padded-sdpa":
             use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
             self.fused_encoder = fused_encoder.FusedEncoder(model, kernel, compile=use_compile)
