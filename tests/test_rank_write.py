@@ -60,7 +60,7 @@ def test_matches_the_in_memory_reference(tmp_path, case, budget, top_k):
     paths, layout = synth_parts(str(tmp_path / "parts"), kw.pop("rows"), part_rows=257,
                                 seed=sorted(CASES).index(case), **kw)
     out = tmp_path / "out.parquet"
-    cfg = RunConfig(inputs=("x",), output=str(out), top_k=top_k, window_pairs=100)
+    cfg = RunConfig(inputs=(), output=str(out), top_k=top_k, window_pairs=100)
     rows = write_ranked(paths, layout, cfg, memory_budget=budget)
     got, ref = pq.read_table(out), reference(paths, layout, cfg)
     assert rows == got.num_rows == ref.num_rows
@@ -81,7 +81,7 @@ def test_tiny_budget_spills_in_many_buckets(tmp_path, monkeypatch):
         return files
 
     monkeypatch.setattr("pipeline.data.write.spill", spy)
-    cfg = RunConfig(inputs=("x",), output=str(tmp_path / "out.parquet"))
+    cfg = RunConfig(inputs=(), output=str(tmp_path / "out.parquet"))
     write_ranked(paths, layout, cfg, memory_budget=10_000)
     assert made and made[0] > 10  # the scattered rows went through many bucket files
     assert pq.read_table(cfg.output).equals(reference(paths, layout, cfg))
@@ -90,7 +90,7 @@ def test_tiny_budget_spills_in_many_buckets(tmp_path, monkeypatch):
 def test_contiguous_input_spills_nothing(tmp_path, monkeypatch):
     paths, layout = synth_parts(str(tmp_path / "parts"), 3000, per_group=40, part_rows=256, seed=4)
     monkeypatch.setattr("pipeline.data.write.spill", lambda *a, **k: pytest.fail("spilled"))
-    cfg = RunConfig(inputs=("x",), output=str(tmp_path / "out.parquet"))
+    cfg = RunConfig(inputs=(), output=str(tmp_path / "out.parquet"))
     write_ranked(paths, layout, cfg, memory_budget=10_000)
     assert pq.read_table(cfg.output).equals(reference(paths, layout, cfg))
 
@@ -98,7 +98,7 @@ def test_contiguous_input_spills_nothing(tmp_path, monkeypatch):
 def test_parts_out_of_input_order(tmp_path):
     paths, layout = synth_parts(str(tmp_path / "parts"), 2000, per_group=30, part_rows=128, ties=2, seed=5)
     paths = paths[::-1]
-    cfg = RunConfig(inputs=("x",), output=str(tmp_path / "out.parquet"))
+    cfg = RunConfig(inputs=(), output=str(tmp_path / "out.parquet"))
     write_ranked(paths, layout, cfg, memory_budget=30_000)
     assert pq.read_table(cfg.output).equals(reference(paths, layout, cfg))
 
@@ -110,7 +110,7 @@ def test_a_hash_collision_stops_the_write(tmp_path, monkeypatch):
                         lambda k: (np.zeros(k.height, np.uint64), np.zeros(k.height, np.uint64)))
     monkeypatch.setattr("pipeline.data.rank_stream.key_hashes",
                         lambda k: (np.zeros(k.height, np.uint64), np.zeros(k.height, np.uint64)))
-    cfg = RunConfig(inputs=("x",), output=str(tmp_path / "out.parquet"))
+    cfg = RunConfig(inputs=(), output=str(tmp_path / "out.parquet"))
     with pytest.raises(RerankError, match="share a 128-bit hash"):
         write_ranked(paths, layout, cfg)
     assert not os.path.exists(cfg.output)
@@ -125,7 +125,7 @@ def test_a_failure_mid_write_removes_the_spill(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr("pipeline.data.write.buckets", boom)
-    cfg = RunConfig(inputs=("x",), output=str(tmp_path / "out.parquet"))
+    cfg = RunConfig(inputs=(), output=str(tmp_path / "out.parquet"))
     with pytest.raises(OSError, match="disk full"):
         write_ranked(paths, layout, cfg, memory_budget=20_000)
     assert os.listdir(tmp_path) == ["parts"]
@@ -137,7 +137,7 @@ def test_a_spill_left_by_a_killed_run_is_replaced_and_removed(tmp_path):
     stale = tmp_path / ".out.parquet.spill"
     stale.mkdir()
     (stale / "bucket-00000.arrow").write_bytes(b"left by SIGKILL")
-    cfg = RunConfig(inputs=("x",), output=str(tmp_path / "out.parquet"))
+    cfg = RunConfig(inputs=(), output=str(tmp_path / "out.parquet"))
     write_ranked(paths, layout, cfg, memory_budget=20_000)
     assert pq.read_table(cfg.output).equals(reference(paths, layout, cfg))
     assert sorted(os.listdir(tmp_path)) == ["out.parquet", "parts"]

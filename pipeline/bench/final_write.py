@@ -114,7 +114,7 @@ LS = pa.large_string()
 """ + inspect.getsource(synth_layout) + """
 paths, key, nested, out = json.loads(sys.argv[1])
 layout = synth_layout(key, nested)
-cfg = RunConfig(inputs=("synthetic",), output=out)
+cfg = RunConfig(inputs=(), output=out)
 r0 = resource.getrusage(resource.RUSAGE_SELF)
 rss0 = r0.ru_maxrss
 t0 = time.perf_counter()
