@@ -279,6 +279,29 @@ def test_commit_writes_two_small_objects_whatever_the_unit_count(job, tmp_path, 
     assert abs(diff).max() <= 1e-5
 
 
+# -- finding 11: many small files share batches ----------------------------------------------------
+
+def test_many_small_files_share_full_batches(job, tmp_path):
+    """60 one-row files are 60 units (a unit never spans files), but their pairs are scored
+    together in full batches, not in 60 batches of one pair; each unit keeps its own part."""
+    src = pq.read_table(job["input"]).slice(0, 60)
+    many = tmp_path / "many"
+    many.mkdir()
+    for i in range(src.num_rows):
+        pq.write_table(src.slice(i, 1), many / f"f{i:03d}.parquet")
+    one = tmp_path / "one.parquet"
+    pq.write_table(src, one)
+    kw = dict(model=job["model"], max_length=64, window_pairs=64)
+    s_many = run(RunConfig(inputs=(str(many),), output=str(tmp_path / "many.out.parquet"), **kw), progress=False)
+    s_one = run(RunConfig(inputs=(str(one),), output=str(tmp_path / "one.out.parquet"), **kw), progress=False)
+    assert s_many.units == 60 and s_one.units == 1
+    assert s_many.batches == s_one.batches  # the same packing as one file, not one batch per file
+    got = pq.read_table(tmp_path / "many.out.parquet").sort_by("doc_id")
+    ref = pq.read_table(tmp_path / "one.out.parquet").sort_by("doc_id")
+    assert got.column("doc_id").equals(ref.column("doc_id"))
+    assert abs(got.column("score").to_numpy() - ref.column("score").to_numpy()).max() <= 1e-6
+
+
 # -- finding 14: --restart does not overwrite an output without --overwrite ----------------------
 
 def test_restart_does_not_overwrite_an_existing_output(job, tmp_path):

@@ -124,24 +124,62 @@ def unit_info(pairs: UnitPairs, encs: list) -> dict:
             "skipped_null": int((~pairs.valid).sum())}
 
 
-def score_units(units, layout, cfg, scorer, on_batch=None, should_stop=None, timer: Timer | None = None):
+def score_units(units, layout, cfg, scorer, on_batch=None, should_stop=None, timer: Timer | None = None,
+                group_small: bool = False):
     """Yield (unit, part, info) for each unit: its rows with their scores, and its counts.
 
-    KeyboardInterrupt is raised when `should_stop()` turns true between batches.
+    With `group_small`, consecutive small units (under a quarter of a window each, as many small
+    files make) are scored together, up to a window of pairs, so that their pairs share full
+    batches instead of each unit running its own tiny ones; each unit still gets its own part.
+    Only for a source that never waits on anyone (the local executor's list): a pool worker's
+    next unit may depend on this one finishing. KeyboardInterrupt is raised when `should_stop()`
+    turns true between batches.
     """
     timer = timer if timer is not None else Timer()
     stop_event = threading.Event()
     items = prefetch(units, layout, cfg, scorer.encoder, stop_event)
+    small = max(1, cfg.window_pairs // 4)
+    group: list = []  # (unit, pairs, encs) of small units read but not yet scored
+
+    def flush():
+        if not group:
+            return
+        t0, computed0 = time.perf_counter(), scorer.stats.tokens_computed
+        encs = [e for _, _, es in group for e in es]
+        scores = scorer.score_stream(iter(encs), on_batch=on_batch, should_stop=should_stop)
+        seconds, computed = time.perf_counter() - t0, scorer.stats.tokens_computed - computed0
+        tokens = max(1, sum(int(e.offsets[-1]) for e in encs))
+        start = 0
+        members = list(group)
+        group.clear()
+        for unit, pairs, es in members:
+            info = unit_info(pairs, es)
+            n = info["pairs"]
+            if info["skipped_null"] and on_batch is not None:
+                on_batch(info["skipped_null"], 0)
+            share = info["tokens"] / tokens  # one scoring pass: its time and work, by tokens
+            info["seconds"] = seconds * share
+            info["tokens_computed"] = int(round(computed * share))
+            yield unit, result_part(pairs, scores[start:start + n]), info
+            start += n
+
     try:
         while True:
             t0 = time.perf_counter()
             head = next(items, None)
             timer.add("waiting_for_input", t0)
             if head is None:
+                yield from flush()
                 return
             _, unit, pairs = head
             if should_stop is not None and should_stop():
                 raise KeyboardInterrupt
+            if group_small and len(pairs.queries) < small:
+                group.append((unit, pairs, list(_unit_chunks(items, timer, []))))
+                if sum(len(p.queries) for _, p, _ in group) >= cfg.window_pairs:
+                    yield from flush()
+                continue
+            yield from flush()
             encs: list = []
             t_unit = time.perf_counter()
             computed0 = scorer.stats.tokens_computed

@@ -56,7 +56,7 @@ def execute(plan, scorer, prog, timer: Timer, should_stop=None) -> list[dict] | 
 
             return execute_remote(plan.cfg, spec, pending, landed, prog.update, should_stop)
         for unit, part, info in score_units(pending, plan.layout, plan.cfg, scorer, on_batch=prog.update,
-                                            should_stop=should_stop, timer=timer):
+                                            should_stop=should_stop, timer=timer, group_small=True):
             t0 = time.perf_counter()
             ck.commit(unit.id, part, info)
             timer.add("writing_parts", t0)
