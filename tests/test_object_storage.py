@@ -33,8 +33,8 @@ def test_remote_store_verbs(bucket):
 
 
 def test_remote_lease_excludes_a_second_run_and_frees_on_release(bucket, monkeypatch):
-    from pipeline import storage_remote as sr
     from pipeline.errors import LockedError
+    from pipeline.storage import remote as sr
 
     monkeypatch.setattr(sr, "SETTLE_SECONDS", 0.05)
     st = sr.RemoteStore(f"{bucket}/ck")
@@ -48,8 +48,8 @@ def test_remote_lease_excludes_a_second_run_and_frees_on_release(bucket, monkeyp
 
 
 def test_remote_lease_of_a_dead_holder_does_not_block(bucket, monkeypatch):
-    from pipeline import storage_remote as sr
     from pipeline.errors import LockedError
+    from pipeline.storage import remote as sr
 
     monkeypatch.setattr(sr, "SETTLE_SECONDS", 0.05)
     st = sr.RemoteStore(f"{bucket}/ck")
@@ -73,7 +73,7 @@ def test_remote_lease_of_a_dead_holder_does_not_block(bucket, monkeypatch):
 
 
 def test_uri_detection():
-    from pipeline.storage.remote import is_uri
+    from pipeline.storage.uri import is_uri
 
     assert is_uri("s3://b/k") and is_uri("gs://b/k") and is_uri("hdfs://h:8020/p")
     assert not is_uri("/tmp/x.parquet") and not is_uri("rel/x.parquet") and not is_uri("file:///tmp/x")
@@ -84,28 +84,28 @@ def test_expand_and_publish(bucket, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline import storage_remote as sr
     from pipeline.errors import InputError
+    from pipeline.storage import remote, uri
 
     local = tmp_path / "a.parquet"
     pq.write_table(pa.table({"x": [1, 2, 3]}), local)
     for key in ("in/a.parquet", "in/b.parquet", "in/sub/c.parquet", "in/notes.txt"):
-        sr.publish(str(local), f"{bucket}/{key}")
-    assert sr.expand(f"{bucket}/in") == [f"{bucket}/in/a.parquet", f"{bucket}/in/b.parquet"]
-    assert sr.expand(f"{bucket}/in/") == [f"{bucket}/in/a.parquet", f"{bucket}/in/b.parquet"]
-    assert sr.expand(f"{bucket}/in/*.parquet") == [f"{bucket}/in/a.parquet", f"{bucket}/in/b.parquet"]
-    assert sr.expand(f"{bucket}/in/**/*.parquet")[-1] == f"{bucket}/in/sub/c.parquet"
-    assert sr.expand(f"{bucket}/in/a.parquet") == [f"{bucket}/in/a.parquet"]
+        uri.publish(str(local), f"{bucket}/{key}")
+    assert uri.expand(f"{bucket}/in") == [f"{bucket}/in/a.parquet", f"{bucket}/in/b.parquet"]
+    assert uri.expand(f"{bucket}/in/") == [f"{bucket}/in/a.parquet", f"{bucket}/in/b.parquet"]
+    assert uri.expand(f"{bucket}/in/*.parquet") == [f"{bucket}/in/a.parquet", f"{bucket}/in/b.parquet"]
+    assert uri.expand(f"{bucket}/in/**/*.parquet")[-1] == f"{bucket}/in/sub/c.parquet"
+    assert uri.expand(f"{bucket}/in/a.parquet") == [f"{bucket}/in/a.parquet"]
     for bad in ("in/none.parquet", "in/*.csv"):
         with pytest.raises(InputError):
-            sr.expand(f"{bucket}/{bad}")
-    assert pq.ParquetFile(sr.open_input(f"{bucket}/in/a.parquet")).read().num_rows == 3
-    size, mtime = sr.stat(f"{bucket}/in/a.parquet")
+            uri.expand(f"{bucket}/{bad}")
+    assert pq.ParquetFile(uri.open_input(f"{bucket}/in/a.parquet")).read().num_rows == 3
+    size, mtime = uri.stat(f"{bucket}/in/a.parquet")
     assert size == local.stat().st_size and mtime > 0
-    assert sr.stat(f"{bucket}/in/none") is None
-    assert sr.kind(f"{bucket}/in") == "dir" and sr.kind(f"{bucket}/in/a.parquet") == "file"
+    assert uri.stat(f"{bucket}/in/none") is None
+    assert uri.kind(f"{bucket}/in") == "dir" and uri.kind(f"{bucket}/in/a.parquet") == "file"
     # No temp object is left beside the published one.
-    assert [n for n in sr.RemoteStore(f"{bucket}/in").list("") if "partial" in n] == []
+    assert [n for n in remote.RemoteStore(f"{bucket}/in").list("") if "partial" in n] == []
 
 
 # -- whole runs in a bucket -----------------------------------------------------------------------
@@ -128,7 +128,7 @@ def local_ref(tmp_path_factory, models):
 def _read(uri):
     import pyarrow.parquet as pq
 
-    from pipeline.storage.remote import open_input
+    from pipeline.storage.uri import open_input
 
     with open_input(uri) as f:
         return pq.read_table(f)
@@ -136,7 +136,8 @@ def _read(uri):
 
 def test_run_in_a_bucket_equals_the_local_run(bucket, local_ref):
     from conftest import run_cli
-    from pipeline.storage.remote import RemoteStore, publish
+    from pipeline.storage.remote import RemoteStore
+    from pipeline.storage.uri import publish
 
     publish(str(local_ref["input"]), f"{bucket}/in/part-0.parquet")
     out = f"{bucket}/out/ranked.parquet"
@@ -157,7 +158,8 @@ def test_killed_run_in_a_bucket_resumes(bucket, local_ref, s3_server):
     import sys
 
     from conftest import ROOT, run_cli
-    from pipeline.storage.remote import RemoteStore, publish
+    from pipeline.storage.remote import RemoteStore
+    from pipeline.storage.uri import publish
 
     publish(str(local_ref["input"]), f"{bucket}/in.parquet")
     out = f"{bucket}/out.parquet"

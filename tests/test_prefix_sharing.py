@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import real_pairs, reference_scores, shared
-from pipeline import prefix
+from pipeline.engines import prefix
 from pipeline.engines.attention import causal_mask_bottom_right, packed_attention
 from pipeline.config import RunConfig
 from pipeline.run import run

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import rank_stream
+from pipeline.data import rank_stream
 from pipeline.config import RunConfig
 from pipeline.errors import RerankError
 from pipeline.data.write import group_keys, output_schema, write_ranked

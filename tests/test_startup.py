@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from pipeline import startup
+from pipeline.job import startup
 from pipeline.config import RunConfig
 from pipeline.run import run
 

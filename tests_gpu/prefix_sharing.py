@@ -21,7 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from pipeline import bench, prefix  # noqa: E402
+from pipeline.bench import throughput as bench  # noqa: E402
+from pipeline.engines import prefix  # noqa: E402
 from pipeline.engines.attention import packed_attention  # noqa: E402
 from pipeline.config import RunConfig  # noqa: E402
 from pipeline.engines.score import Scorer  # noqa: E402

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from pipeline import bench  # noqa: E402
+from pipeline.bench import throughput as bench  # noqa: E402
 from pipeline.config import RunConfig  # noqa: E402
 from pipeline.run import run  # noqa: E402
 from pipeline.engines.score import Scorer  # noqa: E402

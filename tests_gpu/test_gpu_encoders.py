@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cpu_conftest import _corpus, real_pairs
-from pipeline import fused_encoder
+from pipeline.engines import fused_encoder
 from pipeline.config import RunConfig
 from pipeline.engines.score import Scorer
 
@@ -46,7 +46,7 @@ def test_packed_encoder_on_cuda(tmp_path, texts, arch, monkeypatch):
     print(f"{arch}: float32 cuda {np.abs(f32 - ref).max():.2e}, bf16 {s.kernel} {err:.2e}")
     assert err < 0.03
     # The same bound on a causal kernel: it must fail, or the bound proves nothing.
-    from pipeline import attention
+    from pipeline.engines import attention
 
     def causal(q, k, v, cu, max_len, scale, kernel, window=None):
         return attention.packed_attention(q, k, v, cu, max_len, scale, kernel)

@@ -21,7 +21,7 @@ def resolve_inputs(specs) -> tuple[str, ...]:
     A single string is one spec (not a sequence of characters)."""
     if isinstance(specs, (str, os.PathLike)):
         specs = (specs,)
-    from pipeline.storage.remote import expand, is_uri
+    from pipeline.storage.uri import expand, is_uri
 
     files: list[str] = []
     for spec in map(os.fspath, specs):
@@ -59,7 +59,7 @@ def default_output(first_spec: str) -> str:
 
     Never inside an input directory: the next run would read the output as an input. A glob
     counts as the directory it searches (`data/*.parquet` -> `data.reranked.parquet`)."""
-    from pipeline.storage.remote import is_uri, kind
+    from pipeline.storage.uri import is_uri, kind
 
     spec = os.fspath(first_spec)
     if is_uri(spec):  # the same rules on keys: beside the object, the prefix or the glob's folder

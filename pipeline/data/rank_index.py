@@ -19,7 +19,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from pipeline.storage.remote import read_part
+from pipeline.storage.uri import read_part
 
 SEEDS = (0x5EED_0001, 0x5EED_0002)
 

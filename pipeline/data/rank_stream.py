@@ -21,7 +21,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from pipeline.storage.remote import read_part
+from pipeline.storage.uri import read_part
 
 from pipeline.errors import RerankError
 from pipeline.data.rank_index import GroupIndex, key_frame, key_hashes

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import RunConfig
 from pipeline.errors import InputError, first_line
-from pipeline.storage.remote import is_uri, open_input
+from pipeline.storage.uri import is_uri, open_input
 
 
 @dataclass(frozen=True)

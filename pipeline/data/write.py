@@ -25,7 +25,7 @@ from pipeline.config import RunConfig
 from pipeline.data.rank_index import build_index
 from pipeline.data.rank_stream import Ranker, buckets, contiguous, merge, spill
 from pipeline.data.read import InputLayout
-from pipeline.storage.remote import part_rows, read_part
+from pipeline.storage.uri import part_rows, read_part
 
 MAX_CHUNK_ROWS = 65536  # rows per output row group
 MEMORY_BUDGET = 128 << 20  # bytes of rows held at once (chunks, spill buffers, one bucket)

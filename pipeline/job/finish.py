@@ -18,12 +18,12 @@ import uuid
 
 import pyarrow.parquet as pq
 
-from pipeline.storage import remote as sr
+from pipeline.storage import uri
 from pipeline.errors import RerankError, first_line
 from pipeline.storage.fingerprint import recheck_inputs
 from pipeline.job.signals import critical
 from pipeline.storage.local import fsync_dir
-from pipeline.storage.remote import is_uri
+from pipeline.storage.uri import is_uri
 from pipeline.data.write import write_ranked
 
 
@@ -45,8 +45,8 @@ def published_output(plan) -> dict | None:
         return None
     try:
         if is_uri(out):
-            size, mtime_ns = sr.stat(out) or (None, None)
-            rows = pq.read_metadata(sr.open_input(out)).num_rows if size is not None else None
+            size, mtime_ns = uri.stat(out) or (None, None)
+            rows = pq.read_metadata(uri.open_input(out)).num_rows if size is not None else None
             ok = rec["path"] == out and (size, mtime_ns, rows) == (rec["size"], rec["mtime_ns"], rec["rows"])
         else:
             st = os.stat(out)
@@ -102,8 +102,8 @@ def _publish_remote(plan, should_stop=None) -> int:
     def upload_and_record(src, dst):
         rows = pq.read_metadata(src).num_rows
         with critical(should_stop):
-            sr.publish(src, cfg.output)
-            size, mtime_ns = sr.stat(cfg.output)
+            uri.publish(src, cfg.output)
+            size, mtime_ns = uri.stat(cfg.output)
             ck.write_marker(state="published", output={"path": cfg.output, "size": size, "mtime_ns": mtime_ns,
                                                        "rows": rows, "totals": sums})
         os.unlink(src)

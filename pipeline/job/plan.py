@@ -55,14 +55,15 @@ def check_options(cfg: RunConfig) -> None:
 def _check_remote_output(cfg: RunConfig, resumable: bool | None) -> None:
     """check_output for an object-storage output: the same refusals, asked of the store."""
     from pipeline.storage import remote as sr
+    from pipeline.storage import uri
 
     if cfg.output in cfg.inputs:
         raise InputError(f"{cfg.output}: the output is one of the inputs; pass another -o")
-    where = sr.kind(cfg.output)
+    where = uri.kind(cfg.output)
     if where == "dir":
         raise InputError(f"{cfg.output}: the output is a prefix with objects under it; pass an object key with -o")
     if resumable is None:
-        resumable = sr.is_uri(cfg.ckpt_dir) and sr.RemoteStore(cfg.ckpt_dir).exists(MARKER)
+        resumable = uri.is_uri(cfg.ckpt_dir) and sr.RemoteStore(cfg.ckpt_dir).exists(MARKER)
     if where == "file" and not cfg.overwrite and (cfg.restart or not resumable):
         raise InputError(f"{cfg.output}: the output exists; pass --overwrite to replace it")
     why = sr.RemoteStore(cfg.output.rsplit("/", 1)[0]).is_writable()
@@ -72,7 +73,8 @@ def _check_remote_output(cfg: RunConfig, resumable: bool | None) -> None:
 
 def check_output(cfg: RunConfig, resumable: bool | None = None) -> None:
     """`resumable`: the checkpoint holds work of this output (None: peek at its marker)."""
-    from pipeline.storage.remote import RemoteStore, is_uri
+    from pipeline.storage.remote import RemoteStore
+    from pipeline.storage.uri import is_uri
 
     _utf8(cfg.output, "output")
     _utf8(cfg.ckpt_dir, "checkpoint directory")

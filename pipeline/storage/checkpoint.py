@@ -32,7 +32,8 @@ from pipeline.errors import CheckpointError, InputError, RerankError, first_line
 from pipeline.storage.fingerprint import check_inputs, diff_fingerprints, file_fingerprint
 from pipeline.storage.lock import LEASE_NAME, LocalLease
 from pipeline.storage.local import LocalStore, fsync_dir
-from pipeline.storage.remote import REMOTE_LEASE_NAME, RemoteLease, RemoteStore, is_uri
+from pipeline.storage.remote import REMOTE_LEASE_NAME, RemoteLease, RemoteStore
+from pipeline.storage.uri import is_uri
 
 log = logging.getLogger(__name__)
 

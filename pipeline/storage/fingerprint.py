@@ -14,7 +14,7 @@ import hashlib
 import os
 
 from pipeline.errors import CheckpointError, InputError
-from pipeline.storage.remote import is_uri, open_input, stat
+from pipeline.storage.uri import is_uri, open_input, stat
 
 HASH_CHUNK = 8 << 20
 

@@ -1,0 +1,170 @@
+"""Paths that are URIs: s3://, gs://, hdfs:// and whatever else pyarrow.fs resolves.
+
+pyarrow.fs does the I/O; credentials and endpoint come from the usual environment
+(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, ...). Inputs
+expand like local paths (a prefix is a directory, globs work on keys), Parquet is read by ranges,
+and an output is published so that its key shows the old object or the whole new one.
+"""
+
+from __future__ import annotations
+
+import functools
+import uuid
+
+
+def is_uri(path: str) -> bool:
+    """True for a URI that pyarrow.fs resolves (s3://, gs://, hdfs://, ...), false for a path."""
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+@functools.lru_cache(maxsize=32)
+def _filesystem(scheme_and_host: str):
+    from pyarrow import fs as pafs
+
+    fs, _ = pafs.FileSystem.from_uri(scheme_and_host + "/")
+    return fs
+
+
+def resolve(uri: str):
+    """(pyarrow FileSystem, path inside it) for a URI; one cached client per bucket or host."""
+    import pyarrow as pa
+
+    scheme, rest = uri.split("://", 1)
+    host = rest.split("/", 1)[0]
+    try:
+        fs = _filesystem(f"{scheme}://{host}")
+        # s3 and gs paths are "bucket/key"; other schemes say themselves where the path starts.
+        path = rest if scheme in ("s3", "gs", "gcs") else __import__("pyarrow.fs").fs.FileSystem.from_uri(uri)[1]
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        from pipeline.errors import InputError, first_line
+
+        raise InputError(f"{uri}: cannot open this location ({first_line(exc)}); check the URI and the "
+                         "credentials in the environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)") from None
+    return fs, path.rstrip("/")
+
+
+def join(uri: str, *names: str) -> str:
+    return "/".join([uri.rstrip("/"), *[n.strip("/") for n in names if n]])
+
+
+def expand(spec: str) -> list[str]:
+    """A URI of one object, a prefix (its *.parquet, sorted, like a local directory) or a glob
+    (*, ?, [...] in the key, ** across folders): the matching objects as URIs."""
+    from pyarrow import fs as pafs
+
+    from pipeline.errors import InputError
+
+    scheme, rest = spec.split("://", 1)
+    fs, path = resolve(spec)
+    root = f"{scheme}://"
+    if any(ch in path for ch in "*?["):
+        fixed = path[: min(path.index(ch) for ch in "*?[" if ch in path)]
+        base = fixed.rsplit("/", 1)[0]
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+        rx = _glob_regex(path)
+        found = sorted(root + i.path for i in infos if i.type == pafs.FileType.File and rx.fullmatch(i.path))
+        if not found:
+            raise InputError(f"{spec}: no object matches this pattern; check the glob")
+        return found
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return [spec]
+    if info.type == pafs.FileType.Directory:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+        found = sorted(root + i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+        if not found:
+            raise InputError(f"{spec}: the prefix holds no *.parquet object; pass an object or another prefix")
+        return found
+    raise InputError(f"{spec}: no such object or prefix; check the URI (and AWS_ENDPOINT_URL for a non-AWS store)")
+
+
+def _glob_regex(pattern: str):
+    """Shell glob semantics on keys, as glob.glob(recursive=True) has them on paths: * and ? stay
+    within one folder, **/ spans any number of folders."""
+    import re
+
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:[^/]*/)*")
+            i += 3
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif pattern[i] == "[" and "]" in pattern[i + 1:]:
+            j = pattern.index("]", i + 1)
+            body = pattern[i + 1:j]
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
+            i = j + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out))
+
+
+def open_input(uri: str):
+    """A seekable file for pyarrow.parquet.ParquetFile (reads ranges, never the whole object)."""
+    fs, path = resolve(uri)
+    return fs.open_input_file(path)
+
+
+def stat(uri: str) -> tuple[int, int] | None:
+    """(size, mtime in ns) of an object, or None when it does not exist."""
+    from pyarrow import fs as pafs
+
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        return None
+    mtime = info.mtime_ns if info.mtime_ns is not None else 0
+    return int(info.size), int(mtime)
+
+
+def kind(uri: str) -> str:
+    """"file", "dir" or "none" for a URI."""
+    from pyarrow import fs as pafs
+
+    fs, path = resolve(uri)
+    t = fs.get_file_info(path).type
+    return {pafs.FileType.File: "file", pafs.FileType.Directory: "dir"}.get(t, "none")
+
+
+def publish(local_path: str, uri: str) -> None:
+    """Copy a finished local file to `uri`: a temp object first, then moved to the final key, so
+    readers of `uri` see the old object or the whole new one (a kill mid-upload leaves no
+    object there: an upload appears only when it completes)."""
+    from pyarrow import fs as pafs
+
+    fs, path = resolve(uri)
+    tmp = f"{path.rsplit('/', 1)[0]}/.{path.rsplit('/', 1)[-1]}.{uuid.uuid4().hex[:8]}.partial"
+    try:
+        pafs.copy_files(local_path, tmp, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        fs.move(tmp, path)
+    except BaseException:
+        try:
+            fs.delete_file(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def read_part(path: str, columns):
+    """A small Parquet file (a checkpoint part: one unit), local or in object storage, read whole."""
+    import pyarrow.parquet as pq
+
+    if is_uri(path):
+        with open_input(path) as f:
+            return pq.read_table(f, columns=columns, pre_buffer=False)
+    return pq.read_table(path, columns=columns, pre_buffer=False)
+
+
+def part_rows(path: str) -> int:
+    import pyarrow.parquet as pq
+
+    if is_uri(path):
+        with open_input(path) as f:
+            return pq.ParquetFile(f).metadata.num_rows
+    return pq.ParquetFile(path).metadata.num_rows
