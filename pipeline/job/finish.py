@@ -68,7 +68,16 @@ def publish(plan, should_stop=None) -> int:
         return _publish_remote(plan, should_stop)
     out = os.path.abspath(cfg.output)
     out_dir = os.path.dirname(out)
-    tmp = os.path.join(out_dir, f".{os.path.basename(out)}.{ck.marker.get('run_id', '')}-{uuid.uuid4().hex[:8]}.partial")
+    stem = f".{os.path.basename(out)}.{ck.marker.get('run_id', '')}-"
+    # A temp output of an earlier, killed attempt on this checkpoint (the marker's run id is kept
+    # across resumes): ours to remove. Other runs' temp names differ and are left alone.
+    for name in os.listdir(out_dir):
+        if name.startswith(stem) and name.endswith(".partial"):
+            try:
+                os.unlink(os.path.join(out_dir, name))
+            except OSError:
+                pass
+    tmp = os.path.join(out_dir, f"{stem}{uuid.uuid4().hex[:8]}.partial")
     sums = totals(plan)
 
     def rename_and_record(src, dst):
