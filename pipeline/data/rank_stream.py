@@ -47,7 +47,7 @@ class Ranker:
         perm = narrow["_i"].to_numpy()
         gs = narrow["_g"].to_numpy()
         same = gs[1:] == gs[:-1]
-        self._check_keys(table.take(pa.array(perm)), same)
+        self._check_keys(table.select(self.keys).take(pa.array(perm)), same)  # keys only: no payload copy
         idx = np.arange(n, dtype=np.int64)
         starts = np.maximum.accumulate(np.where(np.r_[True, ~same], idx, 0)) if n else idx
         rank = (idx - starts + 1).astype(np.int32)
@@ -55,7 +55,7 @@ class Ranker:
         if self.top_k is not None:
             keep = ~null & (rank <= self.top_k)
             perm, gs, rank, null = perm[keep], gs[keep], rank[keep], null[keep]
-        out = table.take(pa.array(perm)).select(self.names)
+        out = table.select(self.names).take(pa.array(perm))
         out = out.append_column("rank", pa.array(rank, pa.int32(), mask=null if null.any() else None))
         return out, gs
 

@@ -28,7 +28,9 @@ from pipeline.data.read import InputLayout
 from pipeline.storage.uri import part_rows, read_part
 
 MAX_CHUNK_ROWS = 65536  # rows per output row group
-MEMORY_BUDGET = 128 << 20  # bytes of rows held at once (chunks, spill buffers, one bucket)
+# Bytes of rows held at once (chunks, spill buffers, one bucket). 32 MiB is thousands of rows of
+# usual width per chunk, already linear in time; more only raises the driver's peak.
+MEMORY_BUDGET = 32 << 20
 
 
 def output_schema(layout: InputLayout) -> pa.Schema:
