@@ -50,7 +50,7 @@ elif hold == "load":
     s.Scorer.load = classmethod(holding(s.Scorer.load.__func__))
 elif hold == "write":
     import pipeline.data.write as w
-    w.rank_order = holding(w.rank_order)
+    w.ranked_tables = holding(w.ranked_tables)
 elif hold == "native":
     import pipeline.engines.score as s
     s.Scorer.score_stream = holding(s.Scorer.score_stream)
