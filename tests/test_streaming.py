@@ -64,5 +64,7 @@ def test_peak_rss_flat_in_input_size(tmp_path, tied_model):
     grown = (large - small) * 1024
     more_input = large_bytes - small_bytes
     assert more_input > 180 * 2**20
-    assert grown / more_input < 0.2, (f"peak RSS grew by {grown / 2**20:.0f} MiB for {more_input / 2**20:.0f} MiB "
+    # Measured: 0.0-0.26 byte per input byte when bounded (allocator noise), 1.2 with a reader
+    # that keeps what it read (pre_buffer=True); 0.5 holds the one and catches the other.
+    assert grown / more_input < 0.5, (f"peak RSS grew by {grown / 2**20:.0f} MiB for {more_input / 2**20:.0f} MiB "
                                       "more input in one file")
