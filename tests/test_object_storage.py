@@ -206,3 +206,56 @@ def test_foreign_prefix_is_not_a_checkpoint(bucket, local_ref, tmp_path):
                  "--checkpoint-dir", f"{bucket}/data", "-q"])
     assert r.exit_code == 2 and "not a rerank-batch checkpoint" in r.output
     assert RemoteStore(f"{bucket}/data").list("") == ["notes.txt"]
+
+
+_HOLD_AFTER_FIRST_COMMIT = r"""
+import os, sys, time
+import pipeline.storage.checkpoint as c
+real = c.Checkpoint.commit
+def commit(self, *a, **k):
+    out = real(self, *a, **k)
+    while not os.path.exists(os.environ["RELEASE"]):  # hold the lease until the test says go
+        time.sleep(0.02)
+    return out
+c.Checkpoint.commit = commit
+sys.argv = ["rerank-batch"] + sys.argv[1:]
+from jobs.cli import main
+main()
+"""
+
+
+def test_a_second_run_on_the_same_bucket_checkpoint_is_refused(bucket, local_ref, s3_server, tmp_path):
+    """Two runs of one command on one output in a bucket: while the first holds the lease, the
+    second exits 75 naming the holder and touches nothing; the first ends with the right output."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from pipeline.storage.remote import RemoteStore
+    from pipeline.storage.uri import publish
+
+    publish(str(local_ref["input"]), f"{bucket}/in.parquet")
+    out = f"{bucket}/out.parquet"
+    args = [str(a) for a in ["run", f"{bucket}/in.parquet", "--model", local_ref["model"], "-o", out,
+                             "--window", 20, "-q"]]
+    release = tmp_path / "release"
+    env = dict(os.environ, PYTHONPATH=ROOT, RELEASE=str(release), **s3_server)
+    first = subprocess.Popen([sys.executable, "-c", _HOLD_AFTER_FIRST_COMMIT, *args], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ck = RemoteStore(out + ".ckpt")
+    deadline = time.monotonic() + 600
+    try:
+        while not ck.list("done"):  # the first run holds the lease and has committed a unit
+            assert first.poll() is None, first.stderr.read()[-2000:]
+            assert time.monotonic() < deadline, "the first run committed nothing"
+            time.sleep(0.05)
+        second = subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=600)
+    finally:
+        release.touch()
+    assert second.returncode == 75, second.stderr[-2000:]
+    assert f"pid {first.pid} on" in second.stderr and len(second.stderr.strip().splitlines()) == 1
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-2000:]
+    assert _read(out).equals(local_ref["ref"])
+    assert RemoteStore(bucket).list("") == ["in.parquet", "out.parquet"]
