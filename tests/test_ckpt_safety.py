@@ -336,3 +336,12 @@ def test_checkpoint_error_is_a_checkpoint_error(job, tmp_path):
     with pytest.raises(CheckpointError, match="different inputs"):
         run(RunConfig(inputs=(str(other),), output=str(out), model=job["model"], window_pairs=53, max_length=64,
                       checkpoint_dir=str(tmp_path / "out.parquet.ckpt")), progress=False)
+
+
+def test_a_checkpoint_of_the_old_format_is_named_and_kept(job, tmp_path):
+    ck = tmp_path / "out.parquet.ckpt"
+    (ck / "parts").mkdir(parents=True)
+    (ck / "manifest.json").write_text("{}")
+    r = run_cli(_args(job, job["input"], tmp_path / "out.parquet"))
+    assert r.exit_code == 2 and "a checkpoint of an older rerank-batch (manifest.json)" in r.output, r.output
+    assert sorted(os.listdir(ck)) == ["manifest.json", "parts"]

@@ -60,6 +60,12 @@ def published_output(plan) -> dict | None:
     return None
 
 
+def _mark_published(ck, path: str, size: int, mtime_ns: int, rows: int, sums: dict) -> None:
+    """What a rerun checks to know the output is still the one this checkpoint wrote."""
+    ck.write_marker(state="published", output={"path": path, "size": size, "mtime_ns": mtime_ns,
+                                               "rows": rows, "totals": sums})
+
+
 def publish(plan, should_stop=None) -> int:
     """Steps 1-3; returns the rows written."""
     cfg, ck = plan.cfg, plan.ckpt
@@ -86,8 +92,7 @@ def publish(plan, should_stop=None) -> int:
             os.replace(src, dst)
             fsync_dir(out_dir)
             st = os.stat(dst)
-            ck.write_marker(state="published", output={"path": out, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                                                       "rows": rows, "totals": sums})
+            _mark_published(ck, out, st.st_size, st.st_mtime_ns, rows, sums)
 
     try:
         return write_ranked(ck.parts([u.id for u in plan.units]), plan.layout, cfg, tmp=tmp,
@@ -112,9 +117,7 @@ def _publish_remote(plan, should_stop=None) -> int:
         rows = pq.read_metadata(src).num_rows
         with critical(should_stop):
             uri.publish(src, cfg.output)
-            size, mtime_ns = uri.stat(cfg.output)
-            ck.write_marker(state="published", output={"path": cfg.output, "size": size, "mtime_ns": mtime_ns,
-                                                       "rows": rows, "totals": sums})
+            _mark_published(ck, cfg.output, *uri.stat(cfg.output), rows, sums)
         os.unlink(src)
 
     with tempfile.TemporaryDirectory(prefix="rerank-batch-") as stage:

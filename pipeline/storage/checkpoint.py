@@ -155,19 +155,31 @@ def _strangers(store) -> list[str]:
                   if n not in _OURS_TOP and not (n.startswith(".tmp-") or n.startswith(".probe-")))
 
 
+def _refuse_foreign(store, directory: str) -> None:
+    """A directory (or prefix) that holds files but no marker of ours is someone else's."""
+    if store.exists(MARKER):
+        return
+    strangers = _strangers(store)
+    if "manifest.json" in strangers and store.exists("parts"):
+        raise CheckpointError(
+            f"{directory}: a checkpoint of an older rerank-batch (manifest.json), which this version cannot "
+            "resume; delete that directory to start over"
+        )
+    if strangers:
+        shown = ", ".join(strangers[:3]) + (", ..." if len(strangers) > 3 else "")
+        raise InputError(
+            f"{directory}: not a rerank-batch checkpoint and not empty (holds {shown}); pass a new or empty "
+            "--checkpoint-dir (the run deletes its checkpoint when done)"
+        )
+
+
 def _open_remote(directory: str, run_id: str) -> tuple[Checkpoint, bool]:
     """Object storage: no folders to make or to find foreign; a prefix with objects of others
     but no marker is refused as a local directory would be; the lease is an expiring object."""
     store = RemoteStore(directory)
     existed = bool(store.list(""))
-    if existed and not store.exists(MARKER):
-        strangers = _strangers(store)
-        if strangers:
-            shown = ", ".join(strangers[:3]) + (", ..." if len(strangers) > 3 else "")
-            raise InputError(
-                f"{directory}: not a rerank-batch checkpoint and not empty (holds {shown}); pass a new or empty "
-                "--checkpoint-dir (the run deletes its checkpoint when done)"
-            )
+    if existed:
+        _refuse_foreign(store, directory)
     ck = Checkpoint(directory, store)
     try:
         ck.lease = RemoteLease(store, REMOTE_LEASE_NAME, run_id).acquire()
@@ -182,19 +194,8 @@ def _open_local(directory: str, run_id: str) -> tuple[Checkpoint, bool]:
         raise InputError(f"{directory}: the checkpoint directory is a file; pass a directory with --checkpoint-dir")
     existed = os.path.isdir(directory)
     ck = Checkpoint(directory)
-    if existed and not os.path.exists(os.path.join(directory, MARKER)):
-        strangers = _strangers(ck.store)
-        if "manifest.json" in strangers and os.path.isdir(os.path.join(directory, "parts")):
-            raise CheckpointError(
-                f"{directory}: a checkpoint of an older rerank-batch (manifest.json), which this version cannot "
-                "resume; delete that directory to start over"
-            )
-        if strangers:
-            shown = ", ".join(strangers[:3]) + (", ..." if len(strangers) > 3 else "")
-            raise InputError(
-                f"{directory}: not a rerank-batch checkpoint and not empty (holds {shown}); pass a new or empty "
-                "--checkpoint-dir (the run deletes its checkpoint when done)"
-            )
+    if existed:
+        _refuse_foreign(ck.store, directory)
     try:
         os.makedirs(directory, exist_ok=True)
         ck.lease = LocalLease(directory, run_id).acquire()
