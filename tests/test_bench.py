@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from conftest import run_cli
 from pipeline.bench.throughput import WORKLOADS, draw_lengths, model_flops, non_embedding_params, workload_table
@@ -72,3 +73,25 @@ def test_bench_smoke_with_prefix_sharing_reports_both_mfus(tmp_path):
     assert rec["prefix_sharing"] == "on"
     assert 0 < rec["engine"]["tokens_computed"] < 0.8 * rec["engine"]["tokens"]
     assert "MFUc" in r.output
+
+
+def test_bench_devices_smoke_reports_job_and_steady_rates(tmp_path):
+    """`bench --devices` (issue 11's measurement) on CPU workers: every run's rows equal the plain
+    run's, each device's share adds up to the job, and the steady-state rate is the sum of the
+    devices' own rates (the figure that shows scaling when workers finish loading at different
+    times)."""
+    out = tmp_path / "devices.json"
+    r = run_cli(["bench", "--smoke", "--devices", "1,2", "--pairs", 48, "--window", 8, "--repeats", 1,
+                 "--json", out])
+    assert r.exit_code == 0, r.output
+    rec = json.loads(out.read_text())
+    runs = rec["runs"]
+    assert [x["devices"] for x in runs] == ["plain", "cpu", "cpu,cpu"]
+    for x in runs[1:]:
+        assert x["same_rows_as_plain"] and x["max_abs_score_diff_vs_plain"] < 1e-6
+        assert sum(d["pairs"] for d in x["per_device"]) == x["pairs"] == 48
+        assert sum(d["units"] for d in x["per_device"]) == x["units"] == 6
+        assert x["sum_device_pairs_per_s"] == pytest.approx(sum(d["pairs_per_s"] for d in x["per_device"]), rel=1e-2)
+    assert rec["devices_2"]["steady_pairs_per_s_median"] == runs[2]["sum_device_pairs_per_s"]
+    assert rec["devices_1"]["speedup_over_1"] == 1.0
+    assert "steady state" in r.output
