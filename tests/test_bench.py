@@ -4,6 +4,7 @@ shared/CONTEXT.md."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 
@@ -72,3 +73,16 @@ def test_bench_smoke_with_prefix_sharing_reports_both_mfus(tmp_path):
     assert rec["prefix_sharing"] == "on"
     assert 0 < rec["engine"]["tokens_computed"] < 0.8 * rec["engine"]["tokens"]
     assert "MFUc" in r.output
+
+
+def test_bench_host_only_runs_the_pipeline_without_a_model(tmp_path):
+    out = tmp_path / "host.json"
+    r = run_cli(["bench", "--host-only", "--smoke", "--workload", "w-short", "--json", out])
+    assert r.exit_code == 0, r.output
+    rec = json.loads(out.read_text())
+    assert set(rec["pairs_per_s"]) == {"encode", "e2e_off", "e2e_on"}
+    assert all(v["median"] > 0 for v in rec["pairs_per_s"].values())
+    on, off = rec["last_run_stages"]["on"], rec["last_run_stages"]["off"]
+    assert off["tokens_after_sharing"] == off["tokens_before_sharing"] == on["tokens_before_sharing"]
+    assert on["tokens_after_sharing"] < 0.8 * on["tokens_before_sharing"]
+    assert "TOKENIZERS_PARALLELISM=true" in r.output or "TOKENIZERS_PARALLELISM" in os.environ
