@@ -31,7 +31,7 @@ from pipeline.run import run  # noqa: E402
 ap = argparse.ArgumentParser()
 ap.add_argument("--smoke", action="store_true", help="CPU, tiny arch, few pairs: checks the script runs")
 ap.add_argument("--repeats", type=int, default=3)
-ap.add_argument("--budget-s", type=float, default=270, help="skip further repeats past this many seconds")
+ap.add_argument("--budget-s", type=float, default=230, help="skip further repeats past this many seconds")
 ap.add_argument("--workloads", default="w-short,w-longq,w-mixed")
 args = ap.parse_args()
 
