@@ -77,7 +77,8 @@ def test_bench_smoke_with_prefix_sharing_reports_both_mfus(tmp_path):
 
 def test_bench_host_only_runs_the_pipeline_without_a_model(tmp_path):
     out = tmp_path / "host.json"
-    r = run_cli(["bench", "--host-only", "--smoke", "--workload", "w-short", "--json", out])
+    r = run_cli(["bench", "--host-only", "--smoke", "--workload", "w-short", "--device-us-per-token", "0.5",
+                 "--json", out])
     assert r.exit_code == 0, r.output
     rec = json.loads(out.read_text())
     assert set(rec["pairs_per_s"]) == {"encode", "e2e_off", "e2e_on"}
@@ -85,4 +86,7 @@ def test_bench_host_only_runs_the_pipeline_without_a_model(tmp_path):
     on, off = rec["last_run_stages"]["on"], rec["last_run_stages"]["off"]
     assert off["tokens_after_sharing"] == off["tokens_before_sharing"] == on["tokens_before_sharing"]
     assert on["tokens_after_sharing"] < 0.8 * on["tokens_before_sharing"]
+    # The simulated device's time follows the tokens computed: less with sharing.
+    assert abs(on["simulated_device_s"] - on["tokens_after_sharing"] * 0.5e-6) <= 0.001
+    assert on["simulated_device_s"] < off["simulated_device_s"]
     assert "TOKENIZERS_PARALLELISM=true" in r.output or "TOKENIZERS_PARALLELISM" in os.environ
