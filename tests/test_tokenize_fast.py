@@ -102,3 +102,30 @@ def test_assemble_cuts_each_side_and_handles_empty_bodies():
     assert [flat[off[k]:off[k + 1]].tolist() for k in range(3)] == [[3, 4, 5], [], [6, 7]]
     flat, off, cut = assemble(np.empty(0, np.int32), np.zeros(0, np.int64), [9], [0], 3, False)
     assert flat.size == 0 and off.tolist() == [0] and cut.size == 0
+
+
+def test_a_backend_that_disagrees_on_the_probe_is_not_used(monkeypatch):
+    """Where the backend's batch call would give other ids than __call__ (a class that changes
+    the text first, say), the load-time probe sees it and the encoder keeps __call__."""
+    from types import SimpleNamespace
+
+    from pipeline.engines import tokenize
+
+    class Shifted:
+        truncation = padding = None
+        encode_special_tokens = False
+
+        def __init__(self, real):
+            self.real = real
+
+        def encode_batch(self, texts, add_special_tokens):
+            return [SimpleNamespace(ids=[t + 1 for t in e.ids]) for e in self.real.encode_batch(texts, add_special_tokens=False)]
+
+    tok = AutoTokenizer.from_pretrained(SAMPLE)
+    monkeypatch.setattr(tokenize, "fast_backend", lambda t: Shifted(t._tokenizer))
+    enc = PairEncoder(tok, QWEN3_RERANKER, 8192)
+    assert enc.backend is None
+    cols = _columns(5)
+    e = enc.encode(*cols)
+    want = _recipe(tok, QWEN3_RERANKER, 8192, *cols)
+    assert [e.ids[e.offsets[k]:e.offsets[k + 1]].tolist() for k in range(len(want))] == want

@@ -10,6 +10,7 @@ and we learn which pairs were truncated.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 from dataclasses import dataclass
 
@@ -18,6 +19,8 @@ import numpy as np
 from pipeline.errors import InputError, ModelError
 from pipeline.engines.prefix import group_keys
 from pipeline.engines.template import Template
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -64,6 +67,7 @@ class PairEncoder:
             want = tokenizer(probe, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
             got, lens = self.tokenize_bodies(probe)
             if got.tolist() != [t for ids in want for t in ids] or lens.tolist() != [len(x) for x in want]:
+                log.info("tokenizer: its Rust batch call and its __call__ disagree on a probe; using __call__")
                 self.backend = None
 
     def encode(self, instructions, queries, documents) -> Encoded:
@@ -96,7 +100,7 @@ class PairEncoder:
             if backend.padding is not None:
                 backend.no_padding()
             split = bool(getattr(self.tokenizer, "split_special_tokens", False))
-            if backend.encode_special_tokens != split:
+            if getattr(backend, "encode_special_tokens", split) != split:
                 backend.encode_special_tokens = split
             lists = [e.ids for e in self._encode_batch(bodies, add_special_tokens=False)]
         lens = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
