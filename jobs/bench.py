@@ -28,6 +28,12 @@ from .common import SizeType, domain_errors, setup_logging
 @click.option("--prefix-sharing", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="Share each query's prompt prefix across its candidates (as rerank-batch run).")
 @click.option("--smoke", is_flag=True, help="CPU, tiny architecture, 64 pairs: checks that the bench runs.")
+@click.option("--host-only", is_flag=True,
+              help="The host side alone, on the CPU: run end to end with a forward that costs nothing (sharing "
+                   "off and on) and the encoder alone; pairs/s the host can feed a device.")
+@click.option("--device-us-per-token", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="With --host-only: the forward sleeps this long per computed token, as a device of that "
+                   "speed would take (H100, 0.6B bf16: about 2.7); e2e near the device's rate = overlapped.")
 @click.option("--profile", is_flag=True, help="Print the top CUDA kernels of one model-only pass.")
 @click.option("--devices", "device_counts", default=None,
               help="Whole runs on 1..N devices of this host, e.g. 1,2,4 (CPU workers where no GPU): pairs/s in "
@@ -41,7 +47,7 @@ from .common import SizeType, domain_errors, setup_logging
 @click.option("--cli-row/--no-cli-row", default=True, show_default=True, help="With --peer: the fresh-process CLI row.")
 @click.option("--json", "json_path", default=None, help="Write the record here.")
 def bench_cmd(arch, workload, pairs, seed_pairs, e2e, repeats, device, gpu_memory_limit, max_batch_tokens,
-              compile, engine, attention, prefix_sharing, smoke, profile, device_counts, window, peer, st, cli_row,
+              compile, engine, attention, prefix_sharing, smoke, host_only, device_us_per_token, profile, device_counts, window, peer, st, cli_row,
               json_path):
     """Measure pairs/s, tokens/s, MFU, peak memory and GPU busy time against the seed's way (or,
     with --peer, against sentence-transformers; with --devices, on 1..N devices)."""
@@ -60,6 +66,14 @@ def bench_cmd(arch, workload, pairs, seed_pairs, e2e, repeats, device, gpu_memor
         with domain_errors():
             rec = run_devices_bench(arch, workload, counts, pairs=pairs, repeats=repeats, window=window)
         _emit(rec, format_devices_table(rec), json_path)
+        return
+    if host_only:
+        from pipeline.bench.host import format_host_table, run_host_bench
+
+        with domain_errors():
+            rec = run_host_bench(workload, pairs=pairs or (64 if smoke else None), repeats=1 if smoke else repeats,
+                                 us_per_token=device_us_per_token)
+        _emit(rec, format_host_table(rec), json_path)
         return
     if peer or arch in ENCODER_ARCHS:
         from pipeline.bench.peer import format_peer_table, run_peer_bench

@@ -4,6 +4,7 @@ shared/CONTEXT.md."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -95,3 +96,20 @@ def test_bench_devices_smoke_reports_job_and_steady_rates(tmp_path):
     assert rec["devices_2"]["steady_pairs_per_s_median"] == runs[2]["sum_device_pairs_per_s"]
     assert rec["devices_1"]["speedup_over_1"] == 1.0
     assert "steady state" in r.output
+
+
+def test_bench_host_only_runs_the_pipeline_without_a_model(tmp_path):
+    out = tmp_path / "host.json"
+    r = run_cli(["bench", "--host-only", "--smoke", "--workload", "w-short", "--device-us-per-token", "0.5",
+                 "--json", out])
+    assert r.exit_code == 0, r.output
+    rec = json.loads(out.read_text())
+    assert set(rec["pairs_per_s"]) == {"encode", "e2e_off", "e2e_on"}
+    assert all(v["median"] > 0 for v in rec["pairs_per_s"].values())
+    on, off = rec["last_run_stages"]["on"], rec["last_run_stages"]["off"]
+    assert off["tokens_after_sharing"] == off["tokens_before_sharing"] == on["tokens_before_sharing"]
+    assert on["tokens_after_sharing"] < 0.8 * on["tokens_before_sharing"]
+    # The simulated device's time follows the tokens computed: less with sharing.
+    assert abs(on["simulated_device_s"] - on["tokens_after_sharing"] * 0.5e-6) <= 0.001
+    assert on["simulated_device_s"] < off["simulated_device_s"]
+    assert "TOKENIZERS_PARALLELISM=true" in r.output or "TOKENIZERS_PARALLELISM" in os.environ

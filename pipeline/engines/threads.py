@@ -6,6 +6,11 @@ on the other (measured: docs/PERFORMANCE.md). On a CPU run, torch gets the cores
 use (os.sched_getaffinity, not the machine's count, which containers and taskset narrow), and on
 machines of at most TOKENIZER_SERIAL_CORES cores the tokenizer runs single-threaded. A user's own
 OMP_NUM_THREADS, RERANK_CPU_THREADS or TOKENIZERS_PARALLELISM wins.
+
+Runs on an accelerator never come here: their tokenizer keeps its own threads on every core
+(the model does not need the CPU), which the host side needs to keep up with the GPU once
+prefixes are shared (issue 12). Pool workers are spawned with the driver's environment, so they
+see the same setting.
 """
 
 from __future__ import annotations

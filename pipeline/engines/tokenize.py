@@ -9,6 +9,9 @@ and we learn which pairs were truncated.
 
 from __future__ import annotations
 
+import itertools
+import logging
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +19,8 @@ import numpy as np
 from pipeline.errors import InputError, ModelError
 from pipeline.engines.prefix import group_keys
 from pipeline.engines.template import Template
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,35 +58,105 @@ class PairEncoder:
         self.truncate_left = getattr(tokenizer, "truncation_side", "right") == "left"
         self.positive_id = _single_token(tokenizer, template.positive)
         self.negative_id = _single_token(tokenizer, template.negative) if template.negative else None
+        self.backend = fast_backend(tokenizer)
+        if self.backend is not None:
+            # encode_batch_fast (tokenizers >= 0.21) skips the character offsets we never read.
+            self._encode_batch = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+            # A cheap guard for what fast_backend cannot see: the two ways agree on a probe.
+            probe = [template.format_body("Ünïcode  ", "q: it's 42?", " \tdoc\n\nend "), ""]
+            want = tokenizer(probe, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+            got, lens = self.tokenize_bodies(probe)
+            if got.tolist() != [t for ids in want for t in ids] or lens.tolist() != [len(x) for x in want]:
+                log.info("tokenizer: its Rust batch call and its __call__ disagree on a probe; using __call__")
+                self.backend = None
 
     def encode(self, instructions, queries, documents) -> Encoded:
         bodies = [
             self.template.format_body(i, q, d) for i, q, d in zip(instructions, queries, documents)
         ]
-        if bodies:
-            body_ids = self.tokenizer(
-                bodies, add_special_tokens=False, return_attention_mask=False, verbose=False
-            )["input_ids"]
-        else:
-            body_ids = []
-        pre = np.asarray(self.prefix_ids, dtype=np.int32)
-        suf = np.asarray(self.suffix_ids, dtype=np.int32)
-        n = len(body_ids)
-        truncated = np.zeros(n, dtype=bool)
-        pieces = []
-        lengths = np.empty(n, dtype=np.int64)
-        for k, ids in enumerate(body_ids):
-            if len(ids) > self.body_max:
-                truncated[k] = True
-                ids = ids[-self.body_max:] if self.truncate_left else ids[: self.body_max]
-            pieces.append(pre)
-            pieces.append(np.asarray(ids, dtype=np.int32))
-            pieces.append(suf)
-            lengths[k] = len(pre) + len(ids) + len(suf)
-        flat = np.concatenate(pieces) if pieces else np.empty(0, dtype=np.int32)
-        offsets = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
+        body_ids, body_lens = self.tokenize_bodies(bodies)
+        flat, offsets, truncated = assemble(body_ids, body_lens, self.prefix_ids, self.suffix_ids,
+                                            self.body_max, self.truncate_left)
         return Encoded(flat, offsets, truncated, keys=group_keys(instructions, queries))
+
+    def tokenize_bodies(self, bodies: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Ids of each body (tokenized whole, no special tokens), flat int32, and their lengths.
+
+        Fast tokenizers: the Rust backend's batch call straight away (it releases the GIL and
+        runs on all cores), without transformers' per-encoding Python conversion, the same call
+        tokenizer(bodies, add_special_tokens=False) makes with truncation and padding off.
+        Others: that __call__."""
+        if not bodies:
+            return np.empty(0, np.int32), np.zeros(0, np.int64)
+        backend = self.backend
+        if backend is None:
+            lists = self.tokenizer(bodies, add_special_tokens=False, return_attention_mask=False,
+                                   verbose=False)["input_ids"]
+        else:
+            # As transformers' __call__ prepares the backend: no truncation or padding (a
+            # tokenizer.json may configure them), special tokens split as the tokenizer says.
+            if backend.truncation is not None:
+                backend.no_truncation()
+            if backend.padding is not None:
+                backend.no_padding()
+            split = bool(getattr(self.tokenizer, "split_special_tokens", False))
+            if getattr(backend, "encode_special_tokens", split) != split:
+                backend.encode_special_tokens = split
+            lists = [e.ids for e in self._encode_batch(bodies, add_special_tokens=False)]
+        lens = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+        flat = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int32, count=int(lens.sum()))
+        return flat, lens
+
+
+def fast_backend(tokenizer):
+    """The `tokenizers.Tokenizer` behind a fast tokenizer whose __call__ is transformers' own
+    (so calling the backend gives the same ids); None for slow tokenizers, for classes that
+    override the call (code_llama, layoutlm, ...), and where RERANK_TOKENIZER_BACKEND=python
+    asks for the __call__."""
+    if os.environ.get("RERANK_TOKENIZER_BACKEND", "rust") == "python":
+        return None
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None or not hasattr(backend, "encode_batch") or not getattr(tokenizer, "is_fast", False):
+        return None
+    for name in ("__call__", "_encode_plus", "_batch_encode_plus"):
+        fn = getattr(type(tokenizer), name, None)
+        if fn is not None and not getattr(fn, "__module__", "").startswith("transformers.tokenization_utils"):
+            return None
+    return backend
+
+
+def assemble(body_ids: np.ndarray, body_lens: np.ndarray, prefix_ids, suffix_ids, body_max: int,
+             truncate_left: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """prefix + body (cut to body_max tokens, from the left where the tokenizer truncates
+    there) + suffix per pair, flat: (ids int32, offsets int64 len n+1, truncated bool)."""
+    n = len(body_lens)
+    pre = np.asarray(prefix_ids, dtype=np.int32)
+    suf = np.asarray(suffix_ids, dtype=np.int32)
+    truncated = body_lens > body_max
+    kept = np.minimum(body_lens, body_max)
+    src_start = np.zeros(n, dtype=np.int64)
+    np.cumsum(body_lens[:-1], out=src_start[1:])
+    if truncate_left:
+        src_start += body_lens - kept
+    P, S = len(pre), len(suf)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(kept + (P + S), out=offsets[1:])
+    flat = np.empty(int(offsets[-1]), dtype=np.int32)
+    starts = offsets[:-1]
+    if P:
+        flat[(starts[:, None] + np.arange(P)).reshape(-1)] = np.tile(pre, n)
+    if S:
+        flat[((starts + P + kept)[:, None] + np.arange(S)).reshape(-1)] = np.tile(suf, n)
+    if n and kept.sum():
+        flat[ranges(starts + P, kept)] = body_ids[ranges(src_start, kept)]
+    return flat, offsets, truncated
+
+
+def ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(s, s + n) for each (s, n)."""
+    cu = np.zeros(len(lens) + 1, dtype=np.int64)
+    np.cumsum(lens, out=cu[1:])
+    return np.repeat(starts - cu[:-1], lens) + np.arange(int(cu[-1]), dtype=np.int64)
 
 
 def _single_token(tokenizer, token: str) -> int:
