@@ -66,7 +66,8 @@ class Scorer:
                                  "use --engine auto")
             self.engine = "transformers-padded"
         else:
-            self.decoder = decoder_of(model)
+            direct = getattr(model, "direct", False)  # tensors loaded without transformers (direct.py)
+            self.decoder = None if direct else decoder_of(model)
             if kind.family == "yes-no":
                 w = model.get_output_embeddings().weight
                 rows = [encoder.positive_id] if encoder.negative_id is None else [encoder.negative_id, encoder.positive_id]
@@ -77,9 +78,11 @@ class Scorer:
                 self.head_w = score.weight.detach().to(torch.float32)
                 self.head_b = score.bias.detach().to(torch.float32) if getattr(score, "bias", None) is not None else None
             self.layer_types = sorted(set(getattr(model.config, "layer_types", None) or ["full_attention"]))
-            if cfg.engine != "transformers" and fused_qwen3.supports(model):
-                use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
-                self.fused = fused_qwen3.FusedQwen3(model, self.decoder, kernel, compile=use_compile)
+            use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+            if direct:
+                self.fused = fused_qwen3.FusedQwen3.from_tensors(model.config, model.tensors, kernel, use_compile)
+            elif cfg.engine != "transformers" and fused_qwen3.supports(model):
+                self.fused = fused_qwen3.FusedQwen3.from_hf(model, self.decoder, kernel, compile=use_compile)
             elif cfg.engine == "fused":
                 raise ModelError(f"--engine fused supports plain Qwen3 decoders only; this model is "
                                  f"{model.config.model_type}: use --engine auto")
