@@ -4,17 +4,42 @@ With the default automatic dynamism a function is compiled for the first batch's
 count (the memory probe's), then compiled again when the second count differs: two compilations
 before the first real batch. Marking dimension 0 of every matrix argument dynamic from the first
 call gives the kernels that automatic dynamism settles on, in one compilation. Inductor's on-disk
-cache (on by default) then serves later processes.
+caches (FX graphs, autotuning; on by default) then serve later processes. They live in a stable
+directory, `cache_dir()`, rather than Inductor's default under the temp directory, which tmp
+cleaners and reboots empty; TORCHINDUCTOR_CACHE_DIR overrides it.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+
+def cache_dir() -> str:
+    """TORCHINDUCTOR_CACHE_DIR, else $XDG_CACHE_HOME/rerank-batch/inductor (~/.cache/...)."""
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "rerank-batch", "inductor")
+
+
+def use_cache_dir() -> str:
+    """Point Inductor (it reads the variable when it first compiles) at `cache_dir()`; '' where
+    that cannot be created (Inductor's own default then)."""
+    path = cache_dir()
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return ""
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+    return path
 
 
 def compile_rows(fn):
     """`fn` compiled with dimension 0 of its 2-D+ tensor arguments symbolic; raises if torch.compile
     is unavailable (the caller falls back to eager)."""
+    use_cache_dir()
     compiled = torch.compile(fn, dynamic=None, fullgraph=True)
     mark = torch._dynamo.maybe_mark_dynamic
 
