@@ -36,9 +36,20 @@ def use_cache_dir() -> str:
     return path
 
 
+def wanted(cfg, device) -> bool:
+    """--compile: on, or auto on CUDA."""
+    return cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+
+
+_COMPILED: dict = {}
+
+
 def compile_rows(fn):
     """`fn` compiled with dimension 0 of its 2-D+ tensor arguments symbolic; raises if torch.compile
-    is unavailable (the caller falls back to eager)."""
+    is unavailable (the caller falls back to eager). One wrapper per function and process, so a
+    warm-up call (fused_qwen3.warm_up) compiles the kernels that the model's calls then use."""
+    if fn in _COMPILED:
+        return _COMPILED[fn]
     use_cache_dir()
     compiled = torch.compile(fn, dynamic=None, fullgraph=True)
     mark = torch._dynamo.maybe_mark_dynamic
@@ -50,4 +61,5 @@ def compile_rows(fn):
         return compiled(*args)
 
     call.__wrapped__ = fn
+    _COMPILED[fn] = call
     return call

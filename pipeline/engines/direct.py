@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from types import SimpleNamespace
 
 import torch
@@ -142,7 +143,7 @@ class DirectQwen3:
 
 def load_qwen3(cfg, kind, device: torch.device, dtype: torch.dtype):
     """(DirectQwen3, FastTokenizer) of `cfg.model`, or None (logged why) for transformers to load."""
-    from pipeline.engines import fast_tokenizer
+    from pipeline.engines import compiled, fast_tokenizer, fused_qwen3
     from pipeline.job import startup
 
     path = cfg.model
@@ -176,10 +177,31 @@ def load_qwen3(cfg, kind, device: torch.device, dtype: torch.dtype):
             log.debug("model %s: loading through transformers (%s has shape %s, not %s)", path, k,
                       sl.get_shape(), shape)
             return None
-    for k in want:
-        # mmap -> device, then the run's dtype (as transformers' dtype= casts: exact upward).
-        tensors[k] = where[k].get_tensor(k).to(device=device, non_blocking=True).to(dtype)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    failed: list = []
+
+    def load_all():
+        try:
+            for k in want:
+                # mmap -> device, then the run's dtype (as transformers' dtype= casts: exact upward).
+                tensors[k] = where[k].get_tensor(k).to(device=device, non_blocking=True).to(dtype)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        except BaseException as exc:  # raised in the caller's thread below
+            failed.append(exc)
+
+    # The weights load (file reads, host-to-device copies) while this thread compiles the fused
+    # steps on dummy rows: the two waits overlap instead of adding up.
+    loader = threading.Thread(target=load_all, name="rerank-weights", daemon=True)
+    loader.start()
+    if compiled.wanted(cfg, device):
+        try:
+            fused_qwen3.warm_up(c, device, dtype)
+        except Exception as exc:  # the model's first call meets it again, and falls back to eager
+            log.debug("compile warm-up failed: %s", exc)
+        startup.mark("compile")
+    while loader.is_alive():  # a timed join: signals still reach this thread at once
+        loader.join(0.1)
+    if failed:
+        raise failed[0]
     startup.mark("weights")
     return DirectQwen3(c, tensors, kind.family), tok

@@ -184,6 +184,32 @@ class FusedQwen3:
         return hn
 
 
+def warm_up(cfg, device, dtype, parameters: bool = False, rows: int = 16) -> None:
+    """Compile the fused steps on dummy rows of the model's widths, dtype and device, before (or
+    while) the weights load: the model's calls then find them compiled. `parameters`: the weights
+    are nn.Parameters (a transformers model), which torch.compile's guards tell from tensors."""
+    from pipeline.engines.compiled import compile_rows
+
+    h, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // h
+    hid, eps = cfg.hidden_size, cfg.rms_norm_eps
+
+    def weight(n):  # made outside inference mode, as the model's weights are
+        w = torch.ones(n, device=device, dtype=dtype)
+        return torch.nn.Parameter(w, requires_grad=False) if parameters else w
+
+    w_hid, qw, kw = weight(hid), weight(d), weight(d)
+    with torch.inference_mode():
+        # Distinct tensors for distinct arguments: guards tell aliased arguments apart.
+        def z(n):
+            return torch.zeros(rows, n, device=device, dtype=dtype)
+
+        compile_rows(qk_norm_rope)(z((h + 2 * hkv) * d), qw, kw, z(d), z(d), eps, h, hkv, d)
+        compile_rows(add_norm)(z(hid), z(hid), w_hid, eps)
+        compile_rows(swiglu)(z(2 * cfg.intermediate_size))
+        compile_rows(rms_norm)(z(hid), w_hid, eps)
+
+
 def supports(hf_model) -> bool:
     """Plain Qwen3 decoders only: no sliding window, no attention bias, default RoPE."""
     cfg = hf_model.config
