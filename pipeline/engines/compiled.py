@@ -16,10 +16,22 @@ import os
 import torch
 
 
+def _inductor_default() -> str | None:
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        return os.path.abspath(default_cache_dir())
+    except Exception:  # another torch layout: nothing to tell apart
+        return None
+
+
 def cache_dir() -> str:
-    """TORCHINDUCTOR_CACHE_DIR, else $XDG_CACHE_HOME/rerank-batch/inductor (~/.cache/...)."""
-    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
-        return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    """TORCHINDUCTOR_CACHE_DIR, else $XDG_CACHE_HOME/rerank-batch/inductor (~/.cache/...).
+    Inductor writes its own default into the variable once it has looked (importing torch._dynamo
+    may), so that value counts as unset."""
+    env = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if env and os.path.abspath(env) != _inductor_default():
+        return env
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "rerank-batch", "inductor")
 
