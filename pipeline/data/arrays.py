@@ -29,3 +29,14 @@ def to_arrow(a, type_: pa.DataType = pa.int64(), mask: np.ndarray | None = None)
     else:
         data = pa.py_buffer(np.ascontiguousarray(a, dtype=_NP[type_]))
     return pa.Array.from_buffers(type_, len(a), [validity, data], null_count=nulls)
+
+
+def to_numpy(col) -> np.ndarray:
+    """A fixed-width numeric Arrow column (chunked or not) without nulls as NumPy, read from its
+    data buffer: pyarrow's to_numpy goes through its pandas shim (the import above)."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+    dt = _NP.get(col.type)
+    if dt is None or col.null_count:
+        return col.to_numpy(zero_copy_only=False)
+    return np.frombuffer(col.buffers()[1], dtype=dt, count=len(col), offset=col.offset * np.dtype(dt).itemsize)

@@ -24,7 +24,7 @@ import pyarrow as pa
 from pipeline.storage.uri import read_part
 
 from pipeline.errors import RerankError
-from pipeline.data.arrays import to_arrow
+from pipeline.data.arrays import to_arrow, to_numpy
 from pipeline.data.rank_index import GroupIndex, key_frame, key_hashes
 
 MAX_BUCKETS = 256  # open spill files at once
@@ -42,7 +42,7 @@ class Ranker:
     def __call__(self, table: pa.Table, g: np.ndarray) -> Ranked:
         n = table.num_rows
         narrow = pl.DataFrame({"_g": g, "score": pl.from_arrow(table.column("score")),
-                               "_ord": table.column("_ord").to_numpy(),
+                               "_ord": to_numpy(table.column("_ord")),
                                "_i": np.arange(n, dtype=np.int64)})
         narrow = narrow.sort(["_g", "score", "_ord"], descending=[False, True, False], nulls_last=True)
         perm = narrow["_i"].to_numpy()
@@ -163,7 +163,7 @@ def buckets(paths: list[str], rank: Ranker) -> Iterator[Ranked]:
         with pa.ipc.open_stream(path) as reader:
             t = reader.read_all()
         os.unlink(path)
-        g = t.column("_g").to_numpy()
+        g = to_numpy(t.column("_g"))
         yield rank(t.drop_columns(["_g"]), g)
 
 
