@@ -182,8 +182,10 @@ def load_qwen3(cfg, kind, device: torch.device, dtype: torch.dtype):
     def load_all():
         try:
             for k in want:
-                # mmap -> device, then the run's dtype (as transformers' dtype= casts: exact upward).
-                tensors[k] = where[k].get_tensor(k).to(device=device, non_blocking=True).to(dtype)
+                # Into fresh memory on the device, in the run's dtype (as transformers' dtype= casts:
+                # exact upward). Always a copy: on the CPU, a tensor left in get_tensor's buffer
+                # sits at the file's 8-byte alignment, not the allocator's 64.
+                tensors[k] = where[k].get_tensor(k).to(device=device, dtype=dtype, copy=True)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
         except BaseException as exc:  # raised in the caller's thread below
