@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 
 from pipeline.config import RunConfig
 from pipeline.errors import InputError
+from pipeline.data.arrays import to_arrow
 from pipeline.data.read import InputLayout, Unit
 
 # _ord = global input row * ORD_STRIDE + doc_index: one sortable int64 for both forms.
@@ -54,9 +55,9 @@ def build_pairs(unit: Unit, table: pa.Table, layout: InputLayout, cfg: RunConfig
             )
         parent = np.repeat(np.arange(n_rows), lengths)
         doc_index = (np.arange(len(parent)) - np.repeat(np.cumsum(lengths) - lengths, lengths)).astype(np.int32)
-        rest = table.drop_columns([layout.doc_col]).take(pa.array(parent, pa.int64()))
+        rest = table.drop_columns([layout.doc_col]).take(to_arrow(parent))
         docs = pc.list_flatten(lists) if n_rows else pa.array([], pa.string())
-        out = rest.append_column("document", docs).append_column("doc_index", pa.array(doc_index, pa.int32()))
+        out = rest.append_column("document", docs).append_column("doc_index", to_arrow(doc_index, pa.int32()))
         doc_name = "document"
         ords = global_row[parent] * ORD_STRIDE + doc_index
         file_rows = row_in_file[parent]
@@ -65,7 +66,7 @@ def build_pairs(unit: Unit, table: pa.Table, layout: InputLayout, cfg: RunConfig
         doc_name = layout.doc_col
         ords = global_row * ORD_STRIDE
         file_rows = row_in_file
-    out = out.append_column("_ord", pa.array(ords, pa.int64()))
+    out = out.append_column("_ord", to_arrow(ords))
 
     queries = out.column(layout.query_col)
     documents = out.column(doc_name)
@@ -75,7 +76,10 @@ def build_pairs(unit: Unit, table: pa.Table, layout: InputLayout, cfg: RunConfig
     if "query_id" in layout.columns:
         checked.append(("query_id", out.column("query_id")))
     for name, col in checked:
-        nulls = np.asarray(pc.is_null(col).to_numpy(zero_copy_only=False), dtype=bool) if out.num_rows else valid[:0]
+        if not col.null_count:
+            continue
+        # One chunk's to_numpy, not the ChunkedArray's (which goes through pandas' machinery).
+        nulls = np.asarray(pc.is_null(col.combine_chunks()).to_numpy(zero_copy_only=False), dtype=bool)
         if nulls.any():
             if cfg.on_null == "error":
                 k = int(np.argmax(nulls))
@@ -127,5 +131,5 @@ def result_part(pairs: UnitPairs, scores: np.ndarray) -> pa.Table:
     full[pairs.valid] = scores
     mask = ~pairs.valid
     return pairs.table.append_column(
-        "score", pa.array(full, pa.float32(), mask=mask if mask.any() else None)
+        "score", to_arrow(full, pa.float32(), mask=mask)
     )

@@ -19,6 +19,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from pipeline.data.arrays import to_numpy
 from pipeline.storage.uri import read_part
 
 SEEDS = (0x5EED_0001, 0x5EED_0002)
@@ -81,7 +82,7 @@ def build_index(part_paths: list[str], keys: list[str], fill: dict[str, str]) ->
         t = read_part(path, keys + ["_ord"])
         if not t.num_rows:
             continue
-        ords = t.column("_ord").to_numpy()
+        ords = to_numpy(t.column("_ord"))
         if in_order and (ords[0] <= last_ord or (np.diff(ords) <= 0).any()):
             in_order = False
         last_ord = int(ords[-1])

@@ -24,6 +24,7 @@ import pyarrow as pa
 from pipeline.storage.uri import read_part
 
 from pipeline.errors import RerankError
+from pipeline.data.arrays import to_arrow, to_numpy
 from pipeline.data.rank_index import GroupIndex, key_frame, key_hashes
 
 MAX_BUCKETS = 256  # open spill files at once
@@ -41,13 +42,13 @@ class Ranker:
     def __call__(self, table: pa.Table, g: np.ndarray) -> Ranked:
         n = table.num_rows
         narrow = pl.DataFrame({"_g": g, "score": pl.from_arrow(table.column("score")),
-                               "_ord": table.column("_ord").to_numpy(),
+                               "_ord": to_numpy(table.column("_ord")),
                                "_i": np.arange(n, dtype=np.int64)})
         narrow = narrow.sort(["_g", "score", "_ord"], descending=[False, True, False], nulls_last=True)
         perm = narrow["_i"].to_numpy()
         gs = narrow["_g"].to_numpy()
         same = gs[1:] == gs[:-1]
-        self._check_keys(table.select(self.keys).take(pa.array(perm)), same)  # keys only: no payload copy
+        self._check_keys(table.select(self.keys).take(to_arrow(perm)), same)  # keys only: no payload copy
         idx = np.arange(n, dtype=np.int64)
         starts = np.maximum.accumulate(np.where(np.r_[True, ~same], idx, 0)) if n else idx
         rank = (idx - starts + 1).astype(np.int32)
@@ -55,8 +56,8 @@ class Ranker:
         if self.top_k is not None:
             keep = ~null & (rank <= self.top_k)
             perm, gs, rank, null = perm[keep], gs[keep], rank[keep], null[keep]
-        out = table.select(self.names).take(pa.array(perm))
-        out = out.append_column("rank", pa.array(rank, pa.int32(), mask=null if null.any() else None))
+        out = table.select(self.names).take(to_arrow(perm))
+        out = out.append_column("rank", to_arrow(rank, pa.int32(), mask=null))
         return out, gs
 
     def _check_keys(self, sorted_table: pa.Table, same: np.ndarray) -> None:
@@ -88,7 +89,7 @@ def contiguous(part_paths, columns, index: GroupIndex, keys, fill, rank: Ranker,
         t, g = _read(path, columns, index, keys, fill)
         keep = ~index.scattered[g]
         if not keep.all():
-            t, g = t.filter(pa.array(keep)), g[keep]
+            t, g = t.filter(to_arrow(keep, pa.bool_())), g[keep]
         if not len(g):
             continue
         tables.append(t)
@@ -140,7 +141,7 @@ def spill(part_paths, columns, index: GroupIndex, keys, fill, spill_dir: str,
             order = np.argsort(b, kind="stable")
             # One take puts the part's scattered rows in bucket order; the buckets are slices.
             rows = np.flatnonzero(mask)[order]
-            t = t.take(pa.array(rows)).append_column("_g", pa.array(g[rows], pa.int64()))
+            t = t.take(to_arrow(rows)).append_column("_g", to_arrow(g[rows]))
             b = b[order]
             bounds = np.r_[0, np.flatnonzero(np.diff(b)) + 1, len(b)]
             for lo, hi in zip(bounds[:-1], bounds[1:]):
@@ -162,7 +163,7 @@ def buckets(paths: list[str], rank: Ranker) -> Iterator[Ranked]:
         with pa.ipc.open_stream(path) as reader:
             t = reader.read_all()
         os.unlink(path)
-        g = t.column("_g").to_numpy()
+        g = to_numpy(t.column("_g"))
         yield rank(t.drop_columns(["_g"]), g)
 
 

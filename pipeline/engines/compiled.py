@@ -4,17 +4,65 @@ With the default automatic dynamism a function is compiled for the first batch's
 count (the memory probe's), then compiled again when the second count differs: two compilations
 before the first real batch. Marking dimension 0 of every matrix argument dynamic from the first
 call gives the kernels that automatic dynamism settles on, in one compilation. Inductor's on-disk
-cache (on by default) then serves later processes.
+caches (FX graphs, autotuning; on by default) then serve later processes. They live in a stable
+directory, `cache_dir()`, rather than Inductor's default under the temp directory, which tmp
+cleaners and reboots empty; TORCHINDUCTOR_CACHE_DIR overrides it.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+
+def _inductor_default() -> str | None:
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        return os.path.abspath(default_cache_dir())
+    except Exception:  # another torch layout: nothing to tell apart
+        return None
+
+
+def cache_dir() -> str:
+    """TORCHINDUCTOR_CACHE_DIR, else $XDG_CACHE_HOME/rerank-batch/inductor (~/.cache/...).
+    Inductor writes its own default into the variable once it has looked (importing torch._dynamo
+    may), so that value counts as unset."""
+    env = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if env and os.path.abspath(env) != _inductor_default():
+        return env
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "rerank-batch", "inductor")
+
+
+def use_cache_dir() -> str:
+    """Point Inductor (it reads the variable when it first compiles) at `cache_dir()`; '' where
+    that cannot be created (Inductor's own default then)."""
+    path = cache_dir()
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return ""
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+    return path
+
+
+def wanted(cfg, device) -> bool:
+    """--compile: on, or auto on CUDA."""
+    return cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+
+
+_COMPILED: dict = {}
 
 
 def compile_rows(fn):
     """`fn` compiled with dimension 0 of its 2-D+ tensor arguments symbolic; raises if torch.compile
-    is unavailable (the caller falls back to eager)."""
+    is unavailable (the caller falls back to eager). One wrapper per function and process, so a
+    warm-up call (fused_qwen3.warm_up) compiles the kernels that the model's calls then use."""
+    if fn in _COMPILED:
+        return _COMPILED[fn]
+    use_cache_dir()
     compiled = torch.compile(fn, dynamic=None, fullgraph=True)
     mark = torch._dynamo.maybe_mark_dynamic
 
@@ -25,4 +73,5 @@ def compile_rows(fn):
         return compiled(*args)
 
     call.__wrapped__ = fn
+    _COMPILED[fn] = call
     return call

@@ -34,11 +34,19 @@ class ModelKind:
 
 
 def load_config(cfg: RunConfig):
-    from transformers import AutoConfig
-
+    """The model's config: config.json as plain JSON for the model types whose fields we read
+    (no transformers import: seconds at startup), else transformers' AutoConfig."""
     path = cfg.model
     if not os.path.isdir(path) and (os.path.exists(path) or not _HUB_ID.match(path)):
         raise ModelError(f"model {path}: no such directory; pass a model directory or a hub id")
+    if os.path.isdir(path) and not cfg.trust_remote_code:
+        from pipeline.engines.direct import read_config
+
+        got = read_config(path)
+        if got is not None:
+            return got
+    from transformers import AutoConfig
+
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     except Exception as exc:  # transformers raises OSError/ValueError with long texts

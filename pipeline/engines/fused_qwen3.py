@@ -58,46 +58,89 @@ class _Layer:
     __slots__ = ("ln1", "ln2", "w_qkv", "w_o", "qn", "kn", "w_gu", "w_down")
 
 
+def _layer(ln1, ln2, qkv: list, w_o, qn, kn, gu: list, w_down) -> _Layer:
+    L = _Layer()
+    L.ln1, L.ln2, L.w_o, L.qn, L.kn, L.w_down = ln1, ln2, w_o, qn, kn, w_down
+    L.w_qkv = torch.cat(qkv, 0)
+    L.w_gu = torch.cat(gu, 0)
+    return L
+
+
+class DefaultRope:
+    """Qwen3's default rotary tables, computed as transformers' Qwen3RotaryEmbedding does: the
+    inverse frequencies in float32 on the CPU, the angles in float32 on the device, then cast."""
+
+    def __init__(self, theta: float, dim: int):
+        self.inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+
+    def __call__(self, x, position_ids):
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype=x.dtype), emb.sin().to(dtype=x.dtype)
+
+
 class FusedQwen3:
     """Holds references to (and fused copies of) the HF model's weights; `last_hidden` is the
     only entry point."""
 
-    def __init__(self, hf_model, base, kernel: str, compile: bool = False):
-        cfg = hf_model.config
+    def __init__(self, cfg, embed, norm, rotary, layers: list, kernel: str, compile: bool = False):
         self.kernel = kernel
         self.h = cfg.num_attention_heads
         self.hkv = cfg.num_key_value_heads
         self.d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.eps = cfg.rms_norm_eps
         self.scale = self.d ** -0.5
-        self.embed = base.embed_tokens.weight
-        self.norm = base.norm.weight
-        self.rotary = base.rotary_emb
-        self.layers = []
-        with torch.no_grad():
-            for blk in base.layers:
-                a, m = blk.self_attn, blk.mlp
-                L = _Layer()
-                L.ln1 = blk.input_layernorm.weight
-                L.ln2 = blk.post_attention_layernorm.weight
-                L.w_qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], 0)
-                L.w_o = a.o_proj.weight
-                L.qn, L.kn = a.q_norm.weight, a.k_norm.weight
-                L.w_gu = torch.cat([m.gate_proj.weight, m.up_proj.weight], 0)
-                L.w_down = m.down_proj.weight
-                self.layers.append(L)
-        # The fused copies replace the originals: free those, so weights are held once.
-        for blk in base.layers:
-            a, m = blk.self_attn, blk.mlp
-            for mod in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj):
-                mod.weight = torch.nn.Parameter(torch.empty(0, dtype=mod.weight.dtype, device=mod.weight.device),
-                                                requires_grad=False)
+        self.embed = embed
+        self.norm = norm
+        self.rotary = rotary
+        self.layers = layers
         self._qk = qk_norm_rope
         self._add_norm = add_norm
         self._swiglu = swiglu
         self._norm = rms_norm
         if compile:
             self._compile()
+
+    @classmethod
+    def from_hf(cls, hf_model, base, kernel: str, compile: bool = False) -> "FusedQwen3":
+        """Over a transformers Qwen3 model: fused copies of q/k/v and gate/up, the rest shared."""
+        layers = []
+        with torch.no_grad():
+            for blk in base.layers:
+                a, m = blk.self_attn, blk.mlp
+                layers.append(_layer(blk.input_layernorm.weight, blk.post_attention_layernorm.weight,
+                                     [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], a.o_proj.weight,
+                                     a.q_norm.weight, a.k_norm.weight, [m.gate_proj.weight, m.up_proj.weight],
+                                     m.down_proj.weight))
+        # The fused copies replace the originals: free those, so weights are held once.
+        for blk in base.layers:
+            a, m = blk.self_attn, blk.mlp
+            for mod in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj):
+                mod.weight = torch.nn.Parameter(torch.empty(0, dtype=mod.weight.dtype, device=mod.weight.device),
+                                                requires_grad=False)
+        return cls(hf_model.config, base.embed_tokens.weight, base.norm.weight, base.rotary_emb, layers, kernel,
+                   compile)
+
+    @classmethod
+    def from_tensors(cls, cfg, t: dict, kernel: str, compile: bool = False) -> "FusedQwen3":
+        """Over a checkpoint's tensors by their transformers names (direct.py); the tensors of
+        q/k/v and gate/up are dropped from `t` once fused, so weights are held once."""
+        layers = []
+        with torch.no_grad():
+            for i in range(cfg.num_hidden_layers):
+                p = f"model.layers.{i}."
+                g = lambda n: t.pop(p + n)  # noqa: E731
+                layers.append(_layer(t[p + "input_layernorm.weight"], t[p + "post_attention_layernorm.weight"],
+                                     [g("self_attn.q_proj.weight"), g("self_attn.k_proj.weight"),
+                                      g("self_attn.v_proj.weight")], t[p + "self_attn.o_proj.weight"],
+                                     t[p + "self_attn.q_norm.weight"], t[p + "self_attn.k_norm.weight"],
+                                     [g("mlp.gate_proj.weight"), g("mlp.up_proj.weight")],
+                                     t[p + "mlp.down_proj.weight"]))
+        from pipeline.engines.direct import rope_theta
+
+        d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return cls(cfg, t["model.embed_tokens.weight"], t["model.norm.weight"], DefaultRope(rope_theta(cfg), d),
+                   layers, kernel, compile)
 
     def _compile(self):
         try:
@@ -139,6 +182,32 @@ class FusedQwen3:
             nxt = self.layers[i + 1].ln1 if i + 1 < n_layers else self.norm
             x, hn = self._add_norm(x, mlp, nxt, self.eps)
         return hn
+
+
+def warm_up(cfg, device, dtype, parameters: bool = False, rows: int = 16) -> None:
+    """Compile the fused steps on dummy rows of the model's widths, dtype and device, before (or
+    while) the weights load: the model's calls then find them compiled. `parameters`: the weights
+    are nn.Parameters (a transformers model), which torch.compile's guards tell from tensors."""
+    from pipeline.engines.compiled import compile_rows
+
+    h, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // h
+    hid, eps = cfg.hidden_size, cfg.rms_norm_eps
+
+    def weight(n):  # made outside inference mode, as the model's weights are
+        w = torch.ones(n, device=device, dtype=dtype)
+        return torch.nn.Parameter(w, requires_grad=False) if parameters else w
+
+    w_hid, qw, kw = weight(hid), weight(d), weight(d)
+    with torch.inference_mode():
+        # Distinct tensors for distinct arguments: guards tell aliased arguments apart.
+        def z(n):
+            return torch.zeros(rows, n, device=device, dtype=dtype)
+
+        compile_rows(qk_norm_rope)(z((h + 2 * hkv) * d), qw, kw, z(d), z(d), eps, h, hkv, d)
+        compile_rows(add_norm)(z(hid), z(hid), w_hid, eps)
+        compile_rows(swiglu)(z(2 * cfg.intermediate_size))
+        compile_rows(rms_norm)(z(hid), w_hid, eps)
 
 
 def supports(hf_model) -> bool:

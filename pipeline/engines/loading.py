@@ -5,11 +5,12 @@ for an already built model (the benchmark builds random ones in memory)."""
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
 
 from pipeline.config import RunConfig
-from pipeline.engines import attention, fused_encoder
+from pipeline.engines import attention, direct, fused_encoder
 from pipeline.engines.families import ModelKind, inspect_model
 from pipeline.engines.tokenize import CrossEncoderEncoder, PairEncoder
 from pipeline.errors import ModelError, first_line
@@ -39,15 +40,19 @@ def decoder_of(model):
 
 
 def load(cfg: RunConfig, kind: ModelKind | None = None):
-    """(model, tokenizer, device, kind) of `cfg.model`, the weights in `cfg.dtype` on `cfg.device`."""
+    """(model, tokenizer, device, kind) of `cfg.model`, the weights in `cfg.dtype` on `cfg.device`.
+    A plain Qwen3 reranker loads without transformers (direct.py) unless --engine transformers."""
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    kind = kind or inspect_model(cfg)
+    if kind.family in direct.FAMILIES and os.environ.get("RERANK_DIRECT_LOAD", "1") != "0":
+        got = direct.load_qwen3(cfg, kind, device, dtype)
+        if got is not None:
+            return got[0], got[1], device, kind
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our progress is the pairs, not the weight shards
-
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    kind = kind or inspect_model(cfg)
     path = cfg.model
     kw = dict(trust_remote_code=cfg.trust_remote_code)
     try:
@@ -93,6 +98,9 @@ def prepare(model, tokenizer, cfg: RunConfig, device=None, kind: ModelKind | Non
         encoder = CrossEncoderEncoder(tokenizer, cfg.max_length)
         packed = cfg.engine != "transformers" and fused_encoder.supports(model)
         kernel = attention.choose_kernel(cfg.attention, device, dtype) if packed else "padded-sdpa"
+    elif getattr(model, "direct", False):  # already on the device, in the dtype; no transformers modules
+        encoder = PairEncoder(tokenizer, kind.template, cfg.max_length)
+        return device, dtype, kind, encoder, attention.choose_kernel(cfg.attention, device, dtype)
     else:
         encoder = PairEncoder(tokenizer, kind.template, cfg.max_length)
         model.set_attn_implementation(attention.register())

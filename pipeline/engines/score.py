@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from pipeline.config import RunConfig
-from pipeline.engines import budget, fused_encoder, fused_qwen3, loading, oom, prefix
+from pipeline.engines import budget, compiled, fused_encoder, fused_qwen3, loading, oom, prefix
 from pipeline.engines.families import ModelKind
 from pipeline.engines.loading import decoder_of
 from pipeline.engines.packing import plan_batches
@@ -66,7 +66,8 @@ class Scorer:
                                  "use --engine auto")
             self.engine = "transformers-padded"
         else:
-            self.decoder = decoder_of(model)
+            direct = getattr(model, "direct", False)  # tensors loaded without transformers (direct.py)
+            self.decoder = None if direct else decoder_of(model)
             if kind.family == "yes-no":
                 w = model.get_output_embeddings().weight
                 rows = [encoder.positive_id] if encoder.negative_id is None else [encoder.negative_id, encoder.positive_id]
@@ -77,19 +78,32 @@ class Scorer:
                 self.head_w = score.weight.detach().to(torch.float32)
                 self.head_b = score.bias.detach().to(torch.float32) if getattr(score, "bias", None) is not None else None
             self.layer_types = sorted(set(getattr(model.config, "layer_types", None) or ["full_attention"]))
-            if cfg.engine != "transformers" and fused_qwen3.supports(model):
-                use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
-                self.fused = fused_qwen3.FusedQwen3(model, self.decoder, kernel, compile=use_compile)
+            use_compile = compiled.wanted(cfg, device)
+            if direct:
+                self.fused = fused_qwen3.FusedQwen3.from_tensors(model.config, model.tensors, kernel, use_compile)
+            elif cfg.engine != "transformers" and fused_qwen3.supports(model):
+                self.fused = fused_qwen3.FusedQwen3.from_hf(model, self.decoder, kernel, compile=use_compile)
             elif cfg.engine == "fused":
                 raise ModelError(f"--engine fused supports plain Qwen3 decoders only; this model is "
                                  f"{model.config.model_type}: use --engine auto")
             self.engine = "fused" if self.fused is not None else "transformers"
+            if self.fused is not None and use_compile and not direct:  # direct.py warmed up while loading
+                startup.mark("model_setup")
+                self._warm_up(lambda: fused_qwen3.warm_up(model.config, device, dtype, parameters=True))
         log.info("model %s (%s) on %s in %s, attention %s, engine %s", cfg.model, kind.family, device,
                  str(dtype).removeprefix("torch."), kernel, self.engine)
         self.stats = ScoreStats()
         startup.mark("model_setup")
         self.budget = budget.size_budget(self)
         startup.mark("memory_probe")
+
+    def _warm_up(self, fn) -> None:
+        """Compile before the memory probe, so the startup timeline shows compilation apart."""
+        try:
+            fn()
+        except Exception as exc:  # the model's own first call reports it and falls back
+            log.debug("compile warm-up failed: %s", exc)
+        startup.mark("compile")
 
     @classmethod
     def load(cls, cfg: RunConfig, kind: ModelKind | None = None) -> "Scorer":

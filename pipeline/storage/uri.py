@@ -152,13 +152,14 @@ def publish(local_path: str, uri: str) -> None:
 
 
 def read_part(path: str, columns):
-    """A small Parquet file (a checkpoint part: one unit), local or in object storage, read whole."""
+    """A small Parquet file (a checkpoint part: one unit), local or in object storage, read whole.
+    Through ParquetFile: pq.read_table's dataset layer imports pandas (0.2 s and more)."""
     import pyarrow.parquet as pq
 
     if is_uri(path):
         with open_input(path) as f:
-            return pq.read_table(f, columns=columns, pre_buffer=False)
-    return pq.read_table(path, columns=columns, pre_buffer=False)
+            return pq.ParquetFile(f, pre_buffer=False).read(columns=columns)
+    return pq.ParquetFile(path, pre_buffer=False).read(columns=columns)
 
 
 def part_rows(path: str) -> int:
