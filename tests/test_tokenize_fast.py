@@ -129,3 +129,18 @@ def test_a_backend_that_disagrees_on_the_probe_is_not_used(monkeypatch):
     e = enc.encode(*cols)
     want = _recipe(tok, QWEN3_RERANKER, 8192, *cols)
     assert [e.ids[e.offsets[k]:e.offsets[k + 1]].tolist() for k in range(len(want))] == want
+
+
+def test_the_direct_loaders_tokenizer_takes_the_rust_batch_path_with_the_recipes_ids():
+    """The tokenizer of the direct load (fast_tokenizer.py, no transformers) is the same backend
+    behind the same call, so it takes the batch path too, with AutoTokenizer's recipe ids."""
+    from pipeline.engines import fast_tokenizer
+
+    tok, why = fast_tokenizer.load(SAMPLE)
+    assert tok is not None, why
+    e = PairEncoder(tok, QWEN3_RERANKER, 120)
+    assert e.backend is tok.backend_tokenizer
+    cols = _columns(150)
+    got = e.encode(*cols)
+    want = _recipe(AutoTokenizer.from_pretrained(SAMPLE), QWEN3_RERANKER, 120, *cols)
+    assert [got.ids[got.offsets[k]:got.offsets[k + 1]].tolist() for k in range(len(want))] == want

@@ -120,7 +120,10 @@ def fast_backend(tokenizer):
         return None
     for name in ("__call__", "_encode_plus", "_batch_encode_plus"):
         fn = getattr(type(tokenizer), name, None)
-        if fn is not None and not getattr(fn, "__module__", "").startswith("transformers.tokenization_utils"):
+        # transformers' own call, or ours (fast_tokenizer.py, the direct load), which is that call
+        # on the same backend
+        if fn is not None and not getattr(fn, "__module__", "").startswith(
+                ("transformers.tokenization_utils", "pipeline.engines.fast_tokenizer")):
             return None
     return backend
 
