@@ -276,3 +276,11 @@ def test_cache_dir_not_writable_is_inductors_default(tmp_path, monkeypatch):
     assert compiled.use_cache_dir() == ""
     assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ or os.environ["TORCHINDUCTOR_CACHE_DIR"] != str(
         tmp_path / "xdg" / "rerank-batch" / "inductor")
+
+
+# 8. The loader thread gets the calling thread's CUDA device, not cuda:0.
+def test_the_loader_threads_device_is_the_callers(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert direct.thread_device(torch.device("cuda")) == torch.device("cuda", 1)
+    assert direct.thread_device(torch.device("cuda", 0)) == torch.device("cuda", 0)
+    assert direct.thread_device(torch.device("cpu")) == torch.device("cpu")

@@ -134,6 +134,14 @@ def _weight_files(path: str) -> tuple[list[str] | None, str]:
     return files, ""
 
 
+def thread_device(device: torch.device) -> torch.device:
+    """`device` with its index: a new thread's current CUDA device is cuda:0, not the caller's,
+    so an index-less "cuda" is resolved in the calling thread before the loader thread starts."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, (MemoryError, torch.OutOfMemoryError))
 
@@ -229,9 +237,7 @@ def load_qwen3(cfg, kind, device: torch.device, dtype: torch.dtype):
                       sl.get_shape(), shape)
             return None
     failed: list = []
-    if device.type == "cuda" and device.index is None:
-        # A new thread's current device is cuda:0, not this thread's: name the index here.
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = thread_device(device)
 
     def load_all():
         try:
