@@ -60,13 +60,24 @@ def read_config(path: str) -> JsonConfig | None:
     return JsonConfig(**d)
 
 
-def rope_theta(c: JsonConfig):
-    rp = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None)
-    if isinstance(rp, dict):
-        if rp.get("rope_type", rp.get("type", "default")) != "default":
-            return None
-        return rp.get("rope_theta", getattr(c, "rope_theta", None))
-    return getattr(c, "rope_theta", None) if rp is None else None
+def rope_theta(c) -> float | None:
+    """The base of a default RoPE, as transformers reads it (`rope_scaling or rope_parameters`);
+    None for anything else: another RoPE type, or a rope_scaling that differs from
+    rope_parameters (which one a transformers version reads is not ours to guess)."""
+    rs, rp = getattr(c, "rope_scaling", None), getattr(c, "rope_parameters", None)
+    if rs and rp and rs != rp:
+        return None
+    r = rs or rp
+    theta = getattr(c, "rope_theta", None)
+    if not r:
+        return theta
+    if not isinstance(r, dict) or r.get("rope_type", r.get("type", "default")) != "default":
+        return None
+    if set(r) - {"rope_type", "type", "rope_theta"}:
+        return None  # scaling factors or other fields a default RoPE does not read: not understood
+    if "rope_theta" in r and theta is not None and r["rope_theta"] != theta:
+        return None
+    return r.get("rope_theta", theta)
 
 
 def _why_not(cfg, kind, c: JsonConfig | None) -> str | None:
@@ -86,21 +97,61 @@ def _why_not(cfg, kind, c: JsonConfig | None) -> str | None:
     if kind.family == "yes-no" and getattr(c, "tie_word_embeddings", None) is None:
         return "config.json lacks tie_word_embeddings"
     if rope_theta(c) is None:
-        return "RoPE is not the default kind"
+        return "RoPE is not the default kind (or rope_scaling and rope_parameters differ)"
+    if getattr(c, "hidden_act", "silu") != "silu":  # Qwen3Config's default; the fused MLP is SwiGLU
+        return f"hidden_act {getattr(c, 'hidden_act', None)!r} is not silu"
+    if getattr(c, "transformers_weights", None) is not None:
+        return "config.json names its weights file (transformers_weights)"
     if (getattr(c, "use_sliding_window", False) or getattr(c, "attention_bias", False)
             or set(getattr(c, "layer_types", None) or ["full_attention"]) != {"full_attention"}):
         return "sliding window, attention bias or mixed layer types"
     return None
 
 
-def _weight_files(path: str) -> list[str] | None:
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(path, n) for n in files]
+def _weight_files(path: str) -> tuple[list[str] | None, str]:
+    """The safetensors files transformers would read: model.safetensors before the index (as
+    transformers prefers it), every shard inside the directory. (None, why) otherwise."""
     single = os.path.join(path, "model.safetensors")
-    return [single] if os.path.isfile(single) else None
+    if os.path.isfile(single):
+        return [single], ""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if not os.path.isfile(index):
+        return None, "no model.safetensors (or its index)"
+    try:
+        with open(index, encoding="utf-8") as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        if not names or not all(isinstance(n, str) for n in names):
+            raise ValueError("weight_map names no files")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return None, f"unreadable model.safetensors.index.json ({type(exc).__name__}: {exc})"
+    root = os.path.realpath(path)
+    files = [os.path.join(path, n) for n in names]
+    for f in files:
+        if os.path.commonpath([root, os.path.realpath(f)]) != root:
+            return None, f"shard {f} lies outside the model directory"
+        if not os.path.isfile(f):
+            return None, f"shard {f} is missing"
+    return files, ""
+
+
+def thread_device(device: torch.device) -> torch.device:
+    """`device` with its index: a new thread's current CUDA device is cuda:0, not the caller's,
+    so an index-less "cuda" is resolved in the calling thread before the loader thread starts."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError))
+
+
+def _weights_error(path: str, exc: BaseException):
+    """The transformers path's message (loading.py) for weights that cannot be read."""
+    from pipeline.errors import ModelError, first_line
+
+    return ModelError(f"model {path}: cannot load safetensors weights ({first_line(exc)}); weights load only "
+                      "from *.safetensors files")
 
 
 def expected_shapes(c: JsonConfig, family: str, tied: bool) -> dict[str, tuple[int, ...]]:
@@ -149,9 +200,9 @@ def load_qwen3(cfg, kind, device: torch.device, dtype: torch.dtype):
     path = cfg.model
     c = read_config(path) if os.path.isdir(path) else None
     why = _why_not(cfg, kind, c)
-    files = None if why else _weight_files(path)
-    if not why and not files:
-        why = "no model.safetensors (or its index)"
+    files = None
+    if not why:
+        files, why = _weight_files(path)
     tok = None
     if not why:
         tok, why = fast_tokenizer.load(path)
@@ -163,8 +214,13 @@ def load_qwen3(cfg, kind, device: torch.device, dtype: torch.dtype):
 
     tied = bool(getattr(c, "tie_word_embeddings", False)) and kind.family == "yes-no"
     want = expected_shapes(c, kind.family, tied)
-    handles = [safe_open(f, framework="pt", device="cpu") for f in files]
-    where = {k: h for h in handles for k in h.keys()}
+    try:
+        handles = [safe_open(f, framework="pt", device="cpu") for f in files]
+        where = {k: h for h in handles for k in h.keys()}
+    except Exception as exc:  # a truncated or corrupt file
+        if _is_oom(exc):
+            raise
+        raise _weights_error(path, exc) from None
     extra = set(where) - set(want) - ({"lm_head.weight"} if tied else set())
     if set(want) - set(where) or extra:
         log.debug("model %s: loading through transformers (checkpoint keys differ: missing %s, extra %s)", path,
@@ -172,12 +228,16 @@ def load_qwen3(cfg, kind, device: torch.device, dtype: torch.dtype):
         return None
     tensors = {}
     for k, shape in want.items():
-        sl = where[k].get_slice(k)
+        try:
+            sl = where[k].get_slice(k)
+        except Exception as exc:
+            raise _weights_error(path, exc) from None
         if tuple(sl.get_shape()) != shape:
             log.debug("model %s: loading through transformers (%s has shape %s, not %s)", path, k,
                       sl.get_shape(), shape)
             return None
     failed: list = []
+    device = thread_device(device)
 
     def load_all():
         try:
@@ -195,15 +255,23 @@ def load_qwen3(cfg, kind, device: torch.device, dtype: torch.dtype):
     # steps on dummy rows: the two waits overlap instead of adding up.
     loader = threading.Thread(target=load_all, name="rerank-weights", daemon=True)
     loader.start()
+    compile_failed = False
     if compiled.wanted(cfg, device):
         try:
             fused_qwen3.warm_up(c, device, dtype)
-        except Exception as exc:  # the model's first call meets it again, and falls back to eager
-            log.debug("compile warm-up failed: %s", exc)
+        except Exception as exc:  # torch.compile compiles on first call: a broken compiler shows here
+            compile_failed = True
+            from pipeline.errors import first_line
+
+            log.warning("torch.compile failed on dummy rows (%s); running eagerly", first_line(exc))
         startup.mark("compile")
     while loader.is_alive():  # a timed join: signals still reach this thread at once
         loader.join(0.1)
     if failed:
-        raise failed[0]
+        if _is_oom(failed[0]):
+            raise failed[0]
+        raise _weights_error(path, failed[0]) from None
     startup.mark("weights")
-    return DirectQwen3(c, tensors, kind.family), tok
+    model = DirectQwen3(c, tensors, kind.family)
+    model.compile_failed = compile_failed  # the Scorer then builds the fused forward eager
+    return model, tok

@@ -23,6 +23,9 @@ QWEN_CLASSES = {"Qwen2Tokenizer", "Qwen2TokenizerFast"}
 # tokenizer_config.json keys that change ids when set to anything but their default here.
 _MUST_BE_FALSE = ("add_bos_token", "add_eos_token", "split_special_tokens", "add_prefix_space", "legacy_tokenizer")
 _SPECIALS = ("bos_token", "eos_token", "unk_token", "pad_token")
+# Qwen2Tokenizer.__init__'s defaults for the special tokens tokenizer_config.json leaves out.
+_QWEN_DEFAULTS = {"bos_token": None, "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+                  "pad_token": "<|endoftext|>"}
 
 
 def _token_text(v):
@@ -64,8 +67,7 @@ class FastTokenizer:
         self.truncation_side = tcfg.get("truncation_side") or "right"
         self.padding_side = tcfg.get("padding_side") or "right"
         self.vocab_size = backend.get_vocab_size(with_added_tokens=False)
-        for name in _SPECIALS:
-            tok = _token_text(tcfg.get(name))
+        for name, tok in _specials(tcfg).items():
             setattr(self, name, tok)
             setattr(self, name + "_id", None if tok is None else backend.token_to_id(tok))
 
@@ -86,6 +88,53 @@ class FastTokenizer:
     def convert_tokens_to_ids(self, token: str):
         tid = self.backend_tokenizer.token_to_id(token)
         return self.unk_token_id if tid is None else tid
+
+
+def _specials(tcfg: dict) -> dict:
+    """bos/eos/unk/pad as Qwen2Tokenizer sets them: a key absent from tokenizer_config.json takes
+    the class default (unk, eos, pad: "<|endoftext|>"; bos: none); an explicit null stays none."""
+    return {name: _token_text(tcfg[name]) if name in tcfg else _QWEN_DEFAULTS[name] for name in _SPECIALS}
+
+
+def _added_tokens_agree(tj: dict, tcfg: dict) -> str | None:
+    """Why transformers would end with another vocabulary than tokenizer.json's (None: it would
+    not). Raises on malformed entries (the caller reports them)."""
+    added = {}
+    for a in tj.get("added_tokens") or []:
+        if not isinstance(a, dict) or not isinstance(a["id"], int) or not isinstance(a["content"], str):
+            raise TypeError("an added token of tokenizer.json is not {id: int, content: str, ...}")
+        added[a["id"]] = a
+    decoder = tcfg.get("added_tokens_decoder")
+    if decoder is not None:
+        if not isinstance(decoder, dict):
+            raise TypeError("added_tokens_decoder of tokenizer_config.json is not a mapping")
+        ids = {int(sid) for sid in decoder}
+        # transformers builds the added vocabulary from this list, not tokenizer.json's.
+        if ids != set(added):
+            return "added_tokens_decoder of tokenizer_config.json lists other ids than tokenizer.json's added_tokens"
+        keys = ("content", "lstrip", "rstrip", "single_word", "normalized", "special")
+        for sid, tok in decoder.items():
+            if not isinstance(tok, dict):
+                raise TypeError(f"added_tokens_decoder entry {sid} is not a mapping")
+            a = added[int(sid)]
+            if any(a.get(k) != tok.get(k) for k in keys if k in tok):
+                return f"added token {sid} of tokenizer_config.json differs from tokenizer.json's"
+    contents = {a["content"] for a in added.values() if a.get("special")}
+    for name, tok in _specials(tcfg).items():
+        if tok is not None and tok not in contents:
+            # transformers would add it as a new special token: not reproduced here.
+            return f"{name} {tok!r} is not a special token of tokenizer.json"
+    for key in ("extra_special_tokens", "additional_special_tokens"):
+        extra = tcfg.get(key)
+        if extra is None:
+            continue
+        toks = list(extra.values()) if isinstance(extra, dict) else extra
+        if not isinstance(toks, list):
+            raise TypeError(f"{key} of tokenizer_config.json is not a list")
+        for t in toks:
+            if _token_text(t) not in contents:
+                return f"{key} names {_token_text(t)!r}, not a special token of tokenizer.json"
+    return None
 
 
 def load(path: str) -> tuple[FastTokenizer | None, str]:
@@ -112,18 +161,12 @@ def load(path: str) -> tuple[FastTokenizer | None, str]:
     why = _pipeline_is_qwen(tj)
     if why:
         return None, why
-    added = {a["id"]: a for a in tj.get("added_tokens") or []}
-    for sid, tok in (tcfg.get("added_tokens_decoder") or {}).items():
-        a = added.get(int(sid))
-        keys = ("content", "lstrip", "rstrip", "single_word", "normalized", "special")
-        if a is None or any(a.get(k) != tok.get(k) for k in keys if k in tok):
-            return None, f"added token {sid} of tokenizer_config.json differs from tokenizer.json's"
-    contents = {a["content"] for a in added.values() if a.get("special")}
-    for name in _SPECIALS:
-        tok = _token_text(tcfg.get(name))
-        if tok is not None and tok not in contents:
-            # transformers would add it as a new special token: not reproduced here.
-            return None, f"{name} {tok!r} is not a special token of tokenizer.json"
+    try:
+        why = _added_tokens_agree(tj, tcfg)
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:  # malformed entries
+        why = f"malformed added tokens ({type(exc).__name__}: {exc})"
+    if why:
+        return None, why
     try:
         from tokenizers import Tokenizer
 

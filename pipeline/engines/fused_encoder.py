@@ -118,6 +118,20 @@ class FusedEncoder:
             except Exception as exc:  # no Triton: eager is exact, only slower
                 log.warning("torch.compile unavailable (%s); running eagerly", exc)
 
+    def warm_up(self, rows: int = 16) -> None:
+        """Run the compiled step once on dummy rows with a layer's own LayerNorm (BERT-style
+        encoders; ModernBERT compiles nothing): torch.compile compiles on the first call, so a
+        broken compiler shows here rather than in the first batch."""
+        if self.modern or self._add_ln is add_layer_norm:
+            return
+        ln = self.base.encoder.layer[0].output.LayerNorm
+        with torch.inference_mode():
+            x = torch.zeros(rows, ln.weight.shape[0], device=ln.weight.device, dtype=ln.weight.dtype)
+            self._add_ln(x, torch.zeros_like(x), ln.weight, ln.bias, ln.eps)
+
+    def use_eager(self) -> None:
+        self._add_ln = add_layer_norm
+
     @torch.inference_mode()
     def logits(self, input_ids, type_ids, positions, cu, max_len: int, first_idx) -> torch.Tensor:
         """Classifier logits (n, labels) of a packed batch; `first_idx`: the row of each pair's

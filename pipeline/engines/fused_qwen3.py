@@ -142,6 +142,11 @@ class FusedQwen3:
         return cls(cfg, t["model.embed_tokens.weight"], t["model.norm.weight"], DefaultRope(rope_theta(cfg), d),
                    layers, kernel, compile)
 
+    def use_eager(self) -> None:
+        """The plain functions (exact; what a failed warm-up leaves: torch.compile compiles on the
+        first call, so a broken compiler shows only there)."""
+        self._qk, self._add_norm, self._swiglu, self._norm = qk_norm_rope, add_norm, swiglu, rms_norm
+
     def _compile(self):
         try:
             # Only the token count is symbolic, from the first call (one compilation, see
@@ -154,7 +159,7 @@ class FusedQwen3:
             self._norm = compile_rows(rms_norm)
         except Exception as exc:  # no Triton, no compiler: eager is exact, only slower
             log.warning("torch.compile unavailable (%s); running eagerly", exc)
-            self._qk, self._add_norm, self._swiglu, self._norm = qk_norm_rope, add_norm, swiglu, rms_norm
+            self.use_eager()
 
     def rope_tables(self, position_ids: torch.Tensor, dtype):
         # The model's own rotary module: identical tables to the reference forward.
@@ -211,14 +216,16 @@ def warm_up(cfg, device, dtype, parameters: bool = False, rows: int = 16) -> Non
 
 
 def supports(hf_model) -> bool:
-    """Plain Qwen3 decoders only: no sliding window, no attention bias, default RoPE."""
+    """Plain Qwen3 decoders only: SwiGLU (silu), no sliding window, no attention bias, default
+    RoPE read as direct.rope_theta reads it (the same conditions as a direct load)."""
+    from pipeline.engines.direct import rope_theta
+
     cfg = hf_model.config
-    rope = getattr(cfg, "rope_scaling", None) or getattr(cfg, "rope_parameters", None) or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
     return (
         cfg.model_type == "qwen3"
+        and getattr(cfg, "hidden_act", "silu") == "silu"
         and not getattr(cfg, "use_sliding_window", False)
         and not getattr(cfg, "attention_bias", False)
-        and rope_type == "default"
+        and rope_theta(cfg) is not None
         and set(getattr(cfg, "layer_types", None) or ["full_attention"]) == {"full_attention"}
     )

@@ -58,6 +58,8 @@ class Scorer:
         if self.padded and kernel != "padded-sdpa":
             use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
             self.fused_encoder = fused_encoder.FusedEncoder(model, kernel, compile=use_compile)
+            if use_compile and not self._warm_up(self.fused_encoder.warm_up):
+                self.fused_encoder.use_eager()
             self.padded = False
             self.engine = "fused-encoder"
         elif self.padded:
@@ -78,7 +80,8 @@ class Scorer:
                 self.head_w = score.weight.detach().to(torch.float32)
                 self.head_b = score.bias.detach().to(torch.float32) if getattr(score, "bias", None) is not None else None
             self.layer_types = sorted(set(getattr(model.config, "layer_types", None) or ["full_attention"]))
-            use_compile = compiled.wanted(cfg, device)
+            # Eager where the warm-up on dummy rows failed (direct.py): the compiler is broken here.
+            use_compile = compiled.wanted(cfg, device) and not getattr(model, "compile_failed", False)
             if direct:
                 self.fused = fused_qwen3.FusedQwen3.from_tensors(model.config, model.tensors, kernel, use_compile)
             elif cfg.engine != "transformers" and fused_qwen3.supports(model):
@@ -89,7 +92,8 @@ class Scorer:
             self.engine = "fused" if self.fused is not None else "transformers"
             if self.fused is not None and use_compile and not direct:  # direct.py warmed up while loading
                 startup.mark("model_setup")
-                self._warm_up(lambda: fused_qwen3.warm_up(model.config, device, dtype, parameters=True))
+                if not self._warm_up(lambda: fused_qwen3.warm_up(model.config, device, dtype, parameters=True)):
+                    self.fused.use_eager()
         log.info("model %s (%s) on %s in %s, attention %s, engine %s", cfg.model, kind.family, device,
                  str(dtype).removeprefix("torch."), kernel, self.engine)
         self.stats = ScoreStats()
@@ -97,13 +101,20 @@ class Scorer:
         self.budget = budget.size_budget(self)
         startup.mark("memory_probe")
 
-    def _warm_up(self, fn) -> None:
-        """Compile before the memory probe, so the startup timeline shows compilation apart."""
+    def _warm_up(self, fn) -> bool:
+        """Compile before the memory probe, so the startup timeline shows compilation apart.
+        False (warned): compiling failed, the caller runs eagerly. torch.compile compiles on the
+        first call, so without this a broken compiler would fail the first real batch."""
+        from pipeline.errors import first_line
+
         try:
             fn()
-        except Exception as exc:  # the model's own first call reports it and falls back
-            log.debug("compile warm-up failed: %s", exc)
+            ok = True
+        except Exception as exc:
+            log.warning("torch.compile failed on dummy rows (%s); running eagerly", first_line(exc))
+            ok = False
         startup.mark("compile")
+        return ok
 
     @classmethod
     def load(cls, cfg: RunConfig, kind: ModelKind | None = None) -> "Scorer":
