@@ -43,6 +43,7 @@ if SMOKE:
     args.repeats = min(args.repeats, 2)
 ON = {"w-short": "on", "w-longq": "on", "w-mixed": "auto"}
 OUT = os.path.join(os.environ.get("OUT", "."), "prefix_e2e.json")
+os.makedirs(os.path.dirname(OUT), exist_ok=True)
 T0 = time.time()
 REC = {"device": torch.cuda.get_device_name(0) if DEV.type == "cuda" else "cpu", "arch": ARCH, "dtype": str(DTYPE),
        "torch": torch.__version__, "cpu_cores": len(os.sched_getaffinity(0)),

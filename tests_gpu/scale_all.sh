@@ -3,12 +3,12 @@
 # 1M-pair whole run with a killed worker and a killed driver (about 20 minutes on 2 H100s).
 # Start it with `setsid nohup bash tests_gpu/scale_all.sh &` so that no one device command's
 # time limit cuts it, then poll $RES (default /tmp/res) from later calls with no idle gap over
-# the machine's 30 s; DONE marks the end. Polars wheels in .dev-gpu/.whl (carried).
+# the machine's 30 s; DONE marks the end. Polars wheels in .whl (carried).
 # The 2026-11-25 records (docs/results/devices_*_h100x2_*.json) came from these lines.
 set -uo pipefail
 RES=${RES:-/tmp/res}; mkdir -p "$RES"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-python3 -c "import polars" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .dev-gpu/.whl/*.whl
+python3 -c "import polars" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$RES/gpus.txt"
 N=$(python3 -c "import torch; print(torch.cuda.device_count())")
