@@ -26,6 +26,18 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def probe_writable(store) -> str | None:
+    """None when an object can be created at the store's root (local or remote), else the
+    reason, one short line for the error message."""
+    probe = f".probe-{uuid.uuid4().hex}"
+    try:
+        store.write(probe, b"")
+        store.delete(probe)
+    except OSError as exc:
+        return exc.strerror or str(exc).splitlines()[0][:200]
+    return None
+
+
 def _unlink(path: str) -> bool:
     try:
         os.unlink(path)
@@ -98,11 +110,4 @@ class LocalStore:
             pass
 
     def is_writable(self) -> str | None:
-        """None when a file can be created at the root, else the reason (for the error message)."""
-        probe = f".probe-{uuid.uuid4().hex}"
-        try:
-            self.write(probe, b"")
-            self.delete(probe)
-        except OSError as exc:
-            return exc.strerror or str(exc)
-        return None
+        return probe_writable(self)

@@ -14,8 +14,8 @@ import os
 import socket
 import threading
 import time
-import uuid
 
+from pipeline.storage.local import probe_writable
 from pipeline.storage.uri import join, resolve
 
 log = logging.getLogger(__name__)
@@ -88,13 +88,7 @@ class RemoteStore:
             pass
 
     def is_writable(self) -> str | None:
-        probe = f".probe-{uuid.uuid4().hex}"
-        try:
-            self.write(probe, b"")
-            self.delete(probe)
-        except OSError as exc:
-            return str(exc).splitlines()[0][:200]
-        return None
+        return probe_writable(self)
 
 
 REMOTE_LEASE_NAME = ".rerank-batch-lease.json"
