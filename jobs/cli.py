@@ -14,6 +14,10 @@ def _quiet_exit(signum, frame):  # nothing to save yet: exit 130/143 without a t
 # Installed before the heavy imports below, and given back once they are done.
 _early = {s: signal.signal(s, _quiet_exit) for s in (signal.SIGINT, signal.SIGTERM)}
 
+from pipeline.job.bytecode import use_pycache  # noqa: E402
+
+use_pycache()  # before torch is imported: see bytecode.py
+
 import click  # noqa: E402
 
 from pipeline.job.signals import graceful_signals  # noqa: E402

@@ -75,7 +75,7 @@ with tempfile.TemporaryDirectory() as wd:
     from pipeline.bench.host import run_host_bench
 
     model, tok, shape = bench.build_model(ARCH, DEV, DTYPE, wd)
-    vocab = len(tok) if ARCH == "tiny" else shape["vocab_size"]
+    vocab = len(tok) if ARCH == "tiny" else model.config.vocab_size
     sc = Scorer.from_model(model, tok, RunConfig(inputs=(), output="", model="<m>", device=DEV.type), DEV)
     REC.update(engine=sc.engine, attention=sc.kernel, budget=sc.budget)
     peak = bench.measure_matmul_peak(DEV) if DEV.type == "cuda" else None
