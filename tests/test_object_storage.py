@@ -259,3 +259,58 @@ def test_a_second_run_on_the_same_bucket_checkpoint_is_refused(bucket, local_ref
     assert first.returncode == 0, err[-2000:]
     assert _read(out).equals(local_ref["ref"])
     assert RemoteStore(bucket).list("") == ["in.parquet", "out.parquet"]
+
+
+class _Recording:
+    """A pyarrow filesystem seen through a proxy that records the verbs called on it."""
+
+    def __init__(self, fs, calls):
+        self._fs, self._calls = fs, calls
+
+    def __getattr__(self, name):
+        attr = getattr(self._fs, name)
+        if callable(attr):
+            def call(*a, **k):
+                self._calls.append((name, a))
+                return attr(*a, **k)
+            return call
+        return attr
+
+
+@pytest.mark.parametrize("limit", [None, 0])
+def test_publish_moves_a_temp_object_up_to_the_copy_limit_and_uploads_in_place_above(bucket, tmp_path, monkeypatch,
+                                                                                      limit):
+    """S3's CopyObject stops at 5 GiB: a larger output is uploaded to its key directly (the
+    limit is lowered here to take that path with a small file); either way the key ends with
+    the whole new object, and no temp object is left."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from pyarrow import fs as pafs
+
+    from pipeline.storage import remote, uri
+
+    calls: list = []
+    real_resolve = uri.resolve
+    monkeypatch.setattr(uri, "resolve", lambda u: (_Recording(real_resolve(u)[0], calls), real_resolve(u)[1]))
+    moved: list = []
+    real_copy = pafs.copy_files
+    monkeypatch.setattr(pafs, "copy_files", lambda src, dst, **k: (moved.append(dst), real_copy(
+        src, dst, source_filesystem=k["source_filesystem"], destination_filesystem=k["destination_filesystem"]._fs
+        if isinstance(k["destination_filesystem"], _Recording) else k["destination_filesystem"])))
+    if limit is not None:
+        monkeypatch.setattr(uri, "S3_COPY_LIMIT", limit)
+    local = tmp_path / "out.parquet"
+    pq.write_table(pa.table({"x": list(range(1000))}), local)
+    old = tmp_path / "old.parquet"
+    pq.write_table(pa.table({"x": [7]}), old)
+    key = f"{bucket}/pub-{limit}/out.parquet"
+    uri.publish(str(old), key)
+    calls.clear(), moved.clear()
+    uri.publish(str(local), key)
+    assert _read(key).column("x").to_pylist() == list(range(1000))
+    verbs = [c[0] for c in calls]
+    if limit is None:
+        assert "move" in verbs and moved[0].endswith(".partial")  # temp object, then one CopyObject
+    else:
+        assert "move" not in verbs and moved == [key.split("://", 1)[1]]  # straight to the key
+    assert [n for n in remote.RemoteStore(f"{bucket}/pub-{limit}").list("") if "partial" in n] == []

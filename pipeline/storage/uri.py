@@ -132,16 +132,31 @@ def kind(uri: str) -> str:
     return {pafs.FileType.File: "file", pafs.FileType.Directory: "dir"}.get(t, "none")
 
 
+# S3's CopyObject copies at most 5 GiB in one request, and pyarrow's move is one CopyObject: an
+# output above that would fail at its very end, after all the scoring. Such a file is uploaded
+# straight to its key instead.
+S3_COPY_LIMIT = 5 * 2**30
+
+
 def publish(local_path: str, uri: str) -> None:
-    """Copy a finished local file to `uri`: a temp object first, then moved to the final key, so
-    readers of `uri` see the old object or the whole new one (a kill mid-upload leaves no
-    object there: an upload appears only when it completes)."""
+    """Copy a finished local file to `uri` so that readers of `uri` see the old object or the
+    whole new one. Up to S3's copy limit: uploaded to a temp object, then moved onto the key.
+    Above it (S3 only): uploaded to the key itself; S3 shows a multipart upload only once it
+    completes, and a failed part fails the completion. Either way a kill mid-upload leaves no
+    new object at the key (an S3 bucket keeps the unfinished parts until its lifecycle rule for
+    incomplete multipart uploads removes them)."""
+    import os
+
     from pyarrow import fs as pafs
 
     fs, path = resolve(uri)
+    local = pafs.LocalFileSystem()
+    if fs.type_name == "s3" and os.path.getsize(local_path) > S3_COPY_LIMIT:
+        pafs.copy_files(local_path, path, source_filesystem=local, destination_filesystem=fs)
+        return
     tmp = f"{path.rsplit('/', 1)[0]}/.{path.rsplit('/', 1)[-1]}.{uuid.uuid4().hex[:8]}.partial"
     try:
-        pafs.copy_files(local_path, tmp, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        pafs.copy_files(local_path, tmp, source_filesystem=local, destination_filesystem=fs)
         fs.move(tmp, path)
     except BaseException:
         try:
