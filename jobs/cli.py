@@ -14,10 +14,6 @@ def _quiet_exit(signum, frame):  # nothing to save yet: exit 130/143 without a t
 # Installed before the heavy imports below, and given back once they are done.
 _early = {s: signal.signal(s, _quiet_exit) for s in (signal.SIGINT, signal.SIGTERM)}
 
-from pipeline.job.bytecode import use_pycache  # noqa: E402
-
-use_pycache()  # before torch is imported: see bytecode.py
-
 import click  # noqa: E402
 
 from pipeline.job.signals import graceful_signals  # noqa: E402
@@ -50,6 +46,9 @@ for _s, _h in _early.items():
 
 def main():
     global STOP
+    from pipeline.job.bytecode import use_pycache
+
+    use_pycache()  # before torch is imported (importing this module does not): see bytecode.py
     try:
         with graceful_signals() as flag:
             STOP = flag

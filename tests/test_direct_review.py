@@ -266,6 +266,15 @@ def test_cache_dir_not_writable_is_inductors_default(tmp_path, monkeypatch):
         tmp_path / "xdg" / "rerank-batch" / "inductor")
 
 
+def test_cache_dir_ignores_a_relative_xdg_cache_home(tmp_path, monkeypatch):
+    """The XDG spec: a relative XDG_CACHE_HOME is invalid and ignored (else the cache would land
+    in whatever directory the run starts from)."""
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", "rel")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert compiled.cache_dir() == str(tmp_path / "home" / ".cache" / "rerank-batch" / "inductor")
+
+
 # 8. The loader thread gets the calling thread's CUDA device, not cuda:0.
 def test_the_loader_threads_device_is_the_callers(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)

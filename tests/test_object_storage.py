@@ -277,40 +277,133 @@ class _Recording:
         return attr
 
 
-@pytest.mark.parametrize("limit", [None, 0])
-def test_publish_moves_a_temp_object_up_to_the_copy_limit_and_uploads_in_place_above(bucket, tmp_path, monkeypatch,
-                                                                                      limit):
-    """S3's CopyObject stops at 5 GiB: a larger output is uploaded to its key directly (the
-    limit is lowered here to take that path with a small file); either way the key ends with
-    the whole new object, and no temp object is left."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from pyarrow import fs as pafs
+MiB = 2**20
 
-    from pipeline.storage import remote, uri
 
+@pytest.fixture
+def old_and_new(bucket, tmp_path):
+    """A key holding an old object (1,000 bytes), and a 12 MiB new file to publish over it."""
+    import os
+
+    from pipeline.storage import uri
+
+    old, new = tmp_path / "old.bin", tmp_path / "new.bin"
+    old.write_bytes(b"O" * 1000)
+    new.write_bytes(os.urandom(12 * MiB))
+    key = f"{bucket}/pub-{tmp_path.name}/out.parquet"
+    uri.publish(str(old), key)
+    return old, new, key
+
+
+def _bytes(key):
+    from pipeline.storage.uri import resolve
+
+    fs, path = resolve(key)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def _no_temp_objects(key):
+    from pipeline.storage import remote
+
+    return [n for n in remote.RemoteStore(key.rsplit("/", 1)[0]).list("") if "partial" in n] == []
+
+
+def _big(monkeypatch):
+    """Take the path of outputs over S3's copy limit with a small file (boto3, 5 MiB parts)."""
+    from pipeline.storage import uri
+
+    monkeypatch.setattr(uri, "S3_COPY_LIMIT", 0)
+    monkeypatch.setattr(uri, "S3_MIN_PART", 5 * MiB)
+
+
+@pytest.mark.parametrize("big", [False, True])
+def test_publish_replaces_the_object_whole(old_and_new, monkeypatch, big):
+    """Up to S3's copy limit: a temp object moved onto the key. Above it (lowered here): boto3
+    uploads to the key itself in parts, and no move (one CopyObject, 5 GiB at most) is made."""
+    from pipeline.storage import uri
+
+    old, new, key = old_and_new
     calls: list = []
     real_resolve = uri.resolve
     monkeypatch.setattr(uri, "resolve", lambda u: (_Recording(real_resolve(u)[0], calls), real_resolve(u)[1]))
-    moved: list = []
-    real_copy = pafs.copy_files
-    monkeypatch.setattr(pafs, "copy_files", lambda src, dst, **k: (moved.append(dst), real_copy(
-        src, dst, source_filesystem=k["source_filesystem"], destination_filesystem=k["destination_filesystem"]._fs
-        if isinstance(k["destination_filesystem"], _Recording) else k["destination_filesystem"])))
-    if limit is not None:
-        monkeypatch.setattr(uri, "S3_COPY_LIMIT", limit)
-    local = tmp_path / "out.parquet"
-    pq.write_table(pa.table({"x": list(range(1000))}), local)
-    old = tmp_path / "old.parquet"
-    pq.write_table(pa.table({"x": [7]}), old)
-    key = f"{bucket}/pub-{limit}/out.parquet"
-    uri.publish(str(old), key)
-    calls.clear(), moved.clear()
-    uri.publish(str(local), key)
-    assert _read(key).column("x").to_pylist() == list(range(1000))
+    if big:
+        _big(monkeypatch)
+    uri.publish(str(new), key)
+    assert _bytes(key) == new.read_bytes()
     verbs = [c[0] for c in calls]
-    if limit is None:
-        assert "move" in verbs and moved[0].endswith(".partial")  # temp object, then one CopyObject
-    else:
-        assert "move" not in verbs and moved == [key.split("://", 1)[1]]  # straight to the key
-    assert [n for n in remote.RemoteStore(f"{bucket}/pub-{limit}").list("") if "partial" in n] == []
+    assert ("move" in verbs) != big
+    assert _no_temp_objects(key)
+
+
+@pytest.mark.parametrize("big", [False, True])
+def test_a_refused_part_fails_the_publish_and_keeps_the_old_object(old_and_new, monkeypatch, big):
+    """A part that S3 refuses (expired credentials, throttling): publish raises, and the key
+    still holds the old object. pyarrow's copy_files ignores such a failure at close, so a
+    publish through it would have looked successful."""
+    from moto.s3 import models
+    from moto.s3.exceptions import AccessForbidden
+
+    from pipeline.storage import uri
+
+    old, new, key = old_and_new
+    real = models.S3Backend.upload_part
+
+    def refusing(self, bucket_name, multipart_id, part_id, value):
+        if int(part_id) == 2:
+            raise AccessForbidden("injected: part 2 refused")
+        return real(self, bucket_name, multipart_id, part_id, value)
+
+    monkeypatch.setattr(models.S3Backend, "upload_part", refusing)
+    if big:
+        _big(monkeypatch)
+    with pytest.raises(OSError):
+        uri.publish(str(new), key)
+    monkeypatch.setattr(models.S3Backend, "upload_part", real)
+    assert _bytes(key) == old.read_bytes()
+    assert _no_temp_objects(key)
+
+
+def test_a_local_read_error_mid_upload_keeps_the_old_object(old_and_new, monkeypatch):
+    """The staged file fails to read half way: S3's stream, once closed, completes with what it
+    was sent, so that part must never be the key itself: the temp object is deleted."""
+    import builtins
+
+    from pipeline.storage import uri
+
+    old, new, key = old_and_new
+
+    class Failing:
+        def __init__(self, f):
+            self.f, self.left = f, 6 * MiB
+
+        def read(self, n):
+            if self.left <= 0:
+                raise OSError(5, "injected: Input/output error")
+            self.left -= n
+            return self.f.read(n)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(uri, "open", lambda p, m="r": Failing(builtins.open(p, m)), raising=False)
+    with pytest.raises(OSError, match="injected"):
+        uri.publish(str(new), key)
+    assert _bytes(key) == old.read_bytes()
+    assert _no_temp_objects(key)
+
+
+def test_an_output_over_the_copy_limit_without_boto3_is_refused_before_any_upload(old_and_new, monkeypatch):
+    import sys
+
+    from pipeline.storage import uri
+
+    old, new, key = old_and_new
+    _big(monkeypatch)
+    monkeypatch.setitem(sys.modules, "boto3", None)  # import boto3 raises ImportError
+    with pytest.raises(uri.OutputUnpublished, match=r"rerank-batch\[s3\]"):
+        uri.publish(str(new), key)
+    assert _bytes(key) == old.read_bytes()

@@ -33,8 +33,8 @@ def cache_dir() -> str:
     env = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     if env and os.path.abspath(env) != _inductor_default():
         return env
-    base = os.environ.get("XDG_CACHE_HOME")
-    if not base:
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(base):  # unset or relative: ignored, as the XDG spec says
         home = os.path.expanduser("~")
         if home.startswith("~") or not os.path.isabs(home):
             return ""

@@ -34,6 +34,10 @@ class RayUnitScorer:
     def __init__(self, spec, cpu_threads: int = 0):
         import ray
 
+        from pipeline.job.bytecode import use_pycache
+
+        use_pycache()  # before the model's imports (job/bytecode.py)
+
         from .worker import UnitWorker
 
         gpus = ray.get_gpu_ids()

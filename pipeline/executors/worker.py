@@ -47,7 +47,11 @@ class UnitWorker:
 
 def pool_worker_main(conn, device: str, spec: WorkSpec, log_level: int, cpu_threads: int) -> None:
     """Entry point of a pool process (see executors.pool)."""
+    from pipeline.job.bytecode import use_pycache
+
     from .pool import DriverLink
+
+    use_pycache()  # the driver's bytecode cache, written to as well (job/bytecode.py)
 
     logging.basicConfig(level=log_level, format=f"rerank-batch[{device}]: %(message)s", force=True)
     for noisy in ("transformers", "huggingface_hub", "urllib3", "filelock"):

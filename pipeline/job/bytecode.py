@@ -7,8 +7,8 @@ than half of the 11.4 s to the first batch (tests_gpu/startup_profile.py, docs/P
 `use_pycache()` then points Python at a bytecode cache of our own (PYTHONPYCACHEPREFIX's
 mechanism, set at run time, and in the environment for worker processes) and lets it write there,
 even under PYTHONDONTWRITEBYTECODE: that variable keeps .pyc files out of source trees, and
-these stay in the user's cache directory. An install with its own bytecode is left alone.
-RERANK_PYCACHE=0 turns this off.
+these stay in the user's cache directory, one tree per torch version. An install with its own
+bytecode is left alone. RERANK_PYCACHE=0 turns this off.
 """
 
 from __future__ import annotations
@@ -18,17 +18,27 @@ import os
 import sys
 
 PROBE = "torch"  # the import that dominates startup; its package tells whether bytecode is kept
+OURS = "RERANK_PYCACHE_DIR"  # set beside PYTHONPYCACHEPREFIX: the prefix a worker inherits is ours
 
 
-def cache_dir() -> str:
-    """$XDG_CACHE_HOME/rerank-batch/pycache (~/.cache/...), '' where no home directory resolves."""
-    base = os.environ.get("XDG_CACHE_HOME")
-    if not base:
+def cache_dir(package: str = PROBE) -> str:
+    """$XDG_CACHE_HOME/rerank-batch/pycache/<package>-<version> (~/.cache/... where XDG_CACHE_HOME
+    is unset or relative, as the XDG spec says); '' where no home directory resolves. Python
+    checks a cached file against its source's mtime and size only, so an upgrade that keeps
+    both (installers that clamp mtimes) would load stale bytecode: a new version, a new tree."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(base):
         home = os.path.expanduser("~")
         if home.startswith("~") or not os.path.isabs(home):
             return ""
         base = os.path.join(home, ".cache")
-    return os.path.join(base, "rerank-batch", "pycache")
+    try:
+        from importlib.metadata import version
+
+        ver = version(package)
+    except Exception:  # no distribution metadata: one tree for whatever is installed
+        ver = "unknown"
+    return os.path.join(base, "rerank-batch", "pycache", f"{package}-{ver}".replace(os.sep, "_"))
 
 
 def install_has_bytecode(package: str = PROBE) -> bool:
@@ -49,12 +59,30 @@ def install_has_bytecode(package: str = PROBE) -> bool:
         sys.pycache_prefix = prefix
 
 
+def _use(path: str) -> str:
+    sys.pycache_prefix = path
+    sys.dont_write_bytecode = False
+    os.environ["PYTHONPYCACHEPREFIX"] = path
+    os.environ[OURS] = path
+    return path
+
+
 def use_pycache(package: str = PROBE) -> str:
     """Point this process (and the processes it starts) at our bytecode cache when `package` has
-    none of its own; returns the directory used, '' where nothing changed."""
-    if os.environ.get("RERANK_PYCACHE", "1") == "0" or sys.pycache_prefix or install_has_bytecode(package):
+    none of its own; returns the directory used, '' where nothing changed. Called by the CLI
+    before torch is imported, and by pool and Ray workers: a worker that inherits our prefix
+    also writes to it (spawn passes -B on from the driver's PYTHONDONTWRITEBYTECODE). A user's
+    own PYTHONPYCACHEPREFIX, -B given on the command line, and RERANK_PYCACHE=0 are left alone."""
+    if os.environ.get("RERANK_PYCACHE", "1") == "0":
         return ""
-    path = cache_dir()
+    inherited = os.environ.get("PYTHONPYCACHEPREFIX")
+    if inherited:
+        return _use(inherited) if os.environ.get(OURS) == inherited else ""
+    if sys.pycache_prefix or (sys.flags.dont_write_bytecode and not os.environ.get("PYTHONDONTWRITEBYTECODE")):
+        return ""
+    if install_has_bytecode(package):
+        return ""
+    path = cache_dir(package)
     if not path:
         return ""
     try:
@@ -63,7 +91,4 @@ def use_pycache(package: str = PROBE) -> str:
         return ""
     if not os.access(path, os.W_OK | os.X_OK):
         return ""
-    sys.pycache_prefix = path
-    sys.dont_write_bytecode = False
-    os.environ["PYTHONPYCACHEPREFIX"] = path
-    return path
+    return _use(path)

@@ -105,9 +105,9 @@ def publish(plan, should_stop=None) -> int:
 
 
 def _publish_remote(plan, should_stop=None) -> int:
-    """An object-storage output: written to local temp space (TMPDIR) first, then uploaded to a
-    temp object and moved onto the final key, so the key shows the old object or the whole new
-    one; the marker records the object's size and mtime like a local output's."""
+    """An object-storage output: written to local temp space (TMPDIR) first, then published
+    (storage/uri.publish) so that the key shows the old object or the whole new one; the marker
+    records the object's size and mtime like a local output's."""
     import tempfile
 
     cfg, ck = plan.cfg, plan.ckpt

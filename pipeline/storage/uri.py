@@ -132,38 +132,85 @@ def kind(uri: str) -> str:
     return {pafs.FileType.File: "file", pafs.FileType.Directory: "dir"}.get(t, "none")
 
 
-# S3's CopyObject copies at most 5 GiB in one request, and pyarrow's move is one CopyObject: an
-# output above that would fail at its very end, after all the scoring. Such a file is uploaded
-# straight to its key instead.
+# S3's CopyObject copies at most 5 GiB in one request, and pyarrow's move is one CopyObject; its
+# uploads also use 10 MiB parts, of which S3 takes 10,000 (98 GiB). A larger S3 output is
+# uploaded by boto3 (the `s3` extra) straight to its key, in parts sized to fit.
 S3_COPY_LIMIT = 5 * 2**30
+S3_MAX_PARTS = 10_000
+S3_MIN_PART = 64 * 2**20
+CHUNK = 16 * 2**20
+
+
+class OutputUnpublished(OSError):
+    """The output could not be put in place; what was at its key is unchanged."""
+
+
+def _upload(local_path: str, fs, path: str) -> None:
+    """Stream a local file to `path` and close the stream ourselves: its close raises a failed
+    part or completion, which pyarrow's copy_files drops. On an error the stream is closed first
+    (S3's then completes an upload with what it was sent) and the caller deletes the object."""
+    out = fs.open_output_stream(path)
+    try:
+        with open(local_path, "rb") as f:
+            while chunk := f.read(CHUNK):
+                out.write(chunk)
+    except BaseException:
+        try:
+            out.close()
+        except Exception:
+            pass
+        raise
+    out.close()
+
+
+def _s3_upload_whole(local_path: str, path: str, size: int, uri: str) -> None:
+    """Upload to the key itself through boto3's managed transfer: S3 shows a multipart upload
+    only once it completes, and s3transfer aborts it on any error (a local read error too), so
+    the key shows the old object or the whole new one. Credentials and endpoint come from the
+    same environment pyarrow reads."""
+    try:
+        import boto3
+        from boto3.s3.transfer import TransferConfig
+    except ImportError:
+        raise OutputUnpublished(
+            f"{uri}: the output is {size / 2**30:.1f} GiB, more than S3's 5 GiB copy limit; publishing it needs "
+            "boto3: pip install 'rerank-batch[s3]' (or boto3)") from None
+    part = max(S3_MIN_PART, -(-size // (S3_MAX_PARTS - 1)))
+    bucket, key = path.split("/", 1)
+    try:
+        boto3.client("s3").upload_file(local_path, bucket, key,
+                                       Config=TransferConfig(multipart_threshold=part, multipart_chunksize=part))
+    except Exception as exc:  # botocore's and s3transfer's errors are not OSErrors
+        from pipeline.errors import first_line
+
+        raise OutputUnpublished(f"{uri}: {first_line(exc)}") from None
 
 
 def publish(local_path: str, uri: str) -> None:
     """Copy a finished local file to `uri` so that readers of `uri` see the old object or the
-    whole new one. Up to S3's copy limit: uploaded to a temp object, then moved onto the key.
-    Above it (S3 only): uploaded to the key itself; S3 shows a multipart upload only once it
-    completes, and a failed part fails the completion. Either way a kill mid-upload leaves no
-    new object at the key (an S3 bucket keeps the unfinished parts until its lifecycle rule for
-    incomplete multipart uploads removes them)."""
+    whole new one: uploaded to a temp object, then moved onto the key (an S3 output above the
+    copy limit: _s3_upload_whole). A kill mid-upload leaves no new object at the key. Checked
+    after: the key holds as many bytes as the file."""
     import os
 
-    from pyarrow import fs as pafs
-
     fs, path = resolve(uri)
-    local = pafs.LocalFileSystem()
-    if fs.type_name == "s3" and os.path.getsize(local_path) > S3_COPY_LIMIT:
-        pafs.copy_files(local_path, path, source_filesystem=local, destination_filesystem=fs)
-        return
-    tmp = f"{path.rsplit('/', 1)[0]}/.{path.rsplit('/', 1)[-1]}.{uuid.uuid4().hex[:8]}.partial"
-    try:
-        pafs.copy_files(local_path, tmp, source_filesystem=local, destination_filesystem=fs)
-        fs.move(tmp, path)
-    except BaseException:
+    size = os.path.getsize(local_path)
+    if fs.type_name == "s3" and size > S3_COPY_LIMIT:
+        _s3_upload_whole(local_path, path, size, uri)
+    else:
+        tmp = f"{path.rsplit('/', 1)[0]}/.{path.rsplit('/', 1)[-1]}.{uuid.uuid4().hex[:8]}.partial"
         try:
-            fs.delete_file(tmp)
-        except OSError:
-            pass
-        raise
+            _upload(local_path, fs, tmp)
+            fs.move(tmp, path)
+        except BaseException:
+            try:
+                fs.delete_file(tmp)
+            except OSError:
+                pass
+            raise
+    got = fs.get_file_info(path).size
+    if got != size:
+        raise OutputUnpublished(f"{uri}: the uploaded object has {got} bytes, not the output's {size}")
 
 
 def read_part(path: str, columns):
