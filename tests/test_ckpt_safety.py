@@ -94,6 +94,38 @@ def test_checkpoint_dir_we_do_not_own_is_refused_and_untouched(job, tmp_path):
         assert sorted(os.listdir(data)) == before
 
 
+@pytest.mark.parametrize("names", [("parts/my_data.parquet", "done/report.json"),
+                                   ("fingerprint.json", ".tmp-settings.json"), (".rerank-batch-lock", "done/x.json")])
+def test_a_directory_whose_files_have_our_names_but_no_marker_is_refused_and_untouched(job, tmp_path, names):
+    """Names a checkpoint uses (parts/, done/, fingerprint.json, .tmp-*) do not make a directory
+    ours: only the marker does. Before, such files were taken for a checkpoint's and deleted."""
+    ck = tmp_path / "mine"
+    for n in names:
+        (ck / n).parent.mkdir(parents=True, exist_ok=True)
+        (ck / n).write_text("{}")
+    before = sorted(str(p.relative_to(ck)) for p in ck.rglob("*"))
+    r = run_cli(_args(job, job["input"], tmp_path / "out.parquet", 64, "--checkpoint-dir", ck))
+    assert r.exit_code == 2, r.output
+    assert "not a rerank-batch checkpoint and not empty" in r.output
+    assert sorted(str(p.relative_to(ck)) for p in ck.rglob("*")) == before
+    assert not (tmp_path / "out.parquet").exists()
+
+
+def test_what_a_starting_run_makes_before_its_marker_is_not_a_stranger(tmp_path):
+    """A second run that looks while the first has its lease but not yet its marker must wait
+    (exit 75 on the lease), not call the directory someone else's."""
+    from pipeline.storage import checkpoint
+    from pipeline.storage.local import LocalStore
+
+    hexid = "0123456789abcdef" * 2
+    for n in (".rerank-batch-lock", ".rerank-batch-lease.json", f".probe-{hexid}",
+              f".tmp-{hexid}-.rerank-batch-checkpoint", f".tmp-{hexid}-.rerank-batch-lease.json"):
+        (tmp_path / n).write_text("")
+    assert checkpoint._strangers(LocalStore(str(tmp_path))) == []
+    (tmp_path / f".tmp-{hexid}-fingerprint.json").write_text("")
+    assert checkpoint._strangers(LocalStore(str(tmp_path))) == [f".tmp-{hexid}-fingerprint.json"]
+
+
 def test_an_empty_checkpoint_dir_of_the_user_is_kept_and_only_our_files_go(job, tmp_path):
     ck = tmp_path / "ck"
     ck.mkdir()

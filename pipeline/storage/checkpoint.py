@@ -41,6 +41,13 @@ FORMAT_VERSION = 2
 MARKER = ".rerank-batch-checkpoint"
 FINGERPRINT = "fingerprint.json"
 _OURS_TOP = {MARKER, LEASE_NAME, REMOTE_LEASE_NAME, FINGERPRINT, "parts", "done"}
+# What a run that has not yet written its marker may already have made in the directory (its
+# lease, the marker's or the lease's temp file, a writability probe): anything else there
+# without a marker is someone else's, whatever its name.
+_BEFORE_MARKER = re.compile(r"^(%s|\.probe-[0-9a-f]{32}|\.tmp-[0-9a-f]{32}-(%s))$" % (
+    "|".join(re.escape(n) for n in (LEASE_NAME, REMOTE_LEASE_NAME)),
+    "|".join(re.escape(n) for n in (MARKER, LEASE_NAME, REMOTE_LEASE_NAME))))
+_OUR_TMP = re.compile(r"^\.tmp-[0-9a-f]{32}-")
 _OUR_FILE = re.compile(r"^(\.tmp-[0-9a-f]{32}-)?[0-9A-Za-z_.-]+\.(parquet|json)$")
 
 __all__ = ["Checkpoint", "open_checkpoint", "atomic_write_parquet", "fsync_dir"]
@@ -133,7 +140,7 @@ class Checkpoint:
                     self.store.delete(name)
             self.store.remove_empty(folder)
         for name in self.store.list(""):
-            if name.startswith(".tmp-") and _OUR_FILE.match(name):
+            if _OUR_TMP.match(name) and _OUR_FILE.match(name):
                 self.store.delete(name)
         self.store.delete(FINGERPRINT)
         self.store.delete(MARKER)
@@ -151,8 +158,8 @@ class Checkpoint:
 
 
 def _strangers(store) -> list[str]:
-    return sorted(n for n in store.list("")
-                  if n not in _OURS_TOP and not (n.startswith(".tmp-") or n.startswith(".probe-")))
+    """The names in a directory without our marker that no run of ours could have made there."""
+    return sorted(n for n in store.list("") if not _BEFORE_MARKER.match(n))
 
 
 def _refuse_foreign(store, directory: str) -> None:
