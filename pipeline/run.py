@@ -105,7 +105,8 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
         summary = Summary(output=cfg.output, units=len(plan.units), device=str(plan.device), dtype=plan.dtype)
         rec = published_output(plan)
         if rec is not None:  # killed after publishing: finish the cleanup only
-            log.info("%s was already written by this checkpoint; removing the checkpoint", cfg.output)
+            log.info("%s was already written by this checkpoint%s", cfg.output,
+                     "" if cfg.keep_checkpoint else "; removing the checkpoint")
             summary.rows = rec["rows"]
             summary.units_resumed = len(plan.units)
             summary.__dict__.update(rec.get("totals", {}))

@@ -377,3 +377,19 @@ def test_a_checkpoint_of_the_old_format_is_named_and_kept(job, tmp_path):
     r = run_cli(_args(job, job["input"], tmp_path / "out.parquet"))
     assert r.exit_code == 2 and "a checkpoint of an older rerank-batch (manifest.json)" in r.output, r.output
     assert sorted(os.listdir(ck)) == ["manifest.json", "parts"]
+
+
+def test_a_rerun_with_another_top_k_rewrites_a_published_output(job, tmp_path):
+    """--top-k is not in the fingerprint (it shapes the output, not the scores), so the
+    published record carries it: a rerun that asks for another writes the output again."""
+    out = tmp_path / "out.parquet"
+    r = run_cli(_args(job, job["input"], out, 64, "--keep-checkpoint"))
+    assert r.exit_code == 0, r.output
+    assert pq.read_table(out).equals(job["refs"][64])
+    r = run_cli(_args(job, job["input"], out, 64, "--top-k", 1, "--overwrite"))
+    assert r.exit_code == 0, r.output
+    t = pq.read_table(out)
+    ref = job["refs"][64]
+    key = "query_id" if "query_id" in ref.column_names else "query"
+    assert t.num_rows == len(set(ref.column(key).to_pylist())) < ref.num_rows  # one row per query
+    assert set(t.column("rank").to_pylist()) == {1}

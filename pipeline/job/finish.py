@@ -48,10 +48,14 @@ def published_output(plan) -> dict | None:
             size, mtime_ns = uri.stat(out) or (None, None)
             rows = pq.read_metadata(uri.open_input(out)).num_rows if size is not None else None
             ok = rec["path"] == out and (size, mtime_ns, rows) == (rec["size"], rec["mtime_ns"], rec["rows"])
+            ok = ok and rec.get("top_k") == plan.cfg.top_k
         else:
             st = os.stat(out)
             ok = (rec["path"] == os.path.abspath(out) and st.st_size == rec["size"]
                   and st.st_mtime_ns == rec["mtime_ns"] and pq.read_metadata(out).num_rows == rec["rows"])
+            # --top-k shapes the output but not the scores (it is not in the fingerprint): a rerun
+            # that asks for another writes the output again from the parts.
+            ok = ok and rec.get("top_k") == plan.cfg.top_k
     except (OSError, KeyError, ValueError, TypeError):
         ok = False
     if ok:
@@ -60,10 +64,10 @@ def published_output(plan) -> dict | None:
     return None
 
 
-def _mark_published(ck, path: str, size: int, mtime_ns: int, rows: int, sums: dict) -> None:
+def _mark_published(ck, path: str, size: int, mtime_ns: int, rows: int, sums: dict, top_k: int | None) -> None:
     """What a rerun checks to know the output is still the one this checkpoint wrote."""
     ck.write_marker(state="published", output={"path": path, "size": size, "mtime_ns": mtime_ns,
-                                               "rows": rows, "totals": sums})
+                                               "rows": rows, "totals": sums, "top_k": top_k})
 
 
 def publish(plan, should_stop=None) -> int:
@@ -92,7 +96,7 @@ def publish(plan, should_stop=None) -> int:
             os.replace(src, dst)
             fsync_dir(out_dir)
             st = os.stat(dst)
-            _mark_published(ck, out, st.st_size, st.st_mtime_ns, rows, sums)
+            _mark_published(ck, out, st.st_size, st.st_mtime_ns, rows, sums, cfg.top_k)
 
     try:
         return write_ranked(ck.parts([u.id for u in plan.units]), plan.layout, cfg, tmp=tmp,
@@ -117,7 +121,7 @@ def _publish_remote(plan, should_stop=None) -> int:
         rows = pq.read_metadata(src).num_rows
         with critical(should_stop):
             uri.publish(src, cfg.output)
-            _mark_published(ck, cfg.output, *uri.stat(cfg.output), rows, sums)
+            _mark_published(ck, cfg.output, *uri.stat(cfg.output), rows, sums, cfg.top_k)
         os.unlink(src)
 
     with tempfile.TemporaryDirectory(prefix="rerank-batch-") as stage:
