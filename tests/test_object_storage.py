@@ -197,6 +197,22 @@ def test_checkpoint_in_a_bucket_for_a_local_output(bucket, local_ref, tmp_path):
     assert ".rerank-batch-checkpoint" in names and "parts" in names and "done" in names
 
 
+def test_a_bucket_output_with_a_local_checkpoint_resumes_after_publishing(bucket, local_ref, tmp_path):
+    """Killed after the output was published but before the checkpoint went (here: kept), the
+    same command finishes (exit 0) instead of refusing the output it wrote itself."""
+    from conftest import run_cli
+
+    args = ["run", local_ref["input"], "--model", local_ref["model"], "-o", f"{bucket}/lc/out.parquet",
+            "--window", 20, "-q", "--checkpoint-dir", tmp_path / "ck"]
+    r = run_cli(args + ["--keep-checkpoint"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "ck" / ".rerank-batch-checkpoint").exists()
+    r = run_cli(args)
+    assert r.exit_code == 0, r.output
+    assert not (tmp_path / "ck").exists()
+    assert _read(f"{bucket}/lc/out.parquet").equals(local_ref["ref"])
+
+
 def test_foreign_prefix_is_not_a_checkpoint(bucket, local_ref, tmp_path):
     from conftest import run_cli
     from pipeline.storage.remote import RemoteStore

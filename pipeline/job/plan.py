@@ -62,8 +62,9 @@ def _check_remote_output(cfg: RunConfig, resumable: bool | None) -> None:
     where = uri.kind(cfg.output)
     if where == "dir":
         raise InputError(f"{cfg.output}: the output is a prefix with objects under it; pass an object key with -o")
-    if resumable is None:
-        resumable = uri.is_uri(cfg.ckpt_dir) and sr.RemoteStore(cfg.ckpt_dir).exists(MARKER)
+    if resumable is None:  # the checkpoint in the bucket or on local disk
+        resumable = (sr.RemoteStore(cfg.ckpt_dir).exists(MARKER) if uri.is_uri(cfg.ckpt_dir)
+                     else os.path.exists(os.path.join(cfg.ckpt_dir, MARKER)))
     if where == "file" and not cfg.overwrite and (cfg.restart or not resumable):
         raise InputError(f"{cfg.output}: the output exists; pass --overwrite to replace it")
     why = sr.RemoteStore(cfg.output.rsplit("/", 1)[0]).is_writable()
