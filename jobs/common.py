@@ -27,6 +27,11 @@ def domain_errors():
         yield
     except RerankError as exc:
         raise JobError(str(exc), exc.exit_code) from None
+    except OSError as exc:  # the disk, a bucket or the network failed where no step expected it
+        from pipeline.errors import first_line
+
+        raise JobError(f"{first_line(exc, 300)}; check the disk, the bucket or the network, then rerun the same "
+                       "command (finished units are kept in the checkpoint)", 1) from None
 
 
 OURS = ("rerank-batch", "pipeline", "jobs")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from pipeline.job import startup
 from pipeline.config import RunConfig
-from pipeline.errors import Interrupted, RerankError, ScoringError
+from pipeline.errors import Interrupted, RerankError, ScoringError, first_line
 from pipeline.job.execute import _Timer, execute, score_unit, uses_workers
 from pipeline.job.finish import cleanup, publish, published_output, totals
 from pipeline.job.plan import check_output, fingerprint, make_plan, validate
@@ -146,7 +146,11 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
     except BaseException:
         if plan is not None and plan.ckpt is not None and plan.ckpt.lease is not None:
             # nothing scored yet: leave no checkpoint behind; else keep it for the rerun
-            plan.ckpt.close(remove=not plan.ckpt.done and plan.ckpt.state != "published")
+            try:
+                plan.ckpt.close(remove=not plan.ckpt.done and plan.ckpt.state != "published")
+            except OSError as exc:  # the store that failed the run fails this too: report the first
+                log.warning("could not release the checkpoint (%s); a rerun takes it over once its lease expires",
+                            first_line(exc))
         raise
     summary.extra = {f"seconds_{k}": round(v, 3) for k, v in timer.seconds.items()}
     summary.extra.update({f"startup_{k}_s": v for k, v in startup.stages().items()})

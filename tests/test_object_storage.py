@@ -423,3 +423,24 @@ def test_an_output_over_the_copy_limit_without_boto3_is_refused_before_any_uploa
     with pytest.raises(uri.OutputUnpublished, match=r"rerank-batch\[s3\]"):
         uri.publish(str(new), key)
     assert _bytes(key) == old.read_bytes()
+
+
+def test_an_unreachable_store_is_one_line_and_exit_1(local_ref, tmp_path, monkeypatch):
+    """A store that does not answer is a runtime failure (exit 1) told in one line, not a
+    traceback from pyarrow."""
+    import uuid
+
+    from conftest import run_cli
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")  # nothing listens there
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    b = f"s3://down-{uuid.uuid4().hex[:8]}"  # a bucket no cached client has seen
+    for args in (["run", f"{b}/in.parquet", "-o", tmp_path / "o.parquet"], ["run", local_ref["input"], "-o", f"{b}/o.parquet"]):
+        r = run_cli(args + ["--model", local_ref["model"], "-q"])
+        assert r.exit_code == 1, r.output
+        lines = [line for line in r.output.strip().splitlines() if line]
+        assert len(lines) == 1 and "Traceback" not in r.output, r.output
+        assert "check the disk, the bucket or the network" in lines[0]
+    assert not (tmp_path / "o.parquet").exists()
