@@ -393,3 +393,27 @@ def test_a_rerun_with_another_top_k_rewrites_a_published_output(job, tmp_path):
     key = "query_id" if "query_id" in ref.column_names else "query"
     assert t.num_rows == len(set(ref.column(key).to_pylist())) < ref.num_rows  # one row per query
     assert set(t.column("rank").to_pylist()) == {1}
+
+
+def test_a_recursive_glob_over_the_outputs_folder_resumes(job, tmp_path):
+    """`D/**/*.parquet -o D/out.parquet`: after a kill, the checkpoint's parts under D are not
+    taken for inputs (they were: 'the input already has a column score')."""
+    d = tmp_path / "D"
+    (d / "sub").mkdir(parents=True)
+    shutil.copy(job["input"], d / "sub" / "in.parquet")
+    out = d / "out.parquet"
+    spec = str(d / "**" / "*.parquet")
+    with pytest.raises(Interrupted):
+        run(_cfg(job, spec, out), progress=False, should_stop=_stop_after(3))
+    assert _done(d / "out.parquet.ckpt") >= 1
+    r = run_cli(_args(job, spec, out, 64))
+    assert r.exit_code == 0, r.output
+    assert pq.read_table(out).equals(job["refs"][64])
+
+
+def test_a_file_whose_name_looks_like_a_glob_is_that_file(job, tmp_path):
+    f = tmp_path / "data[1].parquet"
+    shutil.copy(job["input"], f)
+    r = run_cli(_args(job, f, tmp_path / "out.parquet", 64))
+    assert r.exit_code == 0, r.output
+    assert pq.read_table(tmp_path / "out.parquet").equals(job["refs"][64])

@@ -15,6 +15,19 @@ def _is_glob(spec: str) -> bool:
     return any(ch in spec for ch in _MAGIC)
 
 
+def _in_checkpoint(path: str) -> bool:
+    """A file under a directory that holds a checkpoint's marker (a run's own OUTPUT.ckpt/parts,
+    met by a recursive glob): scores of a run, not input."""
+    from pipeline.storage.uri import CHECKPOINT_MARKER
+
+    d = os.path.dirname(os.path.abspath(path))
+    for _ in range(3):  # the marker sits at most two folders above a part (ckpt/parts/x.parquet)
+        if os.path.exists(os.path.join(d, CHECKPOINT_MARKER)):
+            return True
+        d = os.path.dirname(d)
+    return False
+
+
 def resolve_inputs(specs) -> tuple[str, ...]:
     """Expand files, directories (their *.parquet, sorted) and globs into a list of files.
 
@@ -27,8 +40,9 @@ def resolve_inputs(specs) -> tuple[str, ...]:
     for spec in map(os.fspath, specs):
         if is_uri(spec):  # object storage: an object, a prefix or a glob on keys
             files.extend(expand(spec))
-        elif _is_glob(spec):
-            found = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+        elif _is_glob(spec) and not os.path.exists(spec):  # a file named data[1].parquet is that file
+            found = sorted(p for p in glob.glob(spec, recursive=True)
+                           if os.path.isfile(p) and not _in_checkpoint(p))
             if not found:
                 raise InputError(f"{spec}: no file matches this pattern; check the glob")
             files.extend(found)

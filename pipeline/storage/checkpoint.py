@@ -33,12 +33,12 @@ from pipeline.storage.fingerprint import check_inputs, diff_fingerprints, file_f
 from pipeline.storage.lock import LEASE_NAME, LocalLease
 from pipeline.storage.local import LocalStore, fsync_dir
 from pipeline.storage.remote import REMOTE_LEASE_NAME, RemoteLease, RemoteStore
-from pipeline.storage.uri import is_uri
+from pipeline.storage.uri import CHECKPOINT_MARKER, is_uri
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
-MARKER = ".rerank-batch-checkpoint"
+MARKER = CHECKPOINT_MARKER  # the one name that makes a directory a checkpoint
 FINGERPRINT = "fingerprint.json"
 _OURS_TOP = {MARKER, LEASE_NAME, REMOTE_LEASE_NAME, FINGERPRINT, "parts", "done"}
 # What a run that has not yet written its marker may already have made in the directory (its

@@ -47,6 +47,9 @@ def join(uri: str, *names: str) -> str:
     return "/".join([uri.rstrip("/"), *[n.strip("/") for n in names if n]])
 
 
+CHECKPOINT_MARKER = ".rerank-batch-checkpoint"  # storage.checkpoint.MARKER (this module stays light)
+
+
 def expand(spec: str) -> list[str]:
     """A URI of one object, a prefix (its *.parquet, sorted, like a local directory) or a glob
     (*, ?, [...] in the key, ** across folders): the matching objects as URIs."""
@@ -62,7 +65,10 @@ def expand(spec: str) -> list[str]:
         base = fixed.rsplit("/", 1)[0]
         infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
         rx = _glob_regex(path)
-        found = sorted(root + i.path for i in infos if i.type == pafs.FileType.File and rx.fullmatch(i.path))
+        files = [i.path for i in infos if i.type == pafs.FileType.File]
+        # A checkpoint under the glob's folder (a run's own OUTPUT.ckpt) holds parts, not inputs.
+        ckpts = tuple(f[: -len(CHECKPOINT_MARKER)] for f in files if f.endswith("/" + CHECKPOINT_MARKER))
+        found = sorted(root + f for f in files if rx.fullmatch(f) and not f.startswith(ckpts))
         if not found:
             raise InputError(f"{spec}: no object matches this pattern; check the glob")
         return found
