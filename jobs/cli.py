@@ -18,6 +18,8 @@ import click  # noqa: E402
 
 from pipeline.job.signals import graceful_signals  # noqa: E402
 
+from . import common  # noqa: E402
+
 STOP = None
 
 
@@ -52,6 +54,7 @@ def main():
     try:
         with graceful_signals() as flag:
             STOP = flag
+            common.STOP = flag  # what the jobs read: under `python -m jobs.cli` this module is __main__
             cli()
     except KeyboardInterrupt:  # a signal outside any run (click's own code): no traceback
         _exit_now(128 + ((STOP and STOP.signum) or signal.SIGINT))

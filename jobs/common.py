@@ -13,6 +13,10 @@ import click
 from pipeline.errors import RerankError
 
 
+# The running CLI's stop flag (jobs.cli.main sets it): a job asks it whether a signal came.
+STOP = None
+
+
 class JobError(click.ClickException):
     """A domain error shown as one line, with the exit code of its kind (2 input, 1 runtime)."""
 

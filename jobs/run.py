@@ -108,6 +108,8 @@ def run_cmd(inputs, output, summary_path, quiet, verbose, **opts):
         if opts["executor"] != "ray" and (opts["ray_address"] or opts["workers"] or opts["gpus_per_worker"] is not None):
             raise JobError("--ray-address, --workers and --gpus-per-worker need --executor ray", 2)
         cfg = RunConfig(inputs=inputs, output=output, **opts)
+        if summary_path:
+            _check_summary_path(summary_path, cfg)
         log.debug("%d input files, output %s; %s", len(cfg.inputs), cfg.output, cfg)
         summary = run(cfg, progress=False if quiet else None, should_stop=_stop_flag())
     text = summary.to_json()
@@ -124,8 +126,20 @@ for _p in run_cmd.params:  # named after the long option (--window: RERANK_BATCH
         _p.show_envvar = True
 
 
-def _stop_flag():
-    # Set by jobs.cli.main's signal context; None when called as a library (e.g. CliRunner).
-    from . import cli
+def _check_summary_path(path: str, cfg) -> None:
+    """The summary must not land on the output, an input or a directory (it was written over them)."""
+    real = os.path.realpath(path)
+    if os.path.isdir(real):
+        raise JobError(f"--summary {path}: is a directory; pass a file path", 2)
+    for p in (cfg.output, *cfg.inputs):
+        if "://" not in str(p) and os.path.realpath(p) == real:
+            raise JobError(f"--summary {path}: is the {'output' if p == cfg.output else 'input'} {p}; "
+                           "pass another file", 2)
 
-    return cli.STOP
+
+def _stop_flag():
+    # Set by jobs.cli.main's signal context; None when called as a library (e.g. CliRunner). Kept
+    # in jobs.common: under `python -m jobs.cli`, importing jobs.cli here would make a second copy.
+    from . import common
+
+    return common.STOP

@@ -417,3 +417,50 @@ def test_a_file_whose_name_looks_like_a_glob_is_that_file(job, tmp_path):
     r = run_cli(_args(job, f, tmp_path / "out.parquet", 64))
     assert r.exit_code == 0, r.output
     assert pq.read_table(tmp_path / "out.parquet").equals(job["refs"][64])
+
+
+@pytest.mark.parametrize("target", ["output", "input", "dir"])
+def test_the_summary_never_lands_on_the_output_an_input_or_a_directory(job, tmp_path, target):
+    inp = tmp_path / "in.parquet"
+    shutil.copy(job["input"], inp)
+    out = tmp_path / "out.parquet"
+    if target == "output":
+        out.write_bytes(b"an old output")
+    path = {"output": out, "input": inp, "dir": tmp_path}[target]
+    before = inp.read_bytes()
+    r = run_cli(_args(job, inp, out, 64, "--overwrite", "--summary", path))
+    assert r.exit_code == 2, r.output
+    assert f"--summary {path}:" in r.output
+    assert inp.read_bytes() == before
+    if target == "output":
+        assert out.read_bytes() == b"an old output"
+
+
+def test_a_checkpoint_made_for_another_output_does_not_own_this_one(job, tmp_path):
+    """A kept checkpoint of `-o o1` reused with `-o p` where p exists: p is not the checkpoint's
+    to replace (it was overwritten), so --overwrite is asked for; o1's own rerun still resumes."""
+    ck, o1, p = tmp_path / "ck", tmp_path / "o1.parquet", tmp_path / "p.parquet"
+    r = run_cli(_args(job, job["input"], o1, 64, "--checkpoint-dir", ck, "--keep-checkpoint"))
+    assert r.exit_code == 0, r.output
+    p.write_bytes(b"precious")
+    r = run_cli(_args(job, job["input"], p, 64, "--checkpoint-dir", ck))
+    assert r.exit_code == 2, r.output
+    assert "the output exists; pass --overwrite" in r.output
+    assert p.read_bytes() == b"precious"
+    r = run_cli(_args(job, job["input"], o1, 64, "--checkpoint-dir", ck))
+    assert r.exit_code == 0, r.output
+    assert pq.read_table(o1).equals(job["refs"][64])
+
+
+def test_restart_clears_a_damaged_marker(job, tmp_path):
+    """The error for a damaged marker names --restart; --restart then has to work."""
+    out = tmp_path / "out.parquet"
+    with pytest.raises(Interrupted):
+        run(_cfg(job, job["input"], out), progress=False, should_stop=_stop_after(2))
+    marker = tmp_path / "out.parquet.ckpt" / ".rerank-batch-checkpoint"
+    marker.write_text("{not json")
+    r = run_cli(_args(job, job["input"], out, 64))
+    assert r.exit_code == 2 and "pass --restart" in r.output, r.output
+    r = run_cli(_args(job, job["input"], out, 64, "--restart"))
+    assert r.exit_code == 0, r.output
+    assert pq.read_table(out).equals(job["refs"][64])

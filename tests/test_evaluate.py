@@ -166,3 +166,24 @@ def test_eval_and_prepare_errors_exit_2(tmp_path, args, message):
     r = run_cli([a.replace("{s}", str(s)).replace("{q}", str(q)) for a in args])
     assert r.exit_code == 2, r.output
     assert message in r.output
+
+
+def test_a_document_judged_twice_keeps_its_last_judgement(tmp_path):
+    """Duplicate qrels lines once counted a relevant document twice (P@1 2.0, map 1.5); the
+    last judgement of each (query, document) is kept, as pytrec_eval's dict keeps it."""
+    from pipeline.evaluation.metrics import read_qrels
+
+    q = tmp_path / "dup.txt"
+    q.write_text("q1 0 d0 1\nq1 0 d0 1\nq1 0 d1 2\nq1 0 d1 0\nq2 0 d5 1\n")
+    qr = read_qrels(str(q))
+    assert qr.height == 3
+    qrels = {"q1": {"d0": 1, "d1": 0}, "q2": {"d5": 1}}  # the file as pytrec_eval reads it: last wins
+    run = {"q1": {"d0": 0.9, "d1": 0.5, "d2": 0.1}, "q2": {"d4": 0.8, "d5": 0.7}}
+    df = pl.DataFrame([(k, d, s) for k, docs in run.items() for d, s in docs.items()],
+                      schema={"query_id": pl.String, "doc_id": pl.String, "score": pl.Float64}, orient="row")
+    means, per_q = evaluate(df, qr, parse_metrics(METRICS))
+    ref = _trec(run, qrels)
+    for row in per_q.iter_rows(named=True):
+        for ours, theirs in TREC.items():
+            assert abs(row[ours] - ref[row["query_id"]][theirs]) <= 1e-9, (row["query_id"], ours)
+    assert per_q["p@1"].max() <= 1.0 and per_q["map"].max() <= 1.0

@@ -60,10 +60,15 @@ main()
 """
 
 
-def _spawn(tmp_path, hold, out):
+# The same child, run as `python -m jobs.cli` runs it: the CLI module is __main__, not jobs.cli.
+_CHILD_AS_M = _CHILD.replace("from jobs.cli import main\nmain()\n",
+                             "import runpy\nrunpy.run_module('jobs.cli', run_name='__main__', alter_sys=True)\n")
+
+
+def _spawn(tmp_path, hold, out, child=_CHILD):
     env = dict(os.environ, EVENT=str(tmp_path / "event"), HOLD=hold)
     return subprocess.Popen(
-        [sys.executable, "-c", _CHILD, "run", SAMPLE, "--model", TINY, "-o", str(out), "-q", "--window", "5"],
+        [sys.executable, "-c", child, "run", SAMPLE, "--model", TINY, "-o", str(out), "-q", "--window", "5"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -73,10 +78,14 @@ def _wait_event(p, tmp_path):
         time.sleep(0.01)
 
 
-@pytest.mark.parametrize("hold, sig", [("load", signal.SIGTERM), ("write", signal.SIGTERM), ("write", signal.SIGINT)])
-def test_signal_while_loading_or_writing_stops_with_no_output(tmp_path, hold, sig):
+@pytest.mark.parametrize("hold, sig, child", [("load", signal.SIGTERM, _CHILD), ("write", signal.SIGTERM, _CHILD),
+                                              ("write", signal.SIGINT, _CHILD), ("load", signal.SIGTERM, _CHILD_AS_M)])
+def test_signal_while_loading_or_writing_stops_with_no_output(tmp_path, hold, sig, child):
+    """The last case: under `python -m jobs.cli` the job once read the stop flag of a second copy
+    of the CLI module (always unset), so SIGTERM came out as exit 130, 'signal 2'."""
+    assert child.count("runpy") == (2 if child is _CHILD_AS_M else 0)
     out = tmp_path / "out.parquet"
-    p = _spawn(tmp_path, hold, out)
+    p = _spawn(tmp_path, hold, out, child)
     _wait_event(p, tmp_path)
     p.send_signal(sig)
     try:

@@ -10,6 +10,7 @@ of the query, retrieved or not; P@k divides by k.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -19,6 +20,8 @@ import numpy as np
 import polars as pl
 
 from pipeline.errors import InputError, first_line
+
+log = logging.getLogger(__name__)
 
 METRIC = re.compile(r"^(ndcg|map|mrr|recall|p)(?:@(\d+))?$")
 
@@ -52,7 +55,18 @@ def parse_metrics(spec: str) -> list[Metric]:
 
 
 def read_qrels(path: str) -> pl.DataFrame:
-    """qrels as (query_id, doc_id, relevance) from TREC text, a BEIR TSV or Parquet."""
+    """qrels as (query_id, doc_id, relevance) from TREC text, a BEIR TSV or Parquet; a document
+    judged twice for one query keeps its last judgement (as pytrec_eval's dict does): counted
+    twice, it made P@1 2.0."""
+    df = _read_qrels(path)
+    unique = df.unique(subset=["query_id", "doc_id"], keep="last", maintain_order=True)
+    if unique.height < df.height:
+        log.warning("%s: %d duplicate (query, document) judgements; the last of each is used",
+                    path, df.height - unique.height)
+    return unique
+
+
+def _read_qrels(path: str) -> pl.DataFrame:
     if not os.path.exists(path):
         raise InputError(f"{path}: no such qrels file; check the path")
     if path.endswith(".parquet"):

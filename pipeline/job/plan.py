@@ -11,7 +11,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 
-from pipeline.storage.checkpoint import MARKER, Checkpoint, open_checkpoint
+from pipeline.storage.checkpoint import Checkpoint, marked_for, open_checkpoint
 from pipeline.config import RunConfig
 from pipeline.errors import InputError, ModelError
 from pipeline.storage.fingerprint import model_fingerprint
@@ -52,6 +52,19 @@ def check_options(cfg: RunConfig) -> None:
                              "drop the option or pass --device cuda")
 
 
+def output_key(output: str) -> str:
+    """How a checkpoint's marker names its output: the URI, or the absolute path."""
+    return output if "://" in output else os.path.abspath(output)
+
+
+def _store(directory: str):
+    from pipeline.storage.local import LocalStore
+    from pipeline.storage.remote import RemoteStore
+    from pipeline.storage.uri import is_uri
+
+    return RemoteStore(directory) if is_uri(directory) else LocalStore(directory)
+
+
 def _check_remote_output(cfg: RunConfig, resumable: bool | None) -> None:
     """check_output for an object-storage output: the same refusals, asked of the store."""
     from pipeline.storage import remote as sr
@@ -63,8 +76,7 @@ def _check_remote_output(cfg: RunConfig, resumable: bool | None) -> None:
     if where == "dir":
         raise InputError(f"{cfg.output}: the output is a prefix with objects under it; pass an object key with -o")
     if resumable is None:  # the checkpoint in the bucket or on local disk
-        resumable = (sr.RemoteStore(cfg.ckpt_dir).exists(MARKER) if uri.is_uri(cfg.ckpt_dir)
-                     else os.path.exists(os.path.join(cfg.ckpt_dir, MARKER)))
+        resumable = marked_for(_store(cfg.ckpt_dir), output_key(cfg.output))
     if where == "file" and not cfg.overwrite and (cfg.restart or not resumable):
         raise InputError(f"{cfg.output}: the output exists; pass --overwrite to replace it")
     why = sr.RemoteStore(cfg.output.rsplit("/", 1)[0]).is_writable()
@@ -74,7 +86,6 @@ def _check_remote_output(cfg: RunConfig, resumable: bool | None) -> None:
 
 def check_output(cfg: RunConfig, resumable: bool | None = None) -> None:
     """`resumable`: the checkpoint holds work of this output (None: peek at its marker)."""
-    from pipeline.storage.remote import RemoteStore
     from pipeline.storage.uri import is_uri
 
     _utf8(cfg.output, "output")
@@ -82,16 +93,14 @@ def check_output(cfg: RunConfig, resumable: bool | None = None) -> None:
     if is_uri(cfg.output):
         _check_remote_output(cfg, resumable)
         return
-    if is_uri(cfg.ckpt_dir) and resumable is None:  # a local output, its checkpoint in object storage
-        resumable = RemoteStore(cfg.ckpt_dir).exists(MARKER)
+    if resumable is None:  # peek at the checkpoint's marker: made for this output?
+        resumable = marked_for(_store(cfg.ckpt_dir), output_key(cfg.output))
     out = os.path.abspath(cfg.output)
     for p in cfg.inputs:
         if os.path.abspath(p) == out or (os.path.exists(cfg.output) and os.path.samefile(p, cfg.output)):
             raise InputError(f"{cfg.output}: the output is one of the inputs; pass another -o")
     if os.path.isdir(cfg.output):
         raise InputError(f"{cfg.output}: the output is a directory; pass a file path with -o")
-    if resumable is None:  # an output beside its own checkpoint: a rerun after a kill rewrites it
-        resumable = os.path.exists(os.path.join(cfg.ckpt_dir, MARKER))
     if os.path.exists(cfg.output) and not cfg.overwrite and (cfg.restart or not resumable):
         raise InputError(f"{cfg.output}: the output exists; pass --overwrite to replace it")
     d = os.path.dirname(out)
@@ -190,9 +199,10 @@ def make_plan(cfg: RunConfig, kind=None, run_id: str | None = None) -> Plan:
     dtype = str(resolve_dtype(cfg.dtype, device)).removeprefix("torch.")
     fp = fingerprint(cfg, layout, device.type, dtype, kind)
     ck = open_checkpoint(cfg.ckpt_dir, fp, cfg.inputs, restart=cfg.restart, run_id=run_id,
-                         own_root=cfg.checkpoint_dir is None)
+                         own_root=cfg.checkpoint_dir is None, output=output_key(cfg.output))
     try:  # again under the lock: a run that finished meanwhile has published the output
-        check_output(cfg, resumable=bool(ck.done) or ck.state == "published")
+        ours = ck.marker.get("output_path") in (None, output_key(cfg.output))  # a checkpoint made for another -o owns no file here
+        check_output(cfg, resumable=ours and (bool(ck.done) or ck.state == "published"))
     except BaseException:
         ck.close(remove=not ck.done and ck.state != "published")
         raise

@@ -157,6 +157,16 @@ class Checkpoint:
             self.store.remove_empty("")
 
 
+def marked_for(store, output: str) -> bool:
+    """Whether `store` holds a checkpoint marker made for `output` (or by a version that did not
+    record its output): only then may a run take an existing output for its own."""
+    try:
+        marker = json.loads(store.read(MARKER)) if store.exists(MARKER) else None
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and marker.get("output_path") in (None, output)
+
+
 def _strangers(store) -> list[str]:
     """The names in a directory without our marker that no run of ours could have made there."""
     return sorted(n for n in store.list("") if not _BEFORE_MARKER.match(n))
@@ -214,7 +224,7 @@ def _open_local(directory: str, run_id: str) -> tuple[Checkpoint, bool]:
 
 
 def open_checkpoint(directory: str, fingerprint: dict, paths, *, restart: bool, run_id: str | None = None,
-                    own_root: bool = False) -> Checkpoint:
+                    own_root: bool = False, output: str | None = None) -> Checkpoint:
     """Take the lease on `directory` (made and marked when absent or empty), check the fingerprint,
     and load the finished units. Refuses a non-empty directory without our marker (exit 2),
     a directory a live run holds (exit 75) and a fingerprint that differs (exit 2). `own_root`:
@@ -229,13 +239,19 @@ def open_checkpoint(directory: str, fingerprint: dict, paths, *, restart: bool, 
         why = ck.store.is_writable()
         if why:
             raise InputError(f"{directory}: cannot write the checkpoint here ({why}); pass a writable --checkpoint-dir")
-        ck.marker = ck._read_json(MARKER) or {}
+        try:
+            ck.marker = ck._read_json(MARKER) or {}
+        except CheckpointError:  # a damaged marker: --restart is the way out it names
+            if not restart:
+                raise
+            ck.marker = {"damaged": True}
         if restart and ck.marker:
             ck.delete_ours()
             ck.marker = {}
         if not ck.marker:
             new = True
-            ck.write_marker(format=FORMAT_VERSION, run_id=run_id, state="running", created_dir=own_root or not existed)
+            ck.write_marker(format=FORMAT_VERSION, run_id=run_id, state="running", created_dir=own_root or not existed,
+                            output_path=output)
         elif ck.marker.get("format") != FORMAT_VERSION:
             raise CheckpointError(f"{directory}: a checkpoint of another rerank-batch version; pass --restart")
         ck.done = ck.finished()
