@@ -38,6 +38,23 @@ def domain_errors():
                        "command (finished units are kept in the checkpoint)", 1) from None
 
 
+def check_target(path: str, option: str, reads=(), writes=(), overwrite: bool = True) -> None:
+    """A file a job will write: not a directory, not one of the files it reads or its other
+    outputs, in a directory that exists, and (unless `overwrite`) not there yet. Exit 2."""
+    real = os.path.realpath(path)
+    if os.path.isdir(real):
+        raise JobError(f"{option} {path}: is a directory; pass a file path", 2)
+    for what, paths in (("input", reads), ("output", writes)):
+        for p in paths:
+            if p and os.path.realpath(p) == real:
+                raise JobError(f"{option} {path}: is also the {what} {p}; pass another file", 2)
+    if not os.path.isdir(os.path.dirname(real)):
+        raise JobError(f"{option} {path}: the directory {os.path.dirname(real)} does not exist; create it or pass "
+                       "another path", 2)
+    if not overwrite and os.path.exists(real):
+        raise JobError(f"{option} {path}: exists; pass --overwrite to replace it", 2)
+
+
 OURS = ("rerank-batch", "pipeline", "jobs")
 
 

@@ -9,7 +9,7 @@ import polars as pl
 
 from pipeline.errors import InputError
 
-from .common import JobError, domain_errors, setup_logging
+from .common import JobError, check_target, domain_errors, setup_logging
 
 
 @click.command("eval")
@@ -41,6 +41,9 @@ def eval_cmd(scored, qrels, relevance_col, metrics, score_col, baseline_col, bas
             raise JobError("give exactly one of --qrels FILE and --relevance-col COL", 2)
         if plot_path and not baseline_col:
             raise JobError("--plot draws the change against a baseline; add --baseline-col COL", 2)
+        for option, target in (("--json", json_path), ("--plot", plot_path)):
+            if target:
+                check_target(target, option, reads=[scored, qrels], writes=[json_path if option == "--plot" else None])
         ms = parse_metrics(metrics)
         cols = [score_col] + ([baseline_col] if baseline_col else []) + ([relevance_col] if relevance_col else [])
         run = load_scored(scored, query_id_col, doc_id_col, cols)

@@ -6,22 +6,12 @@ import os
 
 import click
 
-from .common import domain_errors, setup_logging
+from .common import check_target, domain_errors, setup_logging
 
 
 @click.group("prepare")
 def prepare_cmd():
     """Build a pairs file for `rerank-batch run` from a common dataset layout."""
-
-
-def _check_out(output: str, overwrite: bool):
-    from pipeline.errors import InputError
-
-    if os.path.exists(output) and not overwrite:
-        raise InputError(f"{output}: the output exists; pass --overwrite to replace it")
-    d = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(d):
-        raise InputError(f"{output}: the directory {d} does not exist; create it or pass another -o")
 
 
 @prepare_cmd.command("beir")
@@ -37,7 +27,9 @@ def beir_cmd(beir_dir, run_path, output, depth, split, overwrite):
     from pipeline.evaluation.prepare import prepare_beir
 
     with domain_errors():
-        _check_out(output, overwrite)
+        reads = [run_path] + [os.path.join(beir_dir, n) for n in ("corpus.jsonl", "queries.jsonl")]
+        reads += [os.path.join(beir_dir, "qrels", f"{split}.tsv")]
+        check_target(output, "-o", reads=reads, overwrite=overwrite)
         n = prepare_beir(beir_dir, run_path, output, depth=depth, split=split)
     click.echo(f"wrote {output} ({n} pairs)")
 
@@ -57,7 +49,9 @@ def mc_cmd(path, output, qrels_out, query_col, docs_col, label_col, id_col, over
     from pipeline.evaluation.prepare import prepare_mc
 
     with domain_errors():
-        _check_out(output, overwrite)
+        check_target(output, "-o", reads=[path], overwrite=overwrite)
+        if qrels_out:
+            check_target(qrels_out, "--qrels-out", reads=[path], writes=[output], overwrite=overwrite)
         n = prepare_mc(path, output, query_col=query_col, docs_col=docs_col, label_col=label_col, id_col=id_col,
                        qrels_out=qrels_out)
     click.echo(f"wrote {output} ({n} pairs)")

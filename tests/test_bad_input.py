@@ -31,6 +31,7 @@ def bad(tmp_path_factory):
     pq.write_table(pa.table({"query": ["q", None], "documents": [["a"], ["b", "c"]]}), d / "nullquery_nested.parquet")
     pq.write_table(pa.table({"query": ["q"], "documents": [[1, 2]]}), d / "intlist.parquet")
     pq.write_table(pa.table({"query": ["q"], "document": ["a"], "score": [0.5]}), d / "hasscore.parquet")
+    pq.write_table(pa.table({"query": ["q"], "document": ["a"], "_ord": [7]}), d / "hasord.parquet")
     pq.write_table(pa.table({"q": ["x"], "d": ["y"]}), d / "othercols.parquet")
     (d / "emptydir").mkdir()
     pq.write_table(pa.Table.from_arrays([pa.array(["q"]), pa.array(["a"]), pa.array(["b"])],
@@ -106,6 +107,10 @@ CASES = [
      "{d}/nullquery_nested.parquet: row 1 (from 0): column 'query' is null; fill it, or pass --on-null skip"),
     (["run", "{d}/hasscore.parquet"],
      "{d}/hasscore.parquet: the input already has a column 'score', which the output adds; rename or drop it first"),
+    (["run", "{d}/hasord.parquet"],
+     "{d}/hasord.parquet: column '_ord' is a name rerank-batch uses internally; rename it first"),
+    (["run", "{d}/good.parquet", "--instruction-col", "query"],
+     "{d}/good.parquet: --instruction-col 'query' is also the query or document column; pass another --instruction-col"),
     (["run", "{d}/good.parquet", "-o", "{d}/good.parquet"],
      "{d}/good.parquet: the output is one of the inputs; pass another -o"),
     (["run", "{d}/good.parquet", "-o", "{d}/nodir/out.parquet"],

@@ -157,15 +157,31 @@ def test_prepare_mc_reproduces_the_shared_long_form_and_qrels(tmp_path):
     (["eval", "{s}", "--qrels", "{q}", "--plot", "x.png"], "--plot draws the change against a baseline; add --baseline-col"),
     (["eval", "{s}", "--qrels", "{q}", "--doc-id-col", "nope"], "no column 'nope'"),
     (["prepare", "beir", "nodir", "--run", "r.trec", "-o", "o.parquet"], "nodir: not a directory; pass a BEIR folder"),
+    # Files a job writes never replace what it reads (they did: the input became JSON or qrels).
+    (["eval", "{s}", "--qrels", "{q}", "--json", "{s}"], "--json {s}: is also the input {s}"),
+    (["eval", "{s}", "--qrels", "{q}", "--json", "{q}"], "--json {q}: is also the input {q}"),
+    (["eval", "{s}", "--qrels", "{q}", "--json", "{d}"], "--json {d}: is a directory"),
+    (["prepare", "mc", "{m}", "-o", "{m}", "--overwrite"], "-o {m}: is also the input {m}"),
+    (["prepare", "mc", "{m}", "-o", "{d}/p.parquet", "--qrels-out", "{m}", "--overwrite"],
+     "--qrels-out {m}: is also the input {m}"),
+    (["prepare", "mc", "{m}", "-o", "{d}/p.parquet", "--qrels-out", "{d}/p.parquet", "--overwrite"],
+     "--qrels-out {d}/p.parquet: is also the output {d}/p.parquet"),
+    (["prepare", "mc", "{m}", "-o", "{d}/p.parquet", "--qrels-out", "{q}"], "--qrels-out {q}: exists; pass --overwrite"),
 ])
 def test_eval_and_prepare_errors_exit_2(tmp_path, args, message):
     s = tmp_path / "s.parquet"
     pq.write_table(pa.table({"query_id": ["a"], "doc_id": ["x"], "score": [0.5]}), s)
     q = tmp_path / "q.txt"
     q.write_text("a 0 x 1\n")
-    r = run_cli([a.replace("{s}", str(s)).replace("{q}", str(q)) for a in args])
+    m = tmp_path / "mc.parquet"
+    pq.write_table(pa.table({"query": ["a?"], "documents": [["x", "y"]], "label": [0]}), m)
+    subst = {"{s}": str(s), "{q}": str(q), "{m}": str(m), "{d}": str(tmp_path)}
+    fill = lambda a: __import__("functools").reduce(lambda x, kv: x.replace(*kv), subst.items(), a)  # noqa: E731
+    before = {f: f.read_bytes() for f in (s, q, m)}
+    r = run_cli([fill(a) for a in args])
     assert r.exit_code == 2, r.output
-    assert message in r.output
+    assert fill(message) in r.output
+    assert {f: f.read_bytes() for f in (s, q, m)} == before
 
 
 def test_a_document_judged_twice_keeps_its_last_judgement(tmp_path):

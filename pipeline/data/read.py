@@ -118,6 +118,12 @@ def inspect_layout(path: str, cfg: RunConfig) -> InputLayout:
                 f"{path}: the input already has a column {name!r}, which the output adds; "
                 "rename or drop it first"
             )
+    for name in ("_ord", "_g"):  # the final rank's own working columns (a clash failed after all the scoring)
+        if name in names:
+            raise InputError(f"{path}: column {name!r} is a name rerank-batch uses internally; rename it first")
+    if instruction_col is not None and instruction_col in (cfg.query_col, doc_col):
+        raise InputError(f"{path}: --instruction-col {instruction_col!r} is also the query or document column; "
+                         "pass another --instruction-col")
     return InputLayout(nested, cfg.query_col, doc_col, instruction_col, tuple(names), schema)
 
 
