@@ -464,3 +464,29 @@ def test_restart_clears_a_damaged_marker(job, tmp_path):
     r = run_cli(_args(job, job["input"], out, 64, "--restart"))
     assert r.exit_code == 0, r.output
     assert pq.read_table(out).equals(job["refs"][64])
+
+
+def test_restart_removes_the_temp_output_of_the_run_it_replaces(job, tmp_path):
+    """A temp output left by a run killed in its final write carries that run's id; --restart
+    gives the checkpoint a new id, and kept the old temp file (the output's size) forever."""
+    out = tmp_path / "out.parquet"
+    with pytest.raises(Interrupted):
+        run(_cfg(job, job["input"], out), progress=False, should_stop=_stop_after(2))
+    old_id = json.loads((tmp_path / "out.parquet.ckpt" / ".rerank-batch-checkpoint").read_text())["run_id"]
+    left = tmp_path / f".out.parquet.{old_id}-0badf00d.partial"
+    left.write_bytes(b"a killed final write")
+    theirs = tmp_path / ".out.parquet.someoneelse-0badf00d.partial"
+    theirs.write_bytes(b"not ours")
+    r = run_cli(_args(job, job["input"], out, 64, "--restart"))
+    assert r.exit_code == 0, r.output
+    assert not left.exists() and theirs.exists()
+    assert pq.read_table(out).equals(job["refs"][64])
+
+
+def test_a_long_output_name_is_written(job, tmp_path):
+    """The temp output's name adds about 30 characters to the output's: with a 240-byte name it
+    went past the file system's 255 and failed after all the scoring."""
+    out = tmp_path / ("a" * 232 + ".parquet")
+    r = run_cli(_args(job, job["input"], out, 64))
+    assert r.exit_code == 0, r.output
+    assert pq.read_table(out).equals(job["refs"][64])

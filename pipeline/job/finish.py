@@ -78,11 +78,15 @@ def publish(plan, should_stop=None) -> int:
         return _publish_remote(plan, should_stop)
     out = os.path.abspath(cfg.output)
     out_dir = os.path.dirname(out)
-    stem = f".{os.path.basename(out)}.{ck.marker.get('run_id', '')}-"
+    # The name's length stays under the file system's 255 bytes whatever the output's.
+    base = os.path.basename(out).encode()[:180].decode(errors="ignore")
+    stem = f".{base}.{ck.marker.get('run_id', '')}-"
     # A temp output of an earlier, killed attempt on this checkpoint (the marker's run id is kept
-    # across resumes): ours to remove. Other runs' temp names differ and are left alone.
+    # across resumes, and --restart keeps the ids before it): ours to remove. Other runs' temp
+    # names differ and are left alone.
+    stems = tuple(f".{base}.{i}-" for i in [ck.marker.get("run_id", ""), *ck.marker.get("earlier_run_ids", [])])
     for name in os.listdir(out_dir):
-        if name.startswith(stem) and name.endswith(".partial"):
+        if name.startswith(stems) and name.endswith(".partial"):
             try:
                 os.unlink(os.path.join(out_dir, name))
             except OSError:

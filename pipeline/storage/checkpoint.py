@@ -245,13 +245,17 @@ def open_checkpoint(directory: str, fingerprint: dict, paths, *, restart: bool, 
             if not restart:
                 raise
             ck.marker = {"damaged": True}
+        earlier = []
         if restart and ck.marker:
+            # The run ids of the checkpoint before, whose temp outputs the publish step removes.
+            earlier = [i for i in [ck.marker.get("run_id"), *ck.marker.get("earlier_run_ids", [])]
+                       if isinstance(i, str)][:16]
             ck.delete_ours()
             ck.marker = {}
         if not ck.marker:
             new = True
             ck.write_marker(format=FORMAT_VERSION, run_id=run_id, state="running", created_dir=own_root or not existed,
-                            output_path=output)
+                            output_path=output, earlier_run_ids=earlier)
         elif ck.marker.get("format") != FORMAT_VERSION:
             raise CheckpointError(f"{directory}: a checkpoint of another rerank-batch version; pass --restart")
         ck.done = ck.finished()
