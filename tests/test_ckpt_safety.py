@@ -490,3 +490,25 @@ def test_a_long_output_name_is_written(job, tmp_path):
     r = run_cli(_args(job, job["input"], out, 64))
     assert r.exit_code == 0, r.output
     assert pq.read_table(out).equals(job["refs"][64])
+
+
+def test_a_full_disk_at_the_start_is_exit_1_and_leaves_no_directory(job, tmp_path, monkeypatch):
+    """No space for the lock file: a runtime failure (exit 1, free space), not a usage error,
+    and the checkpoint directory the run had just made is gone again."""
+    import errno as _errno
+
+    from pipeline.storage import lock
+
+    real = lock.LocalLease.acquire
+
+    def full(self, *a, **k):
+        open(self.path, "w").close()  # made, then the write of its record fails
+        raise OSError(_errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(lock.LocalLease, "acquire", full)
+    out = tmp_path / "out.parquet"
+    r = run_cli(_args(job, job["input"], out, 64))
+    monkeypatch.setattr(lock.LocalLease, "acquire", real)
+    assert r.exit_code == 1, r.output
+    assert "No space left on device); free space there" in r.output
+    assert not (tmp_path / "out.parquet.ckpt").exists() and not out.exists()

@@ -18,6 +18,8 @@ Cleanup deletes only the names above, marker last; a directory we did not mark i
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -217,6 +219,14 @@ def _open_local(directory: str, run_id: str) -> tuple[Checkpoint, bool]:
         os.makedirs(directory, exist_ok=True)
         ck.lease = LocalLease(directory, run_id).acquire()
     except OSError as exc:
+        if not existed:  # leave no half-made checkpoint (a lock file in a new directory) behind
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, LEASE_NAME))
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # the disk, not the option: a runtime failure
+            raise RerankError(f"{directory}: cannot write the checkpoint here ({exc.strerror}); free space there "
+                              "or pass another --checkpoint-dir, then rerun") from None
         raise InputError(
             f"{directory}: cannot write the checkpoint here ({exc.strerror or exc}); pass a writable --checkpoint-dir"
         ) from None
