@@ -512,3 +512,18 @@ def test_a_full_disk_at_the_start_is_exit_1_and_leaves_no_directory(job, tmp_pat
     assert r.exit_code == 1, r.output
     assert "No space left on device); free space there" in r.output
     assert not (tmp_path / "out.parquet.ckpt").exists() and not out.exists()
+
+
+def test_an_output_that_appears_while_scoring_is_not_replaced_without_overwrite(job, tmp_path):
+    out = tmp_path / "out.parquet"
+
+    def someone_writes_it():
+        out.write_bytes(b"precious")
+
+    with pytest.raises(InputError, match="the output appeared while this run was scoring; pass --overwrite"):
+        run(_cfg(job, job["input"], out), progress=False, should_stop=_stop_after(2, then=someone_writes_it))
+    assert out.read_bytes() == b"precious"
+    assert _done(tmp_path / "out.parquet.ckpt") >= 1  # the scores are kept for the rerun
+    r = run_cli(_args(job, job["input"], out, 64, "--overwrite"))
+    assert r.exit_code == 0, r.output
+    assert pq.read_table(out).equals(job["refs"][64])

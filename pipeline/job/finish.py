@@ -19,7 +19,7 @@ import uuid
 import pyarrow.parquet as pq
 
 from pipeline.storage import uri
-from pipeline.errors import RerankError, first_line
+from pipeline.errors import InputError, RerankError, first_line
 from pipeline.storage.fingerprint import recheck_inputs
 from pipeline.job.signals import critical
 from pipeline.storage.local import fsync_dir
@@ -74,6 +74,13 @@ def publish(plan, should_stop=None) -> int:
     """Steps 1-3; returns the rows written."""
     cfg, ck = plan.cfg, plan.ckpt
     recheck_inputs(ck.fingerprint["inputs"], cfg.inputs)
+    from pipeline.job.plan import output_exists
+
+    if not cfg.overwrite and not plan.output_existed and output_exists(cfg.output):
+        # Made by someone else while this run scored: replacing it needs the same --overwrite
+        # that an output there at the start needed.
+        raise InputError(f"{cfg.output}: the output appeared while this run was scoring; pass --overwrite to "
+                         "replace it and rerun the same command (the scores are kept in the checkpoint)")
     if is_uri(cfg.output):
         return _publish_remote(plan, should_stop)
     out = os.path.abspath(cfg.output)

@@ -32,6 +32,7 @@ class Plan:
     dtype: str = ""
     kind: object = None
     ckpt: Checkpoint | None = None
+    output_existed: bool = True  # at the start, under the lock (False: one there at the end is someone else's)
 
 
 def _utf8(name: str, what: str) -> None:
@@ -206,7 +207,13 @@ def make_plan(cfg: RunConfig, kind=None, run_id: str | None = None) -> Plan:
     except BaseException:
         ck.close(remove=not ck.done and ck.state != "published")
         raise
-    return Plan(cfg, layout, units, total_pairs, device, dtype, kind, ck)
+    return Plan(cfg, layout, units, total_pairs, device, dtype, kind, ck, output_exists(cfg.output))
+
+
+def output_exists(output: str) -> bool:
+    from pipeline.storage import uri
+
+    return uri.stat(output) is not None if uri.is_uri(output) else os.path.lexists(output)
 
 
 __all__ = ["Plan", "make_plan", "validate", "check_output", "fingerprint"]
