@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
+
+from pipeline.errors import InputError
 
 DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
 
@@ -81,6 +84,13 @@ class RunConfig:
     def __post_init__(self):
         from pipeline.data.inputs import default_output, resolve_inputs
 
+        # The library's callers (Reranker, run()) meet these checks too, not only the CLI's types.
+        for name in ("top_k", "max_batch_tokens", "window_pairs", "max_length"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise InputError(f"{name}={v!r}: must be a whole number of at least 1")
+        if not re.match(r"^(auto|cpu|cuda(:[0-9]+)?)$", str(self.device or "")):
+            raise InputError(f"device={self.device!r}: not a device; use auto, cpu, cuda or cuda:N")
         specs = (self.inputs,) if isinstance(self.inputs, (str, os.PathLike)) else tuple(self.inputs)
         files = resolve_inputs(specs)
         object.__setattr__(self, "inputs", files)

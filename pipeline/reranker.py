@@ -83,6 +83,8 @@ class Reranker:
         if isinstance(documents, str):
             raise InputError("rank(query, documents): documents is one string; pass a list of documents")
         documents = list(documents)
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise InputError(f"rank(top_k={top_k!r}): pass a whole number of at least 1, or None for all")
         scores = self.predict([(query, d, instruction) for d in documents])
         order = np.argsort(-scores, kind="stable")
         if top_k is not None:

@@ -111,6 +111,22 @@ def test_bad_pairs_and_options_are_refused(tied_model):
         rr.predict(["q"])
     with pytest.raises(InputError, match="documents is one string"):
         rr.rank("q", "one document")
+    # Numbers and devices the CLI's option types refuse are refused in Python too (they were a
+    # ValueError, a RuntimeError, or a ranking short of its last document for top_k=-1).
+    for bad, match in (({"window_pairs": 0}, "window_pairs=0: must be a whole number of at least 1"),
+                       ({"max_length": -5}, "max_length=-5"), ({"device": "gpu"}, "device='gpu': not a device")):
+        with pytest.raises(InputError, match=match):
+            Reranker(tied_model, **bad)
+    for k in (0, -1):
+        with pytest.raises(InputError, match=f"rank\\(top_k={k}\\)"):
+            rr.rank("q", ["a", "b"], top_k=k)
+    from pipeline.config import RunConfig
+    from pipeline.run import run
+
+    with pytest.raises(InputError, match="top_k=0"):
+        RunConfig(inputs=(), output="", top_k=0)
+    with pytest.raises(InputError, match="no input given"):
+        run(RunConfig(inputs=[], output="/tmp/none.parquet", model=tied_model))
 
 
 def test_importing_the_config_stays_light():

@@ -187,6 +187,8 @@ def make_plan(cfg: RunConfig, kind=None, run_id: str | None = None) -> Plan:
     from pipeline.engines.families import inspect_model, load_config
     from pipeline.engines.loading import resolve_device, resolve_dtype
 
+    if not cfg.inputs:
+        raise InputError("no input given; pass one or more Parquet files, directories or globs")
     layout, units, total_pairs = validate(cfg)
     if kind is None:  # a hub id becomes its cached snapshot here, after the input checks
         from pipeline.engines.hub import with_local_model
