@@ -14,7 +14,7 @@ import os
 import polars as pl
 import pyarrow as pa
 
-from pipeline.storage.checkpoint import atomic_write_parquet
+from pipeline.storage.atomic import atomic_write_parquet
 from pipeline.errors import InputError
 
 

@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import uuid
 
 import pyarrow as pa
@@ -52,7 +51,7 @@ _BEFORE_MARKER = re.compile(r"^(%s|\.probe-[0-9a-f]{32}|\.tmp-[0-9a-f]{32}-(%s))
 _OUR_TMP = re.compile(r"^\.tmp-[0-9a-f]{32}-")
 _OUR_FILE = re.compile(r"^(\.tmp-[0-9a-f]{32}-)?[0-9A-Za-z_.-]+\.(parquet|json)$")
 
-__all__ = ["Checkpoint", "open_checkpoint", "atomic_write_parquet", "fsync_dir"]
+__all__ = ["Checkpoint", "open_checkpoint", "fsync_dir"]
 
 
 class Checkpoint:
@@ -291,42 +290,3 @@ def open_checkpoint(directory: str, fingerprint: dict, paths, *, restart: bool, 
             ck.store.remove_empty("")
         raise
     return ck
-
-
-# -- whole-file atomic writes outside checkpoints (prepare's outputs) -----------------------------
-
-def _atomic(path: str, write, suffix: str = "") -> None:
-    d = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=d)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    fsync_dir(d)
-
-
-def _umask() -> int:
-    try:  # Linux shows it; reading it elsewhere means setting it, racy with other threads
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_parquet(table: pa.Table, path: str) -> None:
-    _atomic(path, lambda tmp: pq.write_table(table, tmp), suffix=".parquet")
-
