@@ -7,7 +7,7 @@ import os
 
 import click
 
-from pipeline.config import DEFAULT_INSTRUCTION, RunConfig
+from pipeline.config import DEFAULT_INSTRUCTION, DEVICE, RunConfig
 
 from .common import JobError, SizeType, domain_errors, setup_logging
 
@@ -107,6 +107,8 @@ def run_cmd(inputs, output, summary_path, quiet, verbose, **opts):
                            "--gpus-per-worker", 2)
         if opts["executor"] != "ray" and (opts["ray_address"] or opts["workers"] or opts["gpus_per_worker"] is not None):
             raise JobError("--ray-address, --workers and --gpus-per-worker need --executor ray", 2)
+        if not DEVICE.match(opts["device"] or ""):  # named as the option (RunConfig names the field)
+            raise JobError(f"--device {opts['device']!r}: not a device; use auto, cpu, cuda or cuda:N", 2)
         cfg = RunConfig(inputs=inputs, output=output, **opts)
         if summary_path:
             _check_summary_path(summary_path, cfg)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from pipeline.errors import InputError
 
+DEVICE = re.compile(r"^(auto|cpu|cuda(:[0-9]+)?)$")  # what --device and device= take
 DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
 
 
@@ -89,7 +90,7 @@ class RunConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise InputError(f"{name}={v!r}: must be a whole number of at least 1")
-        if not re.match(r"^(auto|cpu|cuda(:[0-9]+)?)$", str(self.device or "")):
+        if not DEVICE.match(str(self.device or "")):
             raise InputError(f"device={self.device!r}: not a device; use auto, cpu, cuda or cuda:N")
         specs = (self.inputs,) if isinstance(self.inputs, (str, os.PathLike)) else tuple(self.inputs)
         files = resolve_inputs(specs)

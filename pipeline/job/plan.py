@@ -7,17 +7,15 @@
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 from dataclasses import dataclass
 
 from pipeline.storage.checkpoint import Checkpoint, marked_for, open_checkpoint
-from pipeline.config import RunConfig
+from pipeline.config import DEVICE, RunConfig
 from pipeline.errors import InputError, ModelError
 from pipeline.storage.fingerprint import model_fingerprint
 from pipeline.data.read import InputLayout, Unit, check_same_layout, inspect_layout, open_parquet, plan_units
 
-_DEVICE = re.compile(r"^(auto|cpu|cuda(:[0-9]+)?)$")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
                     "spiece.model", "sentencepiece.bpe.model")
 
@@ -43,7 +41,7 @@ def _utf8(name: str, what: str) -> None:
 
 
 def check_options(cfg: RunConfig) -> None:
-    if not _DEVICE.match(cfg.device or ""):
+    if not DEVICE.match(cfg.device or ""):
         raise InputError(f"--device {cfg.device!r}: not a device; use auto, cpu, cuda or cuda:N")
     if cfg.gpu_memory_limit and cfg.device == "auto":
         import torch
