@@ -203,3 +203,25 @@ def test_a_document_judged_twice_keeps_its_last_judgement(tmp_path):
         for ours, theirs in TREC.items():
             assert abs(row[ours] - ref[row["query_id"]][theirs]) <= 1e-9, (row["query_id"], ours)
     assert per_q["p@1"].max() <= 1.0 and per_q["map"].max() <= 1.0
+
+
+@pytest.mark.parametrize("table, message", [
+    ({"query": ["a?"], "documents": ["Paris is big"], "label": [0]}, "column 'documents' is string, not a list"),
+    ({"query": ["a?"], "documents": [["x", "y"]], "label": [2]}, "label 2 is not the index of one of its 2 candidates"),
+    ({"query": ["a?"], "documents": [["x", "y"]], "label": [-1]}, "label -1 is not the index"),
+    ({"query": ["a?"], "documents": [["x", "y"]], "label": ["1"]}, "label '1' is not the index"),
+    ({"query": ["a?"], "documents": [["x", "y"]], "label": [None]}, "label None is not the index"),
+    ({"query": ["a?", "b?"], "documents": [["x"], ["y"]], "label": [0, 0], "query_id": ["q", "q"]},
+     "query_id 'q' is on rows 0 and 1 (from 0); ids must be unique"),
+    ({"query": ["a?"], "documents": [["x"]], "label": [0], "query_id": [None]}, "'query_id' is null"),
+    ({"query": ["a?"], "documents": [["x"]], "label": [0], "doc_id": ["mine"]}, "column 'doc_id' is one the pairs"),
+])
+def test_prepare_mc_refuses_what_would_write_wrong_labels(tmp_path, table, message):
+    """Each of these wrote a pairs file and qrels with exit 0: a string split into characters, a
+    question with no right answer, two questions merged, or ids that no longer match the qrels."""
+    m = tmp_path / "mc.parquet"
+    pq.write_table(pa.table(table), m)
+    r = run_cli(["prepare", "mc", str(m), "-o", str(tmp_path / "p.parquet"), "--qrels-out", str(tmp_path / "q.txt")])
+    assert r.exit_code == 2, r.output
+    assert message in r.output
+    assert not (tmp_path / "p.parquet").exists() and not (tmp_path / "q.txt").exists()

@@ -132,8 +132,22 @@ def prepare_mc(path: str, output: str, *, query_col: str = "query", docs_col: st
     for col, opt in ((query_col, "--query-col"), (docs_col, "--docs-col"), (label_col, "--label-col")):
         if col not in t.column_names:
             raise InputError(f"{path}: no column {col!r} (columns: {', '.join(t.column_names)}); pass {opt} NAME")
+    dtype = t.schema.field(docs_col).type
+    if not (pa.types.is_list(dtype) or pa.types.is_large_list(dtype)):
+        raise InputError(f"{path}: column {docs_col!r} is {dtype}, not a list of candidates; pass --docs-col NAME")
     qids = t.column(id_col).to_pylist() if id_col in t.column_names else [f"q{i}" for i in range(t.num_rows)]
+    first: dict = {}
+    for i, qid in enumerate(qids):  # the ids name the qrels' queries: one question each
+        if qid is None:
+            raise InputError(f"{path}: row {i} (from 0): {id_col!r} is null; give every question an id")
+        if str(qid) in first:
+            raise InputError(f"{path}: {id_col} {qid!r} is on rows {first[str(qid)]} and {i} (from 0); ids must be "
+                             "unique, or pass --id-col NAME")
+        first[str(qid)] = i
     rest = [c for c in t.column_names if c not in (docs_col, label_col, id_col, query_col)]
+    for c in rest:
+        if c in ("doc_id", "document", "doc_index", "relevance"):
+            raise InputError(f"{path}: column {c!r} is one the pairs file writes; rename or drop it")
     out = {"query_id": [], "doc_id": [], "query": [], "document": [], "doc_index": [], "relevance": []}
     extra = {c: [] for c in rest}
     cols = {c: t.column(c).to_pylist() for c in [query_col, docs_col, label_col] + rest}
@@ -141,7 +155,12 @@ def prepare_mc(path: str, output: str, *, query_col: str = "query", docs_col: st
         docs, label = cols[docs_col][i], cols[label_col][i]
         if docs is None:
             raise InputError(f"{path}: row {i} (from 0): {docs_col!r} is null; give a list of candidates")
-        right = set(label) if isinstance(label, list) else {label}
+        labels = label if isinstance(label, list) else [label]
+        bad = [x for x in labels if not isinstance(x, int) or isinstance(x, bool) or not 0 <= x < len(docs)]
+        if bad or not labels:
+            raise InputError(f"{path}: row {i} (from 0): {label_col} {label!r} is not the index of one of its "
+                             f"{len(docs)} candidates (0 to {len(docs) - 1}); fix it or pass --label-col NAME")
+        right = set(labels)
         for j, doc in enumerate(docs):
             out["query_id"].append(str(qid))
             out["doc_id"].append(f"{qid}-d{j}")
