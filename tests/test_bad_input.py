@@ -318,3 +318,21 @@ def test_full_output_disk_at_the_final_write_is_one_line_and_resumable(tmp_path,
     r = run_cli(["run", SAMPLE, "--model", TINY, "-o", out, "-q"])
     assert r.exit_code == 0, r.output
     assert sorted(os.listdir(tmp_path)) == ["out.parquet"]
+
+
+def test_files_with_the_same_columns_in_another_order_score_as_one(tmp_path, tied_model):
+    """The same columns in another order passed the start's check, then failed mid-run with a
+    ValueError from the cast; they are read in the first file's order."""
+    from conftest import real_pairs, run_cli
+
+    t = real_pairs(20)
+    pq.write_table(t, tmp_path / "a.parquet")
+    pq.write_table(t.select(list(reversed(t.column_names))), tmp_path / "b.parquet")
+    both, one = tmp_path / "both.parquet", tmp_path / "one.parquet"
+    r = run_cli(["run", tmp_path / "a.parquet", tmp_path / "b.parquet", "--model", tied_model, "-o", both, "-q"])
+    assert r.exit_code == 0, r.output
+    r = run_cli(["run", tmp_path / "a.parquet", "--model", tied_model, "-o", one, "-q"])
+    assert r.exit_code == 0, r.output
+    got, ref = pq.read_table(both), pq.read_table(one)
+    assert got.num_rows == 2 * ref.num_rows and got.column_names == ref.column_names
+    assert sorted(got.column("score").to_pylist()) == sorted(ref.column("score").to_pylist() * 2)

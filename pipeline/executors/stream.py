@@ -57,10 +57,12 @@ def prefetch(units, layout, cfg, encoder, stop_event: threading.Event):
             for unit, table in iter_unit_tables(units):
                 if stop_event.is_set():
                     return
+                if table.schema.names != target.names:  # the same columns in another order (checked at the start)
+                    table = table.select(target.names)
                 if table.schema != target:
                     try:
                         table = table.cast(target)
-                    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as exc:
                         raise InputError(
                             f"{unit.path}: its column types differ from {cfg.inputs[0]} ({exc}); "
                             "give files of one schema in one run"
