@@ -167,6 +167,9 @@ def test_prepare_mc_reproduces_the_shared_long_form_and_qrels(tmp_path):
     (["prepare", "mc", "{m}", "-o", "{d}/p.parquet", "--qrels-out", "{d}/p.parquet", "--overwrite"],
      "--qrels-out {d}/p.parquet: is also the output {d}/p.parquet"),
     (["prepare", "mc", "{m}", "-o", "{d}/p.parquet", "--qrels-out", "{q}"], "--qrels-out {q}: exists; pass --overwrite"),
+    # Malformed text files: one line naming the file, not a traceback.
+    (["eval", "{s}", "--qrels", "{d}/latin1.txt"], "{d}/latin1.txt: not UTF-8 text (invalid continuation byte); save the file as UTF-8"),
+    (["eval", "{s}", "--qrels", "{d}"], "{d}: is a directory; pass a file"),
 ])
 def test_eval_and_prepare_errors_exit_2(tmp_path, args, message):
     s = tmp_path / "s.parquet"
@@ -175,6 +178,7 @@ def test_eval_and_prepare_errors_exit_2(tmp_path, args, message):
     q.write_text("a 0 x 1\n")
     m = tmp_path / "mc.parquet"
     pq.write_table(pa.table({"query": ["a?"], "documents": [["x", "y"]], "label": [0]}), m)
+    (tmp_path / "latin1.txt").write_bytes("a 0 x 1\nb 0 caf\u00e9 1\n".encode("latin-1"))
     subst = {"{s}": str(s), "{q}": str(q), "{m}": str(m), "{d}": str(tmp_path)}
     fill = lambda a: __import__("functools").reduce(lambda x, kv: x.replace(*kv), subst.items(), a)  # noqa: E731
     before = {f: f.read_bytes() for f in (s, q, m)}

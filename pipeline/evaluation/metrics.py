@@ -77,25 +77,26 @@ def _read_qrels(path: str) -> pl.DataFrame:
                              f"(missing {', '.join(sorted(missing))})")
         return df.select(pl.col("query_id").cast(pl.String), pl.col("doc_id").cast(pl.String),
                          pl.col("relevance").cast(pl.Int64))
+    from pipeline.evaluation.prepare import text_lines
+
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            parts = line.split()
-            if not parts:
-                continue
-            if len(parts) == 4:  # TREC: qid iter docid rel
-                qid, _, did, rel = parts
-            elif len(parts) == 3:  # BEIR TSV: query-id corpus-id score (with a header line)
-                qid, did, rel = parts
-            else:
-                raise InputError(f"{path}: line {n} has {len(parts)} fields; qrels lines are "
-                                 "'qid 0 docid rel' (TREC) or 'qid docid rel' (BEIR TSV)")
-            try:
-                rows.append((qid, did, int(float(rel))))
-            except ValueError:
-                if n == 1:
-                    continue  # a header such as query-id corpus-id score
-                raise InputError(f"{path}: line {n}: relevance {rel!r} is not a number") from None
+    for n, line in text_lines(path):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) == 4:  # TREC: qid iter docid rel
+            qid, _, did, rel = parts
+        elif len(parts) == 3:  # BEIR TSV: query-id corpus-id score (with a header line)
+            qid, did, rel = parts
+        else:
+            raise InputError(f"{path}: line {n} has {len(parts)} fields; qrels lines are "
+                             "'qid 0 docid rel' (TREC) or 'qid docid rel' (BEIR TSV)")
+        try:
+            rows.append((qid, did, int(float(rel))))
+        except ValueError:
+            if n == 1:
+                continue  # a header such as query-id corpus-id score
+            raise InputError(f"{path}: line {n}: relevance {rel!r} is not a number") from None
     return pl.DataFrame(rows, schema={"query_id": pl.String, "doc_id": pl.String, "relevance": pl.Int64},
                         orient="row")
 

@@ -24,38 +24,50 @@ def _need(path: str, what: str) -> str:
     return path
 
 
+def text_lines(path: str):
+    """(line number, line) of a UTF-8 text file; a directory or bytes that are not UTF-8 are one
+    InputError naming the file (they were tracebacks)."""
+    if os.path.isdir(path):
+        raise InputError(f"{path}: is a directory; pass a file")
+    with open(path, encoding="utf-8") as f:
+        try:  # the decoder reads ahead in blocks, so the line of a bad byte is not known
+            yield from enumerate(f, 1)
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{path}: not UTF-8 text ({exc.reason}); save the file as UTF-8") from None
+
+
 def read_trec_run(path: str) -> pl.DataFrame:
     """TREC run lines 'qid Q0 docid rank score tag' as (query_id, doc_id, first_stage_score)."""
     rows = []
-    with open(_need(path, "pass a TREC run file ('qid Q0 docid rank score tag')"), encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            parts = line.split()
-            if not parts:
-                continue
-            if len(parts) != 6:
-                raise InputError(f"{path}: line {n} has {len(parts)} fields; a TREC run line is "
-                                 "'qid Q0 docid rank score tag'")
-            try:
-                rows.append((parts[0], parts[2], float(parts[4])))
-            except ValueError:
-                raise InputError(f"{path}: line {n}: score {parts[4]!r} is not a number") from None
+    for n, line in text_lines(_need(path, "pass a TREC run file ('qid Q0 docid rank score tag')")):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 6:
+            raise InputError(f"{path}: line {n} has {len(parts)} fields; a TREC run line is "
+                             "'qid Q0 docid rank score tag'")
+        try:
+            rows.append((parts[0], parts[2], float(parts[4])))
+        except ValueError:
+            raise InputError(f"{path}: line {n}: score {parts[4]!r} is not a number") from None
     return pl.DataFrame(rows, schema={"query_id": pl.String, "doc_id": pl.String, "first_stage_score": pl.Float64},
                         orient="row")
 
 
 def _read_jsonl(path: str, keep=None) -> dict[str, dict]:
     out = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                raise InputError(f"{path}: line {n} is not JSON; BEIR files hold one object per line") from None
-            key = str(obj.get("_id"))
-            if keep is None or key in keep:
-                out[key] = obj
+    for n, line in text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            obj = None
+        if not isinstance(obj, dict):
+            raise InputError(f"{path}: line {n} is not a JSON object; BEIR files hold one object per line")
+        key = str(obj.get("_id"))
+        if keep is None or key in keep:
+            out[key] = obj
     return out
 
 
