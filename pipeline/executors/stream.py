@@ -41,7 +41,11 @@ def prefetch(units, layout, cfg, encoder, stop_event: threading.Event):
     window while tokenization overlaps scoring, also inside the first window.
     """
     q: queue.Queue = queue.Queue(maxsize=4)
-    target = pa.schema([layout.schema.field(n) for n in layout.columns])
+    # String views (what polars writes) are read as large strings: Arrow's take and sort kernels,
+    # which the rank and write steps use, have none for views.
+    view = getattr(pa.types, "is_string_view", lambda t: False)
+    target = pa.schema([f.with_type(pa.large_string()) if view(f.type) else f
+                        for f in (layout.schema.field(n) for n in layout.columns)])
 
     def put(item) -> bool:
         while not stop_event.is_set():
