@@ -15,6 +15,8 @@ import os
 
 import torch
 
+from pipeline.storage import user_cache
+
 
 def _inductor_default() -> str | None:
     try:
@@ -26,33 +28,20 @@ def _inductor_default() -> str | None:
 
 
 def cache_dir() -> str:
-    """TORCHINDUCTOR_CACHE_DIR, else $XDG_CACHE_HOME/rerank-batch/inductor (~/.cache/...); ''
-    where neither is set and `~` does not resolve (no HOME, no passwd entry: expanduser would
-    leave a relative '~'). Inductor writes its own default into the variable once it has looked
+    """TORCHINDUCTOR_CACHE_DIR, else <user cache>/inductor (storage/user_cache.path; '' where no
+    home directory resolves). Inductor writes its own default into the variable once it has looked
     (importing torch._dynamo may), so that value counts as unset."""
     env = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     if env and os.path.abspath(env) != _inductor_default():
         return env
-    base = os.environ.get("XDG_CACHE_HOME", "")
-    if not os.path.isabs(base):  # unset or relative: ignored, as the XDG spec says
-        home = os.path.expanduser("~")
-        if home.startswith("~") or not os.path.isabs(home):
-            return ""
-        base = os.path.join(home, ".cache")
-    return os.path.join(base, "rerank-batch", "inductor")
+    return user_cache.path("inductor")
 
 
 def use_cache_dir() -> str:
     """Point Inductor (it reads the variable when it first compiles) at `cache_dir()`; '' where
     that cannot be created or written (Inductor's own default then)."""
-    path = cache_dir()
+    path = user_cache.usable(cache_dir())
     if not path:
-        return ""
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError:
-        return ""
-    if not os.access(path, os.W_OK | os.X_OK):
         return ""
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
     return path

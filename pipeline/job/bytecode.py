@@ -17,28 +17,23 @@ import importlib.util
 import os
 import sys
 
+from pipeline.storage import user_cache
+
 PROBE = "torch"  # the import that dominates startup; its package tells whether bytecode is kept
 OURS = "RERANK_PYCACHE_DIR"  # set beside PYTHONPYCACHEPREFIX: the prefix a worker inherits is ours
 
 
 def cache_dir(package: str = PROBE) -> str:
-    """$XDG_CACHE_HOME/rerank-batch/pycache/<package>-<version> (~/.cache/... where XDG_CACHE_HOME
-    is unset or relative, as the XDG spec says); '' where no home directory resolves. Python
+    """<user cache>/pycache/<package>-<version> (storage/user_cache.path; '' where none). Python
     checks a cached file against its source's mtime and size only, so an upgrade that keeps
     both (installers that clamp mtimes) would load stale bytecode: a new version, a new tree."""
-    base = os.environ.get("XDG_CACHE_HOME", "")
-    if not os.path.isabs(base):
-        home = os.path.expanduser("~")
-        if home.startswith("~") or not os.path.isabs(home):
-            return ""
-        base = os.path.join(home, ".cache")
     try:
         from importlib.metadata import version
 
         ver = version(package)
     except Exception:  # no distribution metadata: one tree for whatever is installed
         ver = "unknown"
-    return os.path.join(base, "rerank-batch", "pycache", f"{package}-{ver}".replace(os.sep, "_"))
+    return user_cache.path("pycache", f"{package}-{ver}".replace(os.sep, "_"))
 
 
 def install_has_bytecode(package: str = PROBE) -> bool:
@@ -82,13 +77,5 @@ def use_pycache(package: str = PROBE) -> str:
         return ""
     if install_has_bytecode(package):
         return ""
-    path = cache_dir(package)
-    if not path:
-        return ""
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError:
-        return ""
-    if not os.access(path, os.W_OK | os.X_OK):
-        return ""
-    return _use(path)
+    path = user_cache.usable(cache_dir(package))
+    return _use(path) if path else ""
