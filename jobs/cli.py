@@ -20,9 +20,6 @@ from pipeline.job.signals import graceful_signals  # noqa: E402
 
 from . import common  # noqa: E402
 
-STOP = None
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="rerank-batch")
 def cli():
@@ -47,17 +44,17 @@ for _s, _h in _early.items():
 
 
 def main():
-    global STOP
     from pipeline.job.bytecode import use_pycache
 
     use_pycache()  # before torch is imported (importing this module does not): see bytecode.py
     try:
         with graceful_signals() as flag:
-            STOP = flag
-            common.STOP = flag  # what the jobs read: under `python -m jobs.cli` this module is __main__
+            # Kept in jobs.common, which the jobs read: under `python -m jobs.cli` this module is
+            # __main__, and a job importing jobs.cli would get a second copy.
+            common.STOP = flag
             cli()
     except KeyboardInterrupt:  # a signal outside any run (click's own code): no traceback
-        _exit_now(128 + ((STOP and STOP.signum) or signal.SIGINT))
+        _exit_now(128 + ((common.STOP and common.STOP.signum) or signal.SIGINT))
     except SystemExit as exc:
         _exit_now(exc.code)
     _exit_now(0)

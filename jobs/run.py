@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import click
 
 from pipeline.config import DEFAULT_INSTRUCTION, DEVICE, RunConfig
+from pipeline.storage.uri import is_uri
 
-from .common import JobError, SizeType, domain_errors, setup_logging
+from .common import JobError, SizeType, check_target, domain_errors, setup_logging
 
 log = logging.getLogger("rerank-batch")
 
@@ -95,9 +95,6 @@ def run_cmd(inputs, output, summary_path, quiet, verbose, **opts):
     from pipeline.run import run
 
     with domain_errors():
-        if summary_path and not os.path.isdir(os.path.dirname(os.path.abspath(summary_path))):
-            raise JobError(f"--summary {summary_path}: the directory {os.path.dirname(os.path.abspath(summary_path))} "
-                           "does not exist; create it or pass another path", 2)
         if opts["device"] == "cpu" and opts["gpu_memory_limit"]:
             raise JobError("--gpu-memory-limit applies to CUDA only; drop it or use --device cuda", 2)
         if opts["device"] == "cpu" and opts["attention"] in ("flash_attn", "torch_varlen"):
@@ -110,8 +107,9 @@ def run_cmd(inputs, output, summary_path, quiet, verbose, **opts):
         if not DEVICE.match(opts["device"] or ""):  # named as the option (RunConfig names the field)
             raise JobError(f"--device {opts['device']!r}: not a device; use auto, cpu, cuda or cuda:N", 2)
         cfg = RunConfig(inputs=inputs, output=output, **opts)
-        if summary_path:
-            _check_summary_path(summary_path, cfg)
+        if summary_path:  # never over the output or an input (it was written over them)
+            check_target(summary_path, "--summary", reads=[p for p in cfg.inputs if not is_uri(p)],
+                         writes=[] if is_uri(cfg.output) else [cfg.output])
         log.debug("%d input files, output %s; %s", len(cfg.inputs), cfg.output, cfg)
         summary = run(cfg, progress=False if quiet else None, should_stop=_stop_flag())
     text = summary.to_json()
@@ -126,17 +124,6 @@ for _p in run_cmd.params:  # named after the long option (--window: RERANK_BATCH
         _long = max(_p.opts, key=len).lstrip("-")
         _p.envvar = f"{ENV_PREFIX}_{_long.replace('-', '_').upper()}"
         _p.show_envvar = True
-
-
-def _check_summary_path(path: str, cfg) -> None:
-    """The summary must not land on the output, an input or a directory (it was written over them)."""
-    real = os.path.realpath(path)
-    if os.path.isdir(real):
-        raise JobError(f"--summary {path}: is a directory; pass a file path", 2)
-    for p in (cfg.output, *cfg.inputs):
-        if "://" not in str(p) and os.path.realpath(p) == real:
-            raise JobError(f"--summary {path}: is the {'output' if p == cfg.output else 'input'} {p}; "
-                           "pass another file", 2)
 
 
 def _stop_flag():

@@ -48,14 +48,13 @@ def published_output(plan) -> dict | None:
             size, mtime_ns = uri.stat(out) or (None, None)
             rows = pq.read_metadata(uri.open_input(out)).num_rows if size is not None else None
             ok = rec["path"] == out and (size, mtime_ns, rows) == (rec["size"], rec["mtime_ns"], rec["rows"])
-            ok = ok and rec.get("top_k") == plan.cfg.top_k
         else:
             st = os.stat(out)
             ok = (rec["path"] == os.path.abspath(out) and st.st_size == rec["size"]
                   and st.st_mtime_ns == rec["mtime_ns"] and pq.read_metadata(out).num_rows == rec["rows"])
-            # --top-k shapes the output but not the scores (it is not in the fingerprint): a rerun
-            # that asks for another writes the output again from the parts.
-            ok = ok and rec.get("top_k") == plan.cfg.top_k
+        # --top-k shapes the output but not the scores (it is not in the fingerprint): a rerun
+        # that asks for another writes the output again from the parts.
+        ok = ok and rec.get("top_k") == plan.cfg.top_k
     except (OSError, KeyError, ValueError, TypeError):
         ok = False
     if ok:

@@ -10,8 +10,8 @@ import os
 import tempfile
 from dataclasses import dataclass
 
-from pipeline.storage.checkpoint import Checkpoint, marked_for, open_checkpoint
-from pipeline.config import DEVICE, RunConfig
+from pipeline.storage.checkpoint import Checkpoint, made_for, marked_for, open_checkpoint
+from pipeline.config import RunConfig
 from pipeline.errors import InputError, ModelError
 from pipeline.storage.fingerprint import model_fingerprint
 from pipeline.data.read import InputLayout, Unit, check_same_layout, inspect_layout, open_parquet, plan_units
@@ -41,8 +41,7 @@ def _utf8(name: str, what: str) -> None:
 
 
 def check_options(cfg: RunConfig) -> None:
-    if not DEVICE.match(cfg.device or ""):
-        raise InputError(f"--device {cfg.device!r}: not a device; use auto, cpu, cuda or cuda:N")
+    """What RunConfig cannot check alone (the device's name it checks when made)."""
     if cfg.gpu_memory_limit and cfg.device == "auto":
         import torch
 
@@ -53,15 +52,9 @@ def check_options(cfg: RunConfig) -> None:
 
 def output_key(output: str) -> str:
     """How a checkpoint's marker names its output: the URI, or the absolute path."""
-    return output if "://" in output else os.path.abspath(output)
-
-
-def _store(directory: str):
-    from pipeline.storage.local import LocalStore
-    from pipeline.storage.remote import RemoteStore
     from pipeline.storage.uri import is_uri
 
-    return RemoteStore(directory) if is_uri(directory) else LocalStore(directory)
+    return output if is_uri(output) else os.path.abspath(output)
 
 
 def _check_remote_output(cfg: RunConfig, resumable: bool | None) -> None:
@@ -75,7 +68,7 @@ def _check_remote_output(cfg: RunConfig, resumable: bool | None) -> None:
     if where == "dir":
         raise InputError(f"{cfg.output}: the output is a prefix with objects under it; pass an object key with -o")
     if resumable is None:  # the checkpoint in the bucket or on local disk
-        resumable = marked_for(_store(cfg.ckpt_dir), output_key(cfg.output))
+        resumable = marked_for(cfg.ckpt_dir, output_key(cfg.output))
     if where == "file" and not cfg.overwrite and (cfg.restart or not resumable):
         raise InputError(f"{cfg.output}: the output exists; pass --overwrite to replace it")
     why = sr.RemoteStore(cfg.output.rsplit("/", 1)[0]).is_writable()
@@ -93,7 +86,7 @@ def check_output(cfg: RunConfig, resumable: bool | None = None) -> None:
         _check_remote_output(cfg, resumable)
         return
     if resumable is None:  # peek at the checkpoint's marker: made for this output?
-        resumable = marked_for(_store(cfg.ckpt_dir), output_key(cfg.output))
+        resumable = marked_for(cfg.ckpt_dir, output_key(cfg.output))
     out = os.path.abspath(cfg.output)
     for p in cfg.inputs:
         if os.path.abspath(p) == out or (os.path.exists(cfg.output) and os.path.samefile(p, cfg.output)):
@@ -202,7 +195,7 @@ def make_plan(cfg: RunConfig, kind=None, run_id: str | None = None) -> Plan:
     ck = open_checkpoint(cfg.ckpt_dir, fp, cfg.inputs, restart=cfg.restart, run_id=run_id,
                          own_root=cfg.checkpoint_dir is None, output=output_key(cfg.output))
     try:  # again under the lock: a run that finished meanwhile has published the output
-        ours = ck.marker.get("output_path") in (None, output_key(cfg.output))  # a checkpoint made for another -o owns no file here
+        ours = made_for(ck.marker, output_key(cfg.output))  # one made for another -o owns no file here
         check_output(cfg, resumable=ours and (bool(ck.done) or ck.state == "published"))
     except BaseException:
         ck.close(remove=not ck.done and ck.state != "published")

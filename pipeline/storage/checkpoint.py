@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
 MARKER = CHECKPOINT_MARKER  # the one name that makes a directory a checkpoint
 FINGERPRINT = "fingerprint.json"
-_OURS_TOP = {MARKER, LEASE_NAME, REMOTE_LEASE_NAME, FINGERPRINT, "parts", "done"}
 # What a run that has not yet written its marker may already have made in the directory (its
 # lease, the marker's or the lease's temp file, a writability probe): anything else there
 # without a marker is someone else's, whatever its name.
@@ -59,7 +58,7 @@ class Checkpoint:
 
     def __init__(self, directory: str, store=None):
         self.dir = directory
-        self.store = store or (RemoteStore(directory) if is_uri(directory) else LocalStore(directory))
+        self.store = store or store_for(directory)
         self.lease: LocalLease | None = None
         self.marker: dict = {}
         self.fingerprint: dict = {}
@@ -158,14 +157,26 @@ class Checkpoint:
             self.store.remove_empty("")
 
 
-def marked_for(store, output: str) -> bool:
-    """Whether `store` holds a checkpoint marker made for `output` (or by a version that did not
-    record its output): only then may a run take an existing output for its own."""
+def store_for(directory: str):
+    """The store of a checkpoint directory: object storage for a URI, else the local disk."""
+    return RemoteStore(directory) if is_uri(directory) else LocalStore(directory)
+
+
+def made_for(marker: dict, output: str) -> bool:
+    """Whether a checkpoint's marker was made for `output` (a marker of a version that did not
+    record its output counts as made for it): only then may a run take an existing output for
+    its own."""
+    return marker.get("output_path") in (None, output)
+
+
+def marked_for(directory: str, output: str) -> bool:
+    """Whether `directory` holds a checkpoint marker made for `output` (read before the lease)."""
+    store = store_for(directory)
     try:
         marker = json.loads(store.read(MARKER)) if store.exists(MARKER) else None
     except (OSError, ValueError):
         return False
-    return isinstance(marker, dict) and marker.get("output_path") in (None, output)
+    return isinstance(marker, dict) and made_for(marker, output)
 
 
 def _strangers(store) -> list[str]:
