@@ -335,7 +335,9 @@ def test_files_with_the_same_columns_in_another_order_score_as_one(tmp_path, tie
     assert r.exit_code == 0, r.output
     got, ref = pq.read_table(both), pq.read_table(one)
     assert got.num_rows == 2 * ref.num_rows and got.column_names == ref.column_names
-    assert sorted(got.column("score").to_pylist()) == sorted(ref.column("score").to_pylist() * 2)
+    # One file and two are batched differently: float32 scores agree to the documented 1e-6.
+    np.testing.assert_allclose(np.sort(got.column("score").to_numpy()),
+                               np.sort(np.tile(ref.column("score").to_numpy(), 2)), atol=1e-6, rtol=0)
 
 
 def test_string_view_columns_score_like_strings(tmp_path, tied_model):

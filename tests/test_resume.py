@@ -146,13 +146,16 @@ def test_sigkill_at_random_moments_then_resume(job, tmp_path):
     "/out\\.parquet$:1:before",   # the final output written, not renamed
     "/out\\.parquet$:1:after",    # the output in place, not yet marked published
     "checkpoint$:2:after",        # marked published, the checkpoint not yet removed
+    "checkpoint$:1:before",       # the marker's first write: its temp file only, not renamed
+    "checkpoint$:2:before",       # the output in place, the "published" marker's temp file not renamed
 ])
 def test_sigkill_inside_writes_then_resume(job, tmp_path, where):
     out = tmp_path / "out.parquet"
     p = _spawn(_args(job, out), {"KILL_AT_REPLACE": where})
     p.wait(timeout=300)
     assert p.returncode == -signal.SIGKILL, p.stderr.read()[-2000:]
-    assert (tmp_path / "out.parquet.ckpt" / ".rerank-batch-checkpoint").exists()
+    marked = (tmp_path / "out.parquet.ckpt" / ".rerank-batch-checkpoint").exists()
+    assert marked != (where == "checkpoint$:1:before")
     if where.endswith("1:before"):
         assert not out.exists()  # never a half-written output under the real name
     p = _spawn(_args(job, out))

@@ -48,6 +48,11 @@ _BEFORE_MARKER = re.compile(r"^(%s|\.probe-[0-9a-f]{32}|\.tmp-[0-9a-f]{32}-(%s))
     "|".join(re.escape(n) for n in (LEASE_NAME, REMOTE_LEASE_NAME)),
     "|".join(re.escape(n) for n in (MARKER, LEASE_NAME, REMOTE_LEASE_NAME))))
 _OUR_TMP = re.compile(r"^\.tmp-[0-9a-f]{32}-")
+# Temp files of the marker, the fingerprint and the lease, and writability probes: what a kill
+# between a temp write and its rename leaves in the directory's root. Cleanup must remove them
+# too, or the directory outlives the checkpoint.
+_OUR_ROOT_LEFTOVER = re.compile(r"^(\.probe-[0-9a-f]{32}|\.tmp-[0-9a-f]{32}-(%s))$" % (
+    "|".join(re.escape(n) for n in (MARKER, FINGERPRINT, LEASE_NAME, REMOTE_LEASE_NAME))))
 _OUR_FILE = re.compile(r"^(\.tmp-[0-9a-f]{32}-)?[0-9A-Za-z_.-]+\.(parquet|json)$")
 
 __all__ = ["Checkpoint", "open_checkpoint", "fsync_dir"]
@@ -140,7 +145,7 @@ class Checkpoint:
                     self.store.delete(name)
             self.store.remove_empty(folder)
         for name in self.store.list(""):
-            if _OUR_TMP.match(name) and _OUR_FILE.match(name):
+            if (_OUR_TMP.match(name) and _OUR_FILE.match(name)) or _OUR_ROOT_LEFTOVER.match(name):
                 self.store.delete(name)
         self.store.delete(FINGERPRINT)
         self.store.delete(MARKER)
