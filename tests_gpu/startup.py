@@ -43,10 +43,10 @@ def cli_run(model: str, inp: str, work: str, tag: str, device: str, max_length: 
         return {"tag": tag, "error": p.stderr.strip().splitlines()[-3:]}
     with open(summ) as f:
         s = json.load(f)
-    scoring = s["pairs_scored"] / max(s["pairs_per_s"], 1e-9)
+    scoring = s["pairs_scored"] / max(s["scoring_pairs_per_s"], 1e-9)
     st = {k.removeprefix("startup_").removesuffix("_s"): v for k, v in s["extra"].items() if k.startswith("startup_")}
     return {"tag": tag, "wall_s": round(wall, 3), "first_batch_s": st.get("total"), "scoring_s": round(scoring, 3),
-            "pairs_per_s": s["pairs_per_s"], "wall_over_scoring": round(wall / scoring, 2),
+            "pairs_per_s": s["scoring_pairs_per_s"], "wall_over_scoring": round(wall / scoring, 2),
             "batch_token_budget": s["batch_token_budget"], "stages": st, "output": out}
 
 
