@@ -70,7 +70,7 @@ def test_readme_command_blocks_run_as_written(sandbox):
             ran.append(args[1])
     # Every kind of command of the README ran: the sample run and the walkthroughs.
     assert ran.count("prepare") == 2 and ran.count("eval") == 2 and ran.count("run") == 3
-    assert len(skips) == 8, skips  # update when the README gains a command that cannot run here
+    assert len(skips) == 6, skips  # update when the README gains a command that cannot run here
     assert os.path.exists(sandbox / "tmp" / "mini.png") and os.path.exists(sandbox / "tmp" / "arc.ranked.parquet")
     # Pasted twice, a walkthrough block still runs (--overwrite where it writes).
     for block in [b for b in blocks("bash") if "prepare mc" in b]:
