@@ -1,5 +1,5 @@
-"""Issue 9: checkpoints that are ours only, locked, content-verified, and cheap to commit.
-Each test reproduces one finding of the issue on the code before it."""
+"""Checkpoints that are ours only, locked, content-verified, and cheap to commit. Each test
+reproduces a failure that a weaker checkpoint would let through."""
 
 from __future__ import annotations
 
