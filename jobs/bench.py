@@ -14,7 +14,9 @@ from .common import SizeType, domain_errors, setup_logging
 @click.option("--arch", type=click.Choice(["tiny", "0.6b", "4b", "8b", "minilm-l6", "xlmr-large", "modernbert-base"]),
               default="0.6b", show_default=True, help="Qwen3 shapes, or cross-encoder shapes (these imply --peer).")
 @click.option("--workload", type=click.Choice(["w-mixed", "w-short", "w-long", "w-longq"]), default="w-mixed", show_default=True,
-              help="Synthetic pairs: w-mixed (6,000, one per query, documents of every length), w-short (100 queries × 100 short candidates), w-long (1,000 long documents), w-longq (200 long queries × 50 candidates).")
+              help="Synthetic pairs: w-mixed (6,000, one per query, documents of every length), w-short (100 "
+              "queries × 100 short candidates), w-long (1,000 long documents), w-longq (200 long queries × 50 "
+              "candidates).")
 @click.option("--pairs", type=click.IntRange(min=1), default=None, help="Use the first N pairs of the workload.")
 @click.option("--seed-pairs", type=click.IntRange(min=0), default=1500, show_default=True,
               help="Pairs scored with the naive recipe (input order, batches of 16, fp16, padding; 0 skips it); its "
