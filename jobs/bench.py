@@ -13,7 +13,8 @@ from .common import SizeType, domain_errors, setup_logging
 @click.command("bench")
 @click.option("--arch", type=click.Choice(["tiny", "0.6b", "4b", "8b", "minilm-l6", "xlmr-large", "modernbert-base"]),
               default="0.6b", show_default=True, help="Qwen3 shapes, or cross-encoder shapes (these imply --peer).")
-@click.option("--workload", type=click.Choice(["w-mixed", "w-short", "w-long", "w-longq"]), default="w-mixed", show_default=True,
+@click.option("--workload", type=click.Choice(["w-mixed", "w-short", "w-long", "w-longq"]), default="w-mixed",
+              show_default=True,
               help="Synthetic pairs: w-mixed (6,000, one per query, documents of every length), w-short (100 "
               "queries × 100 short candidates), w-long (1,000 long documents), w-longq (200 long queries × 50 "
               "candidates).")
@@ -22,14 +23,19 @@ from .common import SizeType, domain_errors, setup_logging
               help="Pairs scored with the naive recipe (input order, batches of 16, fp16, padding; 0 skips it); its "
               "rate is compared with ours.")
 @click.option("--e2e/--no-e2e", default=True, show_default=True, help="Also run Parquet in -> ranked Parquet out.")
-@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--gpu-memory-limit", type=SizeType(), default=None)
-@click.option("--max-batch-tokens", type=click.IntRange(min=1), default=None)
-@click.option("--compile", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True)
-@click.option("--engine", type=click.Choice(["auto", "fused", "transformers"]), default="auto", show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Timed passes per row (the median is reported).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (as rerank-batch run).")
+@click.option("--gpu-memory-limit", type=SizeType(), default=None,
+              help="Cap on GPU memory, e.g. 4GiB (as rerank-batch run).")
+@click.option("--max-batch-tokens", type=click.IntRange(min=1), default=None,
+              help="Token budget per packed batch. [default: sized from measured GPU memory]")
+@click.option("--compile", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="torch.compile the fused elementwise steps (as rerank-batch run).")
+@click.option("--engine", type=click.Choice(["auto", "fused", "transformers"]), default="auto", show_default=True,
+              help="Our fused forward or transformers' own modules (as rerank-batch run).")
 @click.option("--attention", type=click.Choice(["auto", "flash_attn", "torch_varlen", "sdpa"]), default="auto",
-              show_default=True)
+              show_default=True, help="Attention kernel for packed batches (as rerank-batch run).")
 @click.option("--prefix-sharing", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="Share each query's prompt prefix across its candidates (as rerank-batch run).")
 @click.option("--smoke", is_flag=True, help="CPU, tiny architecture, 64 pairs: checks that the bench runs.")

@@ -57,3 +57,20 @@ def test_readme_run_options_table_matches_help():
     helped = help_options(["run"])
     assert sorted(helped - table) == [], "options of `rerank-batch run` missing from the README's table"
     assert sorted(table - helped) == [], "options in the README's table that `rerank-batch run` does not take"
+
+
+def test_every_option_of_every_command_has_help():
+    """--help is the reference a user reads: an option listed bare there says nothing."""
+    import click
+
+    from jobs.cli import cli
+
+    def bare(cmd, path):
+        if isinstance(cmd, click.Group):
+            for name, sub in cmd.commands.items():
+                yield from bare(sub, [*path, name])
+        else:
+            yield from ((" ".join(path), max(p.opts, key=len)) for p in cmd.params
+                        if isinstance(p, click.Option) and not p.help)
+
+    assert list(bare(cli, [])) == []
