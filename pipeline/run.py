@@ -32,9 +32,11 @@ class Summary:
     truncated: int = 0
     skipped_null: int = 0
     seconds: float = 0.0  # the whole run: planning, model load, scoring, final write, cleanup
-    scoring_pairs_per_s: float = 0.0  # pairs over the seconds from the first unit read to the last part
-    scoring_tokens_per_s: float = 0.0  # the same, in tokens
-    run_pairs_per_s: float = 0.0  # pairs over `seconds`, startup and final write included
+    # Rates count the pairs this run scored (not resumed units): over the seconds from the first
+    # unit read to the last part, and over `seconds`, model load and final write included.
+    scoring_pairs_per_s: float = 0.0
+    scoring_tokens_per_s: float = 0.0
+    run_pairs_per_s: float = 0.0
     peak_gpu_memory_bytes: int = 0
     oom_retries: int = 0
     batches: int = 0
