@@ -1,4 +1,5 @@
-"""`rerank-batch bench`: the seed's way against our engine, on random-weight real architectures."""
+"""`rerank-batch bench`: the naive Hugging Face recipe against our engine, on random-weight models of real
+architectures."""
 
 from __future__ import annotations
 
@@ -12,19 +13,29 @@ from .common import SizeType, domain_errors, setup_logging
 @click.command("bench")
 @click.option("--arch", type=click.Choice(["tiny", "0.6b", "4b", "8b", "minilm-l6", "xlmr-large", "modernbert-base"]),
               default="0.6b", show_default=True, help="Qwen3 shapes, or cross-encoder shapes (these imply --peer).")
-@click.option("--workload", type=click.Choice(["w-mixed", "w-short", "w-long", "w-longq"]), default="w-mixed", show_default=True)
+@click.option("--workload", type=click.Choice(["w-mixed", "w-short", "w-long", "w-longq"]), default="w-mixed",
+              show_default=True,
+              help="Synthetic pairs: w-mixed (6,000, one per query, documents of every length), w-short (100 "
+              "queries × 100 short candidates), w-long (1,000 long documents), w-longq (200 long queries × 50 "
+              "candidates).")
 @click.option("--pairs", type=click.IntRange(min=1), default=None, help="Use the first N pairs of the workload.")
 @click.option("--seed-pairs", type=click.IntRange(min=0), default=1500, show_default=True,
-              help="Pairs scored the seed's way (0 skips it); its rate is compared with ours.")
+              help="Pairs scored with the naive recipe (input order, batches of 16, fp16, padding; 0 skips it); its "
+              "rate is compared with ours.")
 @click.option("--e2e/--no-e2e", default=True, show_default=True, help="Also run Parquet in -> ranked Parquet out.")
-@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--gpu-memory-limit", type=SizeType(), default=None)
-@click.option("--max-batch-tokens", type=click.IntRange(min=1), default=None)
-@click.option("--compile", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True)
-@click.option("--engine", type=click.Choice(["auto", "fused", "transformers"]), default="auto", show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Timed passes per row (the median is reported).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (as rerank-batch run).")
+@click.option("--gpu-memory-limit", type=SizeType(), default=None,
+              help="Cap on GPU memory, e.g. 4GiB (as rerank-batch run).")
+@click.option("--max-batch-tokens", type=click.IntRange(min=1), default=None,
+              help="Token budget per packed batch. [default: sized from measured GPU memory]")
+@click.option("--compile", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="torch.compile the fused elementwise steps (as rerank-batch run).")
+@click.option("--engine", type=click.Choice(["auto", "fused", "transformers"]), default="auto", show_default=True,
+              help="Our fused forward or transformers' own modules (as rerank-batch run).")
 @click.option("--attention", type=click.Choice(["auto", "flash_attn", "torch_varlen", "sdpa"]), default="auto",
-              show_default=True)
+              show_default=True, help="Attention kernel for packed batches (as rerank-batch run).")
 @click.option("--prefix-sharing", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="Share each query's prompt prefix across its candidates (as rerank-batch run).")
 @click.option("--smoke", is_flag=True, help="CPU, tiny architecture, 64 pairs: checks that the bench runs.")
@@ -42,14 +53,14 @@ from .common import SizeType, domain_errors, setup_logging
               help="Pairs per unit for --devices runs: enough units for every device to stay busy.")
 @click.option("--peer", is_flag=True,
               help="Measure against sentence-transformers' CrossEncoder.predict (when importable) and the "
-                   "whole CLI in fresh processes, on a model saved to disk, instead of the seed's way.")
+                   "whole CLI in fresh processes, on a model saved to disk, instead of the naive recipe.")
 @click.option("--st/--no-st", default=True, show_default=True, help="With --peer: the sentence-transformers rows.")
 @click.option("--cli-row/--no-cli-row", default=True, show_default=True, help="With --peer: the fresh-process CLI row.")
 @click.option("--json", "json_path", default=None, help="Write the record here.")
 def bench_cmd(arch, workload, pairs, seed_pairs, e2e, repeats, device, gpu_memory_limit, max_batch_tokens,
               compile, engine, attention, prefix_sharing, smoke, host_only, device_us_per_token, profile, device_counts, window, peer, st, cli_row,
               json_path):
-    """Measure pairs/s, tokens/s, MFU, peak memory and GPU busy time against the seed's way (or,
+    """Measure pairs/s, tokens/s, MFU, peak memory and GPU busy time against the naive recipe (or,
     with --peer, against sentence-transformers; with --devices, on 1..N devices)."""
     setup_logging()
     from pipeline.bench.peer import ENCODER_ARCHS

@@ -24,8 +24,10 @@ from .common import JobError, check_target, domain_errors, setup_logging
               help="Evaluate this column too (a first-stage score, or the input order) beside the scores.")
 @click.option("--baseline-ascending", is_flag=True,
               help="Lower baseline values rank first (ranks, positions such as doc_index).")
-@click.option("--query-id-col", default="query_id", show_default=True)
-@click.option("--doc-id-col", default="doc_id", show_default=True)
+@click.option("--query-id-col", default="query_id", show_default=True,
+              help="Column of SCORED that holds the query id the qrels use.")
+@click.option("--doc-id-col", default="doc_id", show_default=True,
+              help="Column of SCORED that holds the document id the qrels use.")
 @click.option("--json", "json_path", default=None, help="Write means (by metric name), per-query values and "
               "the baseline comparison here.")
 @click.option("--plot", "plot_path", default=None, help="PNG of the per-query change of the first metric "

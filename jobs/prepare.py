@@ -20,7 +20,7 @@ def prepare_cmd():
 @click.option("-o", "--output", required=True, help="Pairs Parquet to write.")
 @click.option("--depth", type=click.IntRange(min=1), default=None, help="Keep the top K candidates per query.")
 @click.option("--split", default="test", show_default=True, help="qrels/<split>.tsv gives the relevance column.")
-@click.option("--overwrite", is_flag=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing -o file.")
 def beir_cmd(beir_dir, run_path, output, depth, split, overwrite):
     """Pairs from a BEIR folder and a TREC run file (first-stage score and rank kept)."""
     setup_logging()
@@ -38,11 +38,12 @@ def beir_cmd(beir_dir, run_path, output, depth, split, overwrite):
 @click.argument("path")
 @click.option("-o", "--output", required=True, help="Pairs Parquet to write.")
 @click.option("--qrels-out", default=None, help="Also write TREC qrels for `rerank-batch eval`.")
-@click.option("--query-col", default="query", show_default=True)
-@click.option("--docs-col", default="documents", show_default=True)
+@click.option("--query-col", default="query", show_default=True, help="Question column.")
+@click.option("--docs-col", default="documents", show_default=True, help="List-of-candidates column.")
 @click.option("--label-col", default="label", show_default=True, help="Index (or list of indices) of the right one.")
-@click.option("--id-col", default="query_id", show_default=True)
-@click.option("--overwrite", is_flag=True)
+@click.option("--id-col", default="query_id", show_default=True,
+              help="Question id column; without it, ids are q0, q1, ... by row.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing -o or --qrels-out file.")
 def mc_cmd(path, output, qrels_out, query_col, docs_col, label_col, id_col, overwrite):
     """Pairs from a multiple-choice file (query, candidates, index of the right one)."""
     setup_logging()

@@ -31,9 +31,12 @@ class Summary:
     tokens: int = 0
     truncated: int = 0
     skipped_null: int = 0
-    seconds: float = 0.0
-    pairs_per_s: float = 0.0
-    tokens_per_s: float = 0.0
+    seconds: float = 0.0  # the whole run: planning, model load, scoring, final write, cleanup
+    # Rates count the pairs this run scored (not resumed units): over the seconds from the first
+    # unit read to the last part, and over `seconds`, model load and final write included.
+    scoring_pairs_per_s: float = 0.0
+    scoring_tokens_per_s: float = 0.0
+    run_pairs_per_s: float = 0.0
     peak_gpu_memory_bytes: int = 0
     oom_retries: int = 0
     batches: int = 0
@@ -160,8 +163,9 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
     summary.extra["tokens_before_sharing"] = sum(ck.done[u]["tokens"] for u in fresh)
     summary.extra["tokens_after_sharing"] = sum(ck.done[u].get("tokens_computed", ck.done[u]["tokens"]) for u in fresh)
     summary.seconds = round(time.monotonic() - t_start, 3)  # the whole run, plan to cleanup
-    summary.pairs_per_s = round(prog.pairs / max(score_seconds, 1e-9), 2)
-    summary.tokens_per_s = round(prog.tokens / max(score_seconds, 1e-9), 1)
+    summary.scoring_pairs_per_s = round(prog.pairs / max(score_seconds, 1e-9), 2)
+    summary.scoring_tokens_per_s = round(prog.tokens / max(score_seconds, 1e-9), 1)
+    summary.run_pairs_per_s = round(prog.pairs / max(summary.seconds, 1e-9), 2)
     if scorer is not None:
         summary.oom_retries = scorer.stats.oom_retries
         summary.batches = scorer.stats.batches

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# ../shared/data beside the checkout; the GPU machine gets a carried copy named by this variable.
+# The RAR-b data: ../shared/data beside the checkout, or wherever RERANK_SHARED_DATA points (a GPU machine
+# without the checkout's neighbours).
 SHARED_DATA = os.environ.get("RERANK_SHARED_DATA", os.path.join(os.path.dirname(ROOT), "shared", "data"))
 sys.path.insert(0, ROOT)
 

@@ -135,7 +135,7 @@ CASES = [
     (["run", "{d}/good.parquet", "--device", "cpu", "--gpu-memory-limit", "4GiB"],
      "--gpu-memory-limit applies to CUDA only; drop it or use --device cuda"),
     (["run", "{d}/good.parquet", "--gpu-memory-limit", "lots"], "'lots' is not a size; write it like 4GiB"),
-    # issue 9, finding 8
+    # a Parquet file may repeat a column name; the reader must not pick one silently
     (["run", "{d}/dupcols.parquet"], "{d}/dupcols.parquet: the column name 'document' appears more than once; "
      "rename the copies"),
     (["run", "{d}/badutf8.parquet"], "{d}/badutf8.parquet: row 1 (from 0): column 'document' is not valid UTF-8; "
@@ -271,7 +271,7 @@ def test_a_pair_that_never_fits_is_a_runtime_error_exit_1(tmp_path, monkeypatch)
 
 
 def test_gpu_memory_held_by_another_process_is_one_line(tmp_path, monkeypatch):
-    """Issue 9, finding 8: an OOM while loading the model names the free memory and the fix."""
+    """An OOM while loading the model names the free memory and the fix."""
     from pipeline.engines.score import Scorer
 
     def load(cfg, kind=None):

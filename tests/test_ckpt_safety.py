@@ -1,5 +1,5 @@
-"""Issue 9: checkpoints that are ours only, locked, content-verified, and cheap to commit.
-Each test reproduces one finding of the issue on the code before it."""
+"""Checkpoints that are ours only, locked, content-verified, and cheap to commit. Each test
+reproduces a failure that a weaker checkpoint would let through."""
 
 from __future__ import annotations
 
@@ -346,7 +346,7 @@ def test_restart_does_not_overwrite_an_existing_output(job, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["out.parquet"]
 
 
-# -- issue 14, bug 1: the summary's seconds is the whole run ------------------------------------
+# -- the summary's seconds is the whole run; its two rates say which time they count -------------
 
 def test_summary_seconds_is_the_whole_run(job, tmp_path):
     out, s = tmp_path / "out.parquet", tmp_path / "s.json"
@@ -355,6 +355,18 @@ def test_summary_seconds_is_the_whole_run(job, tmp_path):
     summary = json.loads(s.read_text())
     stages = sum(v for k, v in summary["extra"].items() if k.startswith("seconds_"))
     assert summary["seconds"] >= stages > 0
+
+
+def test_summary_names_its_scoring_rate_and_its_whole_run_rate(job, tmp_path):
+    out, s = tmp_path / "out.parquet", tmp_path / "s.json"
+    r = run_cli(_args(job, job["input"], out, 64, "--summary", s))
+    assert r.exit_code == 0, r.output
+    summary = json.loads(s.read_text())
+    assert "pairs_per_s" not in summary and "tokens_per_s" not in summary
+    assert summary["run_pairs_per_s"] == pytest.approx(summary["pairs_scored"] / summary["seconds"], rel=1e-2)
+    # Scoring is part of the run, so its rate can only be the higher one.
+    assert summary["scoring_pairs_per_s"] >= summary["run_pairs_per_s"] > 0
+    assert summary["scoring_tokens_per_s"] > summary["scoring_pairs_per_s"]
 
 
 def test_checkpoint_error_is_a_checkpoint_error(job, tmp_path):

@@ -70,7 +70,7 @@ def test_readme_command_blocks_run_as_written(sandbox):
             ran.append(args[1])
     # Every kind of command of the README ran: the sample run and the walkthroughs.
     assert ran.count("prepare") == 2 and ran.count("eval") == 2 and ran.count("run") == 3
-    assert len(skips) == 8, skips  # update when the README gains a command that cannot run here
+    assert len(skips) == 6, skips  # update when the README gains a command that cannot run here
     assert os.path.exists(sandbox / "tmp" / "mini.png") and os.path.exists(sandbox / "tmp" / "arc.ranked.parquet")
     # Pasted twice, a walkthrough block still runs (--overwrite where it writes).
     for block in [b for b in blocks("bash") if "prepare mc" in b]:
@@ -86,3 +86,16 @@ def test_readme_python_snippets_run(sandbox, capsys):
         exec(compile(code.replace("/tmp/", f"{sandbox}/tmp/"), "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert "corpus_id" in out and os.path.exists(sandbox / "tmp" / "pairs.ranked.parquet")
+
+
+def test_readme_sample_eval_output_is_what_eval_prints(sandbox):
+    """The metrics table the README shows under the BEIR walkthrough is the one its commands print."""
+    shown = next(b for b in blocks("text") if b.startswith("metric "))
+    block = next(b for b in blocks("bash") if "prepare beir" in b)
+    out = None
+    for line in block.splitlines():
+        args = shlex.split(line.replace("/tmp/", f"{sandbox}/tmp/"), comments=True)
+        r = run_cli(args[1:])
+        assert r.exit_code == 0, f"{line}\n{r.output}"
+        out = r.output
+    assert out.strip() == shown.strip()

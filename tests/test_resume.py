@@ -293,7 +293,7 @@ def test_score_unit_runs_a_unit_on_its_own(job, tmp_path):
     "/parts/[^/]+$:1", "/parts/[^/]+$:30", "/done/[^/]+$:2", "fingerprint\\.json$:1", "checkpoint$:1",
 ])
 def test_sigkill_during_cleanup_then_the_rerun_exits_0(job, tmp_path, where):
-    """Issue 9, finding 6: a kill between deleting files of the checkpoint; the rerun of the same
+    """A kill between deleting files of the checkpoint; the rerun of the same
     command (an Airflow retry) must end with exit 0 and the complete output, and leave nothing."""
     out = tmp_path / "out.parquet"
     p = _spawn(_args(job, out), {"KILL_AT_UNLINK": where})

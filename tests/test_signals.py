@@ -1,4 +1,4 @@
-"""Issue 9, finding 7: SIGINT/SIGTERM are honoured everywhere: while loading the model, while
+"""SIGINT/SIGTERM are honoured everywhere: while loading the model, while
 ranking and writing the output, during imports; a second signal exits at once. The child holds
 at a named place and touches an event file there, so the tests wait on that event, not on time."""
 

@@ -1,4 +1,4 @@
-"""Issue 11, item 2 on a machine with several GPUs: the whole run from Parquet to ranked Parquet
+"""Resume across a killed worker and a killed driver, on a machine with several GPUs: the whole run from Parquet to ranked Parquet
 on one GPU (the reference), then on all visible GPUs with one worker SIGKILLed a quarter of the way
 in and the driver SIGKILLed half way, then the same command resumed; the output must equal the
 one-device run. Prints one JSON record (and each stage's record on stderr as it ends). Without a

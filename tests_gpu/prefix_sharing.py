@@ -1,4 +1,4 @@
-"""Issue 12 on the GPU, one process: the shared-prefix kernel against an explicit dense mask,
+"""Prefix sharing on the GPU, one process: the shared-prefix kernel against an explicit dense mask,
 bf16 scores with sharing on/off against float32, and the bench rows sharing off vs on
 (model only and end to end, alternating, repeated), written to $OUT/prefix_sharing.json.
 
@@ -164,8 +164,8 @@ def parity_tiny():
 
 
 def parity_06b(arch):
-    """The 0.6B architecture (random weights) on W-short and W-longq slices: bf16 off/on against
-    float32 off on the same device."""
+    """The 0.6B architecture (random weights) on slices of the short and long-query workloads:
+    bf16 off/on against float32 off on the same device."""
     with tempfile.TemporaryDirectory() as wd:
         model32, tok, shape = bench.build_model(arch, DEV, torch.float32, wd)
         model16 = copy.deepcopy(model32).to(torch.bfloat16)

@@ -1,6 +1,7 @@
-"""Issue 12 on the GPU machine, one call of about 4 minutes: prefix sharing off vs on, END TO END
+"""Prefix sharing off vs on on a GPU, about 4 minutes: END TO END
 (`run()`: Parquet in, ranked Parquet out, the model loaded once) and model only (token ids given),
-0.6B random weights in bf16, on W-short, W-longq and W-mixed (W-mixed: off vs auto, the default).
+0.6B random weights in bf16, on the short, long-query and mixed workloads (docs/PERFORMANCE.md;
+mixed: off vs auto, the default).
 Modes alternate within each repeat; medians with every pass listed. Each e2e run also records
 the run's stage timers (seconds waiting for input = the GPU starved by the host side) and the host
 side alone on this machine (bench --host-only's rows). The tokenizer keeps its default threads:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One device session: GPU tests, then benchmarks, results under $OUT. Run from the repo root on
-# the GPU machine, with .whl (polars wheels) and .devdata (copy of ../shared/data) carried.
+# GPU tests, then the main benchmark, results under $OUT. Run from the repository root on a GPU
+# machine, with polars wheels in .whl/ (for machines without network access) and a copy of the
+# RAR-b data the CPU tests read (../shared/data) in .devdata/.
 #   bash tests_gpu/run_on_device.sh [tests|bench|all] [extra bench lines file]
 set -uo pipefail
 export PYTHONUNBUFFERED=1

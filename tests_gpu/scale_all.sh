@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Issues 10 and 11 in one background job: the 0.6B and 4B `bench --devices` runs, then the
-# 1M-pair whole run with a killed worker and a killed driver (about 20 minutes on 2 H100s).
-# Start it with `setsid nohup bash tests_gpu/scale_all.sh &` so that no one device command's
-# time limit cuts it, then poll $RES (default /tmp/res) from later calls with no idle gap over
-# the machine's 30 s; DONE marks the end. Polars wheels in .whl (carried).
+# Scaling over the GPUs of one host, as one background job: the 0.6B and 4B `bench --devices`
+# runs, then the 1M-pair whole run with a killed worker and a killed driver (about 20 minutes on
+# 2 H100s). Start it with `setsid nohup bash tests_gpu/scale_all.sh &` so that it outlives the
+# shell that started it, then watch $RES (default /tmp/res); DONE marks the end. Polars wheels
+# in .whl/ are installed when polars is missing.
 # The 2026-11-25 records (docs/results/devices_*_h100x2_*.json) came from these lines.
 set -uo pipefail
 RES=${RES:-/tmp/res}; mkdir -p "$RES"

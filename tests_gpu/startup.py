@@ -1,16 +1,16 @@
-"""Seconds to the first batch (issue 13, item 2), measured on the device in one call.
+"""Seconds to the first batch, measured on a GPU machine in one process tree.
 
-    python3 tests_gpu/startup.py --out $OUT            # H100: 0.6B + encoder shapes, W-mixed 6000 pairs
+    python3 tests_gpu/startup.py --out $OUT            # H100: 0.6B + encoder shapes, 6000 mixed-workload pairs
     python3 tests_gpu/startup.py --smoke --out /tmp/x  # CPU: the tiny shape, 300 pairs (checks the script)
 
-For each shape: a random-weight model saved to disk (bench/peer.py build_saved_model), a W-mixed
+For each shape: a random-weight model saved to disk (bench/peer.py build_saved_model), a mixed-workload
 Parquet file (bench/throughput.py workload_table), then the CLI in fresh processes:
   1. `cold`: one run with an empty Inductor cache (the first run on a machine) - also the warm-up
      of the file cache;
   2. `runs`: N runs with the warm cache: wall, the first batch (startup_total_s: process start to
      the first scored batch), scoring seconds, wall / scoring, the startup stages;
   3. `transformers_load`: one run with RERANK_DIRECT_LOAD=0 (weights and tokenizer through
-     transformers: the loading of before this change), with the max score difference against
+     transformers, as every model loaded before direct loading), with the max score difference against
      the direct runs (in bf16 on the H100 it measured 0.018-0.019: the same kernels, but not bitwise equal).
 For Qwen3 shapes, the direct tokenizer is checked against AutoTokenizer on this machine's
 transformers: the same backend (JSON) and the same ids of the file's texts.
@@ -43,10 +43,10 @@ def cli_run(model: str, inp: str, work: str, tag: str, device: str, max_length: 
         return {"tag": tag, "error": p.stderr.strip().splitlines()[-3:]}
     with open(summ) as f:
         s = json.load(f)
-    scoring = s["pairs_scored"] / max(s["pairs_per_s"], 1e-9)
+    scoring = s["pairs_scored"] / max(s["scoring_pairs_per_s"], 1e-9)
     st = {k.removeprefix("startup_").removesuffix("_s"): v for k, v in s["extra"].items() if k.startswith("startup_")}
     return {"tag": tag, "wall_s": round(wall, 3), "first_batch_s": st.get("total"), "scoring_s": round(scoring, 3),
-            "pairs_per_s": s["pairs_per_s"], "wall_over_scoring": round(wall / scoring, 2),
+            "pairs_per_s": s["scoring_pairs_per_s"], "wall_over_scoring": round(wall / scoring, 2),
             "batch_token_budget": s["batch_token_budget"], "stages": st, "output": out}
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Issue 13 item 2 on the device: seconds to the first batch (tests_gpu/startup.py), one call of
-# <= 4 minutes. Run from the repo root on the GPU machine with .whl (polars wheels, installed when
-# polars is missing) beside it; JSON to $OUT/startup.json, the table to $OUT/startup.txt.
+# Seconds to the first batch on a GPU machine (tests_gpu/startup.py), at most 4 minutes. Run from
+# the repository root; polars wheels in .whl/ are installed when polars is missing. JSON to
+# $OUT/startup.json, the table to $OUT/startup.txt.
 #   bash tests_gpu/startup.sh            # 0.6B, then the encoder shapes while time is left
 #   bash tests_gpu/startup.sh --smoke    # CPU check of the script itself
 set -uo pipefail

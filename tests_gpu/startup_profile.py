@@ -1,5 +1,5 @@
-"""Where the 0.6B CLI's seconds go before and after scoring, on the device (issue 13, item 2):
-one call of about 4 minutes. Builds the model and a W-mixed file as startup.py does, then in
+"""Where the 0.6B CLI's seconds go before and after scoring, on a GPU machine: about 4
+minutes. Builds the model and a mixed-workload file as startup.py does, then in
 fresh processes: a cold run (fills the Inductor cache), a warm run, a warm run under cProfile
 (the main thread: top functions by cumulative time to OUT/startup_profile.txt), a warm run with
 TORCHINDUCTOR_COMPILE_THREADS=1 (no compile-worker pool), and the warm-up's steps one by one.

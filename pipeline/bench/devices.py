@@ -74,7 +74,7 @@ def _one_run(inp: str, model: str, devices: str | None, workdir: str, cfg_kw: di
                               "busy_share": round(r["busy_seconds"] / max(r["seconds_after_load"] or 1e-9, 1e-9), 3)}
                              for r in rows]
     else:
-        scoring = s.pairs_scored / max(s.pairs_per_s, 1e-9)
+        scoring = s.pairs_scored / max(s.scoring_pairs_per_s, 1e-9)
     row["scoring_seconds"] = round(scoring, 3)
     row["pairs_per_s"] = round(s.pairs_scored / max(scoring, 1e-9), 1)
     row["output"] = out

@@ -165,8 +165,8 @@ def cli_rows(model_dir: str, inp: str, device: str, repeats: int, max_length: in
             raise RuntimeError(f"cli run failed ({p.returncode}): {p.stderr.strip().splitlines()[-1:]}")
         with open(summ) as f:
             s = json.load(f)
-        scoring = s["pairs_scored"] / max(s["pairs_per_s"], 1e-9)
-        runs.append({"wall_s": round(wall, 3), "scoring_s": round(scoring, 3), "pairs_per_s": s["pairs_per_s"],
+        scoring = s["pairs_scored"] / max(s["scoring_pairs_per_s"], 1e-9)
+        runs.append({"wall_s": round(wall, 3), "scoring_s": round(scoring, 3), "pairs_per_s": s["scoring_pairs_per_s"],
                      "wall_over_scoring": round(wall / scoring, 2),
                      **{k: v for k, v in s.get("extra", {}).items() if k.startswith("startup_")}})
     return {"runs": runs, **_spread([r["wall_s"] for r in runs], "wall_s"),

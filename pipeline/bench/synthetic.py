@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-# Architectures from the published config.json files (see shared/CONTEXT.md); "tiny" is ours.
+# Architectures from the published config.json files of the models on the Hugging Face hub; "tiny" is ours.
 ARCHS: dict[str, dict] = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=16),

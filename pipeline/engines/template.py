@@ -13,7 +13,8 @@ from pipeline.errors import InputError
 class Template:
     name: str
     prefix: str
-    # Formatted with instruction, query and document; tokenized as ONE string (see CONTEXT.md).
+    # Formatted with instruction, query and document; tokenized as ONE string, as the
+    # model card's recipe does (so the ids match the reference scores).
     body: str
     suffix: str
     positive: str

@@ -9,7 +9,7 @@ OMP_NUM_THREADS, RERANK_CPU_THREADS or TOKENIZERS_PARALLELISM wins.
 
 Runs on an accelerator never come here: their tokenizer keeps its own threads on every core
 (the model does not need the CPU), which the host side needs to keep up with the GPU once
-prefixes are shared (issue 12). Pool workers are spawned with the driver's environment, so they
+prefixes are shared. Pool workers are spawned with the driver's environment, so they
 see the same setting.
 """
 

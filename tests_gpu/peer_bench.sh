@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Issue 13's device session: packed cross-encoder tests, then the peer bench (sentence-transformers
-# rows, fresh-process CLI rows) per shape; records under $OUT. Run from the repo root on the GPU
-# machine with .whl (a polars wheel, used when polars is missing) and shared-data beside it.
+# Cross-encoders against sentence-transformers on a GPU: the packed cross-encoder tests, then
+# `bench --peer` (sentence-transformers rows, fresh-process CLI rows) per shape; records under
+# $OUT. Run from the repository root; for a machine without network access, put a polars wheel
+# in .whl/ (installed when polars is missing) and the RAR-b data in shared-data/.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
