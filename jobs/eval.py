@@ -1,4 +1,5 @@
-"""`rerank-batch eval`: ranking metrics of a scored file against qrels, exact to trec_eval."""
+"""`rerank-batch eval`: ranking metrics of a scored file against qrels, exact to trec_eval; with
+several runs, each compared with the first (jobs/eval_runs.py)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ from .common import JobError, check_target, domain_errors, setup_logging
 
 
 @click.command("eval")
-@click.argument("scored")
+@click.argument("runs", nargs=-1, required=True, metavar="RUN [RUN ...]")
 @click.option("--qrels", default=None, help="TREC qrels ('qid 0 docid rel'), BEIR TSV, or Parquet "
               "(query_id, doc_id, relevance).")
-@click.option("--relevance-col", default=None, help="Take relevance from this column of SCORED instead of --qrels.")
+@click.option("--relevance-col", default=None, help="Take relevance from this column of the RUN (one Parquet RUN) instead of --qrels.")
 @click.option("--metrics", default="ndcg@10,map,mrr,p@1,recall@10", show_default=True,
               help="Comma-separated: ndcg, ndcg@k, map, map@k, mrr, mrr@k, recall@k, p@k.")
 @click.option("--score-col", default="score", show_default=True, help="The reranker's score column.")
@@ -29,14 +30,37 @@ from .common import JobError, check_target, domain_errors, setup_logging
 @click.option("--doc-id-col", default="doc_id", show_default=True,
               help="Column of SCORED that holds the document id the qrels use.")
 @click.option("--json", "json_path", default=None, help="Write means (by metric name), per-query values and "
-              "the baseline comparison here.")
+              "the comparisons here.")
 @click.option("--plot", "plot_path", default=None, help="PNG of the per-query change of the first metric "
-              "(needs --baseline-col and matplotlib).")
-def eval_cmd(scored, qrels, relevance_col, metrics, score_col, baseline_col, baseline_ascending, query_id_col,
-             doc_id_col, json_path, plot_path):
-    """Evaluate the ranking in SCORED (the output of `rerank-batch run`) against relevance judgments."""
+              "against the first RUN, or for one RUN against --baseline-col (needs matplotlib).")
+@click.option("--name", "names", multiple=True, help="Name of a run in the table and the JSON (default: its "
+              "file name without extensions); give it once per RUN, in order.")
+@click.option("--permutations", type=click.IntRange(min=1), default=10_000, show_default=True,
+              help="Sign flips the randomization test draws per comparison (every one when there are fewer).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomization test's draws.")
+@click.option("--correction", type=click.Choice(["holm", "bonferroni", "none"]), default="holm", show_default=True,
+              help="Correction of the p-values for the number of comparisons in the table (runs after the first "
+              "times metrics).")
+@click.option("--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.05, show_default=True,
+              help="Significance level: corrected p-values below it are marked * in the table and the plot.")
+@click.option("--test", type=click.Choice(["randomization", "ttest"]), default="randomization", show_default=True,
+              help="The paired test whose corrected p-value marks significance (both are in --json).")
+def eval_cmd(runs, qrels, relevance_col, metrics, score_col, baseline_col, baseline_ascending, query_id_col,
+             doc_id_col, json_path, plot_path, names, permutations, seed, correction, alpha, test):
+    """Evaluate the ranking of each RUN against relevance judgments; with several, compare each
+    with the first (paired tests). A RUN is a scored Parquet file (the output of `rerank-batch
+    run`) or a TREC run file ('qid Q0 docid rank score tag')."""
     setup_logging()
-    from pipeline.evaluation.metrics import evaluate, format_table, load_scored, parse_metrics, plot_delta, read_qrels
+    if len(runs) > 1:
+        from .eval_runs import eval_runs
+
+        return eval_runs(runs, names=names, qrels=qrels, relevance_col=relevance_col, metrics=metrics,
+                         score_col=score_col, baseline_col=baseline_col, query_id_col=query_id_col,
+                         doc_id_col=doc_id_col, json_path=json_path, plot_path=plot_path,
+                         permutations=permutations, seed=seed, correction=correction, alpha=alpha, test=test)
+    scored = runs[0]
+    from pipeline.evaluation.metrics import evaluate, format_table, parse_metrics, plot_delta, read_qrels
+    from pipeline.evaluation.runs import load_run, run_names
 
     with domain_errors():
         if (qrels is None) == (relevance_col is None):
@@ -47,8 +71,9 @@ def eval_cmd(scored, qrels, relevance_col, metrics, score_col, baseline_col, bas
             if target:
                 check_target(target, option, reads=[scored, qrels], writes=[json_path if option == "--plot" else None])
         ms = parse_metrics(metrics)
+        name = run_names([scored], names)[0]
         cols = [score_col] + ([baseline_col] if baseline_col else []) + ([relevance_col] if relevance_col else [])
-        run = load_scored(scored, query_id_col, doc_id_col, cols)
+        run = load_run(scored, query_id_col, doc_id_col, cols)
         if relevance_col:
             judgments = run.select("query_id", "doc_id", pl.col(relevance_col).cast(pl.Int64).alias("relevance"))
         else:
@@ -65,6 +90,7 @@ def eval_cmd(scored, qrels, relevance_col, metrics, score_col, baseline_col, bas
     if json_path:
         record = dict(means)
         record["queries"] = per_q.height
+        record["runs"] = {name: dict(means)}
         record["per_query"] = {r["query_id"]: {m.name: r[m.name] for m in ms} for r in per_q.iter_rows(named=True)}
         if base_means is not None:
             record["baseline"] = base_means

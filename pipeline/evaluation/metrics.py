@@ -1,7 +1,7 @@
-"""Ranking metrics, exact to trec_eval: per query, then the mean over the queries present in both
-the run and the qrels.
+"""Ranking metrics of trec_eval (through pytrec_eval, trec_eval's own code): per query, then the
+mean over the queries present in both the run and the qrels.
 
-trec_eval's conventions, followed here: documents are ordered by score descending and ties by
+trec_eval's conventions: documents are ordered by score descending and ties by
 document id descending (string order); a document is relevant when its relevance is >= 1;
 nDCG uses the relevance values as gains (negative ones count as 0) with a log2(rank + 1)
 discount, its ideal ranking built from the qrels; AP and map@k divide by all relevant documents
@@ -109,58 +109,63 @@ def rank_run(run: pl.DataFrame, score_col: str, descending: bool = True) -> pl.D
     )
 
 
+# Our metric kind -> trec_eval's measure (the request, then the key of its per-query value).
+TREC_MEASURE = {"ndcg": ("ndcg_cut.{k}", "ndcg_cut_{k}"), "map": ("map_cut.{k}", "map_cut_{k}"),
+                "recall": ("recall.{k}", "recall_{k}"), "p": ("P.{k}", "P_{k}")}
+WHOLE = {"ndcg": "ndcg", "map": "map", "mrr": "recip_rank"}
+
+
 def per_query(run: pl.DataFrame, qrels: pl.DataFrame, metrics: list[Metric], score_col: str = "score",
               descending: bool = True) -> pl.DataFrame:
-    """One row per query present in both the run and the qrels, one column per metric."""
+    """One row per query present in both the run and the qrels, one column per metric, computed
+    by trec_eval itself (pytrec_eval). mrr@k is trec_eval's recip_rank of the run cut at k, the
+    cut made in trec_eval's order. A null relevance counts as 0 (judged not relevant)."""
+    import pytrec_eval
+
     dup = run.group_by(["query_id", "doc_id"]).len().filter(pl.col("len") > 1)
     if dup.height:
         q, d = dup.row(0)[:2]
         raise InputError(f"the run has document {d!r} twice for query {q!r}; give each pair once")
-    queries = run.select("query_id").unique().join(qrels.select("query_id").unique(), on="query_id")
-    ranked = rank_run(run.join(queries, on="query_id"), score_col, descending)
-    ranked = ranked.join(qrels, on=["query_id", "doc_id"], how="left").with_columns(
-        pl.col("relevance").fill_null(0))
-    ranked = ranked.with_columns(
-        rel=(pl.col("relevance") >= 1).cast(pl.Int64),
-        gain=pl.col("relevance").clip(lower_bound=0).cast(pl.Float64),
-        disc=1.0 / (pl.col("rank").cast(pl.Float64) + 1.0).log(2),
-    ).with_columns(cum_rel=pl.col("rel").cum_sum().over("query_id"))
-    judged = qrels.join(queries, on="query_id")
-    num_rel = judged.group_by("query_id").agg(num_rel=(pl.col("relevance") >= 1).sum().cast(pl.Float64))
-    ideal = (judged.filter(pl.col("relevance") > 0)
-             .sort(["query_id", "relevance"], descending=[False, True])
-             .with_columns(irank=pl.int_range(1, pl.len() + 1).over("query_id"))
-             .with_columns(idg=pl.col("relevance").cast(pl.Float64) / (pl.col("irank").cast(pl.Float64) + 1).log(2)))
+    judged = qrels.with_columns(pl.col("relevance").fill_null(0).cast(pl.Int64))
+    truth: dict[str, dict[str, int]] = {}
+    for q, docs, rels in judged.group_by("query_id").agg("doc_id", "relevance").iter_rows():
+        truth[q] = dict(zip(docs, rels))
+    # trec_eval ranks by score descending: an ascending baseline is negated, and a null score
+    # (a document the column did not score) goes last, as rank_run puts it.
+    sign = 1.0 if descending else -1.0
+    scored = run.filter(pl.col("query_id").is_in(list(truth))).select(
+        "query_id", "doc_id", (pl.col(score_col).cast(pl.Float64).fill_nan(None) * sign)
+        .fill_null(float("-inf")).alias("_s"))
 
-    out = queries.join(num_rel, on="query_id", how="left").with_columns(pl.col("num_rel").fill_null(0.0))
+    def as_dict(frame: pl.DataFrame) -> dict[str, dict[str, float]]:
+        return {q: dict(zip(docs, scores))
+                for q, docs, scores in frame.group_by("query_id").agg("doc_id", "_s").iter_rows()}
+
+    whole = as_dict(scored)
+    requests, keys = set(), {}
+    cut_mrr = sorted({m.k for m in metrics if m.kind == "mrr" and m.k})
     for m in metrics:
-        top = pl.col("rank") <= m.k if m.k else pl.lit(True)
-        if m.kind == "p":
-            agg = ((pl.col("rel") * top).sum() / m.k).alias(m.name)
-            out = out.join(ranked.group_by("query_id").agg(agg), on="query_id", how="left")
-        elif m.kind == "recall":
-            agg = (pl.col("rel") * top).sum().alias("_hits")
-            out = out.join(ranked.group_by("query_id").agg(agg), on="query_id", how="left").with_columns(
-                pl.when(pl.col("num_rel") > 0).then(pl.col("_hits") / pl.col("num_rel")).otherwise(0.0)
-                .alias(m.name)).drop("_hits")
-        elif m.kind == "map":
-            agg = (pl.col("rel") * top * pl.col("cum_rel") / pl.col("rank")).sum().alias("_ap")
-            out = out.join(ranked.group_by("query_id").agg(agg), on="query_id", how="left").with_columns(
-                pl.when(pl.col("num_rel") > 0).then(pl.col("_ap") / pl.col("num_rel")).otherwise(0.0)
-                .alias(m.name)).drop("_ap")
-        elif m.kind == "mrr":
-            first = ranked.filter((pl.col("rel") == 1) & top).group_by("query_id").agg(
-                (1.0 / pl.col("rank").min()).alias(m.name))
-            out = out.join(first, on="query_id", how="left")
-        elif m.kind == "ndcg":
-            dcg = ranked.group_by("query_id").agg((pl.col("gain") * pl.col("disc") * top).sum().alias("_dcg"))
-            itop = pl.col("irank") <= m.k if m.k else pl.lit(True)
-            idcg = ideal.group_by("query_id").agg((pl.col("idg") * itop).sum().alias("_idcg"))
-            out = (out.join(dcg, on="query_id", how="left").join(idcg, on="query_id", how="left")
-                   .with_columns(pl.when(pl.col("_idcg") > 0).then(pl.col("_dcg") / pl.col("_idcg"))
-                                 .otherwise(0.0).alias(m.name)).drop("_dcg", "_idcg"))
-        out = out.with_columns(pl.col(m.name).fill_null(0.0).cast(pl.Float64))
-    return out.drop("num_rel").sort("query_id")
+        if m.kind == "mrr" and m.k:
+            continue
+        if m.k is None:
+            requests.add(WHOLE[m.kind])
+            keys[m.name] = WHOLE[m.kind]
+        else:
+            ask, key = TREC_MEASURE[m.kind]
+            requests.add(ask.format(k=m.k))
+            keys[m.name] = key.format(k=m.k)
+    values = {q: {} for q in whole}
+    if requests:
+        for q, vals in pytrec_eval.RelevanceEvaluator(truth, requests).evaluate(whole).items():
+            values[q].update({name: vals[key] for name, key in keys.items()})
+    for k in cut_mrr:
+        top = rank_run(scored, "_s").filter(pl.col("rank") <= k)
+        for q, vals in pytrec_eval.RelevanceEvaluator(truth, {"recip_rank"}).evaluate(as_dict(top)).items():
+            values[q].update({m.name: vals["recip_rank"] for m in metrics if m.kind == "mrr" and m.k == k})
+    names = [m.name for m in metrics]
+    schema = {"query_id": pl.String, **{n: pl.Float64 for n in dict.fromkeys(names)}}
+    rows = [(q, *(values[q][n] for n in schema if n != "query_id")) for q in sorted(values)]
+    return pl.DataFrame(rows, schema=schema, orient="row")
 
 
 def evaluate(run: pl.DataFrame, qrels: pl.DataFrame, metrics: list[Metric], score_col: str = "score",
@@ -169,22 +174,6 @@ def evaluate(run: pl.DataFrame, qrels: pl.DataFrame, metrics: list[Metric], scor
     pq_ = per_query(run, qrels, metrics, score_col, descending)
     means = {m.name: (float(pq_[m.name].mean()) if pq_.height else math.nan) for m in metrics}
     return means, pq_
-
-
-def load_scored(path: str, query_id_col: str, doc_id_col: str, columns: list[str]) -> pl.DataFrame:
-    if not os.path.exists(path):
-        raise InputError(f"{path}: no such file; pass the output of rerank-batch run")
-    try:
-        schema = pl.read_parquet_schema(path)
-    except Exception as exc:
-        raise InputError(f"{path}: not a readable Parquet file ({first_line(exc)})") from None
-    need = [query_id_col, doc_id_col] + columns
-    missing = [c for c in need if c not in schema]
-    if missing:
-        raise InputError(f"{path}: no column {missing[0]!r} (columns: {', '.join(schema)}); "
-                         f"pass --query-id-col/--doc-id-col, or score a file that has them")
-    df = pl.read_parquet(path, columns=list(dict.fromkeys(need)))
-    return df.with_columns(query_id=pl.col(query_id_col).cast(pl.String), doc_id=pl.col(doc_id_col).cast(pl.String))
 
 
 def format_table(means: dict, baseline: dict | None = None, n_queries: int = 0) -> str:

@@ -1,0 +1,144 @@
+"""Runs to evaluate, fuse or export: a scored Parquet file (the output of `rerank-batch run`, or
+any file with query id, document id and score columns) or a TREC run file
+('qid Q0 docid rank score tag'), told apart by content. A run is read as (query_id, doc_id,
+score) with string ids; the rank column of a TREC file is ignored, as trec_eval ignores it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import polars as pl
+
+from pipeline.errors import InputError, first_line
+
+# Stripped from the end of a file name to name its run: mini.ranked.parquet -> mini.ranked.
+RUN_SUFFIXES = (".parquet", ".pq", ".trec", ".run", ".txt", ".res", ".tsv")
+
+
+def run_name(path: str) -> str:
+    name = os.path.basename(path.rstrip("/"))
+    stripped = True
+    while stripped:
+        stripped = False
+        for s in RUN_SUFFIXES:
+            if name.lower().endswith(s) and len(name) > len(s):
+                name, stripped = name[: -len(s)], True
+    return name
+
+
+def run_names(paths: list[str], names: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """The name of each run: its file name without extensions, or the --name given for it."""
+    if names and len(names) != len(paths):
+        raise InputError(f"--name was given {len(names)} times for {len(paths)} runs; give it once per run, "
+                         "in the order of the runs, or not at all")
+    out = list(names) if names else [run_name(p) for p in paths]
+    seen = {}
+    for p, n in zip(paths, out):
+        if n in seen:
+            raise InputError(f"{seen[n]} and {p} are both named {n!r}; pass --name once per run to tell them apart")
+        seen[n] = p
+    return out
+
+
+def is_parquet(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"PAR1"
+
+
+def read_run(path: str, query_id_col: str = "query_id", doc_id_col: str = "doc_id",
+             score_col: str = "score") -> pl.DataFrame:
+    """(query_id, doc_id, score) of a run file."""
+    df = load_run(path, query_id_col, doc_id_col, [score_col])
+    return df.select("query_id", "doc_id", pl.col(score_col).cast(pl.Float64).fill_nan(None).alias("score"))
+
+
+def load_run(path: str, query_id_col: str, doc_id_col: str, columns: list[str]) -> pl.DataFrame:
+    """query_id and doc_id (strings) and `columns` under their own names. A TREC run has one
+    column, its score, given the name columns[0]. A (query, document) pair given twice is an
+    InputError: trec_eval would count the document twice."""
+    if not os.path.exists(path):
+        raise InputError(f"{path}: no such file; pass a scored Parquet file (the output of rerank-batch run) "
+                         "or a TREC run")
+    if os.path.isdir(path):
+        raise InputError(f"{path}: is a directory; pass a file")
+    if is_parquet(path):
+        df = _read_parquet_run(path, query_id_col, doc_id_col, columns)
+        where = "rows"
+    else:
+        if len(set(columns)) > 1:
+            other = next(c for c in columns if c != columns[0])
+            raise InputError(f"{path}: a TREC run has one score per document, no column {other!r}; "
+                             "pass the scored Parquet file instead")
+        df = read_trec(path).rename({"score": columns[0]})
+        where = "lines"
+    dup = (df.with_row_index("_row").group_by(["query_id", "doc_id"], maintain_order=True)
+           .agg(pl.col("_row").head(2), pl.len()).filter(pl.col("len") > 1))
+    if dup.height:
+        q, d, rows = dup.row(0)[:3]
+        first, second = (r + (1 if where == "lines" else 0) for r in rows)
+        raise InputError(f"{path}: document {d!r} is given twice for query {q!r} ({where} {first} and {second}"
+                         f"{', from 0' if where == 'rows' else ''}); keep one line per (query, document)")
+    return df
+
+
+def _read_parquet_run(path, query_id_col, doc_id_col, columns) -> pl.DataFrame:
+    try:
+        schema = pl.read_parquet_schema(path)
+    except Exception as exc:
+        raise InputError(f"{path}: not a readable Parquet file ({first_line(exc)})") from None
+    need = list(dict.fromkeys([query_id_col, doc_id_col] + columns))
+    missing = [c for c in need if c not in schema]
+    if missing:
+        raise InputError(f"{path}: no column {missing[0]!r} (columns: {', '.join(schema)}); "
+                         "pass --query-id-col/--doc-id-col/--score-col, or score a file that has them")
+    df = pl.read_parquet(path, columns=need).with_columns(
+        query_id=pl.col(query_id_col).cast(pl.String), doc_id=pl.col(doc_id_col).cast(pl.String))
+    for c, given in (("query_id", query_id_col), ("doc_id", doc_id_col)):
+        nulls = df[c].null_count()
+        if nulls:
+            raise InputError(f"{path}: {nulls} rows have no {given!r}; every row of a run needs a query id "
+                             "and a document id")
+    return df
+
+
+def read_trec(path: str) -> pl.DataFrame:
+    """TREC run lines 'qid Q0 docid rank score tag' as (query_id, doc_id, score)."""
+    from pipeline.evaluation.prepare import text_lines
+
+    qs, ds, ss = [], [], []
+    for n, line in text_lines(path):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 6:
+            raise InputError(f"{path}: line {n} has {len(parts)} fields, not a TREC run line "
+                             "('qid Q0 docid rank score tag'); pass a TREC run or a scored Parquet file")
+        try:
+            score = float(parts[4])
+        except ValueError:
+            raise InputError(f"{path}: line {n}: score {parts[4]!r} is not a number; a TREC run line is "
+                             "'qid Q0 docid rank score tag'") from None
+        if score != score:
+            raise InputError(f"{path}: line {n}: score is NaN; give every document a number")
+        qs.append(parts[0])
+        ds.append(parts[2])
+        ss.append(score)
+    if not qs:
+        raise InputError(f"{path}: empty; a TREC run has one 'qid Q0 docid rank score tag' line per document")
+    return pl.DataFrame({"query_id": qs, "doc_id": ds, "score": ss},
+                        schema={"query_id": pl.String, "doc_id": pl.String, "score": pl.Float64})
+
+
+def trec_text(run: pl.DataFrame, tag: str) -> str:
+    """TREC run lines of a run with query_id, doc_id, score and rank columns (metrics.rank_run). Scores
+    are written with Python's repr, which reads back as the same float: ties and order survive."""
+    if any(c.isspace() for c in tag) or not tag:
+        raise InputError(f"--tag {tag!r}: a TREC tag is one word without spaces")
+    for col in ("query_id", "doc_id"):
+        bad = run.filter(pl.col(col).str.contains(r"\s") | (pl.col(col) == ""))
+        if bad.height:
+            raise InputError(f"{col} {bad[col][0]!r} is empty or has spaces, which a TREC run line cannot hold")
+    lines = [f"{q} Q0 {d} {r} {float(s)!r} {tag}\n"
+             for q, d, s, r in run.select("query_id", "doc_id", "score", "rank").iter_rows()]
+    return "".join(lines)
