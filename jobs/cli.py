@@ -29,12 +29,16 @@ def cli():
 def _register():
     from .bench import bench_cmd
     from .eval import eval_cmd
+    from .export import export_cmd
+    from .fuse import fuse_cmd
     from .prepare import prepare_cmd
     from .run import run_cmd
 
     cli.add_command(run_cmd)
     cli.add_command(prepare_cmd)
     cli.add_command(eval_cmd)
+    cli.add_command(export_cmd)
+    cli.add_command(fuse_cmd)
     cli.add_command(bench_cmd)
 
 

@@ -117,7 +117,7 @@ def format_comparison(means: dict[str, dict[str, float]], comparisons: dict[str,
     base = names[0]
     w = max(len("run"), *(len(n) for n in names), len("  Δ")) + 2
     cw = max(9, *(len(m) + 2 for m in metrics))
-    lines = [f"{'run':<{w}}" + "".join(f"{m:>{cw}}" for m in metrics)]
+    lines = [f"{'run':<{w}}" + "".join(f"{m:>{cw - 1}} " for m in metrics)]
     for name in names:
         lines.append(f"{name:<{w}}" + "".join(f"{means[name][m]:>{cw - 1}.4f} " for m in metrics))
         if name in comparisons:

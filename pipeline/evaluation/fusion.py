@@ -53,3 +53,21 @@ def fuse(runs: list[pl.DataFrame], method: str = "rrf", k: float = 60.0, norm: s
     if method == "combmnz":
         fused = fused.with_columns(score=pl.col("score") * pl.col("_hits"))
     return rank_run(fused.drop("_hits"), "score").select("query_id", "doc_id", "score", "rank")
+
+
+def fuse_files(paths: list[str], output: str, *, method: str = "rrf", k: float = 60.0, norm: str = "minmax",
+               tag: str = "fused", score_col: str = "score", query_id_col: str = "query_id",
+               doc_id_col: str = "doc_id") -> int:
+    """Fuse the run files in `paths` into `output` (Parquet, or TREC when it ends in .trec);
+    returns the documents written."""
+    from pipeline.storage.atomic import atomic_write_parquet, atomic_write_text
+
+    from .runs import read_run, require_scores, trec_text
+
+    runs = [require_scores(read_run(p, query_id_col, doc_id_col, score_col), p) for p in paths]
+    fused = fuse(runs, method, k, norm)
+    if output.endswith(".trec"):
+        atomic_write_text(trec_text(fused, tag), output)
+    else:
+        atomic_write_parquet(fused.to_arrow(), output)
+    return fused.height

@@ -142,3 +142,26 @@ def trec_text(run: pl.DataFrame, tag: str) -> str:
     lines = [f"{q} Q0 {d} {r} {float(s)!r} {tag}\n"
              for q, d, s, r in run.select("query_id", "doc_id", "score", "rank").iter_rows()]
     return "".join(lines)
+
+
+def require_scores(run: pl.DataFrame, path: str) -> pl.DataFrame:
+    """The run, refused when a document has no score (it has no place in a ranking file)."""
+    missing = run.filter(pl.col("score").is_null())
+    if missing.height:
+        q, d = missing.row(0)[:2]
+        raise InputError(f"{path}: {missing.height} documents have no score (first: query {q!r}, document {d!r}); "
+                         "score every row or drop the unscored ones")
+    return run
+
+
+def export_trec(path: str, output: str, *, tag: str | None = None, score_col: str = "score",
+                query_id_col: str = "query_id", doc_id_col: str = "doc_id") -> int:
+    """Write the run in `path` as a TREC run file; returns the lines written."""
+    from pipeline.storage.atomic import atomic_write_text
+
+    from .metrics import rank_run
+
+    run = require_scores(read_run(path, query_id_col, doc_id_col, score_col), path)
+    text = trec_text(rank_run(run, "score"), tag or run_name(path))
+    atomic_write_text(text, output)
+    return run.height

@@ -48,3 +48,11 @@ def _umask() -> int:
 def atomic_write_parquet(table: pa.Table, path: str) -> None:
     _atomic(path, lambda tmp: pq.write_table(table, tmp), suffix=".parquet")
 
+
+
+def atomic_write_text(text: str, path: str) -> None:
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    _atomic(path, write)
