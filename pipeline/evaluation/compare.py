@@ -3,11 +3,10 @@ two-sided significance tests over the queries judged in the qrels and present in
 the p-values corrected for the number of comparisons in the table.
 
 - t-test: scipy.stats.ttest_rel(run, baseline).
-- randomization test: scipy.stats.permutation_test with permutation_type="samples", which
-  swaps the two values of a query, i.e. flips the sign of its difference; the statistic is the
-  mean difference. With 2^n <= resamples scipy enumerates every flip (exact); otherwise it
-  draws `resamples` of them from a generator seeded with `seed`, the same draws for every
-  comparison, so a p-value does not depend on the other runs of the table.
+- randomization test: sign flips of the per-query differences, the statistic their mean
+  (p_randomization); every flip when there are few queries, else `resamples` drawn from a
+  generator seeded with `seed`, the same draws for every comparison, so a p-value does not
+  depend on the other runs of the table.
 When every per-query difference is 0 both tests say p = 1 (ttest_rel's would be NaN).
 """
 
@@ -49,17 +48,29 @@ def p_ttest(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def p_randomization(a: np.ndarray, b: np.ndarray, resamples: int = 10_000, seed: int = 0) -> float:
-    from scipy.stats import permutation_test
-
-    if len(a) == 0 or np.all(a == b):
+    """Two-sided paired randomization test of mean(a - b): the share of sign assignments of the
+    per-query differences whose |mean| is at least the observed one. Every assignment when
+    2^n <= resamples (exact); else `resamples` drawn with numpy's generator seeded with `seed`,
+    p = (hits + 1) / (resamples + 1), the observed assignment counted once, so p is never 0.
+    (scipy.stats.permutation_test computes the same with permutation_type="samples" but took
+    3-6 s per comparison of 1,172 queries, against 0.1 s here.)"""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    n = len(d)
+    if n == 0 or not d.any():
         return 1.0
-
-    def mean_diff(x, y, axis):
-        return np.mean(x - y, axis=axis)
-
-    res = permutation_test((a, b), mean_diff, permutation_type="samples", vectorized=True,
-                           n_resamples=resamples, alternative="two-sided", rng=np.random.default_rng(seed))
-    return float(res.pvalue)
+    obs = abs(np.ones(n) @ d) / n
+    floor = obs - 1e-9 * obs  # a flipped sum equal to the observed one may differ in the last bits
+    if n < 63 and 2 ** n <= resamples:
+        signs = ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1) * 2.0 - 1.0
+        return float(np.mean(np.abs(signs @ d) / n >= floor))
+    rng = np.random.default_rng(seed)
+    hits, left, step = 0, resamples, max(1, 4_000_000 // n)
+    while left:
+        k = min(left, step)
+        signs = rng.integers(0, 2, size=(k, n), dtype=np.int8) * 2.0 - 1.0
+        hits += int(np.sum(np.abs(signs @ d) / n >= floor))
+        left -= k
+    return (hits + 1) / (resamples + 1)
 
 
 def correct(pvalues: list[float], method: str) -> list[float]:
