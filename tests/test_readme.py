@@ -1,5 +1,5 @@
 """The README is copy-pasteable: every command block that needs no GPU, no hub and no install
-runs as written (the sample data, prepare/run/eval on beir-mini, the multiple-choice walkthrough
+runs as written (the sample data, prepare/run/fuse/eval on beir-mini, the multiple-choice walkthrough
 on ../shared/data, the Python API snippets); `bench --smoke` runs in tests/test_bench.py.
 
 Commands run in-process (click's CliRunner, `exec` for Python), in a copy of sample_data with a
@@ -70,8 +70,10 @@ def test_readme_command_blocks_run_as_written(sandbox):
             ran.append(args[1])
     # Every kind of command of the README ran: the sample run and the walkthroughs.
     assert ran.count("prepare") == 2 and ran.count("eval") == 2 and ran.count("run") == 3
+    assert ran.count("fuse") == 1 and ran.count("export") == 1
     assert len(skips) == 6, skips  # update when the README gains a command that cannot run here
     assert os.path.exists(sandbox / "tmp" / "mini.png") and os.path.exists(sandbox / "tmp" / "arc.ranked.parquet")
+    assert os.path.exists(sandbox / "tmp" / "mini.fused.parquet") and os.path.exists(sandbox / "tmp" / "arc.ranked.trec")
     # Pasted twice, a walkthrough block still runs (--overwrite where it writes).
     for block in [b for b in blocks("bash") if "prepare mc" in b]:
         for line in block.splitlines():
@@ -89,8 +91,9 @@ def test_readme_python_snippets_run(sandbox, capsys):
 
 
 def test_readme_sample_eval_output_is_what_eval_prints(sandbox):
-    """The metrics table the README shows under the BEIR walkthrough is the one its commands print."""
-    shown = next(b for b in blocks("text") if b.startswith("metric "))
+    """The table the README shows under the BEIR walkthrough (first stage, reranker, fusion) is the
+    one its commands print."""
+    shown = next(b for b in blocks("text") if b.startswith("run "))
     block = next(b for b in blocks("bash") if "prepare beir" in b)
     out = None
     for line in block.splitlines():

@@ -113,7 +113,8 @@ def compare(per_query: dict[str, pl.DataFrame], metrics: list[str], *, resamples
 
 
 def describe(test: str, resamples: int, correction: str, n_comparisons: int, alpha: float) -> str:
-    how = f"paired randomization test ({resamples} permutations)" if test == "randomization" else "paired t-test"
+    how = (f"paired randomization test (every sign flip, or {resamples} drawn when there are more)"
+           if test == "randomization" else "paired t-test")
     fix = "uncorrected" if correction == "none" else \
         f"{'Holm' if correction == 'holm' else 'Bonferroni'}-corrected over {n_comparisons} comparisons"
     return f"{how}, {fix}; * p < {alpha:g}"
