@@ -159,6 +159,23 @@ def test_exact_randomization_test_bonferroni_and_plot(tmp_path):
             assert abs(got["p_corrected"] - min(1.0, 4 * got["p_randomization"])) <= 1e-12
     assert "Bonferroni-corrected over 4 comparisons" in r.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    # --test ttest corrects the t-test's p-values; a run that lacks a query is compared on the rest.
+    del runs["ties"][sorted(runs["ties"])[0]]
+    _write_parquet(runs["ties"], tmp_path / "ties.parquet")
+    r = run_cli(["eval", *(tmp_path / f"{n}.parquet" for n in runs), "--qrels", QRELS, "--metrics", "map,p@1",
+                 "--test", "ttest", "--correction", "holm", "--json", js])
+    assert r.exit_code == 0, r.output
+    rec = json.loads(js.read_text())
+    assert rec["queries"] == 11 and len(rec["per_query"]["ties"]) == 11 and len(rec["per_query"]["good"]) == 12
+    keys = [(n, m) for n in ("good", "ties") for m in ("map", "p@1")]
+    for (n, m), p in zip(keys, _holm([rec["comparisons"][n][m]["p_ttest"] for n, m in keys])):
+        assert abs(rec["comparisons"][n][m]["p_corrected"] - p) <= 1e-12
+    qs = sorted(rec["per_query"]["ties"])
+    a = np.array([rec["per_query"]["ties"][q]["map"] for q in qs])
+    b = np.array([rec["per_query"]["order"][q]["map"] for q in qs])
+    assert abs(rec["comparisons"]["ties"]["map"]["p_ttest"] - ttest_rel(a, b).pvalue) <= 1e-12
+    assert "(good: Δ and p over the 12 judged queries it shares with order)" in r.output  # all three share 11
+    assert "paired t-test, Holm-corrected over 4 comparisons" in r.output
 
 
 def test_export_gives_the_numbers_of_the_parquet(tmp_path):
