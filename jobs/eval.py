@@ -20,7 +20,7 @@ from .common import JobError, check_target, domain_errors, setup_logging
 @click.option("--relevance-col", default=None, help="Take relevance from this column of the RUN (one Parquet RUN) instead of --qrels.")
 @click.option("--metrics", default="ndcg@10,map,mrr,p@1,recall@10", show_default=True,
               help="Comma-separated: ndcg, ndcg@k, map, map@k, mrr, mrr@k, recall@k, p@k.")
-@click.option("--score-col", default="score", show_default=True, help="The reranker's score column.")
+@click.option("--score-col", default="score", show_default=True, help="Score column of each Parquet RUN (the reranker's).")
 @click.option("--baseline-col", default=None,
               help="Evaluate this column too (a first-stage score, or the input order) beside the scores.")
 @click.option("--baseline-ascending", is_flag=True,

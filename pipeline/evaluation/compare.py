@@ -60,11 +60,16 @@ def p_randomization(a: np.ndarray, b: np.ndarray, resamples: int = 10_000, seed:
         return 1.0
     obs = abs(np.ones(n) @ d) / n
     floor = obs - 1e-9 * obs  # a flipped sum equal to the observed one may differ in the last bits
+    step = max(1, 4_000_000 // n)  # sign rows per matrix product: 32 MB at most
     if n < 63 and 2 ** n <= resamples:
-        signs = ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1) * 2.0 - 1.0
-        return float(np.mean(np.abs(signs @ d) / n >= floor))
+        hits = 0
+        for start in range(0, 2 ** n, step):
+            rows = np.arange(start, min(2 ** n, start + step), dtype=np.int64)
+            signs = ((rows[:, None] >> np.arange(n)) & 1) * 2.0 - 1.0
+            hits += int(np.sum(np.abs(signs @ d) / n >= floor))
+        return hits / 2 ** n
     rng = np.random.default_rng(seed)
-    hits, left, step = 0, resamples, max(1, 4_000_000 // n)
+    hits, left = 0, resamples
     while left:
         k = min(left, step)
         signs = rng.integers(0, 2, size=(k, n), dtype=np.int8) * 2.0 - 1.0
