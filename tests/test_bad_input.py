@@ -89,7 +89,8 @@ def _model_without_yes_no(path):
 CASES = [
     (["run", "{d}/missing.parquet"], "{d}/missing.parquet: no such file or directory; check the path"),
     (["run", "{d}/*.nomatch"], "{d}/*.nomatch: no file matches this pattern; check the glob"),
-    (["run", "{d}/emptydir"], "{d}/emptydir: the directory holds no *.parquet file; pass a file or another directory"),
+    (["run", "{d}/emptydir"],
+     "{d}/emptydir: the directory holds no *.parquet, *.jsonl or *.jsonl.gz file; pass a file or another directory"),
     (["run", "{d}/garbage.parquet"], "{d}/garbage.parquet: not a readable Parquet file ("),
     (["run", "{d}/truncated.parquet"], "{d}/truncated.parquet: not a readable Parquet file ("),
     (["run", "{d}/othercols.parquet"],

@@ -14,7 +14,8 @@ from pipeline.storage.checkpoint import Checkpoint, made_for, marked_for, open_c
 from pipeline.config import RunConfig
 from pipeline.errors import InputError, ModelError
 from pipeline.storage.fingerprint import model_fingerprint
-from pipeline.data.read import InputLayout, Unit, check_same_layout, inspect_layout, open_parquet, plan_units
+from pipeline.data.jsonl import is_jsonl
+from pipeline.data.read import InputLayout, Unit, open_parquet, plan_units, read_layout
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
                     "spiece.model", "sentencepiece.bpe.model")
@@ -117,6 +118,8 @@ def check_nulls(paths, layout: InputLayout, cfg: RunConfig) -> None:
     names = [layout.query_col] + ([] if layout.nested else [layout.doc_col])
     names += ["query_id"] if "query_id" in layout.columns else []
     for path in paths:
+        if is_jsonl(path):  # its scan checked every line (read.inspect_layout)
+            continue
         pf = open_parquet(path)
         md = pf.metadata
         leaf = {md.schema.column(j).path: j for j in range(md.num_columns)}
@@ -152,10 +155,9 @@ def validate(cfg: RunConfig) -> tuple[InputLayout, list[Unit], int]:
     """Input checks from footers alone (no model, no checkpoint)."""
     check_options(cfg)
     check_output(cfg)
-    layout = inspect_layout(cfg.inputs[0], cfg)
-    check_same_layout(list(cfg.inputs), layout, cfg)
+    layout = read_layout(cfg.inputs, cfg)
     check_nulls(cfg.inputs, layout, cfg)
-    units, total_pairs = plan_units(cfg.inputs, layout, cfg.window_pairs)
+    units, total_pairs = plan_units(cfg.inputs, layout, cfg.window_pairs, cfg)
     return layout, units, total_pairs
 
 
