@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import ROOT, run_cli
+from pipeline.errors import InputError
 from s3server import bucket, s3_server  # noqa: F401 - fixtures
 
 TINY = os.path.join(ROOT, "sample_data", "tiny-qwen3-reranker")
@@ -192,7 +193,7 @@ def test_scan_units_do_not_depend_on_chunking(ref, tmp_path):
     with open(p, "a") as f:
         f.write('{"query": "x", "documents": 5}\n')
     lines = open(p).read().count("\n")
-    with pytest.raises(Exception, match=rf": line {lines} is not a JSON object"):
+    with pytest.raises(InputError, match=rf": line {lines} is not a JSON object"):
         jsonl.scan(p, "query", "document", "documents", "instruction", 11, chunk_bytes=300)
 
 
