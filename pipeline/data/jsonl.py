@@ -230,8 +230,7 @@ def scan(path: str, query_col: str, doc_col: str, docs_col: str, instruction_col
         if nested and null_list is None and t.column(docs_col).null_count:
             k = int(np.argmax(pc.is_null(t.column(docs_col).combine_chunks()).to_numpy(zero_copy_only=False)))
             null_list = _line_of(data, starts, k, line_no)
-        if first_null is None and null_list is None:
-            _check_utf8(path, t, [query_col, doc_col, docs_col, instruction_col, "query_id"], data, starts, line_no)
+        _check_utf8(path, t, [query_col, doc_col, docs_col, instruction_col, "query_id"], data, starts, line_no)
         # Units: close one at the row where its pairs reach the window.
         cs = np.cumsum(per_row)
         i = 0
