@@ -20,8 +20,11 @@ ENV_PREFIX = "RERANK_BATCH"
 
 @click.command("run", context_settings={"auto_envvar_prefix": ENV_PREFIX})
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
-@click.option("-o", "--output", help="Ranked Parquet file. [default: <stem>.reranked.parquet beside the first input "
-              "file, DIR.reranked.parquet beside an input directory]")
+@click.option("-o", "--output", help="Ranked Parquet file, or a dataset directory (a path ending in / or an existing "
+              "directory: part-00000.parquet, ... and _SUCCESS). [default: <stem>.reranked.parquet beside the first "
+              "input file, DIR.reranked.parquet beside an input directory]")
+@click.option("--output-file-rows", type=click.IntRange(min=1), default=1_000_000, show_default=True,
+              help="Rows per file of a dataset output at most; a query's rows stay in one file.")
 @click.option("--model", default="Qwen/Qwen3-Reranker-0.6B", show_default=True, metavar="DIR|HUB_ID",
               help="Model directory, or a hub id (org/name) from the Hugging Face cache, downloaded into it when "
               "the hub is reachable.")
@@ -86,8 +89,8 @@ ENV_PREFIX = "RERANK_BATCH"
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar: periodic log lines instead.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def run_cmd(inputs, output, summary_path, quiet, verbose, **opts):
-    """Score (query, document) pairs in INPUT (Parquet files, directories or globs) and write
-    them ranked per query.
+    """Score (query, document) pairs in INPUT (Parquet or JSONL files, directories or globs) and
+    write them ranked per query.
 
     Every option can also be set from the environment: RERANK_BATCH_ and the option's name in
     capitals, e.g. RERANK_BATCH_MODEL, RERANK_BATCH_MAX_LENGTH, RERANK_BATCH_OVERWRITE=1."""

@@ -18,8 +18,11 @@ class RunConfig:
     # a string; resolved to files when the config is made.
     inputs: tuple[str, ...]
     # Final ranked Parquet file (None: <stem>.reranked.parquet beside the first input, or
-    # DIR.reranked.parquet beside a directory).
+    # DIR.reranked.parquet beside a directory), or a dataset directory: a path that ends in "/"
+    # or is an existing directory (kept here with its "/").
     output: str | None = None
+    # Rows per file of a dataset output at most (a query group larger than that: a file of its own).
+    output_file_rows: int = 1_000_000
     # Model directory or hub id (org/name; pipeline.engines.hub resolves it through the Hugging Face cache).
     model: str = "Qwen/Qwen3-Reranker-0.6B"
     # Column names of the long form.
@@ -86,7 +89,7 @@ class RunConfig:
         from pipeline.data.inputs import default_output, resolve_inputs
 
         # The library's callers (Reranker, run()) meet these checks too, not only the CLI's types.
-        for name in ("top_k", "max_batch_tokens", "window_pairs", "max_length"):
+        for name in ("top_k", "max_batch_tokens", "window_pairs", "max_length", "output_file_rows"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise InputError(f"{name}={v!r}: must be a whole number of at least 1")
@@ -97,10 +100,17 @@ class RunConfig:
         object.__setattr__(self, "inputs", files)
         if self.output is None:
             object.__setattr__(self, "output", default_output(specs[0]) if specs else "")
+        elif not str(self.output).endswith("/") and _is_directory(str(self.output)):
+            object.__setattr__(self, "output", str(self.output) + "/")
+
+    @property
+    def dataset(self) -> bool:
+        """The output is a directory of Parquet files (part-00000.parquet, ...), not one file."""
+        return str(self.output).endswith("/")
 
     @property
     def ckpt_dir(self) -> str:
-        return self.checkpoint_dir or (self.output + ".ckpt")
+        return self.checkpoint_dir or (self.output.rstrip("/") + ".ckpt")
 
     def score_fields(self) -> dict:
         """The options that decide the scores; they enter the checkpoint fingerprint."""
@@ -111,3 +121,10 @@ class RunConfig:
             "activation": self.activation,
             "on_null": self.on_null, "window_pairs": self.window_pairs,
         }
+
+
+def _is_directory(path: str) -> bool:
+    """An existing local directory, or an object-storage prefix with objects under it."""
+    from pipeline.storage.uri import is_uri, kind
+
+    return kind(path) == "dir" if is_uri(path) else os.path.isdir(path)

@@ -29,12 +29,13 @@ def _in_checkpoint(path: str) -> bool:
 
 
 def resolve_inputs(specs) -> tuple[str, ...]:
-    """Expand files, directories (their *.parquet, sorted) and globs into a list of files.
+    """Expand files, directories (their *.parquet, *.jsonl and *.jsonl.gz, sorted) and globs into a
+    list of files.
 
     A single string is one spec (not a sequence of characters)."""
     if isinstance(specs, (str, os.PathLike)):
         specs = (specs,)
-    from pipeline.storage.uri import expand, is_uri
+    from pipeline.storage.uri import INPUT_SUFFIXES, expand, is_uri
 
     files: list[str] = []
     for spec in map(os.fspath, specs):
@@ -49,10 +50,11 @@ def resolve_inputs(specs) -> tuple[str, ...]:
         elif os.path.isdir(spec):
             found = sorted(
                 os.path.join(spec, n) for n in os.listdir(spec)
-                if n.endswith(".parquet") and os.path.isfile(os.path.join(spec, n))
+                if n.endswith(INPUT_SUFFIXES) and os.path.isfile(os.path.join(spec, n))
             )
             if not found:
-                raise InputError(f"{spec}: the directory holds no *.parquet file; pass a file or another directory")
+                raise InputError(f"{spec}: the directory holds no *.parquet, *.jsonl or *.jsonl.gz file; pass a file or "
+                                 "another directory")
             files.extend(found)
         elif os.path.isfile(spec):
             files.append(spec)
@@ -82,8 +84,7 @@ def default_output(first_spec: str) -> str:
             return fixed + ".reranked.parquet"
         if spec.endswith("/") or kind(spec) == "dir":
             return spec.rstrip("/") + ".reranked.parquet"
-        stem = spec[: -len(".parquet")] if spec.endswith(".parquet") else spec
-        return stem + ".reranked.parquet"
+        return _stem(spec) + ".reranked.parquet"
     if _is_glob(spec):
         parts = spec.split(os.sep)
         fixed = os.sep.join(p for p in parts[: next(i for i, p in enumerate(parts) if _is_glob(p))])
@@ -96,5 +97,11 @@ def default_output(first_spec: str) -> str:
             raise InputError(f"{spec}: the current directory has no default output beside it; pass -o")
         return d + ".reranked.parquet"
     d, name = os.path.split(spec)
-    stem = name[: -len(".parquet")] if name.endswith(".parquet") else name
-    return os.path.join(d, f"{stem}.reranked.parquet")
+    return os.path.join(d, f"{_stem(name)}.reranked.parquet")
+
+
+def _stem(name: str) -> str:
+    for suffix in (".parquet", ".jsonl.gz", ".jsonl"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name

@@ -175,7 +175,7 @@ def _next(it: Iterator[Ranked]) -> Ranked | None:
     return None
 
 
-def merge(a: Iterator[Ranked], b: Iterator[Ranked]) -> Iterator[pa.Table]:
+def merge(a: Iterator[Ranked], b: Iterator[Ranked]) -> Iterator[Ranked]:
     """Merge two streams of complete groups, each in g order and with no g in common, by g."""
     ha, hb = _next(a), _next(b)
     while ha is not None and hb is not None:
@@ -183,9 +183,9 @@ def merge(a: Iterator[Ranked], b: Iterator[Ranked]) -> Iterator[pa.Table]:
             a, b, ha, hb = b, a, hb, ha
         (ta, ga), gb0 = ha, hb[1][0]
         cut = int(np.searchsorted(ga, gb0))
-        yield ta.slice(0, cut)
+        yield ta.slice(0, cut), ga[:cut]
         ha = (ta.slice(cut), ga[cut:]) if cut < len(ga) else _next(a)
     for head, rest in ((ha, a), (hb, b)):
         while head is not None:
-            yield head[0]
+            yield head
             head = _next(rest)

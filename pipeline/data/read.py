@@ -1,17 +1,19 @@
 """Find the input files, check their columns, plan units of work and read them in bounded windows.
 
 A unit is a contiguous range of input rows of one file. It is planned from the Parquet footer
-alone, so its id is stable across runs and any executor can read it on its own.
+alone (a JSONL file: from one read of its bytes, pipeline/data/jsonl.py), so its id is stable
+across runs and any executor can read it on its own.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import RunConfig
+from pipeline.data import jsonl
 from pipeline.errors import InputError, first_line
 from pipeline.storage.uri import is_uri, open_input
 
@@ -26,6 +28,9 @@ class Unit:
     stop: int
     # Global row number of `start`, counted over all inputs; orders output rows.
     global_start: int
+    # JSONL: the bytes that hold the rows (of the decompressed stream for gzip); unused for Parquet.
+    byte_start: int = 0
+    byte_stop: int = 0
 
     @property
     def id(self) -> str:
@@ -70,9 +75,14 @@ def _is_list_of_strings(t: pa.DataType) -> bool:
     return (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_list_view(t)) and _is_string(t.value_type)
 
 
+def _scan(path: str, cfg: RunConfig) -> jsonl.Scan:
+    return jsonl.scan(path, cfg.query_col, cfg.doc_col, cfg.docs_col, cfg.instruction_col, cfg.window_pairs)
+
+
 def inspect_layout(path: str, cfg: RunConfig) -> InputLayout:
     """Decide long or nested form from one file's schema, and check the column types."""
-    schema = open_parquet(path).schema_arrow
+    scan = _scan(path, cfg) if jsonl.is_jsonl(path) else None
+    schema = scan.schema if scan is not None else open_parquet(path).schema_arrow
     names = schema.names
     present = ", ".join(names)
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -124,7 +134,38 @@ def inspect_layout(path: str, cfg: RunConfig) -> InputLayout:
     if instruction_col is not None and instruction_col in (cfg.query_col, doc_col):
         raise InputError(f"{path}: --instruction-col {instruction_col!r} is also the query or document column; "
                          "pass another --instruction-col")
+    if scan is not None and nested and scan.null_list is not None:  # an error under either --on-null
+        raise InputError(f"{path}: line {scan.null_list}: field {doc_col!r} is null or missing; give an empty "
+                         "list or remove the line")
+    if scan is not None and scan.first_null is not None and cfg.on_null == "error":  # as footers tell of Parquet
+        line, name = scan.first_null
+        what = "holds a null document" if nested and name == doc_col else "is null or missing"
+        raise InputError(f"{path}: line {line}: field {name!r} {what}; fill it, or pass --on-null skip to keep such "
+                         "rows unscored")
     return InputLayout(nested, cfg.query_col, doc_col, instruction_col, tuple(names), schema)
+
+
+def read_layout(paths, cfg: RunConfig) -> InputLayout:
+    """The layout of all input files (checked to agree); for JSONL, one schema unified over the
+    files (a field that is int in one file and float in another is read as float everywhere)."""
+    paths = list(paths)
+    formats = {jsonl.is_jsonl(p) for p in paths}
+    if len(formats) > 1:
+        other = next(p for p in paths if jsonl.is_jsonl(p) != jsonl.is_jsonl(paths[0]))
+        raise InputError(f"{other}: Parquet and JSONL inputs in one run; convert them to one format, or run each "
+                         "format on its own")
+    layout = inspect_layout(paths[0], cfg)
+    check_same_layout(paths, layout, cfg)
+    if not jsonl.is_jsonl(paths[0]):
+        return layout
+    schema = layout.schema
+    for path in paths[1:]:
+        try:
+            schema = pa.unify_schemas([schema, _scan(path, cfg).schema], promote_options="permissive")
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise InputError(f"{path}: a field has another type than in {paths[0]} ({first_line(exc)}); give files "
+                             "of one schema in one run") from None
+    return replace(layout, schema=pa.schema([schema.field(n) for n in layout.columns]))
 
 
 def check_same_layout(paths, layout: InputLayout, cfg: RunConfig) -> None:
@@ -135,7 +176,7 @@ def check_same_layout(paths, layout: InputLayout, cfg: RunConfig) -> None:
                 f"{path}: its columns ({', '.join(other.columns)}) differ from {paths[0]} "
                 f"({', '.join(layout.columns)}); give files of one schema in one run"
             )
-        for name in layout.columns:  # caught here, before file 1 is scored
+        for name in layout.columns if not jsonl.is_jsonl(path) else ():  # JSONL: unified by read_layout
             a, b = layout.schema.field(name).type, other.schema.field(name).type
             if a != b and not (_is_string(a) and _is_string(b)) and not (
                     _is_list_of_strings(a) and _is_list_of_strings(b)):
@@ -160,16 +201,25 @@ def _list_leaf_counts(pf: pq.ParquetFile, list_col: str) -> list[int]:
     return counts
 
 
-def plan_units(paths, layout: InputLayout, window_pairs: int) -> tuple[list[Unit], int]:
+def plan_units(paths, layout: InputLayout, window_pairs: int, cfg: RunConfig | None = None
+               ) -> tuple[list[Unit], int]:
     """Split every file into row ranges of about `window_pairs` pairs; return units and total pairs.
 
     For nested input the pairs per row are estimated per row group from the footer, so that a
-    window of lists of 100 documents holds as many pairs as a window of long rows.
+    window of lists of 100 documents holds as many pairs as a window of long rows. JSONL files
+    (which need `cfg`, for their column names) are cut by their scan, row by row.
     """
     units: list[Unit] = []
     total_pairs = 0
     global_row = 0
     for fi, path in enumerate(paths):
+        if jsonl.is_jsonl(path):
+            scan = jsonl.scan(path, cfg.query_col, cfg.doc_col, cfg.docs_col, cfg.instruction_col, window_pairs)
+            units += [Unit(fi, path, s.start, s.stop, global_row + s.start, s.byte_start, s.byte_stop)
+                      for s in scan.spans]
+            total_pairs += scan.pairs
+            global_row += scan.rows
+            continue
         pf = open_parquet(path)
         md = pf.metadata
         rg_rows = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
@@ -190,16 +240,23 @@ def plan_units(paths, layout: InputLayout, window_pairs: int) -> tuple[list[Unit
     return units, total_pairs
 
 
-def iter_unit_tables(units, columns=None):
+def iter_unit_tables(units, columns=None, schema: pa.Schema | None = None):
     """Yield (unit, table) for each unit of an iterable that may be lazy (a worker pulls units from
     its driver one at a time). Consecutive units of one file continue one reader; a unit that
     jumps back, or past the reader's row group, reopens the file at the row group it needs.
-    Record batches are unit-sized, so memory holds about two units whatever the row groups are."""
+    Record batches are unit-sized, so memory holds about two units whatever the row groups are.
+    JSONL units need `schema` (the layout's): every unit is parsed with the same types."""
     cursor = None
     for unit in units:
         if cursor is None or not cursor.can_continue(unit):
-            cursor = _FileCursor(unit, columns)
-        yield unit, cursor.take(unit)
+            if jsonl.is_jsonl(unit.path):
+                if schema is None:
+                    raise ValueError("iter_unit_tables: JSONL units need the layout's schema")
+                cursor = jsonl.JsonlCursor(unit, schema)
+            else:
+                cursor = _FileCursor(unit, columns)
+        table = cursor.take(unit)
+        yield unit, (table.select(columns) if columns is not None and jsonl.is_jsonl(unit.path) else table)
 
 
 class _FileCursor:

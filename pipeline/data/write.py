@@ -18,6 +18,7 @@ import shutil
 from contextlib import closing
 from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -25,6 +26,7 @@ from pipeline.config import RunConfig
 from pipeline.data.rank_index import build_index
 from pipeline.data.rank_stream import Ranker, buckets, contiguous, merge, spill
 from pipeline.data.read import InputLayout
+from pipeline.storage.local import fsync_dir
 from pipeline.storage.uri import part_rows, read_part
 
 MAX_CHUNK_ROWS = 65536  # rows per output row group
@@ -54,12 +56,13 @@ def group_keys(layout: InputLayout) -> list[str]:
 def spill_path(output: str, parent: str) -> str:
     """A fixed hidden name, like the temp output's: a run killed (SIGKILL) while spilling leaves
     it, and the rerun removes it before spilling again."""
-    return os.path.join(parent, "." + os.path.basename(output) + ".spill")
+    return os.path.join(parent, "." + os.path.basename(output.rstrip("/")) + ".spill")
 
 
 def ranked_tables(part_paths: list[str], layout: InputLayout, cfg: RunConfig, spill_parent: str,
-                  memory_budget: int = MEMORY_BUDGET) -> Iterator[pa.Table]:
-    """The output rows in order, as tables; spill files (only for queries whose rows are not
+                  memory_budget: int = MEMORY_BUDGET, groups: bool = False) -> Iterator:
+    """The output rows in order, as tables of whole query groups (with `groups`: (table, g), g
+    each row's group number, non-decreasing); spill files (only for queries whose rows are not
     contiguous) go in a hidden dir under `spill_parent`, removed when the generator ends or is
     closed."""
     keys = group_keys(layout)
@@ -88,7 +91,8 @@ def ranked_tables(part_paths: list[str], layout: InputLayout, cfg: RunConfig, sp
         stream: Iterator = iter(())
         if not index.scattered.all():
             stream = contiguous(part_paths, columns, index, keys, fill, rank, chunk_rows)
-        yield from merge(stream, scattered)
+        for table, g in merge(stream, scattered):
+            yield (table, g) if groups else table
     finally:
         if spill_dir is not None:
             shutil.rmtree(spill_dir, ignore_errors=True)
@@ -139,3 +143,90 @@ def write_ranked(part_paths: list[str], layout: InputLayout, cfg: RunConfig, *, 
             pass
         raise
     return rows
+
+
+def part_name(i: int) -> str:
+    return f"part-{i:05d}.parquet"
+
+
+def write_dataset(part_paths: list[str], layout: InputLayout, cfg: RunConfig, directory: str,
+                  memory_budget: int = MEMORY_BUDGET) -> list[dict]:
+    """Write the ranked output as files part-00000.parquet, ... into the existing, empty local
+    `directory` (fsynced); return [{"name", "rows", "bytes"}] in order. The union of the files in
+    name order is the single-file output. A file holds at most cfg.output_file_rows rows and only
+    whole query groups; a group larger than that gets a file of its own."""
+    schema = output_schema(layout)
+    limit = cfg.output_file_rows
+    group_rows = max(1, min(MAX_CHUNK_ROWS, cfg.window_pairs, limit))
+    files: list[dict] = []
+    state = {"writer": None, "rows": 0, "held": [], "held_rows": 0}
+
+    def flush(final: bool) -> None:
+        held, n = state["held"], state["held_rows"]
+        if not n or (n < group_rows and not final):
+            return
+        t = pa.concat_tables(held)
+        k = n if final else n - n % group_rows
+        state["writer"].write_table(t.slice(0, k).cast(schema), row_group_size=group_rows)
+        state["held"], state["held_rows"] = [t.slice(k)] if k < n else [], n - k
+
+    def open_next() -> None:
+        files.append({"name": part_name(len(files)), "rows": 0})
+        state["writer"] = pq.ParquetWriter(os.path.join(directory, files[-1]["name"]), schema)
+        state["rows"] = 0
+
+    def close() -> None:
+        flush(final=True)
+        if not state["rows"]:
+            state["writer"].write_table(schema.empty_table())
+        state["writer"].close()
+        state["writer"] = None
+        path = os.path.join(directory, files[-1]["name"])
+        with open(path, "rb+") as f:
+            os.fsync(f.fileno())
+        files[-1].update(rows=state["rows"], bytes=os.path.getsize(path))
+
+    def write(t: pa.Table) -> None:
+        state["held"].append(t)
+        state["held_rows"] += t.num_rows
+        state["rows"] += t.num_rows
+        flush(final=False)
+
+    last_g = -1
+    try:
+        with closing(ranked_tables(part_paths, layout, cfg, os.path.dirname(os.path.abspath(directory)),
+                                   memory_budget, groups=True)) as stream:
+            for t, g in stream:
+                n = len(g)
+                if not n:
+                    continue
+                new = np.r_[g[0] != last_g, g[1:] != g[:-1]]
+                starts = np.flatnonzero(new)
+                pos = 0
+                while pos < n:
+                    if state["writer"] is None:
+                        open_next()
+                    room = limit - state["rows"]
+                    if n - pos <= room:
+                        cut = n
+                    else:
+                        k = int(np.searchsorted(starts, pos + room, side="right")) - 1
+                        if k >= 0 and starts[k] > pos:  # whole groups up to there fit
+                            cut = int(starts[k])
+                        elif new[pos] and state["rows"]:  # the next group does not fit: a new file
+                            close()
+                            continue
+                        else:  # a group larger than a file (or one that goes on): whole, here
+                            nxt = int(np.searchsorted(starts, pos, side="right"))
+                            cut = int(starts[nxt]) if nxt < len(starts) else n
+                    write(t.slice(pos, cut - pos))
+                    pos = cut
+                last_g = g[-1]
+        if state["writer"] is None:  # no rows: one empty file, so that readers get the schema
+            open_next()
+        close()
+    finally:
+        if state["writer"] is not None:
+            state["writer"].close()
+    fsync_dir(directory)
+    return files

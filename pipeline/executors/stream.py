@@ -58,7 +58,7 @@ def prefetch(units, layout, cfg, encoder, stop_event: threading.Event):
 
     def work():
         try:
-            for unit, table in iter_unit_tables(units):
+            for unit, table in iter_unit_tables(units, schema=layout.schema):
                 if stop_event.is_set():
                     return
                 if table.schema.names != target.names:  # the same columns in another order (checked at the start)

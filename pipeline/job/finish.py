@@ -44,7 +44,14 @@ def published_output(plan) -> dict | None:
     if not rec:
         return None
     try:
-        if is_uri(out):
+        if plan.cfg.dataset:
+            from pipeline.storage import dataset
+
+            from pipeline.job.plan import output_key
+
+            ok = rec["path"] == output_key(out) and dataset.still_published(out, rec) and \
+                rec.get("output_file_rows") == plan.cfg.output_file_rows
+        elif is_uri(out):
             size, mtime_ns = uri.stat(out) or (None, None)
             rows = pq.read_metadata(uri.open_input(out)).num_rows if size is not None else None
             ok = rec["path"] == out and (size, mtime_ns, rows) == (rec["size"], rec["mtime_ns"], rec["rows"])
@@ -63,10 +70,12 @@ def published_output(plan) -> dict | None:
     return None
 
 
-def _mark_published(ck, path: str, size: int, mtime_ns: int, rows: int, sums: dict, top_k: int | None) -> None:
-    """What a rerun checks to know the output is still the one this checkpoint wrote."""
+def _mark_published(ck, path: str, size: int, mtime_ns: int, rows: int, sums: dict, top_k: int | None,
+                    **more) -> None:
+    """What a rerun checks to know the output is still the one this checkpoint wrote (for a
+    dataset: size and mtime of its _SUCCESS)."""
     ck.write_marker(state="published", output={"path": path, "size": size, "mtime_ns": mtime_ns,
-                                               "rows": rows, "totals": sums, "top_k": top_k})
+                                               "rows": rows, "totals": sums, "top_k": top_k, **more})
 
 
 def publish(plan, should_stop=None) -> int:
@@ -80,6 +89,8 @@ def publish(plan, should_stop=None) -> int:
         # that an output there at the start needed.
         raise InputError(f"{cfg.output}: the output appeared while this run was scoring; pass --overwrite to "
                          "replace it and rerun the same command (the scores are kept in the checkpoint)")
+    if cfg.dataset:
+        return _publish_dataset(plan, should_stop)
     if is_uri(cfg.output):
         return _publish_remote(plan, should_stop)
     out = os.path.abspath(cfg.output)
@@ -144,6 +155,54 @@ def _publish_remote(plan, should_stop=None) -> int:
                 f"{cfg.output}: cannot write the output ({first_line(exc)}); check the bucket and the local temp "
                 "space (TMPDIR), then rerun the same command: the scores are kept in the checkpoint"
             ) from None
+
+
+def _publish_dataset(plan, should_stop=None) -> int:
+    """A dataset output (storage/dataset.py): the files are written into a local temp directory
+    (beside a local output; in TMPDIR for object storage), then published whole."""
+    import tempfile
+
+    from pipeline.data.write import write_dataset
+    from pipeline.job.plan import _check_dataset_output, output_key
+    from pipeline.storage import dataset
+
+    cfg, ck = plan.cfg, plan.ckpt
+    run_id = ck.marker.get("run_id", "")
+    ours = [run_id, *ck.marker.get("earlier_run_ids", [])]
+    sums = totals(plan)
+    parts = ck.parts([u.id for u in plan.units])
+    remote = is_uri(cfg.output)
+    # Again now: files that someone put in the directory while this run scored make it not ours.
+    _check_dataset_output(cfg, resumable=True)
+    if not remote:
+        dataset.remove_stale_local(cfg.output, ours)
+    tmp = None
+    try:
+        tmp = tempfile.mkdtemp(prefix="rerank-batch-") if remote else dataset.new_local_temp(cfg.output, run_id)
+        files = write_dataset(parts, plan.layout, cfg, tmp)
+        rows = sum(f["rows"] for f in files)
+        with critical(should_stop):
+            if remote:
+                dataset.publish_remote(tmp, files, cfg.output, run_id)
+            else:
+                dataset.write_success_local(tmp, files, run_id)
+                dataset.publish_local(tmp, cfg.output, run_id)
+                tmp = None
+            _mark_published(ck, output_key(cfg.output), *dataset.success_stat(cfg.output), rows, sums, cfg.top_k,
+                            output_file_rows=cfg.output_file_rows, files=len(files))
+        if not remote:
+            dataset.drop_aside(cfg.output, run_id)
+        return rows
+    except OSError as exc:
+        raise RerankError(
+            f"{cfg.output}: cannot write the output ({first_line(exc)}); free space (or check the bucket) and rerun "
+            "the same command: the scores are kept in the checkpoint"
+        ) from None
+    finally:
+        if tmp is not None:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def cleanup(plan, keep: bool) -> None:

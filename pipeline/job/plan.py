@@ -14,7 +14,8 @@ from pipeline.storage.checkpoint import Checkpoint, made_for, marked_for, open_c
 from pipeline.config import RunConfig
 from pipeline.errors import InputError, ModelError
 from pipeline.storage.fingerprint import model_fingerprint
-from pipeline.data.read import InputLayout, Unit, check_same_layout, inspect_layout, open_parquet, plan_units
+from pipeline.data.jsonl import is_jsonl
+from pipeline.data.read import InputLayout, Unit, open_parquet, plan_units, read_layout
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
                     "spiece.model", "sentencepiece.bpe.model")
@@ -54,7 +55,7 @@ def output_key(output: str) -> str:
     """How a checkpoint's marker names its output: the URI, or the absolute path."""
     from pipeline.storage.uri import is_uri
 
-    return output if is_uri(output) else os.path.abspath(output)
+    return output.rstrip("/") if is_uri(output) else os.path.abspath(output)
 
 
 def _check_remote_output(cfg: RunConfig, resumable: bool | None) -> None:
@@ -76,12 +77,37 @@ def _check_remote_output(cfg: RunConfig, resumable: bool | None) -> None:
         raise InputError(f"{cfg.output}: cannot write there ({why}); check the bucket and the credentials")
 
 
+def _check_dataset_output(cfg: RunConfig, resumable: bool) -> None:
+    """check_output for a dataset directory (a path ending in /, or an existing directory)."""
+    from pipeline.storage import dataset, uri
+    from pipeline.storage.local import LocalStore
+    from pipeline.storage.remote import RemoteStore
+
+    root = cfg.output.rstrip("/")
+    for p in cfg.inputs:
+        if (p + "/").startswith(root + "/") if uri.is_uri(root) else \
+                os.path.abspath(p).startswith(os.path.abspath(root) + os.sep):
+            raise InputError(f"{cfg.output}: the input {p} lies inside the output directory; pass another -o")
+    dataset.check_output_dir(cfg.output, resumable, cfg.overwrite, cfg.restart)
+    parent = root.rsplit("/", 1)[0] if uri.is_uri(root) else os.path.dirname(os.path.abspath(root))
+    if not uri.is_uri(root) and not os.path.isdir(parent):
+        raise InputError(f"{cfg.output}: the directory {parent} does not exist; create it or pass another -o")
+    why = (RemoteStore(root) if uri.is_uri(root) else LocalStore(parent)).is_writable()
+    if why:
+        raise InputError(f"{cfg.output}: cannot write there ({why}); pass an -o where you can write")
+
+
 def check_output(cfg: RunConfig, resumable: bool | None = None) -> None:
     """`resumable`: the checkpoint holds work of this output (None: peek at its marker)."""
     from pipeline.storage.uri import is_uri
 
     _utf8(cfg.output, "output")
     _utf8(cfg.ckpt_dir, "checkpoint directory")
+    if cfg.dataset:
+        if resumable is None:
+            resumable = marked_for(cfg.ckpt_dir, output_key(cfg.output))
+        _check_dataset_output(cfg, resumable)
+        return
     if is_uri(cfg.output):
         _check_remote_output(cfg, resumable)
         return
@@ -117,6 +143,8 @@ def check_nulls(paths, layout: InputLayout, cfg: RunConfig) -> None:
     names = [layout.query_col] + ([] if layout.nested else [layout.doc_col])
     names += ["query_id"] if "query_id" in layout.columns else []
     for path in paths:
+        if is_jsonl(path):  # its scan checked every line (read.inspect_layout)
+            continue
         pf = open_parquet(path)
         md = pf.metadata
         leaf = {md.schema.column(j).path: j for j in range(md.num_columns)}
@@ -152,10 +180,9 @@ def validate(cfg: RunConfig) -> tuple[InputLayout, list[Unit], int]:
     """Input checks from footers alone (no model, no checkpoint)."""
     check_options(cfg)
     check_output(cfg)
-    layout = inspect_layout(cfg.inputs[0], cfg)
-    check_same_layout(list(cfg.inputs), layout, cfg)
+    layout = read_layout(cfg.inputs, cfg)
     check_nulls(cfg.inputs, layout, cfg)
-    units, total_pairs = plan_units(cfg.inputs, layout, cfg.window_pairs)
+    units, total_pairs = plan_units(cfg.inputs, layout, cfg.window_pairs, cfg)
     return layout, units, total_pairs
 
 
@@ -204,8 +231,10 @@ def make_plan(cfg: RunConfig, kind=None, run_id: str | None = None) -> Plan:
 
 
 def output_exists(output: str) -> bool:
-    from pipeline.storage import uri
+    from pipeline.storage import dataset, uri
 
+    if output.endswith("/"):
+        return dataset.exists(output)
     return uri.stat(output) is not None if uri.is_uri(output) else os.path.lexists(output)
 
 

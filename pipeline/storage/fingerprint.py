@@ -19,12 +19,18 @@ from pipeline.storage.uri import is_uri, open_input, stat
 HASH_CHUNK = 8 << 20
 
 
+TAIL = 64 << 10  # bytes of a file without a footer (JSONL) that stand for its footer
+
+
 def _footer_bytes(f, size: int) -> bytes:
     # Raw bytes, never decoded: statistics may hold invalid UTF-8 (a UnicodeDecodeError before).
     if size < 12:
         return b""
     f.seek(size - 8)
     tail = f.read(8)
+    if tail[4:] != b"PAR1":  # not Parquet (JSONL, gzip): its last bytes
+        f.seek(max(0, size - TAIL))
+        return f.read(TAIL)
     n = int.from_bytes(tail[:4], "little")
     f.seek(max(0, size - 8 - n))
     return f.read(min(n, size - 8)) + tail

@@ -48,10 +48,11 @@ def join(uri: str, *names: str) -> str:
 
 
 CHECKPOINT_MARKER = ".rerank-batch-checkpoint"  # storage.checkpoint.MARKER (this module stays light)
+INPUT_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz")  # what a directory or prefix contributes
 
 
 def expand(spec: str) -> list[str]:
-    """A URI of one object, a prefix (its *.parquet, sorted, like a local directory) or a glob
+    """A URI of one object, a prefix (its *.parquet, *.jsonl, *.jsonl.gz, sorted, like a local directory) or a glob
     (*, ?, [...] in the key, ** across folders): the matching objects as URIs."""
     from pyarrow import fs as pafs
 
@@ -77,9 +78,10 @@ def expand(spec: str) -> list[str]:
         return [spec]
     if info.type == pafs.FileType.Directory:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
-        found = sorted(root + i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+        found = sorted(root + i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(INPUT_SUFFIXES))
         if not found:
-            raise InputError(f"{spec}: the prefix holds no *.parquet object; pass an object or another prefix")
+            raise InputError(f"{spec}: the prefix holds no *.parquet, *.jsonl or *.jsonl.gz object; pass an object or "
+                             "another prefix")
         return found
     raise InputError(f"{spec}: no such object or prefix; check the URI (and AWS_ENDPOINT_URL for a non-AWS store)")
 
