@@ -63,6 +63,8 @@ class Reranker:
         self.activation_fn = activation_fn
         # Logits, not scores: predict applies the activation (the run's, or the caller's activation_fn).
         self.scorer = Scorer.load(self.config, self.kind, logits=True)
+        if activation_fn is None:
+            self._warn_if_cross_encoder_differs()
         log.debug("%r: batch budget %d tokens", self, self.scorer.budget)
 
     @property
@@ -147,6 +149,21 @@ class Reranker:
                 prog.close()
         return np.concatenate(parts)
 
+    def _warn_if_cross_encoder_differs(self) -> None:
+        """Code moved over from CrossEncoder expects its default scores; where they are not ours
+        (a config naming Identity, as the ms-marco MiniLM models do, or two labels), say how to get them."""
+        theirs = _cross_encoder_default(self.config.model, self.num_labels, self.config.trust_remote_code)
+        if self.num_labels == 1:
+            ours = "torch.nn.Sigmoid()" if self.config.activation == "auto" else "torch.nn.Identity()"
+            if theirs == ours:
+                return
+            what = "the raw logit" if ours == "torch.nn.Identity()" else "the sigmoid of the logit"
+        else:
+            what = "the softmax's second label, one score per pair"
+        log.warning("model %s: sentence-transformers' CrossEncoder applies %s to its logits by default, Reranker "
+                    "gives the score of `rerank-batch run` (%s); pass activation_fn=%s for CrossEncoder's scores",
+                    self.config.model, theirs, what, theirs)
+
     def _ce_logits(self, head):
         """The logits CrossEncoder's activation_fn gets: a yes-no model's one column is logit yes
         minus logit no (its LogitScore; logit yes alone when the template has no negative); a
@@ -227,6 +244,36 @@ def _one_or_many(pairs) -> tuple[bool, object]:
     if isinstance(pairs, (list, tuple)) and pairs and not isinstance(pairs[0], (list, tuple, np.ndarray)):
         return True, [pairs]
     return False, pairs
+
+
+def _cross_encoder_default(model_dir: str, num_labels: int, trust_remote_code: bool) -> str:
+    """The activation sentence-transformers' CrossEncoder applies by default to this model, as a
+    call ("torch.nn.Sigmoid()"): the one its files name, first found of
+    config_sentence_transformers.json's `activation_fn` (version 6), config.json's
+    `sentence_transformers.activation_fn` (4 and 5) or `sbert_ce_default_activation_function`
+    (before 4), a path outside torch only with trust_remote_code; else Sigmoid for one label,
+    Identity for more."""
+    import json
+    import os
+
+    def read(name: str) -> dict:
+        try:
+            with open(os.path.join(model_dir, name), encoding="utf-8") as f:
+                got = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        return got if isinstance(got, dict) else {}
+
+    config = read("config.json")
+    st = config.get("sentence_transformers")
+    named = (read("config_sentence_transformers.json").get("activation_fn"),
+             st.get("activation_fn") if isinstance(st, dict) else None,
+             config.get("sbert_ce_default_activation_function"))
+    name = next((n for n in named if isinstance(n, str) and (n.startswith("torch.") or trust_remote_code)),
+                "torch.nn.Sigmoid" if num_labels == 1 else "torch.nn.Identity")
+    if name.startswith("torch.nn."):  # torch.nn.modules.linear.Identity is torch.nn.Identity
+        name = "torch.nn." + name.rsplit(".", 1)[-1]
+    return name + "()"
 
 
 def _check_batch_size(method: str, batch_size) -> None:

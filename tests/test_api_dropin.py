@@ -5,6 +5,10 @@ tensors, `activation_fn`, `apply_softmax`, `batch_size`, and `rank`'s hits."""
 
 from __future__ import annotations
 
+import json
+import logging
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -143,3 +147,47 @@ def test_rank_as_cross_encoder(models, name, kw):
         assert type(g["score"]) is type(w["score"]) is float and abs(g["score"] - w["score"]) <= TOL
         assert g.get("text") == w.get("text")
     assert len(got) == kw.get("top_k", len(DOCS))
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "pipeline.reranker" and r.levelno == logging.WARNING]
+
+
+def test_where_cross_encoder_defaults_to_another_activation_the_load_says_so(models, tmp_path, caplog):
+    """A model whose sentence-transformers files name another default activation (the ms-marco
+    MiniLM models name Identity) keeps the run's score by default; loading it warns once with
+    the fix, and the fix gives CrossEncoder's default scores."""
+    from sentence_transformers import CrossEncoder
+
+    from pipeline import Reranker
+
+    ce1, _, path = models[1]
+    saved = tmp_path / "saved-by-st"  # version 6 writes config_sentence_transformers.json
+    CrossEncoder(path, device="cpu", activation_fn=torch.nn.Identity()).save_pretrained(str(saved))
+    legacy = tmp_path / "st-5"  # versions 4 and 5 wrote it into config.json
+    shutil.copytree(path, legacy)
+    config = json.loads((legacy / "config.json").read_text())
+    config["sentence_transformers"] = {"activation_fn": "torch.nn.modules.linear.Identity", "version": "5.1.0"}
+    (legacy / "config.json").write_text(json.dumps(config))
+    for model in (saved, legacy):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="pipeline.reranker"):
+            rr = Reranker(str(model), device="cpu")
+        assert _warnings(caplog) == [
+            f"model {model}: sentence-transformers' CrossEncoder applies torch.nn.Identity() to its logits by "
+            "default, Reranker gives the score of `rerank-batch run` (the sigmoid of the logit); pass "
+            "activation_fn=torch.nn.Identity() for CrossEncoder's scores"]
+        ce = CrossEncoder(str(model), device="cpu")
+        same(rr.predict(PAIRS, activation_fn=torch.nn.Identity()), ce.predict(PAIRS), f"{model.name}: the fix")
+        same(rr.predict(PAIRS), ce1.predict(PAIRS), f"{model.name}: the default")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.reranker"):
+        Reranker(str(saved), device="cpu", activation_fn=torch.nn.Identity())  # asked for: nothing to say
+        Reranker(path, device="cpu")  # CrossEncoder's default is the sigmoid too
+    assert _warnings(caplog) == []
+    with caplog.at_level(logging.WARNING, logger="pipeline.reranker"):
+        Reranker(models[2][2], device="cpu")
+    assert _warnings(caplog) == [
+        f"model {models[2][2]}: sentence-transformers' CrossEncoder applies torch.nn.Identity() to its logits by "
+        "default, Reranker gives the score of `rerank-batch run` (the softmax's second label, one score per pair); "
+        "pass activation_fn=torch.nn.Identity() for CrossEncoder's scores"]
