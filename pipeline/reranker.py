@@ -159,7 +159,8 @@ class Reranker:
                 return
             what = "the raw logit" if ours == "torch.nn.Identity()" else "the sigmoid of the logit"
         else:
-            what = "the softmax's second label, one score per pair"
+            what = ("the softmax's second label" if self.config.activation == "auto"
+                    else "the log-odds second label minus first") + ", one score per pair"
         log.warning("model %s: sentence-transformers' CrossEncoder applies %s to its logits by default, Reranker "
                     "gives the score of `rerank-batch run` (%s); pass activation_fn=%s for CrossEncoder's scores",
                     self.config.model, theirs, what, theirs)
@@ -189,7 +190,8 @@ class Reranker:
         scores = self.predict([(query, d, instruction) for d in documents], show_progress_bar=show_progress_bar,
                               activation_fn=activation_fn)
         if scores.ndim != 1:
-            raise InputError(f"rank(activation_fn={activation_fn!r}): it gives {scores.shape[1]} scores per "
+            fn = activation_fn if activation_fn is not None else self.activation_fn
+            raise InputError(f"rank(activation_fn={fn!r}): it gives {scores.shape[1]} scores per "
                              "document and rank orders by one; pass one that returns a score per pair "
                              "(e.g. lambda x: x[:, 1]), or use predict")
         order = np.argsort(-scores, kind="stable")
