@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from conftest import ROOT, real_pairs, run_cli
 
@@ -84,6 +85,40 @@ def test_predict_keeps_input_order_and_rank_sorts(tied_model):
     assert rr.predict([]).shape == (0,) and rr.rank(q, []) == []
 
 
+def test_cross_encoder_arguments_on_a_yes_no_model(tied_model):
+    """CrossEncoder's arguments on a yes/no causal reranker: activation_fn sees its one logit, yes
+    minus no (the raw score of `--activation none`); sigmoid of it is the default score;
+    apply_softmax and batch_size change nothing; a single pair gives one score."""
+    from pipeline import Reranker
+
+    t = real_pairs(4)
+    pairs = list(zip(t.column("query").to_pylist(), t.column("document").to_pylist()))
+    rr = Reranker(tied_model, max_length=200, max_batch_tokens=1024)
+    default = rr.predict(pairs)
+    raw = Reranker(tied_model, max_length=200, max_batch_tokens=1024, activation="none").predict(pairs)
+    assert raw.std() > 1e-2
+    logit = rr.predict(pairs, activation_fn=torch.nn.Identity())
+    assert logit.dtype == np.float32 and logit.shape == (len(pairs),)
+    assert np.abs(logit - raw).max() <= 1e-6
+    assert np.abs(1 / (1 + np.exp(-raw.astype(np.float64))) - default).max() <= 1e-6
+    assert np.abs(rr.predict(pairs, activation_fn=torch.sigmoid) - default).max() <= 1e-6
+    for same in (rr.predict(pairs, apply_softmax=True), rr.predict(pairs, batch_size=1)):
+        assert np.abs(same - default).max() <= 1e-6
+    one = rr.predict(pairs[2])
+    assert isinstance(one, np.float32) and abs(one - default[2]) <= 1e-6
+    tensor = rr.predict(pairs, convert_to_tensor=True)
+    assert isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float32 and tensor.shape == (len(pairs),)
+    rows = rr.predict(pairs, convert_to_numpy=False)
+    assert isinstance(rows, list) and all(isinstance(r, torch.Tensor) and r.ndim == 0 for r in rows)
+    assert np.abs(torch.stack(rows).numpy() - default).max() <= 1e-6
+    q = pairs[0][0]
+    docs = [d for _, d in pairs]
+    hits = rr.rank(q, docs, activation_fn=torch.nn.Identity(), batch_size=8)
+    want = rr.predict([(q, d) for d in docs], activation_fn=torch.nn.Identity())
+    assert [h["corpus_id"] for h in hits] == list(np.argsort(-want, kind="stable"))
+    assert all(abs(h["score"] - want[h["corpus_id"]]) <= 1e-6 for h in hits)
+
+
 def test_cross_encoder_family_equals_the_run_command(tmp_path, data):
     from pipeline import Reranker
     from pipeline.bench.synthetic import build_cross_encoder
@@ -100,15 +135,44 @@ def test_cross_encoder_family_equals_the_run_command(tmp_path, data):
 def test_bad_pairs_and_options_are_refused(tied_model):
     from pipeline import Reranker
 
-    with pytest.raises(TypeError, match="unknown options batch_size"):
+    # The list names only the options a Reranker uses: not the file or executor ones.
+    with pytest.raises(TypeError) as err:
         Reranker(tied_model, batch_size=32)
-    rr = Reranker(tied_model)
+    assert str(err.value) == (
+        "Reranker() got unknown options batch_size; it takes: activation, activation_fn, attention, compile, "
+        "device, dtype, empty_cache_every, engine, family, gpu_memory_limit, instruction, max_batch_tokens, "
+        "max_length, prefix_sharing, template, trust_remote_code, window_pairs")
+    # Executor options at their defaults pass (a dict shared with run()); others would be ignored, so refused.
+    with pytest.raises(TypeError, match=r"^Reranker\(devices='all'\): a Reranker scores in this process on one "
+                                        r"device; devices is an option of `rerank-batch run` \(pipeline.run.run\); "
+                                        r"pass device='cuda:N' here$"):
+        Reranker(tied_model, devices="all", executor="local")
+    rr = Reranker(tied_model, executor="local", devices=None, workers=None, device=None)  # device=None: auto
+    assert rr.device.type == "cpu"
     with pytest.raises(InputError, match=r"pairs\[1\]: the document is NoneType"):
         rr.predict([("q", "d"), ("q", None)])
-    with pytest.raises(InputError, match="not a single pair"):
-        rr.predict(("q", "d"))
-    with pytest.raises(InputError, match=r"pairs\[0\]: expected \(query, document\)"):
-        rr.predict(["q"])
+    with pytest.raises(InputError, match=r"^pair: the document is NoneType"):
+        rr.predict(("q", None))
+    with pytest.raises(InputError, match=r"^pair: expected \(query, document\) or \(query, document, "
+                                        r"instruction\), got a list of 1$"):
+        rr.predict(["q"])  # a list of strings is one pair, as in CrossEncoder
+    with pytest.raises(InputError, match=r"^pairs\[1\]: expected \(query, document\) or \(query, document, "
+                                        r"instruction\), got str$"):
+        rr.predict([("q", "d"), "q"])
+    with pytest.raises(InputError, match=r"^predict\(pairs\): got one string; pass a \(query, document\) pair "
+                                        r"or a list of them$"):
+        rr.predict("q")
+    for bad in (0, -1, 2.5, True):
+        for call in (lambda: rr.predict([("q", "d")], batch_size=bad), lambda: rr.rank("q", ["d"], batch_size=bad)):
+            with pytest.raises(InputError, match=rf"^(predict|rank)\(batch_size={bad!r}\): pass a whole number of at "
+                                                 r"least 1 \(it sizes nothing here: the token budget, "
+                                                 r"max_batch_tokens=, does\)$"):
+                call()
+    with pytest.raises(TypeError, match="activation_fn returned ndarray, not a torch.Tensor"):
+        rr.predict([("q", "d")], activation_fn=lambda x: x.numpy())
+    with pytest.raises(InputError, match=r"^rank\(activation_fn=.*\): it gives 2 scores per document and rank "
+                                        r"orders by one"):
+        rr.rank("q", ["a", "b"], activation_fn=lambda x: torch.cat([x, -x], 1))
     with pytest.raises(InputError, match="documents is one string"):
         rr.rank("q", "one document")
     # Numbers and devices the CLI's option types refuse are refused in Python too (they were a

@@ -43,8 +43,11 @@ class ScoreStats:
 class Scorer:
     """A model, its tokenizer-side encoder and the batched forward; see `load`."""
 
-    def __init__(self, model, tokenizer, encoder, device, dtype, cfg: RunConfig, kernel: str, kind: ModelKind):
+    def __init__(self, model, tokenizer, encoder, device, dtype, cfg: RunConfig, kernel: str, kind: ModelKind,
+                 *, logits: bool = False):
         self.model = model
+        # True: `score` gives each pair's head logits (one row of 1 or 2) instead of its score.
+        self.logits = logits
         self.tokenizer = tokenizer
         self.encoder = encoder
         self.device = device
@@ -117,15 +120,17 @@ class Scorer:
         return ok
 
     @classmethod
-    def load(cls, cfg: RunConfig, kind: ModelKind | None = None) -> "Scorer":
+    def load(cls, cfg: RunConfig, kind: ModelKind | None = None, *, logits: bool = False) -> "Scorer":
+        """`logits=True`: `score` returns the head's logits, shape (pairs, 1 or 2), not scores."""
         model, tokenizer, device, kind = loading.load(cfg, kind)
-        return cls.from_model(model, tokenizer, cfg, device, kind)
+        return cls.from_model(model, tokenizer, cfg, device, kind, logits=logits)
 
     @classmethod
-    def from_model(cls, model, tokenizer, cfg: RunConfig, device=None, kind: ModelKind | None = None) -> "Scorer":
+    def from_model(cls, model, tokenizer, cfg: RunConfig, device=None, kind: ModelKind | None = None,
+                   *, logits: bool = False) -> "Scorer":
         """A scorer over an already built model (the benchmark builds random ones in memory)."""
         device, dtype, kind, encoder, kernel = loading.prepare(model, tokenizer, cfg, device, kind)
-        return cls(model, tokenizer, encoder, device, dtype, cfg, kernel, kind)
+        return cls(model, tokenizer, encoder, device, dtype, cfg, kernel, kind, logits=logits)
 
     @property
     def is_padded(self) -> bool:
@@ -204,14 +209,7 @@ class Scorer:
         return logits + self.head_b if self.head_b is not None else logits
 
     def _activate(self, logits: torch.Tensor) -> torch.Tensor:
-        """[no, yes] or two labels: softmax's second; one logit: sigmoid; --activation none:
-        the raw logit (for two, the log-odds second minus first)."""
-        raw = logits[:, 0] if logits.shape[1] == 1 else logits[:, 1] - logits[:, 0]
-        if self.cfg.activation == "none":
-            return raw
-        if logits.shape[1] == 1:
-            return torch.sigmoid(raw)
-        return torch.softmax(logits, dim=-1)[:, 1]
+        return logits if self.logits else activate(logits, self.cfg.activation)
 
     def score(self, enc, on_batch=None, should_stop=None) -> np.ndarray:
         """Scores (float32) of every pair in `enc`, in `enc`'s order."""
@@ -253,11 +251,13 @@ class Scorer:
             for b in batches:
                 oom.submit(self, pool[b], ids, offsets, types, pending, on_batch, should_stop,
                              None if plen is None else (plen[b], keys[pool[b]]))
-        out = np.empty(len(offsets) - 1, dtype=np.float32)
-        if pending:
-            # One device-to-host copy per window: no host sync between batches.
-            all_idx = np.concatenate([i for i, _ in pending])
-            out[all_idx] = torch.cat([s for _, s in pending]).float().cpu().numpy()
+        if not pending:
+            return np.empty(len(offsets) - 1, dtype=np.float32)
+        # One device-to-host copy per window: no host sync between batches.
+        all_idx = np.concatenate([i for i, _ in pending])
+        got = torch.cat([s for _, s in pending]).float().cpu().numpy()
+        out = np.empty((len(offsets) - 1,) + got.shape[1:], dtype=np.float32)  # (pairs,) or (pairs, labels)
+        out[all_idx] = got
         return out
 
     def _plan(self, pool, ids, offsets, keys):
@@ -271,3 +271,14 @@ class Scorer:
             if saved > 0 and (self.sharing == "on" or saved >= prefix.AUTO_MIN_SAVING * lengths.sum()):
                 return prefix.plan_shared(lengths, plen, pk, self.budget), plen
         return plan_batches(lengths, self.budget, self.padded), None
+
+
+def activate(logits: torch.Tensor, activation: str) -> torch.Tensor:
+    """Scores from head logits (pairs, 1 or 2): [no, yes] or two labels: softmax's second; one
+    logit: sigmoid; activation "none": the raw logit (for two, the log-odds second minus first)."""
+    raw = logits[:, 0] if logits.shape[1] == 1 else logits[:, 1] - logits[:, 0]
+    if activation == "none":
+        return raw
+    if logits.shape[1] == 1:
+        return torch.sigmoid(raw)
+    return torch.softmax(logits, dim=-1)[:, 1]
