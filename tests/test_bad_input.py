@@ -119,7 +119,7 @@ CASES = [
      "/proc/out.parquet: cannot write in /proc ("),
     (["run", "{d}/good.parquet", "-o", "{d}"], "{d}: the output is a directory; pass a file path with -o"),
     (["run", "{d}/good.parquet", "--model", "{d}/nomodel"],
-     "model {d}/nomodel: no such directory; pass a model directory or a hub id"),
+     "model {d}/nomodel: no such directory; check the path (a hub id is org/name)"),
     (["run", "{d}/good.parquet", "--model", "{d}/bert"],
      "model {d}/bert: architecture BertForMaskedLM is neither a causal LM nor a sequence classifier, so it "
      "cannot be a reranker; pass a reranker model"),
