@@ -171,23 +171,32 @@ def evaluate(run: pl.DataFrame, qrels: pl.DataFrame, metrics: list[Metric], scor
     return means, pq_
 
 
-def load_scored(path: str, query_id_col: str, doc_id_col: str, columns: list[str]) -> pl.DataFrame:
+def load_scored(path: str, query_id_col: str, doc_id_col: str, columns, score_col: str | None = None
+                ) -> pl.DataFrame:
+    """`columns`: the columns to read (with the ids), or {column: the option that named it}, so
+    that a missing one is told with its option. A missing `score_col` means an unscored file."""
     if not os.path.exists(path):
         raise InputError(f"{path}: no such file; pass the output of rerank-batch run")
     try:
         schema = pl.read_parquet_schema(path)
     except Exception as exc:
         raise InputError(f"{path}: not a readable Parquet file ({first_line(exc)})") from None
-    need = [query_id_col, doc_id_col] + columns
+    options = columns if isinstance(columns, dict) else {}
+    need = list(dict.fromkeys([query_id_col, doc_id_col, *columns]))
+    if score_col is not None and score_col not in schema:
+        raise InputError(f"{path}: no score column {score_col!r}; run `rerank-batch run` on it first, or name "
+                         f"its score column with --score-col (columns: {', '.join(schema)})")
     missing = [c for c in need if c not in schema]
     if missing:
-        raise InputError(f"{path}: no column {missing[0]!r} (columns: {', '.join(schema)}); "
-                         f"pass --query-id-col/--doc-id-col, or score a file that has them")
-    df = pl.read_parquet(path, columns=list(dict.fromkeys(need)))
+        option = options.get(missing[0]) or ("--query-id-col" if missing[0] == query_id_col else "--doc-id-col")
+        raise InputError(f"{path}: no column {missing[0]!r} (columns: {', '.join(schema)}); pass {option} NAME")
+    df = pl.read_parquet(path, columns=need)
     return df.with_columns(query_id=pl.col(query_id_col).cast(pl.String), doc_id=pl.col(doc_id_col).cast(pl.String))
 
 
-def format_table(means: dict, baseline: dict | None = None, n_queries: int = 0) -> str:
+def format_table(means: dict, baseline: dict | None = None, n_queries: int = 0,
+                 where: str = " in both the run and the qrels") -> str:
+    """The metrics as a table, then how many queries they average over (`where`: which)."""
     names = list(means)
     w = max(8, *(len(n) for n in names))
     if baseline is None:
@@ -195,7 +204,7 @@ def format_table(means: dict, baseline: dict | None = None, n_queries: int = 0) 
     else:
         lines = [f"{'metric':<{w}}  {'before':>8}  {'after':>8}  {'delta':>8}"]
         lines += [f"{n:<{w}}  {baseline[n]:>8.4f}  {means[n]:>8.4f}  {means[n] - baseline[n]:>+8.4f}" for n in names]
-    lines.append(f"({n_queries} queries in both the run and the qrels)")
+    lines.append(f"({n_queries} {'query' if n_queries == 1 else 'queries'}{where})")
     return "\n".join(lines)
 
 
