@@ -96,8 +96,6 @@ def run_cmd(inputs, output, summary_path, quiet, verbose, log_level, **opts):
     with domain_errors():
         if opts["device"] == "cpu" and opts["gpu_memory_limit"]:
             raise JobError("--gpu-memory-limit applies to CUDA only; drop it or use --device cuda", 2)
-        if opts["device"] == "cpu" and opts["attention"] in ("flash_attn", "torch_varlen"):
-            raise JobError(f"--attention {opts['attention']} needs CUDA; use --attention sdpa on CPU", 2)
         if opts["executor"] == "ray" and opts["devices"]:
             raise JobError("--devices is for the local executor; with --executor ray use --workers and "
                            "--gpus-per-worker", 2)

@@ -131,7 +131,7 @@ CASES = [
     (["run", "{d}/good.parquet", "--template", "{d}/bad-template.json"],
      "bad-template.json: the template needs string fields prefix, body, suffix, positive (missing suffix); add them"),
     (["run", "{d}/good.parquet", "--device", "cpu", "--attention", "flash_attn"],
-     "--attention flash_attn needs CUDA; use --attention sdpa on CPU"),
+     "--attention flash_attn needs CUDA and this run is on cpu; use --attention sdpa (or auto) on CPU"),
     (["run", "{d}/good.parquet", "--device", "cpu", "--gpu-memory-limit", "4GiB"],
      "--gpu-memory-limit applies to CUDA only; drop it or use --device cuda"),
     (["run", "{d}/good.parquet", "--gpu-memory-limit", "lots"], "'lots' is not a size; write it like 4GiB"),

@@ -310,3 +310,47 @@ def test_no_timestamps_on_a_terminal():
         setup_logging()
     assert tty.getvalue() == "rerank-batch: a line\n"
     assert re.fullmatch(STAMP + "rerank-batch: a line\n", plain.getvalue()), plain.getvalue()
+
+
+# -- resuming and checkpoint mismatches, told in the options' words ------------------------------
+
+def _one_unit_then_stop(out):
+    done = out.parent / (out.name + ".ckpt") / "done"
+
+    def stop():  # once the first unit is committed
+        return done.is_dir() and any(done.iterdir())
+    stop.signum = 15
+    return stop
+
+
+def test_resume_counts_units_in_words_and_a_mismatch_names_the_option_and_both_values(tmp_path):
+    from pipeline.errors import Interrupted
+    from pipeline.run import run
+
+    out = tmp_path / "o.parquet"
+    with pytest.raises(Interrupted):
+        run(RunConfig(inputs=SAMPLE, output=str(out), model=TINY, window_pairs=5), progress=False,
+            should_stop=_one_unit_then_stop(out))
+    ck = f"{out}.ckpt"
+    assert len(os.listdir(os.path.join(ck, "done"))) == 1  # the run stops at the first unit committed
+    r = run_cli(["run", SAMPLE, "--model", TINY, "-o", out, "--window", 7])
+    assert r.exit_code == 2
+    assert r.output == (f"Error: {ck}: the checkpoint was made with --window 5, this run has --window 7; rerun with "
+                        "--window 5 to resume, or pass --restart to start over\n")
+    r = run_cli(["run", SAMPLE, "--model", TINY, "-o", out, "--window", 5])
+    assert r.exit_code == 0, r.output
+    assert f"rerank-batch: resuming: 1 unit already scored in {ck}" in r.output
+
+
+def test_mismatch_messages_for_fields_without_one_option():
+    from pipeline.storage.fingerprint import describe_mismatch
+
+    assert describe_mismatch("options.nested", True, False) == (
+        "the checkpoint was made from nested input (a list of documents per row), this run reads long-form input "
+        "(a document per row); rerun with the same inputs and columns to resume")
+    assert describe_mismatch("model.files.model.safetensors", "a", "b") == (
+        "the model's model.safetensors is not the one the checkpoint was made with (--model); rerun with that "
+        "model to resume")
+    assert describe_mismatch("options.instruction", "Judge it", "Other") == (
+        "the checkpoint was made with --instruction 'Judge it', this run has --instruction Other; rerun with "
+        "--instruction 'Judge it' to resume")

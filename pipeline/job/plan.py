@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ from pipeline.config import RunConfig
 from pipeline.errors import InputError, ModelError
 from pipeline.storage.fingerprint import model_fingerprint
 from pipeline.data.read import InputLayout, Unit, check_same_layout, inspect_layout, open_parquet, plan_units
+
+log = logging.getLogger(__name__)
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
                     "spiece.model", "sentencepiece.bpe.model")
@@ -48,6 +51,20 @@ def check_options(cfg: RunConfig) -> None:
         if not torch.cuda.is_available():
             raise InputError("--gpu-memory-limit applies to CUDA only, and --device auto found no GPU here; "
                              "drop the option or pass --device cuda")
+
+
+def check_device_options(cfg: RunConfig, device, dtype) -> None:
+    """Before the checkpoint: a kernel asked for by name must run on this device (only auto falls
+    back); --compile on where compiling is slow gets one line saying so."""
+    if cfg.attention != "auto":
+        from pipeline.engines.attention import choose_kernel
+
+        choose_kernel(cfg.attention, device, dtype)
+    if cfg.compile == "on" and device.type == "cpu":
+        from pipeline.engines.compiled import cache_dir
+
+        log.info("--compile on: on CPU, torch.compile takes a minute or more at the first run; later runs take the "
+                 "kernels from its cache (%s)", cache_dir() or "Inductor's default")
 
 
 def output_key(output: str) -> str:
@@ -190,7 +207,10 @@ def make_plan(cfg: RunConfig, kind=None, run_id: str | None = None) -> Plan:
         check_model_files(cfg)
         check_max_length(cfg, mconfig)
     device = resolve_device(cfg.device)
-    dtype = str(resolve_dtype(cfg.dtype, device)).removeprefix("torch.")
+    torch_dtype = resolve_dtype(cfg.dtype, device)
+    dtype = str(torch_dtype).removeprefix("torch.")
+    if cfg.executor == "local" and not cfg.devices:  # workers check their own device when they load
+        check_device_options(cfg, device, torch_dtype)
     fp = fingerprint(cfg, layout, device.type, dtype, kind)
     ck = open_checkpoint(cfg.ckpt_dir, fp, cfg.inputs, restart=cfg.restart, run_id=run_id,
                          own_root=cfg.checkpoint_dir is None, output=output_key(cfg.output))
