@@ -27,16 +27,20 @@ class JobError(click.ClickException):
 
 
 @contextlib.contextmanager
-def domain_errors():
+def domain_errors(before_work: bool = False, kept: str = ""):
+    """RerankError -> its one line and exit code; an OSError nobody expected -> exit 1. `before_work`:
+    nothing is scored yet (the message says so); `kept`: what a rerun finds again, told after it."""
     try:
         yield
     except RerankError as exc:
         raise JobError(str(exc), exc.exit_code) from None
     except OSError as exc:  # the disk, a bucket or the network failed where no step expected it
-        from pipeline.errors import first_line
+        from pipeline.errors import StoreUnavailable, first_line
 
+        if before_work:
+            raise JobError(str(StoreUnavailable.before_work(exc)), 1) from None
         raise JobError(f"{first_line(exc, 300)}; check the disk, the bucket or the network, then rerun the same "
-                       "command (finished units are kept in the checkpoint)", 1) from None
+                       f"command{kept}", 1) from None
 
 
 def check_target(path: str, option: str, reads=(), writes=(), overwrite: bool = True) -> None:

@@ -93,7 +93,7 @@ def run_cmd(inputs, output, summary_path, quiet, verbose, log_level, **opts):
     setup_logging(verbose, quiet, log_level)
     from pipeline.run import run
 
-    with domain_errors():
+    with domain_errors(before_work=True):
         if opts["device"] == "cpu" and opts["gpu_memory_limit"]:
             raise JobError("--gpu-memory-limit applies to CUDA only; drop it or use --device cuda", 2)
         if opts["executor"] == "ray" and opts["devices"]:
@@ -108,6 +108,7 @@ def run_cmd(inputs, output, summary_path, quiet, verbose, log_level, **opts):
             check_target(summary_path, "--summary", reads=[p for p in cfg.inputs if not is_uri(p)],
                          writes=[] if is_uri(cfg.output) else [cfg.output])
         log.debug("%d input files, output %s; %s", len(cfg.inputs), cfg.output, cfg)
+    with domain_errors(kept=" (finished units are kept in the checkpoint)"):
         summary = run(cfg, progress=False if quiet else None, should_stop=_stop_flag())
     text = summary.to_json()
     if summary_path:
