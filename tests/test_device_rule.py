@@ -75,3 +75,18 @@ def test_compile_on_on_cpu_says_it_takes_a_minute(caplog):
     assert [r.getMessage() for r in caplog.records] == [
         "--compile on: on CPU, torch.compile takes a minute or more at the first run; later runs take the kernels "
         f"from its cache ({cache_dir() or 'Inductor' + chr(39) + 's default'})"]
+
+
+def test_prefix_sharing_on_for_a_cross_encoder_is_refused(tmp_path):
+    from conftest import _corpus
+    from pipeline.bench.synthetic import build_cross_encoder
+
+    model = str(build_cross_encoder(tmp_path / "bert", "bert", _corpus()[:200], num_labels=1))
+    out = tmp_path / "o.parquet"
+    r = run_cli(["run", SAMPLE, "--model", model, "-o", out, "--max-length", 128, "--prefix-sharing", "on"])
+    assert r.exit_code == 2
+    assert r.output == ("Error: --prefix-sharing on: a cross-encoder reads query and document together, so there is "
+                        "no shared prefix to compute once; use --prefix-sharing auto or off\n")
+    assert not out.exists() and not os.path.exists(f"{out}.ckpt")
+    r = run_cli(["run", SAMPLE, "--model", model, "-o", out, "--max-length", 128, "--prefix-sharing", "auto", "-q"])
+    assert r.exit_code == 0, r.output

@@ -211,6 +211,9 @@ def make_plan(cfg: RunConfig, kind=None, run_id: str | None = None) -> Plan:
     dtype = str(torch_dtype).removeprefix("torch.")
     if cfg.executor == "local" and not cfg.devices:  # workers check their own device when they load
         check_device_options(cfg, device, torch_dtype)
+    from pipeline.engines.prefix import resolve_mode
+
+    resolve_mode(cfg.prefix_sharing, device.type, kind.family == "seq-cls-encoder")  # `on` for a cross-encoder
     fp = fingerprint(cfg, layout, device.type, dtype, kind)
     ck = open_checkpoint(cfg.ckpt_dir, fp, cfg.inputs, restart=cfg.restart, run_id=run_id,
                          own_root=cfg.checkpoint_dir is None, output=output_key(cfg.output))
