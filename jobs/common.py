@@ -91,8 +91,8 @@ def log_options(command):
                            help="Show our log lines from this level up. [default: info; -q: error; -v: debug]")(command)
     command = click.option("-v", "--verbose", is_flag=True,
                            help="Debug lines, and the warnings of dependencies (silent otherwise).")(command)
-    command = click.option("-q", "--quiet", is_flag=True,
-                           help="Errors and the final `wrote ...` line only (no progress bar, no summary line).")(command)
+    command = click.option("-q", "--quiet", is_flag=True, help="Errors and the final `wrote ...` line only "
+                           "(no progress bar, no summary line).")(command)
     return command
 
 

@@ -23,7 +23,8 @@ OUT=$RERANK_BATCH_OUTPUT
 rc=$?
 case $rc in
   0) echo "$(date -Is) rerank ok: $OUT" ;;
-  2) echo "$(date -Is) rerank stopped on its input, options or output (exit 2); the error line above says what to change" ;;
+  2) echo "$(date -Is) rerank stopped on its input, options or output (exit 2);" \
+        "the error line above says what to change" ;;
   75) echo "$(date -Is) another run holds the checkpoint of $OUT (exit 75); try again later" ;;
   *) echo "$(date -Is) rerank stopped with status $rc; the next run resumes" ;;
 esac

@@ -150,7 +150,8 @@ def describe_mismatch(field: str, then, now) -> str:
     option = OPTION_OF.get(field)
     if option:
         fix = f"rerun with {option} {shlex.quote(str(then))}" if then is not None else f"rerun without {option}"
-        return f"the checkpoint was made with {_shown(option, then)}, this run has {_shown(option, now)}; {fix} to resume"
+        return (f"the checkpoint was made with {_shown(option, then)}, this run has {_shown(option, now)}; {fix} "
+                "to resume")
     if field == "options.nested":
         form = {True: "nested input (a list of documents per row)", False: "long-form input (a document per row)"}
         return (f"the checkpoint was made from {form.get(then, then)}, this run reads {form.get(now, now)}; rerun "
