@@ -7,7 +7,7 @@ import json
 
 import click
 
-from .common import SizeType, domain_errors, setup_logging
+from .common import SizeType, domain_errors, log_options, setup_logging, wrote
 
 
 @click.command("bench")
@@ -57,12 +57,13 @@ from .common import SizeType, domain_errors, setup_logging
 @click.option("--st/--no-st", default=True, show_default=True, help="With --peer: the sentence-transformers rows.")
 @click.option("--cli-row/--no-cli-row", default=True, show_default=True, help="With --peer: the fresh-process CLI row.")
 @click.option("--json", "json_path", default=None, help="Write the record here.")
+@log_options
 def bench_cmd(arch, workload, pairs, seed_pairs, e2e, repeats, device, gpu_memory_limit, max_batch_tokens,
               compile, engine, attention, prefix_sharing, smoke, host_only, device_us_per_token, profile, device_counts, window, peer, st, cli_row,
-              json_path):
+              json_path, quiet, verbose, log_level):
     """Measure pairs/s, tokens/s, MFU, peak memory and GPU busy time against the naive recipe (or,
     with --peer, against sentence-transformers; with --devices, on 1..N devices)."""
-    setup_logging()
+    setup_logging(verbose, quiet, log_level)
     from pipeline.bench.peer import ENCODER_ARCHS
 
     if device_counts:
@@ -112,3 +113,4 @@ def _emit(rec: dict, table: str, json_path: str | None) -> None:
     if json_path:
         with open(json_path, "w") as f:
             json.dump(rec, f, indent=2)
+        wrote("%s", json_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 import re
@@ -26,16 +27,20 @@ class JobError(click.ClickException):
 
 
 @contextlib.contextmanager
-def domain_errors():
+def domain_errors(before_work: bool = False, kept: str = ""):
+    """RerankError -> its one line and exit code; an OSError nobody expected -> exit 1. `before_work`:
+    nothing is scored yet (the message says so); `kept`: what a rerun finds again, told after it."""
     try:
         yield
     except RerankError as exc:
         raise JobError(str(exc), exc.exit_code) from None
     except OSError as exc:  # the disk, a bucket or the network failed where no step expected it
-        from pipeline.errors import first_line
+        from pipeline.errors import StoreUnavailable, first_line
 
+        if before_work:
+            raise JobError(str(StoreUnavailable.before_work(exc)), 1) from None
         raise JobError(f"{first_line(exc, 300)}; check the disk, the bucket or the network, then rerun the same "
-                       "command (finished units are kept in the checkpoint)", 1) from None
+                       f"command{kept}", 1) from None
 
 
 def check_target(path: str, option: str, reads=(), writes=(), overwrite: bool = True) -> None:
@@ -56,25 +61,62 @@ def check_target(path: str, option: str, reads=(), writes=(), overwrite: bool = 
 
 
 OURS = ("rerank-batch", "pipeline", "jobs")
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+# The final `wrote ...` line goes through this logger, which -q and --log-level leave on: it is
+# the one line a quiet job still owes (what it made, and where).
+RESULT = "rerank-batch.result"
 
 
 class _Prefix(logging.Formatter):
-    """Our lines start with `rerank-batch:`; a dependency's (shown with -v) with its logger name."""
+    """Our lines start with `rerank-batch:`; a dependency's (shown with -v) with its logger name.
+    With `stamp`, a local ISO 8601 time first: cron and scheduler logs have no other."""
+
+    def __init__(self, stamp: bool = False):
+        super().__init__()
+        self.stamp = stamp
 
     def format(self, record):
         ours = record.name.split(".")[0] in OURS
-        return f"{'rerank-batch' if ours else record.name}: {record.getMessage()}" + (
+        line = f"{'rerank-batch' if ours else record.name}: {record.getMessage()}" + (
             "\n" + self.formatException(record.exc_info) if record.exc_info else "")
+        if self.stamp:
+            when = datetime.datetime.fromtimestamp(record.created).astimezone().isoformat(timespec="seconds")
+            line = f"{when} {line}"
+        return line
 
 
-def setup_logging(verbose: bool = False) -> None:
-    """Our INFO lines (DEBUG with -v). Dependencies (transformers, the hub client, matplotlib, ...)
-    stay quiet unless -v, which shows their warnings too."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Prefix())
+def log_options(command):
+    """-q, -v and --log-level, the same on every subcommand (setup_logging reads them)."""
+    command = click.option("--log-level", type=click.Choice(list(LEVELS)), default=None,
+                           help="Show our log lines from this level up. [default: info; -q: error; -v: debug]")(command)
+    command = click.option("-v", "--verbose", is_flag=True,
+                           help="Debug lines, and the warnings of dependencies (silent otherwise).")(command)
+    command = click.option("-q", "--quiet", is_flag=True, help="Errors and the final `wrote ...` line only "
+                           "(no progress bar, no summary line).")(command)
+    return command
+
+
+def setup_logging(verbose: bool = False, quiet: bool = False, log_level: str | None = None, stream=None) -> int:
+    """Our lines from `log_level` (INFO by default, ERROR with -q, DEBUG with -v), timestamped
+    when stderr is not a terminal. Dependencies (transformers, the hub client, matplotlib, ...)
+    stay quiet unless -v, which shows their warnings too. Returns the level."""
+    if quiet and verbose:
+        raise JobError("-q and -v contradict each other; pass one of them", 2)
+    implied = "error" if quiet else "debug" if verbose else None
+    if log_level and implied and log_level != implied:
+        raise JobError(f"--log-level {log_level} contradicts {'-q' if quiet else '-v'}; pass one of them", 2)
+    level = LEVELS[log_level or implied or "info"]
+    stream = stream or sys.stderr
+    try:
+        stamp = not stream.isatty()
+    except (AttributeError, ValueError):
+        stamp = True
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(_Prefix(stamp))
     logging.basicConfig(level=logging.WARNING if verbose else logging.ERROR, handlers=[handler], force=True)
     for name in OURS:
-        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
+        logging.getLogger(name).setLevel(level)
+    logging.getLogger(RESULT).setLevel(logging.INFO)
     # transformers sets its root logger's level when first imported (later, lazily), from this
     # variable; set the level too, for when it is already imported.
     os.environ["TRANSFORMERS_VERBOSITY"] = "warning" if verbose else "error"
@@ -82,6 +124,12 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.ERROR)
     for chatty in ("urllib3", "filelock", "httpx", "httpcore", "matplotlib", "PIL", "fsspec"):
         logging.getLogger(chatty).setLevel(logging.WARNING if verbose else logging.ERROR)
+    return level
+
+
+def wrote(message: str, *args) -> None:
+    """The final line of a job that wrote a file (`wrote PATH (...)`), shown even with -q."""
+    logging.getLogger(RESULT).info("wrote " + message, *args)
 
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,

@@ -10,7 +10,7 @@ import polars as pl
 
 from pipeline.errors import InputError
 
-from .common import JobError, check_target, domain_errors, setup_logging
+from .common import JobError, check_target, domain_errors, log_options, setup_logging, wrote
 
 
 @click.command("eval")
@@ -45,12 +45,14 @@ from .common import JobError, check_target, domain_errors, setup_logging
               help="Significance level: corrected p-values below it are marked * in the table and the plot.")
 @click.option("--test", type=click.Choice(["randomization", "ttest"]), default="randomization", show_default=True,
               help="The paired test whose corrected p-value marks significance (both are in --json).")
+@log_options
 def eval_cmd(runs, qrels, relevance_col, metrics, score_col, baseline_col, baseline_ascending, query_id_col,
-             doc_id_col, json_path, plot_path, names, permutations, seed, correction, alpha, test):
+             doc_id_col, json_path, plot_path, names, permutations, seed, correction, alpha, test, quiet, verbose,
+             log_level):
     """Evaluate the ranking of each RUN against relevance judgments; with several, compare each
     with the first (paired tests). A RUN is a scored Parquet file (the output of `rerank-batch
     run`) or a TREC run file ('qid Q0 docid rank score tag')."""
-    setup_logging()
+    setup_logging(verbose, quiet, log_level)
     if len(runs) > 1:
         from .eval_runs import eval_runs
 
@@ -72,21 +74,26 @@ def eval_cmd(runs, qrels, relevance_col, metrics, score_col, baseline_col, basel
                 check_target(target, option, reads=[scored, qrels], writes=[json_path if option == "--plot" else None])
         ms = parse_metrics(metrics)
         name = run_names([scored], names)[0]
-        cols = [score_col] + ([baseline_col] if baseline_col else []) + ([relevance_col] if relevance_col else [])
+        # Each column with the option that named it, for the message when the file lacks it.
+        cols = {score_col: "--score-col"}
+        cols.update({c: o for c, o in ((baseline_col, "--baseline-col"), (relevance_col, "--relevance-col")) if c})
         run = load_run(scored, query_id_col, doc_id_col, cols)
         if relevance_col:
             judgments = run.select("query_id", "doc_id", pl.col(relevance_col).cast(pl.Int64).alias("relevance"))
         else:
             judgments = read_qrels(qrels)
         means, per_q = evaluate(run, judgments, ms, score_col)
-        if per_q.height == 0:
+        if per_q.height == 0:  # only --qrels can miss: --relevance-col judges every query of SCORED
             raise InputError(f"{scored}: no query of the run is in the qrels; check --query-id-col and the qrels")
         base_means = base_per_q = None
         if baseline_col:
             base_means, base_per_q = evaluate(run, judgments, ms, baseline_col, descending=not baseline_ascending)
         if plot_path:
             plot_delta(per_q, base_per_q, ms[0].name, plot_path)
-    click.echo(format_table(means, base_means, per_q.height))
+    where = f", relevance from column {relevance_col!r}" if relevance_col else " in both the run and the qrels"
+    click.echo(format_table(means, base_means, per_q.height, where))
+    if plot_path:
+        wrote("%s (the per-query change of %s)", plot_path, ms[0].name)
     if json_path:
         record = dict(means)
         record["queries"] = per_q.height
@@ -99,3 +106,4 @@ def eval_cmd(runs, qrels, relevance_col, metrics, score_col, baseline_col, basel
                                             for r in base_per_q.iter_rows(named=True)}
         with open(json_path, "w") as f:
             json.dump(record, f, indent=1)
+        wrote("%s", json_path)

@@ -8,7 +8,7 @@ import click
 
 from pipeline.errors import InputError
 
-from .common import JobError, check_target, domain_errors
+from .common import JobError, check_target, domain_errors, wrote
 
 
 def eval_runs(paths, *, names, qrels, relevance_col, metrics, score_col, baseline_col, query_id_col, doc_id_col,
@@ -52,6 +52,8 @@ def eval_runs(paths, *, names, qrels, relevance_col, metrics, score_col, baselin
             plot_comparison(per_q, comps, ms[0].name, plot_path, alpha)
     footer = describe(test, permutations, correction, (len(labels) - 1) * len(metric_names), alpha)
     click.echo(format_comparison(means, comps, len(common), alpha=alpha, footer=footer))
+    if plot_path:
+        wrote("%s (the per-query change of %s against %s)", plot_path, ms[0].name, labels[0])
     if json_path:
         record = {
             "runs": means,
@@ -68,3 +70,4 @@ def eval_runs(paths, *, names, qrels, relevance_col, metrics, score_col, baselin
         }
         with open(json_path, "w") as f:
             json.dump(record, f, indent=1)
+        wrote("%s", json_path)

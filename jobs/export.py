@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import check_target, domain_errors, setup_logging
+from .common import check_target, domain_errors, log_options, setup_logging, wrote
 
 
 @click.command("export")
@@ -16,14 +16,15 @@ from .common import check_target, domain_errors, setup_logging
 @click.option("--query-id-col", default="query_id", show_default=True, help="Column that holds the query id.")
 @click.option("--doc-id-col", default="doc_id", show_default=True, help="Column that holds the document id.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing -o file.")
-def export_cmd(scored, output, tag, score_col, query_id_col, doc_id_col, overwrite):
+@log_options
+def export_cmd(scored, output, tag, score_col, query_id_col, doc_id_col, overwrite, quiet, verbose, log_level):
     """Write SCORED (the output of `rerank-batch run`, or any run) as a TREC run file, ranked per
     query as `eval` ranks it: score descending, ties by document id descending."""
-    setup_logging()
+    setup_logging(verbose, quiet, log_level)
     from pipeline.evaluation.runs import export_trec
 
     with domain_errors():
         check_target(output, "-o", reads=[scored], overwrite=overwrite)
         n = export_trec(scored, output, tag=tag, score_col=score_col, query_id_col=query_id_col,
                         doc_id_col=doc_id_col)
-    click.echo(f"wrote {output} ({n} lines)")
+    wrote("%s (%d lines)", output, n)

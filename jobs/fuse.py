@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import JobError, check_target, domain_errors, setup_logging
+from .common import JobError, check_target, domain_errors, log_options, setup_logging, wrote
 
 
 @click.command("fuse")
@@ -23,10 +23,12 @@ from .common import JobError, check_target, domain_errors, setup_logging
 @click.option("--query-id-col", default="query_id", show_default=True, help="Query id column of each Parquet RUN.")
 @click.option("--doc-id-col", default="doc_id", show_default=True, help="Document id column of each Parquet RUN.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing -o file.")
-def fuse_cmd(runs, method, k, norm, output, tag, score_col, query_id_col, doc_id_col, overwrite):
+@log_options
+def fuse_cmd(runs, method, k, norm, output, tag, score_col, query_id_col, doc_id_col, overwrite, quiet, verbose,
+             log_level):
     """Fuse RUNs (scored Parquet files or TREC run files) per query over the union of their
     documents, e.g. the first stage with the reranked run."""
-    setup_logging()
+    setup_logging(verbose, quiet, log_level)
     from pipeline.evaluation.fusion import fuse_files
 
     with domain_errors():
@@ -41,4 +43,4 @@ def fuse_cmd(runs, method, k, norm, output, tag, score_col, query_id_col, doc_id
         check_target(output, "-o", reads=runs, overwrite=overwrite)
         n = fuse_files(list(runs), output, method=method, k=60.0 if k is None else k, norm=norm or "minmax",
                        tag=tag or method, score_col=score_col, query_id_col=query_id_col, doc_id_col=doc_id_col)
-    click.echo(f"wrote {output} ({n} documents, {method} of {len(runs)} runs)")
+    wrote("%s (%d documents, %s of %d runs)", output, n, method, len(runs))

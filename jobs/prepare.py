@@ -6,7 +6,7 @@ import os
 
 import click
 
-from .common import check_target, domain_errors, setup_logging
+from .common import check_target, domain_errors, log_options, setup_logging, wrote
 
 
 @click.group("prepare")
@@ -21,9 +21,10 @@ def prepare_cmd():
 @click.option("--depth", type=click.IntRange(min=1), default=None, help="Keep the top K candidates per query.")
 @click.option("--split", default="test", show_default=True, help="qrels/<split>.tsv gives the relevance column.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing -o file.")
-def beir_cmd(beir_dir, run_path, output, depth, split, overwrite):
+@log_options
+def beir_cmd(beir_dir, run_path, output, depth, split, overwrite, quiet, verbose, log_level):
     """Pairs from a BEIR folder and a TREC run file (first-stage score and rank kept)."""
-    setup_logging()
+    setup_logging(verbose, quiet, log_level)
     from pipeline.evaluation.prepare import prepare_beir
 
     with domain_errors():
@@ -31,7 +32,7 @@ def beir_cmd(beir_dir, run_path, output, depth, split, overwrite):
         reads += [os.path.join(beir_dir, "qrels", f"{split}.tsv")]
         check_target(output, "-o", reads=reads, overwrite=overwrite)
         n = prepare_beir(beir_dir, run_path, output, depth=depth, split=split)
-    click.echo(f"wrote {output} ({n} pairs)")
+    wrote("%s (%d pairs)", output, n)
 
 
 @prepare_cmd.command("mc")
@@ -44,9 +45,10 @@ def beir_cmd(beir_dir, run_path, output, depth, split, overwrite):
 @click.option("--id-col", default="query_id", show_default=True,
               help="Question id column; without it, ids are q0, q1, ... by row.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing -o or --qrels-out file.")
-def mc_cmd(path, output, qrels_out, query_col, docs_col, label_col, id_col, overwrite):
+@log_options
+def mc_cmd(path, output, qrels_out, query_col, docs_col, label_col, id_col, overwrite, quiet, verbose, log_level):
     """Pairs from a multiple-choice file (query, candidates, index of the right one)."""
-    setup_logging()
+    setup_logging(verbose, quiet, log_level)
     from pipeline.evaluation.prepare import prepare_mc
 
     with domain_errors():
@@ -55,4 +57,4 @@ def mc_cmd(path, output, qrels_out, query_col, docs_col, label_col, id_col, over
             check_target(qrels_out, "--qrels-out", reads=[path], writes=[output], overwrite=overwrite)
         n = prepare_mc(path, output, query_col=query_col, docs_col=docs_col, label_col=label_col, id_col=id_col,
                        qrels_out=qrels_out)
-    click.echo(f"wrote {output} ({n} pairs)")
+    wrote("%s (%d pairs)%s", output, n, f" and {qrels_out}" if qrels_out else "")

@@ -9,7 +9,7 @@ import click
 from pipeline.config import DEFAULT_INSTRUCTION, DEVICE, RunConfig
 from pipeline.storage.uri import is_uri
 
-from .common import JobError, SizeType, check_target, domain_errors, setup_logging
+from .common import JobError, SizeType, check_target, domain_errors, log_options, setup_logging, wrote
 
 log = logging.getLogger("rerank-batch")
 
@@ -86,22 +86,19 @@ ENV_PREFIX = "RERANK_BATCH"
               help="GPUs per Ray worker. [default: 1 where the cluster has GPUs, else 0]")
 @click.option("--cpus-per-worker", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
               help="CPUs per Ray worker (its tokenizer and, on CPU, its torch threads).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar: periodic log lines instead.")
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def run_cmd(inputs, output, summary_path, quiet, verbose, **opts):
+@log_options
+def run_cmd(inputs, output, summary_path, quiet, verbose, log_level, **opts):
     """Score (query, document) pairs in INPUT (Parquet or JSONL files, directories or globs) and
     write them ranked per query.
 
     Every option can also be set from the environment: RERANK_BATCH_ and the option's name in
     capitals, e.g. RERANK_BATCH_MODEL, RERANK_BATCH_MAX_LENGTH, RERANK_BATCH_OVERWRITE=1."""
-    setup_logging(verbose)
+    setup_logging(verbose, quiet, log_level)
     from pipeline.run import run
 
-    with domain_errors():
+    with domain_errors(before_work=True):
         if opts["device"] == "cpu" and opts["gpu_memory_limit"]:
             raise JobError("--gpu-memory-limit applies to CUDA only; drop it or use --device cuda", 2)
-        if opts["device"] == "cpu" and opts["attention"] in ("flash_attn", "torch_varlen"):
-            raise JobError(f"--attention {opts['attention']} needs CUDA; use --attention sdpa on CPU", 2)
         if opts["executor"] == "ray" and opts["devices"]:
             raise JobError("--devices is for the local executor; with --executor ray use --workers and "
                            "--gpus-per-worker", 2)
@@ -114,12 +111,13 @@ def run_cmd(inputs, output, summary_path, quiet, verbose, **opts):
             check_target(summary_path, "--summary", reads=[p for p in cfg.inputs if not is_uri(p)],
                          writes=[] if is_uri(cfg.output) else [cfg.output])
         log.debug("%d input files, output %s; %s", len(cfg.inputs), cfg.output, cfg)
+    with domain_errors(kept=" (finished units are kept in the checkpoint)"):
         summary = run(cfg, progress=False if quiet else None, should_stop=_stop_flag())
     text = summary.to_json()
     if summary_path:
         with open(summary_path, "w") as f:
             f.write(text + "\n")
-    log.info("wrote %s (%d rows)", cfg.output, summary.rows)
+    wrote("%s (%d rows)", cfg.output, summary.rows)
 
 
 for _p in run_cmd.params:  # named after the long option (--window: RERANK_BATCH_WINDOW), listed in --help

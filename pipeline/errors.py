@@ -43,6 +43,18 @@ class ScoringError(RerankError):
     exit_code = 1
 
 
+class StoreUnavailable(RerankError):
+    """The disk or object storage failed before this run scored anything; exit 1 (rerun once it is back)."""
+
+    exit_code = 1
+
+    @classmethod
+    def before_work(cls, exc: BaseException) -> "StoreUnavailable":
+        """The one message for an I/O failure before any scoring, whatever the step that met it."""
+        return cls(f"{first_line(exc, 300)}; nothing was scored: check the disk, the bucket or the network, then "
+                   "rerun the same command")
+
+
 class Interrupted(RerankError):
     """SIGINT or SIGTERM stopped the run after the checkpoint was made consistent."""
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from pipeline.job import startup
 from pipeline.config import RunConfig
-from pipeline.errors import Interrupted, RerankError, ScoringError, first_line
+from pipeline.errors import Interrupted, RerankError, ScoringError, StoreUnavailable, first_line
 from pipeline.job.execute import _Timer, execute, score_unit, uses_workers
 from pipeline.job.finish import cleanup, publish, published_output, totals
 from pipeline.job.plan import check_output, fingerprint, make_plan, validate
@@ -101,7 +101,10 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
     startup.reset("process_to_run")
     plan = None
     try:
-        plan = make_plan(cfg, kind=scorer.kind if scorer is not None else None)
+        try:
+            plan = make_plan(cfg, kind=scorer.kind if scorer is not None else None)
+        except OSError as exc:  # a store that fails before any work: nothing to keep, say so
+            raise StoreUnavailable.before_work(exc) from None
         cfg = plan.cfg  # with a hub id resolved to its local snapshot
         startup.mark("inputs_and_config")
         ck = plan.ckpt

@@ -121,7 +121,7 @@ CASES = [
     (["run", "{d}/good.parquet", "-o", "{d}"],
      "{d}/: the input {d}/good.parquet lies inside the output directory; pass another -o"),
     (["run", "{d}/good.parquet", "--model", "{d}/nomodel"],
-     "model {d}/nomodel: no such directory; pass a model directory or a hub id"),
+     "model {d}/nomodel: no such directory; check the path (a hub id is org/name)"),
     (["run", "{d}/good.parquet", "--model", "{d}/bert"],
      "model {d}/bert: architecture BertForMaskedLM is neither a causal LM nor a sequence classifier, so it "
      "cannot be a reranker; pass a reranker model"),
@@ -133,7 +133,7 @@ CASES = [
     (["run", "{d}/good.parquet", "--template", "{d}/bad-template.json"],
      "bad-template.json: the template needs string fields prefix, body, suffix, positive (missing suffix); add them"),
     (["run", "{d}/good.parquet", "--device", "cpu", "--attention", "flash_attn"],
-     "--attention flash_attn needs CUDA; use --attention sdpa on CPU"),
+     "--attention flash_attn needs CUDA and this run is on cpu; use --attention sdpa (or auto) on CPU"),
     (["run", "{d}/good.parquet", "--device", "cpu", "--gpu-memory-limit", "4GiB"],
      "--gpu-memory-limit applies to CUDA only; drop it or use --device cuda"),
     (["run", "{d}/good.parquet", "--gpu-memory-limit", "lots"], "'lots' is not a size; write it like 4GiB"),

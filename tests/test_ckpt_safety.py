@@ -271,8 +271,10 @@ def test_zero_byte_or_garbage_parts_are_scored_again(job, tmp_path):
 
 # -- finding 10: options that change float32 scores are in the fingerprint --------------------
 
-@pytest.mark.parametrize("extra, field", [(["--engine", "transformers"], "options.engine"),
-                                          (["--max-batch-tokens", "999"], "options.max_batch_tokens")])
+@pytest.mark.parametrize("extra, field", [
+    (["--engine", "transformers"], "--engine auto, this run has --engine transformers; rerun with --engine auto"),
+    (["--max-batch-tokens", "999"], "no --max-batch-tokens, this run has --max-batch-tokens 999; rerun without "
+                                    "--max-batch-tokens")])
 def test_engine_and_batch_budget_must_match_to_resume(job, tmp_path, extra, field):
     out = tmp_path / "out.parquet"
     with pytest.raises(Interrupted):
@@ -280,7 +282,7 @@ def test_engine_and_batch_budget_must_match_to_resume(job, tmp_path, extra, fiel
     assert _done(out.parent / (out.name + ".ckpt")) > 0
     r = run_cli(_args(job, job["input"], out, 64, *extra))
     assert r.exit_code == 2, r.output
-    assert f"the checkpoint belongs to a run with a different {field}" in r.output
+    assert f"the checkpoint was made with {field} to resume, or pass --restart to start over" in r.output
 
 
 # -- findings 11 and 13: commit cost independent of the number of units ------------------------

@@ -185,7 +185,8 @@ def test_export_gives_the_numbers_of_the_parquet(tmp_path):
     trec = tmp_path / "ties.trec"
     r = run_cli(["export", scored, "-o", trec, "--tag", "mine"])
     assert r.exit_code == 0, r.output
-    assert r.output.strip() == f"wrote {trec} (4687 lines)"
+    lines = r.output.strip().splitlines()  # one log line (timestamped: not a terminal)
+    assert len(lines) == 1 and lines[0].endswith(f"rerank-batch: wrote {trec} (4687 lines)"), r.output
     lines = [line.split() for line in trec.read_text().splitlines()]
     assert {line[5] for line in lines} == {"mine"} and {line[1] for line in lines} == {"Q0"}
     # Ranks 1..n per query in eval's order: score descending, ties by document id descending.

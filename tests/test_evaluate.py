@@ -133,9 +133,27 @@ def test_baseline_relevance_col_and_plot(tmp_path):
     assert r2.exit_code == 0, r2.output
     assert json.loads((tmp_path / "e2.json").read_text())["baseline"] == rec["baseline"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
-    # --relevance-col: judgments from the file itself (unjudged candidates count as 0).
+    # Where the PNG and the JSON went, and over which queries the means are.
+    tail = [line.split(" ", 1)[1] if line[:1].isdigit() else line for line in r.output.splitlines()[-3:]]
+    assert tail == ["(6 queries in both the run and the qrels)",
+                    f"rerank-batch: wrote {png} (the per-query change of ndcg@10)", f"rerank-batch: wrote {js}"]
+    # --relevance-col: judgments from the file itself (unjudged candidates count as 0), no qrels.
     r = run_cli(["eval", ranked, "--relevance-col", "relevance", "--metrics", "p@1", "--json", tmp_path / "r.json"])
     assert r.exit_code == 0, r.output
+    assert "(6 queries, relevance from column 'relevance')" in r.output.splitlines()
+    assert "qrels" not in r.output
+
+
+def test_an_unscored_file_says_to_score_it(tmp_path):
+    beir = os.path.join(ROOT, "sample_data", "beir-mini")
+    pairs = tmp_path / "pairs.parquet"
+    r = run_cli(["prepare", "beir", beir, "--run", os.path.join(beir, "first-stage.trec"), "--depth", 2, "-o", pairs])
+    assert r.exit_code == 0, r.output
+    r = run_cli(["eval", pairs, "--qrels", os.path.join(beir, "qrels", "test.tsv")])
+    assert r.exit_code == 2
+    assert r.output == (f"Error: {pairs}: no score column 'score'; run `rerank-batch run` on it first, or name its "
+                        "score column with --score-col (columns: query_id, doc_id, query, title, document, "
+                        "first_stage_score, first_stage_rank, relevance)\n")
 
 
 def test_prepare_mc_reproduces_the_shared_long_form_and_qrels(tmp_path):
@@ -155,7 +173,14 @@ def test_prepare_mc_reproduces_the_shared_long_form_and_qrels(tmp_path):
     (["eval", "{s}", "--qrels", "{q}", "--metrics", "recall"], "--metrics: 'recall' needs a cutoff; write recall@10"),
     (["eval", "{s}", "--qrels", "nope.txt"], "nope.txt: no such qrels file; check the path"),
     (["eval", "{s}", "--qrels", "{q}", "--plot", "x.png"], "--plot draws the change against a baseline; add --baseline-col"),
-    (["eval", "{s}", "--qrels", "{q}", "--doc-id-col", "nope"], "no column 'nope'"),
+    (["eval", "{s}", "--qrels", "{q}", "--doc-id-col", "nope"],
+     "{s}: no column 'nope' (columns: query_id, doc_id, score); pass --doc-id-col NAME"),
+    (["eval", "{s}", "--qrels", "{q}", "--baseline-col", "bm25"],
+     "{s}: no column 'bm25' (columns: query_id, doc_id, score); pass --baseline-col NAME"),
+    # An unscored file (a pairs file from prepare): the fix is to score it, not the id columns.
+    (["eval", "{s}", "--qrels", "{q}", "--score-col", "rerank"],
+     "{s}: no score column 'rerank'; run `rerank-batch run` on it first, or name its score column with "
+     "--score-col (columns: query_id, doc_id, score)"),
     (["prepare", "beir", "nodir", "--run", "r.trec", "-o", "o.parquet"], "nodir: not a directory; pass a BEIR folder"),
     # Files a job writes never replace what it reads (they did: the input became JSON or qrels).
     (["eval", "{s}", "--qrels", "{q}", "--json", "{s}"], "--json {s}: is also the input {s}"),

@@ -180,7 +180,9 @@ def test_family_detection_override_and_fingerprint(tmp_path, family_models, tied
             progress=False, should_stop=stop)
     r = run_cli(["run", pairs, "--model", tied_model, "--device", "cpu", "--window", 40, "-o", out, "-q",
                  "--activation", "none"])
-    assert r.exit_code == 2 and "different options.activation" in r.output
+    assert r.exit_code == 2, r.output
+    assert ("the checkpoint was made with --activation auto, this run has --activation none; rerun with "
+            "--activation auto to resume, or pass --restart to start over") in r.output
 
 
 def test_packed_encoder_equals_padded_engine(tmp_path, family_models, pairs):

@@ -69,11 +69,28 @@ def test_unreachable_hub_falls_back_to_the_cache(hub_cache, monkeypatch):
 
 
 def test_not_a_directory_nor_a_hub_id(tmp_path):
-    with pytest.raises(ModelError, match="no such directory; pass a model directory or a hub id"):
+    with pytest.raises(ModelError, match=r"no such directory; check the path \(a hub id is org/name\)"):
         resolve_model(str(tmp_path / "a" / "b" / "c"))
     (tmp_path / "f").write_text("x")
     with pytest.raises(ModelError, match="no such directory"):
         resolve_model(str(tmp_path / "f"))
+
+
+@pytest.mark.parametrize("model", ["sample_data/tiny-qwen3-rerankr", "./tiny/model", "../tiny/model",
+                                   "~/no-such-dir-here/model"])
+def test_a_mistyped_local_path_is_a_path_not_a_hub_id(tmp_path, hub_cache, model, monkeypatch):
+    """Shaped like org/name, but its first component exists here (or it starts with . or ~): the
+    user meant a directory, so the error says so instead of sending them to `hf download`."""
+    monkeypatch.chdir(ROOT)  # where sample_data/ exists
+    out = tmp_path / "o.parquet"
+    r = run_cli(["run", SAMPLE, "--model", model, "-o", out])
+    assert r.exit_code == 2, r.output
+    assert r.output == f"Error: model {model}: no such directory; check the path (a hub id is org/name)\n"
+    assert not out.exists()
+
+
+def test_a_hub_id_whose_org_is_no_local_name_still_goes_to_the_hub(hub_cache):
+    assert resolve_model("org/tiny") == str(hub_cache)
 
 
 def test_uncached_hub_id_prints_one_line_on_a_real_stderr(tmp_path):

@@ -442,5 +442,43 @@ def test_an_unreachable_store_is_one_line_and_exit_1(local_ref, tmp_path, monkey
         assert r.exit_code == 1, r.output
         lines = [line for line in r.output.strip().splitlines() if line]
         assert len(lines) == 1 and "Traceback" not in r.output, r.output
-        assert "check the disk, the bucket or the network" in lines[0]
+        assert lines[0].startswith("Error: When getting information for key"), lines[0]
+        # Before any work: no word of a checkpoint that holds nothing.
+        assert lines[0].endswith("; nothing was scored: check the disk, the bucket or the network, then rerun the "
+                                 "same command"), lines[0]
     assert not (tmp_path / "o.parquet").exists()
+
+
+REGION_DOWN = ("When resolving region for bucket 'down': AWS Error NETWORK_CONNECTION during HeadBucket operation: "
+               "curlCode: 6, Could not resolve hostname")
+
+
+@pytest.mark.parametrize("where", ["input", "output"])
+def test_a_region_lookup_that_cannot_reach_the_network_is_the_same_exit_1(local_ref, tmp_path, monkeypatch, where):
+    """Without AWS_ENDPOINT_URL pyarrow first asks the network for the bucket's region; that failing
+    is the store being unreachable (exit 1, nothing scored), not a wrong URI (exit 2). The network
+    is never reached here: the lookup's error is what pyarrow raises."""
+    from conftest import run_cli
+    from pipeline.storage import uri
+
+    def down(scheme_and_host):
+        raise OSError(REGION_DOWN)
+
+    monkeypatch.setattr(uri, "_filesystem", down)
+    args = (["run", "s3://down/in.parquet", "-o", tmp_path / "o.parquet"] if where == "input"
+            else ["run", local_ref["input"], "-o", "s3://down/o.parquet"])
+    r = run_cli(args + ["--model", local_ref["model"], "-q"])
+    assert r.exit_code == 1, r.output
+    assert r.output == (f"Error: {REGION_DOWN}; nothing was scored: check the disk, the bucket or the network, then "
+                        "rerun the same command\n")
+    assert not (tmp_path / "o.parquet").exists()
+
+
+def test_a_uri_pyarrow_cannot_open_is_still_exit_2(local_ref, tmp_path):
+    from conftest import run_cli
+
+    r = run_cli(["run", "nosuchscheme://b/in.parquet", "-o", tmp_path / "o.parquet", "--model", local_ref["model"]])
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith("Error: nosuchscheme://b/in.parquet: cannot open this location (")
+    assert r.output.endswith("); check the URI and the credentials in the environment (AWS_ENDPOINT_URL, "
+                             "AWS_ACCESS_KEY_ID, ...)\n")

@@ -100,5 +100,5 @@ def test_readme_sample_eval_output_is_what_eval_prints(sandbox):
         args = shlex.split(line.replace("/tmp/", f"{sandbox}/tmp/"), comments=True)
         r = run_cli(args[1:])
         assert r.exit_code == 0, f"{line}\n{r.output}"
-        out = r.output
+        out = r.stdout  # the table; the `wrote` lines go to stderr
     assert out.strip() == shown.strip()

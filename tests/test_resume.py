@@ -213,8 +213,8 @@ def test_fingerprint_mismatch_is_refused_and_restart_starts_over(job, tmp_path):
     assert exc.value.exit_code == 130
     r = run_cli(_args(job, out) + ["--max-length", "512"])
     assert r.exit_code == 2
-    assert ("the checkpoint belongs to a run with a different options.max_length; rerun with the same "
-            "inputs, model and options to resume, or pass --restart to start over") in r.output
+    assert ("the checkpoint was made with --max-length 8192, this run has --max-length 512; rerun with "
+            "--max-length 8192 to resume, or pass --restart to start over") in r.output
     # A changed input file is named too.
     with pytest.raises(CheckpointError, match="different inputs"):
         other = tmp_path / "other.parquet"

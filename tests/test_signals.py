@@ -101,7 +101,7 @@ def test_signal_while_loading_or_writing_stops_with_no_output(tmp_path, hold, si
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".partial")]
     if hold == "write":  # the checkpoint is intact: the rerun only ranks and writes
         env = dict(os.environ, PYTHONPATH=ROOT)
-        r = subprocess.run([sys.executable, "-m", "jobs.cli", "run", SAMPLE, "--model", TINY, "-o", str(out), "-q",
+        r = subprocess.run([sys.executable, "-m", "jobs.cli", "run", SAMPLE, "--model", TINY, "-o", str(out),
                             "--window", "5"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
         assert "resuming: 6 units already scored" in r.stderr

@@ -7,6 +7,7 @@ import fcntl
 import io
 import logging
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -24,6 +25,8 @@ from pipeline.errors import InputError
 SAMPLE = os.path.join(ROOT, "sample_data", "pairs.parquet")
 TINY = os.path.join(ROOT, "sample_data", "tiny-qwen3-reranker")
 N = pq.read_metadata(SAMPLE).num_rows
+# A log line's time where stderr is not a terminal (CliRunner, capsys, cron): local ISO 8601.
+STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d "
 
 
 def test_every_run_option_comes_from_the_environment(tmp_path):
@@ -150,7 +153,7 @@ def test_setup_logging_silences_dependencies_unless_verbose(capsys):
     logging.getLogger("pipeline.run").debug("a debug line")
     logging.getLogger("pipeline.run").info("an info line")
     err = capsys.readouterr().err
-    assert err == "rerank-batch: an info line\n"
+    assert re.fullmatch(STAMP + r"rerank-batch: an info line\n", err), err
     setup_logging(verbose=True)
     logging.getLogger("huggingface_hub.file_download").warning("a hub warning")
     logging.getLogger("pipeline.run").debug("a debug line")
@@ -222,3 +225,132 @@ def test_current_directory_has_no_default_output(tmp_path, monkeypatch):
     with pytest.raises(InputError, match="pass -o"):
         RunConfig(inputs="*.parquet")
     assert RunConfig(inputs="p.parquet").output == "p.reranked.parquet"
+
+
+# -- -q, --log-level and timestamps, the same on every subcommand --------------------------------
+
+def _lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line]
+
+
+def test_quiet_run_prints_only_the_wrote_line(tmp_path):
+    out = tmp_path / "q.parquet"
+    r = run_cli(["run", SAMPLE, "--model", TINY, "-o", out, "-q"])
+    assert r.exit_code == 0, r.output
+    lines = _lines(r.output)
+    assert len(lines) == 1 and re.fullmatch(STAMP + f"rerank-batch: wrote {re.escape(str(out))} \\({N} rows\\)",
+                                             lines[0]), r.output
+    # Without -q: the INFO lines and the summary, each stamped too.
+    r = run_cli(["run", SAMPLE, "--model", TINY, "-o", tmp_path / "loud.parquet"])
+    assert r.exit_code == 0, r.output
+    lines = _lines(r.output)
+    assert any(" rerank-batch: summary {" in line for line in lines) and len(lines) > 2, r.output
+    assert all(re.match(STAMP + "rerank-batch: ", line) for line in lines), r.output
+
+
+def test_log_level_warning_drops_info_lines_but_not_the_result(tmp_path):
+    out = tmp_path / "w.parquet"
+    r = run_cli(["run", SAMPLE, "--model", TINY, "-o", out, "--log-level", "warning"])
+    assert r.exit_code == 0, r.output
+    assert [line.split(" ", 1)[1] for line in _lines(r.output)] == [f"rerank-batch: wrote {out} ({N} rows)"]
+
+
+def test_quiet_prepare_and_eval(tmp_path):
+    beir = os.path.join(ROOT, "sample_data", "beir-mini")
+    pairs = tmp_path / "pairs.parquet"
+    r = run_cli(["prepare", "beir", beir, "--run", os.path.join(beir, "first-stage.trec"), "--depth", 2, "-o", pairs,
+                 "-q"])
+    assert r.exit_code == 0, r.output
+    assert [line.split(" ", 1)[1] for line in _lines(r.output)] == [f"rerank-batch: wrote {pairs} (12 pairs)"]
+    js = tmp_path / "e.json"
+    r = run_cli(["eval", pairs, "--score-col", "first_stage_score", "--relevance-col", "relevance",
+                 "--metrics", "p@1", "--json", js, "-q"])
+    assert r.exit_code == 0, r.output
+    lines = _lines(r.output)
+    assert lines[0] == "metric       value" and lines[1].startswith("p@1  ") and len(lines) == 4, r.output
+    assert lines[2] == "(6 queries, relevance from column 'relevance')"
+    assert lines[3].split(" ", 1)[1] == f"rerank-batch: wrote {js}"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-q", "-v"], "-q and -v contradict each other; pass one of them"),
+    (["-q", "--log-level", "info"], "--log-level info contradicts -q; pass one of them"),
+    (["-v", "--log-level", "error"], "--log-level error contradicts -v; pass one of them"),
+])
+@pytest.mark.parametrize("command", [["run", SAMPLE], ["eval", SAMPLE, "--relevance-col", "x"],
+                                     ["prepare", "mc", SAMPLE, "-o", "x.parquet"], ["bench", "--smoke"]])
+def test_contradicting_log_options_are_refused_on_every_subcommand(command, args, message):
+    r = run_cli(command + args)
+    assert r.exit_code == 2
+    assert r.output == f"Error: {message}\n"
+
+
+@pytest.mark.parametrize("command", [["run"], ["eval"], ["prepare", "beir"], ["prepare", "mc"], ["bench"]])
+def test_every_subcommand_has_the_log_options(command):
+    r = run_cli(command + ["--help"])
+    assert r.exit_code == 0
+    for option in ("-q, --quiet", "-v, --verbose", "--log-level [debug|info|warning|error]"):
+        assert option in r.output, (command, option)
+
+
+def test_no_timestamps_on_a_terminal():
+    from jobs.common import setup_logging
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty, plain = Tty(), io.StringIO()
+    try:
+        setup_logging(stream=tty)
+        logging.getLogger("pipeline.run").info("a line")
+        setup_logging(stream=plain)
+        logging.getLogger("pipeline.run").info("a line")
+    finally:
+        setup_logging()
+    assert tty.getvalue() == "rerank-batch: a line\n"
+    assert re.fullmatch(STAMP + "rerank-batch: a line\n", plain.getvalue()), plain.getvalue()
+
+
+# -- resuming and checkpoint mismatches, told in the options' words ------------------------------
+
+def _one_unit_then_stop(out):
+    done = out.parent / (out.name + ".ckpt") / "done"
+
+    def stop():  # once the first unit is committed
+        return done.is_dir() and any(done.iterdir())
+    stop.signum = 15
+    return stop
+
+
+def test_resume_counts_units_in_words_and_a_mismatch_names_the_option_and_both_values(tmp_path):
+    from pipeline.errors import Interrupted
+    from pipeline.run import run
+
+    out = tmp_path / "o.parquet"
+    with pytest.raises(Interrupted):
+        run(RunConfig(inputs=SAMPLE, output=str(out), model=TINY, window_pairs=5), progress=False,
+            should_stop=_one_unit_then_stop(out))
+    ck = f"{out}.ckpt"
+    assert len(os.listdir(os.path.join(ck, "done"))) == 1  # the run stops at the first unit committed
+    r = run_cli(["run", SAMPLE, "--model", TINY, "-o", out, "--window", 7])
+    assert r.exit_code == 2
+    assert r.output == (f"Error: {ck}: the checkpoint was made with --window 5, this run has --window 7; rerun with "
+                        "--window 5 to resume, or pass --restart to start over\n")
+    r = run_cli(["run", SAMPLE, "--model", TINY, "-o", out, "--window", 5])
+    assert r.exit_code == 0, r.output
+    assert f"rerank-batch: resuming: 1 unit already scored in {ck}" in r.output
+
+
+def test_mismatch_messages_for_fields_without_one_option():
+    from pipeline.storage.fingerprint import describe_mismatch
+
+    assert describe_mismatch("options.nested", True, False) == (
+        "the checkpoint was made from nested input (a list of documents per row), this run reads long-form input "
+        "(a document per row); rerun with the same inputs and columns to resume")
+    assert describe_mismatch("model.files.model.safetensors", "a", "b") == (
+        "the model's model.safetensors is not the one the checkpoint was made with (--model); rerun with that "
+        "model to resume")
+    assert describe_mismatch("options.instruction", "Judge it", "Other") == (
+        "the checkpoint was made with --instruction 'Judge it', this run has --instruction Other; rerun with "
+        "--instruction 'Judge it' to resume")

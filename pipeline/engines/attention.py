@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.engines.padded_attention import padded_sdpa
+from pipeline.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -39,23 +40,30 @@ def _torch_varlen():
 
 
 def choose_kernel(requested: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
-    """Resolve --attention auto to the fastest exact kernel available on this device."""
-    if device.type == "cuda" and dtype == torch.float32:
-        # The FlashAttention kernels take fp16/bf16 only.
-        if requested not in ("auto", "sdpa"):
-            log.warning("attention %s has no float32 kernel; using the per-sequence SDPA", requested)
+    """Resolve --attention auto to the fastest exact kernel available on this device. A kernel
+    asked for by name that cannot run here is an InputError naming the fix (what was explicitly
+    requested is never swapped for something else; only auto falls back)."""
+    if requested in ("flash_attn", "torch_varlen"):
+        if device.type != "cuda":
+            raise InputError(f"--attention {requested} needs CUDA and this run is on {device.type}; use "
+                             "--attention sdpa (or auto) on CPU")
+        if dtype == torch.float32:  # the FlashAttention kernels take fp16/bf16 only
+            raise InputError(f"--attention {requested} has no float32 kernel; use --dtype bfloat16 or float16, "
+                             "or --attention sdpa")
+        if requested == "flash_attn" and _flash_attn() is None:
+            raise InputError("--attention flash_attn: the flash-attn package does not import here; install it "
+                             "(pip install flash-attn --no-build-isolation) or use --attention auto")
+        if requested == "torch_varlen" and _torch_varlen() is None:
+            raise InputError(f"--attention torch_varlen: torch {torch.__version__} has no "
+                             "torch.nn.attention.varlen; use --attention auto")
+        return requested
+    if device.type != "cuda" or dtype == torch.float32 or requested == "sdpa":
         return "sdpa"
-    if device.type != "cuda":
-        if requested not in ("auto", "sdpa"):
-            log.warning("attention %s needs CUDA; using the exact per-sequence SDPA on %s", requested, device)
-        return "sdpa"
-    if requested == "auto":
-        if _flash_attn() is not None:
-            return "flash_attn"
-        if _torch_varlen() is not None:
-            return "torch_varlen"
-        return "sdpa"
-    return requested
+    if _flash_attn() is not None:
+        return "flash_attn"
+    if _torch_varlen() is not None:
+        return "torch_varlen"
+    return "sdpa"
 
 
 def _sdpa_per_sequence(q, k, v, cu, scale):

@@ -12,14 +12,12 @@
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 
 from pipeline.config import RunConfig
 from pipeline.errors import ModelError, first_line
 from pipeline.engines.template import DEFAULT_TEMPLATE, Template, get_template
 
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 # Model types whose sequence-classification head sits on a causal decoder (last-token pooling).
 CAUSAL_TYPES = {"qwen3", "qwen2", "llama", "mistral", "gemma", "gemma2", "gemma3_text", "phi3"}
 
@@ -37,8 +35,11 @@ def load_config(cfg: RunConfig):
     """The model's config: config.json as plain JSON for the model types whose fields we read
     (no transformers import: seconds at startup), else transformers' AutoConfig."""
     path = cfg.model
-    if not os.path.isdir(path) and (os.path.exists(path) or not _HUB_ID.match(path)):
-        raise ModelError(f"model {path}: no such directory; pass a model directory or a hub id")
+    if not os.path.isdir(path):
+        from pipeline.engines.hub import looks_like_path
+
+        if looks_like_path(path):
+            raise ModelError(f"model {path}: no such directory; check the path (a hub id is org/name)")
     if os.path.isdir(path) and not cfg.trust_remote_code:
         from pipeline.engines.direct import read_config
 

@@ -36,13 +36,22 @@ def cache_dir() -> str:
     return os.path.join(os.path.expanduser(home), "hub")
 
 
+def looks_like_path(model: str) -> bool:
+    """A local path rather than a hub id: it exists, is not shaped org/name, starts with `.`, `/` or
+    `~`, or its first component is a local directory or file (`sample_data/tiny-qwen3-rerankr`, a
+    typo under an existing folder, must say "no such directory", not reach for the hub)."""
+    if os.path.exists(model) or not HUB_ID.match(model) or model.startswith((".", "/", "~")):
+        return True
+    return os.path.exists(model.split("/", 1)[0])
+
+
 def resolve_model(model: str) -> str:
     """A local directory for `model`: itself when it is one, else the cached snapshot of a hub id."""
     model = os.fspath(model)
     if os.path.isdir(model):
         return model
-    if os.path.exists(model) or not HUB_ID.match(model):
-        raise ModelError(f"model {model}: no such directory; pass a model directory or a hub id (org/name)")
+    if looks_like_path(model):
+        raise ModelError(f"model {model}: no such directory; check the path (a hub id is org/name)")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 

@@ -30,7 +30,13 @@ AUTO_DEVICES = ("cuda",)
 
 def resolve_mode(mode: str, device_type: str, padded: bool) -> str:
     """The sharing mode a scorer runs: cross-encoders attend both ways (a candidate's prefix
-    depends on its document), so never; `auto` only on AUTO_DEVICES."""
+    depends on its document), so never (`on` asked of one is an InputError: what is asked for by
+    name is never dropped quietly); `auto` only on AUTO_DEVICES."""
+    if padded and mode == "on":
+        from pipeline.errors import InputError
+
+        raise InputError("--prefix-sharing on: a cross-encoder reads query and document together, so there is no "
+                         "shared prefix to compute once; use --prefix-sharing auto or off")
     if padded or (mode == "auto" and device_type not in AUTO_DEVICES):
         return "off"
     return mode

@@ -176,7 +176,9 @@ def evaluate(run: pl.DataFrame, qrels: pl.DataFrame, metrics: list[Metric], scor
     return means, pq_
 
 
-def format_table(means: dict, baseline: dict | None = None, n_queries: int = 0) -> str:
+def format_table(means: dict, baseline: dict | None = None, n_queries: int = 0,
+                 where: str = " in both the run and the qrels") -> str:
+    """The metrics as a table, then how many queries they average over (`where`: which)."""
     names = list(means)
     w = max(8, *(len(n) for n in names))
     if baseline is None:
@@ -184,7 +186,7 @@ def format_table(means: dict, baseline: dict | None = None, n_queries: int = 0) 
     else:
         lines = [f"{'metric':<{w}}  {'before':>8}  {'after':>8}  {'delta':>8}"]
         lines += [f"{n:<{w}}  {baseline[n]:>8.4f}  {means[n]:>8.4f}  {means[n] - baseline[n]:>+8.4f}" for n in names]
-    lines.append(f"({n_queries} queries in both the run and the qrels)")
+    lines.append(f"({n_queries} {'query' if n_queries == 1 else 'queries'}{where})")
     return "\n".join(lines)
 
 

@@ -53,17 +53,20 @@ def read_run(path: str, query_id_col: str = "query_id", doc_id_col: str = "doc_i
     return df.select("query_id", "doc_id", pl.col(score_col).cast(pl.Float64).fill_nan(None).alias("score"))
 
 
-def load_run(path: str, query_id_col: str, doc_id_col: str, columns: list[str]) -> pl.DataFrame:
-    """query_id and doc_id (strings) and `columns` under their own names. A TREC run has one
-    column, its score, given the name columns[0]. A (query, document) pair given twice is an
-    InputError: trec_eval would count the document twice."""
+def load_run(path: str, query_id_col: str, doc_id_col: str, columns) -> pl.DataFrame:
+    """query_id and doc_id (strings) and `columns` under their own names. `columns` is a list, or
+    {column: the option that named it} so that a missing one is told with its option; the first
+    is the score. A TREC run has one column, its score, given the name columns[0]. A (query,
+    document) pair given twice is an InputError: trec_eval would count the document twice."""
+    options = dict(columns) if isinstance(columns, dict) else {}
+    columns = list(columns)
     if not os.path.exists(path):
         raise InputError(f"{path}: no such file; pass a scored Parquet file (the output of rerank-batch run) "
                          "or a TREC run")
     if os.path.isdir(path):
         raise InputError(f"{path}: is a directory; pass a file")
     if is_parquet(path):
-        df = _read_parquet_run(path, query_id_col, doc_id_col, columns)
+        df = _read_parquet_run(path, query_id_col, doc_id_col, columns, options)
         where = "rows"
     else:
         if len(set(columns)) > 1:
@@ -82,16 +85,20 @@ def load_run(path: str, query_id_col: str, doc_id_col: str, columns: list[str]) 
     return df
 
 
-def _read_parquet_run(path, query_id_col, doc_id_col, columns) -> pl.DataFrame:
+def _read_parquet_run(path, query_id_col, doc_id_col, columns, options) -> pl.DataFrame:
     try:
         schema = pl.read_parquet_schema(path)
     except Exception as exc:
         raise InputError(f"{path}: not a readable Parquet file ({first_line(exc)})") from None
+    if columns and columns[0] not in schema:  # a pairs file not scored yet, most often
+        raise InputError(f"{path}: no score column {columns[0]!r}; run `rerank-batch run` on it first, or name "
+                         f"its score column with --score-col (columns: {', '.join(schema)})")
     need = list(dict.fromkeys([query_id_col, doc_id_col] + columns))
     missing = [c for c in need if c not in schema]
     if missing:
-        raise InputError(f"{path}: no column {missing[0]!r} (columns: {', '.join(schema)}); "
-                         "pass --query-id-col/--doc-id-col/--score-col, or score a file that has them")
+        option = options.get(missing[0]) or ("--query-id-col" if missing[0] == query_id_col else
+                                             "--doc-id-col" if missing[0] == doc_id_col else "--score-col")
+        raise InputError(f"{path}: no column {missing[0]!r} (columns: {', '.join(schema)}); pass {option} NAME")
     df = pl.read_parquet(path, columns=need).with_columns(
         query_id=pl.col(query_id_col).cast(pl.String), doc_id=pl.col(doc_id_col).cast(pl.String))
     for c, given in (("query_id", query_id_col), ("doc_id", doc_id_col)):

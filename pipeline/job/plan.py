@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from pipeline.errors import InputError, ModelError
 from pipeline.storage.fingerprint import model_fingerprint
 from pipeline.data.jsonl import is_jsonl
 from pipeline.data.read import InputLayout, Unit, open_parquet, plan_units, read_layout
+
+log = logging.getLogger(__name__)
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
                     "spiece.model", "sentencepiece.bpe.model")
@@ -49,6 +52,20 @@ def check_options(cfg: RunConfig) -> None:
         if not torch.cuda.is_available():
             raise InputError("--gpu-memory-limit applies to CUDA only, and --device auto found no GPU here; "
                              "drop the option or pass --device cuda")
+
+
+def check_device_options(cfg: RunConfig, device, dtype) -> None:
+    """Before the checkpoint: a kernel asked for by name must run on this device (only auto falls
+    back); --compile on where compiling is slow gets one line saying so."""
+    if cfg.attention != "auto":
+        from pipeline.engines.attention import choose_kernel
+
+        choose_kernel(cfg.attention, device, dtype)
+    if cfg.compile == "on" and device.type == "cpu":
+        from pipeline.engines.compiled import cache_dir
+
+        log.info("--compile on: on CPU, torch.compile takes a minute or more at the first run; later runs take the "
+                 "kernels from its cache (%s)", cache_dir() or "Inductor's default")
 
 
 def output_key(output: str) -> str:
@@ -217,7 +234,13 @@ def make_plan(cfg: RunConfig, kind=None, run_id: str | None = None) -> Plan:
         check_model_files(cfg)
         check_max_length(cfg, mconfig)
     device = resolve_device(cfg.device)
-    dtype = str(resolve_dtype(cfg.dtype, device)).removeprefix("torch.")
+    torch_dtype = resolve_dtype(cfg.dtype, device)
+    dtype = str(torch_dtype).removeprefix("torch.")
+    if cfg.executor == "local" and not cfg.devices:  # workers check their own device when they load
+        check_device_options(cfg, device, torch_dtype)
+    from pipeline.engines.prefix import resolve_mode
+
+    resolve_mode(cfg.prefix_sharing, device.type, kind.family == "seq-cls-encoder")  # `on` for a cross-encoder
     fp = fingerprint(cfg, layout, device.type, dtype, kind)
     ck = open_checkpoint(cfg.ckpt_dir, fp, cfg.inputs, restart=cfg.restart, run_id=run_id,
                          own_root=cfg.checkpoint_dir is None, output=output_key(cfg.output))

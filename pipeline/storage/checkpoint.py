@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import CheckpointError, InputError, RerankError, first_line
-from pipeline.storage.fingerprint import check_inputs, diff_fingerprints, file_fingerprint
+from pipeline.storage.fingerprint import check_inputs, describe_mismatch, diff_fingerprints, file_fingerprint
 from pipeline.storage.lock import LEASE_NAME, LocalLease
 from pipeline.storage.local import LocalStore, fsync_dir
 from pipeline.storage.remote import REMOTE_LEASE_NAME, RemoteLease, RemoteStore
@@ -286,12 +286,9 @@ def open_checkpoint(directory: str, fingerprint: dict, paths, *, restart: bool, 
         ck.done = ck.finished()
         old = ck._read_json(FINGERPRINT)
         if old is not None and (ck.done or ck.state == "published"):
-            field = diff_fingerprints({k: v for k, v in old.items() if k != "inputs"}, fingerprint)
-            if field:
-                raise CheckpointError(
-                    f"{directory}: the checkpoint belongs to a run with a different {field}; rerun with the same "
-                    "inputs, model and options to resume, or pass --restart to start over"
-                )
+            diff = diff_fingerprints({k: v for k, v in old.items() if k != "inputs"}, fingerprint)
+            if diff:
+                raise CheckpointError(f"{directory}: {describe_mismatch(*diff)}, or pass --restart to start over")
             check_inputs(old.get("inputs", []), paths)
             ck.fingerprint = old
         else:  # nothing to lose: (re)write it, with the content hashes of the inputs
@@ -299,7 +296,8 @@ def open_checkpoint(directory: str, fingerprint: dict, paths, *, restart: bool, 
             ck.store.write(FINGERPRINT, json.dumps(ck.fingerprint, indent=1, sort_keys=True).encode())
             ck.done = {}
         if ck.done:
-            log.info("resuming: %d units already scored in %s", len(ck.done), directory)
+            n = len(ck.done)
+            log.info("resuming: %d %s already scored in %s", n, "unit" if n == 1 else "units", directory)
     except BaseException:
         ck.close(remove=new)
         if new and (own_root or not existed):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 
 from pipeline.errors import CheckpointError, InputError
 from pipeline.storage.uri import is_uri, open_input, stat
@@ -116,8 +117,8 @@ def recheck_inputs(old: list[dict], paths) -> None:
             )
 
 
-def diff_fingerprints(old: dict, new: dict, prefix: str = "") -> str | None:
-    """The first field (dotted path) where two fingerprints differ, or None."""
+def diff_fingerprints(old: dict, new: dict, prefix: str = "") -> tuple[str, object, object] | None:
+    """The first field (dotted path) where two fingerprints differ, with its old and new value; or None."""
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
@@ -125,8 +126,50 @@ def diff_fingerprints(old: dict, new: dict, prefix: str = "") -> str | None:
             if found:
                 return found
         elif a != b:
-            return f"{prefix}{key}"
+            return f"{prefix}{key}", a, b
     return None
+
+
+# Fingerprint fields as the option a user typed (RunConfig field -> CLI option).
+OPTION_OF = {
+    "options.query_col": "--query-col", "options.doc_col": "--doc-col", "options.docs_col": "--docs-col",
+    "options.instruction_col": "--instruction-col", "options.instruction": "--instruction",
+    "options.template": "--template", "options.max_length": "--max-length", "options.family": "--family",
+    "options.activation": "--activation", "options.on_null": "--on-null", "options.window_pairs": "--window",
+    "options.device_type": "--device", "options.dtype": "--dtype", "options.engine": "--engine",
+    "options.attention": "--attention", "options.compile": "--compile",
+    "options.max_batch_tokens": "--max-batch-tokens", "model.family": "--family", "model.path": "--model",
+    "model.id": "--model",
+}
+
+
+def _shown(option: str, value) -> str:
+    if value is None:
+        return f"no {option}"
+    text = shlex.quote(str(value))
+    return f"{option} {text if len(text) <= 200 else text[:199] + '…'}"
+
+
+def describe_mismatch(field: str, then, now) -> str:
+    """Why a checkpoint does not fit this run, in the words of the options: both values and the fix
+    (for a caller to end with its own alternative, e.g. `, or pass --restart ...`)."""
+    option = OPTION_OF.get(field)
+    if option:
+        fix = f"rerun with {option} {shlex.quote(str(then))}" if then is not None else f"rerun without {option}"
+        return (f"the checkpoint was made with {_shown(option, then)}, this run has {_shown(option, now)}; {fix} "
+                "to resume")
+    if field == "options.nested":
+        form = {True: "nested input (a list of documents per row)", False: "long-form input (a document per row)"}
+        return (f"the checkpoint was made from {form.get(then, then)}, this run reads {form.get(now, now)}; rerun "
+                "with the same inputs and columns to resume")
+    if field.startswith("model.files."):
+        return (f"the model's {field[len('model.files.'):]} is not the one the checkpoint was made with (--model); "
+                "rerun with that model to resume")
+    if field.startswith("template."):
+        return (f"the prompt template's {field[len('template.'):]} is not the one the checkpoint was made with "
+                "(--template); rerun with the same --template to resume")
+    return (f"the checkpoint belongs to a run with a different {field} ({then!r}; this run: {now!r}); rerun with the "
+            "same inputs, model and options to resume")
 
 
 def _sample_hash(path: str, chunk: int = 1 << 20) -> str:

@@ -38,9 +38,21 @@ def resolve(uri: str):
     except (OSError, ValueError, pa.ArrowException) as exc:
         from pipeline.errors import InputError, first_line
 
+        if isinstance(exc, OSError) and unreachable(exc):  # e.g. the bucket's region asked of a network
+            raise  # that is down: a runtime failure like any later request's, not a wrong URI
         raise InputError(f"{uri}: cannot open this location ({first_line(exc)}); check the URI and the "
                          "credentials in the environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)") from None
     return fs, path.rstrip("/")
+
+
+# How pyarrow's S3 client says that the endpoint did not answer (curl's connect and DNS failures).
+_UNREACHABLE = ("NETWORK_CONNECTION", "curlCode", "Could not connect", "Couldn't connect", "Could not resolve host")
+
+
+def unreachable(exc: BaseException) -> bool:
+    """True when `exc` says the store could not be reached (not that the URI or credentials are wrong)."""
+    text = str(exc)
+    return any(marker in text for marker in _UNREACHABLE)
 
 
 def join(uri: str, *names: str) -> str:
