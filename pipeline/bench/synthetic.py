@@ -160,6 +160,60 @@ def train_wordpiece(out_dir: str | Path, texts: list[str], style: str = "bert"):
     return fast
 
 
+def train_cross_tokenizer(out_dir: str | Path, style: str, texts: list[str], *, vocab_size: int = 3000,
+                          pad_vocab_to: int | None = None):
+    """A cross-encoder tokenizer of a real model's kind, trained on `texts` and saved with the class
+    that model's tokenizer_config.json names: 'bert' (WordPiece, lower-case, BertTokenizer, as
+    ms-marco MiniLM), 'xlmr' (sentencepiece-style Unigram, XLMRobertaTokenizer, as
+    bge-reranker-v2-m3) or 'modernbert' (byte-level BPE, PreTrainedTokenizerFast, as ModernBERT).
+    pad_vocab_to grows the vocabulary with filler pieces to a real model's size (load times)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertTokenizer, PreTrainedTokenizerFast, XLMRobertaTokenizer
+
+    corpus = list(texts) + _BUILTIN_CORPUS * 5
+    filler = [f"{chr(0x4e00 + k % 20000)}{k}" for k in range(max(0, (pad_vocab_to or 0) - vocab_size))]
+    if style == "bert":
+        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                                  show_progress=False))
+        vocab = tok.get_vocab()
+        for f in filler:
+            vocab.setdefault(f, len(vocab))
+        fast = BertTokenizer(vocab=vocab, do_lower_case=True, model_max_length=512)
+    elif style == "xlmr":
+        tok = Tokenizer(models.Unigram())
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.train_from_iterator(corpus, trainers.UnigramTrainer(
+            vocab_size=vocab_size, special_tokens=["<s>", "<pad>", "</s>", "<unk>"], unk_token="<unk>",
+            show_progress=False))
+        pieces = [tuple(p) for p in json.loads(tok.to_str())["model"]["vocab"]]
+        pieces += [(f"▁{f}", -20.0) for f in filler] + [("<mask>", 0.0)]
+        fast = XLMRobertaTokenizer(vocab=pieces, model_max_length=8192)
+    elif style == "modernbert":
+        specials = ["|||IP_ADDRESS|||", "<|padding|>", "[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"]
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.train_from_iterator(corpus, trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False))
+        if filler:
+            tok.add_tokens(filler)
+        c, s = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS]:0 $A:0 [SEP]:0", pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", c), ("[SEP]", s)])
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                       sep_token="[SEP]", mask_token="[MASK]", model_max_length=8192,
+                                       model_input_names=["input_ids", "attention_mask"])
+    else:
+        raise ValueError(style)
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
 def build_cross_encoder(out_dir: str | Path, arch: str, texts: list[str], *, num_labels: int = 1, seed: int = 0,
                         init_std: float = 0.2):
     """A tiny random cross-encoder: arch 'bert', 'xlm-roberta' or 'modernbert'."""
