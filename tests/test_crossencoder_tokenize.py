@@ -192,3 +192,37 @@ def test_loads_and_encodes_without_transformers(tokenizers_dirs):
     p = subprocess.run([sys.executable, "-c", code, *tokenizers_dirs.values()], capture_output=True, text=True,
                        cwd=ROOT, env=env)
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]
+
+
+def test_peer_bench_reports_tokenizer_load_and_cli_vs_st(tmp_path, tokenizers_dirs):
+    """`bench --peer`'s tokenizer rows load in fresh processes (ours without transformers, the
+    reason where ours falls back) and its table prints them with the CLI's rate against predict's."""
+    from pipeline.bench.peer import format_peer_table, tokenizer_load_rows
+
+    rows = tokenizer_load_rows(tokenizers_dirs["modernbert"], True, 1)
+    assert rows["ours"]["loaded"] and rows["transformers"]["loaded"] and "fallback_reason" not in rows["ours"]
+    assert 0 < rows["ours"]["load_s"] == rows["ours"]["load_s_min"]
+    d = tmp_path / "roberta"
+    d.mkdir()
+    for name in os.listdir(tokenizers_dirs["bert"]):
+        (d / name).write_bytes(open(os.path.join(tokenizers_dirs["bert"], name), "rb").read())
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({**cfg, "tokenizer_class": "RobertaTokenizer"}))
+    fell = tokenizer_load_rows(str(d), True, 1)["ours"]
+    assert not fell["loaded"]
+    assert fell["fallback_reason"] == "tokenizer class 'RobertaTokenizer' is not one we read without transformers"
+
+    row = {"pairs_per_s": 10.0, "pairs_per_s_min": 9.0, "pairs_per_s_max": 11.0}
+    rec = {"arch": "minilm-l6", "workload": "w-mixed", "device": "cpu", "dtype": "float32", "pairs": 64, "repeats": 1,
+           "engine": row, "engine_tok": row, "st_bs32": row, "st_best": "st_bs32", "ratio_model_only_vs_st": 1.0,
+           "ratio_with_tokenize_vs_st": 1.0, "max_abs_diff_vs_st": 0.0, "tokenizer_class": "BertTokenizer",
+           "tokenizer_load": {"ours": rows["ours"], "transformers": rows["transformers"]}, "st_load_s": 0.5,
+           "ratio_cli_scoring_vs_st": 2.5, "ratio_cli_wall_vs_st": 0.8,
+           "cli": {"runs": [{"startup_tokenizer_s": 0.2}], "wall_s": 8.0, "wall_s_min": 8.0, "wall_s_max": 8.0,
+                   "pairs_per_s": 25.0, "pairs_per_s_min": 24.0, "pairs_per_s_max": 26.0, "wall_pairs_per_s": 8.0,
+                   "startup_tokenizer_s": 0.2, "wall_over_scoring": 3.1}}
+    table = format_peer_table(rec)
+    assert (f"tokenizer load, fresh process (BertTokenizer): ours {rows['ours']['load_s']:.3f} s "
+            f"[{rows['ours']['load_s_min']:.3f}-{rows['ours']['load_s_max']:.3f}], transformers ") in table
+    assert ("cli scoring: 25.0 pairs/s [24.0-26.0], wall 8.0 pairs/s, tokenizer stage 0.20 s; vs "
+            "sentence-transformers (st_bs32, load 0.50 s): 2.5x scoring, 0.8x wall") in table

@@ -52,20 +52,24 @@ def load(cfg: RunConfig, kind: ModelKind | None = None):
         got = direct.load_qwen3(cfg, kind, device, dtype)
         if got is not None:
             return got[0], got[1], device, kind
+    # Before transformers is imported, so that the tokenizer stage of the startup timeline is the
+    # tokenizer's own load (the import then counts with the weights, which need it).
+    tokenizer = _cross_encoder_tokenizer(cfg) if kind.family == "seq-cls-encoder" else None
+    if tokenizer is not None:
+        startup.mark("tokenizer")
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our progress is the pairs, not the weight shards
     path = cfg.model
     kw = dict(trust_remote_code=cfg.trust_remote_code)
-    tokenizer = _cross_encoder_tokenizer(cfg) if kind.family == "seq-cls-encoder" else None
     if tokenizer is None:
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, **kw)
         except Exception as exc:
             raise ModelError(f"model {path}: cannot load its tokenizer ({first_line(exc)}); "
                              "the directory needs tokenizer files") from None
-    startup.mark("tokenizer")
+        startup.mark("tokenizer")
     auto = AutoModelForSequenceClassification if kind.family.startswith("seq-cls") else AutoModelForCausalLM
     extra = {} if kind.family == "seq-cls-encoder" else {"attn_implementation": attention.register()}
     if device.type == "cuda" and importlib.util.find_spec("accelerate") is not None:
