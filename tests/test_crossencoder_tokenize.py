@@ -166,7 +166,7 @@ def test_probe_disagreement_falls_back_to_the_call(tokenizers_dirs, monkeypatch,
     want = CrossEncoderEncoder(tok, 64).encode([None] * len(queries), queries, documents)
 
     def off_by_one(self, q, d):
-        e = CrossEncoderEncoder._encode_call(self, q, d)
+        e = CrossEncoderEncoder.encode_by_call(self, q, d)
         e.ids[0] += 1
         return e
 
@@ -196,12 +196,19 @@ def test_loads_and_encodes_without_transformers(tokenizers_dirs):
 
 def test_peer_bench_reports_tokenizer_load_and_cli_vs_st(tmp_path, tokenizers_dirs):
     """`bench --peer`'s tokenizer rows load in fresh processes (ours without transformers, the
-    reason where ours falls back) and its table prints them with the CLI's rate against predict's."""
-    from pipeline.bench.peer import format_peer_table, tokenizer_load_rows
+    reason where ours falls back), its ids check tells equal from different, and its table prints
+    them with the CLI's rate against predict's."""
+    from pipeline.bench.peer import format_peer_table, ids_equal_transformers, tokenizer_load_rows
 
     rows = tokenizer_load_rows(tokenizers_dirs["modernbert"], True, 1)
     assert rows["ours"]["loaded"] and rows["transformers"]["loaded"] and "fallback_reason" not in rows["ours"]
     assert 0 < rows["ours"]["load_s"] == rows["ours"]["load_s_min"]
+    queries, documents = _pairs(20)
+    tok, _ = cross_tokenizer.load(tokenizers_dirs["modernbert"])
+    enc = CrossEncoderEncoder(tok, 40).encode(None, queries, documents)
+    assert ids_equal_transformers(tokenizers_dirs["modernbert"], enc, queries, documents, 40)
+    enc.ids[-1] += 1
+    assert not ids_equal_transformers(tokenizers_dirs["modernbert"], enc, queries, documents, 40)
     d = tmp_path / "roberta"
     d.mkdir()
     for name in os.listdir(tokenizers_dirs["bert"]):
@@ -217,11 +224,12 @@ def test_peer_bench_reports_tokenizer_load_and_cli_vs_st(tmp_path, tokenizers_di
            "engine": row, "engine_tok": row, "st_bs32": row, "st_best": "st_bs32", "ratio_model_only_vs_st": 1.0,
            "ratio_with_tokenize_vs_st": 1.0, "max_abs_diff_vs_st": 0.0, "tokenizer_class": "BertTokenizer",
            "tokenizer_load": {"ours": rows["ours"], "transformers": rows["transformers"]}, "st_load_s": 0.5,
-           "ratio_cli_scoring_vs_st": 2.5, "ratio_cli_wall_vs_st": 0.8,
+           "tokenizer_path": "rust-batch", "tokenizer_ids_equal_transformers": True, "ratio_cli_scoring_vs_st": 2.5, "ratio_cli_wall_vs_st": 0.8,
            "cli": {"runs": [{"startup_tokenizer_s": 0.2}], "wall_s": 8.0, "wall_s_min": 8.0, "wall_s_max": 8.0,
                    "pairs_per_s": 25.0, "pairs_per_s_min": 24.0, "pairs_per_s_max": 26.0, "wall_pairs_per_s": 8.0,
                    "startup_tokenizer_s": 0.2, "wall_over_scoring": 3.1}}
     table = format_peer_table(rec)
+    assert "tokenizing: rust-batch, ids equal to transformers': True" in table
     assert (f"tokenizer load, fresh process (BertTokenizer): ours {rows['ours']['load_s']:.3f} s "
             f"[{rows['ours']['load_s_min']:.3f}-{rows['ours']['load_s_max']:.3f}], transformers ") in table
     assert ("cli scoring: 25.0 pairs/s [24.0-26.0], wall 8.0 pairs/s, tokenizer stage 0.20 s; vs "

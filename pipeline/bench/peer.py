@@ -214,6 +214,17 @@ def tokenizer_load_rows(model_dir: str, encoder: bool, repeats: int) -> dict:
     return out
 
 
+def ids_equal_transformers(model_dir: str, enc, queries, documents, max_length: int) -> bool:
+    """Whether the run's ids (and token types) equal those of transformers' AutoTokenizer called
+    on the same pairs, on this machine's transformers."""
+    from transformers import AutoTokenizer
+
+    from pipeline.engines.tokenize import CrossEncoderEncoder, same_ids
+
+    ref = CrossEncoderEncoder(AutoTokenizer.from_pretrained(model_dir), max_length).encode_by_call(queries, documents)
+    return bool(same_ids(enc, ref))
+
+
 def _spread(values, name: str) -> dict:
     if not values:
         return {}
@@ -255,6 +266,9 @@ def run_peer_bench(arch: str, workload: str, *, device: str = "auto", pairs: int
         rec.update(engine_impl=scorer.engine, attention=scorer.kernel, batch_token_budget=scorer.budget)
         enc = scorer.encoder.encode(instr, q, d)
         rec["pairs"], rec["tokens"] = len(enc), int(enc.offsets[-1])
+        if encoder_arch:
+            rec["tokenizer_path"] = "rust-batch" if scorer.encoder.backend is not None else "call"
+            rec["tokenizer_ids_equal_transformers"] = ids_equal_transformers(mdir, enc, q, d, max_length)
         peak = measure_matmul_peak(dev) if dev.type == "cuda" else None
         rec["matmul_peak_tflops"] = round(peak / 1e12, 1) if peak else None
         ce = None
@@ -327,6 +341,9 @@ def format_peer_table(rec: dict) -> str:
     if "ratio_model_only_vs_st" in rec:
         lines.append(f"vs sentence-transformers ({rec['st_best']}): {rec['ratio_model_only_vs_st']}x model only, "
                      f"{rec['ratio_with_tokenize_vs_st']}x with tokenizing; max |score diff| {rec['max_abs_diff_vs_st']:.2e}")
+    if "tokenizer_ids_equal_transformers" in rec:
+        lines.append(f"tokenizing: {rec['tokenizer_path']}, ids equal to transformers': "
+                     f"{rec['tokenizer_ids_equal_transformers']}")
     tl = rec.get("tokenizer_load")
     if tl:
         parts = [f"{k} {v['load_s']:.3f} s [{v['load_s_min']:.3f}-{v['load_s_max']:.3f}]"

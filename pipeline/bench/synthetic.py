@@ -128,38 +128,6 @@ def build_reranker(out_dir: str | Path, arch: str = "tiny", *, tie_word_embeddin
 
 # -- other reranker families (tests and trials; random weights) -----------------------------------
 
-def train_wordpiece(out_dir: str | Path, texts: list[str], style: str = "bert"):
-    """A WordPiece tokenizer with BERT ([CLS] a [SEP] b [SEP], token types) or RoBERTa/XLM-R
-    (<s> a </s></s> b </s>) pair templates, saved as a fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    if style == "bert":
-        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-        pad, unk, cls, sep, mask = specials
-    else:
-        specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # XLM-R's order: <s>=0, <pad>=1, </s>=2
-        cls, pad, sep, unk, mask = specials
-    tok = Tokenizer(models.WordPiece(unk_token=unk))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(list(texts) + _BUILTIN_CORPUS * 5,
-                            trainers.WordPieceTrainer(vocab_size=3000, special_tokens=specials, show_progress=False))
-    c, s = tok.token_to_id(cls), tok.token_to_id(sep)
-    if style == "bert":
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1", special_tokens=[(cls, c), (sep, s)])
-    else:
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} {sep} $B {sep}", special_tokens=[(cls, c), (sep, s)])
-    names = ["input_ids", "token_type_ids", "attention_mask"] if style == "bert" else ["input_ids", "attention_mask"]
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=unk, pad_token=pad, cls_token=cls,
-                                   sep_token=sep, mask_token=mask, model_max_length=512, model_input_names=names)
-    fast.save_pretrained(str(out_dir))
-    return fast
-
-
 def train_cross_tokenizer(out_dir: str | Path, style: str, texts: list[str], *, vocab_size: int = 3000,
                           pad_vocab_to: int | None = None):
     """A cross-encoder tokenizer of a real model's kind, trained on `texts` and saved with the class
@@ -216,13 +184,14 @@ def train_cross_tokenizer(out_dir: str | Path, style: str, texts: list[str], *, 
 
 def build_cross_encoder(out_dir: str | Path, arch: str, texts: list[str], *, num_labels: int = 1, seed: int = 0,
                         init_std: float = 0.2):
-    """A tiny random cross-encoder: arch 'bert', 'xlm-roberta' or 'modernbert'."""
+    """A tiny random cross-encoder: arch 'bert', 'xlm-roberta' or 'modernbert', with the tokenizer
+    kind and class of the real models (train_cross_tokenizer)."""
     import torch
     from transformers import (AutoModelForSequenceClassification, BertConfig, ModernBertConfig,
                               XLMRobertaConfig)
 
     out_dir = Path(out_dir)
-    tok = train_wordpiece(out_dir, texts, "roberta" if arch == "xlm-roberta" else "bert")
+    tok = train_cross_tokenizer(out_dir, {"xlm-roberta": "xlmr"}.get(arch, arch), texts)
     common = dict(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                   intermediate_size=128, num_labels=num_labels, initializer_range=init_std,
                   pad_token_id=tok.pad_token_id)

@@ -201,7 +201,7 @@ class CrossEncoderEncoder:
             probe = (["Ünïcode  q: it's 42?", "", long, "q", "q", "[SEP] </s> x"],
                      [" \tdoc\n\nend ", "", "doc", long, "", "d"])
             try:
-                same = _same(self._encode_fast(*probe), self._encode_call(*probe))
+                same = same_ids(self._encode_fast(*probe), self.encode_by_call(*probe))
             except Exception:  # one of the two failed where the other did not
                 same = False
             if not same:
@@ -215,7 +215,7 @@ class CrossEncoderEncoder:
             return Encoded(np.empty(0, np.int32), np.zeros(1, np.int64), np.zeros(0, bool))
         if self.backend is not None:
             return self._encode_fast(queries, documents)
-        return self._encode_call(queries, documents)
+        return self.encode_by_call(queries, documents)
 
     def _batch(self, pairs, strategy: str):
         b = self.backend
@@ -262,8 +262,9 @@ class CrossEncoderEncoder:
             tflat = np.fromiter(itertools.chain.from_iterable(e.type_ids for e in encs), dtype=np.int8, count=total)
         return Encoded(flat, offsets, lengths >= self.max_length, tflat)
 
-    def _encode_call(self, queries, documents) -> Encoded:
-        """The tokenizer's own __call__ over the lists, pair by pair where the batch call fails."""
+    def encode_by_call(self, queries, documents) -> Encoded:
+        """Encoded pairs by the tokenizer's own __call__ over the lists (pair by pair where the batch
+        call fails): the reference the batch path is checked against."""
         n = len(queries)
         kw = dict(max_length=self.max_length, return_attention_mask=False, verbose=False)
         try:
@@ -295,7 +296,8 @@ class CrossEncoderEncoder:
         return Encoded(flat, offsets, lengths >= self.max_length, tflat)
 
 
-def _same(a: Encoded, b: Encoded) -> bool:
+def same_ids(a: Encoded, b: Encoded) -> bool:
+    """Whether two encodings hold the same pairs: offsets, ids and token types."""
     return (np.array_equal(a.offsets, b.offsets) and np.array_equal(a.ids, b.ids)
             and (a.type_ids is None) == (b.type_ids is None)
             and (a.type_ids is None or np.array_equal(a.type_ids, b.type_ids)))
