@@ -135,7 +135,8 @@ def test_xlmr_file_pipeline_rebuilt_as_transformers_does(tmp_path, tokenizers_di
 
 
 @pytest.mark.parametrize("edit, reason", [
-    ({"tokenizer_class": "RobertaTokenizer"}, "tokenizer class 'RobertaTokenizer' is not one we read without transformers"),
+    ({"tokenizer_class": "RobertaTokenizer"},
+     "tokenizer class 'RobertaTokenizer' is not one we read without transformers"),
     ({"auto_map": {"AutoTokenizer": ["x.Tok", None]}}, "remote code or another tokenizer backend"),
     ({"add_eos_token": False}, "tokenizer options we do not reproduce (add_eos_token)"),
     ({"split_special_tokens": True}, "tokenizer options we do not reproduce (split_special_tokens)"),
@@ -174,7 +175,8 @@ def test_probe_disagreement_falls_back_to_the_call(tokenizers_dirs, monkeypatch,
     with caplog.at_level(logging.INFO, logger="pipeline.engines.tokenize"):
         enc = CrossEncoderEncoder(tok, 64)
     assert enc.backend is None
-    assert "tokenizer: its Rust batch call over pairs and its __call__ disagree on a probe; using __call__" in caplog.text
+    assert ("tokenizer: its Rust batch call over pairs and its __call__ disagree on a probe; using __call__"
+            in caplog.text)
     got = enc.encode([None] * len(queries), queries, documents)
     assert np.array_equal(got.ids, want.ids) and np.array_equal(got.type_ids, want.type_ids)
 
@@ -224,7 +226,8 @@ def test_peer_bench_reports_tokenizer_load_and_cli_vs_st(tmp_path, tokenizers_di
            "engine": row, "engine_tok": row, "st_bs32": row, "st_best": "st_bs32", "ratio_model_only_vs_st": 1.0,
            "ratio_with_tokenize_vs_st": 1.0, "max_abs_diff_vs_st": 0.0, "tokenizer_class": "BertTokenizer",
            "tokenizer_load": {"ours": rows["ours"], "transformers": rows["transformers"]}, "st_load_s": 0.5,
-           "tokenizer_path": "rust-batch", "tokenizer_ids_equal_transformers": True, "ratio_cli_scoring_vs_st": 2.5, "ratio_cli_wall_vs_st": 0.8,
+           "tokenizer_path": "rust-batch", "tokenizer_ids_equal_transformers": True,
+           "ratio_cli_scoring_vs_st": 2.5, "ratio_cli_wall_vs_st": 0.8,
            "cli": {"runs": [{"startup_tokenizer_s": 0.2}], "wall_s": 8.0, "wall_s_min": 8.0, "wall_s_max": 8.0,
                    "pairs_per_s": 25.0, "pairs_per_s_min": 24.0, "pairs_per_s_max": 26.0, "wall_pairs_per_s": 8.0,
                    "startup_tokenizer_s": 0.2, "wall_over_scoring": 3.1}}

@@ -175,7 +175,8 @@ def cli_rows(model_dir: str, inp: str, device: str, repeats: int, max_length: in
             s = json.load(f)
         scoring = s["pairs_scored"] / max(s["scoring_pairs_per_s"], 1e-9)
         runs.append({"wall_s": round(wall, 3), "scoring_s": round(scoring, 3), "pairs_per_s": s["scoring_pairs_per_s"],
-                     "run_pairs_per_s": s.get("run_pairs_per_s"), "wall_pairs_per_s": round(s["pairs_scored"] / wall, 1),
+                     "run_pairs_per_s": s.get("run_pairs_per_s"),
+                     "wall_pairs_per_s": round(s["pairs_scored"] / wall, 1),
                      "wall_over_scoring": round(wall / scoring, 2),
                      **{k: v for k, v in s.get("extra", {}).items() if k.startswith("startup_")}})
     return {"runs": runs, **_spread([r["wall_s"] for r in runs], "wall_s"),
@@ -194,7 +195,8 @@ def tokenizer_load_rows(model_dir: str, encoder: bool, repeats: int) -> dict:
     mod = "cross_tokenizer" if encoder else "fast_tokenizer"
     codes = {
         "ours": f"from pipeline.engines import {mod}; tok, why = {mod}.load(sys.argv[1])",
-        "transformers": "from transformers import AutoTokenizer; tok = AutoTokenizer.from_pretrained(sys.argv[1]); why = ''",
+        "transformers": ("from transformers import AutoTokenizer; "
+                         "tok = AutoTokenizer.from_pretrained(sys.argv[1]); why = ''"),
     }
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
                HF_HUB_OFFLINE="1")
@@ -204,7 +206,8 @@ def tokenizer_load_rows(model_dir: str, encoder: bool, repeats: int) -> dict:
                 "; print(json.dumps({'s': time.perf_counter() - t0, 'why': why, 'ok': tok is not None}))")
         runs = []
         for _ in range(repeats):
-            p = subprocess.run([sys.executable, "-c", code, model_dir], capture_output=True, text=True, env=env, cwd=ROOT)
+            p = subprocess.run([sys.executable, "-c", code, model_dir], capture_output=True, text=True, env=env,
+                               cwd=ROOT)
             if p.returncode != 0:
                 raise RuntimeError(f"tokenizer load ({name}) failed: {p.stderr.strip().splitlines()[-1:]}")
             runs.append(json.loads(p.stdout.strip().splitlines()[-1]))
@@ -355,7 +358,8 @@ def format_peer_table(rec: dict) -> str:
         if "ratio_cli_scoring_vs_st" in rec:
             vs = (f"; vs sentence-transformers ({rec['st_best']}, load {rec.get('st_load_s', float('nan')):.2f} s): "
                   f"{rec['ratio_cli_scoring_vs_st']}x scoring, {rec['ratio_cli_wall_vs_st']}x wall")
-        lines.append(f"cli scoring: {c['pairs_per_s']:.1f} pairs/s [{c['pairs_per_s_min']:.1f}-{c['pairs_per_s_max']:.1f}], "
+        lines.append(f"cli scoring: {c['pairs_per_s']:.1f} pairs/s "
+                     f"[{c['pairs_per_s_min']:.1f}-{c['pairs_per_s_max']:.1f}], "
                      f"wall {c['wall_pairs_per_s']:.1f} pairs/s, tokenizer stage "
                      f"{c.get('startup_tokenizer_s', float('nan')):.2f} s" + vs)
         first = c["runs"][-1]
