@@ -23,6 +23,8 @@ import time
 import numpy as np
 import torch
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 from pipeline.bench.throughput import WORDS, WORKLOADS, BusySampler, measure_matmul_peak, model_flops, non_embedding_params, \
     workload_table
 from pipeline.bench.synthetic import ARCHS
@@ -41,6 +43,9 @@ ENCODER_ARCHS: dict[str, tuple[str, dict]] = {
                                            global_attn_every_n_layers=3, local_attention=128)),
 }
 ENCODER_MAX_LENGTH = 512
+# The tokenizer each shape's real model has: WordPiece (BertTokenizer), sentencepiece Unigram
+# (XLMRobertaTokenizer), byte-level BPE (PreTrainedTokenizerFast).
+TOKENIZER_STYLE = {"bert": "bert", "xlm-roberta": "xlmr", "modernbert": "modernbert"}
 
 
 def st_available() -> bool:
@@ -74,7 +79,7 @@ def build_saved_model(arch: str, out_dir: str, device, dtype) -> str:
     word one token) into out_dir; built on `device` in `dtype` (fast for the large shapes)."""
     from transformers import AutoModelForSequenceClassification
 
-    from pipeline.bench.synthetic import train_tokenizer, train_wordpiece
+    from pipeline.bench.synthetic import train_cross_tokenizer, train_tokenizer
 
     torch.manual_seed(0)
     prev = torch.get_default_dtype()
@@ -82,7 +87,10 @@ def build_saved_model(arch: str, out_dir: str, device, dtype) -> str:
     try:
         if arch in ENCODER_ARCHS:
             style, shape = ENCODER_ARCHS[arch]
-            tok = train_wordpiece(out_dir, [" ".join(WORDS)] * 5, "roberta" if style == "xlm-roberta" else "bert")
+            # The real model's kind of tokenizer, saved with its class, its vocabulary grown to the real
+            # size (its load time is one of the measurements).
+            tok = train_cross_tokenizer(out_dir, TOKENIZER_STYLE[style], [" ".join(WORDS)] * 5,
+                                        pad_vocab_to=shape["vocab_size"] - 8)
             config = _encoder_config(style, shape, tok)
             with torch.device(device):
                 model = AutoModelForSequenceClassification.from_config(config)
@@ -167,11 +175,57 @@ def cli_rows(model_dir: str, inp: str, device: str, repeats: int, max_length: in
             s = json.load(f)
         scoring = s["pairs_scored"] / max(s["scoring_pairs_per_s"], 1e-9)
         runs.append({"wall_s": round(wall, 3), "scoring_s": round(scoring, 3), "pairs_per_s": s["scoring_pairs_per_s"],
+                     "run_pairs_per_s": s.get("run_pairs_per_s"),
+                     "wall_pairs_per_s": round(s["pairs_scored"] / wall, 1),
                      "wall_over_scoring": round(wall / scoring, 2),
                      **{k: v for k, v in s.get("extra", {}).items() if k.startswith("startup_")}})
     return {"runs": runs, **_spread([r["wall_s"] for r in runs], "wall_s"),
+            **_spread([r["pairs_per_s"] for r in runs], "pairs_per_s"),
+            **_spread([r["wall_pairs_per_s"] for r in runs], "wall_pairs_per_s"),
+            **_spread([r["startup_tokenizer_s"] for r in runs if "startup_tokenizer_s" in r], "startup_tokenizer_s"),
             **_spread([r["startup_total_s"] for r in runs if "startup_total_s" in r], "startup_total_s"),
             **_spread([r["wall_over_scoring"] for r in runs], "wall_over_scoring")}
+
+
+def tokenizer_load_rows(model_dir: str, encoder: bool, repeats: int) -> dict:
+    """Seconds to load the model's tokenizer in a fresh process, imports included, `repeats` times:
+    `ours` (cross_tokenizer.py or fast_tokenizer.py, what `rerank-batch run` loads) and
+    `transformers` (AutoTokenizer.from_pretrained, the import of transformers included), with
+    the reason where ours falls back to transformers."""
+    mod = "cross_tokenizer" if encoder else "fast_tokenizer"
+    codes = {
+        "ours": f"from pipeline.engines import {mod}; tok, why = {mod}.load(sys.argv[1])",
+        "transformers": ("from transformers import AutoTokenizer; "
+                         "tok = AutoTokenizer.from_pretrained(sys.argv[1]); why = ''"),
+    }
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
+               HF_HUB_OFFLINE="1")
+    out: dict = {}
+    for name, body in codes.items():
+        code = ("import sys, time, json; t0 = time.perf_counter(); " + body +
+                "; print(json.dumps({'s': time.perf_counter() - t0, 'why': why, 'ok': tok is not None}))")
+        runs = []
+        for _ in range(repeats):
+            p = subprocess.run([sys.executable, "-c", code, model_dir], capture_output=True, text=True, env=env,
+                               cwd=ROOT)
+            if p.returncode != 0:
+                raise RuntimeError(f"tokenizer load ({name}) failed: {p.stderr.strip().splitlines()[-1:]}")
+            runs.append(json.loads(p.stdout.strip().splitlines()[-1]))
+        out[name] = {**_spread([r["s"] for r in runs], "load_s"), "loaded": runs[-1]["ok"]}
+        if runs[-1]["why"]:
+            out[name]["fallback_reason"] = runs[-1]["why"]
+    return out
+
+
+def ids_equal_transformers(model_dir: str, enc, queries, documents, max_length: int) -> bool:
+    """Whether the run's ids (and token types) equal those of transformers' AutoTokenizer called
+    on the same pairs, on this machine's transformers."""
+    from transformers import AutoTokenizer
+
+    from pipeline.engines.tokenize import CrossEncoderEncoder, same_ids
+
+    ref = CrossEncoderEncoder(AutoTokenizer.from_pretrained(model_dir), max_length).encode_by_call(queries, documents)
+    return bool(same_ids(enc, ref))
 
 
 def _spread(values, name: str) -> dict:
@@ -202,6 +256,9 @@ def run_peer_bench(arch: str, workload: str, *, device: str = "auto", pairs: int
            "date": time.strftime("%Y-%m-%d"), "cpu_threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as workdir:
         mdir = build_saved_model(arch, os.path.join(workdir, "model"), dev, tdtype)
+        with open(os.path.join(mdir, "tokenizer_config.json")) as f:
+            rec["tokenizer_class"] = json.load(f).get("tokenizer_class")
+        rec["tokenizer_load"] = tokenizer_load_rows(mdir, encoder_arch, repeats)
         table = workload_table(w, pairs)
         inp = os.path.join(workdir, "input.parquet")
         pq.write_table(table, inp)
@@ -212,13 +269,18 @@ def run_peer_bench(arch: str, workload: str, *, device: str = "auto", pairs: int
         rec.update(engine_impl=scorer.engine, attention=scorer.kernel, batch_token_budget=scorer.budget)
         enc = scorer.encoder.encode(instr, q, d)
         rec["pairs"], rec["tokens"] = len(enc), int(enc.offsets[-1])
+        if encoder_arch:
+            rec["tokenizer_path"] = "rust-batch" if scorer.encoder.backend is not None else "call"
+            rec["tokenizer_ids_equal_transformers"] = ids_equal_transformers(mdir, enc, q, d, max_length)
         peak = measure_matmul_peak(dev) if dev.type == "cuda" else None
         rec["matmul_peak_tflops"] = round(peak / 1e12, 1) if peak else None
         ce = None
         if st:
             from sentence_transformers import CrossEncoder
 
+            t0 = time.perf_counter()
             ce = CrossEncoder(mdir, device=str(dev), max_length=max_length, model_kwargs={"dtype": tdtype})
+            rec["st_load_s"] = round(time.perf_counter() - t0, 3)  # in this process: transformers already imported
             sp = st_pairs(arch, instr, q, d)
             ce.predict(sp[:64], batch_size=32, show_progress_bar=False)  # warm-up
             import sentence_transformers
@@ -261,6 +323,12 @@ def run_peer_bench(arch: str, workload: str, *, device: str = "auto", pairs: int
             torch.cuda.empty_cache()
         if cli:
             rec["cli"] = cli_rows(mdir, inp, str(dev), repeats, max_length, workdir)
+            if st_rows:
+                # The command's scoring rate (tokenizing included, from the first unit read to the last part
+                # written) and its wall-clock rate (start, load and write included) over predict's best.
+                best = rec[rec["st_best"]]["pairs_per_s"]
+                rec["ratio_cli_scoring_vs_st"] = round(rec["cli"]["pairs_per_s"] / best, 2)
+                rec["ratio_cli_wall_vs_st"] = round(rec["cli"]["wall_pairs_per_s"] / best, 2)
     return rec
 
 
@@ -276,8 +344,24 @@ def format_peer_table(rec: dict) -> str:
     if "ratio_model_only_vs_st" in rec:
         lines.append(f"vs sentence-transformers ({rec['st_best']}): {rec['ratio_model_only_vs_st']}x model only, "
                      f"{rec['ratio_with_tokenize_vs_st']}x with tokenizing; max |score diff| {rec['max_abs_diff_vs_st']:.2e}")
+    if "tokenizer_ids_equal_transformers" in rec:
+        lines.append(f"tokenizing: {rec['tokenizer_path']}, ids equal to transformers': "
+                     f"{rec['tokenizer_ids_equal_transformers']}")
+    tl = rec.get("tokenizer_load")
+    if tl:
+        parts = [f"{k} {v['load_s']:.3f} s [{v['load_s_min']:.3f}-{v['load_s_max']:.3f}]"
+                 + (f" (fell back: {v['fallback_reason']})" if v.get("fallback_reason") else "") for k, v in tl.items()]
+        lines.append(f"tokenizer load, fresh process ({rec.get('tokenizer_class')}): " + ", ".join(parts))
     c = rec.get("cli")
     if c:
+        vs = ""
+        if "ratio_cli_scoring_vs_st" in rec:
+            vs = (f"; vs sentence-transformers ({rec['st_best']}, load {rec.get('st_load_s', float('nan')):.2f} s): "
+                  f"{rec['ratio_cli_scoring_vs_st']}x scoring, {rec['ratio_cli_wall_vs_st']}x wall")
+        lines.append(f"cli scoring: {c['pairs_per_s']:.1f} pairs/s "
+                     f"[{c['pairs_per_s_min']:.1f}-{c['pairs_per_s_max']:.1f}], "
+                     f"wall {c['wall_pairs_per_s']:.1f} pairs/s, tokenizer stage "
+                     f"{c.get('startup_tokenizer_s', float('nan')):.2f} s" + vs)
         first = c["runs"][-1]
         stages = ", ".join(f"{k.removeprefix('startup_').removesuffix('_s')} {v:.2f}" for k, v in first.items()
                            if k.startswith("startup_") and k != "startup_total_s")

@@ -128,47 +128,70 @@ def build_reranker(out_dir: str | Path, arch: str = "tiny", *, tie_word_embeddin
 
 # -- other reranker families (tests and trials; random weights) -----------------------------------
 
-def train_wordpiece(out_dir: str | Path, texts: list[str], style: str = "bert"):
-    """A WordPiece tokenizer with BERT ([CLS] a [SEP] b [SEP], token types) or RoBERTa/XLM-R
-    (<s> a </s></s> b </s>) pair templates, saved as a fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+def train_cross_tokenizer(out_dir: str | Path, style: str, texts: list[str], *, vocab_size: int = 3000,
+                          pad_vocab_to: int | None = None):
+    """A cross-encoder tokenizer of a real model's kind, trained on `texts` and saved with the class
+    that model's tokenizer_config.json names: 'bert' (WordPiece, lower-case, BertTokenizer, as
+    ms-marco MiniLM), 'xlmr' (sentencepiece-style Unigram, XLMRobertaTokenizer, as
+    bge-reranker-v2-m3) or 'modernbert' (byte-level BPE, PreTrainedTokenizerFast, as ModernBERT).
+    pad_vocab_to grows the vocabulary with filler pieces to a real model's size (load times)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertTokenizer, PreTrainedTokenizerFast, XLMRobertaTokenizer
 
+    corpus = list(texts) + _BUILTIN_CORPUS * 5
+    filler = [f"{chr(0x4e00 + k % 20000)}{k}" for k in range(max(0, (pad_vocab_to or 0) - vocab_size))]
     if style == "bert":
         specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-        pad, unk, cls, sep, mask = specials
-    else:
-        specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # XLM-R's order: <s>=0, <pad>=1, </s>=2
-        cls, pad, sep, unk, mask = specials
-    tok = Tokenizer(models.WordPiece(unk_token=unk))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(list(texts) + _BUILTIN_CORPUS * 5,
-                            trainers.WordPieceTrainer(vocab_size=3000, special_tokens=specials, show_progress=False))
-    c, s = tok.token_to_id(cls), tok.token_to_id(sep)
-    if style == "bert":
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                                  show_progress=False))
+        vocab = tok.get_vocab()
+        for f in filler:
+            vocab.setdefault(f, len(vocab))
+        fast = BertTokenizer(vocab=vocab, do_lower_case=True, model_max_length=512)
+    elif style == "xlmr":
+        tok = Tokenizer(models.Unigram())
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.train_from_iterator(corpus, trainers.UnigramTrainer(
+            vocab_size=vocab_size, special_tokens=["<s>", "<pad>", "</s>", "<unk>"], unk_token="<unk>",
+            show_progress=False))
+        pieces = [tuple(p) for p in json.loads(tok.to_str())["model"]["vocab"]]
+        pieces += [(f"▁{f}", -20.0) for f in filler] + [("<mask>", 0.0)]
+        fast = XLMRobertaTokenizer(vocab=pieces, model_max_length=8192)
+    elif style == "modernbert":
+        specials = ["|||IP_ADDRESS|||", "<|padding|>", "[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"]
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.train_from_iterator(corpus, trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False))
+        if filler:
+            tok.add_tokens(filler)
+        c, s = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = processors.TemplateProcessing(
-            single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1", special_tokens=[(cls, c), (sep, s)])
+            single="[CLS]:0 $A:0 [SEP]:0", pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", c), ("[SEP]", s)])
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                       sep_token="[SEP]", mask_token="[MASK]", model_max_length=8192,
+                                       model_input_names=["input_ids", "attention_mask"])
     else:
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} {sep} $B {sep}", special_tokens=[(cls, c), (sep, s)])
-    names = ["input_ids", "token_type_ids", "attention_mask"] if style == "bert" else ["input_ids", "attention_mask"]
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=unk, pad_token=pad, cls_token=cls,
-                                   sep_token=sep, mask_token=mask, model_max_length=512, model_input_names=names)
+        raise ValueError(style)
     fast.save_pretrained(str(out_dir))
     return fast
 
 
 def build_cross_encoder(out_dir: str | Path, arch: str, texts: list[str], *, num_labels: int = 1, seed: int = 0,
                         init_std: float = 0.2):
-    """A tiny random cross-encoder: arch 'bert', 'xlm-roberta' or 'modernbert'."""
+    """A tiny random cross-encoder: arch 'bert', 'xlm-roberta' or 'modernbert', with the tokenizer
+    kind and class of the real models (train_cross_tokenizer)."""
     import torch
     from transformers import (AutoModelForSequenceClassification, BertConfig, ModernBertConfig,
                               XLMRobertaConfig)
 
     out_dir = Path(out_dir)
-    tok = train_wordpiece(out_dir, texts, "roberta" if arch == "xlm-roberta" else "bert")
+    tok = train_cross_tokenizer(out_dir, {"xlm-roberta": "xlmr"}.get(arch, arch), texts)
     common = dict(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                   intermediate_size=128, num_labels=num_labels, initializer_range=init_std,
                   pad_token_id=tok.pad_token_id)

@@ -5,6 +5,7 @@ for an already built model (the benchmark builds random ones in memory)."""
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 
 import torch
@@ -15,6 +16,8 @@ from pipeline.engines.families import ModelKind, inspect_model
 from pipeline.engines.tokenize import CrossEncoderEncoder, PairEncoder
 from pipeline.errors import ModelError, first_line
 from pipeline.job import startup
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -49,18 +52,24 @@ def load(cfg: RunConfig, kind: ModelKind | None = None):
         got = direct.load_qwen3(cfg, kind, device, dtype)
         if got is not None:
             return got[0], got[1], device, kind
+    # Before transformers is imported, so that the tokenizer stage of the startup timeline is the
+    # tokenizer's own load (the import then counts with the weights, which need it).
+    tokenizer = _cross_encoder_tokenizer(cfg) if kind.family == "seq-cls-encoder" else None
+    if tokenizer is not None:
+        startup.mark("tokenizer")
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our progress is the pairs, not the weight shards
     path = cfg.model
     kw = dict(trust_remote_code=cfg.trust_remote_code)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **kw)
-    except Exception as exc:
-        raise ModelError(f"model {path}: cannot load its tokenizer ({first_line(exc)}); "
-                         "the directory needs tokenizer files") from None
-    startup.mark("tokenizer")
+    if tokenizer is None:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+        except Exception as exc:
+            raise ModelError(f"model {path}: cannot load its tokenizer ({first_line(exc)}); "
+                             "the directory needs tokenizer files") from None
+        startup.mark("tokenizer")
     auto = AutoModelForSequenceClassification if kind.family.startswith("seq-cls") else AutoModelForCausalLM
     extra = {} if kind.family == "seq-cls-encoder" else {"attn_implementation": attention.register()}
     if device.type == "cuda" and importlib.util.find_spec("accelerate") is not None:
@@ -83,6 +92,21 @@ def load(cfg: RunConfig, kind: ModelKind | None = None):
             f"(e.g. {missing[0]}); check --family, or pass a reranker checkpoint"
         )
     return model, tokenizer, device, kind
+
+
+def _cross_encoder_tokenizer(cfg: RunConfig):
+    """A cross-encoder's tokenizer read by cross_tokenizer.py (no transformers tokenizer load:
+    seconds), or None (logged why) for AutoTokenizer."""
+    from pipeline.engines import cross_tokenizer
+
+    if cfg.trust_remote_code or os.environ.get("RERANK_TOKENIZER_BACKEND", "rust") == "python":
+        return None
+    if not os.path.isdir(cfg.model):
+        return None  # a hub id: transformers resolves the files
+    tok, why = cross_tokenizer.load(cfg.model)
+    if tok is None:
+        log.info("model %s: tokenizer loaded through transformers (%s)", cfg.model, why)
+    return tok
 
 
 def prepare(model, tokenizer, cfg: RunConfig, device=None, kind: ModelKind | None = None):

@@ -120,10 +120,11 @@ def fast_backend(tokenizer):
         return None
     for name in ("__call__", "_encode_plus", "_batch_encode_plus"):
         fn = getattr(type(tokenizer), name, None)
-        # transformers' own call, or ours (fast_tokenizer.py, the direct load), which is that call
-        # on the same backend
+        # transformers' own call, or ours (fast_tokenizer.py, cross_tokenizer.py: the loads
+        # without transformers), which is that call on the same backend
         if fn is not None and not getattr(fn, "__module__", "").startswith(
-                ("transformers.tokenization_utils", "pipeline.engines.fast_tokenizer")):
+                ("transformers.tokenization_utils", "pipeline.engines.fast_tokenizer",
+                 "pipeline.engines.cross_tokenizer")):
             return None
     return backend
 
@@ -174,8 +175,13 @@ def _single_token(tokenizer, token: str) -> int:
 
 
 class CrossEncoderEncoder:
-    """Pairs as a cross-encoder's tokenizer encodes them: tokenizer(query, document,
-    truncation='only_second', max_length), special tokens and token types included."""
+    """Pairs as a cross-encoder's tokenizer encodes them: tokenizer(queries, documents,
+    truncation='only_second', max_length), special tokens and token types included; a pair whose
+    query alone does not fit is cut from both sides ('longest_first').
+
+    Fast tokenizers: the Rust backend's batch call over the pairs (GIL released, all cores), the
+    call transformers makes, without its per-encoding Python conversion; a probe at construction
+    checks that both give the same ids (else the tokenizer's __call__, logged)."""
 
     def __init__(self, tokenizer, max_length: int):
         self.tokenizer = tokenizer
@@ -184,31 +190,102 @@ class CrossEncoderEncoder:
             raise ModelError("the tokenizer has no padding token, which padded cross-encoder batches need; "
                              "set pad_token in the model's tokenizer_config.json")
         self.positive_id = self.negative_id = None
+        # Token types only where the tokenizer returns them by default (its model_input_names),
+        # exactly as tokenizer(query, document) hands them to the model.
+        self.with_types = "token_type_ids" in (getattr(tokenizer, "model_input_names", None) or ())
+        self.truncation_side = getattr(tokenizer, "truncation_side", "right") or "right"
+        self.backend = fast_backend(tokenizer)
+        if self.backend is not None:
+            self._encode_batch = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+            long = " ".join(["word"] * (max_length + 4))
+            probe = (["Ünïcode  q: it's 42?", "", long, "q", "q", "[SEP] </s> x"],
+                     [" \tdoc\n\nend ", "", "doc", long, "", "d"])
+            try:
+                same = same_ids(self._encode_fast(*probe), self.encode_by_call(*probe))
+            except Exception:  # one of the two failed where the other did not
+                same = False
+            if not same:
+                log.info("tokenizer: its Rust batch call over pairs and its __call__ disagree on a probe; "
+                         "using __call__")
+                self.backend = None
 
     def encode(self, instructions, queries, documents) -> Encoded:
         n = len(queries)
         if n == 0:
             return Encoded(np.empty(0, np.int32), np.zeros(1, np.int64), np.zeros(0, bool))
-        # Token types only where the tokenizer returns them by default (its model_input_names),
-        # exactly as tokenizer(query, document) hands them to the model.
+        if self.backend is not None:
+            return self._encode_fast(queries, documents)
+        return self.encode_by_call(queries, documents)
+
+    def _batch(self, pairs, strategy: str):
+        b = self.backend
+        want = {"max_length": self.max_length, "stride": 0, "strategy": strategy, "direction": self.truncation_side}
+        t = b.truncation
+        if t is None or any(t.get(k) != v for k, v in want.items()):
+            b.enable_truncation(**want)
+        if b.padding is not None:
+            b.no_padding()
+        split = bool(getattr(self.tokenizer, "split_special_tokens", False))
+        if getattr(b, "encode_special_tokens", split) != split:
+            b.encode_special_tokens = split
+        return self._encode_batch(pairs, add_special_tokens=True)
+
+    def _encode_fast(self, queries, documents) -> Encoded:
+        pairs = list(zip(queries, documents))
+        try:
+            encs = self._batch(pairs, "only_second")
+        except Exception:
+            # Some query alone leaves no room for its document, so the batch call fails as a whole.
+            # Exactly those pairs are the ones whose query takes max_length minus the special
+            # tokens or more (fewer: cutting the document suffices; a pair that fits is not cut
+            # by either strategy): they are cut from both sides ('longest_first').
+            room = self.max_length - self.backend.num_special_tokens_to_add(True)
+            if room <= 0:
+                raise
+            self.backend.no_truncation()
+            qlens = [len(e.ids) for e in self._encode_batch(list(queries), add_special_tokens=False)]
+            long = [k for k, m in enumerate(qlens) if m >= room]
+            short = [k for k, m in enumerate(qlens) if m < room]
+            encs = [None] * len(pairs)
+            for idx, strategy in ((short, "only_second"), (long, "longest_first")):
+                if idx:
+                    for k, e in zip(idx, self._batch([pairs[k] for k in idx], strategy)):
+                        encs[k] = e
+        n = len(encs)
+        lengths = np.fromiter(map(len, encs), dtype=np.int64, count=n)
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        total = int(offsets[-1])
+        flat = np.fromiter(itertools.chain.from_iterable(e.ids for e in encs), dtype=np.int32, count=total)
+        tflat = None
+        if self.with_types:
+            tflat = np.fromiter(itertools.chain.from_iterable(e.type_ids for e in encs), dtype=np.int8, count=total)
+        return Encoded(flat, offsets, lengths >= self.max_length, tflat)
+
+    def encode_by_call(self, queries, documents) -> Encoded:
+        """Encoded pairs by the tokenizer's own __call__ over the lists (pair by pair where the batch
+        call fails): the reference the batch path is checked against."""
+        n = len(queries)
         kw = dict(max_length=self.max_length, return_attention_mask=False, verbose=False)
         try:
             enc = self.tokenizer(list(queries), list(documents), truncation="only_second", **kw)
         except Exception:
             # Some query alone is longer than max_length, so cutting the document cannot suffice:
-            # those pairs (only those) are cut from both sides ('longest_first').
+            # those pairs (only those) are cut from both sides ('longest_first'). One-element
+            # lists, not strings: a single (query, "") call would encode the query alone.
             enc = {"input_ids": [], "token_type_ids": []}
             for q, d in zip(queries, documents):
                 try:
-                    one = self.tokenizer(q, d, truncation="only_second", **kw)
+                    one = self.tokenizer([q], [d], truncation="only_second", **kw)
                 except Exception:
-                    one = self.tokenizer(q, d, truncation="longest_first", **kw)
-                enc["input_ids"].append(one["input_ids"])
-                enc["token_type_ids"].append(one.get("token_type_ids"))
+                    one = self.tokenizer([q], [d], truncation="longest_first", **kw)
+                enc["input_ids"].append(one["input_ids"][0])
+                t = one.get("token_type_ids")
+                enc["token_type_ids"].append(None if t is None else t[0])
             if any(t is None for t in enc["token_type_ids"]):
                 del enc["token_type_ids"]
         ids = enc["input_ids"]
-        types = enc.get("token_type_ids")
+        types = enc.get("token_type_ids") if self.with_types else None
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=n)
         offsets = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
@@ -217,3 +294,10 @@ class CrossEncoderEncoder:
                                                        count=int(offsets[-1]))
         # A pair that fills max_length was (almost surely) cut.
         return Encoded(flat, offsets, lengths >= self.max_length, tflat)
+
+
+def same_ids(a: Encoded, b: Encoded) -> bool:
+    """Whether two encodings hold the same pairs: offsets, ids and token types."""
+    return (np.array_equal(a.offsets, b.offsets) and np.array_equal(a.ids, b.ids)
+            and (a.type_ids is None) == (b.type_ids is None)
+            and (a.type_ids is None or np.array_equal(a.type_ids, b.type_ids)))
