@@ -127,7 +127,7 @@ def _ray_workers() -> list[int]:
 
 def test_killed_pool_worker_loses_nothing(data, tmp_path):
     out = tmp_path / "o.parquet"
-    p = _child(["run", data["long"], "--model", data["model"], "-o", out, "--window", 10, "-q",
+    p = _child(["run", data["long"], "--model", data["model"], "-o", out, "--window", 10, "--log-level", "warning",
                 "--devices", "cpu,cpu", "--keep-checkpoint"])
     ck = str(out) + ".ckpt"
     _wait_for(lambda: _parts(ck) >= 1 and len(_pool_workers(p.pid)) == 2, p, "the first part")
@@ -170,7 +170,7 @@ def _alive(pid: int) -> bool:
 def test_killed_ray_worker_is_retried(data, tmp_path):
     pytest.importorskip("ray")
     out = tmp_path / "o.parquet"
-    p = _child(["run", data["long"], "--model", data["model"], "-o", out, "--window", 10, "-q",
+    p = _child(["run", data["long"], "--model", data["model"], "-o", out, "--window", 10, "--log-level", "warning",
                 "--executor", "ray", "--workers", 2])
     ck = str(out) + ".ckpt"
     _wait_for(lambda: _parts(ck) >= 1 and _ray_workers(), p, "the first part")
