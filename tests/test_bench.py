@@ -92,7 +92,10 @@ def test_bench_devices_smoke_reports_job_and_steady_rates(tmp_path):
         assert x["same_rows_as_plain"] and x["max_abs_score_diff_vs_plain"] < 1e-6
         assert sum(d["pairs"] for d in x["per_device"]) == x["pairs"] == 48
         assert sum(d["units"] for d in x["per_device"]) == x["units"] == 6
-        assert x["sum_device_pairs_per_s"] == pytest.approx(sum(d["pairs_per_s"] for d in x["per_device"]), rel=1e-2)
+        # Each rate is rounded to 0.1 pairs/s: on a loaded machine the rates are a few pairs/s,
+        # so the rounding of the parts alone moves their sum by up to 0.05 per device.
+        assert x["sum_device_pairs_per_s"] == pytest.approx(sum(d["pairs_per_s"] for d in x["per_device"]),
+                                                            rel=1e-2, abs=0.05 * len(x["per_device"]) + 0.05)
     assert rec["devices_2"]["steady_pairs_per_s_median"] == runs[2]["sum_device_pairs_per_s"]
     assert rec["devices_1"]["speedup_over_1"] == 1.0
     assert "steady state" in r.output
