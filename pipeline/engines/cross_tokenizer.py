@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 
-from pipeline.engines.fast_tokenizer import _token_text
+from pipeline.engines.fast_tokenizer import token_text, added_tokens
 
 # tokenizer_config.json keys that change ids when set (add_prefix_space is XLM-R's own option).
 _MUST_BE_FALSE = ("split_special_tokens", "legacy_tokenizer", "add_prefix_space")
@@ -96,9 +96,9 @@ def _specials(tcfg: dict, smap: dict, defaults: dict) -> dict:
     out = {}
     for name in _NAMES:
         if name in tcfg:
-            out[name] = _token_text(tcfg[name])
+            out[name] = token_text(tcfg[name])
         elif name in smap:
-            out[name] = _token_text(smap[name])
+            out[name] = token_text(smap[name])
         else:
             out[name] = defaults.get(name)
     return out
@@ -107,24 +107,9 @@ def _specials(tcfg: dict, smap: dict, defaults: dict) -> dict:
 def _added_tokens_agree(tj: dict, tcfg: dict, specials: dict) -> str | None:
     """Why transformers would end with other added tokens than tokenizer.json's (None: it would
     not). Raises on malformed entries (the caller reports them)."""
-    added = {}
-    for a in tj.get("added_tokens") or []:
-        if not isinstance(a, dict) or not isinstance(a["id"], int) or not isinstance(a["content"], str):
-            raise TypeError("an added token of tokenizer.json is not {id: int, content: str, ...}")
-        added[a["id"]] = a
-    decoder = tcfg.get("added_tokens_decoder")
-    if decoder is not None:
-        if not isinstance(decoder, dict):
-            raise TypeError("added_tokens_decoder of tokenizer_config.json is not a mapping")
-        if {int(k) for k in decoder} != set(added):
-            return "added_tokens_decoder of tokenizer_config.json lists other ids than tokenizer.json's added_tokens"
-        for sid, tok in decoder.items():
-            if not isinstance(tok, dict):
-                raise TypeError(f"added_tokens_decoder entry {sid} is not a mapping")
-            a = added[int(sid)]
-            if any(a.get(k) != tok.get(k) for k in ("content", "lstrip", "rstrip", "single_word", "normalized",
-                                                    "special") if k in tok):
-                return f"added token {sid} of tokenizer_config.json differs from tokenizer.json's"
+    added, why = added_tokens(tj, tcfg)
+    if why:
+        return why
     contents = {a["content"]: a for a in added.values()}
     for name, tok in specials.items():
         if tok is None:

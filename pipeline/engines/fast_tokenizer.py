@@ -28,7 +28,7 @@ _QWEN_DEFAULTS = {"bos_token": None, "eos_token": "<|endoftext|>", "unk_token": 
                   "pad_token": "<|endoftext|>"}
 
 
-def _token_text(v):
+def token_text(v):
     return v.get("content") if isinstance(v, dict) else v
 
 
@@ -93,12 +93,13 @@ class FastTokenizer:
 def _specials(tcfg: dict) -> dict:
     """bos/eos/unk/pad as Qwen2Tokenizer sets them: a key absent from tokenizer_config.json takes
     the class default (unk, eos, pad: "<|endoftext|>"; bos: none); an explicit null stays none."""
-    return {name: _token_text(tcfg[name]) if name in tcfg else _QWEN_DEFAULTS[name] for name in _SPECIALS}
+    return {name: token_text(tcfg[name]) if name in tcfg else _QWEN_DEFAULTS[name] for name in _SPECIALS}
 
 
-def _added_tokens_agree(tj: dict, tcfg: dict) -> str | None:
-    """Why transformers would end with another vocabulary than tokenizer.json's (None: it would
-    not). Raises on malformed entries (the caller reports them)."""
+def added_tokens(tj: dict, tcfg: dict) -> tuple[dict, str | None]:
+    """tokenizer.json's added tokens by id, and why transformers would build other ones from
+    tokenizer_config.json's added_tokens_decoder (None: it would not). Raises on malformed entries
+    (the caller reports them)."""
     added = {}
     for a in tj.get("added_tokens") or []:
         if not isinstance(a, dict) or not isinstance(a["id"], int) or not isinstance(a["content"], str):
@@ -111,14 +112,24 @@ def _added_tokens_agree(tj: dict, tcfg: dict) -> str | None:
         ids = {int(sid) for sid in decoder}
         # transformers builds the added vocabulary from this list, not tokenizer.json's.
         if ids != set(added):
-            return "added_tokens_decoder of tokenizer_config.json lists other ids than tokenizer.json's added_tokens"
+            return added, ("added_tokens_decoder of tokenizer_config.json lists other ids than tokenizer.json's "
+                           "added_tokens")
         keys = ("content", "lstrip", "rstrip", "single_word", "normalized", "special")
         for sid, tok in decoder.items():
             if not isinstance(tok, dict):
                 raise TypeError(f"added_tokens_decoder entry {sid} is not a mapping")
             a = added[int(sid)]
             if any(a.get(k) != tok.get(k) for k in keys if k in tok):
-                return f"added token {sid} of tokenizer_config.json differs from tokenizer.json's"
+                return added, f"added token {sid} of tokenizer_config.json differs from tokenizer.json's"
+    return added, None
+
+
+def _added_tokens_agree(tj: dict, tcfg: dict) -> str | None:
+    """Why transformers would end with another vocabulary than tokenizer.json's (None: it would
+    not). Raises on malformed entries (the caller reports them)."""
+    added, why = added_tokens(tj, tcfg)
+    if why:
+        return why
     contents = {a["content"] for a in added.values() if a.get("special")}
     for name, tok in _specials(tcfg).items():
         if tok is not None and tok not in contents:
@@ -132,8 +143,8 @@ def _added_tokens_agree(tj: dict, tcfg: dict) -> str | None:
         if not isinstance(toks, list):
             raise TypeError(f"{key} of tokenizer_config.json is not a list")
         for t in toks:
-            if _token_text(t) not in contents:
-                return f"{key} names {_token_text(t)!r}, not a special token of tokenizer.json"
+            if token_text(t) not in contents:
+                return f"{key} names {token_text(t)!r}, not a special token of tokenizer.json"
     return None
 
 
