@@ -40,6 +40,7 @@ class Summary:
     units: int = 0
     units_resumed: int = 0
     pairs_resumed: int = 0  # pairs this run took from the checkpoint (whole units and partial commits)
+    pairs_this_run: int = 0  # pairs this run scored (nulls skipped included): the rest
     batch_token_budget: int = 0
     device: str = ""
     dtype: str = ""
@@ -122,6 +123,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
             summary.rows = rec["rows"]
             summary.units_resumed = len(plan.units)
             summary.__dict__.update(rec.get("totals", {}))
+            summary.pairs_resumed = summary.pairs_scored + summary.skipped_null
             cleanup(plan, cfg.keep_checkpoint)
             summary.seconds = round(time.monotonic() - t_start, 3)
             return summary
@@ -187,6 +189,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
     summary.extra["tokens_after_sharing"] = sum(ck.done[u].get("tokens_computed", ck.done[u]["tokens"])
                                                 - _resumed(ck.done[u], "tokens_computed") for u in fresh)
     summary.seconds = round(time.monotonic() - t_start, 3)  # the whole run, plan to cleanup
+    summary.pairs_this_run = prog.pairs
     summary.pairs_per_s = round(prog.pairs / max(score_seconds, 1e-9), 2)
     summary.tokens_per_s = round(prog.tokens / max(score_seconds, 1e-9), 1)
     if scorer is not None:
