@@ -27,7 +27,8 @@ WAIT_S = 600  # a ceiling for events on a loaded 2-core machine, never a measure
 # Loaded by every Python process of a child run (the CLI and its spawned pool workers) through
 # PYTHONPATH. With HOLD_EVENT set: after the HOLD_AFTER-th partial commit (HOLD_AT=partial) or
 # scored batch (HOLD_AT=batch) of this process, touch HOLD_EVENT.<pid> and wait there until
-# HOLD_EVENT.go exists (never, for a SIGKILL test). A pool worker touches HOLD_EVENT-stopped.<pid>
+# HOLD_EVENT.go exists (never, for a SIGKILL test); at most HOLD_COUNT processes hold (a worker
+# started again after a kill does not). A pool worker touches HOLD_EVENT-stopped.<pid>
 # when the driver's stop reaches it.
 _HOOK = r'''
 import os
@@ -40,7 +41,9 @@ if os.environ.get("HOLD_EVENT"):
         def held(*a, **k):
             out = real(*a, **k)
             _seen[0] += 1
-            if _seen[0] == int(os.environ.get("HOLD_AFTER", "1")):
+            d, base = os.path.split(_ev)
+            held = [n for n in os.listdir(d) if n.startswith(base + ".") and n[len(base) + 1:].isdigit()]
+            if _seen[0] == int(os.environ.get("HOLD_AFTER", "1")) and len(held) < int(os.environ.get("HOLD_COUNT", "2")):
                 open(f"{_ev}.{os.getpid()}", "w").close()
                 while not os.path.exists(_ev + ".go"):
                     time.sleep(0.01)
@@ -79,7 +82,8 @@ def data(tmp_path_factory, models):
     refs = {}
     for name, inp in (("long", long_in), ("nested", nested_in)):
         out = d / f"{name}.ref.parquet"
-        # One unit for the whole input: what a window much larger than the input makes.
+        # Units end at row groups (47 rows): the local executor scores them in one stream, as
+        # small units are; a worker scores each on its own.
         r = run_cli(["run", inp, "--model", models["tied"], "-o", out, "-q", "--max-batch-tokens", 600])
         assert r.exit_code == 0, r.output
         refs[name] = pq.read_table(out)
@@ -96,10 +100,10 @@ def assert_same(got: pa.Table, ref: pa.Table):
     np.testing.assert_allclose(got["score"].to_numpy(), ref["score"].to_numpy(), atol=1e-6, rtol=0)
 
 
-def _child(data, args, event=None, after=1, at="partial"):
+def _child(data, args, event=None, after=1, at="partial", count=2):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(data["hook"]), ROOT]))
     if event is not None:
-        env.update(HOLD_EVENT=str(event), HOLD_AFTER=str(after), HOLD_AT=at)
+        env.update(HOLD_EVENT=str(event), HOLD_AFTER=str(after), HOLD_AT=at, HOLD_COUNT=str(count))
     return subprocess.Popen([sys.executable, "-m", "jobs.cli", *map(str, args)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
@@ -136,8 +140,8 @@ def _done_pairs(ckpt) -> int:
 
 @pytest.mark.parametrize("form, sharing", [("long", "off"), ("nested", "on")])
 def test_sigkill_mid_unit_then_the_rerun_scores_only_the_rest(data, tmp_path, form, sharing):
-    """One unit of the whole input; killed (SIGKILL: nothing runs at the kill) right after its
-    third partial commit. The rerun takes those pairs from the checkpoint, scores only the others,
+    """Killed (SIGKILL: nothing runs at the kill) right after the third partial commit, before any
+    unit has ended. The rerun takes those pairs from the checkpoint, scores only the others,
     and writes the uninterrupted run's rows, ranks and scores."""
     out = tmp_path / "o.parquet"
     ck = str(out) + ".ckpt"
@@ -190,7 +194,7 @@ def test_sigterm_mid_unit_keeps_what_was_scored_and_says_so(data, tmp_path):
 
 
 def test_pool_sigterm_mid_unit_then_resume(data, tmp_path):
-    """--devices cpu,cpu, two units: both workers are held inside their units (after a partial
+    """--devices cpu,cpu: both workers are held inside their first units (after a partial
     commit each) while the driver is stopped; let go once the stop has reached them, each commits
     what it scored since before it leaves, and the rerun through the pool scores only the rest."""
     out = tmp_path / "o.parquet"
@@ -215,6 +219,34 @@ def test_pool_sigterm_mid_unit_then_resume(data, tmp_path):
     assert r.exit_code == 0, r.output
     s = json.load(open(tmp_path / "s.json"))
     assert s["pairs_resumed"] == kept and s["pairs_this_run"] == total - kept
+    assert_same(pq.read_table(out), data["refs"]["long"])
+
+
+@pytest.mark.parametrize("executor", ["pool", "ray"])
+def test_a_killed_worker_unit_is_finished_from_its_partial_commits(data, tmp_path, executor):
+    """A worker (a pool process, a Ray actor) killed inside its unit after a partial commit: the
+    worker that takes the unit over (the other pool process, the actor Ray starts again) scores
+    only the pairs not committed; the output is the uninterrupted run's."""
+    if executor == "ray":
+        pytest.importorskip("ray")
+    out = tmp_path / "o.parquet"
+    ck = str(out) + ".ckpt"
+    total = data["refs"]["long"].num_rows
+    how = ["--devices", "cpu,cpu"] if executor == "pool" else ["--executor", "ray", "--workers", 1]
+    args = ["run", data["long"], "--model", data["model"], "-o", out, "-q", "--max-batch-tokens", 600,
+            "--commit-every", "0.000001", "--keep-checkpoint", *how]
+    event = tmp_path / "held"
+    p = _child(data, args, event, count=1)
+    _wait_for(lambda: _held(event), p, "a partial commit")
+    kept = _partial_pairs(ck)
+    assert 0 < kept < total
+    os.kill(int(_held(event)[0].rsplit(".", 1)[1]), signal.SIGKILL)
+    _, err = p.communicate(timeout=WAIT_S)
+    assert p.returncode == 0, err[-2000:]
+    records = [json.load(open(os.path.join(ck, "done", n))) for n in os.listdir(os.path.join(ck, "done"))]
+    assert sum(r["pairs"] for r in records) == total
+    assert [r["resumed"]["pairs"] for r in records if "resumed" in r] == [kept]
+    assert not os.listdir(os.path.join(ck, "partial"))  # redundant once the unit's record exists
     assert_same(pq.read_table(out), data["refs"]["long"])
 
 
