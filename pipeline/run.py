@@ -98,11 +98,12 @@ def _resumed(record: dict, key: str) -> int:
     return int(record.get("resumed", {}).get(key, 0))
 
 
-def _kept_pairs(plan, refresh: bool) -> int:
-    """Pairs in the checkpoint: finished units (nulls skipped included) and partial commits."""
+def _kept_pairs(plan, partial: int | None = None) -> int:
+    """Pairs in the checkpoint: finished units (nulls skipped included) and partial commits
+    (`partial`, listed again when None: workers may have written some)."""
     ck = plan.ckpt
     whole = sum(ck.done[u.id]["pairs"] + ck.done[u.id]["skipped_null"] for u in plan.units if u.id in ck.done)
-    return whole + ck.kept_pairs(refresh=refresh)
+    return whole + (ck.kept_pairs(refresh=True) if partial is None else partial)
 
 
 def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, scorer=None) -> Summary:
@@ -133,7 +134,10 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
             raise KeyboardInterrupt
         summary.units_resumed = sum(1 for u in plan.units if u.id in ck.done)
         summary.attention = scorer.kernel if scorer is not None else ""
-        done_pairs = _kept_pairs(plan, refresh=False)
+        partial = ck.kept_pairs(refresh=False)
+        if partial:
+            log.info("resuming: %d pairs of unfinished units already scored", partial)
+        done_pairs = _kept_pairs(plan, partial)
         summary.pairs_resumed = done_pairs
         prog = _FirstBatch(Progress(plan.total_pairs, done_pairs, bar=progress), scorer)
         if scorer is not None and scorer.device.type == "cuda":
@@ -161,7 +165,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
         try:  # what the checkpoint holds now, workers' last commits included
             if uses_workers(plan.cfg) and plan.ckpt.lease is not None:
                 plan.ckpt.done = plan.ckpt.finished(known=plan.ckpt.done)  # units whose report never came
-            kept = _kept_pairs(plan, refresh=True)
+            kept = _kept_pairs(plan)
             # Pairs this run scored (counted per batch) and did not keep. Ray reports units only
             # when they end, so there the count is not known.
             if prog is None or plan.cfg.executor != "ray":
@@ -174,7 +178,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
         if plan is not None and plan.ckpt is not None and plan.ckpt.lease is not None:
             # nothing scored yet: leave no checkpoint behind; else keep it for the rerun
             try:
-                plan.ckpt.close(remove=not plan.ckpt.done and plan.ckpt.state != "published")
+                plan.ckpt.close(remove=not plan.ckpt.holds_work(refresh=True))
             except OSError as exc:  # the store that failed the run fails this too: report the first
                 log.warning("could not release the checkpoint (%s); a rerun takes it over once its lease expires",
                             first_line(exc))

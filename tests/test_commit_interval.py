@@ -297,3 +297,34 @@ def test_commit_every_is_not_in_the_fingerprint(data, tmp_path):
     assert_same(pq.read_table(out), data["refs"]["long"])
     with pytest.raises(InputError, match=r"commit_every=0: must be a number of seconds above 0"):
         RunConfig(**cfg, commit_every=0)
+
+
+def test_a_failure_mid_unit_keeps_the_scored_pairs(data, tmp_path, monkeypatch):
+    """A runtime failure in the fourth batch (as a pair that never fits in GPU memory makes): the
+    three batches before it are committed, the checkpoint is kept (no unit had ended), and the
+    rerun scores only the rest."""
+    from pipeline.config import RunConfig
+    from pipeline.engines.score import Scorer
+    from pipeline.errors import ScoringError
+    from pipeline.run import run
+
+    out = tmp_path / "o.parquet"
+    cfg = RunConfig(inputs=(str(data["long"]),), output=str(out), model=data["model"], max_batch_tokens=600,
+                    commit_every=1e9)
+    real, calls, scored = Scorer._forward, [0], [0]
+
+    def failing(self, flat, cu, *a, **k):
+        calls[0] += 1
+        if calls[0] == 4:
+            raise ScoringError("one pair of 9999 tokens does not fit in GPU memory")
+        scored[0] += len(cu) - 1
+        return real(self, flat, cu, *a, **k)
+
+    monkeypatch.setattr(Scorer, "_forward", failing)
+    with pytest.raises(ScoringError):
+        run(cfg, progress=False)
+    monkeypatch.setattr(Scorer, "_forward", real)
+    assert _partial_pairs(str(out) + ".ckpt") == scored[0] > 0
+    s = run(cfg, progress=False)
+    assert s.pairs_resumed == scored[0] and s.pairs_this_run == data["refs"]["long"].num_rows - scored[0]
+    assert_same(pq.read_table(out), data["refs"]["long"])

@@ -268,6 +268,15 @@ class Scorer:
             if commit is not None and pending:  # a stop keeps what was scored
                 self._hand_over(pending, saved, commit)
             raise
+        except Exception:
+            # A failure (a pair that never fits, a full disk) keeps what was scored too, where the
+            # scores can still be read: after a device error they cannot, and the error is the news.
+            if commit is not None and pending:
+                try:
+                    self._hand_over(pending, saved, commit)
+                except Exception as exc:
+                    log.debug("could not commit the pairs scored before the failure: %s", exc)
+            raise
         out = np.empty(len(offsets) - 1, dtype=np.float32)
         for idx, s in saved:
             out[idx] = s

@@ -173,6 +173,14 @@ class Checkpoint:
         return sum(k.pairs for u in list(self._partials) if u not in self.done
                    for k in [self.kept(u, refresh=False)] if k is not None)
 
+    def holds_work(self, refresh: bool = False) -> bool:
+        """Whether anything here is worth keeping: finished units, partial commits (listed again
+        with `refresh`: workers write them), or a published output's record."""
+        if refresh:
+            with contextlib.suppress(OSError):
+                self._list_partials()
+        return bool(self.done or self._partials or self.state == "published")
+
     def _list_partials(self) -> None:
         self._partials = self._listing()
 
