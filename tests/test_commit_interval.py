@@ -43,7 +43,7 @@ if os.environ.get("HOLD_EVENT"):
             _seen[0] += 1
             d, base = os.path.split(_ev)
             held = [n for n in os.listdir(d) if n.startswith(base + ".") and n[len(base) + 1:].isdigit()]
-            if _seen[0] == int(os.environ.get("HOLD_AFTER", "1")) and len(held) < int(os.environ.get("HOLD_COUNT", "2")):
+            if _seen[0] == int(os.environ["HOLD_AFTER"]) and len(held) < int(os.environ["HOLD_COUNT"]):
                 open(f"{_ev}.{os.getpid()}", "w").close()
                 while not os.path.exists(_ev + ".go"):
                     time.sleep(0.01)
@@ -134,7 +134,8 @@ def _partial_pairs(ckpt) -> int:
 
 def _done_pairs(ckpt) -> int:
     d = os.path.join(ckpt, "done")
-    recs = [json.load(open(os.path.join(d, n))) for n in os.listdir(d) if n.endswith(".json")] if os.path.isdir(d) else []
+    names = [n for n in os.listdir(d) if n.endswith(".json")] if os.path.isdir(d) else []
+    recs = [json.load(open(os.path.join(d, n))) for n in names]
     return sum(r["pairs"] + r["skipped_null"] for r in recs)
 
 
