@@ -329,3 +329,16 @@ def test_a_failure_mid_unit_keeps_the_scored_pairs(data, tmp_path, monkeypatch):
     s = run(cfg, progress=False)
     assert s.pairs_resumed == scored[0] and s.pairs_this_run == data["refs"]["long"].num_rows - scored[0]
     assert_same(pq.read_table(out), data["refs"]["long"])
+
+
+def test_cleanup_removes_a_marker_temp_file_left_by_a_kill(tmp_path):
+    """A kill inside the marker's rewrite (when the output is marked published) leaves the
+    marker's temp file; the cleanup that follows removes it with the rest, and the directory."""
+    from pipeline.storage.checkpoint import open_checkpoint
+
+    d = tmp_path / "ck"
+    ck = open_checkpoint(str(d), {"options": {}}, [], restart=False, own_root=True)
+    ck.commit_partial("00000-000000000000-000000000010", np.arange(3), np.zeros(3, np.float32), {"tokens": 3})
+    (d / f".tmp-{'0' * 32}-.rerank-batch-checkpoint").write_text("{}")
+    ck.close(remove=True)
+    assert not d.exists()

@@ -253,7 +253,9 @@ class Checkpoint:
                     self.store.delete(name)
             self.store.remove_empty(folder)
         for name in self.store.list(""):
-            if _OUR_TMP.match(name) and _OUR_FILE.match(name):
+            # A marker's temp file too: a kill while the marker was rewritten (publishing) left it,
+            # and the directory could then never be removed.
+            if _OUR_TMP.match(name) and (_OUR_FILE.match(name) or name.endswith("-" + MARKER)):
                 self.store.delete(name)
         self.store.delete(FINGERPRINT)
         self.store.delete(MARKER)
