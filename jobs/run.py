@@ -56,6 +56,10 @@ ENV_PREFIX = "RERANK_BATCH"
               help="Call torch.cuda.empty_cache() every N batches (always after an OOM); 0: never else.")
 @click.option("--window", "window_pairs", type=click.IntRange(min=1), default=16384, show_default=True,
               help="Pairs per unit of work: the length-sort window and the checkpoint step.")
+@click.option("--commit-every", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
+              metavar="SECONDS", help="Commit the pairs scored so far to the checkpoint after this many seconds "
+              "of scoring, also inside a unit: a crash loses at most that much scoring (SIGINT/SIGTERM "
+              "commit first and lose none).")
 @click.option("--on-null", type=click.Choice(["error", "skip"]), default="error", show_default=True,
               help="A null query or document: stop with an error, or keep the row unscored.")
 @click.option("--attention", type=click.Choice(["auto", "flash_attn", "torch_varlen", "sdpa"]),

@@ -56,6 +56,10 @@ class RunConfig:
     empty_cache_every: int = 0
     # Pairs per unit of work: the length-sort window, the checkpoint granularity, the memory bound.
     window_pairs: int = 16384
+    # Seconds of scoring after which the pairs scored of a unit still in flight are committed to
+    # the checkpoint (a stop or a crash loses at most this much, whatever window_pairs is). Does
+    # not change scores or batches, so it is not part of the fingerprint.
+    commit_every: float = 30.0
     # What to do with a null query or document: "error" or "skip" (kept with null score/rank).
     on_null: str = "error"
     trust_remote_code: bool = False
@@ -93,6 +97,9 @@ class RunConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise InputError(f"{name}={v!r}: must be a whole number of at least 1")
+        ce = self.commit_every
+        if isinstance(ce, bool) or not isinstance(ce, (int, float)) or not ce > 0:
+            raise InputError(f"commit_every={ce!r}: must be a number of seconds above 0")
         if not DEVICE.match(str(self.device or "")):
             raise InputError(f"device={self.device!r}: not a device; use auto, cpu, cuda or cuda:N")
         specs = (self.inputs,) if isinstance(self.inputs, (str, os.PathLike)) else tuple(self.inputs)

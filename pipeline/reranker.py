@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 # RunConfig fields that only concern files; a Reranker takes them (same options), but they do nothing.
 _FILE_FIELDS = {"inputs", "output", "query_col", "doc_col", "docs_col", "instruction_col", "top_k", "on_null",
-                "checkpoint_dir", "keep_checkpoint", "restart", "overwrite", "output_file_rows"}
+                "checkpoint_dir", "keep_checkpoint", "restart", "overwrite", "output_file_rows", "commit_every"}
 # RunConfig fields of the executors: a Reranker scores in this process on one device, so it takes
 # them at their defaults only (an options dict shared with `run` still works), and refuses the rest.
 _EXECUTOR_FIELDS = {"executor", "devices", "ray_address", "workers", "gpus_per_worker", "cpus_per_worker"}

@@ -42,6 +42,8 @@ class Summary:
     batches: int = 0
     units: int = 0
     units_resumed: int = 0
+    pairs_resumed: int = 0  # pairs this run took from the checkpoint (whole units and partial commits)
+    pairs_this_run: int = 0  # pairs this run scored (nulls skipped included): the rest
     batch_token_budget: int = 0
     device: str = ""
     dtype: str = ""
@@ -95,11 +97,23 @@ class _FirstBatch:
         return getattr(self.prog, name)
 
 
+def _resumed(record: dict, key: str) -> int:
+    return int(record.get("resumed", {}).get(key, 0))
+
+
+def _kept_pairs(plan, partial: int | None = None) -> int:
+    """Pairs in the checkpoint: finished units (nulls skipped included) and partial commits
+    (`partial`, listed again when None: workers may have written some)."""
+    ck = plan.ckpt
+    whole = sum(ck.done[u.id]["pairs"] + ck.done[u.id]["skipped_null"] for u in plan.units if u.id in ck.done)
+    return whole + (ck.kept_pairs(refresh=True) if partial is None else partial)
+
+
 def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, scorer=None) -> Summary:
     """Score and rank `cfg.inputs` into `cfg.output`. Rerunning after a crash resumes."""
     t_start = time.monotonic()
     startup.reset("process_to_run")
-    plan = None
+    plan = prog = None
     try:
         try:
             plan = make_plan(cfg, kind=scorer.kind if scorer is not None else None)
@@ -116,6 +130,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
             summary.rows = rec["rows"]
             summary.units_resumed = len(plan.units)
             summary.__dict__.update(rec.get("totals", {}))
+            summary.pairs_resumed = summary.pairs_scored + summary.skipped_null
             cleanup(plan, cfg.keep_checkpoint)
             summary.seconds = round(time.monotonic() - t_start, 3)
             return summary
@@ -125,7 +140,11 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
             raise KeyboardInterrupt
         summary.units_resumed = sum(1 for u in plan.units if u.id in ck.done)
         summary.attention = scorer.kernel if scorer is not None else ""
-        done_pairs = sum(ck.done[u.id]["pairs"] + ck.done[u.id]["skipped_null"] for u in plan.units if u.id in ck.done)
+        partial = ck.kept_pairs(refresh=False)
+        if partial:
+            log.info("resuming: %d pairs of unfinished units already scored", partial)
+        done_pairs = _kept_pairs(plan, partial)
+        summary.pairs_resumed = done_pairs
         prog = _FirstBatch(Progress(plan.total_pairs, done_pairs, bar=progress), scorer)
         if scorer is not None and scorer.device.type == "cuda":
             import torch
@@ -145,15 +164,27 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
         summary.__dict__.update(totals(plan))
         cleanup(plan, cfg.keep_checkpoint)
     except KeyboardInterrupt:
-        if plan is not None and plan.ckpt is not None:
-            plan.ckpt.close(remove=False)
         signum = getattr(should_stop, "signum", None) or 2
-        raise Interrupted(signum) from None
+        if plan is None or plan.ckpt is None:
+            raise Interrupted(signum) from None
+        kept = redo = None
+        try:  # what the checkpoint holds now, workers' last commits included
+            if uses_workers(plan.cfg) and plan.ckpt.lease is not None:
+                plan.ckpt.done = plan.ckpt.finished(known=plan.ckpt.done)  # units whose report never came
+            kept = _kept_pairs(plan)
+            # Pairs this run scored (counted per batch) and did not keep. Ray reports units only
+            # when they end, so there the count is not known.
+            if prog is None or plan.cfg.executor != "ray":
+                redo = max(0, (prog.done if prog is not None else kept) - kept)
+        except (OSError, RerankError) as exc:
+            log.warning("could not count the pairs kept in the checkpoint (%s)", first_line(exc))
+        plan.ckpt.close(remove=False)
+        raise Interrupted(signum, kept, plan.total_pairs, redo) from None
     except BaseException:
         if plan is not None and plan.ckpt is not None and plan.ckpt.lease is not None:
             # nothing scored yet: leave no checkpoint behind; else keep it for the rerun
             try:
-                plan.ckpt.close(remove=not plan.ckpt.done and plan.ckpt.state != "published")
+                plan.ckpt.close(remove=not plan.ckpt.holds_work(refresh=True))
             except OSError as exc:  # the store that failed the run fails this too: report the first
                 log.warning("could not release the checkpoint (%s); a rerun takes it over once its lease expires",
                             first_line(exc))
@@ -163,9 +194,12 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
     if per_device is not None:
         summary.extra["devices"] = per_device
     # Prefix sharing: the pairs' tokens this run scored, and those that went through the model.
-    summary.extra["tokens_before_sharing"] = sum(ck.done[u]["tokens"] for u in fresh)
-    summary.extra["tokens_after_sharing"] = sum(ck.done[u].get("tokens_computed", ck.done[u]["tokens"]) for u in fresh)
+    # (A unit resumed from partial commits counts only the pairs this run scored.)
+    summary.extra["tokens_before_sharing"] = sum(ck.done[u]["tokens"] - _resumed(ck.done[u], "tokens") for u in fresh)
+    summary.extra["tokens_after_sharing"] = sum(ck.done[u].get("tokens_computed", ck.done[u]["tokens"])
+                                                - _resumed(ck.done[u], "tokens_computed") for u in fresh)
     summary.seconds = round(time.monotonic() - t_start, 3)  # the whole run, plan to cleanup
+    summary.pairs_this_run = prog.pairs
     summary.scoring_pairs_per_s = round(prog.pairs / max(score_seconds, 1e-9), 2)
     summary.scoring_tokens_per_s = round(prog.tokens / max(score_seconds, 1e-9), 1)
     summary.run_pairs_per_s = round(prog.pairs / max(summary.seconds, 1e-9), 2)

@@ -215,11 +215,16 @@ class Scorer:
         """Scores (float32) of every pair in `enc`, in `enc`'s order."""
         return self.score_stream([enc], on_batch=on_batch, should_stop=should_stop)
 
-    def score_stream(self, chunks, on_batch=None, should_stop=None) -> np.ndarray:
+    def score_stream(self, chunks, on_batch=None, should_stop=None, commit=None) -> np.ndarray:
         """Scores of pairs that arrive in chunks (tokenized while the GPU works), in order.
 
         Full batches go to the GPU as soon as a chunk lands; the short remainder waits for the
         next chunk, so only the last batch of the stream can be partly empty.
+
+        `commit`: an object with `due()` and `__call__(idx, scores)`. Between batches, when
+        `due()` says so, and when the stream stops (KeyboardInterrupt), the scores of the pairs
+        batched so far are brought to the host and handed to it (positions in the stream, their
+        scores), for the caller to make durable. Batching does not change.
         """
         ids = np.empty(0, dtype=np.int32)
         types = None  # token types, for cross-encoders
@@ -228,37 +233,66 @@ class Scorer:
         offsets = np.zeros(1, dtype=np.int64)
         pool = np.empty(0, dtype=np.int64)  # pairs not yet sent
         pending: list[tuple[np.ndarray, torch.Tensor]] = []
-        for enc in chunks:
-            if len(enc) == 0:
-                continue
-            n0 = len(offsets) - 1
-            ids = np.concatenate([ids, enc.ids]) if len(ids) else enc.ids
-            if enc.type_ids is not None:
-                types = np.concatenate([types, enc.type_ids]) if types is not None else enc.type_ids
-            if enc.keys is None or not share:
-                share, keys = False, None  # a chunk without group keys: this stream shares nothing
-            else:
-                keys = np.concatenate([keys, enc.keys]) if keys is not None else enc.keys
-            offsets = np.concatenate([offsets, enc.offsets[1:] + offsets[-1]])
-            pool = np.concatenate([pool, np.arange(n0, n0 + len(enc), dtype=np.int64)])
-            batches, plen = self._plan(pool, ids, offsets, keys)
-            for b in batches[:-1]:
-                oom.submit(self, pool[b], ids, offsets, types, pending, on_batch, should_stop,
-                             None if plen is None else (plen[b], keys[pool[b]]))
-            pool = pool[batches[-1]]
-        if len(pool):
-            batches, plen = self._plan(pool, ids, offsets, keys)
+        saved: list[tuple[np.ndarray, np.ndarray]] = []  # handed to `commit`, on the host
+
+        def run(batches, plen):
             for b in batches:
                 oom.submit(self, pool[b], ids, offsets, types, pending, on_batch, should_stop,
-                             None if plen is None else (plen[b], keys[pool[b]]))
-        if not pending:
+                           None if plen is None else (plen[b], keys[pool[b]]))
+                if commit is not None and pending and commit.due():
+                    self._hand_over(pending, saved, commit)
+
+        try:
+            for enc in chunks:
+                if len(enc) == 0:
+                    continue
+                n0 = len(offsets) - 1
+                ids = np.concatenate([ids, enc.ids]) if len(ids) else enc.ids
+                if enc.type_ids is not None:
+                    types = np.concatenate([types, enc.type_ids]) if types is not None else enc.type_ids
+                if enc.keys is None or not share:
+                    share, keys = False, None  # a chunk without group keys: this stream shares nothing
+                else:
+                    keys = np.concatenate([keys, enc.keys]) if keys is not None else enc.keys
+                offsets = np.concatenate([offsets, enc.offsets[1:] + offsets[-1]])
+                pool = np.concatenate([pool, np.arange(n0, n0 + len(enc), dtype=np.int64)])
+                batches, plen = self._plan(pool, ids, offsets, keys)
+                run(batches[:-1], plen)
+                pool = pool[batches[-1]]
+            if len(pool):
+                batches, plen = self._plan(pool, ids, offsets, keys)
+                run(batches, plen)
+        except KeyboardInterrupt:
+            if commit is not None and pending:  # a stop keeps what was scored
+                self._hand_over(pending, saved, commit)
+            raise
+        except Exception:
+            # A failure (a pair that never fits, a full disk) keeps what was scored too, where the
+            # scores can still be read: after a device error they cannot, and the error is the news.
+            if commit is not None and pending:
+                try:
+                    self._hand_over(pending, saved, commit)
+                except Exception as exc:
+                    log.debug("could not commit the pairs scored before the failure: %s", exc)
+            raise
+        if pending:
+            # One device-to-host copy per window (or per commit): no host sync between batches.
+            saved.append((np.concatenate([i for i, _ in pending]),
+                          torch.cat([s for _, s in pending]).float().cpu().numpy()))
+        if not saved:
             return np.empty(len(offsets) - 1, dtype=np.float32)
-        # One device-to-host copy per window: no host sync between batches.
-        all_idx = np.concatenate([i for i, _ in pending])
-        got = torch.cat([s for _, s in pending]).float().cpu().numpy()
-        out = np.empty((len(offsets) - 1,) + got.shape[1:], dtype=np.float32)  # (pairs,) or (pairs, labels)
-        out[all_idx] = got
+        out = np.empty((len(offsets) - 1,) + saved[0][1].shape[1:], dtype=np.float32)  # (pairs,) or (pairs, labels)
+        for idx, s in saved:
+            out[idx] = s
         return out
+
+    @staticmethod
+    def _hand_over(pending: list, saved: list, commit) -> None:
+        idx = np.concatenate([i for i, _ in pending])
+        scores = torch.cat([s for _, s in pending]).float().cpu().numpy()
+        pending.clear()
+        saved.append((idx, scores))
+        commit(idx, scores)
 
     def _plan(self, pool, ids, offsets, keys):
         """Batches of `pool` (positions into it) and, where prefixes are shared, each pair's

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import queue as queue_mod
 import threading
 import time
 from collections import deque
@@ -209,12 +210,29 @@ def _shutdown(workers) -> None:
 
 class DriverLink:
     """A worker's end of the pipe. `units()` asks the driver for work one unit at a time; the
-    scoring thread and the prefetch thread both send, so sends are locked."""
+    scoring thread and the prefetch thread both send, so sends are locked. A thread reads
+    what the driver sends as soon as it comes, so a "stop" reaches `should_stop` at once, even
+    while the prefetch thread waits for room in its queue (the scorer then commits what it has
+    scored of its unit before the worker leaves)."""
 
     def __init__(self, conn):
         self.conn = conn
         self.lock = threading.Lock()
         self.stopped = threading.Event()
+        self.inbox: queue_mod.Queue = queue_mod.Queue()
+        threading.Thread(target=self._read, name="rerank-driver-link", daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                msg = self.conn.recv()
+            except (EOFError, OSError):
+                msg = None
+            if msg is None or msg[0] != "unit":  # "stop", or the driver is gone
+                self.stopped.set()
+                self.inbox.put(None)
+                return
+            self.inbox.put(msg[1])
 
     def send(self, msg) -> None:
         with self.lock:
@@ -223,15 +241,10 @@ class DriverLink:
     def units(self):
         while not self.stopped.is_set():
             self.send(("want",))
-            try:
-                msg = self.conn.recv()
-            except (EOFError, OSError):
-                self.stopped.set()
+            unit = self.inbox.get()
+            if unit is None or self.stopped.is_set():
                 return
-            if msg[0] != "unit":
-                self.stopped.set()
-                return
-            yield msg[1]
+            yield unit
 
     def should_stop(self) -> bool:
         return self.stopped.is_set() or os.getppid() == 1  # the driver is gone

@@ -107,7 +107,9 @@ def run_ray(spec, units, on_done, on_progress=None, should_stop=None, *, address
             unit = by_id[row["unit_id"]]
             on_done(unit, info)
             if on_progress is not None:
-                on_progress(info["pairs"] + info["skipped_null"], info["tokens"])
+                resumed = info.get("resumed", {})  # pairs an earlier run committed were counted at the start
+                on_progress(info["pairs"] + info["skipped_null"] - resumed.get("pairs", 0),
+                            info["tokens"] - resumed.get("tokens", 0))
             d = per_device.setdefault(info.get("device", "?"), {"device": info.get("device", "?"), "units": 0,
                                                                 "pairs": 0, "tokens": 0, "busy_seconds": 0.0})
             d["units"] += 1

@@ -11,11 +11,13 @@ import queue
 import threading
 import time
 
+import numpy as np
 import pyarrow as pa
 
 from pipeline.errors import InputError
 from pipeline.data.pairs import UnitPairs, build_pairs, result_part
-from pipeline.data.read import iter_unit_tables
+from pipeline.data.read import Unit, iter_unit_tables
+from pipeline.storage.checkpoint import Kept
 
 # First chunk small, so the GPU starts at once; later ones larger, for fewer Python round trips.
 FIRST_CHUNK, MAX_CHUNK = 256, 4096
@@ -33,12 +35,13 @@ class Timer:
         return now
 
 
-def prefetch(units, layout, cfg, encoder, stop_event: threading.Event):
+def prefetch(units, layout, cfg, encoder, stop_event: threading.Event, kept_for=None):
     """Read, explode and tokenize units in a thread, ahead of the device.
 
-    Yields ("unit", unit, pairs), then ("chunk", Encoded) for pieces of that unit's pairs as
+    Yields ("unit", work), then ("chunk", Encoded) for pieces of the pairs it has to score as
     they are tokenized, then ("end",). The queue holds a few chunks, so memory stays about a
-    window while tokenization overlaps scoring, also inside the first window.
+    window while tokenization overlaps scoring, also inside the first window. `kept_for(unit)`:
+    the unit's pairs already committed (a Kept, or None), which are not tokenized again.
     """
     q: queue.Queue = queue.Queue(maxsize=4)
     # String views (what polars writes) are read as large strings: Arrow's take and sort kernels,
@@ -72,14 +75,15 @@ def prefetch(units, layout, cfg, encoder, stop_event: threading.Event):
                             "give files of one schema in one run"
                         ) from None
                 pairs = build_pairs(unit, table, layout, cfg)
-                if not put(("unit", unit, pairs)):
+                work = Work(unit, pairs, kept_for(unit) if kept_for is not None else None)
+                if not put(("unit", work)):
                     return
+                instructions, queries, documents = work.to_score()
                 start, size = 0, FIRST_CHUNK
-                n = len(pairs.queries)
+                n = len(queries)
                 while start < n:
                     stop = min(n, start + size)
-                    enc = encoder.encode(pairs.instructions[start:stop], pairs.queries[start:stop],
-                                         pairs.documents[start:stop])
+                    enc = encoder.encode(instructions[start:stop], queries[start:stop], documents[start:stop])
                     if not put(("chunk", enc)):
                         return
                     start, size = stop, min(MAX_CHUNK, size * 2)
@@ -130,8 +134,106 @@ def unit_info(pairs: UnitPairs, encs: list) -> dict:
             "skipped_null": int((~pairs.valid).sum())}
 
 
+class Work:
+    """One unit on its way through the scorer: its pairs, those an earlier run committed
+    (`kept`), the positions among its valid pairs still to score (`todo`, None: all), and the
+    encoded chunks of those as they arrive."""
+
+    def __init__(self, unit: Unit, pairs: UnitPairs, kept: Kept | None = None):
+        self.unit, self.pairs, self.encs = unit, pairs, []
+        self.start = 0  # position of its first pair to score in the scoring stream
+        self.ords = pairs.table.column("_ord").to_numpy()[pairs.valid]  # sorted: input order
+        self.todo = self.kept = None
+        if kept is not None:
+            hit = np.isin(kept.ords, self.ords)
+            if hit.any():
+                self.kept = Kept(kept.ords[hit], kept.scores[hit], kept.counts)
+                self.todo = np.flatnonzero(~np.isin(self.ords, self.kept.ords))
+
+    @property
+    def to_score_n(self) -> int:
+        return len(self.ords) if self.todo is None else len(self.todo)
+
+    def to_score(self) -> tuple[list, list, list]:
+        p = self.pairs
+        if self.todo is None:
+            return p.instructions, p.queries, p.documents
+        return ([p.instructions[i] for i in self.todo], [p.queries[i] for i in self.todo],
+                [p.documents[i] for i in self.todo])
+
+    def ords_to_score(self) -> np.ndarray:
+        return self.ords if self.todo is None else self.ords[self.todo]
+
+    def result(self, scores: np.ndarray) -> tuple[pa.Table, dict]:
+        """The unit's part (new scores merged with the kept ones) and its record's counts."""
+        info = unit_info(self.pairs, self.encs)
+        if self.kept is not None:
+            full = np.empty(len(self.ords), dtype=np.float32)
+            full[np.searchsorted(self.ords, self.kept.ords)] = self.kept.scores
+            full[self.todo] = scores
+            scores = full
+            c = self.kept.counts
+            resumed = {"pairs": self.kept.pairs, "tokens": int(c.get("tokens", 0)),
+                       "tokens_computed": int(c.get("tokens_computed", 0))}
+            info["pairs"] += resumed["pairs"]
+            info["tokens"] += resumed["tokens"]
+            info["truncated"] += int(c.get("truncated", 0))
+            info["resumed"] = resumed
+        return result_part(self.pairs, scores), info
+
+
+class Commits:
+    """Commits by time: `every` seconds of scoring after the last commit (a unit's part or this),
+    the pairs scored so far of the units in the stream go to `save(unit, ords, scores, counts)`
+    (Checkpoint.commit_partial), so that a stop or a crash loses at most that much scoring,
+    whatever the size of a unit. What the scorer calls: `due()` and `__call__(idx, scores)`."""
+
+    def __init__(self, every: float | None, save, scorer):
+        self.every, self.save, self.scorer = every, save, scorer
+        self.works: list[Work] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.last = time.monotonic()
+        self.computed0 = self.scorer.stats.tokens_computed
+
+    def begin(self, works: list[Work]) -> "Commits | None":
+        """The units of the next scoring stream, in stream order; the object for score_stream."""
+        start = 0
+        for w in works:
+            w.start = start
+            start += w.to_score_n
+        self.works = works
+        return self if self.save is not None else None
+
+    def due(self) -> bool:
+        return self.every is not None and time.monotonic() - self.last >= self.every
+
+    def __call__(self, idx: np.ndarray, scores: np.ndarray) -> None:
+        computed = self.scorer.stats.tokens_computed - self.computed0
+        starts = np.array([w.start for w in self.works])
+        owner = np.searchsorted(starts, idx, side="right") - 1
+        lengths = {}
+        for k in np.unique(owner):
+            w = self.works[k]
+            encs = w.encs
+            lengths[k] = (np.concatenate([e.lengths for e in encs]), np.concatenate([e.truncated for e in encs]))
+        total = max(1, sum(int(lengths[k][0][idx[owner == k] - self.works[k].start].sum()) for k in lengths))
+        for k, (lens, trunc) in lengths.items():
+            w = self.works[k]
+            sel = owner == k
+            local = idx[sel] - w.start
+            order = np.argsort(local, kind="stable")
+            local = local[order]
+            tokens = int(lens[local].sum())
+            self.save(w.unit, w.ords_to_score()[local], scores[sel][order],
+                      {"tokens": tokens, "truncated": int(trunc[local].sum()),
+                       "tokens_computed": int(round(computed * tokens / total))})
+        self.reset()
+
+
 def score_units(units, layout, cfg, scorer, on_batch=None, should_stop=None, timer: Timer | None = None,
-                group_small: bool = False):
+                group_small: bool = False, kept_for=None, save_partial=None):
     """Yield (unit, part, info) for each unit: its rows with their scores, and its counts.
 
     With `group_small`, consecutive small units (under a quarter of a window each, as many small
@@ -140,34 +242,40 @@ def score_units(units, layout, cfg, scorer, on_batch=None, should_stop=None, tim
     Only for a source that never waits on anyone (the local executor's list): a pool worker's
     next unit may depend on this one finishing. KeyboardInterrupt is raised when `should_stop()`
     turns true between batches.
+
+    Commits by time (`cfg.commit_every`): with `save_partial(unit, ords, scores, counts)`, the
+    pairs scored of units not yet yielded are handed to it every `cfg.commit_every` seconds of
+    scoring and at a stop; `kept_for(unit)` gives back what was saved so (a Kept), and only the
+    unit's other pairs are scored.
     """
     timer = timer if timer is not None else Timer()
     stop_event = threading.Event()
-    items = prefetch(units, layout, cfg, scorer.encoder, stop_event)
+    items = prefetch(units, layout, cfg, scorer.encoder, stop_event, kept_for)
+    commits = Commits(getattr(cfg, "commit_every", None), save_partial, scorer)
     small = max(1, cfg.window_pairs // 4)
-    group: list = []  # (unit, pairs, encs) of small units read but not yet scored
+    group: list[Work] = []  # small units read and tokenized but not yet scored
 
     def flush():
         if not group:
             return
         t0, computed0 = time.perf_counter(), scorer.stats.tokens_computed
-        encs = [e for _, _, es in group for e in es]
-        scores = scorer.score_stream(iter(encs), on_batch=on_batch, should_stop=should_stop)
+        members = list(group)
+        encs = [e for w in members for e in w.encs]
+        scores = scorer.score_stream(iter(encs), on_batch=on_batch, should_stop=should_stop,
+                                     commit=commits.begin(members))
         seconds, computed = time.perf_counter() - t0, scorer.stats.tokens_computed - computed0
         tokens = max(1, sum(int(e.offsets[-1]) for e in encs))
-        start = 0
-        members = list(group)
         group.clear()
-        for unit, pairs, es in members:
-            info = unit_info(pairs, es)
-            n = info["pairs"]
+        for w in members:
+            n = w.to_score_n
+            part, info = w.result(scores[w.start:w.start + n])
             if info["skipped_null"] and on_batch is not None:
                 on_batch(info["skipped_null"], 0)
-            share = info["tokens"] / tokens  # one scoring pass: its time and work, by tokens
+            share = sum(int(e.offsets[-1]) for e in w.encs) / tokens  # one scoring pass: its time and work, by tokens
             info["seconds"] = seconds * share
-            info["tokens_computed"] = int(round(computed * share))
-            yield unit, result_part(pairs, scores[start:start + n]), info
-            start += n
+            info["tokens_computed"] = int(round(computed * share)) + info.get("resumed", {}).get("tokens_computed", 0)
+            yield w.unit, part, info
+            commits.reset()
 
     try:
         while True:
@@ -177,26 +285,29 @@ def score_units(units, layout, cfg, scorer, on_batch=None, should_stop=None, tim
             if head is None:
                 yield from flush()
                 return
-            _, unit, pairs = head
+            work = head[1]
             if should_stop is not None and should_stop():
                 raise KeyboardInterrupt
-            if group_small and len(pairs.queries) < small:
-                group.append((unit, pairs, list(_unit_chunks(items, timer, []))))
-                if sum(len(p.queries) for _, p, _ in group) >= cfg.window_pairs:
+            if group_small and len(work.pairs.queries) < small:
+                list(_unit_chunks(items, timer, work.encs))
+                group.append(work)
+                if sum(len(w.pairs.queries) for w in group) >= cfg.window_pairs:
                     yield from flush()
                 continue
             yield from flush()
-            encs: list = []
             t_unit = time.perf_counter()
             computed0 = scorer.stats.tokens_computed
-            scores = scorer.score_stream(_unit_chunks(items, timer, encs), on_batch=on_batch,
-                                         should_stop=should_stop)
-            skipped = int((~pairs.valid).sum()) if pairs.valid.size else 0
+            scores = scorer.score_stream(_unit_chunks(items, timer, work.encs), on_batch=on_batch,
+                                         should_stop=should_stop, commit=commits.begin([work]))
+            skipped = int((~work.pairs.valid).sum()) if work.pairs.valid.size else 0
             if skipped and on_batch is not None:
                 on_batch(skipped, 0)
-            info = unit_info(pairs, encs)
+            part, info = work.result(scores)
             info["seconds"] = time.perf_counter() - t_unit
-            info["tokens_computed"] = int(scorer.stats.tokens_computed - computed0)  # after prefix sharing
-            yield unit, result_part(pairs, scores), info
+            # after prefix sharing; with the kept pairs' own
+            info["tokens_computed"] = int(scorer.stats.tokens_computed - computed0) + \
+                info.get("resumed", {}).get("tokens_computed", 0)
+            yield work.unit, part, info
+            commits.reset()
     finally:
         items.close()

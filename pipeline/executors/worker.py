@@ -40,8 +40,11 @@ class UnitWorker:
         from .stream import score_units
 
         ck = Checkpoint(self.spec.ckpt_dir)  # no lease: the driver holds the run's
+        # kept_for lists the partials again for each unit: one may come from a worker that died.
         for unit, part, info in score_units(units, self.spec.layout, self.spec.cfg, self.scorer,
-                                            on_batch=on_batch, should_stop=should_stop):
+                                            on_batch=on_batch, should_stop=should_stop,
+                                            kept_for=lambda u: ck.kept(u.id),
+                                            save_partial=lambda u, *a: ck.commit_partial(u.id, *a)):
             yield unit, ck.commit(unit.id, part, info)
 
 

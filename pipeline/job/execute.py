@@ -55,8 +55,12 @@ def execute(plan, scorer, prog, timer: Timer, should_stop=None) -> list[dict] | 
                     ck.lease.renew()
 
             return execute_remote(plan.cfg, spec, pending, landed, prog.update, should_stop)
+        # This process holds the lease and is the only writer: the partials it listed at the
+        # start and those it writes are all there are.
         for unit, part, info in score_units(pending, plan.layout, plan.cfg, scorer, on_batch=prog.update,
-                                            should_stop=should_stop, timer=timer, group_small=True):
+                                            should_stop=should_stop, timer=timer, group_small=True,
+                                            kept_for=lambda u: ck.kept(u.id, refresh=False),
+                                            save_partial=lambda u, *a: ck.commit_partial(u.id, *a)):
             t0 = time.perf_counter()
             ck.commit(unit.id, part, info)
             timer.add("writing_parts", t0)

@@ -246,9 +246,9 @@ def make_plan(cfg: RunConfig, kind=None, run_id: str | None = None) -> Plan:
                          own_root=cfg.checkpoint_dir is None, output=output_key(cfg.output))
     try:  # again under the lock: a run that finished meanwhile has published the output
         ours = made_for(ck.marker, output_key(cfg.output))  # one made for another -o owns no file here
-        check_output(cfg, resumable=ours and (bool(ck.done) or ck.state == "published"))
+        check_output(cfg, resumable=ours and ck.holds_work())
     except BaseException:
-        ck.close(remove=not ck.done and ck.state != "published")
+        ck.close(remove=not ck.holds_work())
         raise
     return Plan(cfg, layout, units, total_pairs, device, dtype, kind, ck, output_exists(cfg.output))
 

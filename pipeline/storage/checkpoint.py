@@ -7,9 +7,15 @@ Layout of a checkpoint directory (OUTPUT.ckpt by default):
   parts/<unit>.parquet      one finished unit's scored rows, one object written whole
   done/<unit>.json          its record (pairs, tokens, ..., the part's bytes and rows), written
                             only after the part: the append-only log of finished units
+  partial/<unit>.<id>.parquet  pairs of a unit still in flight, scored and committed by time
+                            (`_ord`, `score`, their counts in the metadata), each written whole;
+                            removed once the unit's record exists
 
 A unit is finished when its record exists and its part exists with the recorded size and row
 count; anything else (a crash between the two writes, a zero-byte or garbage file) is redone.
+A unit that takes long to score commits what it has scored so far every `--commit-every`
+seconds as a partial object; a rerun scores only that unit's other pairs and writes its part
+and record as usual, so a stop or a crash loses at most that much scoring, whatever the window.
 A commit writes two small objects whatever the number of units, so its cost is O(1). Every file
 operation goes through a store (pipeline/storage/local.py), so that workers in other processes can
 commit given only the directory, and an object-storage store can replace the local one.
@@ -25,7 +31,9 @@ import logging
 import os
 import re
 import uuid
+from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -41,6 +49,8 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
 MARKER = CHECKPOINT_MARKER  # the one name that makes a directory a checkpoint
 FINGERPRINT = "fingerprint.json"
+PARTIAL = "partial"  # the folder of pairs committed by time from units not yet finished
+_PARTIAL_META = b"rerank_batch"  # the Parquet key of a partial's counts (JSON)
 # What a run that has not yet written its marker may already have made in the directory (its
 # lease, the marker's or the lease's temp file, a writability probe): anything else there
 # without a marker is someone else's, whatever its name.
@@ -55,7 +65,20 @@ _OUR_ROOT_LEFTOVER = re.compile(r"^(\.probe-[0-9a-f]{32}|\.tmp-[0-9a-f]{32}-(%s)
     "|".join(re.escape(n) for n in (MARKER, FINGERPRINT, LEASE_NAME, REMOTE_LEASE_NAME))))
 _OUR_FILE = re.compile(r"^(\.tmp-[0-9a-f]{32}-)?[0-9A-Za-z_.-]+\.(parquet|json)$")
 
-__all__ = ["Checkpoint", "open_checkpoint", "fsync_dir"]
+__all__ = ["Checkpoint", "Kept", "open_checkpoint", "fsync_dir"]
+
+
+@dataclass
+class Kept:
+    """Pairs of one unfinished unit already scored and committed (its partial objects)."""
+
+    ords: np.ndarray  # int64, sorted, unique: the pairs' `_ord`
+    scores: np.ndarray  # float32, aligned with ords
+    counts: dict = field(default_factory=dict)  # tokens, truncated, tokens_computed, seconds
+
+    @property
+    def pairs(self) -> int:
+        return len(self.ords)
 
 
 class Checkpoint:
@@ -68,6 +91,7 @@ class Checkpoint:
         self.marker: dict = {}
         self.fingerprint: dict = {}
         self.done: dict[str, dict] = {}
+        self._partials: dict[str, list[str]] = {}  # unit id -> names of its partial objects
 
     # -- what workers call -------------------------------------------------------------------
     def commit(self, unit_id: str, table: pa.Table, info: dict) -> dict:
@@ -86,9 +110,94 @@ class Checkpoint:
                 "or pass another --checkpoint-dir, then rerun to resume"
             ) from None
         self.done[unit_id] = record
+        # The record makes the unit's partials redundant; a kill before they go leaves them to
+        # the cleanup, and a rerun ignores the partials of a finished unit.
+        for name in self._partials.pop(unit_id, []):
+            with contextlib.suppress(OSError):
+                self.store.delete(name)
         if self.lease is not None:
             self.lease.renew()
         return record
+
+    def commit_partial(self, unit_id: str, ords: np.ndarray, scores: np.ndarray, counts: dict) -> None:
+        """Write pairs of an unfinished unit (their `_ord` and score) as one object, whole."""
+        table = pa.table({"_ord": pa.array(np.asarray(ords, dtype=np.int64)),
+                          "score": pa.array(np.asarray(scores, dtype=np.float32))})
+        table = table.replace_schema_metadata({_PARTIAL_META: json.dumps(counts, sort_keys=True).encode()})
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf)
+        name = f"{PARTIAL}/{unit_id}.{uuid.uuid4().hex[:16]}.parquet"
+        try:
+            self.store.write(name, buf.getvalue().to_pybytes())
+        except OSError as exc:
+            raise RerankError(
+                f"{self.dir}: cannot write a checkpoint part ({exc.strerror or exc}); free disk space "
+                "or pass another --checkpoint-dir, then rerun to resume"
+            ) from None
+        self._partials.setdefault(unit_id, []).append(name)
+        if self.lease is not None:
+            self.lease.renew()
+
+    def kept(self, unit_id: str, refresh: bool = True) -> Kept | None:
+        """The committed pairs of an unfinished unit (None: none). `refresh`: list the folder
+        again (another process may have written some: a pool or Ray worker that died); without
+        it, the names this object listed or wrote. A damaged object is logged and ignored: its
+        pairs are scored again."""
+        names = list(self._partials.get(unit_id, []))
+        if refresh:  # called from a prefetch thread: only this unit's entry changes
+            names = sorted(set(names) | set(self._listing().get(unit_id, [])))
+            if names:
+                self._partials[unit_id] = names
+        tables = []
+        for name in names:
+            try:
+                t = pq.read_table(self.store.source(name))
+                counts = json.loads((t.schema.metadata or {})[_PARTIAL_META])
+                if t.column_names != ["_ord", "score"] or not isinstance(counts, dict):
+                    raise ValueError(name)
+            except (OSError, ValueError, KeyError, TypeError, pa.ArrowException):
+                log.warning("%s: %s is damaged; its pairs are scored again", self.dir, name)
+                continue
+            tables.append((t, counts))
+        if not tables:
+            return None
+        ords = np.concatenate([t.column("_ord").to_numpy() for t, _ in tables])
+        scores = np.concatenate([t.column("score").to_numpy() for t, _ in tables]).astype(np.float32)
+        ords, first = np.unique(ords, return_index=True)  # a pair committed twice (two workers) counts once
+        counts = {k: sum(c.get(k, 0) for _, c in tables) for k in ("tokens", "truncated", "tokens_computed",
+                                                                    "seconds")}
+        if len(first) < sum(t.num_rows for t, _ in tables):  # the sums are then estimates, by pairs
+            share = len(first) / sum(t.num_rows for t, _ in tables)
+            counts = {k: (v * share if k == "seconds" else int(round(v * share))) for k, v in counts.items()}
+        return Kept(ords, scores[first], counts)
+
+    def kept_pairs(self, refresh: bool = True) -> int:
+        """Pairs committed by time from units without a record (those a rerun does not score)."""
+        if refresh:
+            self._list_partials()
+        return sum(k.pairs for u in list(self._partials) if u not in self.done
+                   for k in [self.kept(u, refresh=False)] if k is not None)
+
+    def holds_work(self, refresh: bool = False) -> bool:
+        """Whether anything here is worth keeping: finished units, partial commits (listed again
+        with `refresh`: workers write them), or a published output's record."""
+        if refresh:
+            with contextlib.suppress(OSError):
+                self._list_partials()
+        return bool(self.done or self._partials or self.state == "published")
+
+    def _list_partials(self) -> None:
+        self._partials = self._listing()
+
+    def _listing(self) -> dict[str, list[str]]:
+        found: dict[str, list[str]] = {}
+        for name in self.store.list(PARTIAL):
+            base = name.rsplit("/", 1)[1]
+            parts = base.split(".")
+            if base.startswith(".") or len(parts) != 3 or parts[2] != "parquet":
+                continue
+            found.setdefault(parts[0], []).append(name)
+        return found
 
     def part_path(self, unit_id: str) -> str:
         return self.store.path(f"parts/{unit_id}.parquet")
@@ -97,14 +206,18 @@ class Checkpoint:
         return [self.part_path(u) for u in unit_ids]
 
     # -- reading state -------------------------------------------------------------------------
-    def finished(self) -> dict[str, dict]:
-        """Units whose record and valid part both exist; damaged ones are logged and redone."""
+    def finished(self, known: dict | None = None) -> dict[str, dict]:
+        """Units whose record and valid part both exist; damaged ones are logged and redone.
+        `known`: records already checked, taken as they are (only new records are read)."""
         done = {}
         for name in self.store.list("done"):
             base = name.rsplit("/", 1)[1]
             if base.startswith(".") or not base.endswith(".json"):
                 continue
             uid = base[: -len(".json")]
+            if known and uid in known:
+                done[uid] = known[uid]
+                continue
             try:
                 rec = json.loads(self.store.read(name))
                 ok = (isinstance(rec, dict) and self.store.size(f"parts/{uid}.parquet") == rec["part_bytes"]
@@ -139,7 +252,7 @@ class Checkpoint:
 
     def delete_ours(self) -> None:
         """Delete the names we write, the marker last; strangers' files stay where they are."""
-        for folder in ("parts", "done"):
+        for folder in ("parts", "done", PARTIAL):
             for name in self.store.list(folder):
                 if _OUR_FILE.match(name.rsplit("/", 1)[1]):
                     self.store.delete(name)
@@ -284,8 +397,9 @@ def open_checkpoint(directory: str, fingerprint: dict, paths, *, restart: bool, 
         elif ck.marker.get("format") != FORMAT_VERSION:
             raise CheckpointError(f"{directory}: a checkpoint of another rerank-batch version; pass --restart")
         ck.done = ck.finished()
+        ck._list_partials()
         old = ck._read_json(FINGERPRINT)
-        if old is not None and (ck.done or ck.state == "published"):
+        if old is not None and (ck.done or ck._partials or ck.state == "published"):
             diff = diff_fingerprints({k: v for k, v in old.items() if k != "inputs"}, fingerprint)
             if diff:
                 raise CheckpointError(f"{directory}: {describe_mismatch(*diff)}, or pass --restart to start over")
@@ -295,6 +409,9 @@ def open_checkpoint(directory: str, fingerprint: dict, paths, *, restart: bool, 
             ck.fingerprint = {**fingerprint, "inputs": [file_fingerprint(p) for p in paths]}
             ck.store.write(FINGERPRINT, json.dumps(ck.fingerprint, indent=1, sort_keys=True).encode())
             ck.done = {}
+            for name in [n for names in ck._partials.values() for n in names]:  # scores of unknown origin
+                ck.store.delete(name)
+            ck._partials = {}
         if ck.done:
             n = len(ck.done)
             log.info("resuming: %d %s already scored in %s", n, "unit" if n == 1 else "units", directory)
