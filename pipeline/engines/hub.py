@@ -41,6 +41,9 @@ def resolve_model(model: str) -> str:
     model = os.fspath(model)
     if os.path.isdir(model):
         return model
+    if os.path.isfile(model):  # a weights or config file given for its folder
+        raise ModelError(f"model {model}: a file, not a directory; --model takes the model's directory (the folder "
+                         "with config.json, the tokenizer and the weights) or a hub id (org/name)")
     if os.path.exists(model) or not HUB_ID.match(model):
         raise ModelError(f"model {model}: no such directory; pass a model directory or a hub id (org/name)")
     from huggingface_hub import snapshot_download
