@@ -632,6 +632,7 @@ def _flip_document_byte(part):
 def test_a_part_whose_bytes_changed_is_scored_again(job, tmp_path, caplog):
     out = tmp_path / "out.parquet"
     ck = _partial(job, out)
+    n = _done(ck)
     part = sorted((ck / "parts").iterdir())[0]
     size = part.stat().st_size
     _flip_document_byte(part)
@@ -639,14 +640,10 @@ def test_a_part_whose_bytes_changed_is_scored_again(job, tmp_path, caplog):
     with caplog.at_level("WARNING"):
         s = run(_cfg(job, job["input"], out), progress=False)
     assert pq.read_table(out).equals(job["refs"][64])
-    assert s.units_resumed == _done_before(s) and s.pairs_scored == 300
+    assert s.units_resumed == n - 1 and s.pairs_scored == 300  # all but the changed one
     uid = part.name[: -len(".parquet")]
     assert [r.getMessage() for r in caplog.records if uid in r.getMessage()] == [
         f"{ck}: unit {uid}: its part differs from its record (the part's content changed); scoring it again"]
-
-
-def _done_before(s):
-    return s.units_resumed
 
 
 def test_a_part_and_record_copied_over_another_units_are_scored_again(job, tmp_path, caplog):
@@ -661,14 +658,17 @@ def test_a_part_and_record_copied_over_another_units_are_scored_again(job, tmp_p
     assert f"{ck}: unit {b}: its record is of unit {a}; scoring it again" in caplog.text
 
 
-def test_an_edited_record_is_not_trusted_by_the_summary(job, tmp_path):
+def test_an_edited_record_is_not_trusted_by_the_summary(job, tmp_path, caplog):
     out = tmp_path / "out.parquet"
     ck = _partial(job, out)
     rec = sorted((ck / "done").iterdir())[0]
     rec.write_text(rec.read_text().replace('"pairs": ', '"pairs": 40'))
-    s = run(_cfg(job, job["input"], out), progress=False)
+    with caplog.at_level("WARNING"):
+        s = run(_cfg(job, job["input"], out), progress=False)
     assert s.pairs_scored == 300 and s.rows == 300
     assert pq.read_table(out).equals(job["refs"][64])
+    assert (f"{ck}: unit {rec.name[:-len('.json')]}: its record is not the one written with its part (edited, or "
+            "of an older version); scoring it again") in caplog.text
 
 
 def test_a_part_changed_while_the_run_goes_on_is_scored_again_before_the_final_write(job, tmp_path):
@@ -686,3 +686,17 @@ def test_a_part_changed_while_the_run_goes_on_is_scored_again_before_the_final_w
     assert flipped
     assert pq.read_table(out).equals(job["refs"][64])
     assert s.pairs_scored == 300
+
+
+def test_parts_that_keep_changing_on_disk_fail_the_run_and_publish_nothing(job, tmp_path, monkeypatch):
+    from pipeline.storage import checkpoint
+
+    monkeypatch.setattr(checkpoint, "part_digest", lambda store, name: "0" * 64)  # never what was written
+    out = tmp_path / "out.parquet"
+    r = run_cli(_args(job, job["input"], out, 64))
+    assert r.exit_code == 1, r.output
+    ck = tmp_path / "out.parquet.ckpt"
+    assert r.output.strip().splitlines()[-1] == (f"Error: {ck}: the part of unit 00000-000000000000-000000000037 changed on disk right "
+                                "after it was written; check that disk (or pass another --checkpoint-dir), then rerun "
+                                "the same command")
+    assert not out.exists()
