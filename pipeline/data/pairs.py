@@ -2,8 +2,9 @@
 
 Nested input (a list of documents per row) is exploded here: each element becomes a row with
 its 0-based `doc_index`; a row with an empty list stays, as one unscored row with a null
-document, doc_index and score (ranked last in its group, like a skipped null). Every row carries `_ord`, its position in the whole input, so that the
-final writer can restore input order after the length sort (ties in rank keep input order).
+document, doc_index and score (ranked last in its group, like a skipped null). Every row
+carries `_ord`, its position in the whole input, so that the final writer can restore input
+order after the length sort (ties in rank keep input order).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class UnitPairs:
     instructions: list[str]
     queries: list[str]
     documents: list[str]
-    valid: np.ndarray  # bool per row: False where query or document is null (--on-null skip), or an empty list
+    valid: np.ndarray  # bool per row: False where query or document is null (--on-null skip) or a list is empty
     empty_lists: int = 0  # rows of nested input whose list is empty (among the rows not valid)
 
 
