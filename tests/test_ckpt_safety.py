@@ -696,7 +696,7 @@ def test_parts_that_keep_changing_on_disk_fail_the_run_and_publish_nothing(job, 
     r = run_cli(_args(job, job["input"], out, 64))
     assert r.exit_code == 1, r.output
     ck = tmp_path / "out.parquet.ckpt"
-    assert r.output.strip().splitlines()[-1] == (f"Error: {ck}: the part of unit 00000-000000000000-000000000037 changed on disk right "
-                                "after it was written; check that disk (or pass another --checkpoint-dir), then rerun "
-                                "the same command")
+    assert r.output.strip().splitlines()[-1] == (
+        f"Error: {ck}: the part of unit 00000-000000000000-000000000037 changed on disk right after it was written; "
+        "check that disk (or pass another --checkpoint-dir), then rerun the same command")
     assert not out.exists()
