@@ -131,18 +131,27 @@ class Checkpoint:
         return done
 
     def recheck(self, unit_ids) -> list[str]:
-        """Check the finished units among `unit_ids` again (before the final write: a part may have
-        changed on disk since it was written or verified); drop the bad ones from `done` and
-        delete their records, so that they are scored again. Returns their ids."""
+        """Check the finished units among `unit_ids` again, from their stored records (before the
+        final write: a part may have changed on disk since it was written or verified; an
+        executor may have added fields of its own to the record it handed back). Good units get
+        their stored record in `done`; bad ones leave `done` and lose their record, so that they
+        are scored again. Returns the bad ids."""
         bad = []
         for uid in unit_ids:
-            rec = self.done.get(uid)
-            why = None if rec is None else unit_fault(self.store, uid, rec)
-            if why is not None:
-                log.warning("%s: unit %s: %s; scoring it again", self.dir, uid, why)
-                self.store.delete(f"done/{uid}.json")
-                del self.done[uid]
-                bad.append(uid)
+            if uid not in self.done:
+                continue
+            try:
+                rec = json.loads(self.store.read(f"done/{uid}.json"))
+            except (OSError, ValueError):
+                rec = None
+            why = unit_fault(self.store, uid, rec)
+            if why is None:
+                self.done[uid] = rec
+                continue
+            log.warning("%s: unit %s: %s; scoring it again", self.dir, uid, why)
+            self.store.delete(f"done/{uid}.json")
+            del self.done[uid]
+            bad.append(uid)
         return bad
 
     def _read_json(self, name: str) -> dict | None:
