@@ -16,7 +16,7 @@ from pipeline.job import startup
 from pipeline.config import RunConfig
 from pipeline.errors import Interrupted, RerankError, ScoringError, StoreUnavailable, first_line
 from pipeline.job.execute import _Timer, execute, score_unit, uses_workers
-from pipeline.job.finish import cleanup, publish, published_output, totals
+from pipeline.job.finish import cleanup, publish, published_output, totals, verify_parts
 from pipeline.job.plan import check_output, fingerprint, make_plan, validate
 from pipeline.job.progress import Progress
 
@@ -31,6 +31,7 @@ class Summary:
     tokens: int = 0
     truncated: int = 0
     skipped_null: int = 0
+    empty_lists: int = 0  # nested input: rows with an empty list (kept, unscored)
     seconds: float = 0.0  # the whole run: planning, model load, scoring, final write, cleanup
     # Rates count the pairs this run scored (not resumed units): over the seconds from the first
     # unit read to the last part, and over `seconds`, model load and final write included.
@@ -155,6 +156,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
         fresh = [u.id for u in plan.units if u.id not in ck.done]  # scored by this run
         try:
             per_device = execute(plan, scorer, prog, timer, should_stop)
+            verify_parts(plan, lambda: execute(plan, scorer, prog, timer, should_stop))
         finally:
             prog.close()
         score_seconds = time.monotonic() - t_score

@@ -108,3 +108,18 @@ def run_cli(args, **kw):
     from jobs.cli import cli
 
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False, **kw)
+
+
+@pytest.fixture(autouse=True)
+def _our_log_levels():
+    """A CLI run in this process (a test's or a module fixture's) sets our loggers' levels (-q:
+    errors only); each test starts with them unset, as in a fresh process, so that its caplog
+    sees the warnings it waits for whatever ran before it."""
+    import logging
+
+    names = ("rerank-batch", "pipeline", "jobs", "rerank-batch.result")
+    for n in names:
+        logging.getLogger(n).setLevel(logging.NOTSET)
+    yield
+    for n in names:
+        logging.getLogger(n).setLevel(logging.NOTSET)

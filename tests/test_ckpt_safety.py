@@ -541,3 +541,164 @@ def test_an_output_that_appears_while_scoring_is_not_replaced_without_overwrite(
     r = run_cli(_args(job, job["input"], out, 64, "--overwrite"))
     assert r.exit_code == 0, r.output
     assert pq.read_table(out).equals(job["refs"][64])
+
+
+# -- a checkpoint's folders moved by a link; parts and records verified by content ---------------
+
+def _partial(job, out, n=12):
+    """A run of the 6-unit job stopped after some units: its checkpoint directory."""
+    with pytest.raises(Interrupted):
+        run(_cfg(job, job["input"], out), progress=False, should_stop=_stop_after(n))
+    ck = out.parent / (out.name + ".ckpt")
+    assert _done(ck) >= 2
+    return ck
+
+
+def _strangers_beside(folder):
+    folder.mkdir()
+    (folder / "precious_dataset.parquet").write_bytes(b"PAR1 not ours PAR1")
+    (folder / "settings.json").write_text('{"keep": true}')
+    (folder / "00000-notes.json").write_text("{}")  # close to our names, not one of them
+
+
+@pytest.mark.parametrize("folder", ["parts", "done"])
+def test_a_linked_parts_or_done_folder_is_used_and_only_our_files_in_it_are_deleted(job, tmp_path, folder):
+    out = tmp_path / "out.parquet"
+    ck = _partial(job, out)
+    n = _done(ck)
+    big = tmp_path / "bigger-disk"
+    _strangers_beside(big)
+    for p in (ck / folder).iterdir():
+        shutil.move(p, big / p.name)
+    (ck / folder).rmdir()
+    os.symlink(big, ck / folder)
+    s = run(_cfg(job, job["input"], out), progress=False)
+    assert s.units_resumed == n  # read through the link
+    assert pq.read_table(out).equals(job["refs"][64])
+    assert sorted(os.listdir(big)) == ["00000-notes.json", "precious_dataset.parquet", "settings.json"]
+    assert not ck.exists()  # our files, then the link (not its folder), then the checkpoint
+
+
+@pytest.mark.parametrize("folder", ["parts", "done"])
+def test_restart_with_a_linked_folder_deletes_only_our_files_in_it(job, tmp_path, folder):
+    out = tmp_path / "out.parquet"
+    ck = _partial(job, out)
+    big = tmp_path / "bigger-disk"
+    _strangers_beside(big)
+    for p in (ck / folder).iterdir():
+        shutil.move(p, big / p.name)
+    (ck / folder).rmdir()
+    os.symlink(big, ck / folder)
+    s = run(_cfg(job, job["input"], out, restart=True, keep_checkpoint=True), progress=False)
+    assert s.units_resumed == 0
+    assert pq.read_table(out).equals(job["refs"][64])
+    ours = sorted(n for n in os.listdir(big) if n not in ("00000-notes.json", "precious_dataset.parquet",
+                                                          "settings.json"))
+    assert len(ours) == s.units and all(n.endswith(".parquet" if folder == "parts" else ".json") for n in ours)
+    assert (big / "precious_dataset.parquet").read_bytes() == b"PAR1 not ours PAR1"
+    assert (big / "settings.json").read_text() == '{"keep": true}'
+
+
+def test_a_unit_file_that_is_a_link_is_unlinked_not_followed(job, tmp_path):
+    out = tmp_path / "out.parquet"
+    ck = _partial(job, out)
+    part = sorted((ck / "parts").iterdir())[0]
+    elsewhere = tmp_path / "kept" / part.name
+    elsewhere.parent.mkdir()
+    shutil.move(part, elsewhere)
+    os.symlink(elsewhere, part)
+    run(_cfg(job, job["input"], out), progress=False)
+    assert pq.read_table(out).equals(job["refs"][64])
+    assert elsewhere.exists() and not ck.exists()
+
+
+def _flip_document_byte(part):
+    """Change one byte of a part so that it still reads, with the same size and rows, but one
+    document's text differs (parts carry no page checksums): the first such byte from the start."""
+    data = bytes(part.read_bytes())
+    before = pq.read_table(part)
+    for k in range(4, len(data) - 8):
+        changed = bytearray(data)
+        changed[k] ^= 0x01
+        try:
+            t = pq.read_table(pa.BufferReader(bytes(changed)))
+        except (pa.ArrowException, OSError):
+            continue
+        if (t.num_rows == before.num_rows and t.drop_columns(["document"]).equals(before.drop_columns(["document"]))
+                and not t.column("document").equals(before.column("document"))):
+            part.write_bytes(bytes(changed))
+            return
+    raise AssertionError(f"no byte of {part} changes a document alone")
+
+
+def test_a_part_whose_bytes_changed_is_scored_again(job, tmp_path, caplog):
+    out = tmp_path / "out.parquet"
+    ck = _partial(job, out)
+    n = _done(ck)
+    part = sorted((ck / "parts").iterdir())[0]
+    size = part.stat().st_size
+    _flip_document_byte(part)
+    assert part.stat().st_size == size and pq.read_metadata(part).num_rows > 0
+    with caplog.at_level("WARNING"):
+        s = run(_cfg(job, job["input"], out), progress=False)
+    assert pq.read_table(out).equals(job["refs"][64])
+    assert s.units_resumed == n - 1 and s.pairs_scored == 300  # all but the changed one
+    uid = part.name[: -len(".parquet")]
+    assert [r.getMessage() for r in caplog.records if uid in r.getMessage()] == [
+        f"{ck}: unit {uid}: its part differs from its record (the part's content changed); scoring it again"]
+
+
+def test_a_part_and_record_copied_over_another_units_are_scored_again(job, tmp_path, caplog):
+    out = tmp_path / "out.parquet"
+    ck = _partial(job, out)
+    a, b = [p.name[: -len(".parquet")] for p in sorted((ck / "parts").iterdir())[:2]]
+    shutil.copy(ck / "parts" / f"{a}.parquet", ck / "parts" / f"{b}.parquet")
+    shutil.copy(ck / "done" / f"{a}.json", ck / "done" / f"{b}.json")
+    with caplog.at_level("WARNING"):
+        run(_cfg(job, job["input"], out), progress=False)
+    assert pq.read_table(out).equals(job["refs"][64])
+    assert f"{ck}: unit {b}: its record is of unit {a}; scoring it again" in caplog.text
+
+
+def test_an_edited_record_is_not_trusted_by_the_summary(job, tmp_path, caplog):
+    out = tmp_path / "out.parquet"
+    ck = _partial(job, out)
+    rec = sorted((ck / "done").iterdir())[0]
+    rec.write_text(rec.read_text().replace('"pairs": ', '"pairs": 40'))
+    with caplog.at_level("WARNING"):
+        s = run(_cfg(job, job["input"], out), progress=False)
+    assert s.pairs_scored == 300 and s.rows == 300
+    assert pq.read_table(out).equals(job["refs"][64])
+    assert (f"{ck}: unit {rec.name[:-len('.json')]}: its record is not the one written with its part (edited, or "
+            "of an older version); scoring it again") in caplog.text
+
+
+def test_a_part_changed_while_the_run_goes_on_is_scored_again_before_the_final_write(job, tmp_path):
+    out = tmp_path / "out.parquet"
+    ck = tmp_path / "out.parquet.ckpt"
+    flipped = []
+
+    def flip_first_part():
+        if not flipped and _done(ck) >= 2:
+            _flip_document_byte(sorted((ck / "parts").iterdir())[0])
+            flipped.append(1)
+        return False
+
+    s = run(_cfg(job, job["input"], out), progress=False, should_stop=flip_first_part)
+    assert flipped
+    assert pq.read_table(out).equals(job["refs"][64])
+    assert s.pairs_scored == 300
+
+
+def test_parts_that_keep_changing_on_disk_fail_the_run_and_publish_nothing(job, tmp_path, monkeypatch):
+    from pipeline.storage import checkpoint
+
+    monkeypatch.setattr(checkpoint, "part_digest", lambda store, name: "0" * 64)  # never what was written
+    out = tmp_path / "out.parquet"
+    r = run_cli(_args(job, job["input"], out, 64))
+    assert r.exit_code == 1, r.output
+    ck = tmp_path / "out.parquet.ckpt"
+    assert r.output.strip().splitlines()[-1] == (
+        f"Error: {ck}: the part of unit 00000-000000000000-000000000037 changed on disk right after it was written; "
+        "check that disk (or pass another --checkpoint-dir), then rerun the same command")
+    assert not out.exists()

@@ -71,9 +71,6 @@ def test_unreachable_hub_falls_back_to_the_cache(hub_cache, monkeypatch):
 def test_not_a_directory_nor_a_hub_id(tmp_path):
     with pytest.raises(ModelError, match=r"no such directory; check the path \(a hub id is org/name\)"):
         resolve_model(str(tmp_path / "a" / "b" / "c"))
-    (tmp_path / "f").write_text("x")
-    with pytest.raises(ModelError, match="no such directory"):
-        resolve_model(str(tmp_path / "f"))
 
 
 @pytest.mark.parametrize("model", ["sample_data/tiny-qwen3-rerankr", "./tiny/model", "../tiny/model",
@@ -101,3 +98,15 @@ def test_uncached_hub_id_prints_one_line_on_a_real_stderr(tmp_path):
                         "-o", str(tmp_path / "o.parquet")], cwd=ROOT, env=env, capture_output=True, text=True)
     assert p.returncode == 2
     assert p.stdout == "" and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_a_model_file_is_named_a_file(tmp_path):
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"x")
+    with pytest.raises(ModelError) as e:
+        resolve_model(str(weights))
+    assert str(e.value) == (f"model {weights}: a file, not a directory; --model takes the model's directory (the "
+                            "folder with config.json, the tokenizer and the weights) or a hub id (org/name)")
+    r = run_cli(["run", SAMPLE, "--model", weights, "-o", tmp_path / "out.parquet", "-q"])
+    assert r.exit_code == 2
+    assert r.output.strip() == f"Error: {e.value}"

@@ -482,3 +482,47 @@ def test_a_uri_pyarrow_cannot_open_is_still_exit_2(local_ref, tmp_path):
     assert r.output.startswith("Error: nosuchscheme://b/in.parquet: cannot open this location (")
     assert r.output.endswith("); check the URI and the credentials in the environment (AWS_ENDPOINT_URL, "
                              "AWS_ACCESS_KEY_ID, ...)\n")
+
+
+@pytest.mark.parametrize("output", ["o/x.parquet", "o/ds/"])
+def test_a_run_into_a_bucket_leaves_no_empty_folder_markers(bucket, local_ref, s3_server, output):
+    """pyarrow's S3 file system writes an empty "folder/" object when it deletes the last object
+    under a prefix (the probe, the lease, the checkpoint): none may be left behind."""
+    import boto3
+
+    from conftest import run_cli
+    from pipeline.storage.uri import publish
+
+    publish(str(local_ref["input"]), f"{bucket}/in.parquet")
+    r = run_cli(["run", f"{bucket}/in.parquet", "--model", local_ref["model"], "-o", f"{bucket}/{output}",
+                 "--window", 20, "-q"])
+    assert r.exit_code == 0, r.output
+    s3 = boto3.client("s3", endpoint_url=s3_server["AWS_ENDPOINT_URL"])
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket[len("s3://"):])["Contents"]]
+    assert [k for k in keys if k.endswith("/")] == []
+    assert "in.parquet" in keys and any(k.startswith(output) and k.endswith(".parquet") for k in keys)
+
+
+@pytest.mark.parametrize("with_boto3", [True, False])
+def test_store_deletes_leave_no_folder_marker(bucket, s3_server, monkeypatch, with_boto3):
+    import boto3
+
+    from pipeline.storage import uri
+    from pipeline.storage.remote import RemoteStore
+
+    if not with_boto3:  # pyarrow alone: only the marker of a folder left empty can go
+        monkeypatch.setattr(uri, "_s3_client", lambda: None)
+    s3 = boto3.client("s3", endpoint_url=s3_server["AWS_ENDPOINT_URL"])
+
+    def keys():
+        return sorted(o["Key"] for o in s3.list_objects_v2(Bucket=bucket[len("s3://"):]).get("Contents", []))
+
+    st = RemoteStore(f"{bucket}/a/ck")
+    st.write("parts/x", b"1")
+    st.write("parts/y", b"1")
+    st.delete("parts/x")
+    assert keys() == ["a/ck/parts/y"] if with_boto3 else keys() in (["a/ck/parts/y"], ["a/ck/parts/", "a/ck/parts/y"])
+    st.delete("parts/y")
+    st.remove_empty("parts")
+    assert keys() == []
+    assert st.is_writable() is None and keys() == []

@@ -1,8 +1,10 @@
 """Turn one unit's input table into scoring requests and its scored rows into a result part.
 
 Nested input (a list of documents per row) is exploded here: each element becomes a row with
-its 0-based `doc_index`. Every row carries `_ord`, its position in the whole input, so that the
-final writer can restore input order after the length sort (ties in rank keep input order).
+its 0-based `doc_index`; a row with an empty list stays, as one unscored row with a null
+document, doc_index and score (ranked last in its group, like a skipped null). Every row
+carries `_ord`, its position in the whole input, so that the final writer can restore input
+order after the length sort (ties in rank keep input order).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ class UnitPairs:
     instructions: list[str]
     queries: list[str]
     documents: list[str]
-    valid: np.ndarray  # bool per row: False where query or document is null (--on-null skip)
+    valid: np.ndarray  # bool per row: False where query or document is null (--on-null skip) or a list is empty
+    empty_lists: int = 0  # rows of nested input whose list is empty (among the rows not valid)
 
 
 def build_pairs(unit: Unit, table: pa.Table, layout: InputLayout, cfg: RunConfig) -> UnitPairs:
@@ -53,16 +56,24 @@ def build_pairs(unit: Unit, table: pa.Table, layout: InputLayout, cfg: RunConfig
                 f"{unit.path}: row {unit.start + bad} (from 0): column {layout.doc_col!r} is null; "
                 "give an empty list or remove the row"
             )
-        parent = np.repeat(np.arange(n_rows), lengths)
-        doc_index = (np.arange(len(parent)) - np.repeat(np.cumsum(lengths) - lengths, lengths)).astype(np.int32)
+        empty = lengths == 0  # each keeps one row, with a null document
+        parent = np.repeat(np.arange(n_rows), np.maximum(lengths, 1))
+        no_doc = empty[parent]  # the rows standing for an empty list
+        doc_index = _doc_index(lengths)
         rest = table.drop_columns([layout.doc_col]).take(to_arrow(parent))
         docs = pc.list_flatten(lists) if n_rows else pa.array([], pa.string())
-        out = rest.append_column("document", docs).append_column("doc_index", to_arrow(doc_index, pa.int32()))
+        if no_doc.any():
+            src = np.zeros(len(parent), dtype=np.int64)
+            src[~no_doc] = np.arange(len(parent) - int(no_doc.sum()))
+            docs = docs.take(to_arrow(src, mask=no_doc))
+        out = rest.append_column("document", docs).append_column(
+            "doc_index", to_arrow(doc_index, pa.int32(), mask=no_doc if no_doc.any() else None))
         doc_name = "document"
         ords = global_row[parent] * ORD_STRIDE + doc_index
         file_rows = row_in_file[parent]
     else:
         out = table
+        no_doc = np.zeros(n_rows, dtype=bool)
         doc_name = layout.doc_col
         ords = global_row * ORD_STRIDE
         file_rows = row_in_file
@@ -70,7 +81,7 @@ def build_pairs(unit: Unit, table: pa.Table, layout: InputLayout, cfg: RunConfig
 
     queries = out.column(layout.query_col)
     documents = out.column(doc_name)
-    valid = np.ones(out.num_rows, dtype=bool)
+    valid = ~no_doc
     # A null query_id would put unrelated rows in one ranked group: as bad as a null query.
     checked = [(layout.query_col, queries), (doc_name, documents)]
     if "query_id" in layout.columns:
@@ -79,7 +90,7 @@ def build_pairs(unit: Unit, table: pa.Table, layout: InputLayout, cfg: RunConfig
         if not col.null_count:
             continue
         # One chunk's to_numpy, not the ChunkedArray's (which goes through pandas' machinery).
-        nulls = np.asarray(pc.is_null(col.combine_chunks()).to_numpy(zero_copy_only=False), dtype=bool)
+        nulls = np.asarray(pc.is_null(col.combine_chunks()).to_numpy(zero_copy_only=False), dtype=bool) & ~no_doc
         if nulls.any():
             if cfg.on_null == "error":
                 k = int(np.argmax(nulls))
@@ -107,7 +118,13 @@ def build_pairs(unit: Unit, table: pa.Table, layout: InputLayout, cfg: RunConfig
         instr = [instr[i] for i in keep]
         q = [q[i] for i in keep]
         d = [d[i] for i in keep]
-    return UnitPairs(out, instr, q, d, valid)
+    return UnitPairs(out, instr, q, d, valid, int(no_doc.sum()))
+
+
+def _doc_index(lengths: np.ndarray) -> np.ndarray:
+    """Each exploded row's position in its list, an empty list's one row counted as position 0."""
+    n = np.maximum(lengths, 1)
+    return (np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)).astype(np.int32)
 
 
 def _bad_utf8(unit: Unit, out: pa.Table, layout: InputLayout, doc_name: str, file_rows) -> InputError:

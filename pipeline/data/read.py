@@ -18,6 +18,10 @@ from pipeline.errors import InputError, first_line
 from pipeline.storage.uri import is_uri, open_input
 
 
+# Every name Unit.id makes (and no other): the checkpoint deletes only files named like this.
+UNIT_ID = r"[0-9]{5,}-[0-9]{12,}-[0-9]{12,}"
+
+
 @dataclass(frozen=True)
 class Unit:
     """One self-contained piece of work: rows [start, stop) of one input file."""
@@ -34,7 +38,7 @@ class Unit:
 
     @property
     def id(self) -> str:
-        return f"{self.file_index:05d}-{self.start:012d}-{self.stop:012d}"
+        return f"{self.file_index:05d}-{self.start:012d}-{self.stop:012d}"  # matches UNIT_ID
 
     @property
     def rows(self) -> int:

@@ -50,6 +50,9 @@ def resolve_model(model: str) -> str:
     model = os.fspath(model)
     if os.path.isdir(model):
         return model
+    if os.path.isfile(model):  # a weights or config file given for its folder
+        raise ModelError(f"model {model}: a file, not a directory; --model takes the model's directory (the folder "
+                         "with config.json, the tokenizer and the weights) or a hub id (org/name)")
     if looks_like_path(model):
         raise ModelError(f"model {model}: no such directory; check the path (a hub id is org/name)")
     from huggingface_hub import snapshot_download

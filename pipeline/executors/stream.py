@@ -131,7 +131,7 @@ def unit_info(pairs: UnitPairs, encs: list) -> dict:
     return {"rows": pairs.table.num_rows, "pairs": int(sum(len(e) for e in encs)),
             "tokens": int(sum(int(e.offsets[-1]) for e in encs)),
             "truncated": int(sum(int(e.truncated.sum()) for e in encs)),
-            "skipped_null": int((~pairs.valid).sum())}
+            "skipped_null": int((~pairs.valid).sum()) - pairs.empty_lists, "empty_lists": pairs.empty_lists}
 
 
 class Work:

@@ -27,13 +27,30 @@ from pipeline.storage.uri import is_uri
 from pipeline.data.write import write_ranked
 
 
+def verify_parts(plan, rescore) -> None:
+    """Before the final write: check every part against its record again (one read of each; a
+    part may have changed on disk since it was written or verified at the start), and call
+    rescore() to score the bad ones again. A part bad again right after that is a runtime failure."""
+    ck = plan.ckpt
+    bad = ck.recheck([u.id for u in plan.units])
+    if not bad:
+        return
+    rescore()
+    again = ck.recheck(bad)
+    if again:
+        raise RerankError(f"{ck.dir}: the part of unit {again[0]} changed on disk right after it was written; "
+                          "check that disk (or pass another --checkpoint-dir), then rerun the same command")
+
+
 def totals(plan) -> dict:
-    t = {"pairs_scored": 0, "tokens": 0, "truncated": 0, "skipped_null": 0}
+    """The summary's counts, from the verified records of the units (Checkpoint.finished/recheck)."""
+    t = {"pairs_scored": 0, "tokens": 0, "truncated": 0, "skipped_null": 0, "empty_lists": 0}
     for u in plan.units:
         info = plan.ckpt.done[u.id]
         t["pairs_scored"] += info["pairs"]
         for k in ("tokens", "truncated", "skipped_null"):
             t[k] += info[k]
+        t["empty_lists"] += info.get("empty_lists", 0)
     return t
 
 

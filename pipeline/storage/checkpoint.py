@@ -5,17 +5,25 @@ Layout of a checkpoint directory (OUTPUT.ckpt by default):
   .rerank-batch-lock        the live run's lease (pipeline/storage/lock.py)
   fingerprint.json          what the checkpoint was made from; written once
   parts/<unit>.parquet      one finished unit's scored rows, one object written whole
-  done/<unit>.json          its record (pairs, tokens, ..., the part's bytes and rows), written
-                            only after the part: the append-only log of finished units
+  done/<unit>.json          its record (its unit id, pairs, tokens, ..., the part's bytes, rows
+                            and sha256), sealed by a sha256 of its own content, written only
+                            after the part: the append-only log of finished units
   partial/<unit>.<id>.parquet  pairs of a unit still in flight, scored and committed by time
                             (`_ord`, `score`, their counts in the metadata), each written whole;
                             removed once the unit's record exists
 
-A unit is finished when its record exists and its part exists with the recorded size and row
-count; anything else (a crash between the two writes, a zero-byte or garbage file) is redone.
+A unit is finished when its record is intact (its seal matches), names the unit of its file name,
+and its part has the recorded size and sha256; anything else (a crash between the two writes, a
+zero-byte or garbage file, a byte changed on disk, a part and record copied over another unit's,
+an edited count) is logged and scored again. Parquet parts carry no page checksums, so only the
+hash catches a changed byte; it is computed from the bytes in memory when a part is written, and
+checked by reading every part once when a run resumes and once before the final write.
 A unit that takes long to score commits what it has scored so far every `--commit-every`
 seconds as a partial object; a rerun scores only that unit's other pairs and writes its part
 and record as usual, so a stop or a crash loses at most that much scoring, whatever the window.
+parts/ and done/ may be links to folders elsewhere (a checkpoint moved to a bigger disk): they are
+read and written through, and cleanup deletes only unit files (named by Unit.id) in them, then
+the links themselves, never the folders they point to or anything else in them.
 A commit writes two small objects whatever the number of units, so its cost is O(1). Every file
 operation goes through a store (pipeline/storage/local.py), so that workers in other processes can
 commit given only the directory, and an object-storage store can replace the local one.
@@ -26,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -37,6 +46,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.data.read import UNIT_ID
 from pipeline.errors import CheckpointError, InputError, RerankError, first_line
 from pipeline.storage.fingerprint import check_inputs, describe_mismatch, diff_fingerprints, file_fingerprint
 from pipeline.storage.lock import LEASE_NAME, LocalLease
@@ -57,13 +67,15 @@ _PARTIAL_META = b"rerank_batch"  # the Parquet key of a partial's counts (JSON)
 _BEFORE_MARKER = re.compile(r"^(%s|\.probe-[0-9a-f]{32}|\.tmp-[0-9a-f]{32}-(%s))$" % (
     "|".join(re.escape(n) for n in (LEASE_NAME, REMOTE_LEASE_NAME)),
     "|".join(re.escape(n) for n in (MARKER, LEASE_NAME, REMOTE_LEASE_NAME))))
-_OUR_TMP = re.compile(r"^\.tmp-[0-9a-f]{32}-")
 # Temp files of the marker, the fingerprint and the lease, and writability probes: what a kill
 # between a temp write and its rename leaves in the directory's root. Cleanup must remove them
 # too, or the directory outlives the checkpoint.
 _OUR_ROOT_LEFTOVER = re.compile(r"^(\.probe-[0-9a-f]{32}|\.tmp-[0-9a-f]{32}-(%s))$" % (
     "|".join(re.escape(n) for n in (MARKER, FINGERPRINT, LEASE_NAME, REMOTE_LEASE_NAME))))
-_OUR_FILE = re.compile(r"^(\.tmp-[0-9a-f]{32}-)?[0-9A-Za-z_.-]+\.(parquet|json)$")
+# A unit's part or record (or its temp file): the only names cleanup deletes in parts/ and done/,
+# which may be links to folders that hold other files.
+_UNIT_FILE = {folder: re.compile(r"^(\.tmp-[0-9a-f]{32}-)?%s\.%s$" % (UNIT_ID, ext))
+              for folder, ext in (("parts", "parquet"), ("done", "json"), ("partial", "[0-9a-f]{16}\\.parquet"))}
 
 __all__ = ["Checkpoint", "Kept", "open_checkpoint", "fsync_dir"]
 
@@ -100,7 +112,8 @@ class Checkpoint:
         buf = pa.BufferOutputStream()
         pq.write_table(table, buf)
         data = buf.getvalue().to_pybytes()
-        record = {**info, "part_bytes": len(data), "part_rows": table.num_rows}
+        record = seal({**info, "unit": unit_id, "part_bytes": len(data), "part_rows": table.num_rows,
+                       "part_sha256": hashlib.sha256(data).hexdigest()})
         try:
             self.store.write(f"parts/{unit_id}.parquet", data)
             self.store.write(f"done/{unit_id}.json", json.dumps(record, sort_keys=True).encode())
@@ -207,8 +220,9 @@ class Checkpoint:
 
     # -- reading state -------------------------------------------------------------------------
     def finished(self, known: dict | None = None) -> dict[str, dict]:
-        """Units whose record and valid part both exist; damaged ones are logged and redone.
-        `known`: records already checked, taken as they are (only new records are read)."""
+        """Units whose record and part are intact (see unit_fault); the others are logged and redone.
+        Reads every part once (its hash). `known`: records already checked, taken as they are
+        (only new records are read)."""
         done = {}
         for name in self.store.list("done"):
             base = name.rsplit("/", 1)[1]
@@ -220,15 +234,38 @@ class Checkpoint:
                 continue
             try:
                 rec = json.loads(self.store.read(name))
-                ok = (isinstance(rec, dict) and self.store.size(f"parts/{uid}.parquet") == rec["part_bytes"]
-                      and pq.read_metadata(self.store.source(f"parts/{uid}.parquet")).num_rows == rec["part_rows"])
-            except (OSError, ValueError, KeyError, TypeError, pa.ArrowException):
-                ok = False
-            if ok:
+            except (OSError, ValueError):
+                rec = None
+            why = unit_fault(self.store, uid, rec)
+            if why is None:
                 done[uid] = rec
             else:
-                log.warning("%s: unit %s has a damaged part or record; scoring it again", self.dir, uid)
+                log.warning("%s: unit %s: %s; scoring it again", self.dir, uid, why)
         return done
+
+    def recheck(self, unit_ids) -> list[str]:
+        """Check the finished units among `unit_ids` again, from their stored records (before the
+        final write: a part may have changed on disk since it was written or verified; an
+        executor may have added fields of its own to the record it handed back). Good units get
+        their stored record in `done`; bad ones leave `done` and lose their record, so that they
+        are scored again. Returns the bad ids."""
+        bad = []
+        for uid in unit_ids:
+            if uid not in self.done:
+                continue
+            try:
+                rec = json.loads(self.store.read(f"done/{uid}.json"))
+            except (OSError, ValueError):
+                rec = None
+            why = unit_fault(self.store, uid, rec)
+            if why is None:
+                self.done[uid] = rec
+                continue
+            log.warning("%s: unit %s: %s; scoring it again", self.dir, uid, why)
+            self.store.delete(f"done/{uid}.json")
+            del self.done[uid]
+            bad.append(uid)
+        return bad
 
     def _read_json(self, name: str) -> dict | None:
         if not self.store.exists(name):
@@ -250,15 +287,18 @@ class Checkpoint:
         self.marker = {**self.marker, **fields}
         self.store.write(MARKER, json.dumps(self.marker, sort_keys=True).encode())
 
-    def delete_ours(self) -> None:
-        """Delete the names we write, the marker last; strangers' files stay where they are."""
+    def delete_ours(self, links: bool = False) -> None:
+        """Delete the names we write, the marker last; strangers' files stay where they are. In
+        parts/ and done/ (which may be links to folders elsewhere) only unit files go; with
+        `links`, such a link goes too (the link, never its folder): --restart keeps it, so that
+        the new parts land where the user moved them."""
         for folder in ("parts", "done", PARTIAL):
             for name in self.store.list(folder):
-                if _OUR_FILE.match(name.rsplit("/", 1)[1]):
+                if _UNIT_FILE[folder].match(name.rsplit("/", 1)[1]):
                     self.store.delete(name)
-            self.store.remove_empty(folder)
+            self.store.remove_empty(folder, links=links)
         for name in self.store.list(""):
-            if (_OUR_TMP.match(name) and _OUR_FILE.match(name)) or _OUR_ROOT_LEFTOVER.match(name):
+            if _OUR_ROOT_LEFTOVER.match(name):
                 self.store.delete(name)
         self.store.delete(FINGERPRINT)
         self.store.delete(MARKER)
@@ -267,12 +307,59 @@ class Checkpoint:
         """Release the lease; with remove, delete our files and the directory if we made it."""
         created = self.marker.get("created_dir")
         if remove:
-            self.delete_ours()
+            self.delete_ours(links=True)
         if self.lease is not None:
             self.lease.release(unlink=remove or not self.store.exists(MARKER))
             self.lease = None
         if remove and created:
             self.store.remove_empty("")
+
+
+def _digest(data: bytes | str) -> str:
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+
+
+def _record_digest(record: dict) -> str:
+    return _digest(json.dumps({k: v for k, v in record.items() if k != "record_sha256"}, sort_keys=True))
+
+
+def seal(record: dict) -> dict:
+    """`record` with the sha256 of its own content, so that an edited count is caught."""
+    return {**record, "record_sha256": _record_digest(record)}
+
+
+def part_digest(store, name: str) -> str | None:
+    """The sha256 of a stored object, read in 1 MiB pieces; None when it cannot be read."""
+    h = hashlib.sha256()
+    try:
+        src = store.source(name)
+        with (open(src, "rb") if isinstance(src, str) else src) as f:
+            while True:
+                piece = f.read(1 << 20)
+                if not piece:
+                    break
+                h.update(piece)
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
+def unit_fault(store, uid: str, rec) -> str | None:
+    """Why unit `uid`'s record `rec` (parsed JSON) and its part cannot be trusted, or None.
+    Reads the part once (its sha256)."""
+    if not isinstance(rec, dict):
+        return "its record is unreadable"
+    if not isinstance(rec.get("record_sha256"), str) or rec["record_sha256"] != _record_digest(rec):
+        return "its record is not the one written with its part (edited, or of an older version)"
+    if rec.get("unit") != uid:
+        return f"its record is of unit {rec.get('unit')}"
+    part = f"parts/{uid}.parquet"
+    size = store.size(part)
+    if size is None:
+        return "its part is missing"
+    if size != rec.get("part_bytes") or part_digest(store, part) != rec.get("part_sha256"):
+        return "its part differs from its record (the part's content changed)"
+    return None
 
 
 def store_for(directory: str):

@@ -102,10 +102,16 @@ class LocalStore:
     def delete(self, name: str) -> None:
         _unlink(self.path(name))
 
-    def remove_empty(self, prefix: str) -> None:
-        """Drop an empty folder (a no-op on object storage, where folders do not exist)."""
+    def remove_empty(self, prefix: str, links: bool = False) -> None:
+        """Drop an empty folder. A link in its place is never followed: with `links` the link
+        goes (never the folder it points to), else it stays."""
+        path = self.path(prefix)
         try:
-            os.rmdir(self.path(prefix))
+            if os.path.islink(path):
+                if links and prefix:
+                    os.unlink(path)
+            else:
+                os.rmdir(path)
         except OSError:
             pass
 

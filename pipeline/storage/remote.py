@@ -16,7 +16,7 @@ import threading
 import time
 
 from pipeline.storage.local import probe_writable
-from pipeline.storage.uri import join, resolve
+from pipeline.storage.uri import drop_folder_marker, join, resolve
 
 log = logging.getLogger(__name__)
 
@@ -76,16 +76,11 @@ class RemoteStore:
         except OSError as exc:
             if "not found" not in str(exc).lower() and "does not exist" not in str(exc).lower():
                 raise
+        drop_folder_marker(self.fs, self._key(name).rsplit("/", 1)[0])
 
-    def remove_empty(self, prefix: str) -> None:
-        """Object storage has no folders; an empty "directory" marker, if any, goes with it."""
-        from pyarrow import fs as pafs
-
-        try:
-            if self.fs.get_file_info(self._key(prefix)).type == pafs.FileType.Directory and not self.list(prefix):
-                self.fs.delete_dir(self._key(prefix))
-        except OSError:
-            pass
+    def remove_empty(self, prefix: str, links: bool = False) -> None:
+        """Object storage has no folders (nor links): a folder-marker object left there goes."""
+        drop_folder_marker(self.fs, self._key(prefix))
 
     def is_writable(self) -> str | None:
         return probe_writable(self)

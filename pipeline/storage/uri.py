@@ -161,6 +161,43 @@ S3_MIN_PART = 64 * 2**20
 CHUNK = 16 * 2**20
 
 
+@functools.lru_cache(maxsize=1)
+def _s3_client():
+    """A boto3 S3 client (endpoint and credentials from the environment pyarrow reads), or None
+    without boto3."""
+    try:
+        import boto3
+    except ImportError:
+        return None
+    return boto3.client("s3")
+
+
+def drop_folder_marker(fs, folder: str) -> None:
+    """Remove the empty "folder/" object that pyarrow's S3 file system writes into `folder`
+    (bucket/key) after every delete or move there, to keep the folder visible: a run must leave
+    none behind. Objects under the folder stay. Without boto3 only an empty folder's marker can
+    go (through pyarrow, which then marks the parent: the walk goes up)."""
+    from pyarrow import fs as pafs
+
+    folder = folder.strip("/")
+    if fs.type_name != "s3" or "/" not in folder:  # a bucket is not a marker
+        return
+    client = _s3_client()
+    try:
+        if client is not None:
+            bucket, key = folder.split("/", 1)
+            client.delete_object(Bucket=bucket, Key=key + "/")
+            return
+        while "/" in folder and fs.get_file_info(folder).type == pafs.FileType.Directory and \
+                not fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True)):
+            fs.delete_dir(folder)
+            folder = folder.rsplit("/", 1)[0]
+    except Exception as exc:  # botocore's errors are not OSErrors; a marker left is no failure
+        import logging
+
+        logging.getLogger(__name__).debug("could not remove the folder marker %s/: %s", folder, exc)
+
+
 class OutputUnpublished(OSError):
     """The output could not be put in place; what was at its key is unchanged."""
 
@@ -228,6 +265,8 @@ def publish(local_path: str, uri: str) -> None:
             except OSError:
                 pass
             raise
+        finally:
+            drop_folder_marker(fs, path.rsplit("/", 1)[0])
     got = fs.get_file_info(path).size
     if got != size:
         raise OutputUnpublished(f"{uri}: the uploaded object has {got} bytes, not the output's {size}")
