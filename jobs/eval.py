@@ -79,6 +79,10 @@ def eval_cmd(runs, qrels, relevance_col, metrics, score_col, baseline_col, basel
         cols.update({c: o for c, o in ((baseline_col, "--baseline-col"), (relevance_col, "--relevance-col")) if c})
         run = load_run(scored, query_id_col, doc_id_col, cols)
         if relevance_col:
+            dtype = run.schema[relevance_col]
+            if not (dtype.is_integer() or dtype == pl.Boolean):
+                raise InputError(f"{scored}: --relevance-col {relevance_col!r} holds {dtype}, not relevance grades; "
+                                 "name a column of integers (0 = not relevant)")
             judgments = run.select("query_id", "doc_id", pl.col(relevance_col).cast(pl.Int64).alias("relevance"))
         else:
             judgments = read_qrels(qrels)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import click
 
@@ -112,8 +113,15 @@ def run_cmd(inputs, output, summary_path, quiet, verbose, log_level, **opts):
             raise JobError(f"--device {opts['device']!r}: not a device; use auto, cpu, cuda or cuda:N", 2)
         cfg = RunConfig(inputs=inputs, output=output, **opts)
         if summary_path:  # never over the output or an input (it was written over them)
+            if is_uri(summary_path):
+                raise JobError(f"--summary {summary_path}: the summary is a local file; pass a local path (the run "
+                               "also logs it)", 2)
             check_target(summary_path, "--summary", reads=[p for p in cfg.inputs if not is_uri(p)],
                          writes=[] if is_uri(cfg.output) else [cfg.output])
+            if not is_uri(cfg.output) and os.path.realpath(summary_path).startswith(
+                    os.path.realpath(cfg.output).rstrip(os.sep) + os.sep):
+                raise JobError(f"--summary {summary_path}: inside the output directory, which holds the dataset "
+                               "only; pass a path beside it", 2)
         log.debug("%d input files, output %s; %s", len(cfg.inputs), cfg.output, cfg)
     with domain_errors(kept=" (finished units are kept in the checkpoint)"):
         summary = run(cfg, progress=False if quiet else None, should_stop=_stop_flag())

@@ -31,6 +31,8 @@ def no_gpu(monkeypatch):
     (["--attention", "torch_varlen"], "--attention torch_varlen needs CUDA and this run is on cpu; use --attention "
                                       "sdpa (or auto) on CPU"),
     (["--device", "cuda"], "--device cuda: CUDA is not available on this machine; use --device cpu"),
+    (["--engine", "transformers", "--compile", "on"], "--compile on compiles the fused engine, and --engine "
+     "transformers runs transformers' own modules uncompiled; drop --compile on, or pass --engine auto"),
 ])
 def test_an_explicit_choice_that_cannot_be_had_is_exit_2(no_gpu, tmp_path, args, message):
     out = tmp_path / "o.parquet"

@@ -254,3 +254,15 @@ def test_prepare_mc_refuses_what_would_write_wrong_labels(tmp_path, table, messa
     assert r.exit_code == 2, r.output
     assert message in r.output
     assert not (tmp_path / "p.parquet").exists() and not (tmp_path / "q.txt").exists()
+
+
+def test_a_relevance_column_that_is_not_grades_is_one_line(tmp_path):
+    from conftest import run_cli
+
+    scored = tmp_path / "s.parquet"
+    pq.write_table(pa.table({"query_id": ["q1", "q1"], "doc_id": ["a", "b"], "score": [0.9, 0.1],
+                             "document": ["x", "y"]}), scored)
+    r = run_cli(["eval", scored, "--relevance-col", "document"])
+    assert r.exit_code == 2, r.output
+    assert r.output == (f"Error: {scored}: --relevance-col 'document' holds String, not relevance grades; name a "
+                        "column of integers (0 = not relevant)\n")

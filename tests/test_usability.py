@@ -354,3 +354,21 @@ def test_mismatch_messages_for_fields_without_one_option():
     assert describe_mismatch("options.instruction", "Judge it", "Other") == (
         "the checkpoint was made with --instruction 'Judge it', this run has --instruction Other; rerun with "
         "--instruction 'Judge it' to resume")
+
+
+@pytest.mark.parametrize("where, message", [
+    ("s3://bucket/s.json", "--summary s3://bucket/s.json: the summary is a local file; pass a local path (the run "
+                           "also logs it)"),
+    ("ds/s.json", "--summary {tmp}/ds/s.json: inside the output directory, which holds the dataset only; pass a "
+                  "path beside it"),
+])
+def test_the_summary_is_a_local_file_outside_a_dataset_output(tmp_path, where, message):
+    from conftest import ROOT, run_cli
+
+    (tmp_path / "ds").mkdir()
+    target = where if "://" in where else str(tmp_path / where)
+    r = run_cli(["run", os.path.join(ROOT, "sample_data", "pairs.parquet"), "--model",
+                 os.path.join(ROOT, "sample_data", "tiny-qwen3-reranker"), "-o", f"{tmp_path}/ds/", "--summary", target])
+    assert r.exit_code == 2, r.output
+    assert r.output == f"Error: {message.format(tmp=tmp_path)}\n"
+    assert os.listdir(tmp_path / "ds") == []

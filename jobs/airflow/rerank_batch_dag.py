@@ -34,9 +34,10 @@ input={{ params.input | sh }}
 input=${input:-${RERANK_BATCH_INPUT:?set RERANK_BATCH_INPUT or pass "input" in the run conf}}
 {% if params.output %}export RERANK_BATCH_OUTPUT={{ params.output | sh }}
 {% endif %}{% if params.model %}export RERANK_BATCH_MODEL={{ params.model | sh }}
-{% endif %}if [ -n "${RERANK_BATCH_OUTPUT:-}" ]; then
-    export RERANK_BATCH_SUMMARY=${RERANK_BATCH_SUMMARY:-$RERANK_BATCH_OUTPUT.summary.json}
-fi
+{% endif %}case ${RERANK_BATCH_OUTPUT:-} in  # a local summary beside a local output (a file or a dataset dir/)
+  ""|*://*) ;;
+  *) export RERANK_BATCH_SUMMARY=${RERANK_BATCH_SUMMARY:-${RERANK_BATCH_OUTPUT%/}.summary.json} ;;
+esac
 exec """ + shlex.quote(RERANK) + """ run "$input" {{ params.extra }}
 """
 

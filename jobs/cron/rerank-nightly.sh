@@ -16,7 +16,10 @@ set -uo pipefail
 DAY=$(date +%F)
 IN=${RERANK_BATCH_INPUT:-/data/candidates/$DAY.parquet}
 export RERANK_BATCH_OUTPUT=${RERANK_BATCH_OUTPUT:-/data/reranked/$DAY.parquet}
-export RERANK_BATCH_SUMMARY=${RERANK_BATCH_SUMMARY:-$RERANK_BATCH_OUTPUT.summary.json}
+case $RERANK_BATCH_OUTPUT in  # the summary is a local file beside a local output (a file or a dataset dir/)
+  *://*) ;;
+  *) export RERANK_BATCH_SUMMARY=${RERANK_BATCH_SUMMARY:-${RERANK_BATCH_OUTPUT%/}.summary.json} ;;
+esac
 OUT=$RERANK_BATCH_OUTPUT
 
 "${RERANK_BATCH_BIN:-rerank-batch}" run "$IN"

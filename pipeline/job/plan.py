@@ -61,6 +61,9 @@ def check_device_options(cfg: RunConfig, device, dtype) -> None:
         from pipeline.engines.attention import choose_kernel
 
         choose_kernel(cfg.attention, device, dtype)
+    if cfg.compile == "on" and cfg.engine == "transformers":  # only the fused path compiles
+        raise InputError("--compile on compiles the fused engine, and --engine transformers runs transformers' own "
+                         "modules uncompiled; drop --compile on, or pass --engine auto")
     if cfg.compile == "on" and device.type == "cpu":
         from pipeline.engines.compiled import cache_dir
 
