@@ -40,8 +40,10 @@ args = ap.parse_args()
 
 SMOKE = args.smoke
 if SMOKE:
-    args.pairs = min(args.pairs, 300)
-    args.repeats = min(args.repeats, 2)
+    if args.pairs == ap.get_default("pairs"):  # a size given on the command line is kept
+        args.pairs = 300
+    if args.repeats == ap.get_default("repeats"):
+        args.repeats = 2
     if args.intervals == ap.get_default("intervals"):
         args.intervals = "1e9,0.05"  # the tiny model scores 300 pairs in about a second
 DEV = torch.device("cpu" if SMOKE else "cuda")
