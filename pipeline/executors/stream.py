@@ -251,7 +251,7 @@ def score_units(units, layout, cfg, scorer, on_batch=None, should_stop=None, tim
     timer = timer if timer is not None else Timer()
     stop_event = threading.Event()
     items = prefetch(units, layout, cfg, scorer.encoder, stop_event, kept_for)
-    commits = Commits(getattr(cfg, "commit_every", None), save_partial, scorer)
+    commits = Commits(cfg.commit_every, save_partial, scorer)
     small = max(1, cfg.window_pairs // 4)
     group: list[Work] = []  # small units read and tokenized but not yet scored
 
