@@ -16,7 +16,7 @@ _early = {s: signal.signal(s, _quiet_exit) for s in (signal.SIGINT, signal.SIGTE
 
 import click  # noqa: E402
 
-from pipeline.job.signals import graceful_signals  # noqa: E402
+from pipeline.runtime.signals import graceful_signals  # noqa: E402
 
 from . import common  # noqa: E402
 
@@ -48,7 +48,7 @@ for _s, _h in _early.items():
 
 
 def main():
-    from pipeline.job.bytecode import use_pycache
+    from pipeline.runtime.bytecode import use_pycache
 
     use_pycache()  # before torch is imported (importing this module does not): see bytecode.py
     try:

@@ -133,7 +133,7 @@ class Reranker:
         """The engine's head logits, (pairs, 1 or 2) float32, in input order."""
         prog = None
         if show_progress_bar:
-            from pipeline.job.progress import Progress
+            from pipeline.runtime.progress import Progress
 
             prog = Progress(len(queries), bar=True)
         step = self.config.window_pairs  # the sort window of `run`: same batches, same scores

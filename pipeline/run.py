@@ -1,8 +1,8 @@
 """The main job as a library function: Parquet pairs in, ranked Parquet out, resumable.
 
-    plan    (pipeline/job/plan.py):    validate inputs from footers, units, fingerprint, checkpoint + lock
-    execute (pipeline/job/execute.py): unfinished units -> parts, via score_unit
-    finish  (pipeline/job/finish.py):  rank, publish the output, remove the checkpoint
+    plan    (pipeline/driver/plan.py):    validate inputs from footers, units, fingerprint, checkpoint + lock
+    execute (pipeline/driver/execute.py): unfinished units -> parts, via score_unit
+    finish  (pipeline/driver/finish.py):  rank, publish the output, remove the checkpoint
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from pipeline.job import startup
+from pipeline.runtime import startup
 from pipeline.config import RunConfig
 from pipeline.errors import Interrupted, RerankError, ScoringError, StoreUnavailable, first_line
-from pipeline.job.execute import _Timer, execute, score_unit, uses_workers
-from pipeline.job.finish import cleanup, publish, published_output, totals, verify_parts
-from pipeline.job.plan import check_output, fingerprint, make_plan, validate
-from pipeline.job.progress import Progress
+from pipeline.driver.execute import _Timer, execute, score_unit, uses_workers
+from pipeline.driver.finish import cleanup, publish, published_output, totals, verify_parts
+from pipeline.driver.plan import check_output, fingerprint, make_plan, validate
+from pipeline.runtime.progress import Progress
 
 log = logging.getLogger(__name__)
 

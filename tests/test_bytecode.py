@@ -1,4 +1,4 @@
-"""The CLI's bytecode cache for installs that keep none (pipeline/job/bytecode.py): it is used
+"""The CLI's bytecode cache for installs that keep none (pipeline/runtime/bytecode.py): it is used
 only where the probed package has no compiled files beside its sources, it is written even under
 PYTHONDONTWRITEBYTECODE, a second process then imports without compiling any source, workers
 inherit it, and a user's own settings are left alone."""
@@ -20,7 +20,7 @@ def counting(self, data, path, **kw):
     compiled.append(path)
     return orig(self, data, path, **kw)
 be.SourceLoader.source_to_code = counting
-from pipeline.job.bytecode import use_pycache
+from pipeline.runtime.bytecode import use_pycache
 used = use_pycache(sys.argv[1])
 import fakepkg, fakepkg.mod
 print(json.dumps({"used": used, "prefix": sys.pycache_prefix, "env": os.environ.get("PYTHONPYCACHEPREFIX"),
@@ -133,7 +133,7 @@ def test_a_relative_xdg_cache_home_is_ignored(tmp_path):
 def test_the_cli_sets_it_before_importing_torch(tmp_path):
     """Importing the CLI module imports no torch, and main() asks for the cache first."""
     code = ("import json, sys\n"
-            "import jobs.cli as c, pipeline.job.bytecode as b\n"
+            "import jobs.cli as c, pipeline.runtime.bytecode as b\n"
             "at_import = 'torch' in sys.modules\n"
             "def probe(*a):\n"
             "    print(json.dumps({'at_import': at_import, 'at_call': 'torch' in sys.modules}), flush=True)\n"

@@ -54,7 +54,7 @@ if os.environ.get("HOLD_EVENT"):
         import pipeline.storage.checkpoint as _c
         _c.Checkpoint.commit_partial = _hold_after(_c.Checkpoint.commit_partial)
     else:
-        import pipeline.job.progress as _p
+        import pipeline.runtime.progress as _p
         _p.Progress.update = _hold_after(_p.Progress.update)
 
     import pipeline.executors.pool as _pool

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from pipeline.job import startup
+from pipeline.runtime import startup
 from pipeline.config import RunConfig
 from pipeline.run import run
 

@@ -169,12 +169,12 @@ def _tty(rows: int, cols: int):
 
 
 def test_zero_size_terminal_gets_log_lines_and_a_real_one_a_bar(caplog):
-    from pipeline.job.progress import Progress, is_terminal
+    from pipeline.runtime.progress import Progress, is_terminal
 
     master, f = _tty(0, 0)
     try:
         assert not is_terminal(f)
-        with caplog.at_level(logging.INFO, logger="pipeline.job.progress"):
+        with caplog.at_level(logging.INFO, logger="pipeline.runtime.progress"):
             p = Progress(100, bar=None, file=f, log_every_s=0)
             p.update(10, 500)
             p.close()
@@ -194,7 +194,7 @@ def test_zero_size_terminal_gets_log_lines_and_a_real_one_a_bar(caplog):
 
 
 def test_the_bar_redraws_at_every_batch():
-    from pipeline.job.progress import Progress
+    from pipeline.runtime.progress import Progress
 
     class Tty(io.StringIO):
         def isatty(self):

@@ -57,7 +57,7 @@ def _measure(workload: str, pairs: int | None, repeats: int, us_per_token: float
     import pyarrow.parquet as pq
 
     from pipeline.bench.throughput import WORKLOADS, build_model, workload_table
-    from pipeline.executors.stream import MAX_CHUNK
+    from pipeline.scoring import MAX_CHUNK
     from pipeline.run import run
 
     dev = torch.device("cpu")

@@ -195,7 +195,7 @@ class DirectQwen3:
 def load_qwen3(cfg, kind, device: torch.device, dtype: torch.dtype):
     """(DirectQwen3, FastTokenizer) of `cfg.model`, or None (logged why) for transformers to load."""
     from pipeline.engines import compiled, fast_tokenizer, fused_qwen3
-    from pipeline.job import startup
+    from pipeline.runtime import startup
 
     path = cfg.model
     c = read_config(path) if os.path.isdir(path) else None

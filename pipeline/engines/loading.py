@@ -15,7 +15,7 @@ from pipeline.engines import attention, direct, fused_encoder
 from pipeline.engines.families import ModelKind, inspect_model
 from pipeline.engines.tokenize import CrossEncoderEncoder, PairEncoder
 from pipeline.errors import ModelError, first_line
-from pipeline.job import startup
+from pipeline.runtime import startup
 
 log = logging.getLogger(__name__)
 

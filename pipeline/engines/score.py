@@ -26,7 +26,7 @@ from pipeline.engines.families import ModelKind
 from pipeline.engines.loading import decoder_of
 from pipeline.engines.packing import plan_batches
 from pipeline.errors import ModelError
-from pipeline.job import startup
+from pipeline.runtime import startup
 
 log = logging.getLogger(__name__)
 

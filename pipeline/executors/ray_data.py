@@ -34,9 +34,9 @@ class RayUnitScorer:
     def __init__(self, spec, cpu_threads: int = 0):
         import ray
 
-        from pipeline.job.bytecode import use_pycache
+        from pipeline.runtime.bytecode import use_pycache
 
-        use_pycache()  # before the model's imports (job/bytecode.py)
+        use_pycache()  # before the model's imports (runtime/bytecode.py)
 
         from .worker import UnitWorker
 

@@ -37,7 +37,7 @@ class UnitWorker:
         """Score `units` (an iterator, pulled one ahead so reading and tokenizing overlap the
         device) and write each part into the checkpoint; yield (unit, info) as each is written."""
         from pipeline.storage.checkpoint import Checkpoint
-        from .stream import score_units
+        from pipeline.scoring import score_units
 
         ck = Checkpoint(self.spec.ckpt_dir)  # no lease: the driver holds the run's
         # kept_for lists the partials again for each unit: one may come from a worker that died.
@@ -50,11 +50,11 @@ class UnitWorker:
 
 def pool_worker_main(conn, device: str, spec: WorkSpec, log_level: int, cpu_threads: int) -> None:
     """Entry point of a pool process (see executors.pool)."""
-    from pipeline.job.bytecode import use_pycache
+    from pipeline.runtime.bytecode import use_pycache
 
     from .pool import DriverLink
 
-    use_pycache()  # the driver's bytecode cache, written to as well (job/bytecode.py)
+    use_pycache()  # the driver's bytecode cache, written to as well (runtime/bytecode.py)
 
     logging.basicConfig(level=log_level, format=f"rerank-batch[{device}]: %(message)s", force=True)
     for noisy in ("transformers", "huggingface_hub", "urllib3", "filelock"):

@@ -1,7 +1,7 @@
 """Execute a plan: unfinished units -> scored parts in the checkpoint.
 
 Three interchangeable executors run the same units through the same loop
-(`executors.stream.score_units`): this process on one device, one worker process per device of
+(`pipeline.scoring.score_units`): this process on one device, one worker process per device of
 this host (`--devices`), or Ray Data actors (`--executor ray`). Workers commit parts themselves
 (`Checkpoint(path).commit`); the driver learns each unit's record as it lands.
 """
@@ -13,7 +13,7 @@ import time
 import pyarrow as pa
 
 from pipeline.config import RunConfig
-from pipeline.executors.stream import Timer, score_units, unit_info
+from pipeline.scoring import Timer, score_units, unit_info
 from pipeline.data.pairs import build_pairs, result_part
 from pipeline.data.read import InputLayout, Unit
 
@@ -38,7 +38,7 @@ def execute(plan, scorer, prog, timer: Timer, should_stop=None) -> list[dict] | 
     """Score every unit of `plan` not yet in its checkpoint, one committed part per unit.
     Stops (KeyboardInterrupt) at a batch boundary once should_stop() says so. Returns the
     per-device rows of a worker executor, None for this process."""
-    from pipeline.job.signals import polled
+    from pipeline.runtime.signals import polled
 
     ck = plan.ckpt
     pending = [u for u in plan.units if u.id not in ck.done]

@@ -10,7 +10,7 @@ import os
 import sys
 import time
 
-log = logging.getLogger("pipeline.job.progress")
+log = logging.getLogger("pipeline.runtime.progress")
 
 
 class Progress:

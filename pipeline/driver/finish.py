@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from pipeline.storage import uri
 from pipeline.errors import InputError, RerankError, first_line
 from pipeline.storage.fingerprint import recheck_inputs
-from pipeline.job.signals import critical
+from pipeline.runtime.signals import critical
 from pipeline.storage.local import fsync_dir
 from pipeline.storage.uri import is_uri
 from pipeline.data.write import write_ranked
@@ -64,7 +64,7 @@ def published_output(plan) -> dict | None:
         if plan.cfg.dataset:
             from pipeline.storage import dataset
 
-            from pipeline.job.plan import output_key
+            from pipeline.driver.plan import output_key
 
             ok = rec["path"] == output_key(out) and dataset.still_published(out, rec) and \
                 rec.get("output_file_rows") == plan.cfg.output_file_rows
@@ -99,7 +99,7 @@ def publish(plan, should_stop=None) -> int:
     """Steps 1-3; returns the rows written."""
     cfg, ck = plan.cfg, plan.ckpt
     recheck_inputs(ck.fingerprint["inputs"], cfg.inputs)
-    from pipeline.job.plan import output_exists
+    from pipeline.driver.plan import output_exists
 
     if not cfg.overwrite and not plan.output_existed and output_exists(cfg.output):
         # Made by someone else while this run scored: replacing it needs the same --overwrite
@@ -180,7 +180,7 @@ def _publish_dataset(plan, should_stop=None) -> int:
     import tempfile
 
     from pipeline.data.write import write_dataset
-    from pipeline.job.plan import _check_dataset_output, output_key
+    from pipeline.driver.plan import _check_dataset_output, output_key
     from pipeline.storage import dataset
 
     cfg, ck = plan.cfg, plan.ckpt
