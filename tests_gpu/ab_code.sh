@@ -13,9 +13,9 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/ab_de
 one() {  # side round
     local side=$1 r=$2 dir; [[ $side == old ]] && dir=$OLD || dir=$NEW
     (cd "$dir" && export PYTHONPATH=/tmp/site:$dir &&
-     timeout 200 python3 -m jobs.cli -q bench --arch 0.6b --workload w-mixed --seed-pairs 0 --repeats 3 \
+     timeout 200 python3 -m jobs.cli bench -q --arch 0.6b --workload w-mixed --seed-pairs 0 --repeats 3 \
         --json "$OUT/ab_bench_${side}_$r.json" >/dev/null 2>"$OUT/ab_err_${side}_$r.txt";
-     timeout 200 python3 -m jobs.cli -q bench --arch 0.6b --workload w-mixed --devices 1 --pairs 20000 \
+     timeout 200 python3 -m jobs.cli bench -q --arch 0.6b --workload w-mixed --devices 1 --pairs 20000 \
         --json "$OUT/ab_devices_${side}_$r.json" >/dev/null 2>>"$OUT/ab_err_${side}_$r.txt") ||
         echo "$side round $r failed: $(tail -2 "$OUT/ab_err_${side}_$r.txt")"
 }
