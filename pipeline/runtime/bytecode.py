@@ -17,14 +17,14 @@ import importlib.util
 import os
 import sys
 
-from pipeline.storage import user_cache
+from pipeline.runtime import user_cache
 
 PROBE = "torch"  # the import that dominates startup; its package tells whether bytecode is kept
 OURS = "RERANK_PYCACHE_DIR"  # set beside PYTHONPYCACHEPREFIX: the prefix a worker inherits is ours
 
 
 def cache_dir(package: str = PROBE) -> str:
-    """<user cache>/pycache/<package>-<version> (storage/user_cache.path; '' where none). Python
+    """<user cache>/pycache/<package>-<version> (runtime/user_cache.path; '' where none). Python
     checks a cached file against its source's mtime and size only, so an upgrade that keeps
     both (installers that clamp mtimes) would load stale bytecode: a new version, a new tree."""
     try:
