@@ -59,6 +59,7 @@ def bench_cmd(arch, workload, pairs, seed_pairs, e2e, repeats, device, gpu_memor
     """Measure pairs/s, tokens/s, MFU, peak memory and GPU busy time against the naive recipe (or,
     with --peer, against sentence-transformers; with --devices, on 1..N devices)."""
     setup_logging(verbose, quiet, log_level)
+    # The bench modules load torch: imported when the command runs, so the CLI starts fast.
     from pipeline.bench.peer import ENCODER_ARCHS
 
     if device_counts:

@@ -16,7 +16,7 @@ from pipeline.config import RunConfig
 from pipeline.errors import RerankError, StoreUnavailable, first_line
 
 
-# The running CLI's stop flag (jobs.cli.main sets it): a job asks it whether a signal came.
+# The running CLI's stop token, which SIGINT/SIGTERM set (runtime/signals.py; jobs.cli.main sets this).
 STOP = None
 
 

@@ -10,6 +10,7 @@ import click
 from pipeline.config import DEVICE, RunConfig
 from pipeline.storage.uri import is_uri
 
+from . import common
 from .common import JobError, SizeType, check_target, config_option, domain_errors, log_options, setup_logging, wrote
 
 log = logging.getLogger("rerank-batch")
@@ -79,6 +80,7 @@ def run_cmd(inputs, output, summary_path, quiet, verbose, log_level, **opts):
     Every option can also be set from the environment: RERANK_BATCH_ and the option's name in
     capitals, e.g. RERANK_BATCH_MODEL, RERANK_BATCH_MAX_LENGTH, RERANK_BATCH_OVERWRITE=1."""
     setup_logging(verbose, quiet, log_level)
+    # pipeline.run loads pyarrow and the data path: imported when the command runs, so the CLI starts fast.
     from pipeline.run import run
 
     with domain_errors(before_work=True):
@@ -104,7 +106,7 @@ def run_cmd(inputs, output, summary_path, quiet, verbose, log_level, **opts):
                                "only; pass a path beside it", 2)
         log.debug("%d input files, output %s; %s", len(cfg.inputs), cfg.output, cfg)
     with domain_errors(kept=" (finished units are kept in the checkpoint)"):
-        summary = run(cfg, progress=False if quiet else None, should_stop=_stop_flag())
+        summary = run(cfg, progress=False if quiet else None, should_stop=_stop_token())
     text = summary.to_json()
     if summary_path:
         with open(summary_path, "w") as f:
@@ -119,9 +121,7 @@ for _p in run_cmd.params:  # named after the long option (--window: RERANK_BATCH
         _p.show_envvar = True
 
 
-def _stop_flag():
+def _stop_token():
     # Set by jobs.cli.main's signal context; None when called as a library (e.g. CliRunner). Kept
     # in jobs.common: under `python -m jobs.cli`, importing jobs.cli here would make a second copy.
-    from . import common
-
     return common.STOP

@@ -194,7 +194,7 @@ def _run(cfg: RunConfig, progress, stop: StopToken | None, scorer, on_progress, 
         summary.batches = scorer.stats.batches
         summary.batch_token_budget = scorer.budget
     if scorer is not None and scorer.device.type == "cuda":
-        import torch
+        import torch  # loaded already: the engine runs on it
 
         summary.peak_gpu_memory_bytes = int(torch.cuda.max_memory_reserved(scorer.device))
     log.info("summary %s", json.dumps(summary.__dict__, sort_keys=True))

@@ -16,8 +16,9 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+from importlib.metadata import version
 
-from pipeline.runtime import user_cache
+from . import user_cache
 
 PROBE = "torch"  # the import that dominates startup; its package tells whether bytecode is kept
 OURS = "RERANK_PYCACHE_DIR"  # set beside PYTHONPYCACHEPREFIX: the prefix a worker inherits is ours
@@ -28,8 +29,6 @@ def cache_dir(package: str = PROBE) -> str:
     checks a cached file against its source's mtime and size only, so an upgrade that keeps
     both (installers that clamp mtimes) would load stale bytecode: a new version, a new tree."""
     try:
-        from importlib.metadata import version
-
         ver = version(package)
     except Exception:  # no distribution metadata: one tree for whatever is installed
         ver = "unknown"
