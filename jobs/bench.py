@@ -7,7 +7,7 @@ import json
 
 import click
 
-from .common import SizeType, domain_errors, log_options, setup_logging, wrote
+from .common import SizeType, config_option, domain_errors, log_options, setup_logging, wrote
 
 
 @click.command("bench")
@@ -25,19 +25,14 @@ from .common import SizeType, domain_errors, log_options, setup_logging, wrote
 @click.option("--e2e/--no-e2e", default=True, show_default=True, help="Also run Parquet in -> ranked Parquet out.")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
               help="Timed passes per row (the median is reported).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (as rerank-batch run).")
-@click.option("--gpu-memory-limit", type=SizeType(), default=None,
-              help="Cap on GPU memory, e.g. 4GiB (as rerank-batch run).")
-@click.option("--max-batch-tokens", type=click.IntRange(min=1), default=None,
-              help="Token budget per packed batch. [default: sized from measured GPU memory]")
-@click.option("--compile", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
-              help="torch.compile the fused elementwise steps (as rerank-batch run).")
-@click.option("--engine", type=click.Choice(["auto", "fused", "transformers"]), default="auto", show_default=True,
-              help="Our fused forward or transformers' own modules (as rerank-batch run).")
-@click.option("--attention", type=click.Choice(["auto", "flash_attn", "torch_varlen", "sdpa"]), default="auto",
-              show_default=True, help="Attention kernel for packed batches (as rerank-batch run).")
-@click.option("--prefix-sharing", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
-              help="Share each query's prompt prefix across its candidates (as rerank-batch run).")
+@config_option("--device", help="auto, cpu, cuda or cuda:N (as rerank-batch run).")
+@config_option("--gpu-memory-limit", type=SizeType(), help="Cap on GPU memory, e.g. 4GiB (as rerank-batch run).")
+@config_option("--max-batch-tokens",
+               help="Token budget per packed batch. [default: sized from measured GPU memory]")
+@config_option("--compile", help="torch.compile the fused elementwise steps (as rerank-batch run).")
+@config_option("--engine", help="Our fused forward or transformers' own modules (as rerank-batch run).")
+@config_option("--attention", help="Attention kernel for packed batches (as rerank-batch run).")
+@config_option("--prefix-sharing", help="Share each query's prompt prefix across its candidates (as rerank-batch run).")
 @click.option("--smoke", is_flag=True, help="CPU, tiny architecture, 64 pairs: checks that the bench runs.")
 @click.option("--host-only", is_flag=True,
               help="The host side alone, on the CPU: run end to end with a forward that costs nothing (sharing "
@@ -64,6 +59,7 @@ def bench_cmd(arch, workload, pairs, seed_pairs, e2e, repeats, device, gpu_memor
     """Measure pairs/s, tokens/s, MFU, peak memory and GPU busy time against the naive recipe (or,
     with --peer, against sentence-transformers; with --devices, on 1..N devices)."""
     setup_logging(verbose, quiet, log_level)
+    # The bench modules load torch: imported when the command runs, so the CLI starts fast.
     from pipeline.bench.peer import ENCODER_ARCHS
 
     if device_counts:

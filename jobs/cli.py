@@ -16,6 +16,7 @@ _early = {s: signal.signal(s, _quiet_exit) for s in (signal.SIGINT, signal.SIGTE
 
 import click  # noqa: E402
 
+from pipeline.runtime import bytecode  # noqa: E402
 from pipeline.runtime.signals import graceful_signals  # noqa: E402
 
 from . import common  # noqa: E402
@@ -27,6 +28,7 @@ def cli():
 
 
 def _register():
+    # After the early handlers above: a signal while these load exits quietly.
     from .bench import bench_cmd
     from .eval import eval_cmd
     from .export import export_cmd
@@ -48,14 +50,12 @@ for _s, _h in _early.items():
 
 
 def main():
-    from pipeline.runtime.bytecode import use_pycache
-
-    use_pycache()  # before torch is imported (importing this module does not): see bytecode.py
+    bytecode.use_pycache()  # before torch is imported (importing this module does not): see bytecode.py
     try:
-        with graceful_signals() as flag:
+        with graceful_signals() as stop:
             # Kept in jobs.common, which the jobs read: under `python -m jobs.cli` this module is
             # __main__, and a job importing jobs.cli would get a second copy.
-            common.STOP = flag
+            common.STOP = stop
             cli()
     except KeyboardInterrupt:  # a signal outside any run (click's own code): no traceback
         _exit_now(128 + ((common.STOP and common.STOP.signum) or signal.SIGINT))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import logging
 import os
@@ -11,10 +12,11 @@ import sys
 
 import click
 
-from pipeline.errors import RerankError
+from pipeline.config import RunConfig
+from pipeline.errors import RerankError, StoreUnavailable, first_line
 
 
-# The running CLI's stop flag (jobs.cli.main sets it): a job asks it whether a signal came.
+# The running CLI's stop token, which SIGINT/SIGTERM set (runtime/signals.py; jobs.cli.main sets this).
 STOP = None
 
 
@@ -35,8 +37,6 @@ def domain_errors(before_work: bool = False, kept: str = ""):
     except RerankError as exc:
         raise JobError(str(exc), exc.exit_code) from None
     except OSError as exc:  # the disk, a bucket or the network failed where no step expected it
-        from pipeline.errors import StoreUnavailable, first_line
-
         if before_work:
             raise JobError(str(StoreUnavailable.before_work(exc)), 1) from None
         raise JobError(f"{first_line(exc, 300)}; check the disk, the bucket or the network, then rerun the same "
@@ -152,3 +152,29 @@ class SizeType(click.ParamType):
         if n <= 0:
             self.fail(f"{value!r} must be more than zero", param, ctx)
         return n
+
+
+_CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+
+
+def config_option(*decls: str, **kw):
+    """click.option for a RunConfig field, its default and the values it takes read from the
+    config (pipeline/config.py declares them once): a choice, a range, a flag. The field is the
+    parameter name in `decls` ("--window", "window_pairs"), else the long option's name. `kw`
+    adds the help and may set a type of the CLI's own (SizeType)."""
+    names = [d for d in decls if not d.startswith("-")]
+    name = names[0] if names else max(decls, key=len).lstrip("-").replace("-", "_")
+    f = _CONFIG_FIELDS[name]
+    meta, default = f.metadata, f.default
+    if "choices" in meta:
+        kw.setdefault("type", click.Choice(list(meta["choices"])))
+    elif meta.get("whole"):
+        kw.setdefault("type", click.IntRange(min=meta["at_least"]))
+    elif "at_least" in meta:
+        kw.setdefault("type", click.FloatRange(min=meta["above"], min_open=True) if meta["above"] is not None
+                      else click.FloatRange(min=meta["at_least"]))
+    if isinstance(default, bool):
+        kw["is_flag"] = True
+    elif default is not None:
+        kw["show_default"] = True
+    return click.option(*decls, default=default, **kw)

@@ -61,6 +61,7 @@ def eval_cmd(runs, qrels, relevance_col, metrics, score_col, baseline_col, basel
                          doc_id_col=doc_id_col, json_path=json_path, plot_path=plot_path,
                          permutations=permutations, seed=seed, correction=correction, alpha=alpha, test=test)
     scored = runs[0]
+    # Loaded when the command runs, not at CLI start-up (the other commands and --help stay fast).
     from pipeline.evaluation.metrics import evaluate, format_table, parse_metrics, plot_delta, read_qrels
     from pipeline.evaluation.runs import load_run, run_names
 

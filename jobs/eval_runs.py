@@ -14,6 +14,7 @@ from .common import JobError, check_target, domain_errors, wrote
 def eval_runs(paths, *, names, qrels, relevance_col, metrics, score_col, baseline_col, query_id_col, doc_id_col,
               json_path, plot_path, permutations, seed, correction, alpha, test):
     """Evaluate every run, compare each after the first with the first; print the table."""
+    # Loaded when the command runs, not at CLI start-up (the other commands and --help stay fast).
     from pipeline.evaluation.compare import compare, describe, format_comparison, plot_comparison
     from pipeline.evaluation.metrics import evaluate, parse_metrics, read_qrels
     from pipeline.evaluation.runs import read_run, run_names

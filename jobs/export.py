@@ -21,6 +21,7 @@ def export_cmd(scored, output, tag, score_col, query_id_col, doc_id_col, overwri
     """Write SCORED (the output of `rerank-batch run`, or any run) as a TREC run file, ranked per
     query as `eval` ranks it: score descending, ties by document id descending."""
     setup_logging(verbose, quiet, log_level)
+    # Loaded when the command runs, not at CLI start-up (the other commands and --help stay fast).
     from pipeline.evaluation.runs import export_trec
 
     with domain_errors():

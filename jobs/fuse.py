@@ -29,6 +29,7 @@ def fuse_cmd(runs, method, k, norm, output, tag, score_col, query_id_col, doc_id
     """Fuse RUNs (scored Parquet files or TREC run files) per query over the union of their
     documents, e.g. the first stage with the reranked run."""
     setup_logging(verbose, quiet, log_level)
+    # Loaded when the command runs, not at CLI start-up (the other commands and --help stay fast).
     from pipeline.evaluation.fusion import fuse_files
 
     with domain_errors():

@@ -25,6 +25,7 @@ def prepare_cmd():
 def beir_cmd(beir_dir, run_path, output, depth, split, overwrite, quiet, verbose, log_level):
     """Pairs from a BEIR folder and a TREC run file (first-stage score and rank kept)."""
     setup_logging(verbose, quiet, log_level)
+    # Loaded when the command runs, not at CLI start-up (the other commands and --help stay fast).
     from pipeline.evaluation.prepare import prepare_beir
 
     with domain_errors():
@@ -49,6 +50,7 @@ def beir_cmd(beir_dir, run_path, output, depth, split, overwrite, quiet, verbose
 def mc_cmd(path, output, qrels_out, query_col, docs_col, label_col, id_col, overwrite, quiet, verbose, log_level):
     """Pairs from a multiple-choice file (query, candidates, index of the right one)."""
     setup_logging(verbose, quiet, log_level)
+    # Loaded when the command runs, not at CLI start-up (the other commands and --help stay fast).
     from pipeline.evaluation.prepare import prepare_mc
 
     with domain_errors():

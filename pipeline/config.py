@@ -1,15 +1,37 @@
-"""The one frozen configuration of a run. The CLI fills it; the library reads only it."""
+"""The one frozen configuration of a run. The CLI fills it; the library reads only it.
+
+Each field's default, and the values it takes (choices, or a range), are declared once here, on
+the field (`one_of`, `whole`, `number`): RunConfig checks them when made, whoever makes it, and
+the CLI builds its options from them (jobs/common.config_option).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pipeline.errors import InputError
 
 DEVICE = re.compile(r"^(auto|cpu|cuda(:[0-9]+)?)$")  # what --device and device= take
 DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+
+
+def one_of(*choices: str):
+    """A field that takes one of `choices`; the first is the default."""
+    return field(default=choices[0], metadata={"choices": choices})
+
+
+def whole(default: int | None, *, at_least: int):
+    """A whole number of at least `at_least` (None too, where that is the default)."""
+    return field(default=default, metadata={"whole": True, "at_least": at_least})
+
+
+def number(default: float | None, *, at_least: float | None = None, above: float | None = None, unit: str = ""):
+    """A number (int or float) of at least `at_least`, or above `above` (None too, where that is
+    the default); `unit` names it in the message."""
+    return field(default=default, metadata={"at_least": at_least, "above": above, "unit": unit})
 
 
 @dataclass(frozen=True)
@@ -22,7 +44,7 @@ class RunConfig:
     # or is an existing directory (kept here with its "/").
     output: str | None = None
     # Rows per file of a dataset output at most (a query group larger than that: a file of its own).
-    output_file_rows: int = 1_000_000
+    output_file_rows: int = whole(1_000_000, at_least=1)
     # Model directory or hub id (org/name; pipeline.engines.hub resolves it through the Hugging Face cache).
     model: str = "Qwen/Qwen3-Reranker-0.6B"
     # Column names of the long form.
@@ -37,71 +59,65 @@ class RunConfig:
     template: str | None = None
     # Reranker family: "auto" (from config.architectures), "yes-no" (causal LM judged by tokens)
     # or "seq-cls" (a classification head).
-    family: str = "auto"
+    family: str = one_of("auto", "yes-no", "seq-cls")
     # Score transform: "auto" (softmax over [no, yes] / two labels, sigmoid of one logit) or "none".
-    activation: str = "auto"
-    # Total tokens per pair, prefix and suffix included (the recipe's max_length).
-    max_length: int = 8192
+    activation: str = one_of("auto", "none")
+    # Total tokens per pair, prefix and suffix included (the recipe's max_length); a prompt
+    # template alone takes a few.
+    max_length: int = whole(8192, at_least=8)
     # Keep the best K rows of each query group (None keeps all).
-    top_k: int | None = None
+    top_k: int | None = whole(None, at_least=1)
     # Torch dtype name or "auto" (bf16 on CUDA, float32 on CPU).
-    dtype: str = "auto"
+    dtype: str = one_of("auto", "bfloat16", "float16", "float32")
     # "auto", "cpu", "cuda" or "cuda:N".
     device: str = "auto"
     # Cap on GPU memory this process may use, in bytes (None: what is free at start).
-    gpu_memory_limit: int | None = None
+    gpu_memory_limit: int | None = whole(None, at_least=1)
     # Token budget per packed batch (None: sized from measured memory on CUDA, 8192 on CPU).
-    max_batch_tokens: int | None = None
+    max_batch_tokens: int | None = whole(None, at_least=1)
     # Call torch.cuda.empty_cache() every N batches (0: only after an OOM).
-    empty_cache_every: int = 0
+    empty_cache_every: int = whole(0, at_least=0)
     # Pairs per unit of work: the length-sort window, the checkpoint granularity, the memory bound.
-    window_pairs: int = 16384
+    window_pairs: int = whole(16384, at_least=1)
     # Seconds of scoring after which the pairs scored of a unit still in flight are committed to
     # the checkpoint (a stop or a crash loses at most this much, whatever window_pairs is). Does
     # not change scores or batches, so it is not part of the fingerprint.
-    commit_every: float = 30.0
+    commit_every: float = number(30.0, above=0, unit="seconds")
     # What to do with a null query or document: "error" or "skip" (kept with null score/rank).
-    on_null: str = "error"
+    on_null: str = one_of("error", "skip")
     trust_remote_code: bool = False
-    # Where per-unit parts and the manifest live (None: OUTPUT.ckpt beside the output).
+    # Where per-unit parts and their records live (None: OUTPUT.ckpt beside the output).
     checkpoint_dir: str | None = None
     keep_checkpoint: bool = False
     restart: bool = False
     overwrite: bool = False
     # Attention kernel: "auto", "flash_attn", "torch_varlen" or "sdpa" (exact per-sequence loop).
-    attention: str = "auto"
+    attention: str = one_of("auto", "flash_attn", "torch_varlen", "sdpa")
     # Forward implementation: "auto" (fused Qwen3 path where it applies), "fused" or "transformers".
-    engine: str = "auto"
+    engine: str = one_of("auto", "fused", "transformers")
     # torch.compile the fused path's elementwise steps: "auto" (on CUDA), "on" or "off".
-    compile: str = "auto"
+    compile: str = one_of("auto", "on", "off")
     # Compute each query's shared prompt prefix once per batch for all its candidates (causal
     # families): "auto" (on CUDA, where it saves >= 20% of the tokens), "on" or "off". Scores are the
     # same to float tolerance, so it is not part of the fingerprint.
-    prefix_sharing: str = "auto"
+    prefix_sharing: str = one_of("auto", "on", "off")
     # Where units run: "local" (this process, or one process per device with `devices`) or "ray".
-    executor: str = "local"
+    executor: str = one_of("local", "ray")
     # Several devices of this host, one worker process each: "all", a count, or "cuda:0,cuda:2" /
     # "cpu,cpu" (None: this process alone, on `device`).
     devices: str | None = None
     # Ray: the cluster address (None: start a local Ray), actors, and resources per actor.
     ray_address: str | None = None
-    workers: int | None = None
-    gpus_per_worker: float | None = None  # None: 1 where the cluster has GPUs, else 0
-    cpus_per_worker: float = 1.0
+    workers: int | None = whole(None, at_least=1)
+    gpus_per_worker: float | None = number(None, at_least=0)  # None: 1 where the cluster has GPUs, else 0
+    cpus_per_worker: float = number(1.0, at_least=0.1)
 
     def __post_init__(self):
         from pipeline.data.inputs import default_output, resolve_inputs
 
         # The library's callers (Reranker, run()) meet these checks too, not only the CLI's types.
-        for name in ("top_k", "max_batch_tokens", "window_pairs", "max_length", "output_file_rows"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise InputError(f"{name}={v!r}: must be a whole number of at least 1")
-        ce = self.commit_every
-        if isinstance(ce, bool) or not isinstance(ce, (int, float)) or not ce > 0:
-            raise InputError(f"commit_every={ce!r}: must be a number of seconds above 0")
-        if not DEVICE.match(str(self.device or "")):
-            raise InputError(f"device={self.device!r}: not a device; use auto, cpu, cuda or cuda:N")
+        for f in dataclasses.fields(self):
+            check_field(f, getattr(self, f.name))
         specs = (self.inputs,) if isinstance(self.inputs, (str, os.PathLike)) else tuple(self.inputs)
         files = resolve_inputs(specs)
         object.__setattr__(self, "inputs", files)
@@ -128,6 +144,32 @@ class RunConfig:
             "activation": self.activation,
             "on_null": self.on_null, "window_pairs": self.window_pairs,
         }
+
+
+def check_field(f: dataclasses.Field, v) -> None:
+    """InputError, one line naming the field, the value and what it takes, when `v` is not a value
+    of field `f`."""
+    meta, name = f.metadata, f.name
+    if v is None and f.default is None:
+        return
+    if "choices" in meta:
+        if v not in meta["choices"]:
+            raise InputError(f"{name}={v!r}: must be one of {', '.join(meta['choices'])}")
+    elif name == "device":
+        if not isinstance(v, str) or not DEVICE.match(v):
+            raise InputError(f"device={v!r}: not a device; use auto, cpu, cuda or cuda:N")
+    elif meta.get("whole"):
+        if not isinstance(v, int) or isinstance(v, bool) or v < meta["at_least"]:
+            raise InputError(f"{name}={v!r}: must be a whole number of at least {meta['at_least']}")
+    elif "at_least" in meta:
+        low, above, unit = meta["at_least"], meta["above"], meta["unit"]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (
+                v > above if above is not None else v >= low):
+            what = f"a number of {unit}" if unit else "a number"
+            raise InputError(f"{name}={v!r}: must be {what} {f'above {above:g}' if above is not None else f'of at least {low:g}'}")
+    elif isinstance(f.default, bool):
+        if not isinstance(v, bool):
+            raise InputError(f"{name}={v!r}: must be True or False")
 
 
 def _is_directory(path: str) -> bool:

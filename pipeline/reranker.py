@@ -15,13 +15,20 @@ since the token budget (`max_batch_tokens`) sizes the batches.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import torch
 
 from pipeline.config import RunConfig
+from pipeline.engines.families import inspect_model
+from pipeline.engines.hub import resolve_model
+from pipeline.engines.score import Scorer, activate
 from pipeline.errors import InputError
+from pipeline.runtime.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +48,6 @@ class Reranker:
 
     def __init__(self, model: str = "Qwen/Qwen3-Reranker-0.6B", *, activation_fn: Callable | None = None,
                  **options):
-        from pipeline.engines.families import inspect_model
-        from pipeline.engines.hub import resolve_model
-        from pipeline.engines.score import Scorer
-
         fields = {f.name: f for f in dataclasses.fields(RunConfig)}
         unknown = sorted(set(options) - set(fields))
         if unknown:
@@ -94,10 +97,6 @@ class Reranker:
         - `batch_size` is checked but sizes nothing: the token budget (`max_batch_tokens`) does;
         - `show_progress_bar=None`: a bar when this module logs at INFO or below.
         """
-        import torch
-
-        from pipeline.engines.score import activate
-
         _check_batch_size("predict", batch_size)
         single, pairs = _one_or_many(pairs)
         instructions, queries, documents = self._split(pairs, single)
@@ -133,8 +132,6 @@ class Reranker:
         """The engine's head logits, (pairs, 1 or 2) float32, in input order."""
         prog = None
         if show_progress_bar:
-            from pipeline.runtime.progress import Progress
-
             prog = Progress(len(queries), bar=True)
         step = self.config.window_pairs  # the sort window of `run`: same batches, same scores
         parts = []
@@ -255,8 +252,6 @@ def _cross_encoder_default(model_dir: str, num_labels: int, trust_remote_code: b
     `sentence_transformers.activation_fn` (4 and 5) or `sbert_ce_default_activation_function`
     (before 4), a path outside torch only with trust_remote_code; else Sigmoid for one label,
     Identity for more."""
-    import json
-    import os
 
     def read(name: str) -> dict:
         try:

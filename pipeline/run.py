@@ -1,7 +1,7 @@
 """The main job as a library function: Parquet pairs in, ranked Parquet out, resumable.
 
     plan    (pipeline/driver/plan.py):    validate inputs from footers, units, fingerprint, checkpoint + lock
-    execute (pipeline/driver/execute.py): unfinished units -> parts, via score_unit
+    execute (pipeline/driver/execute.py): unfinished units -> parts, through an executor's unit workers
     finish  (pipeline/driver/finish.py):  rank, publish the output, remove the checkpoint
 """
 
@@ -12,13 +12,16 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from pipeline.runtime import startup
 from pipeline.config import RunConfig
-from pipeline.errors import Interrupted, RerankError, ScoringError, StoreUnavailable, first_line
-from pipeline.driver.execute import _Timer, execute, score_unit, uses_workers
+from pipeline.driver.execute import execute, pick_executor
 from pipeline.driver.finish import cleanup, publish, published_output, totals, verify_parts
 from pipeline.driver.plan import check_output, fingerprint, make_plan, validate
+from pipeline.errors import Interrupted, RerankError, StoreUnavailable, first_line
+from pipeline.executors.worker import load_engine
+from pipeline.runtime import startup
 from pipeline.runtime.progress import Progress
+from pipeline.runtime.stop import StopToken, as_token
+from pipeline.runtime.timing import Timer
 
 log = logging.getLogger(__name__)
 
@@ -55,49 +58,6 @@ class Summary:
         return json.dumps(self.__dict__, indent=2, sort_keys=True)
 
 
-def _load_scorer(cfg: RunConfig, kind):
-    """Scorer.load, with GPU memory failures as one line naming the free memory and the fix."""
-    import torch
-
-    from pipeline.engines.score import Scorer
-
-    try:
-        return Scorer.load(cfg, kind)
-    except (torch.OutOfMemoryError, torch.AcceleratorError if hasattr(torch, "AcceleratorError") else RuntimeError
-            ) as exc:
-        if not isinstance(exc, torch.OutOfMemoryError) and "CUDA" not in str(exc):
-            raise
-        free = ""
-        try:
-            free_b, total_b = torch.cuda.mem_get_info()
-            free = f" ({free_b / 2**20:.0f} MiB free of {total_b / 2**30:.0f} GiB)"
-        except Exception:  # no CUDA context to ask: say nothing rather than guess
-            pass
-        raise ScoringError(
-            f"model {cfg.model}: the GPU has not enough free memory to load it{free}; another process may hold "
-            "it: free the GPU, pick another with --device cuda:N, or pass --device cpu"
-        ) from None
-
-
-class _FirstBatch:
-    """The progress sink, marking the moment the first batch is done (for the startup timeline)."""
-
-    def __init__(self, prog: Progress, scorer):
-        self.prog, self.scorer = prog, scorer
-
-    def update(self, pairs: int, tokens: int) -> None:
-        if not startup.seen("first_batch"):
-            if self.scorer is not None and self.scorer.device.type == "cuda":  # done, not only launched
-                import torch
-
-                torch.cuda.synchronize(self.scorer.device)
-            startup.mark("first_batch")
-        self.prog.update(pairs, tokens)
-
-    def __getattr__(self, name):
-        return getattr(self.prog, name)
-
-
 def _resumed(record: dict, key: str) -> int:
     return int(record.get("resumed", {}).get(key, 0))
 
@@ -110,18 +70,33 @@ def _kept_pairs(plan, partial: int | None = None) -> int:
     return whole + (ck.kept_pairs(refresh=True) if partial is None else partial)
 
 
-def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, scorer=None) -> Summary:
-    """Score and rank `cfg.inputs` into `cfg.output`. Rerunning after a crash resumes."""
+def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, scorer=None,
+        on_progress=None) -> Summary:
+    """Score and rank `cfg.inputs` into `cfg.output`. Rerunning after a crash resumes.
+
+    progress     a bar (True), log lines (False), or a bar on a terminal only (None)
+    should_stop  a runtime.stop.StopToken, or a callable asked at the stop's check points (True:
+                 stop there); a stop raises Interrupted with the checkpoint consistent
+    scorer       an engine already loaded for `cfg` (the local executor scores on it)
+    on_progress  on_progress(pairs, tokens), in this process after each scored batch (Ray:
+                 after each unit), e.g. to stop on an event of the caller's
+    """
+    stop = as_token(should_stop)
+    timeline = startup.Timeline.begin("process_to_run")
+    with startup.recording(timeline):  # the engine marks its loading stages there
+        return _run(cfg, progress, stop, scorer, on_progress, timeline)
+
+
+def _run(cfg: RunConfig, progress, stop: StopToken | None, scorer, on_progress, timeline) -> Summary:
     t_start = time.monotonic()
-    startup.reset("process_to_run")
-    plan = prog = None
+    plan = prog = executor = None
     try:
         try:
             plan = make_plan(cfg, kind=scorer.kind if scorer is not None else None)
         except OSError as exc:  # a store that fails before any work: nothing to keep, say so
             raise StoreUnavailable.before_work(exc) from None
         cfg = plan.cfg  # with a hub id resolved to its local snapshot
-        startup.mark("inputs_and_config")
+        timeline.mark("inputs_and_config")
         ck = plan.ckpt
         summary = Summary(output=cfg.output, units=len(plan.units), device=str(plan.device), dtype=plan.dtype)
         rec = published_output(plan)
@@ -135,10 +110,11 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
             cleanup(plan, cfg.keep_checkpoint)
             summary.seconds = round(time.monotonic() - t_start, 3)
             return summary
-        if scorer is None and not uses_workers(cfg):
-            scorer = _load_scorer(cfg, plan.kind)
-        if should_stop is not None and should_stop():
-            raise KeyboardInterrupt
+        executor = pick_executor(cfg)
+        if scorer is None and executor.kind == "local":
+            scorer = load_engine(cfg, plan.kind)
+        if stop is not None:
+            stop.check()  # a check point: the model is loaded, nothing is scored yet
         summary.units_resumed = sum(1 for u in plan.units if u.id in ck.done)
         summary.attention = scorer.kernel if scorer is not None else ""
         partial = ck.kept_pairs(refresh=False)
@@ -146,37 +122,43 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
             log.info("resuming: %d pairs of unfinished units already scored", partial)
         done_pairs = _kept_pairs(plan, partial)
         summary.pairs_resumed = done_pairs
-        prog = _FirstBatch(Progress(plan.total_pairs, done_pairs, bar=progress), scorer)
+        prog = Progress(plan.total_pairs, done_pairs, bar=progress)
+
+        def on_batch(pairs: int, tokens: int) -> None:
+            prog.update(pairs, tokens)
+            if on_progress is not None:
+                on_progress(pairs, tokens)
+
         if scorer is not None and scorer.device.type == "cuda":
-            import torch
+            import torch  # loaded already: the engine runs on it
 
             torch.cuda.reset_peak_memory_stats(scorer.device)
         t_score = time.monotonic()
-        timer = _Timer()
+        timer = Timer()
         fresh = [u.id for u in plan.units if u.id not in ck.done]  # scored by this run
         try:
-            per_device = execute(plan, scorer, prog, timer, should_stop)
-            verify_parts(plan, lambda: execute(plan, scorer, prog, timer, should_stop))
+            per_device = execute(plan, executor, on_batch, stop, engine=scorer, timeline=timeline)
+            verify_parts(plan, lambda: execute(plan, executor, on_batch, stop, engine=scorer, timeline=timeline))
         finally:
             prog.close()
         score_seconds = time.monotonic() - t_score
         t0 = time.perf_counter()
-        summary.rows = publish(plan, should_stop)
+        summary.rows = publish(plan, stop)
         timer.add("final_write", t0)
         summary.__dict__.update(totals(plan))
         cleanup(plan, cfg.keep_checkpoint)
     except KeyboardInterrupt:
-        signum = getattr(should_stop, "signum", None) or 2
+        signum = (stop.signum if stop is not None else None) or 2
         if plan is None or plan.ckpt is None:
             raise Interrupted(signum) from None
         kept = redo = None
         try:  # what the checkpoint holds now, workers' last commits included
-            if uses_workers(plan.cfg) and plan.ckpt.lease is not None:
+            if executor is not None and executor.kind != "local" and plan.ckpt.lease is not None:
                 plan.ckpt.done = plan.ckpt.finished(known=plan.ckpt.done)  # units whose report never came
             kept = _kept_pairs(plan)
             # Pairs this run scored (counted per batch) and did not keep. Ray reports units only
             # when they end, so there the count is not known.
-            if prog is None or plan.cfg.executor != "ray":
+            if prog is None or executor is None or executor.kind != "ray":
                 redo = max(0, (prog.done if prog is not None else kept) - kept)
         except (OSError, RerankError) as exc:
             log.warning("could not count the pairs kept in the checkpoint (%s)", first_line(exc))
@@ -191,9 +173,11 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
                 log.warning("could not release the checkpoint (%s); a rerun takes it over once its lease expires",
                             first_line(exc))
         raise
-    summary.extra = {f"seconds_{k}": round(v, 3) for k, v in timer.seconds.items()}
-    summary.extra.update({f"startup_{k}_s": v for k, v in startup.stages().items()})
-    if per_device is not None:
+    stages = dict(per_device[0]["stage_seconds"]) if executor.kind == "local" else {}  # this process's
+    stages.update(timer.seconds)
+    summary.extra = {f"seconds_{k}": round(v, 3) for k, v in stages.items()}
+    summary.extra.update({f"startup_{k}_s": v for k, v in timeline.stages().items()})
+    if executor.kind != "local":
         summary.extra["devices"] = per_device
     # Prefix sharing: the pairs' tokens this run scored, and those that went through the model.
     # (A unit resumed from partial commits counts only the pairs this run scored.)
@@ -210,11 +194,11 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
         summary.batches = scorer.stats.batches
         summary.batch_token_budget = scorer.budget
     if scorer is not None and scorer.device.type == "cuda":
-        import torch
+        import torch  # loaded already: the engine runs on it
 
         summary.peak_gpu_memory_bytes = int(torch.cuda.max_memory_reserved(scorer.device))
     log.info("summary %s", json.dumps(summary.__dict__, sort_keys=True))
     return summary
 
 
-__all__ = ["run", "validate", "check_output", "fingerprint", "score_unit", "Summary", "RerankError"]
+__all__ = ["run", "validate", "check_output", "fingerprint", "Summary", "RerankError"]

@@ -1,8 +1,9 @@
 """The one loop that scores: units in, (unit, scored part, counts) out.
 
-Reading, exploding and tokenizing run in a thread one unit ahead of the device (see `prefetch`),
-so a worker pulling units from its driver, the local loop and a Ray actor all overlap the host
-work with the GPU the same way.
+`score_units` is what every unit worker runs (executors/worker.py: in the driver process for the
+local executor, in a pool process, in a Ray actor). Reading, exploding and tokenizing run in a
+thread one unit ahead of the device (see `prefetch`), so all of them overlap the host work with
+the device the same way.
 """
 
 from __future__ import annotations
@@ -14,34 +15,25 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from pipeline.errors import InputError
 from pipeline.data.pairs import UnitPairs, build_pairs, result_part
 from pipeline.data.read import Unit, iter_unit_tables
+from pipeline.errors import InputError
+from pipeline.runtime.stop import StopToken
+from pipeline.runtime.timing import Timer
 from pipeline.storage.checkpoint import Kept
 
 # First chunk small, so the GPU starts at once; later ones larger, for fewer Python round trips.
 FIRST_CHUNK, MAX_CHUNK = 256, 4096
 
 
-class Timer:
-    """Wall time spent in named stages, for the summary."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    def add(self, name: str, t0: float) -> float:
-        now = time.perf_counter()
-        self.seconds[name] = self.seconds.get(name, 0.0) + now - t0
-        return now
-
-
-def prefetch(units, layout, cfg, encoder, stop_event: threading.Event, kept_for=None):
+def prefetch(units, layout, cfg, encoder, finished: threading.Event, kept_for=None):
     """Read, explode and tokenize units in a thread, ahead of the device.
 
     Yields ("unit", work), then ("chunk", Encoded) for pieces of the pairs it has to score as
     they are tokenized, then ("end",). The queue holds a few chunks, so memory stays about a
     window while tokenization overlaps scoring, also inside the first window. `kept_for(unit)`:
     the unit's pairs already committed (a Kept, or None), which are not tokenized again.
+    `finished`: set by the consumer when it stops reading; the thread then ends.
     """
     q: queue.Queue = queue.Queue(maxsize=4)
     # String views (what polars writes) are read as large strings: Arrow's take and sort kernels,
@@ -51,7 +43,7 @@ def prefetch(units, layout, cfg, encoder, stop_event: threading.Event, kept_for=
                         for f in (layout.schema.field(n) for n in layout.columns)])
 
     def put(item) -> bool:
-        while not stop_event.is_set():
+        while not finished.is_set():
             try:
                 q.put(item, timeout=0.2)
                 return True
@@ -62,7 +54,7 @@ def prefetch(units, layout, cfg, encoder, stop_event: threading.Event, kept_for=
     def work():
         try:
             for unit, table in iter_unit_tables(units, schema=layout.schema):
-                if stop_event.is_set():
+                if finished.is_set():
                     return
                 if table.schema.names != target.names:  # the same columns in another order (checked at the start)
                     table = table.select(target.names)
@@ -82,11 +74,11 @@ def prefetch(units, layout, cfg, encoder, stop_event: threading.Event, kept_for=
                 start, size = 0, FIRST_CHUNK
                 n = len(queries)
                 while start < n:
-                    stop = min(n, start + size)
-                    enc = encoder.encode(instructions[start:stop], queries[start:stop], documents[start:stop])
+                    end = min(n, start + size)
+                    enc = encoder.encode(instructions[start:end], queries[start:end], documents[start:end])
                     if not put(("chunk", enc)):
                         return
-                    start, size = stop, min(MAX_CHUNK, size * 2)
+                    start, size = end, min(MAX_CHUNK, size * 2)
                 if not put(("end",)):
                     return
         except BaseException as exc:  # handed to the consuming thread, which raises it
@@ -107,7 +99,7 @@ def prefetch(units, layout, cfg, encoder, stop_event: threading.Event, kept_for=
     finally:
         # Stop the worker and wait for it: a thread left inside native tokenizer or Arrow code
         # while the interpreter shuts down can abort the process (SIGABRT instead of exit 143).
-        stop_event.set()
+        finished.set()
         while t.is_alive():
             try:
                 q.get(timeout=0.05)
@@ -232,16 +224,19 @@ class Commits:
         self.reset()
 
 
-def score_units(units, layout, cfg, scorer, on_batch=None, should_stop=None, timer: Timer | None = None,
-                group_small: bool = False, kept_for=None, save_partial=None):
+def score_units(units, layout, cfg, scorer, on_batch=None, stop: StopToken | None = None,
+                timer: Timer | None = None, group_small: bool = False, kept_for=None, save_partial=None):
     """Yield (unit, part, info) for each unit: its rows with their scores, and its counts.
 
     With `group_small`, consecutive small units (under a quarter of a window each, as many small
     files make) are scored together, up to a window of pairs, so that their pairs share full
     batches instead of each unit running its own tiny ones; each unit still gets its own part.
     Only for a source that never waits on anyone (the local executor's list): a pool worker's
-    next unit may depend on this one finishing. KeyboardInterrupt is raised when `should_stop()`
-    turns true between batches.
+    next unit may depend on this one finishing.
+
+    `stop` is checked before each unit and, by the engine, between batches: KeyboardInterrupt
+    once a stop was asked (the pairs scored of the unit in flight are handed to `save_partial`
+    first).
 
     Commits by time (`cfg.commit_every`): with `save_partial(unit, ords, scores, counts)`, the
     pairs scored of units not yet yielded are handed to it every `cfg.commit_every` seconds of
@@ -249,8 +244,8 @@ def score_units(units, layout, cfg, scorer, on_batch=None, should_stop=None, tim
     unit's other pairs are scored.
     """
     timer = timer if timer is not None else Timer()
-    stop_event = threading.Event()
-    items = prefetch(units, layout, cfg, scorer.encoder, stop_event, kept_for)
+    finished = threading.Event()
+    items = prefetch(units, layout, cfg, scorer.encoder, finished, kept_for)
     commits = Commits(cfg.commit_every, save_partial, scorer)
     small = max(1, cfg.window_pairs // 4)
     group: list[Work] = []  # small units read and tokenized but not yet scored
@@ -261,7 +256,7 @@ def score_units(units, layout, cfg, scorer, on_batch=None, should_stop=None, tim
         t0, computed0 = time.perf_counter(), scorer.stats.tokens_computed
         members = list(group)
         encs = [e for w in members for e in w.encs]
-        scores = scorer.score_stream(iter(encs), on_batch=on_batch, should_stop=should_stop,
+        scores = scorer.score_stream(iter(encs), on_batch=on_batch, stop=stop,
                                      commit=commits.begin(members))
         seconds, computed = time.perf_counter() - t0, scorer.stats.tokens_computed - computed0
         tokens = max(1, sum(int(e.offsets[-1]) for e in encs))
@@ -286,8 +281,8 @@ def score_units(units, layout, cfg, scorer, on_batch=None, should_stop=None, tim
                 yield from flush()
                 return
             work = head[1]
-            if should_stop is not None and should_stop():
-                raise KeyboardInterrupt
+            if stop is not None:
+                stop.check()  # a check point: before each unit
             if group_small and len(work.pairs.queries) < small:
                 list(_unit_chunks(items, timer, work.encs))
                 group.append(work)
@@ -298,7 +293,7 @@ def score_units(units, layout, cfg, scorer, on_batch=None, should_stop=None, tim
             t_unit = time.perf_counter()
             computed0 = scorer.stats.tokens_computed
             scores = scorer.score_stream(_unit_chunks(items, timer, work.encs), on_batch=on_batch,
-                                         should_stop=should_stop, commit=commits.begin([work]))
+                                         stop=stop, commit=commits.begin([work]))
             skipped = int((~work.pairs.valid).sum()) if work.pairs.valid.size else 0
             if skipped and on_batch is not None:
                 on_batch(skipped, 0)

@@ -26,6 +26,29 @@ sys.path.insert(0, ROOT)
 torch.set_num_threads(2)
 
 
+def after_pairs(n: int, action):
+    """An `on_progress` for run(): calls action() once, when n pairs have been scored. An event of
+    the run (its progress), not a count of how often some code looked at a flag."""
+    scored = [0]
+
+    def on_progress(pairs: int, tokens: int) -> None:
+        before = scored[0]
+        scored[0] += pairs
+        if before < n <= scored[0]:
+            action()
+
+    return on_progress
+
+
+def stop_after_pairs(n: int, signum: int = 2) -> dict:
+    """run() keywords that stop the run once n pairs are scored: the token is set then, and the
+    run stops at its next check point (runtime/stop.py), as after a signal `signum`."""
+    from pipeline.runtime.stop import StopToken
+
+    stop = StopToken()
+    return {"should_stop": stop, "on_progress": after_pairs(n, lambda: stop.set(signum))}
+
+
 def shared(name: str) -> str:
     path = os.path.join(SHARED_DATA, name)
     if not os.path.exists(path):

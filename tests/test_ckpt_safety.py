@@ -7,7 +7,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, real_pairs, run_cli
+from conftest import ROOT, after_pairs, real_pairs, run_cli, stop_after_pairs
 from pipeline.config import RunConfig
 from pipeline.errors import CheckpointError, InputError, Interrupted
 from pipeline.run import run
@@ -55,21 +54,6 @@ def _spawn(args):
 
 def _cfg(job, inp, out, **kw):
     return RunConfig(inputs=(str(inp),), output=str(out), model=job["model"], window_pairs=53, max_length=64, **kw)
-
-
-def _stop_after(n, then=None):
-    """A should_stop that (optionally) does something at its nth call and stops after it."""
-    calls = [0]
-
-    def should_stop():
-        calls[0] += 1
-        if calls[0] == n and then is not None:
-            then()
-            return False
-        return then is None and calls[0] > n
-
-    should_stop.signum = signal.SIGINT
-    return should_stop
 
 
 def _done(ck):
@@ -131,7 +115,7 @@ def test_an_empty_checkpoint_dir_of_the_user_is_kept_and_only_our_files_go(job, 
     ck.mkdir()
     out = tmp_path / "out.parquet"
     with pytest.raises(Interrupted):
-        run(_cfg(job, job["input"], out, checkpoint_dir=str(ck)), progress=False, should_stop=_stop_after(3))
+        run(_cfg(job, job["input"], out, checkpoint_dir=str(ck)), progress=False, **stop_after_pairs(1))
     (ck / "notes.txt").write_text("a stranger's file in our checkpoint")
     r = run_cli(_args(job, job["input"], out, 64, "--checkpoint-dir", ck))
     assert r.exit_code == 0, r.output
@@ -201,12 +185,12 @@ def test_same_size_edit_is_refused_and_touch_or_copy_resumes(job, tmp_path):
     pq.write_table(real_pairs(100), inp, row_group_size=37, compression="none")
     out = tmp_path / "out.parquet"
     with pytest.raises(Interrupted):
-        run(_cfg(job, inp, out), progress=False, should_stop=_stop_after(6))
+        run(_cfg(job, inp, out), progress=False, **stop_after_pairs(100))
     assert _done(out.parent / (out.name + ".ckpt")) > 0
     # A touch, then a copy with the same bytes: the checkpoint resumes.
     os.utime(inp, ns=(time.time_ns(), time.time_ns() + 10**9))
     with pytest.raises(Interrupted):
-        run(_cfg(job, inp, out), progress=False, should_stop=_stop_after(6))
+        run(_cfg(job, inp, out), progress=False, **stop_after_pairs(100))
     assert _done(out.parent / (out.name + ".ckpt")) > 0
     shutil.copy(inp, tmp_path / "copy.parquet")
     os.replace(tmp_path / "copy.parquet", inp)
@@ -230,7 +214,7 @@ def test_touch_then_resume_gives_the_uninterrupted_output(job, tmp_path):
     shutil.copy(job["input"], inp)
     out = tmp_path / "out.parquet"
     with pytest.raises(Interrupted):
-        run(_cfg(job, inp, out), progress=False, should_stop=_stop_after(6))
+        run(_cfg(job, inp, out), progress=False, **stop_after_pairs(100))
     assert _done(out.parent / (out.name + ".ckpt")) > 0
     os.utime(inp)
     run(_cfg(job, inp, out), progress=False)
@@ -248,7 +232,7 @@ def test_input_replaced_mid_run_is_never_published(job, tmp_path):
 
     with pytest.raises(InputError, match="the file changed during the run; nothing was published: rerun with "
                                          "--restart"):
-        run(_cfg(job, inp, out), progress=False, should_stop=_stop_after(2, then=replace_with_longer))
+        run(_cfg(job, inp, out), progress=False, on_progress=after_pairs(1, replace_with_longer))
     assert not out.exists()
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".partial")]
 
@@ -258,7 +242,7 @@ def test_input_replaced_mid_run_is_never_published(job, tmp_path):
 def test_zero_byte_or_garbage_parts_are_scored_again(job, tmp_path):
     out = tmp_path / "out.parquet"
     with pytest.raises(Interrupted):
-        run(_cfg(job, job["input"], out), progress=False, should_stop=_stop_after(12))
+        run(_cfg(job, job["input"], out), progress=False, **stop_after_pairs(150))
     ck = tmp_path / "out.parquet.ckpt"
     parts = sorted((ck / "parts").iterdir())
     assert len(parts) >= 2
@@ -278,7 +262,7 @@ def test_zero_byte_or_garbage_parts_are_scored_again(job, tmp_path):
 def test_engine_and_batch_budget_must_match_to_resume(job, tmp_path, extra, field):
     out = tmp_path / "out.parquet"
     with pytest.raises(Interrupted):
-        run(_cfg(job, job["input"], out), progress=False, should_stop=_stop_after(6))
+        run(_cfg(job, job["input"], out), progress=False, **stop_after_pairs(100))
     assert _done(out.parent / (out.name + ".ckpt")) > 0
     r = run_cli(_args(job, job["input"], out, 64, *extra))
     assert r.exit_code == 2, r.output
@@ -375,7 +359,7 @@ def test_checkpoint_error_is_a_checkpoint_error(job, tmp_path):
     """A different input list is named as such (the fingerprint's inputs)."""
     out = tmp_path / "out.parquet"
     with pytest.raises(Interrupted):
-        run(_cfg(job, job["input"], out), progress=False, should_stop=_stop_after(6))
+        run(_cfg(job, job["input"], out), progress=False, **stop_after_pairs(100))
     assert _done(out.parent / (out.name + ".ckpt")) > 0
     other = tmp_path / "other.parquet"
     pq.write_table(pa.table({"query": ["q"], "document": ["d"]}), other)
@@ -418,7 +402,7 @@ def test_a_recursive_glob_over_the_outputs_folder_resumes(job, tmp_path):
     out = d / "out.parquet"
     spec = str(d / "**" / "*.parquet")
     with pytest.raises(Interrupted):
-        run(_cfg(job, spec, out), progress=False, should_stop=_stop_after(3))
+        run(_cfg(job, spec, out), progress=False, **stop_after_pairs(1))
     assert _done(d / "out.parquet.ckpt") >= 1
     r = run_cli(_args(job, spec, out, 64))
     assert r.exit_code == 0, r.output
@@ -470,7 +454,7 @@ def test_restart_clears_a_damaged_marker(job, tmp_path):
     """The error for a damaged marker names --restart; --restart then has to work."""
     out = tmp_path / "out.parquet"
     with pytest.raises(Interrupted):
-        run(_cfg(job, job["input"], out), progress=False, should_stop=_stop_after(2))
+        run(_cfg(job, job["input"], out), progress=False, **stop_after_pairs(1))
     marker = tmp_path / "out.parquet.ckpt" / ".rerank-batch-checkpoint"
     marker.write_text("{not json")
     r = run_cli(_args(job, job["input"], out, 64))
@@ -485,7 +469,7 @@ def test_restart_removes_the_temp_output_of_the_run_it_replaces(job, tmp_path):
     gives the checkpoint a new id, and kept the old temp file (the output's size) forever."""
     out = tmp_path / "out.parquet"
     with pytest.raises(Interrupted):
-        run(_cfg(job, job["input"], out), progress=False, should_stop=_stop_after(2))
+        run(_cfg(job, job["input"], out), progress=False, **stop_after_pairs(1))
     old_id = json.loads((tmp_path / "out.parquet.ckpt" / ".rerank-batch-checkpoint").read_text())["run_id"]
     left = tmp_path / f".out.parquet.{old_id}-0badf00d.partial"
     left.write_bytes(b"a killed final write")
@@ -535,7 +519,7 @@ def test_an_output_that_appears_while_scoring_is_not_replaced_without_overwrite(
         out.write_bytes(b"precious")
 
     with pytest.raises(InputError, match="the output appeared while this run was scoring; pass --overwrite"):
-        run(_cfg(job, job["input"], out), progress=False, should_stop=_stop_after(2, then=someone_writes_it))
+        run(_cfg(job, job["input"], out), progress=False, on_progress=after_pairs(1, someone_writes_it))
     assert out.read_bytes() == b"precious"
     assert _done(tmp_path / "out.parquet.ckpt") >= 1  # the scores are kept for the rerun
     r = run_cli(_args(job, job["input"], out, 64, "--overwrite"))
@@ -545,10 +529,10 @@ def test_an_output_that_appears_while_scoring_is_not_replaced_without_overwrite(
 
 # -- a checkpoint's folders moved by a link; parts and records verified by content ---------------
 
-def _partial(job, out, n=12):
-    """A run of the 6-unit job stopped after some units: its checkpoint directory."""
+def _partial(job, out, n=150):
+    """A run of the 6-unit job stopped after the unit of its n-th pair: its checkpoint directory."""
     with pytest.raises(Interrupted):
-        run(_cfg(job, job["input"], out), progress=False, should_stop=_stop_after(n))
+        run(_cfg(job, job["input"], out), progress=False, **stop_after_pairs(n))
     ck = out.parent / (out.name + ".ckpt")
     assert _done(ck) >= 2
     return ck
@@ -678,13 +662,12 @@ def test_a_part_changed_while_the_run_goes_on_is_scored_again_before_the_final_w
     ck = tmp_path / "out.parquet.ckpt"
     flipped = []
 
-    def flip_first_part():
-        if not flipped and _done(ck) >= 2:
+    def flip_first_part():  # after the third unit's batch: two units are committed
+        if _done(ck) >= 2:
             _flip_document_byte(sorted((ck / "parts").iterdir())[0])
             flipped.append(1)
-        return False
 
-    s = run(_cfg(job, job["input"], out), progress=False, should_stop=flip_first_part)
+    s = run(_cfg(job, job["input"], out), progress=False, on_progress=after_pairs(150, flip_first_part))
     assert flipped
     assert pq.read_table(out).equals(job["refs"][64])
     assert s.pairs_scored == 300

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, real_pairs, run_cli, shared
+from conftest import ROOT, real_pairs, run_cli, shared, stop_after_pairs
 
 WAIT_S = 600  # a ceiling for events on a loaded 2-core machine, never a measured bound
 
@@ -62,7 +62,7 @@ if os.environ.get("HOLD_EVENT"):
     def _link_init(self, conn):
         _init(self, conn)
         def watch():
-            self.stopped.wait()
+            self.stop.wait()
             open(f"{_ev}-stopped.{os.getpid()}", "w").close()
         threading.Thread(target=watch, daemon=True).start()
     _pool.DriverLink.__init__ = _link_init
@@ -294,16 +294,9 @@ def test_commit_every_is_not_in_the_fingerprint(data, tmp_path):
     from pipeline.run import run
 
     out = tmp_path / "o.parquet"
-    calls = [0]
-
-    def stop():
-        calls[0] += 1
-        return calls[0] > 6
-
-    stop.signum = 2
     cfg = dict(inputs=(str(data["long"]),), output=str(out), model=data["model"], max_batch_tokens=600)
-    with pytest.raises(Interrupted):
-        run(RunConfig(**cfg, commit_every=0.5), progress=False, should_stop=stop)
+    with pytest.raises(Interrupted):  # stopped mid-unit: the stop commits what was scored
+        run(RunConfig(**cfg, commit_every=0.5), progress=False, **stop_after_pairs(20))
     kept = _partial_pairs(str(out) + ".ckpt")
     assert kept > 0
     s = run(RunConfig(**cfg, commit_every=1e9), progress=False)

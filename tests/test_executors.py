@@ -54,19 +54,36 @@ def test_device_pool_equals_single_process(data, form, tmp_path):
     assert_same(pq.read_table(out), data["refs"][form])
     import json
 
-    rows = json.load(open(tmp_path / "s.json"))["extra"]["devices"]
+    summary = json.load(open(tmp_path / "s.json"))
+    rows = summary["extra"]["devices"]
     assert [row["device"] for row in rows] == ["cpu", "cpu"]
-    assert sum(row["units"] for row in rows) == json.load(open(tmp_path / "s.json"))["units"]
+    assert sum(row["units"] for row in rows) == summary["units"]
+    _assert_startup_from_workers(summary)
+
+
+def _assert_startup_from_workers(summary):
+    """The startup stages of a worker run: the driver's, then those of the first worker to score
+    a batch (sent back from its process); each worker's own in its row."""
+    got = {k.removeprefix("startup_").removesuffix("_s"): v for k, v in summary["extra"].items()
+           if k.startswith("startup_")}
+    assert {"inputs_and_config", "spawn_workers", "worker_process", "tokenizer", "weights", "first_batch"} <= set(got)
+    assert all(v >= 0 for v in got.values())
+    assert abs(sum(v for k, v in got.items() if k != "total") - got["total"]) < 0.01 * len(got)
+    for row in summary["extra"]["devices"]:
+        assert {"tokenizer", "weights", "first_batch"} <= set(row["startup"]), row
 
 
 def test_ray_equals_single_process(data, tmp_path):
     pytest.importorskip("ray")
+    import json
+
     for form in ("long", "nested"):
         out = tmp_path / f"ray-{form}.parquet"
         r = run_cli(["run", data[form], "--model", data["model"], "-o", out, "--window", 40, "-q",
-                     "--executor", "ray", "--workers", 2])
+                     "--executor", "ray", "--workers", 2, "--summary", tmp_path / f"{form}.json"])
         assert r.exit_code == 0, r.output
         assert_same(pq.read_table(out), data["refs"][form])
+    _assert_startup_from_workers(json.load(open(tmp_path / "long.json")))
 
 
 def _child(args, env_extra=None):

@@ -13,7 +13,7 @@ import subprocess
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, stop_after_pairs
 from pipeline.config import RunConfig
 from pipeline.errors import Interrupted
 from pipeline.run import run
@@ -46,15 +46,9 @@ def test_airflow_dag_runs_and_a_retry_resumes(tmp_path):
     shutil.copy(os.path.join(ROOT, "sample_data", "pairs.parquet"), inp)
     out = tmp_path / "ranked.parquet"
     # A first attempt that died part-way: the task's next try must resume, not start over.
-    calls = [0]
-
-    def stop():
-        calls[0] += 1
-        return calls[0] > 3
-    stop.signum = signal.SIGTERM
-    with pytest.raises(Interrupted):
+    with pytest.raises(Interrupted):  # stopped once the second unit (of 6) is scored
         run(RunConfig(inputs=(str(inp),), output=str(out), model=TINY, window_pairs=5),
-            progress=False, should_stop=stop)
+            progress=False, **stop_after_pairs(10, signal.SIGTERM))
     env = _airflow_env(tmp_path, inp, out, TINY)
     p = subprocess.run([AIRFLOW, "db", "migrate"], env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -16,7 +16,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, real_pairs, run_cli
+from conftest import ROOT, real_pairs, run_cli, stop_after_pairs
 from pipeline.config import RunConfig
 from pipeline.errors import CheckpointError, Interrupted, RerankError
 from pipeline.run import run
@@ -193,17 +193,6 @@ def test_sigterm_stops_promptly_and_resumes(job, tmp_path):
     _assert_same(out, job["ref"])
 
 
-def _stop_after(n):
-    calls = [0]
-
-    def should_stop():
-        calls[0] += 1
-        return calls[0] > n
-
-    should_stop.signum = signal.SIGINT
-    return should_stop
-
-
 def _cfg(job, out, **kw):
     return RunConfig(inputs=(str(job["input"]),), output=str(out), model=job["model"], window_pairs=53, **kw)
 
@@ -211,7 +200,7 @@ def _cfg(job, out, **kw):
 def test_fingerprint_mismatch_is_refused_and_restart_starts_over(job, tmp_path):
     out = tmp_path / "out.parquet"
     with pytest.raises(Interrupted) as exc:
-        run(_cfg(job, out), progress=False, should_stop=_stop_after(6))
+        run(_cfg(job, out), progress=False, **stop_after_pairs(100, signal.SIGINT))
     assert exc.value.exit_code == 130
     r = run_cli(_args(job, out) + ["--max-length", "512"])
     assert r.exit_code == 2
@@ -272,22 +261,21 @@ def test_keep_checkpoint_and_checkpoint_dir(job, tmp_path):
     assert not (tmp_path / "out.parquet.ckpt").exists()
 
 
-def test_score_unit_runs_a_unit_on_its_own(job, tmp_path):
-    """The executor contract: any unit, scored alone by score_unit, gives the part the run commits."""
-    from pipeline.data.read import iter_unit_tables
-    from pipeline.run import score_unit, validate
+def test_a_unit_scored_on_its_own_gives_the_part_the_run_commits(job, tmp_path):
+    """The executor contract: any unit, scored alone through the scoring loop every unit worker
+    runs, gives the part the run committed for it."""
+    from pipeline.driver.plan import validate
     from pipeline.engines.score import Scorer
+    from pipeline.scoring import score_units
 
     out = tmp_path / "out.parquet"
     cfg = _cfg(job, out, keep_checkpoint=True, device="cpu")
     run(cfg, progress=False)
     layout, units, _ = validate(dataclasses.replace(cfg, overwrite=True))
-    scorer = Scorer.load(cfg)
     unit = units[len(units) // 2]  # one from the middle, read alone
-    (_, table), = list(iter_unit_tables([unit]))
-    part, info = score_unit(unit, table, layout, cfg, scorer)
+    (got, part, info), = list(score_units([unit], layout, cfg, Scorer.load(cfg)))
     committed = pq.read_table(tmp_path / "out.parquet.ckpt" / "parts" / f"{unit.id}.parquet")
-    assert part.equals(committed)
+    assert got == unit and part.equals(committed)
     assert info["pairs"] == part.num_rows
 
 

@@ -129,3 +129,62 @@ def test_glob_input_and_custom_columns(tmp_path, tied_model):
     assert r.exit_code == 0, r.output
     t = pq.read_table(out)
     assert t.num_rows == 30 and "answer" in t.schema.names and "question" in t.schema.names
+
+
+def test_cli_options_take_the_config_defaults_and_choices():
+    """Defaults live once, in RunConfig: every option of `run` (and of `bench`) that fills a
+    config field has that field's default, and the choices or range RunConfig checks."""
+    import dataclasses
+
+    import click
+
+    from jobs.bench import bench_cmd
+    from jobs.common import SizeType
+    from jobs.run import run_cmd
+    from pipeline.config import RunConfig
+
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    seen = set()
+    for cmd in (run_cmd, bench_cmd):
+        for p in cmd.params:
+            f = fields.get(p.name)
+            if f is None or not isinstance(p, click.Option) or (cmd is bench_cmd and p.name == "window"):
+                continue
+            seen.add(p.name)
+            assert p.default == f.default, (cmd.name, p.name)
+            if "choices" in f.metadata:
+                assert list(p.type.choices) == list(f.metadata["choices"]), p.name
+            elif isinstance(p.type, SizeType):  # sizes like 4GiB: more than zero bytes
+                assert f.metadata["at_least"] == 1, p.name
+            elif f.metadata.get("whole"):
+                assert isinstance(p.type, click.IntRange) and p.type.min == f.metadata["at_least"], p.name
+            elif "at_least" in f.metadata:
+                low = f.metadata["above"] if f.metadata["above"] is not None else f.metadata["at_least"]
+                assert isinstance(p.type, click.FloatRange) and p.type.min == low, p.name
+                assert p.type.min_open == (f.metadata["above"] is not None), p.name
+    # Every config field but the inputs (the argument) is an option of `run`.
+    assert seen >= set(fields) - {"inputs"}, sorted(set(fields) - {"inputs"} - seen)
+
+
+def test_config_refuses_values_the_cli_would_refuse():
+    """RunConfig is the one place a value is checked: made in Python, a bad enum or range value is
+    the same one-line InputError naming the field, the value and what it takes."""
+    import pytest
+
+    from pipeline.config import RunConfig
+    from pipeline.errors import InputError
+
+    cases = [(dict(on_null="skipp"), "on_null='skipp': must be one of error, skip"),
+             (dict(attention="bogus"), "attention='bogus': must be one of auto, flash_attn, torch_varlen, sdpa"),
+             (dict(dtype="fp16"), "dtype='fp16': must be one of auto, bfloat16, float16, float32"),
+             (dict(executor="dask"), "executor='dask': must be one of local, ray"),
+             (dict(max_length=4), "max_length=4: must be a whole number of at least 8"),
+             (dict(empty_cache_every=-1), "empty_cache_every=-1: must be a whole number of at least 0"),
+             (dict(cpus_per_worker=0), "cpus_per_worker=0: must be a number of at least 0.1"),
+             (dict(gpus_per_worker=-1.0), "gpus_per_worker=-1.0: must be a number of at least 0"),
+             (dict(commit_every=0), "commit_every=0: must be a number of seconds above 0"),
+             (dict(overwrite="yes"), "overwrite='yes': must be True or False")]
+    for kw, message in cases:
+        with pytest.raises(InputError) as exc:
+            RunConfig(inputs=(), output="", **kw)
+        assert str(exc.value) == message

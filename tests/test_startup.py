@@ -32,12 +32,30 @@ def test_summary_has_the_startup_stages(tmp_path):
 
 
 def test_timeline_marks_in_order():
-    startup.reset("begin")
-    startup.mark("a")
-    startup.mark("b")
-    st = startup.stages()
+    tl = startup.Timeline.begin("begin")
+    with startup.recording(tl):
+        startup.mark("a")  # as the engine marks its loading stages
+    tl.mark("b")
+    startup.mark("not recorded")  # no timeline is being recorded here
+    st = tl.stages()
     assert list(st)[-3:] == ["a", "b", "total"] and st["total"] >= st["a"] + st["b"] - 0.002
-    assert startup.seen("a") and not startup.seen("c")
+    assert tl.seen("a") and not tl.seen("c") and not tl.seen("not recorded")
+
+
+def test_a_workers_timeline_continues_the_runs():
+    """A worker's marks (another process's, sent back) follow the run's own: the gap until the
+    worker's process started is `spawn_workers`, and the stages still tile the total."""
+    run_tl = startup.Timeline([("origin", 100.0), ("inputs_and_config", 101.0)])
+    worker = startup.Timeline([("origin", 101.5), ("worker_process", 102.5), ("weights", 103.0),
+                               ("first_batch", 104.0)])
+    run_tl.then(worker.marks, "spawn_workers")
+    assert run_tl.stages() == {"inputs_and_config": 1.0, "spawn_workers": 0.5, "worker_process": 1.0,
+                               "weights": 0.5, "first_batch": 1.0, "total": 4.0}
+    # Another host's clock behind ours: no stage is negative.
+    skewed = startup.Timeline([("origin", 100.0), ("inputs_and_config", 101.0)])
+    skewed.then([("origin", 90.0), ("worker_process", 100.5), ("first_batch", 102.0)], "spawn_workers")
+    assert skewed.stages() == {"inputs_and_config": 1.0, "spawn_workers": 0.0, "worker_process": 0.0,
+                               "first_batch": 1.0, "total": 2.0}
 
 
 def test_cpu_threads_follow_affinity_and_env(monkeypatch):

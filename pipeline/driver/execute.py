@@ -1,67 +1,59 @@
-"""Execute a plan: unfinished units -> scored parts in the checkpoint.
-
-Three interchangeable executors run the same units through the same loop
-(`pipeline.scoring.score_units`): this process on one device, one worker process per device of
-this host (`--devices`), or Ray Data actors (`--executor ray`). Workers commit parts themselves
-(`Checkpoint(path).commit`); the driver learns each unit's record as it lands.
-"""
+"""Execute a plan, the driver's side: pick the executor once, hand it the units not yet in the
+checkpoint, and record each unit as its part lands. The executors (pipeline/executors) run the
+units, each through the same unit worker and scoring loop (pipeline/scoring.py)."""
 
 from __future__ import annotations
 
-import time
-
-import pyarrow as pa
+import dataclasses
 
 from pipeline.config import RunConfig
-from pipeline.scoring import Timer, score_units, unit_info
-from pipeline.data.pairs import build_pairs, result_part
-from pipeline.data.read import InputLayout, Unit
-
-_Timer = Timer  # the name run.py and the bench know
-
-
-def score_unit(unit: Unit, table: pa.Table, layout: InputLayout, cfg: RunConfig, scorer,
-               on_batch=None, should_stop=None) -> tuple[pa.Table, dict]:
-    """Score one unit already read: the same result the executors' loop commits for it."""
-    pairs = build_pairs(unit, table, layout, cfg)
-    enc = scorer.encoder.encode(pairs.instructions, pairs.queries, pairs.documents)
-    scores = scorer.score(enc, on_batch=on_batch, should_stop=should_stop)
-    return result_part(pairs, scores), unit_info(pairs, [enc])
+from pipeline.engines.threads import usable_cores
+from pipeline.executors import ExecutorSpec, WorkSpec, run_units
+from pipeline.executors.pool import parse_devices
+from pipeline.runtime.signals import polled
+from pipeline.runtime.startup import Timeline
+from pipeline.runtime.stop import StopToken
 
 
-def uses_workers(cfg: RunConfig) -> bool:
-    """True when units run in other processes (the device pool or Ray), not in this one."""
-    return cfg.executor == "ray" or bool(cfg.devices)
+def pick_executor(cfg: RunConfig) -> ExecutorSpec:
+    """Where this run's units go: Ray (`--executor ray`), a pool of one process per device
+    (`--devices`), or this process."""
+    if cfg.executor == "ray":
+        return ExecutorSpec("ray", ray_address=cfg.ray_address, workers=cfg.workers,
+                            gpus_per_worker=cfg.gpus_per_worker, cpus_per_worker=cfg.cpus_per_worker)
+    if cfg.devices:
+        devices = parse_devices(cfg.devices, cuda_count())
+        cpu_workers = sum(d == "cpu" for d in devices)
+        return ExecutorSpec("pool", devices=tuple(devices),
+                            cpu_threads=max(1, usable_cores() // cpu_workers) if cpu_workers else 0)
+    return ExecutorSpec("local")
 
 
-def execute(plan, scorer, prog, timer: Timer, should_stop=None) -> list[dict] | None:
+def execute(plan, executor: ExecutorSpec, progress, stop: StopToken | None, *, engine=None,
+            timeline: Timeline | None = None) -> list[dict]:
     """Score every unit of `plan` not yet in its checkpoint, one committed part per unit.
-    Stops (KeyboardInterrupt) at a batch boundary once should_stop() says so. Returns the
-    per-device rows of a worker executor, None for this process."""
-    from pipeline.runtime.signals import polled
-
+    `engine`: the one the run loaded (the local executor scores on it); `timeline`: the run's
+    startup timeline. Stops (KeyboardInterrupt) at a check point once `stop` is set. Returns the
+    executor's per-device rows."""
     ck = plan.ckpt
     pending = [u for u in plan.units if u.id not in ck.done]
-    with polled(should_stop):
-        if uses_workers(plan.cfg):
-            from pipeline.executors import execute_remote
-            from pipeline.executors.worker import WorkSpec
+    work = WorkSpec(cfg=plan.cfg, kind=plan.kind, layout=plan.layout, ckpt_dir=ck.dir)
+    executor = dataclasses.replace(executor, timeline=timeline)
+    if executor.kind == "local":
+        executor = dataclasses.replace(executor, engine=engine, checkpoint=ck)
 
-            spec = WorkSpec(cfg=plan.cfg, kind=plan.kind, layout=plan.layout, ckpt_dir=ck.dir)
+    def landed(unit, record: dict) -> None:
+        if ck.done.get(unit.id) is record:
+            return  # committed through this very checkpoint (the local executor), which recorded it
+        ck.done[unit.id] = record
+        if ck.lease is not None:
+            ck.lease.renew()
 
-            def landed(unit_id: str, record: dict) -> None:
-                ck.done[unit_id] = record
-                if ck.lease is not None:
-                    ck.lease.renew()
+    with polled(stop):
+        return run_units(executor, work, pending, landed, progress, stop)
 
-            return execute_remote(plan.cfg, spec, pending, landed, prog.update, should_stop)
-        # This process holds the lease and is the only writer: the partials it listed at the
-        # start and those it writes are all there are.
-        for unit, part, info in score_units(pending, plan.layout, plan.cfg, scorer, on_batch=prog.update,
-                                            should_stop=should_stop, timer=timer, group_small=True,
-                                            kept_for=lambda u: ck.kept(u.id, refresh=False),
-                                            save_partial=lambda u, *a: ck.commit_partial(u.id, *a)):
-            t0 = time.perf_counter()
-            ck.commit(unit.id, part, info)
-            timer.add("writing_parts", t0)
-    return None
+
+def cuda_count() -> int:
+    import torch  # only a run with --devices asks, and it is about to use the devices
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from pipeline.storage import user_cache
+from pipeline.runtime import user_cache
 
 
 def _inductor_default() -> str | None:
@@ -28,7 +28,7 @@ def _inductor_default() -> str | None:
 
 
 def cache_dir() -> str:
-    """TORCHINDUCTOR_CACHE_DIR, else <user cache>/inductor (storage/user_cache.path; '' where no
+    """TORCHINDUCTOR_CACHE_DIR, else <user cache>/inductor (runtime/user_cache.path; '' where no
     home directory resolves). Inductor writes its own default into the variable once it has looked
     (importing torch._dynamo may), so that value counts as unset."""
     env = os.environ.get("TORCHINDUCTOR_CACHE_DIR")

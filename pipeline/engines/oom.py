@@ -16,13 +16,14 @@ from pipeline.errors import ScoringError
 log = logging.getLogger(__name__)
 
 
-def submit(scorer, idx, ids, offsets, types, pending, on_batch, should_stop, share=None) -> None:
+def submit(scorer, idx, ids, offsets, types, pending, on_batch, stop, share=None) -> None:
     """Run one packed batch; on OOM, split it and run the halves (no pair is ever dropped).
-    `share`: (prefix length, group key) per pair of idx, for a batch with shared prefixes."""
+    `stop` (runtime.stop.StopToken or None) is checked before each batch. `share`: (prefix
+    length, group key) per pair of idx, for a batch with shared prefixes."""
     stack = [(idx, share)]
     while stack:
-        if should_stop is not None and should_stop():
-            raise KeyboardInterrupt
+        if stop is not None:
+            stop.check()
         idx, share = stack.pop()
         if share is None:
             packed = gather_packed(ids, offsets, idx, types)

@@ -211,11 +211,11 @@ class Scorer:
     def _activate(self, logits: torch.Tensor) -> torch.Tensor:
         return logits if self.logits else activate(logits, self.cfg.activation)
 
-    def score(self, enc, on_batch=None, should_stop=None) -> np.ndarray:
+    def score(self, enc, *, on_batch=None, stop=None) -> np.ndarray:
         """Scores (float32) of every pair in `enc`, in `enc`'s order."""
-        return self.score_stream([enc], on_batch=on_batch, should_stop=should_stop)
+        return self.score_stream([enc], on_batch=on_batch, stop=stop)
 
-    def score_stream(self, chunks, on_batch=None, should_stop=None, commit=None) -> np.ndarray:
+    def score_stream(self, chunks, *, on_batch=None, stop=None, commit=None) -> np.ndarray:
         """Scores of pairs that arrive in chunks (tokenized while the GPU works), in order.
 
         Full batches go to the GPU as soon as a chunk lands; the short remainder waits for the
@@ -237,7 +237,7 @@ class Scorer:
 
         def run(batches, plen):
             for b in batches:
-                oom.submit(self, pool[b], ids, offsets, types, pending, on_batch, should_stop,
+                oom.submit(self, pool[b], ids, offsets, types, pending, on_batch, stop,
                            None if plen is None else (plen[b], keys[pool[b]]))
                 if commit is not None and pending and commit.due():
                     self._hand_over(pending, saved, commit)

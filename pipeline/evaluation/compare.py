@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
+from pipeline.errors import InputError
+
 CORRECTIONS = ("holm", "bonferroni", "none")
 TESTS = ("randomization", "ttest")
 
@@ -40,7 +42,7 @@ def paired(run: pl.DataFrame, base: pl.DataFrame, metric: str) -> tuple[np.ndarr
 
 
 def p_ttest(a: np.ndarray, b: np.ndarray) -> float:
-    from scipy.stats import ttest_rel
+    from scipy.stats import ttest_rel  # scipy loads only for the comparisons that ask for it
 
     if len(a) < 2 or np.all(a == b):
         return 1.0
@@ -156,9 +158,7 @@ def plot_comparison(per_query: dict[str, pl.DataFrame], comparisons: dict[str, d
                     metric: str, path: str, alpha: float) -> None:
     """One panel per run against the baseline: its per-query differences of `metric`, sorted;
     a run whose difference is significant at `alpha` is marked (★ and a dark frame)."""
-    from pipeline.errors import InputError
-
-    try:
+    try:  # an optional dependency (the plot extra)
         import matplotlib
 
         matplotlib.use("Agg")

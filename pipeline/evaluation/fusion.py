@@ -14,8 +14,10 @@ from __future__ import annotations
 import polars as pl
 
 from pipeline.errors import InputError
+from pipeline.storage.atomic import atomic_write_parquet, atomic_write_text
 
 from .metrics import rank_run
+from .runs import read_run, require_scores, trec_text
 
 METHODS = ("rrf", "combsum", "combmnz")
 NORMS = ("minmax", "zscore", "none")
@@ -60,10 +62,6 @@ def fuse_files(paths: list[str], output: str, *, method: str = "rrf", k: float =
                doc_id_col: str = "doc_id") -> int:
     """Fuse the run files in `paths` into `output` (Parquet, or TREC when it ends in .trec);
     returns the documents written."""
-    from pipeline.storage.atomic import atomic_write_parquet, atomic_write_text
-
-    from .runs import read_run, require_scores, trec_text
-
     runs = [require_scores(read_run(p, query_id_col, doc_id_col, score_col), p) for p in paths]
     fused = fuse(runs, method, k, norm)
     if output.endswith(".trec"):

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from pipeline.errors import InputError, first_line
+from pipeline.errors import InputError
+from pipeline.evaluation.text import text_lines
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +78,6 @@ def _read_qrels(path: str) -> pl.DataFrame:
                              f"(missing {', '.join(sorted(missing))})")
         return df.select(pl.col("query_id").cast(pl.String), pl.col("doc_id").cast(pl.String),
                          pl.col("relevance").cast(pl.Int64))
-    from pipeline.evaluation.prepare import text_lines
-
     rows = []
     for n, line in text_lines(path):
         parts = line.split()
@@ -120,7 +119,7 @@ def per_query(run: pl.DataFrame, qrels: pl.DataFrame, metrics: list[Metric], sco
     """One row per query present in both the run and the qrels, one column per metric, computed
     by trec_eval itself (pytrec_eval). mrr@k is trec_eval's recip_rank of the run cut at k, the
     cut made in trec_eval's order. A null relevance counts as 0 (judged not relevant)."""
-    import pytrec_eval
+    import pytrec_eval  # its C extension loads only when metrics are computed
 
     dup = run.group_by(["query_id", "doc_id"]).len().filter(pl.col("len") > 1)
     if dup.height:
@@ -192,7 +191,7 @@ def format_table(means: dict, baseline: dict | None = None, n_queries: int = 0,
 
 def plot_delta(per_q_after: pl.DataFrame, per_q_before: pl.DataFrame, metric: str, path: str) -> None:
     """Per-query change of `metric` (after - before), sorted, as a bar chart."""
-    try:
+    try:  # an optional dependency (the plot extra)
         import matplotlib
 
         matplotlib.use("Agg")

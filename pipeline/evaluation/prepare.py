@@ -14,26 +14,17 @@ import os
 import polars as pl
 import pyarrow as pa
 
-from pipeline.storage.atomic import atomic_write_parquet
+from pipeline.data.read import open_parquet
 from pipeline.errors import InputError
+from pipeline.evaluation.metrics import read_qrels
+from pipeline.evaluation.text import text_lines
+from pipeline.storage.atomic import atomic_write_parquet
 
 
 def _need(path: str, what: str) -> str:
     if not os.path.exists(path):
         raise InputError(f"{path}: no such file; {what}")
     return path
-
-
-def text_lines(path: str):
-    """(line number, line) of a UTF-8 text file; a directory or bytes that are not UTF-8 are one
-    InputError naming the file (they were tracebacks)."""
-    if os.path.isdir(path):
-        raise InputError(f"{path}: is a directory; pass a file")
-    with open(path, encoding="utf-8") as f:
-        try:  # the decoder reads ahead in blocks, so the line of a bad byte is not known
-            yield from enumerate(f, 1)
-        except UnicodeDecodeError as exc:
-            raise InputError(f"{path}: not UTF-8 text ({exc.reason}); save the file as UTF-8") from None
 
 
 def read_trec_run(path: str) -> pl.DataFrame:
@@ -95,8 +86,6 @@ def prepare_beir(beir_dir: str, run_path: str, output: str, *, depth: int | None
                          f"({len(missing_d)} such); is the run for this dataset?")
     qrels_path = os.path.join(beir_dir, "qrels", f"{split}.tsv")
     if os.path.exists(qrels_path):
-        from pipeline.evaluation.metrics import read_qrels
-
         run = run.join(read_qrels(qrels_path), on=["query_id", "doc_id"], how="left")
     else:
         run = run.with_columns(relevance=pl.lit(None, pl.Int64))
@@ -132,8 +121,6 @@ def _read_table(path: str) -> pa.Table:
                     except ValueError:
                         raise InputError(f"{path}: line {n} is not JSON") from None
         return pa.Table.from_pylist(rows)
-    from pipeline.data.read import open_parquet
-
     return open_parquet(path).read()
 
 

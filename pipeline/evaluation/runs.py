@@ -11,6 +11,10 @@ import os
 import polars as pl
 
 from pipeline.errors import InputError, first_line
+from pipeline.evaluation.text import text_lines
+from pipeline.storage.atomic import atomic_write_text
+
+from .metrics import rank_run
 
 # Stripped from the end of a file name to name its run: mini.ranked.parquet -> mini.ranked.
 RUN_SUFFIXES = (".parquet", ".pq", ".trec", ".run", ".txt", ".res", ".tsv")
@@ -111,8 +115,6 @@ def _read_parquet_run(path, query_id_col, doc_id_col, columns, options) -> pl.Da
 
 def read_trec(path: str) -> pl.DataFrame:
     """TREC run lines 'qid Q0 docid rank score tag' as (query_id, doc_id, score)."""
-    from pipeline.evaluation.prepare import text_lines
-
     qs, ds, ss = [], [], []
     for n, line in text_lines(path):
         parts = line.split()
@@ -164,10 +166,6 @@ def require_scores(run: pl.DataFrame, path: str) -> pl.DataFrame:
 def export_trec(path: str, output: str, *, tag: str | None = None, score_col: str = "score",
                 query_id_col: str = "query_id", doc_id_col: str = "doc_id") -> int:
     """Write the run in `path` as a TREC run file; returns the lines written."""
-    from pipeline.storage.atomic import atomic_write_text
-
-    from .metrics import rank_run
-
     run = require_scores(read_run(path, query_id_col, doc_id_col, score_col), path)
     text = trec_text(rank_run(run, "score"), tag or run_name(path))
     atomic_write_text(text, output)

@@ -1,47 +1,38 @@
-"""Executors turn planned units into written parts; the driver records them in the checkpoint.
+"""Executors turn planned units into parts in the checkpoint, behind one call:
 
-  local     this process, one device (run.py's loop over `stream.score_units`)
-  pool      one worker process per device of this host (`--devices`)
-  ray       an actor pool through Ray Data, on one machine or a cluster (`--executor ray`)
+    run_units(executor, work, units, on_unit_done, progress, stop) -> per-device rows
 
-Every executor runs the same `UnitWorker` over the same units, so their parts are identical.
+  local     this process, one device, on the engine the run loaded      (local.py)
+  pool      one worker process per device of this host (`--devices`)    (pool.py)
+  ray       an actor pool through Ray Data, on one machine or a cluster (ray_data.py)
+
+Every executor runs the same `UnitWorker` (worker.py) over the same units, so their parts are
+identical. Workers commit each part and its record themselves; `on_unit_done(unit, record)` runs
+in the driver's process as each lands.
 """
 
 from __future__ import annotations
 
-import logging
-import os
+from .local import run_local
+from .pool import run_pool
+from .ray_data import run_ray
+from .specs import ExecutorSpec, WorkSpec
+from .worker import UnitWorker
+
+RUNNERS = {"local": run_local, "pool": run_pool, "ray": run_ray}
 
 
-def execute_remote(cfg, spec, units, record, on_progress, should_stop) -> list[dict]:
-    """Run `units` on worker processes (the device pool or Ray); `record(unit_id, info)` is called
-    in this process as each unit's part lands. Returns the per-device rows of the summary."""
-    on_done = lambda unit, info: record(unit.id, info)  # noqa: E731
-    if cfg.executor == "ray":
-        from .ray_data import run_ray
+def run_units(executor: ExecutorSpec, work: WorkSpec, units, on_unit_done, progress=None, stop=None) -> list[dict]:
+    """Score `units` (a list of read.Unit) where `executor` says, with what `work` says.
 
-        return run_ray(spec, units, on_done, on_progress, should_stop, address=cfg.ray_address,
-                       workers=cfg.workers, gpus_per_worker=cfg.gpus_per_worker,
-                       cpus_per_worker=cfg.cpus_per_worker)
-    from .pool import parse_devices, run_pool
-    from .worker import pool_worker_main
+    on_unit_done(unit, record)  called in this process as each unit's part and record land
+    progress(pairs, tokens)     called in this process after each batch (Ray: after each unit)
+    stop                        a runtime.stop.StopToken (or None), checked at the executor's
+                                check points (runtime/stop.py); KeyboardInterrupt once set
 
-    devices = parse_devices(cfg.devices, _cuda_count())
-    cpu_workers = sum(d == "cpu" for d in devices)
-    threads = max(1, _cores() // cpu_workers) if cpu_workers else 0
-    level = logging.getLogger().getEffectiveLevel()
-    return run_pool(devices, pool_worker_main, (spec, level, threads), units, on_done, on_progress,
-                    should_stop)
+    Returns one row per device or actor: device, units, pairs, tokens, busy_seconds, and what the
+    executor knows besides (its load time, its startup stages)."""
+    return RUNNERS[executor.kind](executor, work, units, on_unit_done, progress, stop)
 
 
-def _cuda_count() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+__all__ = ["ExecutorSpec", "WorkSpec", "UnitWorker", "run_units"]

@@ -1,10 +1,10 @@
 """Units through Ray Data: an actor pool of workers, each holding a loaded model.
 
-Ray schedules and retries; we do not. Each actor is a `UnitWorker` (the same code the local loop
-and the device pool run): it reads its unit from the input, scores it and writes the unit's part
-into the checkpoint, which must be where every node can reach it (object storage or a shared
-file system). The driver records each finished unit as its row comes back, so a killed driver
-leaves a checkpoint that the same command resumes, with Ray or without. A killed actor is
+Ray schedules and retries; we do not. Each actor runs a `UnitWorker` (the same class the local
+executor and the device pool run): it reads its unit from the input, scores it and writes the
+unit's part into the checkpoint, which must be where every node can reach it (object storage or a
+shared file system). The driver records each finished unit as its row comes back, so a killed
+driver leaves a checkpoint that the same command resumes, with Ray or without. A killed actor is
 restarted by Ray and its unit retried (max_restarts / max_task_retries).
 """
 
@@ -13,13 +13,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import socket
 
+from pipeline.data.read import Unit
 from pipeline.errors import InputError
+from pipeline.runtime.bytecode import use_pycache
+from pipeline.runtime.startup import Timeline
+
+from .specs import ExecutorSpec, WorkSpec
+from .worker import UnitWorker
 
 log = logging.getLogger(__name__)
 
 
 def import_ray():
+    # Ray is an optional dependency, imported only by runs that ask for it.
     try:
         import ray
         import ray.data  # noqa: F401
@@ -29,59 +38,51 @@ def import_ray():
 
 
 class RayUnitScorer:
-    """The actor: loads the model once, then scores one unit per call."""
+    """The actor: a UnitWorker, loaded once, that scores one unit per call."""
 
-    def __init__(self, spec, cpu_threads: int = 0):
-        import ray
-
-        from pipeline.runtime.bytecode import use_pycache
-
+    def __init__(self, work: WorkSpec, cpu_threads: int = 0):
         use_pycache()  # before the model's imports (runtime/bytecode.py)
-
-        from .worker import UnitWorker
+        import ray  # inside the actor's process, which Ray started
 
         gpus = ray.get_gpu_ids()
         device = "cuda:0" if gpus else "cpu"  # Ray narrows CUDA_VISIBLE_DEVICES to this actor's GPUs
         if device == "cpu" and cpu_threads > 0:
-            import torch
+            import torch  # the worker's engine loads it next anyway
 
             torch.set_num_threads(cpu_threads)
-        self.worker = UnitWorker(spec, device)
-        import os
-        import socket
-
+        self.worker = UnitWorker(work, device)
         self.device = f"{device}@{socket.gethostname()}:{os.getpid()}"  # one summary row per actor
 
     def __call__(self, batch):
-        from pipeline.data.read import Unit
-
-        ids, infos = [], []
+        ids, records = [], []
         units = [Unit(**json.loads(s)) for s in batch["unit"]]
-        for unit, info in self.worker.run(iter(units)):
-            info["device"] = self.device
+        for unit, record in self.worker.run(iter(units)):
             ids.append(unit.id)
-            infos.append(json.dumps(info))
-        return {"unit_id": ids, "info": infos}
+            records.append(json.dumps(record))
+        # The actor's startup timeline (ends at its first batch), for the driver's summary.
+        startup = json.dumps(self.worker.timeline.marks if self.worker.timeline.seen("first_batch") else [])
+        return {"unit_id": ids, "record": records, "device": [self.device] * len(ids), "startup": [startup] * len(ids)}
 
 
-def run_ray(spec, units, on_done, on_progress=None, should_stop=None, *, address: str | None = None,
-            workers: int | None = None, gpus_per_worker: float | None = None,
-            cpus_per_worker: float = 1.0) -> list[dict]:
-    """Score `units` on a Ray cluster (a local one when `address` is None). Returns per-worker rows."""
+def run_ray(executor: ExecutorSpec, work: WorkSpec, units, on_unit_done, progress=None, stop=None) -> list[dict]:
+    """Score `units` on a Ray cluster (a local one when `executor.ray_address` is None).
+    `on_unit_done(unit, record)` as each unit's row comes back; `progress` per unit (Ray reports
+    units, not batches). The first row's actor continues the run's timeline. Returns per-actor rows."""
     ray = import_ray()
     started_here = False
     if not ray.is_initialized():
         kw = dict(include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
                   configure_logging=False)
-        if address:
-            ray.init(address=address, **kw)
+        if executor.ray_address:
+            ray.init(address=executor.ray_address, **kw)
         else:
             ray.init(**kw)
         started_here = True
     try:
         res = ray.cluster_resources()
+        gpus_per_worker, cpus_per_worker, workers = executor.gpus_per_worker, executor.cpus_per_worker, executor.workers
         if gpus_per_worker is None:
-            gpus_per_worker = 1.0 if res.get("GPU", 0) > 0 and spec.cfg.device != "cpu" else 0.0
+            gpus_per_worker = 1.0 if res.get("GPU", 0) > 0 and work.cfg.device != "cpu" else 0.0
         if workers is None:
             workers = (max(1, int(res.get("GPU", 0) // gpus_per_worker)) if gpus_per_worker
                        else max(1, int(res.get("CPU", 1) // max(cpus_per_worker, 1e-9))))
@@ -97,25 +98,30 @@ def run_ray(spec, units, on_done, on_progress=None, should_stop=None, *, address
         ds = ds.map_batches(
             RayUnitScorer, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers),
             num_gpus=gpus_per_worker or None, num_cpus=cpus_per_worker,
-            fn_constructor_kwargs={"spec": spec, "cpu_threads": threads},
+            fn_constructor_kwargs={"work": work, "cpu_threads": threads},
         )  # Ray Data's actor pools restart dead actors and retry their tasks by default
         per_device: dict[str, dict] = {}
+        timeline = executor.timeline
         for row in ds.iter_rows():
-            if should_stop is not None and should_stop():
-                raise KeyboardInterrupt
-            info = json.loads(row["info"])
-            unit = by_id[row["unit_id"]]
-            on_done(unit, info)
-            if on_progress is not None:
-                resumed = info.get("resumed", {})  # pairs an earlier run committed were counted at the start
-                on_progress(info["pairs"] + info["skipped_null"] - resumed.get("pairs", 0),
-                            info["tokens"] - resumed.get("tokens", 0))
-            d = per_device.setdefault(info.get("device", "?"), {"device": info.get("device", "?"), "units": 0,
-                                                                "pairs": 0, "tokens": 0, "busy_seconds": 0.0})
+            if stop is not None:
+                stop.check()  # a check point: between finished units
+            record = json.loads(row["record"])
+            on_unit_done(by_id[row["unit_id"]], record)
+            if progress is not None:
+                resumed = record.get("resumed", {})  # pairs an earlier run committed were counted at the start
+                progress(record["pairs"] + record["skipped_null"] - resumed.get("pairs", 0),
+                         record["tokens"] - resumed.get("tokens", 0))
+            marks = json.loads(row["startup"])
+            d = per_device.setdefault(row["device"], {"device": row["device"], "units": 0, "pairs": 0, "tokens": 0,
+                                                      "busy_seconds": 0.0})
+            if marks and "startup" not in d:
+                d["startup"] = Timeline(marks).stages()
+                if timeline is not None and not timeline.seen("first_batch"):  # the first actor to report
+                    timeline.then(marks, "spawn_workers")
             d["units"] += 1
-            d["pairs"] += info["pairs"]
-            d["tokens"] += info["tokens"]
-            d["busy_seconds"] = round(d["busy_seconds"] + info.get("seconds", 0.0), 3)
+            d["pairs"] += record["pairs"]
+            d["tokens"] += record["tokens"]
+            d["busy_seconds"] = round(d["busy_seconds"] + record.get("seconds", 0.0), 3)
         return list(per_device.values())
     finally:
         if started_here:

@@ -1,101 +1,125 @@
-"""A unit worker: a loaded model on one device that turns units into written parts.
+"""The unit worker: a loaded engine on one device that turns units into parts in the checkpoint.
 
-The same object runs inside the driver (the local executor), inside a pool process (one per
-device) and inside a Ray actor. Scoring goes through `score_units`, the only loop that scores.
+Every executor runs it: the local executor in the driver's process (on the engine the run
+loaded, committing through the driver's checkpoint), the pool in one process per device, Ray in
+each actor. Scoring goes through `pipeline.scoring.score_units`, the only loop that scores.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
+import time
+
+from pipeline.config import RunConfig
+from pipeline.errors import ScoringError
+from pipeline.runtime import startup
+from pipeline.runtime.stop import StopToken
+from pipeline.runtime.timing import Timer
+from pipeline.scoring import score_units
+from pipeline.storage.checkpoint import Checkpoint
+
+from .specs import WorkSpec
 
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(frozen=True)
-class WorkSpec:
-    """What a worker needs to score units on its own, in any process: picklable and small."""
-
-    cfg: object  # RunConfig
-    kind: object  # families.ModelKind
-    layout: object  # read.InputLayout
-    ckpt_dir: str
-
-
 class UnitWorker:
-    def __init__(self, spec: WorkSpec, device: str | None = None):
-        from pipeline.engines.score import Scorer
+    """`UnitWorker(work, device)` loads the engine of `work.cfg` on `device` (None: the config's)
+    and commits into `work.ckpt_dir`. The local executor hands in what the driver holds instead:
+    `engine`, `checkpoint` (the driver's own, with the lease) and `timeline` (the run's)."""
 
-        cfg = spec.cfg
+    def __init__(self, work: WorkSpec, device: str | None = None, *, engine=None,
+                 checkpoint: Checkpoint | None = None, timeline: startup.Timeline | None = None):
+        cfg = work.cfg
         if device is not None and device != cfg.device:
             cfg = dataclasses.replace(cfg, device=device)
-        self.spec = dataclasses.replace(spec, cfg=cfg)
-        self.scorer = Scorer.load(cfg, spec.kind)
+        self.work = dataclasses.replace(work, cfg=cfg)
+        self.device = cfg.device
+        # A worker process's own timeline starts with its process; its marks go back to the driver.
+        self.timeline = timeline if timeline is not None else startup.Timeline.begin("worker_process")
+        # The driver's checkpoint is the only writer of its directory: the partials it listed at
+        # the start and those it writes are all there are. A worker in another process lists them
+        # again for each unit: some may come from a worker that died.
+        self.sole_writer = checkpoint is not None
+        self.checkpoint = checkpoint if checkpoint is not None else Checkpoint(work.ckpt_dir)  # no lease: the driver holds it
+        if engine is None:
+            with startup.recording(self.timeline):
+                engine = load_engine(cfg, work.kind)
+        self.engine = engine
+        self.timer = Timer()  # waiting for input, writing parts
+        self.units = self.pairs = self.tokens = 0
+        self.busy_s = 0.0
 
-    def run(self, units, on_batch=None, should_stop=None):
+    def run(self, units, on_batch=None, stop: StopToken | None = None, group_small: bool = False):
         """Score `units` (an iterator, pulled one ahead so reading and tokenizing overlap the
-        device) and write each part into the checkpoint; yield (unit, info) as each is written."""
-        from pipeline.storage.checkpoint import Checkpoint
-        from pipeline.scoring import score_units
-
-        ck = Checkpoint(self.spec.ckpt_dir)  # no lease: the driver holds the run's
-        # kept_for lists the partials again for each unit: one may come from a worker that died.
-        for unit, part, info in score_units(units, self.spec.layout, self.spec.cfg, self.scorer,
-                                            on_batch=on_batch, should_stop=should_stop,
-                                            kept_for=lambda u: ck.kept(u.id),
+        device), commit each unit's part and record, and yield (unit, record) as each lands.
+        `on_batch(pairs, tokens)` after each batch; `stop` is checked before each unit and between
+        batches; `group_small`: score small units together (only for a list that never waits on
+        this worker's results: see score_units)."""
+        ck = self.checkpoint
+        for unit, part, info in score_units(units, self.work.layout, self.work.cfg, self.engine,
+                                            on_batch=self._counted(on_batch), stop=stop, timer=self.timer,
+                                            group_small=group_small,
+                                            kept_for=lambda u: ck.kept(u.id, refresh=not self.sole_writer),
                                             save_partial=lambda u, *a: ck.commit_partial(u.id, *a)):
-            yield unit, ck.commit(unit.id, part, info)
+            t0 = time.perf_counter()
+            record = ck.commit(unit.id, part, info)
+            self.timer.add("writing_parts", t0)
+            self.units += 1
+            self.busy_s += info.get("seconds", 0.0)
+            yield unit, record
+
+    def _counted(self, on_batch):
+        def counted(pairs: int, tokens: int) -> None:
+            if not self.timeline.seen("first_batch"):
+                _synchronize(self.engine)  # done, not only launched
+                self.timeline.mark("first_batch")
+            self.pairs += pairs
+            self.tokens += tokens
+            if on_batch is not None:
+                on_batch(pairs, tokens)
+
+        return counted
+
+    def row(self) -> dict:
+        """This worker's row of the summary's per-device table."""
+        return {"device": self.device, "units": self.units, "pairs": self.pairs, "tokens": self.tokens,
+                "busy_seconds": round(self.busy_s, 3),
+                "stage_seconds": {k: round(v, 3) for k, v in self.timer.seconds.items()},
+                "startup": self.timeline.stages()}
 
 
-def pool_worker_main(conn, device: str, spec: WorkSpec, log_level: int, cpu_threads: int) -> None:
-    """Entry point of a pool process (see executors.pool)."""
-    from pipeline.runtime.bytecode import use_pycache
+def load_engine(cfg: RunConfig, kind):
+    """The engine of `cfg` on `cfg.device`, with GPU memory failures as one line naming the free
+    memory and the fix."""
+    # torch and the engines load here, not when the driver imports the executors: `--help`,
+    # planning and input errors stay fast, and workers set their bytecode cache first.
+    import torch
 
-    from .pool import DriverLink
+    from pipeline.engines.score import Scorer
 
-    use_pycache()  # the driver's bytecode cache, written to as well (runtime/bytecode.py)
-
-    logging.basicConfig(level=log_level, format=f"rerank-batch[{device}]: %(message)s", force=True)
-    for noisy in ("transformers", "huggingface_hub", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    link = DriverLink(conn)
-    _watch_for_stop(link)
     try:
-        _limit_threads(device, cpu_threads)
-        worker = UnitWorker(spec, device)
-        link.send(("ready", {"device": device, "pid": os.getpid()}))
-        for unit, info in worker.run(link.units(), on_batch=lambda p, t: link.send(("progress", p, t)),
-                                     should_stop=link.should_stop):
-            link.send(("done", unit.id, info))
-    except KeyboardInterrupt:
-        pass
-    except BaseException as exc:  # noqa: BLE001 - reported to the driver, then this process ends
-        from pipeline.errors import RerankError
-
-        if isinstance(exc, RerankError) and exc.exit_code == 2:
-            link.report_error(exc)  # bad input or model: stop the whole run
-        else:
-            log.error("worker on %s failed: %s", device, exc)
-            os._exit(3)  # the driver sees a dead worker and hands its units to the others
-    finally:
+        return Scorer.load(cfg, kind)
+    except (torch.OutOfMemoryError, torch.AcceleratorError if hasattr(torch, "AcceleratorError") else RuntimeError
+            ) as exc:
+        if not isinstance(exc, torch.OutOfMemoryError) and "CUDA" not in str(exc):
+            raise
+        free = ""
         try:
-            conn.close()
-        except OSError:
+            free_b, total_b = torch.cuda.mem_get_info()
+            free = f" ({free_b / 2**20:.0f} MiB free of {total_b / 2**30:.0f} GiB)"
+        except Exception:  # no CUDA context to ask: say nothing rather than guess
             pass
+        raise ScoringError(
+            f"model {cfg.model}: the GPU has not enough free memory to load it{free}; another process may hold "
+            "it: free the GPU, pick another with --device cuda:N, or pass --device cpu"
+        ) from None
 
 
-def _watch_for_stop(link) -> None:
-    """SIGINT/SIGTERM go to the driver; workers ignore SIGINT (the terminal sends it to the
-    whole process group) and stop when the driver says so or disappears."""
-    import signal
+def _synchronize(engine) -> None:
+    """Wait for the device's queued work, so that a timing counts it (a no-op on the CPU)."""
+    if engine.device.type == "cuda":
+        import torch  # loaded already: the engine runs on it
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _limit_threads(device: str, cpu_threads: int) -> None:
-    """CPU workers share the host's cores: each gets its share instead of all of them."""
-    if device == "cpu" and cpu_threads > 0:
-        import torch
-
-        torch.set_num_threads(cpu_threads)
+        torch.cuda.synchronize(engine.device)

@@ -16,20 +16,19 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+from importlib.metadata import version
 
-from pipeline.storage import user_cache
+from . import user_cache
 
 PROBE = "torch"  # the import that dominates startup; its package tells whether bytecode is kept
 OURS = "RERANK_PYCACHE_DIR"  # set beside PYTHONPYCACHEPREFIX: the prefix a worker inherits is ours
 
 
 def cache_dir(package: str = PROBE) -> str:
-    """<user cache>/pycache/<package>-<version> (storage/user_cache.path; '' where none). Python
+    """<user cache>/pycache/<package>-<version> (runtime/user_cache.path; '' where none). Python
     checks a cached file against its source's mtime and size only, so an upgrade that keeps
     both (installers that clamp mtimes) would load stale bytecode: a new version, a new tree."""
     try:
-        from importlib.metadata import version
-
         ver = version(package)
     except Exception:  # no distribution metadata: one tree for whatever is installed
         ver = "unknown"

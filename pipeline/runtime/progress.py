@@ -10,6 +10,8 @@ import os
 import sys
 import time
 
+from tqdm import tqdm
+
 log = logging.getLogger("pipeline.runtime.progress")
 
 
@@ -28,8 +30,6 @@ class Progress:
             bar = is_terminal(file)
         self.bar = None
         if bar:
-            from tqdm import tqdm
-
             # miniters=1: redraw at every batch (at most every min_interval_s). tqdm's default,
             # dynamic miniters, learns a step from the fast first batches and then holds the
             # bar still until its 10 s monitor fires.

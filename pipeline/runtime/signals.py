@@ -1,10 +1,12 @@
 """SIGINT/SIGTERM: the first stops the run, the second exits at once.
 
-Where the run polls the flag (the scoring loop: it stops at the next batch boundary with the
-checkpoint consistent) the first signal only sets it. Everywhere else (planning, model loading,
-the final rank and write) the handler raises KeyboardInterrupt at once, which the run turns into
-exit 128+signum with no output published; inside a critical section (the output's rename and
-the published record) that is deferred to the section's end.
+`graceful_signals()` gives a `SignalStop`, the run's stop token, which the signals set. Inside
+`polled(stop)` (the execute step: its code checks the token at safe points, runtime/stop.py) the
+first signal only sets it, and the run stops at the next check point with the checkpoint
+consistent. Everywhere else (planning, model loading, the final rank and write) the handler
+raises KeyboardInterrupt at once, which the run turns into exit 128+signum with no output
+published; inside `critical(stop)` (the output's rename and the published record) that is
+deferred to the section's end.
 
 Python runs a handler once for several deliveries of one signal that land while the main thread
 is in native code, so signals are counted from the wakeup fd instead: the C-level handler writes
@@ -18,64 +20,66 @@ import os
 import signal
 import threading
 
+from .stop import StopToken
 
-class StopFlag:
+
+class SignalStop(StopToken):
+    """The stop token signals set; it knows whether the main thread is where a signal may only
+    set it (polled or critical sections) or must raise at once."""
+
     def __init__(self):
-        self.signum: int | None = None
-        self.count = 0
-        self._polled = 0
-        self._critical = 0
+        super().__init__()
+        self.count = 0  # signals received
+        self.polled_depth = 0
+        self.critical_depth = 0
 
-    def __call__(self) -> bool:
-        return self.signum is not None
+    def raise_now(self) -> bool:
+        return self.signum is not None and not self.polled_depth and not self.critical_depth
 
-    def _raise_now(self) -> bool:
-        return self.signum is not None and not self._polled and not self._critical
-
-    @contextlib.contextmanager
-    def polled(self):
-        """The code inside checks the flag itself at safe points."""
-        self._polled += 1
-        try:
-            yield
-        finally:
-            self._polled -= 1
-        if self._raise_now():
-            raise KeyboardInterrupt
-
-    @contextlib.contextmanager
-    def critical(self):
-        """A signal arriving inside takes effect at its end."""
-        self._critical += 1
-        try:
-            yield
-        finally:
-            self._critical -= 1
-        if self._raise_now():
-            raise KeyboardInterrupt
+    def received(self, signum: int) -> None:
+        """One delivery of `signum`: the first asks for the stop, the second exits at once."""
+        self.count += 1
+        self.set(signum)
+        if self.count >= 2:
+            os._exit(128 + self.signum)
 
 
-def polled(should_stop):
-    return should_stop.polled() if isinstance(should_stop, StopFlag) else contextlib.nullcontext()
+@contextlib.contextmanager
+def polled(stop):
+    """The code inside checks `stop` itself at safe points: a signal only sets it."""
+    if not isinstance(stop, SignalStop):
+        yield
+        return
+    stop.polled_depth += 1
+    try:
+        yield
+    finally:
+        stop.polled_depth -= 1
+    if stop.raise_now():
+        raise KeyboardInterrupt
 
 
-def critical(should_stop):
-    return should_stop.critical() if isinstance(should_stop, StopFlag) else contextlib.nullcontext()
-
-
-def _count(flag: StopFlag, signum: int) -> None:
-    flag.count += 1
-    if flag.signum is None:
-        flag.signum = signum
-    if flag.count >= 2:
-        os._exit(128 + flag.signum)
+@contextlib.contextmanager
+def critical(stop):
+    """A signal arriving inside takes effect at the section's end."""
+    if not isinstance(stop, SignalStop):
+        yield
+        return
+    stop.critical_depth += 1
+    try:
+        yield
+    finally:
+        stop.critical_depth -= 1
+    if stop.raise_now():
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
 def graceful_signals():
-    flag = StopFlag()
+    """Install the handlers for the block; yields the SignalStop they set."""
+    stop = SignalStop()
     if threading.current_thread() is not threading.main_thread():
-        yield flag
+        yield stop
         return
     r, w = os.pipe()
     os.set_blocking(w, False)
@@ -95,21 +99,21 @@ def graceful_signals():
                 return
             for b in data:
                 if b in (signal.SIGINT, signal.SIGTERM):
-                    _count(flag, b)
+                    stop.received(b)
 
     def handler(signum, frame):
-        if not counted_by_thread:
-            _count(flag, signum)
-        elif flag.signum is None:
-            flag.signum = signum
-        if flag._raise_now():
+        if counted_by_thread:
+            stop.set(signum)  # counted by the watcher; the handler may run once for two
+        else:
+            stop.received(signum)
+        if stop.raise_now():
             raise KeyboardInterrupt
 
     if counted_by_thread:
         threading.Thread(target=watch, name="rerank-signals", daemon=True).start()
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield flag
+        yield stop
     finally:
         for s, h in old.items():
             signal.signal(s, h)

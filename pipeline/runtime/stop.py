@@ -1,9 +1,18 @@
 """The stop token: one object passed down from the run to the few places that may stop it.
 
-Code that can stop cleanly (the scoring loop between batches, an executor between units) calls
-`stop.check()` at those named points; it raises KeyboardInterrupt once a stop was asked, which
-the run turns into a clean stop with the checkpoint consistent. A signal handler, a worker's
-driver link or a caller's own callable asks for the stop; nothing polls a counter.
+Code that can stop cleanly calls `stop.check()` at its named check points; it raises
+KeyboardInterrupt once a stop was asked, which the run turns into a clean stop with the
+checkpoint consistent. The check points:
+
+  run()                    once, after the model is loaded, before any unit is scored
+  the scoring loop         before each unit (pipeline/scoring.py)
+  the engine               between batches (the `stop` argument of Engine.score_stream)
+  the pool's driver loop   between worker messages (executors/pool.py)
+  the Ray driver loop      between finished units (executors/ray_data.py)
+
+A stop is asked by a signal (runtime/signals.py sets the token), a pool worker's link to its
+driver ("stop", or the driver gone), an event in a caller's code (`set()`), or a caller's own
+`should_stop` callable, asked at each check (`as_token`).
 """
 
 from __future__ import annotations
@@ -13,8 +22,8 @@ from typing import Callable
 
 
 class StopToken:
-    """Set once, never cleared. `poll`: an extra callable asked at each check (a caller's own
-    `should_stop`), so an API caller need not know this class."""
+    """Set once, never cleared. `poll`: a caller's callable asked at each check (True: stop); a
+    `signum` attribute on it names the signal the stop reports."""
 
     def __init__(self, poll: Callable[[], bool] | None = None):
         self._event = threading.Event()
@@ -22,6 +31,7 @@ class StopToken:
         self.signum: int | None = None
 
     def set(self, signum: int | None = None) -> None:
+        """Ask for the stop; `signum`, the signal that asked (the first one given is kept)."""
         if self.signum is None and signum is not None:
             self.signum = signum
         self._event.set()
@@ -29,7 +39,7 @@ class StopToken:
     @property
     def requested(self) -> bool:
         if not self._event.is_set() and self._poll is not None and self._poll():
-            self._event.set()
+            self.set(getattr(self._poll, "signum", None))
         return self._event.is_set()
 
     def check(self) -> None:
@@ -38,14 +48,9 @@ class StopToken:
             raise KeyboardInterrupt
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until a stop is asked or `timeout` passes; True when asked."""
+        """Block until a stop is asked or `timeout` passes; True when asked. (A `poll` callable
+        is asked only by `requested` and `check`.)"""
         return self._event.wait(timeout)
-
-    def __call__(self) -> bool:  # the older `should_stop()` form
-        return self.requested
-
-
-NEVER = None  # callers pass None for "no stop token": every check site accepts None
 
 
 def as_token(stop) -> StopToken | None:
@@ -54,4 +59,4 @@ def as_token(stop) -> StopToken | None:
         return stop
     if callable(stop):
         return StopToken(poll=stop)
-    raise TypeError(f"stop must be a StopToken or a callable, not {type(stop).__name__}")
+    raise TypeError(f"should_stop must be a StopToken or a callable, not {type(stop).__name__}")
