@@ -56,13 +56,13 @@ class Summary:
 
 
 def _load_scorer(cfg: RunConfig, kind):
-    """Scorer.load, with GPU memory failures as one line naming the free memory and the fix."""
+    """load_engine, with GPU memory failures as one line naming the free memory and the fix."""
     import torch
 
-    from pipeline.engines.score import Scorer
+    from pipeline.engines.score import load_engine
 
     try:
-        return Scorer.load(cfg, kind)
+        return load_engine(cfg, kind)
     except (torch.OutOfMemoryError, torch.AcceleratorError if hasattr(torch, "AcceleratorError") else RuntimeError
             ) as exc:
         if not isinstance(exc, torch.OutOfMemoryError) and "CUDA" not in str(exc):
@@ -87,10 +87,8 @@ class _FirstBatch:
 
     def update(self, pairs: int, tokens: int) -> None:
         if not startup.seen("first_batch"):
-            if self.scorer is not None and self.scorer.device.type == "cuda":  # done, not only launched
-                import torch
-
-                torch.cuda.synchronize(self.scorer.device)
+            if self.scorer is not None:  # done, not only launched
+                self.scorer.synchronize()
             startup.mark("first_batch")
         self.prog.update(pairs, tokens)
 
@@ -117,7 +115,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
     plan = prog = None
     try:
         try:
-            plan = make_plan(cfg, kind=scorer.kind if scorer is not None else None)
+            plan = make_plan(cfg, kind=scorer.info.kind if scorer is not None else None)
         except OSError as exc:  # a store that fails before any work: nothing to keep, say so
             raise StoreUnavailable.before_work(exc) from None
         cfg = plan.cfg  # with a hub id resolved to its local snapshot
@@ -140,17 +138,15 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
         if should_stop is not None and should_stop():
             raise KeyboardInterrupt
         summary.units_resumed = sum(1 for u in plan.units if u.id in ck.done)
-        summary.attention = scorer.kernel if scorer is not None else ""
+        summary.attention = scorer.info.kernel if scorer is not None else ""
         partial = ck.kept_pairs(refresh=False)
         if partial:
             log.info("resuming: %d pairs of unfinished units already scored", partial)
         done_pairs = _kept_pairs(plan, partial)
         summary.pairs_resumed = done_pairs
         prog = _FirstBatch(Progress(plan.total_pairs, done_pairs, bar=progress), scorer)
-        if scorer is not None and scorer.device.type == "cuda":
-            import torch
-
-            torch.cuda.reset_peak_memory_stats(scorer.device)
+        if scorer is not None:
+            scorer.reset_peak_memory()
         t_score = time.monotonic()
         timer = _Timer()
         fresh = [u.id for u in plan.units if u.id not in ck.done]  # scored by this run
@@ -206,13 +202,11 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
     summary.scoring_tokens_per_s = round(prog.tokens / max(score_seconds, 1e-9), 1)
     summary.run_pairs_per_s = round(prog.pairs / max(summary.seconds, 1e-9), 2)
     if scorer is not None:
-        summary.oom_retries = scorer.stats.oom_retries
-        summary.batches = scorer.stats.batches
-        summary.batch_token_budget = scorer.budget
-    if scorer is not None and scorer.device.type == "cuda":
-        import torch
-
-        summary.peak_gpu_memory_bytes = int(torch.cuda.max_memory_reserved(scorer.device))
+        stats = scorer.stats()
+        summary.oom_retries = stats.oom_retries
+        summary.batches = stats.batches
+        summary.batch_token_budget = scorer.token_budget
+        summary.peak_gpu_memory_bytes = scorer.peak_memory_bytes()
     log.info("summary %s", json.dumps(summary.__dict__, sort_keys=True))
     return summary
 

@@ -276,13 +276,13 @@ def test_score_unit_runs_a_unit_on_its_own(job, tmp_path):
     """The executor contract: any unit, scored alone by score_unit, gives the part the run commits."""
     from pipeline.data.read import iter_unit_tables
     from pipeline.run import score_unit, validate
-    from pipeline.engines.score import Scorer
+    from pipeline.engines.score import load_engine
 
     out = tmp_path / "out.parquet"
     cfg = _cfg(job, out, keep_checkpoint=True, device="cpu")
     run(cfg, progress=False)
     layout, units, _ = validate(dataclasses.replace(cfg, overwrite=True))
-    scorer = Scorer.load(cfg)
+    scorer = load_engine(cfg)
     unit = units[len(units) // 2]  # one from the middle, read alone
     (_, table), = list(iter_unit_tables([unit]))
     part, info = score_unit(unit, table, layout, cfg, scorer)

@@ -16,6 +16,7 @@ from pipeline.config import RunConfig
 from pipeline.scoring import Timer, score_units, unit_info
 from pipeline.data.pairs import build_pairs, result_part
 from pipeline.data.read import InputLayout, Unit
+from pipeline.runtime.stop import as_token
 
 _Timer = Timer  # the name run.py and the bench know
 
@@ -25,7 +26,7 @@ def score_unit(unit: Unit, table: pa.Table, layout: InputLayout, cfg: RunConfig,
     """Score one unit already read: the same result the executors' loop commits for it."""
     pairs = build_pairs(unit, table, layout, cfg)
     enc = scorer.encoder.encode(pairs.instructions, pairs.queries, pairs.documents)
-    scores = scorer.score(enc, on_batch=on_batch, should_stop=should_stop)
+    scores = scorer.score(enc, on_batch=on_batch, stop=as_token(should_stop))
     return result_part(pairs, scores), unit_info(pairs, [enc])
 
 

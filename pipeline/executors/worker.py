@@ -25,13 +25,13 @@ class WorkSpec:
 
 class UnitWorker:
     def __init__(self, spec: WorkSpec, device: str | None = None):
-        from pipeline.engines.score import Scorer
+        from pipeline.engines.score import load_engine
 
         cfg = spec.cfg
         if device is not None and device != cfg.device:
             cfg = dataclasses.replace(cfg, device=device)
         self.spec = dataclasses.replace(spec, cfg=cfg)
-        self.scorer = Scorer.load(cfg, spec.kind)
+        self.scorer = load_engine(cfg, spec.kind)
 
     def run(self, units, on_batch=None, should_stop=None):
         """Score `units` (an iterator, pulled one ahead so reading and tokenizing overlap the
