@@ -19,11 +19,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.bench.throughput import WORKLOADS, build_model, workload_table
+from pipeline.bench.throughput import WORKLOADS, build_model, sharing_engines, workload_table
 from pipeline.config import RunConfig
 from pipeline.engines.forwards import to_device
 from pipeline.engines.prefix import SharedBatch
-from pipeline.engines.score import engine_from_model
 from pipeline.run import run
 from pipeline.scoring import MAX_CHUNK
 
@@ -52,13 +51,6 @@ class NullForward:
         return torch.zeros(batch.pairs, 1, dtype=torch.float32)
 
 
-def _null_engine(model, tok, device, sharing: str, us_per_token: float = 0.0):
-    """An engine over the model's tokenizer and template whose forward is a NullForward; the
-    prefix sharing mode is the config's, as for any engine."""
-    cfg = RunConfig(inputs=(), output="", model="<host>", device="cpu", prefix_sharing=sharing)
-    return engine_from_model(model, tok, cfg, device, forward=NullForward(device, us_per_token))
-
-
 def _spread(xs: list[float]) -> dict:
     return {"median": round(float(np.median(xs)), 1), "min": round(min(xs), 1), "max": round(max(xs), 1),
             "all": [round(x, 1) for x in xs]}
@@ -83,7 +75,9 @@ def _measure(workload: str, pairs: int | None, repeats: int, us_per_token: float
            "load_average": [round(x, 2) for x in os.getloadavg()], "date": time.strftime("%Y-%m-%d %H:%M")}
     with tempfile.TemporaryDirectory() as wd:
         model, tok, _ = build_model("tiny", dev, torch.float32, wd)
-        engines = {mode: _null_engine(model, tok, dev, mode, us_per_token) for mode in ("off", "on")}
+        # Sharing off and on: one engine each (the mode is its config's), over one NullForward.
+        engines = sharing_engines(model, tok, {"model": "<host>", "device": "cpu"}, dev,
+                                  forward=NullForward(dev, us_per_token))
         rec["simulated_device_us_per_token"] = us_per_token
         table = workload_table(w, pairs)
         inp = os.path.join(wd, "host-input.parquet")

@@ -308,6 +308,18 @@ def engine_end_to_end(scorer, table, cfg_kw: dict, device, workdir: str) -> dict
             "rows_written": summary.rows, "lengths": None}
 
 
+def sharing_engines(model, tok, cfg_kw: dict, device, modes=("off", "on"), forward=None) -> dict:
+    """One engine per prefix sharing mode over one model in memory, {mode: engine}: the mode is
+    each engine's config (`prefix_sharing`), and all run one forward (the first engine's, or
+    `forward`), so the model's weights are held once."""
+    out = {}
+    for mode in modes:
+        cfg = RunConfig(inputs=(), output="", **{**cfg_kw, "prefix_sharing": mode})
+        out[mode] = engine_from_model(model, tok, cfg, device, forward=forward)
+        forward = out[mode].forward
+    return out
+
+
 def build_model(arch: str, device, dtype, workdir: str, num_hidden_layers: int | None = None):
     """Random-weight Qwen3 reranker of `arch` built in memory (on the device), with a tokenizer
     trained on the benchmark's words; saved to `workdir` only for the tiny smoke model."""
