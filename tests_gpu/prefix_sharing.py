@@ -119,8 +119,8 @@ def engines(model, tok, modes=("off", "on"), **kw):
     return bench.sharing_engines(model, tok, {"model": "<mem>", "device": str(DEV), **kw}, DEV, modes)
 
 
-def score_with(es, enc, mode):
-    return es[mode].score(enc)
+def score_with(engs, enc, mode):
+    return engs[mode].score(enc)
 
 
 def parity_tiny():
@@ -147,11 +147,11 @@ def parity_tiny():
     ref = cpu.score(enc)
     for dtype in (["float32"] if SMOKE else ["bfloat16", "float32"]):
         m = AutoModelForCausalLM.from_pretrained(d, dtype=getattr(torch, dtype)).to(DEV).eval()
-        es = engines(m, tok, dtype=dtype, compile="off")
+        engs = engines(m, tok, dtype=dtype, compile="off")
         for mode in ("off", "on"):
-            c0 = es[mode].stats().tokens_computed
-            s = score_with(es, enc, mode)
-            out[f"{dtype}_{mode}"] = {**cmp(s, ref), "tokens_computed": es[mode].stats().tokens_computed - c0}
+            c0 = engs[mode].stats().tokens_computed
+            s = score_with(engs, enc, mode)
+            out[f"{dtype}_{mode}"] = {**cmp(s, ref), "tokens_computed": engs[mode].stats().tokens_computed - c0}
         if dtype == "bfloat16":  # the transformers engine (HF modules with our attention) too
             m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16).to(DEV).eval()
             st = engines(m, tok, dtype=dtype, engine="transformers")
@@ -197,8 +197,8 @@ def bench_rows(arch):
         peak = bench.measure_matmul_peak(DEV) if DEV.type == "cuda" else None
         REC["matmul_peak_tflops"] = peak and round(peak / 1e12, 1)
         vocab = shape.get("vocab_size", len(tok)) if arch != "tiny" else len(tok)
-        es = engines(model, tok, ("off", "on", "auto"), dtype="auto")
-        sc = es["off"]
+        engs = engines(model, tok, ("off", "on", "auto"), dtype="auto")
+        sc = engs["off"]
         REC["engine"], REC["attention"], REC["budget"] = sc.info.forward, sc.info.kernel, sc.token_budget
         reps = 1 if SMOKE else 3
         for wname in ("w-short", "w-longq", "w-mixed"):
@@ -207,17 +207,17 @@ def bench_rows(arch):
             enc = bench.synthetic_encoded(w, vocab, npairs)
             modes = ("off", "auto") if wname == "w-mixed" else ("off", "on")
             for m in ("on", "off"):  # warm-up
-                es[m].score(bench.Encoded(enc.ids, enc.offsets[:513], enc.truncated, keys=enc.keys[:512]))
+                engs[m].score(bench.Encoded(enc.ids, enc.offsets[:513], enc.truncated, keys=enc.keys[:512]))
             r = {m: {"model_s": [], "e2e_s": []} for m in modes}
             for _ in range(reps):
                 for m in modes:
-                    st0 = es[m].stats()
+                    st0 = engs[m].stats()
                     bench.sync(DEV)
                     t0 = time.perf_counter()
-                    es[m].score(enc)
+                    engs[m].score(enc)
                     bench.sync(DEV)
                     r[m]["model_s"].append(time.perf_counter() - t0)
-                    st = es[m].stats()
+                    st = engs[m].stats()
                     r[m]["tokens_computed"] = st.tokens_computed - st0.tokens_computed
                     r[m]["area"] = st.attention_area - st0.attention_area
                     r[m]["tokens"] = st.tokens - st0.tokens
@@ -228,11 +228,11 @@ def bench_rows(arch):
                 for m in modes:
                     cfg = RunConfig(inputs=(inp,), output=os.path.join(wd, "o.parquet"), overwrite=True,
                                     restart=True, model="<mem>", device=str(DEV), prefix_sharing=m)
-                    c0 = es[m].stats().tokens_computed
+                    c0 = engs[m].stats().tokens_computed
                     t0 = time.perf_counter()
-                    summ = run(cfg, progress=False, scorer=es[m])
+                    summ = run(cfg, progress=False, scorer=engs[m])
                     r[m]["e2e_s"].append(time.perf_counter() - t0)
-                    r[m]["e2e_tokens"] = [summ.extra["tokens_before_sharing"], es[m].stats().tokens_computed - c0]
+                    r[m]["e2e_tokens"] = [summ.extra["tokens_before_sharing"], engs[m].stats().tokens_computed - c0]
             out = {}
             for m in modes:
                 x = r[m]
@@ -250,7 +250,7 @@ def bench_rows(arch):
             out["speedup_e2e"] = round(out[on]["e2e_pairs_per_s"] / out["off"]["e2e_pairs_per_s"], 3)
             rows[wname] = out
             save(f"bench_{arch}_{wname}", out)
-        REC["oom_retries"] = sum(e.stats().oom_retries for e in es.values())
+        REC["oom_retries"] = sum(e.stats().oom_retries for e in engs.values())
 
 
 if __name__ == "__main__":
