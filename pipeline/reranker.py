@@ -5,7 +5,7 @@
     scores = reranker.predict([("what is a cat?", "A cat is a small feline."), ...])
     hits = reranker.rank("what is a cat?", documents, top_k=3, return_documents=True)
 
-The model loads once. Scoring runs the engine of `rerank-batch run` (pipeline.engines.score.Scorer:
+The model loads once. Scoring runs the engine of `rerank-batch run` (pipeline.engines.score.load_engine:
 length sorting, token budgets, packed batches, OOM split) over windows of `window_pairs` pairs, so
 the scores equal those of `rerank-batch run` on the same pairs and options. `predict` and `rank`
 take CrossEncoder's arguments with their meaning; `batch_size` is accepted and has no effect,
@@ -26,7 +26,7 @@ import torch
 from pipeline.config import RunConfig
 from pipeline.engines.families import inspect_model
 from pipeline.engines.hub import resolve_model
-from pipeline.engines.score import Scorer, activate
+from pipeline.engines.score import activate, load_engine
 from pipeline.errors import InputError
 from pipeline.runtime.progress import Progress
 
@@ -65,14 +65,14 @@ class Reranker:
         self.kind = inspect_model(self.config)
         self.activation_fn = activation_fn
         # Logits, not scores: predict applies the activation (the run's, or the caller's activation_fn).
-        self.scorer = Scorer.load(self.config, self.kind, logits=True)
+        self.scorer = load_engine(self.config, self.kind, logits=True)
         if activation_fn is None:
             self._warn_if_cross_encoder_differs()
-        log.debug("%r: batch budget %d tokens", self, self.scorer.budget)
+        log.debug("%r: batch budget %d tokens", self, self.scorer.token_budget)
 
     @property
     def device(self):
-        return self.scorer.device
+        return torch.device(self.scorer.info.device)
 
     @property
     def num_labels(self) -> int:
@@ -228,7 +228,7 @@ class Reranker:
 
     def __repr__(self) -> str:
         return (f"Reranker({self.config.model!r}, family={self.kind.family!r}, device={str(self.device)!r}, "
-                f"engine={self.scorer.engine!r})")
+                f"engine={self.scorer.info.forward!r})")
 
 
 def _one_or_many(pairs) -> tuple[bool, object]:

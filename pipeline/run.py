@@ -92,7 +92,7 @@ def _run(cfg: RunConfig, progress, stop: StopToken | None, scorer, on_progress, 
     plan = prog = executor = None
     try:
         try:
-            plan = make_plan(cfg, kind=scorer.kind if scorer is not None else None)
+            plan = make_plan(cfg, kind=scorer.info.kind if scorer is not None else None)
         except OSError as exc:  # a store that fails before any work: nothing to keep, say so
             raise StoreUnavailable.before_work(exc) from None
         cfg = plan.cfg  # with a hub id resolved to its local snapshot
@@ -116,7 +116,7 @@ def _run(cfg: RunConfig, progress, stop: StopToken | None, scorer, on_progress, 
         if stop is not None:
             stop.check()  # a check point: the model is loaded, nothing is scored yet
         summary.units_resumed = sum(1 for u in plan.units if u.id in ck.done)
-        summary.attention = scorer.kernel if scorer is not None else ""
+        summary.attention = scorer.info.kernel if scorer is not None else ""
         partial = ck.kept_pairs(refresh=False)
         if partial:
             log.info("resuming: %d pairs of unfinished units already scored", partial)
@@ -129,10 +129,8 @@ def _run(cfg: RunConfig, progress, stop: StopToken | None, scorer, on_progress, 
             if on_progress is not None:
                 on_progress(pairs, tokens)
 
-        if scorer is not None and scorer.device.type == "cuda":
-            import torch  # loaded already: the engine runs on it
-
-            torch.cuda.reset_peak_memory_stats(scorer.device)
+        if scorer is not None:
+            scorer.reset_peak_memory()
         t_score = time.monotonic()
         timer = Timer()
         fresh = [u.id for u in plan.units if u.id not in ck.done]  # scored by this run
@@ -190,13 +188,11 @@ def _run(cfg: RunConfig, progress, stop: StopToken | None, scorer, on_progress, 
     summary.scoring_tokens_per_s = round(prog.tokens / max(score_seconds, 1e-9), 1)
     summary.run_pairs_per_s = round(prog.pairs / max(summary.seconds, 1e-9), 2)
     if scorer is not None:
-        summary.oom_retries = scorer.stats.oom_retries
-        summary.batches = scorer.stats.batches
-        summary.batch_token_budget = scorer.budget
-    if scorer is not None and scorer.device.type == "cuda":
-        import torch  # loaded already: the engine runs on it
-
-        summary.peak_gpu_memory_bytes = int(torch.cuda.max_memory_reserved(scorer.device))
+        stats = scorer.stats()
+        summary.oom_retries = stats.oom_retries
+        summary.batches = stats.batches
+        summary.batch_token_budget = scorer.token_budget
+        summary.peak_gpu_memory_bytes = scorer.peak_memory_bytes()
     log.info("summary %s", json.dumps(summary.__dict__, sort_keys=True))
     return summary
 

@@ -187,7 +187,7 @@ class Commits:
 
     def reset(self) -> None:
         self.last = time.monotonic()
-        self.computed0 = self.scorer.stats.tokens_computed
+        self.computed0 = self.scorer.stats().tokens_computed
 
     def begin(self, works: list[Work]) -> "Commits | None":
         """The units of the next scoring stream, in stream order; the object for score_stream."""
@@ -202,7 +202,7 @@ class Commits:
         return self.every is not None and time.monotonic() - self.last >= self.every
 
     def __call__(self, idx: np.ndarray, scores: np.ndarray) -> None:
-        computed = self.scorer.stats.tokens_computed - self.computed0
+        computed = self.scorer.stats().tokens_computed - self.computed0
         starts = np.array([w.start for w in self.works])
         owner = np.searchsorted(starts, idx, side="right") - 1
         lengths = {}
@@ -253,12 +253,12 @@ def score_units(units, layout, cfg, scorer, on_batch=None, stop: StopToken | Non
     def flush():
         if not group:
             return
-        t0, computed0 = time.perf_counter(), scorer.stats.tokens_computed
+        t0, computed0 = time.perf_counter(), scorer.stats().tokens_computed
         members = list(group)
         encs = [e for w in members for e in w.encs]
         scores = scorer.score_stream(iter(encs), on_batch=on_batch, stop=stop,
                                      commit=commits.begin(members))
-        seconds, computed = time.perf_counter() - t0, scorer.stats.tokens_computed - computed0
+        seconds, computed = time.perf_counter() - t0, scorer.stats().tokens_computed - computed0
         tokens = max(1, sum(int(e.offsets[-1]) for e in encs))
         group.clear()
         for w in members:
@@ -291,7 +291,7 @@ def score_units(units, layout, cfg, scorer, on_batch=None, stop: StopToken | Non
                 continue
             yield from flush()
             t_unit = time.perf_counter()
-            computed0 = scorer.stats.tokens_computed
+            computed0 = scorer.stats().tokens_computed
             scores = scorer.score_stream(_unit_chunks(items, timer, work.encs), on_batch=on_batch,
                                          stop=stop, commit=commits.begin([work]))
             skipped = int((~work.pairs.valid).sum()) if work.pairs.valid.size else 0
@@ -300,7 +300,7 @@ def score_units(units, layout, cfg, scorer, on_batch=None, stop: StopToken | Non
             part, info = work.result(scores)
             info["seconds"] = time.perf_counter() - t_unit
             # after prefix sharing; with the kept pairs' own
-            info["tokens_computed"] = int(scorer.stats.tokens_computed - computed0) + \
+            info["tokens_computed"] = int(scorer.stats().tokens_computed - computed0) + \
                 info.get("resumed", {}).get("tokens_computed", 0)
             yield work.unit, part, info
             commits.reset()

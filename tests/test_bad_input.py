@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import ROOT, real_pairs, run_cli
+from forward_doubles import wrap_chosen
 
 SAMPLE = os.path.join(ROOT, "sample_data", "pairs.parquet")
 TINY = os.path.join(ROOT, "sample_data", "tiny-qwen3-reranker")
@@ -229,16 +230,11 @@ def test_empty_strings_are_valid_pairs(tmp_path):
 
 
 def _oom_over(limit):
-    """A forward that raises CUDA's OOM for batches of more than `limit` tokens."""
-    from pipeline.engines.score import Scorer
-
-    real = Scorer._forward
-
-    def forward(self, flat, *rest):
-        if len(flat) > limit:
+    """A fault that raises CUDA's OOM for batches of more than `limit` tokens."""
+    def fault(batch, calls):
+        if len(batch.ids) > limit:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(self, flat, *rest)
-    return forward
+    return fault
 
 
 def test_oom_splits_the_batch_and_loses_no_row(tmp_path, monkeypatch, tied_model):
@@ -246,9 +242,7 @@ def test_oom_splits_the_batch_and_loses_no_row(tmp_path, monkeypatch, tied_model
     pq.write_table(real_pairs(50), inp)
     ref, out = tmp_path / "ref.parquet", tmp_path / "out.parquet"
     assert run_cli(["run", inp, "--model", tied_model, "-o", ref, "-q"]).exit_code == 0
-    from pipeline.engines.score import Scorer
-
-    monkeypatch.setattr(Scorer, "_forward", _oom_over(700))
+    wrap_chosen(monkeypatch, _oom_over(700))
     s = tmp_path / "s.json"
     r = run_cli(["run", inp, "--model", tied_model, "-o", out, "-q", "--summary", s])
     assert r.exit_code == 0, r.output
@@ -261,9 +255,7 @@ def test_oom_splits_the_batch_and_loses_no_row(tmp_path, monkeypatch, tied_model
 
 
 def test_a_pair_that_never_fits_is_a_runtime_error_exit_1(tmp_path, monkeypatch):
-    from pipeline.engines.score import Scorer
-
-    monkeypatch.setattr(Scorer, "_forward", _oom_over(10))
+    wrap_chosen(monkeypatch, _oom_over(10))
     out = tmp_path / "out.parquet"
     r = run_cli(["run", SAMPLE, "--model", TINY, "-o", out, "-q"])
     assert r.exit_code == 1
@@ -274,12 +266,12 @@ def test_a_pair_that_never_fits_is_a_runtime_error_exit_1(tmp_path, monkeypatch)
 
 def test_gpu_memory_held_by_another_process_is_one_line(tmp_path, monkeypatch):
     """An OOM while loading the model names the free memory and the fix."""
-    from pipeline.engines.score import Scorer
+    from pipeline.engines import score
 
-    def load(cfg, kind=None):
+    def load(cfg, kind=None, *, logits=False):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB (simulated)")
 
-    monkeypatch.setattr(Scorer, "load", load)
+    monkeypatch.setattr(score, "load_engine", load)
     out = tmp_path / "out.parquet"
     r = run_cli(["run", SAMPLE, "--model", TINY, "-o", out, "-q"])
     assert r.exit_code == 1, r.output

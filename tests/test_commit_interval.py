@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import ROOT, real_pairs, run_cli, shared, stop_after_pairs
+from forward_doubles import wrap_chosen
 
 WAIT_S = 600  # a ceiling for events on a loaded 2-core machine, never a measured bound
 
@@ -311,26 +312,23 @@ def test_a_failure_mid_unit_keeps_the_scored_pairs(data, tmp_path, monkeypatch):
     three batches before it are committed, the checkpoint is kept (no unit had ended), and the
     rerun scores only the rest."""
     from pipeline.config import RunConfig
-    from pipeline.engines.score import Scorer
     from pipeline.errors import ScoringError
     from pipeline.run import run
 
     out = tmp_path / "o.parquet"
     cfg = RunConfig(inputs=(str(data["long"]),), output=str(out), model=data["model"], max_batch_tokens=600,
                     commit_every=1e9)
-    real, calls, scored = Scorer._forward, [0], [0]
+    scored = [0]
 
-    def failing(self, flat, cu, *a, **k):
-        calls[0] += 1
-        if calls[0] == 4:
+    def fourth_fails(batch, calls):
+        if calls == 4:
             raise ScoringError("one pair of 9999 tokens does not fit in GPU memory")
-        scored[0] += len(cu) - 1
-        return real(self, flat, cu, *a, **k)
+        scored[0] += batch.pairs
 
-    monkeypatch.setattr(Scorer, "_forward", failing)
-    with pytest.raises(ScoringError):
-        run(cfg, progress=False)
-    monkeypatch.setattr(Scorer, "_forward", real)
+    with monkeypatch.context() as patched:
+        wrap_chosen(patched, fourth_fails)
+        with pytest.raises(ScoringError):
+            run(cfg, progress=False)
     assert _partial_pairs(str(out) + ".ckpt") == scored[0] > 0
     s = run(cfg, progress=False)
     assert s.pairs_resumed == scored[0] and s.pairs_this_run == data["refs"]["long"].num_rows - scored[0]

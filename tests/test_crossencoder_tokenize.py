@@ -144,7 +144,7 @@ def test_xlmr_file_pipeline_rebuilt_as_transformers_does(tmp_path, tokenizers_di
 ])
 def test_load_refuses_what_it_does_not_reproduce(tmp_path, tokenizers_dirs, caplog, edit, reason):
     from pipeline.config import RunConfig
-    from pipeline.engines.loading import _cross_encoder_tokenizer
+    from pipeline.engines.loading import cross_encoder_tokenizer
 
     d = tmp_path / "tok"
     d.mkdir()
@@ -157,7 +157,7 @@ def test_load_refuses_what_it_does_not_reproduce(tmp_path, tokenizers_dirs, capl
     tok, why = cross_tokenizer.load(str(d))
     assert tok is None and why == reason
     with caplog.at_level(logging.INFO, logger="pipeline.engines.loading"):
-        assert _cross_encoder_tokenizer(RunConfig(inputs=(), output="", model=str(d))) is None
+        assert cross_encoder_tokenizer(RunConfig(inputs=(), output="", model=str(d))) is None
     assert f"model {d}: tokenizer loaded through transformers ({reason})" in caplog.text
 
 

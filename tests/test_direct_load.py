@@ -89,7 +89,7 @@ def test_scores_equal_transformers_loaded(tmp_path, pairs, models, seq_cls, monk
 
     cfg = RunConfig(inputs=(str(pairs),), model=model, device="cpu")
     loaded = direct.load_qwen3(cfg, inspect_model(cfg), torch.device("cpu"), torch.float32)
-    assert loaded is not None and loaded[0].direct
+    assert loaded is not None and isinstance(loaded[0], direct.DirectQwen3)
 
 
 def test_cli_imports_no_transformers(tmp_path):
@@ -174,7 +174,7 @@ def test_fallback_when_not_understood(tmp_path, pairs, models, monkeypatch, edit
 def test_json_config_reads_as_autoconfig(models, seq_cls):
     from transformers import AutoConfig
 
-    from pipeline.engines.direct import read_config
+    from pipeline.engines.model_config import read_config
     from pipeline.engines.families import inspect_model
 
     for path in (TINY, models["tied"], models["untied"], seq_cls):

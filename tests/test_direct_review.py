@@ -19,6 +19,7 @@ from conftest import ROOT
 from pipeline.config import RunConfig
 from pipeline.engines import compiled, direct, fast_tokenizer
 from pipeline.engines.families import inspect_model
+from pipeline.engines.model_config import read_config
 from pipeline.errors import ModelError
 
 TINY = os.path.join(ROOT, "sample_data", "tiny-qwen3-reranker")
@@ -47,7 +48,7 @@ def _load(d):
 
 def _why(d):
     cfg = RunConfig(inputs=(PAIRS,), model=d, device="cpu")
-    return direct._why_not(cfg, inspect_model(cfg), direct.read_config(d))
+    return direct.why_not(cfg, inspect_model(cfg), read_config(d))
 
 
 def test_the_unedited_sample_loads_directly(tmp_path):
@@ -153,7 +154,7 @@ def _index(d, weight_map):
 def test_model_safetensors_wins_over_an_index(tmp_path):
     d = _copy(tmp_path)
     _index(d, {"model.embed_tokens.weight": "missing-00001.safetensors"})
-    files, why = direct._weight_files(d)
+    files, why = direct.weight_files(d)
     assert files == [os.path.join(d, "model.safetensors")], why
     assert _load(d) is not None
 
@@ -169,7 +170,7 @@ def test_sharded_weights_not_fully_inside_are_refused(tmp_path, shard):
             f.write("{not json")
     else:
         _index(d, {"model.embed_tokens.weight": "shard.safetensors", "model.norm.weight": shard})
-    files, why = direct._weight_files(d)
+    files, why = direct.weight_files(d)
     assert files is None and why
     assert _load(d) is None
 
@@ -230,8 +231,7 @@ def test_a_broken_compiler_runs_eagerly(tmp_path):
 
 def test_fused_encoder_falls_back_when_its_warm_up_fails(tmp_path, monkeypatch):
     from pipeline.bench.synthetic import build_cross_encoder
-    from pipeline.engines import fused_encoder
-    from pipeline.engines.score import Scorer
+    from pipeline.engines.score import load_engine
 
     model = str(build_cross_encoder(tmp_path / "bert", "bert", ["a b c", "d e f"], num_labels=1))
 
@@ -241,8 +241,8 @@ def test_fused_encoder_falls_back_when_its_warm_up_fails(tmp_path, monkeypatch):
         return call
 
     monkeypatch.setattr(compiled, "compile_rows", broken)
-    s = Scorer.load(RunConfig(inputs=(PAIRS,), model=model, device="cpu", compile="on"))
-    assert s.fused_encoder is not None and s.fused_encoder._add_ln is fused_encoder.add_layer_norm
+    e = load_engine(RunConfig(inputs=(PAIRS,), model=model, device="cpu", compile="on"))
+    assert e.info.forward == "fused-encoder" and not e.info.compiled
 
 
 # 6. The Inductor cache directory.

@@ -265,7 +265,7 @@ def test_a_unit_scored_on_its_own_gives_the_part_the_run_commits(job, tmp_path):
     """The executor contract: any unit, scored alone through the scoring loop every unit worker
     runs, gives the part the run committed for it."""
     from pipeline.driver.plan import validate
-    from pipeline.engines.score import Scorer
+    from pipeline.engines.score import load_engine
     from pipeline.scoring import score_units
 
     out = tmp_path / "out.parquet"
@@ -273,7 +273,7 @@ def test_a_unit_scored_on_its_own_gives_the_part_the_run_commits(job, tmp_path):
     run(cfg, progress=False)
     layout, units, _ = validate(dataclasses.replace(cfg, overwrite=True))
     unit = units[len(units) // 2]  # one from the middle, read alone
-    (got, part, info), = list(score_units([unit], layout, cfg, Scorer.load(cfg)))
+    (got, part, info), = list(score_units([unit], layout, cfg, load_engine(cfg)))
     committed = pq.read_table(tmp_path / "out.parquet.ckpt" / "parts" / f"{unit.id}.parquet")
     assert got == unit and part.equals(committed)
     assert info["pairs"] == part.num_rows

@@ -47,13 +47,13 @@ if hold == "import":
     builtins.__import__ = imp
 elif hold == "load":
     import pipeline.engines.score as s
-    s.Scorer.load = classmethod(holding(s.Scorer.load.__func__))
+    s.load_engine = holding(s.load_engine)
 elif hold == "write":
     import pipeline.data.write as w
     w.ranked_tables = holding(w.ranked_tables)
 elif hold == "native":
     import pipeline.engines.score as s
-    s.Scorer.score_stream = holding(s.Scorer.score_stream)
+    s.TorchEngine.score_stream = holding(s.TorchEngine.score_stream)
 sys.argv = ["rerank-batch"] + sys.argv[1:]
 from jobs.cli import main
 main()

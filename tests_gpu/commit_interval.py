@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pipeline.bench import throughput as bench  # noqa: E402
 from pipeline.config import RunConfig  # noqa: E402
-from pipeline.engines.score import Scorer  # noqa: E402
+from pipeline.engines.score import engine_from_model  # noqa: E402
 from pipeline.run import run  # noqa: E402
 from pipeline.storage import checkpoint  # noqa: E402
 
@@ -90,8 +90,9 @@ with tempfile.TemporaryDirectory() as wd:
     import pyarrow.parquet as pq
 
     model, tok, shape = bench.build_model(ARCH, DEV, DTYPE, wd)
-    sc = Scorer.from_model(model, tok, RunConfig(inputs=(), output="", model="<m>", device=DEV.type), DEV)
-    REC.update(engine=sc.engine, attention=sc.kernel, budget=sc.budget, prefix_sharing=sc.sharing)
+    sc = engine_from_model(model, tok, RunConfig(inputs=(), output="", model="<m>", device=DEV.type), DEV)
+    REC.update(engine=sc.info.forward, attention=sc.info.kernel, budget=sc.token_budget,
+               prefix_sharing=sc.info.sharing)
     inp = os.path.join(wd, "in.parquet")
     pq.write_table(bench.workload_table(bench.WORKLOADS["w-mixed"], args.pairs), inp)
 

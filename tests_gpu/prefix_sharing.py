@@ -25,7 +25,7 @@ from pipeline.bench import throughput as bench  # noqa: E402
 from pipeline.engines import prefix  # noqa: E402
 from pipeline.engines.attention import packed_attention  # noqa: E402
 from pipeline.config import RunConfig  # noqa: E402
-from pipeline.engines.score import Scorer  # noqa: E402
+from pipeline.engines.score import engine_from_model  # noqa: E402
 
 SMOKE = "--smoke" in sys.argv
 DEV = torch.device("cpu" if SMOKE else "cuda")
@@ -114,14 +114,13 @@ def kernel_check():
 
 
 # -- 2. scores: bf16 on/off against float32 --------------------------------------------------------
-def scorer(model, tok, **kw):
-    cfg = RunConfig(inputs=(), output="", model="<mem>", device=str(DEV), **kw)
-    return Scorer.from_model(model, tok, cfg, DEV)
+def engines(model, tok, modes=("off", "on"), **kw):
+    """{mode: engine} over one forward: the prefix sharing mode is each engine's config."""
+    return bench.sharing_engines(model, tok, {"model": "<mem>", "device": str(DEV), **kw}, DEV, modes)
 
 
-def score_with(sc, enc, mode):
-    sc.sharing = mode
-    return sc.score(enc)
+def score_with(engs, enc, mode):
+    return engs[mode].score(enc)
 
 
 def parity_tiny():
@@ -142,20 +141,20 @@ def parity_tiny():
     D = [x for t in ts for x in t.column("document").to_pylist()]
     out = {}
     ref_model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-    cpu = Scorer.from_model(ref_model, tok, RunConfig(inputs=(), output="", model=d, device="cpu",
-                                                      prefix_sharing="off"), torch.device("cpu"))
+    cpu = engine_from_model(ref_model, tok, RunConfig(inputs=(), output="", model=d, device="cpu",
+                                                       prefix_sharing="off"), torch.device("cpu"))
     enc = cpu.encoder.encode(I, Q, D)
     ref = cpu.score(enc)
     for dtype in (["float32"] if SMOKE else ["bfloat16", "float32"]):
         m = AutoModelForCausalLM.from_pretrained(d, dtype=getattr(torch, dtype)).to(DEV).eval()
-        sc = scorer(m, tok, dtype=dtype, compile="off")
+        engs = engines(m, tok, dtype=dtype, compile="off")
         for mode in ("off", "on"):
-            c0 = sc.stats.tokens_computed
-            s = score_with(sc, enc, mode)
-            out[f"{dtype}_{mode}"] = {**cmp(s, ref), "tokens_computed": sc.stats.tokens_computed - c0}
+            c0 = engs[mode].stats().tokens_computed
+            s = score_with(engs, enc, mode)
+            out[f"{dtype}_{mode}"] = {**cmp(s, ref), "tokens_computed": engs[mode].stats().tokens_computed - c0}
         if dtype == "bfloat16":  # the transformers engine (HF modules with our attention) too
             m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16).to(DEV).eval()
-            st = scorer(m, tok, dtype=dtype, engine="transformers")
+            st = engines(m, tok, dtype=dtype, engine="transformers")
             for mode in ("off", "on"):
                 out[f"transformers_bf16_{mode}"] = cmp(score_with(st, enc, mode), ref)
         out["tokens_unshared"] = int(enc.offsets[-1])
@@ -170,8 +169,8 @@ def parity_06b(arch):
         model32, tok, shape = bench.build_model(arch, DEV, torch.float32, wd)
         model16 = copy.deepcopy(model32).to(torch.bfloat16)
         vocab = shape.get("vocab_size", len(tok)) if arch != "tiny" else len(tok)
-        s32 = scorer(model32, tok, dtype="float32", compile="off")
-        s16 = scorer(model16, tok, dtype="bfloat16", compile="off")
+        s32 = engines(model32, tok, dtype="float32", compile="off")
+        s16 = engines(model16, tok, dtype="bfloat16", compile="off")
         res = {}
         for wname, n in (("w-short", 1000), ("w-longq", 500)):
             enc = bench.synthetic_encoded(bench.WORKLOADS[wname], vocab, pairs=120 if SMOKE else n)
@@ -198,45 +197,42 @@ def bench_rows(arch):
         peak = bench.measure_matmul_peak(DEV) if DEV.type == "cuda" else None
         REC["matmul_peak_tflops"] = peak and round(peak / 1e12, 1)
         vocab = shape.get("vocab_size", len(tok)) if arch != "tiny" else len(tok)
-        sc = scorer(model, tok, dtype="auto")
-        REC["engine"], REC["attention"], REC["budget"] = sc.engine, sc.kernel, sc.budget
+        engs = engines(model, tok, ("off", "on", "auto"), dtype="auto")
+        sc = engs["off"]
+        REC["engine"], REC["attention"], REC["budget"] = sc.info.forward, sc.info.kernel, sc.token_budget
         reps = 1 if SMOKE else 3
         for wname in ("w-short", "w-longq", "w-mixed"):
             w = bench.WORKLOADS[wname]
             npairs = 200 if SMOKE else None
             enc = bench.synthetic_encoded(w, vocab, npairs)
             modes = ("off", "auto") if wname == "w-mixed" else ("off", "on")
-            sc.sharing = "on"
-            sc.score(bench.Encoded(enc.ids, enc.offsets[:513], enc.truncated, keys=enc.keys[:512]))  # warm-up
-            sc.sharing = "off"
-            sc.score(bench.Encoded(enc.ids, enc.offsets[:513], enc.truncated, keys=enc.keys[:512]))
+            for m in ("on", "off"):  # warm-up
+                engs[m].score(bench.Encoded(enc.ids, enc.offsets[:513], enc.truncated, keys=enc.keys[:512]))
             r = {m: {"model_s": [], "e2e_s": []} for m in modes}
             for _ in range(reps):
                 for m in modes:
-                    sc.sharing = m
-                    st = sc.stats
-                    c0, a0, t0_ = st.tokens_computed, st.attention_area, st.tokens
-                    bench._sync(DEV)
+                    st0 = engs[m].stats()
+                    bench.sync(DEV)
                     t0 = time.perf_counter()
-                    sc.score(enc)
-                    bench._sync(DEV)
+                    engs[m].score(enc)
+                    bench.sync(DEV)
                     r[m]["model_s"].append(time.perf_counter() - t0)
-                    r[m]["tokens_computed"] = st.tokens_computed - c0
-                    r[m]["area"] = st.attention_area - a0
-                    r[m]["tokens"] = st.tokens - t0_
+                    st = engs[m].stats()
+                    r[m]["tokens_computed"] = st.tokens_computed - st0.tokens_computed
+                    r[m]["area"] = st.attention_area - st0.attention_area
+                    r[m]["tokens"] = st.tokens - st0.tokens
             table = bench.workload_table(w, npairs)
             inp = os.path.join(wd, f"{wname}.parquet")
             pq.write_table(table, inp)
             for _ in range(reps):
                 for m in modes:
-                    sc.sharing = m
                     cfg = RunConfig(inputs=(inp,), output=os.path.join(wd, "o.parquet"), overwrite=True,
                                     restart=True, model="<mem>", device=str(DEV), prefix_sharing=m)
-                    c0 = sc.stats.tokens_computed
+                    c0 = engs[m].stats().tokens_computed
                     t0 = time.perf_counter()
-                    summ = run(cfg, progress=False, scorer=sc)
+                    summ = run(cfg, progress=False, scorer=engs[m])
                     r[m]["e2e_s"].append(time.perf_counter() - t0)
-                    r[m]["e2e_tokens"] = [summ.extra["tokens_before_sharing"], sc.stats.tokens_computed - c0]
+                    r[m]["e2e_tokens"] = [summ.extra["tokens_before_sharing"], engs[m].stats().tokens_computed - c0]
             out = {}
             for m in modes:
                 x = r[m]
@@ -254,7 +250,7 @@ def bench_rows(arch):
             out["speedup_e2e"] = round(out[on]["e2e_pairs_per_s"] / out["off"]["e2e_pairs_per_s"], 3)
             rows[wname] = out
             save(f"bench_{arch}_{wname}", out)
-        REC["oom_retries"] = sc.stats.oom_retries
+        REC["oom_retries"] = sum(e.stats().oom_retries for e in engs.values())
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pipeline.bench import throughput as bench  # noqa: E402
 from pipeline.config import RunConfig  # noqa: E402
-from pipeline.engines.score import Scorer  # noqa: E402
 from pipeline.run import run  # noqa: E402
 
 ap = argparse.ArgumentParser()
@@ -77,14 +76,15 @@ with tempfile.TemporaryDirectory() as wd:
 
     model, tok, shape = bench.build_model(ARCH, DEV, DTYPE, wd)
     vocab = len(tok) if ARCH == "tiny" else model.config.vocab_size
-    sc = Scorer.from_model(model, tok, RunConfig(inputs=(), output="", model="<m>", device=DEV.type), DEV)
-    REC.update(engine=sc.engine, attention=sc.kernel, budget=sc.budget)
+    # One engine per sharing mode (the mode is its config's), all over one forward.
+    engines = bench.sharing_engines(model, tok, {"model": "<m>", "device": DEV.type}, DEV, ("off", "on", "auto"))
+    sc = engines["off"]
+    REC.update(engine=sc.info.forward, attention=sc.info.kernel, budget=sc.token_budget)
     peak = bench.measure_matmul_peak(DEV) if DEV.type == "cuda" else None
     REC["matmul_peak_tflops"] = round(peak / 1e12, 1) if peak else None
     warm = bench.synthetic_encoded(bench.WORKLOADS["w-short"], vocab, 600)
     for m in ("on", "off"):  # warm-up / compile, both layouts
-        sc.sharing = m
-        sc.score(warm)
+        engines[m].score(warm)
     sync()
     REC["setup_s"] = round(time.time() - T0, 1)
     save()
@@ -97,30 +97,27 @@ with tempfile.TemporaryDirectory() as wd:
         enc = bench.synthetic_encoded(w, vocab, PAIRS)
         res = {m: {"model_s": [], "e2e_s": [], "waiting_for_input_s": []} for m in modes}
         for m in modes:  # e2e warm-up: first-run costs (compile of new shapes, file cache) out of the timings
-            sc.sharing = m
             run(RunConfig(inputs=(inp,), output=os.path.join(wd, "o.parquet"), overwrite=True, restart=True,
-                          model="<m>", device=DEV.type, prefix_sharing=m), progress=False, scorer=sc)
+                          model="<m>", device=DEV.type, prefix_sharing=m), progress=False, scorer=engines[m])
         for rep in range(args.repeats):
             if rep >= 2 and over_budget():
                 res["skipped_repeats"] = args.repeats - rep
                 break
             for m in modes:
-                sc.sharing = m
-                st = sc.stats
-                c0, a0 = st.tokens_computed, st.attention_area
+                st0 = engines[m].stats()
                 sync()
                 t0 = time.perf_counter()
-                sc.score(enc)
+                engines[m].score(enc)
                 sync()
                 res[m]["model_s"].append(time.perf_counter() - t0)
-                res[m]["tokens_computed"] = st.tokens_computed - c0
-                res[m]["attention_area"] = st.attention_area - a0
+                st = engines[m].stats()
+                res[m]["tokens_computed"] = st.tokens_computed - st0.tokens_computed
+                res[m]["attention_area"] = st.attention_area - st0.attention_area
             for m in modes:
-                sc.sharing = m
                 cfg = RunConfig(inputs=(inp,), output=os.path.join(wd, "o.parquet"), overwrite=True, restart=True,
                                 model="<m>", device=DEV.type, prefix_sharing=m)
                 t0 = time.perf_counter()
-                s = run(cfg, progress=False, scorer=sc)
+                s = run(cfg, progress=False, scorer=engines[m])
                 res[m]["e2e_s"].append(time.perf_counter() - t0)
                 res[m]["waiting_for_input_s"].append(s.extra.get("seconds_waiting_for_input", 0.0))
                 res[m]["pairs"] = s.pairs_scored

@@ -11,7 +11,7 @@ import torch
 from cpu_conftest import _corpus, real_pairs
 from pipeline.engines import fused_encoder
 from pipeline.config import RunConfig
-from pipeline.engines.score import Scorer
+from pipeline.engines.score import load_engine
 
 PAIRS = 240
 
@@ -23,7 +23,7 @@ def texts():
 
 
 def _score(model_dir, texts, **kw):
-    s = Scorer.load(RunConfig(inputs=(), output="", model=model_dir, max_length=512, **kw))
+    s = load_engine(RunConfig(inputs=(), output="", model=model_dir, max_length=512, **kw))
     q, d = texts
     enc = s.encoder.encode([""] * len(q), q, d)
     return s.score(enc), s
@@ -38,12 +38,12 @@ def test_packed_encoder_on_cuda(tmp_path, texts, arch, monkeypatch):
     assert ref.std() > 0.02
     torch.backends.cuda.matmul.allow_tf32 = False
     f32, s = _score(m, texts, device="cuda", dtype="float32")
-    assert s.engine == "fused-encoder"
+    assert s.info.forward == "fused-encoder"
     assert np.abs(f32 - ref).max() <= 1e-5, np.abs(f32 - ref).max()
     bf, s = _score(m, texts, device="cuda")
-    assert s.engine == "fused-encoder" and s.kernel in ("torch_varlen", "flash_attn"), (s.engine, s.kernel)
+    assert s.info.forward == "fused-encoder" and s.info.kernel in ("torch_varlen", "flash_attn"), s.info
     err = np.abs(bf - ref).max()
-    print(f"{arch}: float32 cuda {np.abs(f32 - ref).max():.2e}, bf16 {s.kernel} {err:.2e}")
+    print(f"{arch}: float32 cuda {np.abs(f32 - ref).max():.2e}, bf16 {s.info.kernel} {err:.2e}")
     assert err < 0.03
     # The same bound on a causal kernel: it must fail, or the bound proves nothing.
     from pipeline.engines import attention

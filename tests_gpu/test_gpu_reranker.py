@@ -24,7 +24,7 @@ def test_reranker_equals_run_on_cuda(tied_model, tmp_path):
     o = pq.read_table(out)
     want = dict(zip(o.column("doc_id").to_pylist(), o.column("score").to_numpy()))
     rr = Reranker(tied_model, **opts)
-    assert rr.scorer.budget == summary.batch_token_budget
+    assert rr.scorer.token_budget == summary.batch_token_budget
     got = rr.predict(list(zip(t.column("query").to_pylist(), t.column("document").to_pylist(),
                               t.column("instruction").to_pylist())))
     ref = np.array([want[k] for k in t.column("doc_id").to_pylist()], dtype=np.float32)

@@ -16,7 +16,7 @@ import torch
 from cpu_conftest import shared
 from pipeline.config import RunConfig
 from pipeline.run import run
-from pipeline.engines.score import Scorer
+from pipeline.engines.score import TorchEngine, engine_from_model, load_engine
 
 RECORD = {}
 
@@ -86,11 +86,11 @@ def test_real_size_06b_bf16_against_float32_cpu(tmp_path):
     t = pq.read_table(shared("ARC-Challenge.long.parquet")).slice(0, 256)
     cpu_model, tok, _ = build_model("0.6b", torch.device("cpu"), torch.float32, str(tmp_path))
     gpu_model = copy.deepcopy(cpu_model)  # the same random weights on both sides
-    gpu = Scorer.from_model(gpu_model, tok, RunConfig(inputs=(), output="", device="cuda"))
+    gpu = engine_from_model(gpu_model, tok, RunConfig(inputs=(), output="", device="cuda"))
     args = (t.column("instruction").to_pylist(), t.column("query").to_pylist(), t.column("document").to_pylist())
     b = gpu.score(gpu.encoder.encode(*args))
     torch.set_num_threads(os.cpu_count() or 4)
-    cpu = Scorer.from_model(cpu_model, tok, RunConfig(inputs=(), output="", device="cpu"))
+    cpu = engine_from_model(cpu_model, tok, RunConfig(inputs=(), output="", device="cpu"))
     a = cpu.score(cpu.encoder.encode(*args))
     diff = np.abs(a - b)
     rho = _spearman(a, b)
@@ -119,14 +119,16 @@ def test_real_cuda_oom_is_split_and_the_cap_holds(tied_model):
     t = pq.read_table(shared("spartqa.long.parquet")).slice(0, 4000)
     args = (t.column("instruction").to_pylist(), t.column("query").to_pylist(), t.column("document").to_pylist())
     limit = 1 << 30
-    ref_scorer = Scorer.load(RunConfig(inputs=(), output="", model=tied_model, device="cuda"))
+    ref_scorer = load_engine(RunConfig(inputs=(), output="", model=tied_model, device="cuda"))
     enc = ref_scorer.encoder.encode(*args)
     ref = ref_scorer.score(enc)
     del ref_scorer
     torch.cuda.empty_cache()
-    scorer = Scorer.load(RunConfig(inputs=(), output="", model=tied_model, device="cuda", gpu_memory_limit=limit,
-                                   max_batch_tokens=65536))
-    scorer.budget = 65536
+    cfg = RunConfig(inputs=(), output="", model=tied_model, device="cuda", gpu_memory_limit=limit,
+                    max_batch_tokens=65536)
+    capped = load_engine(cfg)  # sets the allocator's cap
+    # Batches of 65536 tokens whatever the probe found: the engine over the same forward, started there.
+    scorer = TorchEngine(capped.forward, capped.encoder, cfg, capped.info, token_budget=65536)
     # Ballast leaves ~40 MiB under the cap: 64k-token batches must OOM for real and split.
     free = limit - torch.cuda.memory_reserved() - (40 << 20)
     ballast = torch.empty(free, dtype=torch.uint8, device="cuda")
@@ -136,9 +138,9 @@ def test_real_cuda_oom_is_split_and_the_cap_holds(tied_model):
     del ballast
     torch.cuda.set_per_process_memory_fraction(1.0)
     d = float(np.abs(ref - got).max())
-    _record("oom_under_cap", oom_retries=scorer.stats.oom_retries, peak_reserved=int(peak), limit=limit,
-            max_abs_vs_uncapped=d, budget_after=scorer.budget)
-    assert scorer.stats.oom_retries > 0
+    _record("oom_under_cap", oom_retries=scorer.stats().oom_retries, peak_reserved=int(peak), limit=limit,
+            max_abs_vs_uncapped=d, budget_after=scorer.token_budget)
+    assert scorer.stats().oom_retries > 0
     assert peak <= limit
     assert d < 0.02
 

@@ -9,6 +9,7 @@ The plain single-process run is measured in the same call, as the baseline of `-
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import resource
@@ -16,9 +17,13 @@ import sys
 import tempfile
 import time
 
+import numpy as np
+import pyarrow.parquet as pq
 import torch
 
+from pipeline.bench.throughput import WORKLOADS, build_model, workload_table
 from pipeline.config import RunConfig
+from pipeline.run import run
 
 
 def _cpu_seconds() -> float:
@@ -27,8 +32,6 @@ def _cpu_seconds() -> float:
 
 
 def save_random_reranker(arch: str, workdir: str) -> str:
-    from pipeline.bench.throughput import build_model
-
     # Random init of a 4B model takes minutes on the host and seconds on a GPU.
     dev = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     model, tok, _ = build_model(arch, dev, torch.bfloat16, workdir)
@@ -43,8 +46,6 @@ def save_random_reranker(arch: str, workdir: str) -> str:
 
 
 def _one_run(inp: str, model: str, devices: str | None, workdir: str, cfg_kw: dict) -> dict:
-    from pipeline.run import run
-
     out = os.path.join(workdir, f"out-{devices or 'plain'}.parquet")
     cfg = RunConfig(inputs=(inp,), output=out, model=model, overwrite=True, restart=True, devices=devices,
                     **cfg_kw)
@@ -53,8 +54,6 @@ def _one_run(inp: str, model: str, devices: str | None, workdir: str, cfg_kw: di
     wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
     # The plain run's model and cached blocks must not sit on cuda:0 while pool workers size
     # their budgets from its free memory.
-    import gc
-
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -83,10 +82,6 @@ def _one_run(inp: str, model: str, devices: str | None, workdir: str, cfg_kw: di
 
 def run_devices_bench(arch: str, workload: str, counts: list[int], *, pairs: int | None = None,
                       repeats: int = 1, window: int = 2048) -> dict:
-    import pyarrow.parquet as pq
-
-    from pipeline.bench.throughput import WORKLOADS, workload_table
-
     ndev = torch.cuda.device_count()
     if ndev == 0:
         device_list = lambda n: ",".join(["cpu"] * n)  # noqa: E731 - CI's smoke path
@@ -113,8 +108,6 @@ def run_devices_bench(arch: str, workload: str, counts: list[int], *, pairs: int
             r["same_rows_as_plain"] = got.num_rows == ref.num_rows and got.drop(["score", "rank"]).equals(
                 ref.drop(["score", "rank"]))
             if got.num_rows == ref.num_rows:
-                import numpy as np
-
                 r["max_abs_score_diff_vs_plain"] = float(np.abs(got["score"].to_numpy() - ref["score"].to_numpy()).max())
             del r["output"]
         del rec["runs"][0]["output"]

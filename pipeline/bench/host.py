@@ -1,8 +1,8 @@
 """The host side alone: how many pairs/s reading, tokenizing, grouping, packing and writing can
 feed a device, without one.
 
-`rerank-batch run` end to end (Parquet in, ranked Parquet out) on a workload, with a scorer whose
-forward returns zeros at once: everything else (prefetch thread, tokenizer, prefix grouping and
+`rerank-batch run` end to end (Parquet in, ranked Parquet out) on a workload, with an engine whose
+forward (NullForward) returns zeros at once: everything else (prefetch thread, tokenizer, prefix grouping and
 layout, tensors, parts, final write) runs as in a real run. Sharing off and on alternate within
 each repeat. The encoder alone (tokenize + lay out the window's pairs, in the prefetch thread's
 chunks) gets its own row. The tokenizer runs as on an accelerator run (its own threads on every
@@ -16,26 +16,39 @@ import tempfile
 import time
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 
+from pipeline.bench.throughput import WORKLOADS, build_model, sharing_engines, workload_table
 from pipeline.config import RunConfig
+from pipeline.engines.forwards import to_device
+from pipeline.engines.prefix import SharedBatch
+from pipeline.run import run
+from pipeline.scoring import MAX_CHUNK
 
 
-def _null_scorer(model, tok, device, us_per_token: float = 0.0):
-    from pipeline.engines.score import Scorer
+class NullForward:
+    """A forward (engines.forwards.Forward) that costs nothing: zero logits, one per pair; or, with
+    `us_per_token`, one that sleeps as long as a device would take for the tokens computed (the
+    GIL free, as while a GPU works): does the host side overlap a device of that speed?"""
 
-    class NullScorer(Scorer):
-        """A scorer whose packed forward costs nothing (zeros, one per scored position), or, with
-        `us_per_token`, sleeps as long as a device would take for the tokens computed (the GIL
-        free, as while a GPU works): does the host side overlap a device of that speed?"""
+    name = "null"
+    kernel = "none"
+    padded = False
+    compiled = False
 
-        def _forward_packed(self, flat, pos, cu_t, max_len, last_idx, shared=None):
-            if us_per_token:
-                time.sleep(len(flat) * us_per_token * 1e-6)
-            return torch.zeros(len(last_idx), dtype=torch.float32)
+    def __init__(self, device: torch.device, us_per_token: float = 0.0):
+        self.device = device
+        self.us_per_token = us_per_token
 
-    return NullScorer.from_model(model, tok, RunConfig(inputs=(), output="", model="<host>", device="cpu",
-                                                       prefix_sharing="on"), device)
+    def logits(self, batch) -> torch.Tensor:
+        # The host's share of a real forward: the batch's arrays made tensors on the device.
+        rows = [batch.cu_q, batch.cu_k, batch.kv_idx, batch.last] if isinstance(batch, SharedBatch) else [batch.cu]
+        for a in rows + [batch.ids, batch.pos]:
+            to_device(a, np.int64, self.device)
+        if self.us_per_token:
+            time.sleep(len(batch.ids) * self.us_per_token * 1e-6)
+        return torch.zeros(batch.pairs, 1, dtype=torch.float32)
 
 
 def _spread(xs: list[float]) -> dict:
@@ -54,12 +67,6 @@ def run_host_bench(workload: str, pairs: int | None = None, repeats: int = 3, us
 
 
 def _measure(workload: str, pairs: int | None, repeats: int, us_per_token: float) -> dict:
-    import pyarrow.parquet as pq
-
-    from pipeline.bench.throughput import WORKLOADS, build_model, workload_table
-    from pipeline.scoring import MAX_CHUNK
-    from pipeline.run import run
-
     dev = torch.device("cpu")
     w = WORKLOADS[workload]
     rec = {"workload": workload, "device": "cpu (host side only: the forward returns zeros)",
@@ -68,7 +75,9 @@ def _measure(workload: str, pairs: int | None, repeats: int, us_per_token: float
            "load_average": [round(x, 2) for x in os.getloadavg()], "date": time.strftime("%Y-%m-%d %H:%M")}
     with tempfile.TemporaryDirectory() as wd:
         model, tok, _ = build_model("tiny", dev, torch.float32, wd)
-        scorer = _null_scorer(model, tok, dev, us_per_token)
+        # Sharing off and on: one engine each (the mode is its config's), over one NullForward.
+        engines = sharing_engines(model, tok, {"model": "<host>", "device": "cpu"}, dev,
+                                  forward=NullForward(dev, us_per_token))
         rec["simulated_device_us_per_token"] = us_per_token
         table = workload_table(w, pairs)
         inp = os.path.join(wd, "host-input.parquet")
@@ -83,15 +92,14 @@ def _measure(workload: str, pairs: int | None, repeats: int, us_per_token: float
         for _ in range(repeats):
             t0 = time.perf_counter()
             for s in range(0, n, MAX_CHUNK):
-                tokens += int(scorer.encoder.encode(instr[s:s + MAX_CHUNK], q[s:s + MAX_CHUNK],
-                                                    d[s:s + MAX_CHUNK]).offsets[-1])
+                tokens += int(engines["off"].encoder.encode(instr[s:s + MAX_CHUNK], q[s:s + MAX_CHUNK],
+                                                            d[s:s + MAX_CHUNK]).offsets[-1])
             rates["encode"].append(n / (time.perf_counter() - t0))
             for mode in ("off", "on"):
-                scorer.sharing = mode
                 cfg = RunConfig(inputs=(inp,), output=os.path.join(wd, "host-output.parquet"), overwrite=True,
                                 restart=True, model="<host>", device="cpu", prefix_sharing=mode)
                 t0 = time.perf_counter()
-                summary = run(cfg, progress=False, scorer=scorer)
+                summary = run(cfg, progress=False, scorer=engines[mode])
                 rates[f"e2e_{mode}"].append(summary.pairs_scored / (time.perf_counter() - t0))
                 stages[mode] = {k: v for k, v in summary.extra.items() if k.startswith(("seconds_", "tokens_"))}
                 stages[mode]["simulated_device_s"] = round(summary.extra["tokens_after_sharing"] * us_per_token * 1e-6, 3)

@@ -2,7 +2,7 @@
 the whole CLI in a fresh process.
 
 One random-weight model of a real shape is saved to disk, then loaded the way a user would load
-it: by our Scorer.load (as `rerank-batch run` does) and by CrossEncoder(path). Both score the same
+it: by our load_engine (as `rerank-batch run` does) and by CrossEncoder(path). Both score the same
 texts (the workload's); the measurements are interleaved (ours, then theirs, repeated), so a busy
 machine slows both alike, and each row gives the median and the spread (min, max) of its repeats.
 
@@ -21,13 +21,21 @@ import tempfile
 import time
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
+from transformers import (AutoModelForSequenceClassification, AutoTokenizer, BertConfig, ModernBertConfig,
+                          Qwen3Config, Qwen3ForCausalLM, XLMRobertaConfig)
+
+from pipeline.bench.synthetic import ARCHS, train_cross_tokenizer, train_tokenizer
+from pipeline.bench.throughput import (WORDS, WORKLOADS, BusySampler, measure_matmul_peak, model_flops,
+                                       non_embedding_params, sync, workload_table)
+from pipeline.config import RunConfig
+from pipeline.engines.loading import resolve_device, resolve_dtype
+from pipeline.engines.score import load_engine
+from pipeline.engines.template import QWEN3_RERANKER
+from pipeline.engines.tokenize import CrossEncoderEncoder, same_ids
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from pipeline.bench.throughput import WORDS, WORKLOADS, BusySampler, measure_matmul_peak, model_flops, non_embedding_params, \
-    workload_table
-from pipeline.bench.synthetic import ARCHS
 
 # Published shapes: cross-encoder/ms-marco-MiniLM-L6-v2, BAAI/bge-reranker-v2-m3 (XLM-R large),
 # ModernBERT-base (e.g. Alibaba-NLP/gte-reranker-modernbert-base).
@@ -77,10 +85,6 @@ def encoder_flops(lengths: np.ndarray, arch: str) -> float:
 def build_saved_model(arch: str, out_dir: str, device, dtype) -> str:
     """A random-weight model of `arch` saved with its tokenizer (trained on the bench's words, one
     word one token) into out_dir; built on `device` in `dtype` (fast for the large shapes)."""
-    from transformers import AutoModelForSequenceClassification
-
-    from pipeline.bench.synthetic import train_cross_tokenizer, train_tokenizer
-
     torch.manual_seed(0)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -95,8 +99,6 @@ def build_saved_model(arch: str, out_dir: str, device, dtype) -> str:
             with torch.device(device):
                 model = AutoModelForSequenceClassification.from_config(config)
         else:
-            from transformers import Qwen3Config, Qwen3ForCausalLM
-
             tok = train_tokenizer(out_dir, texts=[" ".join(WORDS)] * 5)
             shape = dict(ARCHS[arch])
             vocab = shape.pop("vocab_size", None) or len(tok)
@@ -117,8 +119,6 @@ def build_saved_model(arch: str, out_dir: str, device, dtype) -> str:
 
 
 def _encoder_config(style: str, shape: dict, tok):
-    from transformers import BertConfig, ModernBertConfig, XLMRobertaConfig
-
     common = dict(num_labels=1, initializer_range=0.02, pad_token_id=tok.pad_token_id, **shape)
     if style == "bert":
         return BertConfig(architectures=["BertForSequenceClassification"], **common)
@@ -135,8 +135,7 @@ def st_pairs(arch: str, instructions, queries, documents) -> list[tuple[str, str
     two texts as they are, so the pair carries our template: the joined text is our prompt."""
     if arch in ENCODER_ARCHS:
         return list(zip(queries, documents))
-    from pipeline.engines.template import QWEN3_RERANKER as t
-
+    t = QWEN3_RERANKER
     out = []
     for i, q, d in zip(instructions, queries, documents):
         body = t.format_body(i, q, d)
@@ -146,16 +145,11 @@ def st_pairs(arch: str, instructions, queries, documents) -> list[tuple[str, str
     return out
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed(fn, device):
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     out = fn()
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t0, out
 
 
@@ -220,10 +214,6 @@ def tokenizer_load_rows(model_dir: str, encoder: bool, repeats: int) -> dict:
 def ids_equal_transformers(model_dir: str, enc, queries, documents, max_length: int) -> bool:
     """Whether the run's ids (and token types) equal those of transformers' AutoTokenizer called
     on the same pairs, on this machine's transformers."""
-    from transformers import AutoTokenizer
-
-    from pipeline.engines.tokenize import CrossEncoderEncoder, same_ids
-
     ref = CrossEncoderEncoder(AutoTokenizer.from_pretrained(model_dir), max_length).encode_by_call(queries, documents)
     return bool(same_ids(enc, ref))
 
@@ -238,12 +228,6 @@ def _spread(values, name: str) -> dict:
 def run_peer_bench(arch: str, workload: str, *, device: str = "auto", pairs: int | None = None, repeats: int = 3,
                    st: bool = True, cli: bool = True, batch_sizes: tuple[int, ...] | None = None,
                    dtype: str = "auto") -> dict:
-    import pyarrow.parquet as pq
-
-    from pipeline.config import RunConfig
-    from pipeline.engines.loading import resolve_device, resolve_dtype
-    from pipeline.engines.score import Scorer
-
     dev = resolve_device(device)
     tdtype = resolve_dtype(dtype, dev)
     batch_sizes = batch_sizes or ((32, 128) if dev.type == "cuda" else (32,))
@@ -265,8 +249,9 @@ def run_peer_bench(arch: str, workload: str, *, device: str = "auto", pairs: int
         q, d = table.column("query").to_pylist(), table.column("document").to_pylist()
         instr = ["Given a web search query, retrieve relevant passages that answer the query"] * len(q)
         cfg = RunConfig(inputs=(), output="", model=mdir, device=str(dev), dtype=dtype, max_length=max_length)
-        scorer = Scorer.load(cfg)
-        rec.update(engine_impl=scorer.engine, attention=scorer.kernel, batch_token_budget=scorer.budget)
+        scorer = load_engine(cfg)
+        rec.update(engine_impl=scorer.info.forward, attention=scorer.info.kernel,
+                   batch_token_budget=scorer.token_budget)
         enc = scorer.encoder.encode(instr, q, d)
         rec["pairs"], rec["tokens"] = len(enc), int(enc.offsets[-1])
         if encoder_arch:
@@ -276,6 +261,7 @@ def run_peer_bench(arch: str, workload: str, *, device: str = "auto", pairs: int
         rec["matmul_peak_tflops"] = round(peak / 1e12, 1) if peak else None
         ce = None
         if st:
+            import sentence_transformers  # optional: the bench's peer, not a dependency (st_available)
             from sentence_transformers import CrossEncoder
 
             t0 = time.perf_counter()
@@ -283,8 +269,6 @@ def run_peer_bench(arch: str, workload: str, *, device: str = "auto", pairs: int
             rec["st_load_s"] = round(time.perf_counter() - t0, 3)  # in this process: transformers already imported
             sp = st_pairs(arch, instr, q, d)
             ce.predict(sp[:64], batch_size=32, show_progress_bar=False)  # warm-up
-            import sentence_transformers
-
             rec["sentence_transformers"] = sentence_transformers.__version__
         scorer.score(type(enc)(enc.ids, enc.offsets[: min(len(enc), 512) + 1], enc.truncated,
                                None if enc.type_ids is None else enc.type_ids[: enc.offsets[min(len(enc), 512)]]))

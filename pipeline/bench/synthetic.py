@@ -11,6 +11,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import (AddedToken, AutoModelForSequenceClassification, BertConfig, BertTokenizer, GemmaConfig,
+                          GemmaForCausalLM, ModernBertConfig, PreTrainedTokenizerFast, Qwen2Tokenizer, Qwen3Config,
+                          Qwen3ForCausalLM, Qwen3ForSequenceClassification, XLMRobertaConfig, XLMRobertaTokenizer)
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
 # Architectures from the published config.json files of the models on the Hugging Face hub; "tiny" is ours.
 ARCHS: dict[str, dict] = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -47,10 +54,6 @@ def train_tokenizer(out_dir: str | Path, texts: list[str] | None = None, vocab_s
 
     "yes" and "no" come out as single tokens, as in the real Qwen3 tokenizer.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AddedToken, Qwen2Tokenizer
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
-
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
@@ -81,8 +84,6 @@ def train_tokenizer(out_dir: str | Path, texts: list[str] | None = None, vocab_s
 def spread_norms(model, mean: float = 1.0, std: float = 0.3) -> None:
     """Random norm weights: with all norms at their init value and a small init std, every
     score of a tiny model sits near 0.5, and parity tests could not tell right from wrong."""
-    import torch
-
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 1:
@@ -97,9 +98,6 @@ def build_reranker(out_dir: str | Path, arch: str = "tiny", *, tie_word_embeddin
     ``init_std`` larger than the usual 0.02 makes a tiny model's scores spread over (0, 1), so
     that parity tests can tell a right computation from a wrong one.
     """
-    import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer(out_dir, texts)
@@ -135,9 +133,6 @@ def train_cross_tokenizer(out_dir: str | Path, style: str, texts: list[str], *, 
     ms-marco MiniLM), 'xlmr' (sentencepiece-style Unigram, XLMRobertaTokenizer, as
     bge-reranker-v2-m3) or 'modernbert' (byte-level BPE, PreTrainedTokenizerFast, as ModernBERT).
     pad_vocab_to grows the vocabulary with filler pieces to a real model's size (load times)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import BertTokenizer, PreTrainedTokenizerFast, XLMRobertaTokenizer
-
     corpus = list(texts) + _BUILTIN_CORPUS * 5
     filler = [f"{chr(0x4e00 + k % 20000)}{k}" for k in range(max(0, (pad_vocab_to or 0) - vocab_size))]
     if style == "bert":
@@ -186,10 +181,6 @@ def build_cross_encoder(out_dir: str | Path, arch: str, texts: list[str], *, num
                         init_std: float = 0.2):
     """A tiny random cross-encoder: arch 'bert', 'xlm-roberta' or 'modernbert', with the tokenizer
     kind and class of the real models (train_cross_tokenizer)."""
-    import torch
-    from transformers import (AutoModelForSequenceClassification, BertConfig, ModernBertConfig,
-                              XLMRobertaConfig)
-
     out_dir = Path(out_dir)
     tok = train_cross_tokenizer(out_dir, {"xlm-roberta": "xlmr"}.get(arch, arch), texts)
     common = dict(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -218,9 +209,6 @@ def build_cross_encoder(out_dir: str | Path, arch: str, texts: list[str], *, num
 def build_qwen3_seq_cls(out_dir: str | Path, texts: list[str], seed: int = 0):
     """A tiny Qwen3ForSequenceClassification with one label (as the Qwen3-Reranker seq-cls
     conversions) and the Qwen tokenizer."""
-    import torch
-    from transformers import Qwen3Config, Qwen3ForSequenceClassification
-
     out_dir = Path(out_dir)
     tok = train_tokenizer(out_dir, texts)
     config = Qwen3Config(vocab_size=len(tok), num_labels=1, architectures=["Qwen3ForSequenceClassification"],
@@ -236,9 +224,6 @@ def build_qwen3_seq_cls(out_dir: str | Path, texts: list[str], seed: int = 0):
 def build_gemma_reranker(out_dir: str | Path, texts: list[str], seed: int = 0):
     """A tiny Gemma-style causal LM with "<bos>" and a single-token "Yes", for the
     bge-reranker-v2-gemma template."""
-    import torch
-    from transformers import AddedToken, GemmaConfig, GemmaForCausalLM
-
     out_dir = Path(out_dir)
     tok = train_tokenizer(out_dir, list(texts) + ["Yes", "No"] * 50)
     tok.add_tokens([AddedToken("<bos>", special=True, normalized=False)])

@@ -17,11 +17,19 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
+from torch import profiler
+from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
+from pipeline.bench.synthetic import ARCHS, spread_norms, train_tokenizer
 from pipeline.config import RunConfig
-from pipeline.bench.synthetic import ARCHS
-from pipeline.engines.tokenize import Encoded
+from pipeline.engines.loading import resolve_device
+from pipeline.engines.score import engine_from_model
+from pipeline.engines.template import QWEN3_RERANKER
+from pipeline.engines.tokenize import Encoded, PairEncoder
+from pipeline.run import run
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +116,6 @@ WORDS = [w for w in (
 def workload_table(w: Workload, pairs: int | None = None, seed: int = 0):
     """A Parquet-ready table of texts whose token counts follow the workload (one word, one
     token, with a tokenizer trained on WORDS)."""
-    import pyarrow as pa
-
     q, d = draw_lengths(w, pairs, seed)
     rng = np.random.default_rng(seed + 2)
     words = np.array(WORDS)
@@ -173,7 +179,7 @@ class BusySampler:
         self.samples: list[int] = []
         self.handle = None
         try:
-            import pynvml
+            import pynvml  # optional: without it, no busy fraction
 
             pynvml.nvmlInit()
             self.nvml = pynvml
@@ -203,7 +209,8 @@ class BusySampler:
         return round(float(np.mean(self.samples)) / 100, 3) if self.samples else None
 
 
-def _sync(device):
+def sync(device):
+    """Wait for the device's queued work (timings); nothing to wait for on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -233,7 +240,7 @@ def seed_way(model, encoder, enc: Encoded, device, pairs: int) -> dict:
     with torch.inference_mode():
         first = next(batches())  # warm-up
         m(input_ids=first[0], attention_mask=first[1])
-        _sync(device)
+        sync(device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
@@ -245,7 +252,7 @@ def seed_way(model, encoder, enc: Encoded, device, pairs: int) -> dict:
                 out.append(s.float().cpu())  # the naive recipe hands scores back per batch
                 if device.type == "cuda":
                     torch.cuda.empty_cache()  # after every batch, as such services do
-            _sync(device)
+            sync(device)
         dt = time.perf_counter() - t0
     peak = torch.cuda.max_memory_reserved(device) if device.type == "cuda" else 0
     del m
@@ -259,46 +266,39 @@ def engine_model_only(scorer, enc: Encoded, device, repeats: int = 1) -> dict:
     n = min(len(enc), 512)
     keys = enc.keys[:n] if enc.keys is not None else None
     scorer.score(Encoded(enc.ids, enc.offsets[: n + 1], enc.truncated, keys=keys))  # warm-up/compile
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    scorer.synchronize()
+    scorer.reset_peak_memory()
     times = []
-    st = scorer.stats
-    c0, a0 = st.tokens_computed, st.attention_area
+    st0 = scorer.stats()
     with BusySampler(device) as busy:
         for _ in range(repeats):
             t0 = time.perf_counter()
             scores = scorer.score(enc)
-            _sync(device)
+            scorer.synchronize()
             times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_reserved(device) if device.type == "cuda" else 0
+    peak = scorer.peak_memory_bytes()
+    st = scorer.stats()
     return {"pairs": len(enc), "tokens": int(enc.offsets[-1]), "seconds": float(np.median(times)),
             "seconds_all": times, "peak_gpu_memory_bytes": int(peak), "gpu_busy": busy.busy,
             "lengths": enc.lengths, "scores": scores,
-            "tokens_computed": (st.tokens_computed - c0) // repeats, "attention_area": (st.attention_area - a0) // repeats}
+            "tokens_computed": (st.tokens_computed - st0.tokens_computed) // repeats,
+            "attention_area": (st.attention_area - st0.attention_area) // repeats}
 
 
 def profile_engine(scorer, enc: Encoded, top: int = 25) -> str:
     """Top CUDA kernels of one model-only pass, by total device time."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    activities = [profiler.ProfilerActivity.CPU, profiler.ProfilerActivity.CUDA]
+    with profiler.profile(activities=activities) as prof:
         scorer.score(enc)
-        torch.cuda.synchronize()
+        scorer.synchronize()
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=60)
 
 
 def engine_end_to_end(scorer, table, cfg_kw: dict, device, workdir: str) -> dict:
-    import pyarrow.parquet as pq
-
-    from pipeline.run import run
-
     inp = os.path.join(workdir, "bench-input.parquet")
     pq.write_table(table, inp)
     out = os.path.join(workdir, "bench-output.parquet")
     cfg = RunConfig(inputs=(inp,), output=out, overwrite=True, restart=True, **cfg_kw)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     with BusySampler(device) as busy:
         summary = run(cfg, progress=False, scorer=scorer)
@@ -308,13 +308,21 @@ def engine_end_to_end(scorer, table, cfg_kw: dict, device, workdir: str) -> dict
             "rows_written": summary.rows, "lengths": None}
 
 
+def sharing_engines(model, tok, cfg_kw: dict, device, modes=("off", "on"), forward=None) -> dict:
+    """One engine per prefix sharing mode over one model in memory, {mode: engine}: the mode is
+    each engine's config (`prefix_sharing`), and all run one forward (the first engine's, or
+    `forward`), so the model's weights are held once."""
+    out = {}
+    for mode in modes:
+        cfg = RunConfig(inputs=(), output="", **{**cfg_kw, "prefix_sharing": mode})
+        out[mode] = engine_from_model(model, tok, cfg, device, forward=forward)
+        forward = out[mode].forward
+    return out
+
+
 def build_model(arch: str, device, dtype, workdir: str, num_hidden_layers: int | None = None):
     """Random-weight Qwen3 reranker of `arch` built in memory (on the device), with a tokenizer
     trained on the benchmark's words; saved to `workdir` only for the tiny smoke model."""
-    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
-
-    from pipeline.bench.synthetic import spread_norms, train_tokenizer
-
     tok_dir = os.path.join(workdir, "tokenizer")
     train_tokenizer(tok_dir, texts=[" ".join(WORDS)] * 5)
     tok = AutoTokenizer.from_pretrained(tok_dir)
@@ -344,9 +352,6 @@ def run_bench(arch: str, workload: str, *, device: str = "auto", seed_pairs: int
               gpu_memory_limit: int | None = None, pairs: int | None = None, repeats: int = 3,
               compile: str = "auto", attention: str = "auto", max_batch_tokens: int | None = None,
               profile: bool = False, engine: str = "auto", prefix_sharing: str = "auto") -> dict:
-    from pipeline.engines.loading import resolve_device
-    from pipeline.engines.score import Scorer
-
     dev = resolve_device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     w = WORKLOADS[workload]
@@ -361,24 +366,21 @@ def run_bench(arch: str, workload: str, *, device: str = "auto", seed_pairs: int
                       max_batch_tokens=max_batch_tokens, gpu_memory_limit=gpu_memory_limit,
                       prefix_sharing=prefix_sharing)
         enc = synthetic_encoded(w, len(tok) if arch == "tiny" else shape.get("vocab_size", len(tok)), pairs)
-        from pipeline.engines.template import QWEN3_RERANKER
-        from pipeline.engines.tokenize import PairEncoder
-
         encoder = PairEncoder(tok, QWEN3_RERANKER, 8192)
         results = {}
         if seed_pairs:
             results["seed"] = seed_way(model, encoder, enc, dev, seed_pairs)
-        scorer = Scorer.from_model(model, tok, RunConfig(inputs=(), output="", **cfg_kw), dev)
-        record["engine_impl"] = scorer.engine
+        scorer = engine_from_model(model, tok, RunConfig(inputs=(), output="", **cfg_kw), dev)
+        record["engine_impl"] = scorer.info.forward
         record["prefix_sharing"] = prefix_sharing
-        record["attention"] = scorer.kernel
-        record["batch_token_budget"] = scorer.budget
+        record["attention"] = scorer.info.kernel
+        record["batch_token_budget"] = scorer.token_budget
         results["engine"] = engine_model_only(scorer, enc, dev, repeats=repeats)
         if profile and dev.type == "cuda":
             record["profile"] = profile_engine(scorer, enc)
         if e2e:
             results["e2e"] = engine_end_to_end(scorer, workload_table(w, pairs), cfg_kw, dev, workdir)
-        record["oom_retries"] = scorer.stats.oom_retries
+        record["oom_retries"] = scorer.stats().oom_retries
     for name, r in results.items():
         row = {"pairs": r["pairs"], "tokens": r["tokens"], "seconds": round(r["seconds"], 4),
                "pairs_per_s": round(r["pairs"] / r["seconds"], 1),

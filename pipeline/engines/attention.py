@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 NAME = "rerank_varlen"
 
 
-def _flash_attn():
+def flash_attn_varlen():
+    """flash-attn's varlen function, or None where the package does not import."""
     try:
         from flash_attn import flash_attn_varlen_func  # optional extra
     except Exception:
@@ -31,9 +32,10 @@ def _flash_attn():
     return flash_attn_varlen_func
 
 
-def _torch_varlen():
+def torch_varlen():
+    """torch's varlen FlashAttention (torch.nn.attention.varlen), or None in torch versions without it."""
     try:
-        from torch.nn.attention.varlen import varlen_attn
+        from torch.nn.attention.varlen import varlen_attn  # newer torch versions only
     except Exception:
         return None
     return varlen_attn
@@ -50,37 +52,20 @@ def choose_kernel(requested: str, device: torch.device, dtype: torch.dtype = tor
         if dtype == torch.float32:  # the FlashAttention kernels take fp16/bf16 only
             raise InputError(f"--attention {requested} has no float32 kernel; use --dtype bfloat16 or float16, "
                              "or --attention sdpa")
-        if requested == "flash_attn" and _flash_attn() is None:
+        if requested == "flash_attn" and flash_attn_varlen() is None:
             raise InputError("--attention flash_attn: the flash-attn package does not import here; install it "
                              "(pip install flash-attn --no-build-isolation) or use --attention auto")
-        if requested == "torch_varlen" and _torch_varlen() is None:
+        if requested == "torch_varlen" and torch_varlen() is None:
             raise InputError(f"--attention torch_varlen: torch {torch.__version__} has no "
                              "torch.nn.attention.varlen; use --attention auto")
         return requested
     if device.type != "cuda" or dtype == torch.float32 or requested == "sdpa":
         return "sdpa"
-    if _flash_attn() is not None:
+    if flash_attn_varlen() is not None:
         return "flash_attn"
-    if _torch_varlen() is not None:
+    if torch_varlen() is not None:
         return "torch_varlen"
     return "sdpa"
-
-
-def _sdpa_per_sequence(q, k, v, cu, scale):
-    # q (T, H, D), k/v (T, Hkv, D). One causal SDPA per sequence: no cross-sequence leakage,
-    # no padding, and the same arithmetic as the reference's masked forward.
-    out = torch.empty_like(q)
-    bounds = cu.tolist()
-    gqa = q.shape[1] != k.shape[1]
-    for s, e in zip(bounds[:-1], bounds[1:]):
-        if e == s:
-            continue
-        o = F.scaled_dot_product_attention(
-            q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1),
-            is_causal=True, scale=scale, enable_gqa=gqa,
-        )
-        out[s:e] = o.transpose(0, 1)
-    return out
 
 
 _TORCH_VARLEN_GQA = None
@@ -88,7 +73,7 @@ _TORCH_VARLEN_GQA = None
 
 def _torch_varlen_call(q, k, v, cu, max_len, scale, cu_k=None, max_k=None):
     global _TORCH_VARLEN_GQA
-    fn = _torch_varlen()
+    fn = torch_varlen()
     if _TORCH_VARLEN_GQA is None:
         _TORCH_VARLEN_GQA = "enable_gqa" in inspect.signature(fn).parameters
     kw = {"enable_gqa": q.shape[1] != k.shape[1]} if _TORCH_VARLEN_GQA else {}
@@ -137,15 +122,15 @@ def packed_attention(q, k, v, cu, max_len: int, scale: float, kernel: str, share
         k = k.index_select(0, kv_idx)
         v = v.index_select(0, kv_idx)
         if kernel == "flash_attn":
-            return _flash_attn()(q, k, v, cu, cu_k, max_len, max_k, softmax_scale=scale, causal=True)
+            return flash_attn_varlen()(q, k, v, cu, cu_k, max_len, max_k, softmax_scale=scale, causal=True)
         if kernel == "torch_varlen":
             return _torch_varlen_call(q, k, v, cu, max_len, scale, cu_k, max_k)
         return _sdpa_per_block(q, k, v, cu, cu_k, scale)
     if kernel == "flash_attn":
-        return _flash_attn()(q, k, v, cu, cu, max_len, max_len, softmax_scale=scale, causal=True)
+        return flash_attn_varlen()(q, k, v, cu, cu, max_len, max_len, softmax_scale=scale, causal=True)
     if kernel == "torch_varlen":
         return _torch_varlen_call(q, k, v, cu, max_len, scale)
-    # One padded SDPA call (exact, no per-sequence loop); the loop stays for reference.
+    # One padded SDPA call: exact, and no per-sequence Python loop.
     return padded_sdpa(q, k, v, cu, max_len, scale, causal=True)
 
 
@@ -155,7 +140,7 @@ def _transformers_attention(module, query, key, value, attention_mask, scaling=N
     max_len = kwargs["max_length_q"]
     kv_idx = kwargs.get("rerank_kv_idx")
     shared = None if kv_idx is None else (kv_idx, kwargs["cu_seq_lens_k"], kwargs["max_length_k"])
-    kernel = getattr(module.config, "_rerank_kernel", "sdpa")
+    kernel = kwargs.get("rerank_kernel", "sdpa")  # the forward's kernel (forwards.TransformersDecoder)
     q = query[0].transpose(0, 1)
     k = key[0].transpose(0, 1)
     v = value[0].transpose(0, 1)
@@ -172,6 +157,7 @@ def register() -> str:
     """Register the packed attention with transformers once; return its implementation name."""
     global _registered
     if not _registered:
+        # Here, not at the top: a direct load (direct.py) runs without importing transformers.
         from transformers import AttentionInterface
 
         AttentionInterface.register(NAME, _transformers_attention)

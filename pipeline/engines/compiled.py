@@ -20,6 +20,7 @@ from pipeline.runtime import user_cache
 
 def _inductor_default() -> str | None:
     try:
+        # torch's internals, which move between versions: imported where a failure is a plain answer.
         from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
         return os.path.abspath(default_cache_dir())

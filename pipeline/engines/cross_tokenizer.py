@@ -21,7 +21,9 @@ from __future__ import annotations
 import json
 import os
 
-from pipeline.engines.fast_tokenizer import token_text, added_tokens
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+from pipeline.engines.fast_tokenizer import added_tokens, token_text
 
 # tokenizer_config.json keys that change ids when set (add_prefix_space is XLM-R's own option).
 _MUST_BE_FALSE = ("split_special_tokens", "legacy_tokenizer", "add_prefix_space")
@@ -61,6 +63,8 @@ class CrossEncoderTokenizer:
             tok = specials.get(name)
             setattr(self, name, tok)
             setattr(self, name + "_id", None if tok is None else backend.token_to_id(tok))
+        # As transformers': the vocabulary without added tokens (the memory probe draws ids below it).
+        self.vocab_size = backend.get_vocab_size(with_added_tokens=False)
 
     def __len__(self) -> int:
         return self.backend_tokenizer.get_vocab_size(with_added_tokens=True)
@@ -128,8 +132,6 @@ def _added_tokens_agree(tj: dict, tcfg: dict, specials: dict) -> str | None:
 
 def _component(obj) -> dict | None:
     """The JSON of a normalizer, pre-tokenizer or post-processor object as tokenizer.json holds it."""
-    from tokenizers import Tokenizer, models
-
     t = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
     for attr in ("normalizer", "pre_tokenizer", "post_processor"):
         try:
@@ -143,8 +145,6 @@ def _component(obj) -> dict | None:
 def _rebuild(how: str, tj: dict, tcfg: dict, specials: dict) -> str | None:
     """Edit tokenizer.json `tj` in place into the backend transformers' class builds; the reason
     where it cannot (None: done)."""
-    from tokenizers import normalizers, pre_tokenizers, processors
-
     model = tj.get("model") or {}
     ids = {a["content"]: a["id"] for a in tj.get("added_tokens") or []}
     if how == "bert":
@@ -230,8 +230,6 @@ def load(path: str) -> tuple[CrossEncoderTokenizer | None, str]:
     if why:
         return None, why
     try:
-        from tokenizers import Tokenizer
-
         backend = Tokenizer.from_str(json.dumps(tj))
     except Exception as exc:  # a file the library cannot read: transformers will say why
         return None, f"tokenizers cannot read tokenizer.json ({exc})"

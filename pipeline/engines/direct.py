@@ -18,69 +18,25 @@ import threading
 from types import SimpleNamespace
 
 import torch
+from safetensors import safe_open
+
+from pipeline.engines import compiled, fast_tokenizer, fused_qwen3
+from pipeline.engines.fused_qwen3 import rope_theta
+from pipeline.engines.model_config import JsonConfig, read_config
+from pipeline.errors import ModelError, first_line
+from pipeline.runtime import startup
 
 log = logging.getLogger(__name__)
 
 # Sizes the fused forward needs; config.json must give each (class defaults are not guessed).
 _REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "num_key_value_heads", "head_dim", "rms_norm_eps", "vocab_size")
-# Model types whose config fields our inspection reads (families.py, plan.py) as plain JSON keys.
-JSON_TYPES = {"qwen3", "qwen2", "llama", "mistral", "gemma", "gemma2", "gemma3_text", "phi3", "bert",
-              "xlm-roberta", "roberta", "modernbert"}
 _ARCHS = {"Qwen3ForCausalLM": "yes-no", "Qwen3ForSequenceClassification": "seq-cls-causal"}
 FAMILIES = set(_ARCHS.values())
 
 
-class JsonConfig(SimpleNamespace):
-    """config.json as attributes; `num_labels` as transformers derives it (id2label's length)."""
-
-    @property
-    def num_labels(self) -> int:
-        d = self.__dict__
-        if isinstance(d.get("id2label"), dict):
-            return len(d["id2label"])
-        return int(d.get("num_labels_", 2))
-
-
-def read_config(path: str) -> JsonConfig | None:
-    """config.json of a local model directory as a JsonConfig, when its model type is one whose
-    fields we read as they stand; None (use AutoConfig) otherwise."""
-    f = os.path.join(path, "config.json")
-    if not os.path.isfile(f):
-        return None
-    try:
-        with open(f, encoding="utf-8") as fh:
-            d = json.load(fh)
-    except (OSError, ValueError):
-        return None  # AutoConfig reports it
-    if not isinstance(d, dict) or d.get("model_type") not in JSON_TYPES or d.get("auto_map"):
-        return None
-    if "num_labels" in d:
-        d["num_labels_"] = d.pop("num_labels")
-    return JsonConfig(**d)
-
-
-def rope_theta(c) -> float | None:
-    """The base of a default RoPE, as transformers reads it (`rope_scaling or rope_parameters`);
-    None for anything else: another RoPE type, or a rope_scaling that differs from
-    rope_parameters (which one a transformers version reads is not ours to guess)."""
-    rs, rp = getattr(c, "rope_scaling", None), getattr(c, "rope_parameters", None)
-    if rs and rp and rs != rp:
-        return None
-    r = rs or rp
-    theta = getattr(c, "rope_theta", None)
-    if not r:
-        return theta
-    if not isinstance(r, dict) or r.get("rope_type", r.get("type", "default")) != "default":
-        return None
-    if set(r) - {"rope_type", "type", "rope_theta"}:
-        return None  # scaling factors or other fields a default RoPE does not read: not understood
-    if "rope_theta" in r and theta is not None and r["rope_theta"] != theta:
-        return None
-    return r.get("rope_theta", theta)
-
-
-def _why_not(cfg, kind, c: JsonConfig | None) -> str | None:
+def why_not(cfg, kind, c: JsonConfig | None) -> str | None:
+    """Why `cfg.model` (its config.json read as `c`) does not load directly; None where it does."""
     if c is None:
         return "config.json is not a plain Qwen3 config"
     if cfg.trust_remote_code or cfg.engine == "transformers":
@@ -108,7 +64,7 @@ def _why_not(cfg, kind, c: JsonConfig | None) -> str | None:
     return None
 
 
-def _weight_files(path: str) -> tuple[list[str] | None, str]:
+def weight_files(path: str) -> tuple[list[str] | None, str]:
     """The safetensors files transformers would read: model.safetensors before the index (as
     transformers prefers it), every shard inside the directory. (None, why) otherwise."""
     single = os.path.join(path, "model.safetensors")
@@ -148,8 +104,6 @@ def _is_oom(exc: BaseException) -> bool:
 
 def _weights_error(path: str, exc: BaseException):
     """The transformers path's message (loading.py) for weights that cannot be read."""
-    from pipeline.errors import ModelError, first_line
-
     return ModelError(f"model {path}: cannot load safetensors weights ({first_line(exc)}); weights load only "
                       "from *.safetensors files")
 
@@ -173,10 +127,8 @@ def expected_shapes(c: JsonConfig, family: str, tied: bool) -> dict[str, tuple[i
 
 
 class DirectQwen3:
-    """A Qwen3 reranker's tensors on the device (no nn.Module): what the fused forward and the
-    Scorer's head read. `direct` tells the Scorer it needs no transformers model set-up."""
-
-    direct = True
+    """A Qwen3 reranker's tensors on the device (no nn.Module): what the fused forward and its
+    head read (forwards.choose builds the fused forward over them)."""
 
     def __init__(self, config: JsonConfig, tensors: dict, family: str):
         self.config = config
@@ -193,16 +145,15 @@ class DirectQwen3:
 
 
 def load_qwen3(cfg, kind, device: torch.device, dtype: torch.dtype):
-    """(DirectQwen3, FastTokenizer) of `cfg.model`, or None (logged why) for transformers to load."""
-    from pipeline.engines import compiled, fast_tokenizer, fused_qwen3
-    from pipeline.runtime import startup
-
+    """(DirectQwen3, FastTokenizer, compile) of `cfg.model`, or None (logged why) for transformers
+    to load. `compile`: the fused steps run compiled (--compile wants it, and their warm-up, run
+    while the weights loaded, worked)."""
     path = cfg.model
     c = read_config(path) if os.path.isdir(path) else None
-    why = _why_not(cfg, kind, c)
+    why = why_not(cfg, kind, c)
     files = None
     if not why:
-        files, why = _weight_files(path)
+        files, why = weight_files(path)
     tok = None
     if not why:
         tok, why = fast_tokenizer.load(path)
@@ -210,8 +161,6 @@ def load_qwen3(cfg, kind, device: torch.device, dtype: torch.dtype):
         log.debug("model %s: loading through transformers (%s)", path, why)
         return None
     startup.mark("tokenizer")
-    from safetensors import safe_open
-
     tied = bool(getattr(c, "tie_word_embeddings", False)) and kind.family == "yes-no"
     want = expected_shapes(c, kind.family, tied)
     try:
@@ -255,14 +204,12 @@ def load_qwen3(cfg, kind, device: torch.device, dtype: torch.dtype):
     # steps on dummy rows: the two waits overlap instead of adding up.
     loader = threading.Thread(target=load_all, name="rerank-weights", daemon=True)
     loader.start()
-    compile_failed = False
-    if compiled.wanted(cfg, device):
+    compile = compiled.wanted(cfg, device)
+    if compile:
         try:
             fused_qwen3.warm_up(c, device, dtype)
         except Exception as exc:  # torch.compile compiles on first call: a broken compiler shows here
-            compile_failed = True
-            from pipeline.errors import first_line
-
+            compile = False
             log.warning("torch.compile failed on dummy rows (%s); running eagerly", first_line(exc))
         startup.mark("compile")
     while loader.is_alive():  # a timed join: signals still reach this thread at once
@@ -272,6 +219,4 @@ def load_qwen3(cfg, kind, device: torch.device, dtype: torch.dtype):
             raise failed[0]
         raise _weights_error(path, failed[0]) from None
     startup.mark("weights")
-    model = DirectQwen3(c, tensors, kind.family)
-    model.compile_failed = compile_failed  # the Scorer then builds the fused forward eager
-    return model, tok
+    return DirectQwen3(c, tensors, kind.family), tok, compile

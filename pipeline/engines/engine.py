@@ -1,15 +1,16 @@
 """The engine seam: what the rest of the pipeline may know of a loaded reranker.
 
 A run, a worker, the Python API and the benchmark hold an `Engine` and use only what this
-protocol names; how the forward is chosen, batched, split on out-of-memory and sized is the
-engine package's own business (compare TEI's `Backend`: `max_batch_size`, `predict(batch)`).
-`load_engine` builds one, once per process.
+protocol names; how the forward is chosen (forwards.choose), batched, split on out-of-memory
+(oom.py) and sized (budget.py) is the engine package's own business (compare TEI's `Backend`:
+`max_batch_size`, `predict(batch)`). `score.load_engine` builds one, once per process;
+`score.engine_from_model` builds one over a model already in memory.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -20,10 +21,11 @@ class EngineInfo:
 
     kind: object  # engines.families.ModelKind
     forward: str  # "fused", "fused-encoder", "transformers", "transformers-padded"
-    kernel: str  # attention kernel, e.g. "flash-varlen", "sdpa-packed", "padded-sdpa"
-    device: str  # "cuda:0", "cpu"
+    kernel: str  # attention kernel: "flash_attn", "torch_varlen", "sdpa", "padded-sdpa"
+    device: str  # "cuda", "cuda:1", "cpu"
     dtype: str  # "bfloat16", "float32"
-    sharing: str  # prefix sharing in effect: "off", "on"
+    sharing: str  # prefix sharing in effect: "off", "on", "auto" (where it saves enough; prefix.py)
+    compiled: bool = False  # the forward's fused steps run compiled (torch.compile), not eagerly
 
 
 @dataclass(frozen=True)
@@ -37,13 +39,15 @@ class EngineStats:
     attention_area: int = 0  # sum over attention blocks of 2*Lq*Lk - Lq^2 (for FLOP counts)
 
 
+@runtime_checkable
 class Engine(Protocol):
     info: EngineInfo
-    encoder: object  # encode(instructions, queries, documents) -> Encoded
+    encoder: object  # encode(instructions, queries, documents) -> tokenize.Encoded
 
     @property
     def token_budget(self) -> int:
-        """Tokens per batch the engine packs (sized once at load by a memory probe)."""
+        """Tokens per batch the engine packs (sized once at load by a memory probe; an OOM
+        shrinks it)."""
 
     def score(self, enc, *, on_batch=None, stop=None) -> np.ndarray:
         """float32 scores of every pair in `enc`, in order. `on_batch(pairs, tokens)` after each
@@ -58,7 +62,8 @@ class Engine(Protocol):
     def synchronize(self) -> None:
         """Wait for the device's queued work (for timings); a no-op on the CPU."""
 
-    def reset_peak_memory(self) -> None: ...
+    def reset_peak_memory(self) -> None:
+        """Start counting peak device memory afresh; a no-op on the CPU."""
 
     def peak_memory_bytes(self) -> int:
         """Peak device memory reserved since the last reset; 0 on the CPU."""

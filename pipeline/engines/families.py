@@ -15,8 +15,10 @@ import os
 from dataclasses import dataclass
 
 from pipeline.config import RunConfig
-from pipeline.errors import ModelError, first_line
+from pipeline.engines.hub import looks_like_path
+from pipeline.engines.model_config import read_config
 from pipeline.engines.template import DEFAULT_TEMPLATE, Template, get_template
+from pipeline.errors import ModelError, first_line
 
 # Model types whose sequence-classification head sits on a causal decoder (last-token pooling).
 CAUSAL_TYPES = {"qwen3", "qwen2", "llama", "mistral", "gemma", "gemma2", "gemma3_text", "phi3"}
@@ -36,16 +38,13 @@ def load_config(cfg: RunConfig):
     (no transformers import: seconds at startup), else transformers' AutoConfig."""
     path = cfg.model
     if not os.path.isdir(path):
-        from pipeline.engines.hub import looks_like_path
-
         if looks_like_path(path):
             raise ModelError(f"model {path}: no such directory; check the path (a hub id is org/name)")
     if os.path.isdir(path) and not cfg.trust_remote_code:
-        from pipeline.engines.direct import read_config
-
         got = read_config(path)
         if got is not None:
             return got
+    # Here, not at the top: most models are read above, without importing transformers (seconds).
     from transformers import AutoConfig
 
     try:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import os
 
+from tokenizers import Tokenizer
+
 # The pipeline of transformers' Qwen2Tokenizer (models/qwen2/tokenization_qwen2.py).
 QWEN_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
               r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
@@ -179,8 +181,6 @@ def load(path: str) -> tuple[FastTokenizer | None, str]:
     if why:
         return None, why
     try:
-        from tokenizers import Tokenizer
-
         backend = Tokenizer.from_str(json.dumps(tj))
     except Exception as exc:  # a file the library cannot read: transformers will say why
         return None, f"tokenizers cannot read tokenizer.json ({exc})"

@@ -17,7 +17,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from pipeline.engines import attention
+from pipeline.engines import attention, compiled
 from pipeline.engines.padded_attention import padded_sdpa, padded_sdpa_qkv
 
 log = logging.getLogger(__name__)
@@ -45,10 +45,10 @@ def bidirectional_attention(q, k, v, cu, max_len: int, scale: float, kernel: str
     global _VARLEN_PARAMS
     if kernel == "flash_attn":
         ws = (window, window) if window is not None else (-1, -1)
-        return attention._flash_attn()(q, k, v, cu, cu, max_len, max_len, softmax_scale=scale, causal=False,
+        return attention.flash_attn_varlen()(q, k, v, cu, cu, max_len, max_len, softmax_scale=scale, causal=False,
                                        window_size=ws)
     if kernel == "torch_varlen":
-        fn = attention._torch_varlen()
+        fn = attention.torch_varlen()
         if _VARLEN_PARAMS is None:
             _VARLEN_PARAMS = set(inspect.signature(fn).parameters)
         kw = {"is_causal": False} if "is_causal" in _VARLEN_PARAMS else {}
@@ -112,9 +112,7 @@ class FusedEncoder:
                                      torch.cat([s.query.bias, s.key.bias, s.value.bias], 0)))
         if compile:
             try:
-                from pipeline.engines.compiled import compile_rows
-
-                self._add_ln = compile_rows(add_layer_norm)
+                self._add_ln = compiled.compile_rows(add_layer_norm)
             except Exception as exc:  # no Triton: eager is exact, only slower
                 log.warning("torch.compile unavailable (%s); running eagerly", exc)
 
@@ -131,6 +129,11 @@ class FusedEncoder:
 
     def use_eager(self) -> None:
         self._add_ln = add_layer_norm
+
+    @property
+    def compiled(self) -> bool:
+        """True while a compiled step runs (BERT-style encoders; ModernBERT compiles nothing)."""
+        return not self.modern and self._add_ln is not add_layer_norm
 
     @torch.inference_mode()
     def logits(self, input_ids, type_ids, positions, cu, max_len: int, first_idx) -> torch.Tensor:

@@ -14,6 +14,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from pipeline.engines import compiled
 from pipeline.engines.attention import packed_attention
 
 log = logging.getLogger(__name__)
@@ -136,8 +137,6 @@ class FusedQwen3:
                                      t[p + "self_attn.q_norm.weight"], t[p + "self_attn.k_norm.weight"],
                                      [g("mlp.gate_proj.weight"), g("mlp.up_proj.weight")],
                                      t[p + "mlp.down_proj.weight"]))
-        from pipeline.engines.direct import rope_theta
-
         d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         return cls(cfg, t["model.embed_tokens.weight"], t["model.norm.weight"], DefaultRope(rope_theta(cfg), d),
                    layers, kernel, compile)
@@ -147,16 +146,19 @@ class FusedQwen3:
         first call, so a broken compiler shows only there)."""
         self._qk, self._add_norm, self._swiglu, self._norm = qk_norm_rope, add_norm, swiglu, rms_norm
 
+    @property
+    def compiled(self) -> bool:
+        """True while the small steps run compiled (torch.compile), False where they run eagerly."""
+        return self._norm is not rms_norm
+
     def _compile(self):
         try:
             # Only the token count is symbolic, from the first call (one compilation, see
             # compiled.py); the feature dimensions (and the gate/up split offset) stay constants.
-            from pipeline.engines.compiled import compile_rows
-
-            self._qk = compile_rows(qk_norm_rope)
-            self._add_norm = compile_rows(add_norm)
-            self._swiglu = compile_rows(swiglu)
-            self._norm = compile_rows(rms_norm)
+            self._qk = compiled.compile_rows(qk_norm_rope)
+            self._add_norm = compiled.compile_rows(add_norm)
+            self._swiglu = compiled.compile_rows(swiglu)
+            self._norm = compiled.compile_rows(rms_norm)
         except Exception as exc:  # no Triton, no compiler: eager is exact, only slower
             log.warning("torch.compile unavailable (%s); running eagerly", exc)
             self.use_eager()
@@ -193,8 +195,7 @@ def warm_up(cfg, device, dtype, parameters: bool = False, rows: int = 16) -> Non
     """Compile the fused steps on dummy rows of the model's widths, dtype and device, before (or
     while) the weights load: the model's calls then find them compiled. `parameters`: the weights
     are nn.Parameters (a transformers model), which torch.compile's guards tell from tensors."""
-    from pipeline.engines.compiled import compile_rows
-
+    compile_rows = compiled.compile_rows
     h, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
     d = getattr(cfg, "head_dim", None) or cfg.hidden_size // h
     hid, eps = cfg.hidden_size, cfg.rms_norm_eps
@@ -215,11 +216,29 @@ def warm_up(cfg, device, dtype, parameters: bool = False, rows: int = 16) -> Non
         compile_rows(rms_norm)(z(hid), w_hid, eps)
 
 
+def rope_theta(c) -> float | None:
+    """The base of a default RoPE, as transformers reads it (`rope_scaling or rope_parameters`);
+    None for anything else: another RoPE type, or a rope_scaling that differs from
+    rope_parameters (which one a transformers version reads is not ours to guess)."""
+    rs, rp = getattr(c, "rope_scaling", None), getattr(c, "rope_parameters", None)
+    if rs and rp and rs != rp:
+        return None
+    r = rs or rp
+    theta = getattr(c, "rope_theta", None)
+    if not r:
+        return theta
+    if not isinstance(r, dict) or r.get("rope_type", r.get("type", "default")) != "default":
+        return None
+    if set(r) - {"rope_type", "type", "rope_theta"}:
+        return None  # scaling factors or other fields a default RoPE does not read: not understood
+    if "rope_theta" in r and theta is not None and r["rope_theta"] != theta:
+        return None
+    return r.get("rope_theta", theta)
+
+
 def supports(hf_model) -> bool:
     """Plain Qwen3 decoders only: SwiGLU (silu), no sliding window, no attention bias, default
-    RoPE read as direct.rope_theta reads it (the same conditions as a direct load)."""
-    from pipeline.engines.direct import rope_theta
-
+    RoPE read as `rope_theta` reads it (the same conditions as a direct load, direct.py)."""
     cfg = hf_model.config
     return (
         cfg.model_type == "qwen3"

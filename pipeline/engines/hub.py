@@ -8,6 +8,7 @@ transformers never reaches for the network itself.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -55,6 +56,7 @@ def resolve_model(model: str) -> str:
                          "with config.json, the tokenizer and the weights) or a hub id (org/name)")
     if looks_like_path(model):
         raise ModelError(f"model {model}: no such directory; check the path (a hub id is org/name)")
+    # Here, not at the top: only a hub id needs the hub client (its import costs start-up time).
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
@@ -81,7 +83,5 @@ def resolve_model(model: str) -> str:
 
 def with_local_model(cfg):
     """`cfg` with its model as a local directory (the same config when it already is one)."""
-    import dataclasses
-
     path = resolve_model(cfg.model)
     return cfg if path == cfg.model else dataclasses.replace(cfg, model=path)

@@ -1,23 +1,40 @@
 """Loading a reranker: the device and dtype, the tokenizer and safetensors weights (refusing a
-checkpoint whose head would be random), then the tokenizer-side encoder and the attention kernel
-for an already built model (the benchmark builds random ones in memory)."""
+checkpoint whose head would be random), then, for it or an already built model (the benchmark
+and the Python API build some in memory), the tokenizer-side encoder and the attention kernel:
+a `Loaded`, from which forwards.choose picks the forward."""
 
 from __future__ import annotations
 
 import importlib.util
 import logging
 import os
+from dataclasses import dataclass
 
 import torch
 
 from pipeline.config import RunConfig
-from pipeline.engines import attention, direct, fused_encoder
+from pipeline.engines import attention, compiled, cross_tokenizer, direct, fused_encoder
 from pipeline.engines.families import ModelKind, inspect_model
+from pipeline.engines.threads import configure_cpu
 from pipeline.engines.tokenize import CrossEncoderEncoder, PairEncoder
 from pipeline.errors import ModelError, first_line
 from pipeline.runtime import startup
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A model ready to score: on its device in its dtype, with its tokenizer-side encoder."""
+
+    model: object  # a transformers model, or direct.DirectQwen3
+    tokenizer: object
+    encoder: object  # tokenize.PairEncoder or CrossEncoderEncoder
+    device: torch.device
+    dtype: torch.dtype
+    kind: ModelKind
+    kernel: str  # attention.choose_kernel's, or "padded-sdpa" for cross-encoders run padded
+    compile: bool  # the fused steps run compiled (--compile; False where a warm-up already failed)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -35,28 +52,23 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
-def decoder_of(model):
-    """The decoder stack under a causal LM or sequence-classification wrapper."""
-    get = getattr(model, "get_decoder", None)
-    dec = get() if callable(get) else None
-    return dec if dec is not None and dec is not model else getattr(model, model.base_model_prefix)
-
-
-def load(cfg: RunConfig, kind: ModelKind | None = None):
-    """(model, tokenizer, device, kind) of `cfg.model`, the weights in `cfg.dtype` on `cfg.device`.
-    A plain Qwen3 reranker loads without transformers (direct.py) unless --engine transformers."""
+def load(cfg: RunConfig, kind: ModelKind | None = None) -> Loaded:
+    """`cfg.model` loaded, the weights in `cfg.dtype` on `cfg.device`. A plain Qwen3 reranker loads
+    without transformers (direct.py) unless --engine transformers."""
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     kind = kind or inspect_model(cfg)
     if kind.family in direct.FAMILIES and os.environ.get("RERANK_DIRECT_LOAD", "1") != "0":
         got = direct.load_qwen3(cfg, kind, device, dtype)
         if got is not None:
-            return got[0], got[1], device, kind
+            model, tokenizer, compile_ok = got
+            return prepare(model, tokenizer, cfg, device, kind, compile=compile_ok)
     # Before transformers is imported, so that the tokenizer stage of the startup timeline is the
     # tokenizer's own load (the import then counts with the weights, which need it).
-    tokenizer = _cross_encoder_tokenizer(cfg) if kind.family == "seq-cls-encoder" else None
+    tokenizer = cross_encoder_tokenizer(cfg) if kind.family == "seq-cls-encoder" else None
     if tokenizer is not None:
         startup.mark("tokenizer")
+    # Here, not at the top: a direct load (above) runs without importing transformers (seconds).
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -91,14 +103,12 @@ def load(cfg: RunConfig, kind: ModelKind | None = None):
             f"model {path}: the checkpoint lacks {len(missing)} weights the {kind.family} head needs "
             f"(e.g. {missing[0]}); check --family, or pass a reranker checkpoint"
         )
-    return model, tokenizer, device, kind
+    return prepare(model, tokenizer, cfg, device, kind)
 
 
-def _cross_encoder_tokenizer(cfg: RunConfig):
+def cross_encoder_tokenizer(cfg: RunConfig):
     """A cross-encoder's tokenizer read by cross_tokenizer.py (no transformers tokenizer load:
     seconds), or None (logged why) for AutoTokenizer."""
-    from pipeline.engines import cross_tokenizer
-
     if cfg.trust_remote_code or os.environ.get("RERANK_TOKENIZER_BACKEND", "rust") == "python":
         return None
     if not os.path.isdir(cfg.model):
@@ -109,27 +119,27 @@ def _cross_encoder_tokenizer(cfg: RunConfig):
     return tok
 
 
-def prepare(model, tokenizer, cfg: RunConfig, device=None, kind: ModelKind | None = None):
-    """Put a built model on its device for scoring: (device, dtype, kind, encoder, kernel)."""
+def prepare(model, tokenizer, cfg: RunConfig, device=None, kind: ModelKind | None = None, *,
+            compile: bool | None = None) -> Loaded:
+    """Put a built model on its device for scoring. `compile`: None for --compile's choice
+    (compiled.wanted); the direct load passes what its warm-up found."""
     device = device or resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     kind = kind or inspect_model(cfg, model.config)
+    compile = compiled.wanted(cfg, device) if compile is None else compile
     if device.type == "cpu":
-        from pipeline.engines.threads import configure_cpu
-
         configure_cpu()
     if kind.family == "seq-cls-encoder":
         encoder = CrossEncoderEncoder(tokenizer, cfg.max_length)
         packed = cfg.engine != "transformers" and fused_encoder.supports(model)
         kernel = attention.choose_kernel(cfg.attention, device, dtype) if packed else "padded-sdpa"
-    elif getattr(model, "direct", False):  # already on the device, in the dtype; no transformers modules
-        encoder = PairEncoder(tokenizer, kind.template, cfg.max_length)
-        return device, dtype, kind, encoder, attention.choose_kernel(cfg.attention, device, dtype)
     else:
         encoder = PairEncoder(tokenizer, kind.template, cfg.max_length)
-        model.set_attn_implementation(attention.register())
         kernel = attention.choose_kernel(cfg.attention, device, dtype)
-        model.config._rerank_kernel = kernel
-    model.to(device=device, dtype=dtype).eval()
-    model.requires_grad_(False)
-    return device, dtype, kind, encoder, kernel
+    # A direct load is already on the device, in the dtype, with no transformers modules to set up.
+    if not isinstance(model, direct.DirectQwen3):
+        if kind.family != "seq-cls-encoder":
+            model.set_attn_implementation(attention.register())
+        model.to(device=device, dtype=dtype).eval()
+        model.requires_grad_(False)
+    return Loaded(model, tokenizer, encoder, device, dtype, kind, kernel, compile)

@@ -3,6 +3,8 @@ cu_seqlens and positions of one batch (prefix-shared batches: engines/prefix.py)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 
@@ -28,13 +30,33 @@ def plan_batches(lengths: np.ndarray, budget: int, padded: bool = False) -> list
     return batches
 
 
-def gather_packed(ids: np.ndarray, offsets: np.ndarray, idx: np.ndarray, types: np.ndarray | None = None):
-    """Concatenate the sequences `idx` of a flat id array; return ids, cu_seqlens, positions and
-    token types (None when there are none)."""
+@dataclass
+class PackedBatch:
+    """Pairs laid out one after another in one row of tokens, no padding: what a forward takes
+    (prefix-shared batches: prefix.SharedBatch)."""
+
+    ids: np.ndarray  # (T,) token ids
+    cu: np.ndarray  # (n+1,) where each pair starts (cu_seqlens), int64
+    pos: np.ndarray  # (T,) position of each token in its pair
+    types: np.ndarray | None = None  # (T,) token types (cross-encoders), or None
+
+    @property
+    def pairs(self) -> int:
+        return len(self.cu) - 1
+
+    @property
+    def area(self) -> int:
+        """Sum over pairs of L^2 (the causal score entries, doubled; for FLOP counts)."""
+        return int((np.diff(self.cu) ** 2).sum())
+
+
+def gather_packed(ids: np.ndarray, offsets: np.ndarray, idx: np.ndarray, types: np.ndarray | None = None
+                  ) -> PackedBatch:
+    """The sequences `idx` of a flat id array (with `offsets`), concatenated into one batch."""
     starts = offsets[idx]
     lens = offsets[idx + 1] - starts
     cu = np.zeros(len(idx) + 1, dtype=np.int64)
     np.cumsum(lens, out=cu[1:])
     within = np.arange(cu[-1], dtype=np.int64) - np.repeat(cu[:-1], lens)
     src = np.repeat(starts, lens) + within
-    return ids[src], cu, within, (types[src] if types is not None else None)
+    return PackedBatch(ids[src], cu, within, types[src] if types is not None else None)

@@ -1,215 +1,93 @@
-"""The Scorer: a loaded reranker that scores batches of token ids on one device.
+"""The engine: a loaded reranker that scores pairs of token ids on one device (engine.Engine).
 
-Its four jobs live in their own modules: loading (engines/loading.py), the memory budget
-(engines/budget.py), packing (engines/packing.py, engines/prefix.py) and OOM recovery
-(engines/oom.py); this class picks the forward (fused Qwen3, fused encoder, transformers' modules,
-padded), runs it, and coordinates a stream of chunks into batches. Executors call only `load`,
-`score` / `score_stream`, `encoder` and `is_padded`.
-
-Causal families run packed (varlen) batches, and only the last position of each sequence is
-projected: onto the LM-head rows of the judged tokens, or onto the classification head. The
-full-vocabulary logits of the reference recipe are never formed. BERT, XLM-R and ModernBERT
-cross-encoders run packed too, bidirectionally (fused_encoder.py); other encoders run padded.
+`load_engine` loads a model (loading.py) and `engine_from_model` takes one built in memory; both
+pick its forward once (forwards.choose) and size its token budget (budget.py). `TorchEngine`
+then packs pairs into batches (packing.py, prefix.py), runs them through the forward, splitting a
+batch that runs out of memory (oom.py), and turns head logits into scores (`activate`).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from pipeline.config import RunConfig
-from pipeline.engines import budget, compiled, fused_encoder, fused_qwen3, loading, oom, prefix
+from pipeline.engines import budget, forwards, loading, prefix
+from pipeline.engines.engine import Engine, EngineInfo, EngineStats
 from pipeline.engines.families import ModelKind
-from pipeline.engines.loading import decoder_of
+from pipeline.engines.oom import BatchRunner
 from pipeline.engines.packing import plan_batches
-from pipeline.errors import ModelError
 from pipeline.runtime import startup
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class ScoreStats:
-    batches: int = 0
-    oom_retries: int = 0
-    tokens: int = 0  # tokens of the pairs scored (before prefix sharing)
-    tokens_computed: int = 0  # tokens that went through the model (after prefix sharing)
-    attention_area: int = 0  # sum over attention blocks of 2*Lq*Lk - Lq^2 (for FLOP counts)
+def load_engine(cfg: RunConfig, kind: ModelKind | None = None, *, logits: bool = False) -> Engine:
+    """The engine of `cfg.model` (a local directory) as `cfg` asks: device, dtype, forward
+    (--engine, --attention, --compile), prefix sharing, batch budget. `logits=True`: `score` gives
+    the head's logits, shape (pairs, 1 or 2), instead of scores."""
+    return _build(loading.load(cfg, kind), cfg, logits)
 
 
-class Scorer:
-    """A model, its tokenizer-side encoder and the batched forward; see `load`."""
+def engine_from_model(model, tokenizer, cfg: RunConfig, device: torch.device | None = None,
+                      kind: ModelKind | None = None, *, logits: bool = False, forward=None) -> Engine:
+    """An engine over a model already built in memory (a transformers model and its tokenizer;
+    the benchmark builds random ones). `forward`: run this forward (forwards.Forward) instead of
+    the one forwards.choose would pick, e.g. another engine's (`TorchEngine.forward`), to score one
+    model under several configs, or a stand-in that costs nothing."""
+    return _build(loading.prepare(model, tokenizer, cfg, device, kind), cfg, logits, forward)
 
-    def __init__(self, model, tokenizer, encoder, device, dtype, cfg: RunConfig, kernel: str, kind: ModelKind,
-                 *, logits: bool = False):
-        self.model = model
-        # True: `score` gives each pair's head logits (one row of 1 or 2) instead of its score.
-        self.logits = logits
-        self.tokenizer = tokenizer
+
+def _build(m: loading.Loaded, cfg: RunConfig, logits: bool, forward=None) -> "TorchEngine":
+    sharing = prefix.resolve_mode(cfg.prefix_sharing, m.device.type, m.kind.family == "seq-cls-encoder")
+    forward = forward if forward is not None else forwards.choose(m, cfg)
+    dtype = str(m.dtype).removeprefix("torch.")
+    log.info("model %s (%s) on %s in %s, attention %s, engine %s", cfg.model, m.kind.family, m.device, dtype,
+             forward.kernel, forward.name)
+    startup.mark("model_setup")
+    tokens = budget.size_budget(forward, m, cfg)
+    startup.mark("memory_probe")
+    info = EngineInfo(kind=m.kind, forward=forward.name, kernel=forward.kernel, device=str(m.device), dtype=dtype,
+                      sharing=sharing, compiled=forward.compiled)
+    return TorchEngine(forward, m.encoder, cfg, info, token_budget=tokens, logits=logits)
+
+
+class TorchEngine:
+    """engine.Engine over a forward (forwards.Forward) on one device.
+
+    `forward`, `encoder`, `cfg` (activation, empty_cache_every) and `info` (device, sharing) as
+    load_engine builds them; `token_budget`: tokens per batch to start from. A test or benchmark
+    may build one over a forward of its own (a stand-in, or one that fails on purpose).
+    """
+
+    def __init__(self, forward, encoder, cfg: RunConfig, info: EngineInfo, *, token_budget: int,
+                 logits: bool = False):
+        self.forward = forward
         self.encoder = encoder
-        self.device = device
-        self.dtype = dtype
-        self.cfg = cfg
-        self.kernel = kernel
-        self.kind = kind
-        self.padded = kind.family == "seq-cls-encoder"
-        self.fused = self.fused_encoder = None
-        self.sharing = prefix.resolve_mode(cfg.prefix_sharing, device.type, self.padded)
-        if self.padded and kernel != "padded-sdpa":
-            use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
-            self.fused_encoder = fused_encoder.FusedEncoder(model, kernel, compile=use_compile)
-            if use_compile and not self._warm_up(self.fused_encoder.warm_up):
-                self.fused_encoder.use_eager()
-            self.padded = False
-            self.engine = "fused-encoder"
-        elif self.padded:
-            if cfg.engine == "fused":
-                raise ModelError(f"--engine fused does not support {model.config.model_type} cross-encoders; "
-                                 "use --engine auto")
-            self.engine = "transformers-padded"
-        else:
-            direct = getattr(model, "direct", False)  # tensors loaded without transformers (direct.py)
-            self.decoder = None if direct else decoder_of(model)
-            if kind.family == "yes-no":
-                w = model.get_output_embeddings().weight
-                rows = [encoder.positive_id] if encoder.negative_id is None else [encoder.negative_id, encoder.positive_id]
-                # float32 head: the judged logits are the whole output, so keep them exact.
-                self.head_w, self.head_b = w[rows].detach().to(torch.float32), None
-            else:
-                score = model.score
-                self.head_w = score.weight.detach().to(torch.float32)
-                self.head_b = score.bias.detach().to(torch.float32) if getattr(score, "bias", None) is not None else None
-            self.layer_types = sorted(set(getattr(model.config, "layer_types", None) or ["full_attention"]))
-            # Eager where the warm-up on dummy rows failed (direct.py): the compiler is broken here.
-            use_compile = compiled.wanted(cfg, device) and not getattr(model, "compile_failed", False)
-            if direct:
-                self.fused = fused_qwen3.FusedQwen3.from_tensors(model.config, model.tensors, kernel, use_compile)
-            elif cfg.engine != "transformers" and fused_qwen3.supports(model):
-                self.fused = fused_qwen3.FusedQwen3.from_hf(model, self.decoder, kernel, compile=use_compile)
-            elif cfg.engine == "fused":
-                raise ModelError(f"--engine fused supports plain Qwen3 decoders only; this model is "
-                                 f"{model.config.model_type}: use --engine auto")
-            self.engine = "fused" if self.fused is not None else "transformers"
-            if self.fused is not None and use_compile and not direct:  # direct.py warmed up while loading
-                startup.mark("model_setup")
-                if not self._warm_up(lambda: fused_qwen3.warm_up(model.config, device, dtype, parameters=True)):
-                    self.fused.use_eager()
-        log.info("model %s (%s) on %s in %s, attention %s, engine %s", cfg.model, kind.family, device,
-                 str(dtype).removeprefix("torch."), kernel, self.engine)
-        self.stats = ScoreStats()
-        startup.mark("model_setup")
-        self.budget = budget.size_budget(self)
-        startup.mark("memory_probe")
-
-    def _warm_up(self, fn) -> bool:
-        """Compile before the memory probe, so the startup timeline shows compilation apart.
-        False (warned): compiling failed, the caller runs eagerly. torch.compile compiles on the
-        first call, so without this a broken compiler would fail the first real batch."""
-        from pipeline.errors import first_line
-
-        try:
-            fn()
-            ok = True
-        except Exception as exc:
-            log.warning("torch.compile failed on dummy rows (%s); running eagerly", first_line(exc))
-            ok = False
-        startup.mark("compile")
-        return ok
-
-    @classmethod
-    def load(cls, cfg: RunConfig, kind: ModelKind | None = None, *, logits: bool = False) -> "Scorer":
-        """`logits=True`: `score` returns the head's logits, shape (pairs, 1 or 2), not scores."""
-        model, tokenizer, device, kind = loading.load(cfg, kind)
-        return cls.from_model(model, tokenizer, cfg, device, kind, logits=logits)
-
-    @classmethod
-    def from_model(cls, model, tokenizer, cfg: RunConfig, device=None, kind: ModelKind | None = None,
-                   *, logits: bool = False) -> "Scorer":
-        """A scorer over an already built model (the benchmark builds random ones in memory)."""
-        device, dtype, kind, encoder, kernel = loading.prepare(model, tokenizer, cfg, device, kind)
-        return cls(model, tokenizer, encoder, device, dtype, cfg, kernel, kind, logits=logits)
+        self.info = info
+        self._activation = None if logits else cfg.activation  # None: `score` gives the head's logits
+        self._device = torch.device(info.device)
+        self._runner = BatchRunner(forward, token_budget, self._device, cfg.empty_cache_every)
 
     @property
-    def is_padded(self) -> bool:
-        """True where batches are padded rows (encoders without a packed forward), not packed."""
-        return self.padded
+    def token_budget(self) -> int:
+        return self._runner.budget
 
-    # -- scoring -------------------------------------------------------------------------------
-    def _put(self, a, dtype):
-        t = torch.from_numpy(np.ascontiguousarray(a, dtype=dtype))
-        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
+    def stats(self) -> EngineStats:
+        return self._runner.stats()
 
-    @torch.inference_mode()
-    def _forward(self, flat: np.ndarray, cu: np.ndarray, pos: np.ndarray, types=None, shared=None) -> torch.Tensor:
-        """Scores of one batch: flat ids, cu_seqlens, positions (token types); `shared`: the
-        prefix.SharedBatch these come from, for a batch with shared prefixes."""
-        if shared is not None:
-            return self._forward_shared(shared)
-        if self.padded:
-            return self._forward_padded(flat, cu, types, self._put)
-        cu_t = self._put(cu, np.int32)
-        if self.fused_encoder is not None:  # packed cross-encoder: the classifier reads each first row
-            tt = self._put(types, np.int64) if types is not None else None
-            logits = self.fused_encoder.logits(self._put(flat, np.int64), tt, self._put(pos, np.int64), cu_t,
-                                               int(np.max(np.diff(cu))), cu_t[:-1].long())
-            return self._activate(logits.to(torch.float32))
-        return self._forward_packed(flat, pos, cu_t, int(np.max(np.diff(cu))), cu_t[1:].long() - 1)
+    def synchronize(self) -> None:
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
 
-    @torch.inference_mode()
-    def _forward_shared(self, b: "prefix.SharedBatch") -> torch.Tensor:
-        """A batch whose candidates share their group's prefix rows (see prefix.py)."""
-        put = self._put
-        cu_k = put(b.cu_k, np.int32)
-        shared = (put(b.kv_idx, np.int64), cu_k, int(np.max(np.diff(b.cu_k))))
-        return self._forward_packed(b.ids, b.pos, put(b.cu_q, np.int32), int(np.max(np.diff(b.cu_q))),
-                                    put(b.last, np.int64), shared)
+    def reset_peak_memory(self) -> None:
+        if self._device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self._device)
 
-    def _forward_packed(self, flat, pos, cu_t, max_len: int, last_idx, shared=None) -> torch.Tensor:
-        input_ids = self._put(flat, np.int64)[None]
-        position_ids = self._put(pos, np.int64)[None]
-        if self.fused is not None:
-            last = self.fused.last_hidden(input_ids[0], position_ids[0], cu_t, max_len, last_idx, shared)
-            return self._activate(self._head(last))
-        kv = {} if shared is None else {"rerank_kv_idx": shared[0]}
-        cu_k, max_k = (cu_t, max_len) if shared is None else shared[1:]
-        out = self.decoder(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            # A dict of masks tells transformers not to build any: packing needs none.
-            attention_mask={t: None for t in self.layer_types},
-            use_cache=False,
-            cu_seq_lens_q=cu_t, cu_seq_lens_k=cu_k, max_length_q=max_len, max_length_k=max_k, **kv,
-        )
-        return self._activate(self._head(out.last_hidden_state[0, last_idx]))
-
-    def _forward_padded(self, flat, cu, types, put) -> torch.Tensor:
-        # Cross-encoders attend both ways, so no packing: right-padded rows of the batch's
-        # longest length (batches are length-sorted, so little is wasted).
-        lens = np.diff(cu)
-        n, width = len(lens), int(lens.max())
-        ids = np.full((n, width), self.tokenizer.pad_token_id, dtype=np.int64)
-        mask = np.zeros((n, width), dtype=np.int64)
-        rows = np.repeat(np.arange(n), lens)
-        cols = np.arange(len(flat)) - np.repeat(cu[:-1], lens)
-        ids[rows, cols] = flat
-        mask[rows, cols] = 1
-        kw = {"input_ids": put(ids, np.int64), "attention_mask": put(mask, np.int64)}
-        if types is not None:
-            tt = np.zeros((n, width), dtype=np.int64)
-            tt[rows, cols] = types
-            kw["token_type_ids"] = put(tt, np.int64)
-        logits = self.model(**kw).logits.to(torch.float32)
-        return self._activate(logits)
-
-    def _head(self, last: torch.Tensor) -> torch.Tensor:
-        logits = last.to(torch.float32) @ self.head_w.T
-        return logits + self.head_b if self.head_b is not None else logits
-
-    def _activate(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits if self.logits else activate(logits, self.cfg.activation)
+    def peak_memory_bytes(self) -> int:
+        return int(torch.cuda.max_memory_reserved(self._device)) if self._device.type == "cuda" else 0
 
     def score(self, enc, *, on_batch=None, stop=None) -> np.ndarray:
         """Scores (float32) of every pair in `enc`, in `enc`'s order."""
@@ -219,7 +97,9 @@ class Scorer:
         """Scores of pairs that arrive in chunks (tokenized while the GPU works), in order.
 
         Full batches go to the GPU as soon as a chunk lands; the short remainder waits for the
-        next chunk, so only the last batch of the stream can be partly empty.
+        next chunk, so only the last batch of the stream can be partly empty. `stop`
+        (runtime.stop.StopToken or None) is checked before each batch: a stop raises
+        KeyboardInterrupt there.
 
         `commit`: an object with `due()` and `__call__(idx, scores)`. Between batches, when
         `due()` says so, and when the stream stops (KeyboardInterrupt), the scores of the pairs
@@ -229,7 +109,7 @@ class Scorer:
         ids = np.empty(0, dtype=np.int32)
         types = None  # token types, for cross-encoders
         keys = None  # group keys, for prefix sharing
-        share = self.sharing != "off"
+        share = self.info.sharing != "off"
         offsets = np.zeros(1, dtype=np.int64)
         pool = np.empty(0, dtype=np.int64)  # pairs not yet sent
         pending: list[tuple[np.ndarray, torch.Tensor]] = []
@@ -237,8 +117,11 @@ class Scorer:
 
         def run(batches, plen):
             for b in batches:
-                oom.submit(self, pool[b], ids, offsets, types, pending, on_batch, stop,
-                           None if plen is None else (plen[b], keys[pool[b]]))
+                for idx, tokens, logits in self._runner.run(ids, offsets, types, pool[b],
+                                                            None if plen is None else (plen[b], keys[pool[b]]), stop):
+                    pending.append((idx, self._activate(logits)))
+                    if on_batch is not None:
+                        on_batch(len(idx), tokens)
                 if commit is not None and pending and commit.due():
                     self._hand_over(pending, saved, commit)
 
@@ -286,6 +169,10 @@ class Scorer:
             out[idx] = s
         return out
 
+    @torch.inference_mode()
+    def _activate(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits if self._activation is None else activate(logits, self._activation)
+
     @staticmethod
     def _hand_over(pending: list, saved: list, commit) -> None:
         idx = np.concatenate([i for i, _ in pending])
@@ -298,13 +185,14 @@ class Scorer:
         """Batches of `pool` (positions into it) and, where prefixes are shared, each pair's
         shared-prefix length (else None)."""
         lengths = offsets[pool + 1] - offsets[pool]
-        if keys is not None and self.sharing != "off" and len(pool) > 1:
+        budget_now = self._runner.budget
+        if keys is not None and self.info.sharing != "off" and len(pool) > 1:
             pk = keys[pool]
             plen = prefix.prefix_lengths(ids, offsets, pool, keys)
             saved = prefix.saving(lengths, plen, pk)
-            if saved > 0 and (self.sharing == "on" or saved >= prefix.AUTO_MIN_SAVING * lengths.sum()):
-                return prefix.plan_shared(lengths, plen, pk, self.budget), plen
-        return plan_batches(lengths, self.budget, self.padded), None
+            if saved > 0 and (self.info.sharing == "on" or saved >= prefix.AUTO_MIN_SAVING * lengths.sum()):
+                return prefix.plan_shared(lengths, plen, pk, budget_now), plen
+        return plan_batches(lengths, budget_now, self.forward.padded), None
 
 
 def activate(logits: torch.Tensor, activation: str) -> torch.Tensor:

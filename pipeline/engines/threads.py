@@ -18,6 +18,8 @@ from __future__ import annotations
 import logging
 import os
 
+import torch
+
 log = logging.getLogger(__name__)
 
 TOKENIZER_SERIAL_CORES = 4
@@ -32,8 +34,6 @@ def usable_cores() -> int:
 
 def configure_cpu() -> dict:
     """Set the pools for a CPU run; return what was chosen (for the log)."""
-    import torch
-
     cores = usable_cores()
     chosen = {}
     env = os.environ

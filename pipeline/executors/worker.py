@@ -73,7 +73,7 @@ class UnitWorker:
     def _counted(self, on_batch):
         def counted(pairs: int, tokens: int) -> None:
             if not self.timeline.seen("first_batch"):
-                _synchronize(self.engine)  # done, not only launched
+                self.engine.synchronize()  # done, not only launched
                 self.timeline.mark("first_batch")
             self.pairs += pairs
             self.tokens += tokens
@@ -97,10 +97,10 @@ def load_engine(cfg: RunConfig, kind):
     # planning and input errors stay fast, and workers set their bytecode cache first.
     import torch
 
-    from pipeline.engines.score import Scorer
+    from pipeline.engines.score import load_engine as load
 
     try:
-        return Scorer.load(cfg, kind)
+        return load(cfg, kind)
     except (torch.OutOfMemoryError, torch.AcceleratorError if hasattr(torch, "AcceleratorError") else RuntimeError
             ) as exc:
         if not isinstance(exc, torch.OutOfMemoryError) and "CUDA" not in str(exc):
@@ -116,10 +116,3 @@ def load_engine(cfg: RunConfig, kind):
             "it: free the GPU, pick another with --device cuda:N, or pass --device cpu"
         ) from None
 
-
-def _synchronize(engine) -> None:
-    """Wait for the device's queued work, so that a timing counts it (a no-op on the CPU)."""
-    if engine.device.type == "cuda":
-        import torch  # loaded already: the engine runs on it
-
-        torch.cuda.synchronize(engine.device)
