@@ -22,6 +22,7 @@ from pipeline.config import RunConfig
 from pipeline.engines import attention, forwards
 from pipeline.engines.engine import Engine, EngineStats
 from pipeline.engines.score import TorchEngine, activate, engine_from_model, load_engine
+from pipeline.errors import ModelError
 from pipeline.runtime.stop import StopToken
 
 TINY = os.path.join(ROOT, "sample_data", "tiny-qwen3-reranker")
@@ -134,6 +135,9 @@ def test_prefix_sharing_comes_from_the_config_at_load(tmp_path, texts):
     assert np.abs(a - b).max() <= TOL
     s = on.stats()
     assert s.tokens_computed < s.tokens == int(enc.offsets[-1])
+    # The fused forward holds the model's q/k/v and gate/up weights now: a second one is refused.
+    with pytest.raises(ModelError, match=r"already serve an engine's fused forward; .*forward=engine.forward"):
+        engine_from_model(model, tok, _cfg(model="<mem>"))
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "gemma"])

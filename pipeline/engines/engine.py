@@ -50,8 +50,9 @@ class Engine(Protocol):
         shrinks it)."""
 
     def score(self, enc, *, on_batch=None, stop=None) -> np.ndarray:
-        """float32 scores of every pair in `enc`, in order. `on_batch(pairs, tokens)` after each
-        batch; `stop` (runtime.stop.StopToken or None) is checked between batches."""
+        """float32 scores of every pair in `enc`, in order (an engine loaded with logits=True: the
+        head's logits, (pairs, 1 or 2)). `on_batch(pairs, tokens)` after each batch; `stop`
+        (runtime.stop.StopToken or None) is checked between batches."""
 
     def score_stream(self, chunks, *, on_batch=None, stop=None, commit=None) -> np.ndarray:
         """Scores of pairs that arrive in chunks of Encoded, in order; `commit` (due(),

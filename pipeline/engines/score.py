@@ -35,8 +35,9 @@ def engine_from_model(model, tokenizer, cfg: RunConfig, device: torch.device | N
                       kind: ModelKind | None = None, *, logits: bool = False, forward=None) -> Engine:
     """An engine over a model already built in memory (a transformers model and its tokenizer;
     the benchmark builds random ones). `forward`: run this forward (forwards.Forward) instead of
-    the one forwards.choose would pick, e.g. another engine's (`TorchEngine.forward`), to score one
-    model under several configs, or a stand-in that costs nothing."""
+    the one forwards.choose would pick: another engine's (`TorchEngine.forward`), to score one
+    model under several configs (a fused forward takes over the model's weights, so a second
+    engine over the same model needs it), or a stand-in that costs nothing."""
     return _build(loading.prepare(model, tokenizer, cfg, device, kind), cfg, logits, forward)
 
 
