@@ -46,6 +46,18 @@ ENV_PREFIX = "RERANK_BATCH"
 @click.option("--max-length", type=click.IntRange(min=8), default=8192, show_default=True,
               help="Tokens per pair, template included; longer bodies are truncated at the end.")
 @click.option("--top-k", type=click.IntRange(min=1), default=None, help="Keep the best K rows of each query.")
+@click.option("--chunk-tokens", type=int, default=None, metavar="N",
+              help="Score each document as windows of N of its own tokens (N >= 8) and give the row their "
+              "aggregate; adds the columns chunks and best_chunk. [default: each document whole, cut at "
+              "--max-length]")
+@click.option("--chunk-overlap", type=int, default=None, metavar="M",
+              help="Tokens consecutive windows share (0 <= M < N). [default: N/4, rounded down]")
+@click.option("--aggregate", default=None, metavar="max|first|mean",
+              help="A row's score from its windows': the best one's, the first one's, or their mean. "
+              "[default: max]")
+@click.option("--chunk-scores", default=None, metavar="PATH",
+              help="Also write every window's score (query_id, doc_id, chunk, start_token, score) to this "
+              "Parquet file; needs --chunk-tokens.")
 @click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
               show_default=True, help="auto: bfloat16 on CUDA, float32 on CPU.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")

@@ -88,6 +88,16 @@ class RunConfig:
     workers: int | None = None
     gpus_per_worker: float | None = None  # None: 1 where the cluster has GPUs, else 0
     cpus_per_worker: float = 1.0
+    # Long documents scored as overlapping windows of their own tokens (pipeline/data/chunks.py):
+    # tokens per window (None: each document is one pair, cut at max_length), tokens consecutive
+    # windows share (None: chunk_tokens // 4), and how a row's score comes from its windows'
+    # ("max", "first" or "mean"; None: "max"). All three decide scores (fingerprint).
+    chunk_tokens: int | None = None
+    chunk_overlap: int | None = None
+    aggregate: str | None = None
+    # Parquet file of every window's score (query_id, doc_id, chunk, start_token, score); an output,
+    # not in the fingerprint.
+    chunk_scores: str | None = None
 
     def __post_init__(self):
         from pipeline.data.inputs import default_output, resolve_inputs
@@ -100,6 +110,9 @@ class RunConfig:
         ce = self.commit_every
         if isinstance(ce, bool) or not isinstance(ce, (int, float)) or not ce > 0:
             raise InputError(f"commit_every={ce!r}: must be a number of seconds above 0")
+        from pipeline.data.chunks import check_options
+
+        check_options(self.chunk_tokens, self.chunk_overlap, self.aggregate, self.chunk_scores)
         if not DEVICE.match(str(self.device or "")):
             raise InputError(f"device={self.device!r}: not a device; use auto, cpu, cuda or cuda:N")
         specs = (self.inputs,) if isinstance(self.inputs, (str, os.PathLike)) else tuple(self.inputs)
@@ -127,7 +140,18 @@ class RunConfig:
             "template": self.template, "max_length": self.max_length, "family": self.family,
             "activation": self.activation,
             "on_null": self.on_null, "window_pairs": self.window_pairs,
+            # None unless chunking, as in checkpoints made before these options existed
+            **chunk_fields(self),
         }
+
+
+def chunk_fields(cfg: RunConfig) -> dict:
+    """The chunking options as they decide scores: the resolved overlap and aggregate, or None
+    for each when documents are scored whole."""
+    from pipeline.data.chunks import Chunking
+
+    c = Chunking.of(cfg)
+    return {"chunk_tokens": c and c.tokens, "chunk_overlap": c and c.overlap, "aggregate": c and c.aggregate}
 
 
 def _is_directory(path: str) -> bool:

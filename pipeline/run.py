@@ -19,6 +19,7 @@ from pipeline.driver.execute import _Timer, execute, score_unit, uses_workers
 from pipeline.driver.finish import cleanup, publish, published_output, totals, verify_parts
 from pipeline.driver.plan import check_output, fingerprint, make_plan, validate
 from pipeline.runtime.progress import Progress
+from pipeline.data import chunk_scores
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,12 @@ def _kept_pairs(plan, partial: int | None = None) -> int:
     return whole + (ck.kept_pairs(refresh=True) if partial is None else partial)
 
 
+def _total_pairs(plan) -> int | None:
+    """Pairs the run scores in all: known from the footers, except with --chunk-tokens, where each
+    document is as many pairs as it has windows (known once its unit is tokenized)."""
+    return None if plan.cfg.chunk_tokens else plan.total_pairs
+
+
 def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, scorer=None) -> Summary:
     """Score and rank `cfg.inputs` into `cfg.output`. Rerunning after a crash resumes."""
     t_start = time.monotonic()
@@ -121,6 +128,8 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
         except OSError as exc:  # a store that fails before any work: nothing to keep, say so
             raise StoreUnavailable.before_work(exc) from None
         cfg = plan.cfg  # with a hub id resolved to its local snapshot
+        if cfg.chunk_scores:
+            chunk_scores.check_target(plan)
         startup.mark("inputs_and_config")
         ck = plan.ckpt
         summary = Summary(output=cfg.output, units=len(plan.units), device=str(plan.device), dtype=plan.dtype)
@@ -132,6 +141,8 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
             summary.units_resumed = len(plan.units)
             summary.__dict__.update(rec.get("totals", {}))
             summary.pairs_resumed = summary.pairs_scored + summary.skipped_null
+            if cfg.chunk_scores:
+                chunk_scores.write_if_missing(plan)
             cleanup(plan, cfg.keep_checkpoint)
             summary.seconds = round(time.monotonic() - t_start, 3)
             return summary
@@ -146,7 +157,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
             log.info("resuming: %d pairs of unfinished units already scored", partial)
         done_pairs = _kept_pairs(plan, partial)
         summary.pairs_resumed = done_pairs
-        prog = _FirstBatch(Progress(plan.total_pairs, done_pairs, bar=progress), scorer)
+        prog = _FirstBatch(Progress(_total_pairs(plan), done_pairs, bar=progress), scorer)
         if scorer is not None and scorer.device.type == "cuda":
             import torch
 
@@ -160,6 +171,10 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
         finally:
             prog.close()
         score_seconds = time.monotonic() - t_score
+        if cfg.chunk_scores:  # before the output: a rerun after a kill between the two writes both
+            t0 = time.perf_counter()
+            chunk_scores.write(plan)
+            timer.add("chunk_scores", t0)
         t0 = time.perf_counter()
         summary.rows = publish(plan, should_stop)
         timer.add("final_write", t0)
@@ -181,7 +196,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
         except (OSError, RerankError) as exc:
             log.warning("could not count the pairs kept in the checkpoint (%s)", first_line(exc))
         plan.ckpt.close(remove=False)
-        raise Interrupted(signum, kept, plan.total_pairs, redo) from None
+        raise Interrupted(signum, kept, _total_pairs(plan), redo) from None
     except BaseException:
         if plan is not None and plan.ckpt is not None and plan.ckpt.lease is not None:
             # nothing scored yet: leave no checkpoint behind; else keep it for the rerun
@@ -200,6 +215,10 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
     summary.extra["tokens_before_sharing"] = sum(ck.done[u]["tokens"] - _resumed(ck.done[u], "tokens") for u in fresh)
     summary.extra["tokens_after_sharing"] = sum(ck.done[u].get("tokens_computed", ck.done[u]["tokens"])
                                                 - _resumed(ck.done[u], "tokens_computed") for u in fresh)
+    if cfg.chunk_tokens:  # documents scored, those split into several windows, windows scored
+        keys = ("documents", "split", "windows")
+        summary.extra["chunking"] = {k: sum(ck.done[u.id].get("chunking", {}).get(k, 0) for u in plan.units)
+                                     for k in keys}
     summary.seconds = round(time.monotonic() - t_start, 3)  # the whole run, plan to cleanup
     summary.pairs_this_run = prog.pairs
     summary.scoring_pairs_per_s = round(prog.pairs / max(score_seconds, 1e-9), 2)

@@ -23,7 +23,7 @@ _Timer = Timer  # the name run.py and the bench know
 def score_unit(unit: Unit, table: pa.Table, layout: InputLayout, cfg: RunConfig, scorer,
                on_batch=None, should_stop=None) -> tuple[pa.Table, dict]:
     """Score one unit already read: the same result the executors' loop commits for it."""
-    pairs = build_pairs(unit, table, layout, cfg)
+    pairs = build_pairs(unit, table, layout, cfg, getattr(scorer.encoder, "tokenizer", None))
     enc = scorer.encoder.encode(pairs.instructions, pairs.queries, pairs.documents)
     scores = scorer.score(enc, on_batch=on_batch, should_stop=should_stop)
     return result_part(pairs, scores), unit_info(pairs, [enc])

@@ -139,6 +139,8 @@ OPTION_OF = {
     "options.device_type": "--device", "options.dtype": "--dtype", "options.engine": "--engine",
     "options.attention": "--attention", "options.compile": "--compile",
     "options.max_batch_tokens": "--max-batch-tokens", "model.family": "--family", "model.path": "--model",
+    "options.chunk_tokens": "--chunk-tokens", "options.chunk_overlap": "--chunk-overlap",
+    "options.aggregate": "--aggregate",
     "model.id": "--model",
 }
 
