@@ -146,12 +146,13 @@ class RunConfig:
 
 
 def chunk_fields(cfg: RunConfig) -> dict:
-    """The chunking options as they decide scores: the resolved overlap and aggregate, or None
-    for each when documents are scored whole."""
+    """The chunking options as they decide scores: [tokens, overlap, aggregate] resolved, or None
+    when documents are scored whole (as in checkpoints made before the options existed). One
+    value, so that a mismatch names all three (storage/fingerprint.py)."""
     from pipeline.data.chunks import Chunking
 
     c = Chunking.of(cfg)
-    return {"chunk_tokens": c and c.tokens, "chunk_overlap": c and c.overlap, "aggregate": c and c.aggregate}
+    return {"chunking": None if c is None else [c.tokens, c.overlap, c.aggregate]}
 
 
 def _is_directory(path: str) -> bool:
