@@ -252,17 +252,17 @@ print(json.dumps({"rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
 
 
 def test_expansion_streams_per_unit(tmp_path):
-    """Documents of 1,500 tokens, 1,200 or 6,000 of them: each unit is expanded on its own (never
+    """Documents of 1,500 tokens, 1,000 or 5,000 of them: each unit is expanded on its own (never
     more than a window of documents at once), and the peak memory of the whole run (scoring that
     costs nothing) does not grow with the input."""
     from pipeline.bench.throughput import WORDS
 
     rng = np.random.default_rng(0)
     words = np.array(WORDS)
-    doc = lambda: " ".join(rng.choice(words, 1500))  # noqa: E731 - one word, one token for this tokenizer
+    doc = lambda: " ".join(rng.choice(words, 1500))  # noqa: E731 - about a token per word for this tokenizer
     base = [doc() for _ in range(200)]
     got = {}
-    for n in (1200, 6000):
+    for n in (1000, 5000):
         inp = tmp_path / f"in{n}.parquet"
         pq.write_table(pa.table({"query": [f"q{i // 50}" for i in range(n)],
                                  "document": [base[i % 200] for i in range(n)]}), inp, row_group_size=1000)
@@ -271,6 +271,7 @@ def test_expansion_streams_per_unit(tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
         got[n] = json.loads(r.stdout.strip().splitlines()[-1])
         assert max(got[n]["calls"]) <= 200 and sum(got[n]["calls"]) == n
-        assert got[n]["windows"] == n * 31  # 1 + ceil((1500 - 64) / 48) windows each
+    assert got[5000]["windows"] == 5 * got[1000]["windows"] > 30 * 1000  # about 1 + (1500 - 64) / 48 each
     # Five times the input (and its windows): the peak stays within a fraction of the first run's.
-    assert got[6000]["rss_kib"] < 1.25 * got[1200]["rss_kib"], got
+    # (Measured: 593 and 638 MB; the whole input expanded at once would add some 250 MB.)
+    assert got[5000]["rss_kib"] < 1.15 * got[1000]["rss_kib"], {n: g["rss_kib"] for n, g in got.items()}
