@@ -80,9 +80,9 @@ class Reranker:
         return self.kind.num_labels or 1
 
     @classmethod
-    def from_model(cls, model, tokenizer, *, activation_fn: Callable | None = None, **options) -> "Reranker":
+    def from_model(cls, model, tokenizer, /, *, activation_fn: Callable | None = None, **options) -> "Reranker":
         """A Reranker over a model already built in memory, with its tokenizer (the benchmark's
-        random-weight models); `options` as Reranker's (`model` names it in messages)."""
+        random-weight models); `options` as Reranker's (`model=` names it in messages)."""
         from pipeline.engines.score import Scorer
 
         self = cls.__new__(cls)

@@ -124,9 +124,24 @@ class ChunkMap:
         return {"documents": int(len(self.counts)), "split": int((self.counts > 1).sum()), "windows": self.total}
 
 
+# Documents tokenized and decoded at a time: the tokenizer hands ids back as Python lists (tens of
+# bytes a token), so a unit of long documents is taken in slices, not whole.
+SLICE_DOCS = 256
+
+
 def expand_texts(documents: list[str], c: Chunking, doc_tokens) -> tuple[list[str], np.ndarray]:
     """The text of every window of `documents` (rows in order, windows in order) and k per document.
     A document of one window keeps its own text."""
+    out: list[str] = []
+    counts = []
+    for s in range(0, len(documents), SLICE_DOCS):
+        texts, k = _expand_slice(documents[s:s + SLICE_DOCS], c, doc_tokens)
+        out.extend(texts)
+        counts.append(k)
+    return out, (np.concatenate(counts) if counts else np.zeros(0, np.int64))
+
+
+def _expand_slice(documents: list[str], c: Chunking, doc_tokens) -> tuple[list[str], np.ndarray]:
     flat, lens = doc_tokens.tokenize(documents)
     counts = window_counts(lens, c)
     split = np.flatnonzero(counts > 1)
@@ -141,10 +156,9 @@ def expand_texts(documents: list[str], c: Chunking, doc_tokens) -> tuple[list[st
     texts = doc_tokens.decode(flat, first, np.minimum(first + c.tokens, last))
     out: list[str] = []
     pos = 0
-    is_split = counts > 1
     for i, d in enumerate(documents):
-        if is_split[i]:
-            n = int(counts[i])
+        n = int(counts[i])
+        if n > 1:
             out.extend(texts[pos:pos + n])
             pos += n
         else:
