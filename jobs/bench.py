@@ -13,11 +13,11 @@ from .common import SizeType, config_option, domain_errors, log_options, setup_l
 @click.command("bench")
 @click.option("--arch", type=click.Choice(["tiny", "0.6b", "4b", "8b", "minilm-l6", "xlmr-large", "modernbert-base"]),
               default="0.6b", show_default=True, help="Qwen3 shapes, or cross-encoder shapes (these imply --peer).")
-@click.option("--workload", type=click.Choice(["w-mixed", "w-short", "w-long", "w-longq"]), default="w-mixed",
-              show_default=True,
+@click.option("--workload", type=click.Choice(["w-mixed", "w-short", "w-long", "w-longq", "w-longdoc"]),
+              default="w-mixed", show_default=True,
               help="Synthetic pairs: w-mixed (6,000, one per query, documents of every length), w-short (100 "
               "queries × 100 short candidates), w-long (1,000 long documents), w-longq (200 long queries × 50 "
-              "candidates).")
+              "candidates), w-longdoc (20 short queries × 50 documents of 2k-8k tokens; with --chunk-tokens).")
 @click.option("--pairs", type=click.IntRange(min=1), default=None, help="Use the first N pairs of the workload.")
 @click.option("--seed-pairs", type=click.IntRange(min=0), default=1500, show_default=True,
               help="Pairs scored with the naive recipe (input order, batches of 16, fp16, padding; 0 skips it); its "
@@ -51,11 +51,18 @@ from .common import SizeType, config_option, domain_errors, log_options, setup_l
                    "whole CLI in fresh processes, on a model saved to disk, instead of the naive recipe.")
 @click.option("--st/--no-st", default=True, show_default=True, help="With --peer: the sentence-transformers rows.")
 @click.option("--cli-row/--no-cli-row", default=True, show_default=True, help="With --peer: the fresh-process CLI row.")
+@click.option("--chunk-tokens", type=int, default=None, metavar="N",
+              help="Long documents as windows of N tokens: `run --chunk-tokens` against the same windows scored "
+              "through Reranker.predict (one call, and one per query). Default workload then: w-longdoc.")
+@click.option("--chunk-overlap", type=int, default=None, metavar="M",
+              help="With --chunk-tokens: tokens consecutive windows share. [default: N/4]")
+@click.option("--aggregate", default=None, metavar="max|first|mean",
+              help="With --chunk-tokens: a document's score from its windows'. [default: max]")
 @click.option("--json", "json_path", default=None, help="Write the record here.")
 @log_options
 def bench_cmd(arch, workload, pairs, seed_pairs, e2e, repeats, device, gpu_memory_limit, max_batch_tokens,
               compile, engine, attention, prefix_sharing, smoke, host_only, device_us_per_token, profile, device_counts, window, peer, st, cli_row,
-              json_path, quiet, verbose, log_level):
+              chunk_tokens, chunk_overlap, aggregate, json_path, quiet, verbose, log_level):
     """Measure pairs/s, tokens/s, MFU, peak memory and GPU busy time against the naive recipe (or,
     with --peer, against sentence-transformers; with --devices, on 1..N devices)."""
     setup_logging(verbose, quiet, log_level)
@@ -74,6 +81,21 @@ def bench_cmd(arch, workload, pairs, seed_pairs, e2e, repeats, device, gpu_memor
         with domain_errors():
             rec = run_devices_bench(arch, workload, counts, pairs=pairs, repeats=repeats, window=window)
         _emit(rec, format_devices_table(rec), json_path)
+        return
+    if chunk_tokens is not None or chunk_overlap is not None or aggregate is not None:
+        from pipeline.bench.longdoc import format_longdoc_table, run_longdoc_bench
+
+        ctx = click.get_current_context()
+        if ctx.get_parameter_source("workload") == click.core.ParameterSource.DEFAULT:
+            workload = "w-longdoc"
+        if smoke:
+            arch, device, pairs, repeats = "tiny", "cpu", pairs or 8, 1
+        with domain_errors():
+            rec = run_longdoc_bench(arch, workload, device=device, pairs=pairs, chunk_tokens=chunk_tokens,
+                                    chunk_overlap=chunk_overlap, aggregate=aggregate or "max", repeats=repeats,
+                                    compile=compile, attention=attention, max_batch_tokens=max_batch_tokens,
+                                    engine=engine, prefix_sharing=prefix_sharing, gpu_memory_limit=gpu_memory_limit)
+        _emit(rec, format_longdoc_table(rec), json_path)
         return
     if host_only:
         from pipeline.bench.host import format_host_table, run_host_bench

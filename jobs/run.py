@@ -41,6 +41,18 @@ ENV_PREFIX = "RERANK_BATCH"
 @config_option("--activation", help="auto: a probability (softmax over two, sigmoid of one logit); none: the raw logit.")
 @config_option("--max-length", help="Tokens per pair, template included; longer bodies are truncated at the end.")
 @config_option("--top-k", help="Keep the best K rows of each query.")
+@click.option("--chunk-tokens", type=int, default=None, metavar="N",
+              help="Score each document as windows of N of its own tokens (N >= 8) and give the row their "
+              "aggregate; adds the columns chunks and best_chunk. [default: each document whole, cut at "
+              "--max-length]")
+@click.option("--chunk-overlap", type=int, default=None, metavar="M",
+              help="Tokens consecutive windows share (0 <= M < N). [default: N/4, rounded down]")
+@click.option("--aggregate", default=None, metavar="max|first|mean",
+              help="A row's score from its windows': the best one's, the first one's, or their mean. "
+              "[default: max]")
+@click.option("--chunk-scores", default=None, metavar="PATH",
+              help="Also write every window's score (query_id, doc_id, chunk, start_token, score) to this "
+              "Parquet file; needs --chunk-tokens.")
 @config_option("--dtype", help="auto: bfloat16 on CUDA, float32 on CPU.")
 @config_option("--device", help="auto, cpu, cuda or cuda:N.")
 @config_option("--gpu-memory-limit", type=SizeType(), help="Cap on GPU memory for this process, e.g. 4GiB (enforced).")

@@ -111,6 +111,16 @@ class RunConfig:
     workers: int | None = whole(None, at_least=1)
     gpus_per_worker: float | None = number(None, at_least=0)  # None: 1 where the cluster has GPUs, else 0
     cpus_per_worker: float = number(1.0, at_least=0.1)
+    # Long documents scored as overlapping windows of their own tokens (pipeline/data/chunks.py):
+    # tokens per window (None: each document is one pair, cut at max_length), tokens consecutive
+    # windows share (None: chunk_tokens // 4), and how a row's score comes from its windows'
+    # ("max", "first" or "mean"; None: "max"). All three decide scores (fingerprint).
+    chunk_tokens: int | None = None
+    chunk_overlap: int | None = None
+    aggregate: str | None = None
+    # Parquet file of every window's score (query_id, doc_id, chunk, start_token, score); an output,
+    # not in the fingerprint.
+    chunk_scores: str | None = None
 
     def __post_init__(self):
         from pipeline.data.inputs import default_output, resolve_inputs
@@ -118,6 +128,7 @@ class RunConfig:
         # The library's callers (Reranker, run()) meet these checks too, not only the CLI's types.
         for f in dataclasses.fields(self):
             check_field(f, getattr(self, f.name))
+        check_chunking(self.chunk_tokens, self.chunk_overlap, self.aggregate, self.chunk_scores)
         specs = (self.inputs,) if isinstance(self.inputs, (str, os.PathLike)) else tuple(self.inputs)
         files = resolve_inputs(specs)
         object.__setattr__(self, "inputs", files)
@@ -143,6 +154,8 @@ class RunConfig:
             "template": self.template, "max_length": self.max_length, "family": self.family,
             "activation": self.activation,
             "on_null": self.on_null, "window_pairs": self.window_pairs,
+            # None unless chunking, as in checkpoints made before these options existed
+            **chunk_fields(self),
         }
 
 
@@ -170,6 +183,59 @@ def check_field(f: dataclasses.Field, v) -> None:
     elif isinstance(f.default, bool):
         if not isinstance(v, bool):
             raise InputError(f"{name}={v!r}: must be True or False")
+
+
+# Long documents as windows (pipeline/data/chunks.py): the options' bounds, checked here so that
+# every maker of a RunConfig meets them.
+AGGREGATES = ("max", "first", "mean")
+MIN_CHUNK_TOKENS = 8
+# How the chunking options are named in messages: on the command line, or as Python keywords.
+CHUNK_CLI = {"tokens": "--chunk-tokens", "overlap": "--chunk-overlap", "aggregate": "--aggregate",
+             "scores": "--chunk-scores", "sep": " "}
+CHUNK_KEYWORDS = {"tokens": "chunk_tokens", "overlap": "chunk_overlap", "aggregate": "aggregate",
+                  "scores": "chunk_scores", "sep": "="}
+
+
+def check_chunking(tokens, overlap, aggregate, scores_path=None, names: dict = CHUNK_CLI) -> None:
+    """One-line InputErrors for chunking options that cannot go together or cannot be met."""
+    def opt(key, value=None):
+        return names[key] if value is None else f"{names[key]}{names['sep']}{value!r}"
+
+    def is_whole(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if tokens is None:
+        for key, value in (("overlap", overlap), ("aggregate", aggregate), ("scores", scores_path)):
+            if value is not None:
+                raise InputError(f"{opt(key)} needs {opt('tokens')}: pass {opt('tokens')} N to score long documents "
+                                 f"as windows of N tokens, or drop {opt(key)}")
+        return
+    if not is_whole(tokens) or tokens < MIN_CHUNK_TOKENS:
+        raise InputError(f"{opt('tokens', tokens)}: a window must hold at least {MIN_CHUNK_TOKENS} tokens; pass "
+                         f"{opt('tokens')} {MIN_CHUNK_TOKENS} or more")
+    if overlap is not None and (not is_whole(overlap) or not 0 <= overlap < tokens):
+        raise InputError(f"{opt('overlap', overlap)}: consecutive windows must share from 0 to {tokens - 1} tokens "
+                         f"(fewer than {opt('tokens')} {tokens}); pass {opt('overlap')} 0 to {tokens - 1}")
+    if aggregate is not None and aggregate not in AGGREGATES:
+        raise InputError(f"{opt('aggregate', aggregate)}: not a way to aggregate windows; pass max (the best "
+                         "window's score), first or mean")
+    if scores_path is not None and (not isinstance(scores_path, str) or not scores_path):
+        raise InputError(f"{opt('scores', scores_path)}: pass a Parquet file path")
+
+
+def resolved_chunking(tokens, overlap, aggregate) -> tuple[int, int, str] | None:
+    """(N, M, aggregate) with the defaults filled in (M = N // 4, max), or None: documents whole."""
+    if tokens is None:
+        return None
+    return tokens, tokens // 4 if overlap is None else overlap, aggregate or "max"
+
+
+def chunk_fields(cfg: RunConfig) -> dict:
+    """The chunking options as they decide scores: [tokens, overlap, aggregate] resolved, or None
+    when documents are scored whole (as in checkpoints made before the options existed). One
+    value, so that a mismatch names all three (storage/fingerprint.py)."""
+    c = resolved_chunking(cfg.chunk_tokens, cfg.chunk_overlap, cfg.aggregate)
+    return {"chunking": None if c is None else list(c)}
 
 
 def _is_directory(path: str) -> bool:

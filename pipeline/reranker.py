@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from pipeline.config import RunConfig
+from pipeline.data.chunks import Chunking
 from pipeline.engines.families import inspect_model
 from pipeline.engines.hub import resolve_model
 from pipeline.engines.score import activate, load_engine
@@ -34,7 +35,8 @@ log = logging.getLogger(__name__)
 
 # RunConfig fields that only concern files; a Reranker takes them (same options), but they do nothing.
 _FILE_FIELDS = {"inputs", "output", "query_col", "doc_col", "docs_col", "instruction_col", "top_k", "on_null",
-                "checkpoint_dir", "keep_checkpoint", "restart", "overwrite", "output_file_rows", "commit_every"}
+                "checkpoint_dir", "keep_checkpoint", "restart", "overwrite", "output_file_rows", "commit_every",
+                "chunk_scores"}
 # RunConfig fields of the executors: a Reranker scores in this process on one device, so it takes
 # them at their defaults only (an options dict shared with `run` still works), and refuses the rest.
 _EXECUTOR_FIELDS = {"executor", "devices", "ray_address", "workers", "gpus_per_worker", "cpus_per_worker"}
@@ -60,7 +62,8 @@ class Reranker:
                                 "device='cuda:N' here")
         if "device" in options and options["device"] is None:
             options["device"] = "auto"  # CrossEncoder's device=None: the best one there is
-        options = {k: v for k, v in options.items() if k not in ("inputs", "output")}
+        options = {k: v for k, v in options.items() if k not in ("inputs", "output", "chunk_scores")}
+        _check_chunking(options.get("chunk_tokens"), options.get("chunk_overlap"), options.get("aggregate"))
         self.config = RunConfig(inputs=(), output="", model=resolve_model(model), **options)
         self.kind = inspect_model(self.config)
         self.activation_fn = activation_fn
@@ -80,9 +83,25 @@ class Reranker:
         models (logit yes minus logit no) and one-logit heads, 2 for two-label heads."""
         return self.kind.num_labels or 1
 
+    @classmethod
+    def from_model(cls, model, tokenizer, /, *, activation_fn: Callable | None = None, **options) -> "Reranker":
+        """A Reranker over a model already built in memory, with its tokenizer (the benchmark's
+        random-weight models); `options` as Reranker's (`model=` names it in messages)."""
+        from pipeline.engines.score import Scorer
+
+        self = cls.__new__(cls)
+        options = {k: v for k, v in options.items() if k not in ("inputs", "output", "chunk_scores")}
+        _check_chunking(options.get("chunk_tokens"), options.get("chunk_overlap"), options.get("aggregate"))
+        self.config = RunConfig(inputs=(), output="", **options)
+        self.activation_fn = activation_fn
+        self.scorer = Scorer.from_model(model, tokenizer, self.config, logits=True)
+        self.kind = self.scorer.kind
+        return self
+
     def predict(self, pairs, batch_size: int = 32, show_progress_bar: bool | None = None,
                 activation_fn: Callable | None = None, apply_softmax: bool = False,
-                convert_to_numpy: bool = True, convert_to_tensor: bool = False):
+                convert_to_numpy: bool = True, convert_to_tensor: bool = False, *,
+                chunk_tokens: int | None = None, chunk_overlap: int | None = None, aggregate: str | None = None):
         """Scores of (query, document) pairs or (query, document, instruction) triples, in input
         order; an instruction of None takes the `instruction` option. As CrossEncoder.predict:
 
@@ -95,17 +114,36 @@ class Reranker:
         - `convert_to_tensor`: a torch tensor on the model's device; `convert_to_numpy=False`:
           a list of tensors;
         - `batch_size` is checked but sizes nothing: the token budget (`max_batch_tokens`) does;
-        - `show_progress_bar=None`: a bar when this module logs at INFO or below.
+        - `show_progress_bar=None`: a bar when this module logs at INFO or below;
+        - `chunk_tokens=N` (with `chunk_overlap`, `aggregate`: as `rerank-batch run`'s options,
+          defaulting to this Reranker's): each document is scored as windows of N of its own
+          tokens, and its score is their max, first or mean (one score per window needed).
         """
+        return self._predict(pairs, batch_size, show_progress_bar, activation_fn, apply_softmax, convert_to_numpy,
+                             convert_to_tensor, self._chunking(chunk_tokens, chunk_overlap, aggregate))[0]
+
+    def _chunking(self, tokens, overlap, aggregate):
+        """The windows a call asks for: its own options, else this Reranker's (None: whole documents)."""
+        c = self.config
+        if tokens is None and c.chunk_tokens is not None:
+            tokens = c.chunk_tokens
+            overlap = c.chunk_overlap if overlap is None else overlap
+        _check_chunking(tokens, overlap, aggregate)
+        return Chunking.make(tokens, overlap, aggregate or (c.aggregate if tokens is not None else None))
+
+    def _predict(self, pairs, batch_size, show_progress_bar, activation_fn, apply_softmax, convert_to_numpy,
+                 convert_to_tensor, chunking):
+        """(predict's result, (windows per pair, best window) or None)."""
         _check_batch_size("predict", batch_size)
         single, pairs = _one_or_many(pairs)
         instructions, queries, documents = self._split(pairs, single)
         if not queries:
             empty = torch.empty(0, dtype=torch.float32, device=self.device)
-            return empty if convert_to_tensor else empty.cpu().numpy() if convert_to_numpy else []
+            return (empty if convert_to_tensor else empty.cpu().numpy() if convert_to_numpy else []), None
         if show_progress_bar is None:
             show_progress_bar = log.getEffectiveLevel() <= logging.INFO
-        head = torch.from_numpy(self._logits(instructions, queries, documents, show_progress_bar)).to(self.device)
+        logits, counts = self._logits(instructions, queries, documents, show_progress_bar, chunking)
+        head = torch.from_numpy(logits).to(self.device)
         fn = activation_fn if activation_fn is not None else self.activation_fn
         if fn is None and not (apply_softmax and self.num_labels > 1):
             scores = activate(head, self.config.activation)  # exactly what `run` computes
@@ -120,31 +158,55 @@ class Reranker:
                 scores = scores.squeeze(-1)
             if apply_softmax and scores.ndim > 1:
                 scores = torch.softmax(scores, dim=1)
+        windows = None
+        if chunking is not None:
+            if scores.ndim != 1:
+                raise InputError(f"predict(chunk_tokens={chunking.tokens}): a document's score aggregates one score "
+                                 f"per window, and this activation_fn or apply_softmax gives {scores.shape[1]}; pass "
+                                 "one that returns a score per pair, or score whole documents")
+            from pipeline.data.chunks import aggregate
+
+            row, best = aggregate(scores.float().cpu().numpy(), counts, chunking.aggregate)
+            scores = torch.from_numpy(row).to(self.device)
+            windows = (counts, best)
         if convert_to_tensor:
             out = scores
         elif convert_to_numpy:
             out = scores.float().cpu().numpy()
         else:
             out = list(scores)
-        return out[0] if single else out
+        return (out[0] if single else out), windows
 
-    def _logits(self, instructions, queries, documents, show_progress_bar: bool) -> np.ndarray:
-        """The engine's head logits, (pairs, 1 or 2) float32, in input order."""
+    def _logits(self, instructions, queries, documents, show_progress_bar: bool, chunking=None):
+        """The engine's head logits, (pairs, 1 or 2) float32, in input order; with `chunking`, one
+        row per window of each document (windows of `window_pairs` documents expanded at a time,
+        as `run` expands a unit) and the number of windows per document (else None)."""
         prog = None
         if show_progress_bar:
-            prog = Progress(len(queries), bar=True)
+            from pipeline.runtime.progress import Progress
+
+            prog = Progress(len(queries) if chunking is None else None, bar=True)
         step = self.config.window_pairs  # the sort window of `run`: same batches, same scores
-        parts = []
+        parts, counts = [], []
         try:
             for start in range(0, len(queries), step):
                 stop = min(len(queries), start + step)
-                enc = self.scorer.encoder.encode(instructions[start:stop], queries[start:stop],
-                                                 documents[start:stop])
+                instr, qs, docs = instructions[start:stop], queries[start:stop], documents[start:stop]
+                if chunking is not None:
+                    from pipeline.data.chunks import expand_texts
+                    from pipeline.engines.doc_tokens import for_tokenizer
+
+                    docs, k = expand_texts(docs, chunking, for_tokenizer(self.scorer.encoder.tokenizer))
+                    reps = k.tolist()
+                    instr = [x for x, n in zip(instr, reps) for _ in range(n)]
+                    qs = [x for x, n in zip(qs, reps) for _ in range(n)]
+                    counts.append(k)
+                enc = self.scorer.encoder.encode(instr, qs, docs)
                 parts.append(self.scorer.score(enc, on_batch=prog.update if prog else None))
         finally:
             if prog is not None:
                 prog.close()
-        return np.concatenate(parts)
+        return np.concatenate(parts), (np.concatenate(counts) if chunking is not None else None)
 
     def _warn_if_cross_encoder_differs(self) -> None:
         """Code moved over from CrossEncoder expects its default scores; where they are not ours
@@ -173,19 +235,23 @@ class Reranker:
     def rank(self, query: str, documents: Sequence[str], top_k: int | None = None, return_documents: bool = False,
              batch_size: int = 32, show_progress_bar: bool | None = None, activation_fn: Callable | None = None,
              apply_softmax: bool = False, convert_to_numpy: bool = True, convert_to_tensor: bool = False, *,
-             instruction: str | None = None) -> list[dict]:
+             instruction: str | None = None, chunk_tokens: int | None = None, chunk_overlap: int | None = None,
+             aggregate: str | None = None) -> list[dict]:
         """`[{"corpus_id": i, "score": s}, ...]` best first (ties keep input order), the best
         `top_k` only when given, with `"text"` when `return_documents`; scores are Python floats.
         `activation_fn` and `batch_size` as in predict; `apply_softmax`, `convert_to_numpy` and
-        `convert_to_tensor` are accepted and change nothing (as in CrossEncoder.rank)."""
+        `convert_to_tensor` are accepted and change nothing (as in CrossEncoder.rank). With
+        windows (`chunk_tokens`, as in predict) each hit also has `"chunks"` (the document's
+        windows) and `"best_chunk"` (0-based, the first of the best)."""
         if isinstance(documents, str):
             raise InputError("rank(query, documents): documents is one string; pass a list of documents")
         documents = list(documents)
         if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
             raise InputError(f"rank(top_k={top_k!r}): pass a whole number of at least 1, or None for all")
         _check_batch_size("rank", batch_size)
-        scores = self.predict([(query, d, instruction) for d in documents], show_progress_bar=show_progress_bar,
-                              activation_fn=activation_fn)
+        scores, windows = self._predict([(query, d, instruction) for d in documents], 32, show_progress_bar,
+                                        activation_fn, False, True, False,
+                                        self._chunking(chunk_tokens, chunk_overlap, aggregate))
         if scores.ndim != 1:
             fn = activation_fn if activation_fn is not None else self.activation_fn
             raise InputError(f"rank(activation_fn={fn!r}): it gives {scores.shape[1]} scores per "
@@ -197,6 +263,8 @@ class Reranker:
         hits = []
         for i in order:
             hit = {"corpus_id": int(i), "score": float(scores[i])}
+            if windows is not None:
+                hit["chunks"], hit["best_chunk"] = int(windows[0][i]), int(windows[1][i])
             if return_documents:
                 hit["text"] = documents[i]
             hits.append(hit)
@@ -271,6 +339,13 @@ def _cross_encoder_default(model_dir: str, num_labels: int, trust_remote_code: b
     if name.startswith("torch.nn."):  # torch.nn.modules.linear.Identity is torch.nn.Identity
         name = "torch.nn." + name.rsplit(".", 1)[-1]
     return name + "()"
+
+
+def _check_chunking(tokens, overlap, aggregate) -> None:
+    """The chunking checks of `rerank-batch run`, named as keywords."""
+    from pipeline.data.chunks import KEYWORDS, check_options
+
+    check_options(tokens, overlap, aggregate, names=KEYWORDS)
 
 
 def _check_batch_size(method: str, batch_size) -> None:

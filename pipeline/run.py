@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from pipeline.config import RunConfig
+from pipeline.data import chunk_scores
 from pipeline.driver.execute import execute, pick_executor
 from pipeline.driver.finish import cleanup, publish, published_output, totals, verify_parts
 from pipeline.driver.plan import check_output, fingerprint, make_plan, validate
@@ -70,6 +71,12 @@ def _kept_pairs(plan, partial: int | None = None) -> int:
     return whole + (ck.kept_pairs(refresh=True) if partial is None else partial)
 
 
+def _total_pairs(plan) -> int | None:
+    """Pairs the run scores in all: known from the footers, except with --chunk-tokens, where each
+    document is as many pairs as it has windows (known once its unit is tokenized)."""
+    return None if plan.cfg.chunk_tokens else plan.total_pairs
+
+
 def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, scorer=None,
         on_progress=None) -> Summary:
     """Score and rank `cfg.inputs` into `cfg.output`. Rerunning after a crash resumes.
@@ -97,6 +104,8 @@ def _run(cfg: RunConfig, progress, stop: StopToken | None, scorer, on_progress, 
             raise StoreUnavailable.before_work(exc) from None
         cfg = plan.cfg  # with a hub id resolved to its local snapshot
         timeline.mark("inputs_and_config")
+        if cfg.chunk_scores:
+            chunk_scores.check_target(plan)
         ck = plan.ckpt
         summary = Summary(output=cfg.output, units=len(plan.units), device=str(plan.device), dtype=plan.dtype)
         rec = published_output(plan)
@@ -107,6 +116,8 @@ def _run(cfg: RunConfig, progress, stop: StopToken | None, scorer, on_progress, 
             summary.units_resumed = len(plan.units)
             summary.__dict__.update(rec.get("totals", {}))
             summary.pairs_resumed = summary.pairs_scored + summary.skipped_null
+            if cfg.chunk_scores:
+                chunk_scores.write_if_missing(plan)
             cleanup(plan, cfg.keep_checkpoint)
             summary.seconds = round(time.monotonic() - t_start, 3)
             return summary
@@ -122,7 +133,7 @@ def _run(cfg: RunConfig, progress, stop: StopToken | None, scorer, on_progress, 
             log.info("resuming: %d pairs of unfinished units already scored", partial)
         done_pairs = _kept_pairs(plan, partial)
         summary.pairs_resumed = done_pairs
-        prog = Progress(plan.total_pairs, done_pairs, bar=progress)
+        prog = Progress(_total_pairs(plan), done_pairs, bar=progress)
 
         def on_batch(pairs: int, tokens: int) -> None:
             prog.update(pairs, tokens)
@@ -140,6 +151,10 @@ def _run(cfg: RunConfig, progress, stop: StopToken | None, scorer, on_progress, 
         finally:
             prog.close()
         score_seconds = time.monotonic() - t_score
+        if cfg.chunk_scores:  # before the output: a rerun after a kill between the two writes both
+            t0 = time.perf_counter()
+            chunk_scores.write(plan)
+            timer.add("chunk_scores", t0)
         t0 = time.perf_counter()
         summary.rows = publish(plan, stop)
         timer.add("final_write", t0)
@@ -161,7 +176,7 @@ def _run(cfg: RunConfig, progress, stop: StopToken | None, scorer, on_progress, 
         except (OSError, RerankError) as exc:
             log.warning("could not count the pairs kept in the checkpoint (%s)", first_line(exc))
         plan.ckpt.close(remove=False)
-        raise Interrupted(signum, kept, plan.total_pairs, redo) from None
+        raise Interrupted(signum, kept, _total_pairs(plan), redo) from None
     except BaseException:
         if plan is not None and plan.ckpt is not None and plan.ckpt.lease is not None:
             # nothing scored yet: leave no checkpoint behind; else keep it for the rerun
@@ -182,6 +197,10 @@ def _run(cfg: RunConfig, progress, stop: StopToken | None, scorer, on_progress, 
     summary.extra["tokens_before_sharing"] = sum(ck.done[u]["tokens"] - _resumed(ck.done[u], "tokens") for u in fresh)
     summary.extra["tokens_after_sharing"] = sum(ck.done[u].get("tokens_computed", ck.done[u]["tokens"])
                                                 - _resumed(ck.done[u], "tokens_computed") for u in fresh)
+    if cfg.chunk_tokens:  # documents scored, those split into several windows, windows scored
+        keys = ("documents", "split", "windows")
+        summary.extra["chunking"] = {k: sum(ck.done[u.id].get("chunking", {}).get(k, 0) for u in plan.units)
+                                     for k in keys}
     summary.seconds = round(time.monotonic() - t_start, 3)  # the whole run, plan to cleanup
     summary.pairs_this_run = prog.pairs
     summary.scoring_pairs_per_s = round(prog.pairs / max(score_seconds, 1e-9), 2)

@@ -66,7 +66,7 @@ def prefetch(units, layout, cfg, encoder, finished: threading.Event, kept_for=No
                             f"{unit.path}: its column types differ from {cfg.inputs[0]} ({exc}); "
                             "give files of one schema in one run"
                         ) from None
-                pairs = build_pairs(unit, table, layout, cfg)
+                pairs = build_pairs(unit, table, layout, cfg, getattr(encoder, "tokenizer", None))
                 work = Work(unit, pairs, kept_for(unit) if kept_for is not None else None)
                 if not put(("unit", work)):
                     return
@@ -123,7 +123,8 @@ def unit_info(pairs: UnitPairs, encs: list) -> dict:
     return {"rows": pairs.table.num_rows, "pairs": int(sum(len(e) for e in encs)),
             "tokens": int(sum(int(e.offsets[-1]) for e in encs)),
             "truncated": int(sum(int(e.truncated.sum()) for e in encs)),
-            "skipped_null": int((~pairs.valid).sum()) - pairs.empty_lists, "empty_lists": pairs.empty_lists}
+            "skipped_null": int((~pairs.valid).sum()) - pairs.empty_lists, "empty_lists": pairs.empty_lists,
+            **({"chunking": pairs.chunks.counters()} if pairs.chunks is not None else {})}
 
 
 class Work:
@@ -134,7 +135,7 @@ class Work:
     def __init__(self, unit: Unit, pairs: UnitPairs, kept: Kept | None = None):
         self.unit, self.pairs, self.encs = unit, pairs, []
         self.start = 0  # position of its first pair to score in the scoring stream
-        self.ords = pairs.table.column("_ord").to_numpy()[pairs.valid]  # sorted: input order
+        self.ords = pairs.score_ords()  # sorted: input order
         self.todo = self.kept = None
         if kept is not None:
             hit = np.isin(kept.ords, self.ords)

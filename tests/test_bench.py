@@ -116,3 +116,25 @@ def test_bench_host_only_runs_the_pipeline_without_a_model(tmp_path):
     assert abs(on["simulated_device_s"] - on["tokens_after_sharing"] * 0.5e-6) <= 0.001
     assert on["simulated_device_s"] < off["simulated_device_s"]
     assert "TOKENIZERS_PARALLELISM=true" in r.output or "TOKENIZERS_PARALLELISM" in os.environ
+
+
+def test_longdoc_bench_smoke(tmp_path):
+    """Documents of 2k-8k tokens as windows: `run --chunk-tokens` against Reranker.predict over the
+    same windows; both give the same scores."""
+    out = tmp_path / "longdoc.json"
+    r = run_cli(["bench", "--smoke", "--chunk-tokens", 512, "--chunk-overlap", 128, "--pairs", 4, "--json", out])
+    assert r.exit_code == 0, r.output
+    rec = json.loads(out.read_text())
+    assert rec["workload"] == "w-longdoc" and rec["documents"] == 4
+    assert rec["windows"] > 4 * 4 and rec["windows_split_documents"] == 4  # 2k+ tokens: 5+ windows each
+    for row in ("run", "expand", "predict", "predict_per_query"):
+        assert rec[row]["seconds"] > 0
+    assert rec["speedup_over_expand_and_predict"] > 0
+    assert rec["run_vs_predict_max_abs_diff"] <= 1e-6
+    assert "run --chunk-tokens vs expand + predict" in r.output
+
+
+def test_w_longdoc_lengths():
+    q, d = draw_lengths(WORKLOADS["w-longdoc"])
+    assert len(d) == 1000 and len(set(q[:50])) == 1 and len(set(q[::50].tolist())) > 1  # 50 candidates a query
+    assert q.min() >= 6 and q.max() <= 12 and d.min() >= 2000 and d.max() <= 8000

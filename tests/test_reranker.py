@@ -139,9 +139,9 @@ def test_bad_pairs_and_options_are_refused(tied_model):
     with pytest.raises(TypeError) as err:
         Reranker(tied_model, batch_size=32)
     assert str(err.value) == (
-        "Reranker() got unknown options batch_size; it takes: activation, activation_fn, attention, compile, "
-        "device, dtype, empty_cache_every, engine, family, gpu_memory_limit, instruction, max_batch_tokens, "
-        "max_length, prefix_sharing, template, trust_remote_code, window_pairs")
+        "Reranker() got unknown options batch_size; it takes: activation, activation_fn, aggregate, attention, "
+        "chunk_overlap, chunk_tokens, compile, device, dtype, empty_cache_every, engine, family, gpu_memory_limit, "
+        "instruction, max_batch_tokens, max_length, prefix_sharing, template, trust_remote_code, window_pairs")
     # Executor options at their defaults pass (a dict shared with run()); others would be ignored, so refused.
     with pytest.raises(TypeError, match=r"^Reranker\(devices='all'\): a Reranker scores in this process on one "
                                         r"device; devices is an option of `rerank-batch run` \(pipeline.run.run\); "

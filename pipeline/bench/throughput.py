@@ -56,6 +56,9 @@ WORKLOADS = {
     # Retrieval-augmented generation style: long queries, many candidates each (prefix sharing's case).
     "w-longq": Workload("w-longq", 10000, (20, 600), 100, 0.6, (10, 1000), queries=200,
                         query_lognormal=(120, 0.5)),
+    # Long documents for --chunk-tokens (bench/longdoc.py): 20 short queries x 50 candidates of
+    # 2k-8k tokens.
+    "w-longdoc": Workload("w-longdoc", 1000, (6, 12), 4000, 0.4, (2000, 8000), queries=20),
 }
 
 

@@ -34,9 +34,30 @@ class UnitPairs:
     documents: list[str]
     valid: np.ndarray  # bool per row: False where query or document is null (--on-null skip) or a list is empty
     empty_lists: int = 0  # rows of nested input whose list is empty (among the rows not valid)
+    # With --chunk-tokens (data/chunks.py): the strings above are one pair per window of each valid
+    # row, and this ChunkMap says which windows are whose; None: one pair per valid row.
+    chunks: object = None
+
+    def score_ords(self) -> np.ndarray:
+        """Sorted int64 ids of the pairs to score, for a unit's partial commits: the valid rows'
+        `_ord`, or with windows their positions in the unit's expansion (the same in every run)."""
+        if self.chunks is not None:
+            return np.arange(self.chunks.total, dtype=np.int64)
+        return self.table.column("_ord").to_numpy()[self.valid]
 
 
-def build_pairs(unit: Unit, table: pa.Table, layout: InputLayout, cfg: RunConfig) -> UnitPairs:
+def build_pairs(unit: Unit, table: pa.Table, layout: InputLayout, cfg: RunConfig, tokenizer=None) -> UnitPairs:
+    """The unit's pairs; with cfg.chunk_tokens one per window of each document, which needs the
+    model's `tokenizer` (data/chunks.py)."""
+    pairs = _build_pairs(unit, table, layout, cfg)
+    if cfg.chunk_tokens:
+        from pipeline.data.chunks import Chunking, expand
+
+        return expand(pairs, Chunking.of(cfg), tokenizer)
+    return pairs
+
+
+def _build_pairs(unit: Unit, table: pa.Table, layout: InputLayout, cfg: RunConfig) -> UnitPairs:
     n_rows = table.num_rows
     row_in_file = np.arange(unit.start, unit.stop, dtype=np.int64)
     global_row = np.arange(unit.global_start, unit.global_start + n_rows, dtype=np.int64)
@@ -143,7 +164,12 @@ def _bad_utf8(unit: Unit, out: pa.Table, layout: InputLayout, doc_name: str, fil
 
 
 def result_part(pairs: UnitPairs, scores: np.ndarray) -> pa.Table:
-    """The unit's rows with a float32 `score` (null where the pair was skipped)."""
+    """The unit's rows with a float32 `score` (null where the pair was skipped); with windows,
+    `scores` are theirs and the row gets their aggregate (data/chunks.py)."""
+    if pairs.chunks is not None:
+        from pipeline.data.chunks import result_part as chunked_part
+
+        return chunked_part(pairs, scores)
     full = np.zeros(pairs.table.num_rows, dtype=np.float32)
     full[pairs.valid] = scores
     mask = ~pairs.valid

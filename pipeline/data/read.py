@@ -55,6 +55,7 @@ class InputLayout:
     instruction_col: str | None
     columns: tuple[str, ...]  # every input column, in order
     schema: pa.Schema
+    chunked: bool = False  # --chunk-tokens: the output gains `chunks` and `best_chunk` (data/chunks.py)
 
 
 def open_parquet(path: str) -> pq.ParquetFile:
@@ -126,13 +127,15 @@ def inspect_layout(path: str, cfg: RunConfig) -> InputLayout:
             "cast it to string or rename it"
         )
     reserved = ("score", "rank") + (("document", "doc_index") if nested else ())
+    reserved += ("chunks", "best_chunk") if cfg.chunk_tokens else ()
     for name in reserved:
         if name in names:
             raise InputError(
                 f"{path}: the input already has a column {name!r}, which the output adds; "
                 "rename or drop it first"
             )
-    for name in ("_ord", "_g"):  # the final rank's own working columns (a clash failed after all the scoring)
+    # the final rank's own working columns (a clash failed after all the scoring), the windows' scores
+    for name in ("_ord", "_g") + (("_chunk_scores",) if cfg.chunk_tokens else ()):
         if name in names:
             raise InputError(f"{path}: column {name!r} is a name rerank-batch uses internally; rename it first")
     if instruction_col is not None and instruction_col in (cfg.query_col, doc_col):
@@ -146,7 +149,7 @@ def inspect_layout(path: str, cfg: RunConfig) -> InputLayout:
         what = "holds a null document" if nested and name == doc_col else "is null or missing"
         raise InputError(f"{path}: line {line}: field {name!r} {what}; fill it, or pass --on-null skip to keep such "
                          "rows unscored")
-    return InputLayout(nested, cfg.query_col, doc_col, instruction_col, tuple(names), schema)
+    return InputLayout(nested, cfg.query_col, doc_col, instruction_col, tuple(names), schema, bool(cfg.chunk_tokens))
 
 
 def read_layout(paths, cfg: RunConfig) -> InputLayout:

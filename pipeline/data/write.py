@@ -40,7 +40,10 @@ def output_schema(layout: InputLayout) -> pa.Schema:
     if layout.nested:
         fields += [pa.field("document", layout.schema.field(layout.doc_col).type.value_type),
                    pa.field("doc_index", pa.int32())]
-    return pa.schema(fields + [pa.field("score", pa.float32()), pa.field("rank", pa.int32())])
+    fields.append(pa.field("score", pa.float32()))
+    if layout.chunked:  # the row's windows and its best one (data/chunks.py)
+        fields += [pa.field("chunks", pa.int32()), pa.field("best_chunk", pa.int32())]
+    return pa.schema(fields + [pa.field("rank", pa.int32())])
 
 
 def group_keys(layout: InputLayout) -> list[str]:

@@ -84,8 +84,11 @@ def load_run(path: str, query_id_col: str, doc_id_col: str, columns) -> pl.DataF
     if dup.height:
         q, d, rows = dup.row(0)[:3]
         first, second = (r + (1 if where == "lines" else 0) for r in rows)
+        fix = "keep one line per (query, document)"
+        if where == "rows" and {"chunk", "start_token"} <= set(pl.read_parquet_schema(path)):
+            fix = "this is a --chunk-scores file (a row per window): evaluate the run's ranked output instead"
         raise InputError(f"{path}: document {d!r} is given twice for query {q!r} ({where} {first} and {second}"
-                         f"{', from 0' if where == 'rows' else ''}); keep one line per (query, document)")
+                         f"{', from 0' if where == 'rows' else ''}); {fix}")
     return df
 
 

@@ -16,7 +16,9 @@ log = logging.getLogger("pipeline.runtime.progress")
 
 
 class Progress:
-    def __init__(self, total_pairs: int, done_pairs: int = 0, *, bar: bool | None = None,
+    """`total_pairs` None: not known in advance (documents scored as windows), so no ETA."""
+
+    def __init__(self, total_pairs: int | None, done_pairs: int = 0, *, bar: bool | None = None,
                  log_every_s: float = 30.0, file=None, min_interval_s: float = 0.1):
         self.total = total_pairs
         self.done = done_pairs
@@ -35,6 +37,9 @@ class Progress:
             # bar still until its 10 s monitor fires.
             self.bar = tqdm(total=total_pairs, initial=done_pairs, unit="pair", dynamic_ncols=True,
                             smoothing=0.1, file=file, miniters=1, mininterval=min_interval_s)
+        elif total_pairs is None:
+            log.info("pairs to score: as many as the documents' windows%s; progress every %.0f s",
+                     f" ({done_pairs} done before)" if done_pairs else "", log_every_s)
         else:
             log.info("%d pairs to score%s; progress every %.0f s", total_pairs - done_pairs,
                      f" ({done_pairs} done before)" if done_pairs else "", log_every_s)
@@ -49,8 +54,11 @@ class Progress:
             self.bar.set_postfix_str(f"{self.tokens / el / 1000:.1f}k tok/s", refresh=False)
             self.bar.update(pairs)  # draws, with the postfix just set
         else:
-            log.debug("batch of %d pairs, %d tokens; %d/%d pairs", pairs, tokens, self.done, self.total)
-        if self.bar is None and now - self.last_log >= self.log_every_s:
+            log.debug("batch of %d pairs, %d tokens; %d/%s pairs", pairs, tokens, self.done, self.total)
+        if self.bar is None and now - self.last_log >= self.log_every_s and self.total is None:
+            self.last_log = now
+            log.info("%d pairs, %.1f pairs/s, %.0f tokens/s", self.done, self.pairs / el, self.tokens / el)
+        elif self.bar is None and now - self.last_log >= self.log_every_s:
             self.last_log = now
             rate = self.pairs / el
             eta = (self.total - self.done) / rate if rate > 0 else float("inf")

@@ -158,6 +158,12 @@ def describe_mismatch(field: str, then, now) -> str:
         fix = f"rerun with {option} {shlex.quote(str(then))}" if then is not None else f"rerun without {option}"
         return (f"the checkpoint was made with {_shown(option, then)}, this run has {_shown(option, now)}; {fix} "
                 "to resume")
+    if field == "options.chunking":  # [tokens, overlap, aggregate] or None (config.chunk_fields)
+        def shown(v):
+            return "no --chunk-tokens" if v is None else \
+                f"--chunk-tokens {v[0]} --chunk-overlap {v[1]} --aggregate {v[2]}"
+        fix = "rerun without --chunk-tokens" if then is None else f"rerun with {shown(then)}"
+        return f"the checkpoint was made with {shown(then)}, this run has {shown(now)}; {fix} to resume"
     if field == "options.nested":
         form = {True: "nested input (a list of documents per row)", False: "long-form input (a document per row)"}
         return (f"the checkpoint was made from {form.get(then, then)}, this run reads {form.get(now, now)}; rerun "
