@@ -27,7 +27,7 @@ from pipeline.config import RunConfig
 from pipeline.data.chunks import Chunking
 from pipeline.engines.families import inspect_model
 from pipeline.engines.hub import resolve_model
-from pipeline.engines.score import activate, load_engine
+from pipeline.engines.score import activate, engine_from_model, load_engine
 from pipeline.errors import InputError
 from pipeline.runtime.progress import Progress
 
@@ -87,15 +87,13 @@ class Reranker:
     def from_model(cls, model, tokenizer, /, *, activation_fn: Callable | None = None, **options) -> "Reranker":
         """A Reranker over a model already built in memory, with its tokenizer (the benchmark's
         random-weight models); `options` as Reranker's (`model=` names it in messages)."""
-        from pipeline.engines.score import Scorer
-
         self = cls.__new__(cls)
         options = {k: v for k, v in options.items() if k not in ("inputs", "output", "chunk_scores")}
         _check_chunking(options.get("chunk_tokens"), options.get("chunk_overlap"), options.get("aggregate"))
         self.config = RunConfig(inputs=(), output="", **options)
         self.activation_fn = activation_fn
-        self.scorer = Scorer.from_model(model, tokenizer, self.config, logits=True)
-        self.kind = self.scorer.kind
+        self.scorer = engine_from_model(model, tokenizer, self.config, logits=True)
+        self.kind = self.scorer.info.kind
         return self
 
     def predict(self, pairs, batch_size: int = 32, show_progress_bar: bool | None = None,

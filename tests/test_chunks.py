@@ -137,10 +137,10 @@ def test_windows_of_a_row_share_the_query_prefix(data, tmp_path):
     path computes their prompt prefix once per batch: same scores, fewer tokens through the model."""
     from pipeline.data.chunks import Chunking, expand
     from pipeline.data.pairs import UnitPairs
-    from pipeline.engines.score import Scorer
+    from pipeline.engines.score import load_engine
 
     src = data["src"].slice(0, 6)
-    scorer = Scorer.load(RunConfig(inputs=(), output="", model=data["model"], device="cpu"))
+    scorer = load_engine(RunConfig(inputs=(), output="", model=data["model"], device="cpu"))
     base = UnitPairs(src, src.column("instruction").to_pylist(), src.column("query").to_pylist(),
                      src.column("document").to_pylist(), np.ones(6, bool))
     pairs = expand(base, Chunking(N, M, "max"), scorer.encoder.tokenizer)

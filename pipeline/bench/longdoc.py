@@ -40,7 +40,7 @@ def run_longdoc_bench(arch: str = "0.6b", workload: str = "w-longdoc", *, device
     from pipeline.data.chunks import Chunking, aggregate as aggregate_windows, check_options, expand_texts
     from pipeline.engines.doc_tokens import for_tokenizer
     from pipeline.engines.loading import resolve_device
-    from pipeline.engines.score import Scorer
+    from pipeline.engines.score import engine_from_model
     from pipeline.reranker import Reranker
     from pipeline.run import run
 
@@ -68,11 +68,11 @@ def run_longdoc_bench(arch: str = "0.6b", workload: str = "w-longdoc", *, device
                       max_batch_tokens=max_batch_tokens, gpu_memory_limit=gpu_memory_limit,
                       prefix_sharing=prefix_sharing)
         twin = copy.deepcopy(model)  # for the Reranker: the engine fuses its model's weights in place
-        scorer = Scorer.from_model(model, tok, RunConfig(inputs=(), output="", **cfg_kw), dev)
+        scorer = engine_from_model(model, tok, RunConfig(inputs=(), output="", **cfg_kw), dev)
         # The same token budget for both (the second would size its own from less free memory).
-        reranker = Reranker.from_model(twin, tok, **{**cfg_kw, "max_batch_tokens": scorer.budget})
-        rec.update(engine_impl=scorer.engine, attention=scorer.kernel, batch_token_budget=scorer.budget,
-                   predict_batch_token_budget=reranker.scorer.budget)
+        reranker = Reranker.from_model(twin, tok, **{**cfg_kw, "max_batch_tokens": scorer.token_budget})
+        rec.update(engine_impl=scorer.info.forward, attention=scorer.info.kernel, batch_token_budget=scorer.token_budget,
+                   predict_batch_token_budget=reranker.scorer.token_budget)
         qids = table.column("query_id").to_pylist()
         queries, docs = table.column("query").to_pylist(), table.column("document").to_pylist()
         instr = RunConfig(inputs=(), output="").instruction
