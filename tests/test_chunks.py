@@ -347,7 +347,7 @@ def test_document_ids_and_window_text_equal_transformers(models, family_models, 
 
     model = models["tied"] if which == "qwen" else family_models[which]
     cfg = RunConfig(inputs=(), output="", model=model, device="cpu")
-    ours = loading.load(cfg)[1]  # the tokenizer a run uses (read without transformers where it can)
+    ours = loading.load(cfg).tokenizer  # the tokenizer a run uses (read without transformers where it can)
     assert type(ours).__module__.startswith("pipeline.engines.")  # the path under test
     ref = AutoTokenizer.from_pretrained(model)
     docs = real_pairs(60).column("document").to_pylist() + ["  Two  spaces , and 'quotes' aren't .", ""]
