@@ -161,7 +161,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
             prog.close()
         score_seconds = time.monotonic() - t_score
         t0 = time.perf_counter()
-        summary.rows = publish(plan, should_stop)
+        summary.rows = publish(plan, should_stop, rescore=lambda: execute(plan, scorer, prog, timer, should_stop))
         timer.add("final_write", t0)
         summary.__dict__.update(totals(plan))
         cleanup(plan, cfg.keep_checkpoint)

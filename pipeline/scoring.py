@@ -71,7 +71,7 @@ def prefetch(units, layout, cfg, encoder, stop_event: threading.Event, kept_for=
                         table = table.cast(target)
                     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as exc:
                         raise InputError(
-                            f"{unit.path}: its column types differ from {cfg.inputs[0]} ({exc}); "
+                            f"{unit.path}: its column types differ from {layout.source} ({exc}); "
                             "give files of one schema in one run"
                         ) from None
                 pairs = build_pairs(unit, table, layout, cfg)
@@ -254,6 +254,7 @@ def score_units(units, layout, cfg, scorer, on_batch=None, should_stop=None, tim
     commits = Commits(cfg.commit_every, save_partial, scorer)
     small = max(1, cfg.window_pairs // 4)
     group: list[Work] = []  # small units read and tokenized but not yet scored
+    grouped = [0]  # their pairs (a running sum: summing the group at each unit is quadratic in units)
 
     def flush():
         if not group:
@@ -266,6 +267,7 @@ def score_units(units, layout, cfg, scorer, on_batch=None, should_stop=None, tim
         seconds, computed = time.perf_counter() - t0, scorer.stats.tokens_computed - computed0
         tokens = max(1, sum(int(e.offsets[-1]) for e in encs))
         group.clear()
+        grouped[0] = 0
         for w in members:
             n = w.to_score_n
             part, info = w.result(scores[w.start:w.start + n])
@@ -291,7 +293,8 @@ def score_units(units, layout, cfg, scorer, on_batch=None, should_stop=None, tim
             if group_small and len(work.pairs.queries) < small:
                 list(_unit_chunks(items, timer, work.encs))
                 group.append(work)
-                if sum(len(w.pairs.queries) for w in group) >= cfg.window_pairs:
+                grouped[0] += len(work.pairs.queries)
+                if grouped[0] >= cfg.window_pairs:
                     yield from flush()
                 continue
             yield from flush()

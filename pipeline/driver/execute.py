@@ -3,7 +3,7 @@
 Three interchangeable executors run the same units through the same loop
 (`pipeline.scoring.score_units`): this process on one device, one worker process per device of
 this host (`--devices`), or Ray Data actors (`--executor ray`). Workers commit parts themselves
-(`Checkpoint(path).commit`); the driver learns each unit's record as it lands.
+(`spec.sink.attach().commit`); the driver learns each unit's record as it lands.
 """
 
 from __future__ import annotations
@@ -47,14 +47,8 @@ def execute(plan, scorer, prog, timer: Timer, should_stop=None) -> list[dict] | 
             from pipeline.executors import execute_remote
             from pipeline.executors.worker import WorkSpec
 
-            spec = WorkSpec(cfg=plan.cfg, kind=plan.kind, layout=plan.layout, ckpt_dir=ck.dir)
-
-            def landed(unit_id: str, record: dict) -> None:
-                ck.done[unit_id] = record
-                if ck.lease is not None:
-                    ck.lease.renew()
-
-            return execute_remote(plan.cfg, spec, pending, landed, prog.update, should_stop)
+            spec = WorkSpec(cfg=plan.cfg, kind=plan.kind, layout=plan.layout, sink=ck.spec())
+            return execute_remote(plan.cfg, spec, pending, ck.landed, prog.update, should_stop)
         # This process holds the lease and is the only writer: the partials it listed at the
         # start and those it writes are all there are.
         for unit, part, info in score_units(pending, plan.layout, plan.cfg, scorer, on_batch=prog.update,

@@ -20,7 +20,7 @@ class WorkSpec:
     cfg: object  # RunConfig
     kind: object  # families.ModelKind
     layout: object  # read.InputLayout
-    ckpt_dir: str
+    sink: object  # storage.sink.SinkSpec: the run's checkpoint
 
 
 class UnitWorker:
@@ -36,10 +36,9 @@ class UnitWorker:
     def run(self, units, on_batch=None, should_stop=None):
         """Score `units` (an iterator, pulled one ahead so reading and tokenizing overlap the
         device) and write each part into the checkpoint; yield (unit, info) as each is written."""
-        from pipeline.storage.checkpoint import Checkpoint
         from pipeline.scoring import score_units
 
-        ck = Checkpoint(self.spec.ckpt_dir)  # no lease: the driver holds the run's
+        ck = self.spec.sink.attach()  # no lease: the driver holds the run's
         # kept_for lists the partials again for each unit: one may come from a worker that died.
         for unit, part, info in score_units(units, self.spec.layout, self.spec.cfg, self.scorer,
                                             on_batch=on_batch, should_stop=should_stop,
