@@ -519,7 +519,8 @@ class ObjectLocation(Location):
         return self.fs.open_input_stream(self.fs_path, compression="gzip" if gzip else None)
 
     def read_bytes(self) -> bytes:
-        with self.fs.open_input_stream(self.fs_path) as f:
+        # compression=None: pyarrow would otherwise decompress by the name's extension (.gz).
+        with self.fs.open_input_stream(self.fs_path, compression=None) as f:
             return f.read()
 
     def list(self, kind: str | None = None) -> list[str]:
