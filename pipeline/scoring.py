@@ -233,7 +233,7 @@ class Commits:
 
 
 def score_units(units, layout, cfg, scorer, on_batch=None, should_stop=None, timer: Timer | None = None,
-                group_small: bool = False, kept_for=None, save_partial=None):
+                group_small: bool = False, kept_for=None, save_partial=None, batches: bool = False):
     """Yield (unit, part, info) for each unit: its rows with their scores, and its counts.
 
     With `group_small`, consecutive small units (under a quarter of a window each, as many small
@@ -247,6 +247,9 @@ def score_units(units, layout, cfg, scorer, on_batch=None, should_stop=None, tim
     pairs scored of units not yet yielded are handed to it every `cfg.commit_every` seconds of
     scoring and at a stop; `kept_for(unit)` gives back what was saved so (a Kept), and only the
     unit's other pairs are scored.
+
+    With `batches`, yields lists of (unit, part, info) instead: the units scored together, for
+    one commit of them all (CheckpointSink.commit_group).
     """
     timer = timer if timer is not None else Timer()
     stop_event = threading.Event()
@@ -268,6 +271,7 @@ def score_units(units, layout, cfg, scorer, on_batch=None, should_stop=None, tim
         tokens = max(1, sum(int(e.offsets[-1]) for e in encs))
         group.clear()
         grouped[0] = 0
+        together = []
         for w in members:
             n = w.to_score_n
             part, info = w.result(scores[w.start:w.start + n])
@@ -276,7 +280,13 @@ def score_units(units, layout, cfg, scorer, on_batch=None, should_stop=None, tim
             share = sum(int(e.offsets[-1]) for e in w.encs) / tokens  # one scoring pass: its time and work, by tokens
             info["seconds"] = seconds * share
             info["tokens_computed"] = int(round(computed * share)) + info.get("resumed", {}).get("tokens_computed", 0)
+            if batches:
+                together.append((w.unit, part, info))
+                continue
             yield w.unit, part, info
+            commits.reset()
+        if batches:
+            yield together
             commits.reset()
 
     try:
@@ -310,7 +320,7 @@ def score_units(units, layout, cfg, scorer, on_batch=None, should_stop=None, tim
             # after prefix sharing; with the kept pairs' own
             info["tokens_computed"] = int(scorer.stats.tokens_computed - computed0) + \
                 info.get("resumed", {}).get("tokens_computed", 0)
-            yield work.unit, part, info
+            yield [(work.unit, part, info)] if batches else (work.unit, part, info)
             commits.reset()
     finally:
         items.close()

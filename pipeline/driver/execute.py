@@ -51,11 +51,11 @@ def execute(plan, scorer, prog, timer: Timer, should_stop=None) -> list[dict] | 
             return execute_remote(plan.cfg, spec, pending, ck.landed, prog.update, should_stop)
         # This process holds the lease and is the only writer: the partials it listed at the
         # start and those it writes are all there are.
-        for unit, part, info in score_units(pending, plan.layout, plan.cfg, scorer, on_batch=prog.update,
-                                            should_stop=should_stop, timer=timer, group_small=True,
-                                            kept_for=lambda u: ck.kept(u.id, refresh=False),
-                                            save_partial=lambda u, *a: ck.commit_partial(u.id, *a)):
+        for together in score_units(pending, plan.layout, plan.cfg, scorer, on_batch=prog.update,
+                                    should_stop=should_stop, timer=timer, group_small=True,
+                                    kept_for=lambda u: ck.kept(u.id, refresh=False),
+                                    save_partial=lambda u, *a: ck.commit_partial(u.id, *a), batches=True):
             t0 = time.perf_counter()
-            ck.commit(unit.id, part, info)
+            ck.commit_group([(unit.id, part, info) for unit, part, info in together])
             timer.add("writing_parts", t0)
     return None

@@ -8,6 +8,11 @@ Layout of a checkpoint directory (OUTPUT.ckpt by default):
   done/<unit>.json          its record (its unit id, pairs, tokens, ..., the part's bytes, rows
                             and sha256), sealed by a sha256 of its own content, written only
                             after the part: the append-only log of finished units
+                            Units scored together (many small files make thousands of one-row
+                            units) are committed together: one part holds their rows in order
+                            and one record, named after the first, lists them ("units": each
+                            one's id, rows and counts), so a commit writes two objects whatever
+                            the number of units in it
   partial/<unit>.<id>.parquet  pairs of a unit still in flight, scored and committed by time
                             (`_ord`, `score`, their counts in the metadata), each written whole;
                             removed once the unit's record exists
@@ -37,7 +42,8 @@ import numpy as np
 from pipeline.errors import CheckpointError, InputError
 from pipeline.storage.lock import LEASE_NAME, OBJECT_LEASE_NAME
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: a record may list several units committed together (one part for them all)
+READABLE_FORMATS = (2, 3)  # 2: one unit per record, which 3 also writes
 MARKER = ".rerank-batch-checkpoint"  # the one name that makes a directory a checkpoint
 FINGERPRINT = "fingerprint.json"
 PARTS, DONE, PARTIAL = "parts", "done", "partial"  # PARTIAL: pairs committed by time from units not yet finished
@@ -108,6 +114,12 @@ def record_fault(uid: str, rec) -> str | None:
         return "its record is not the one written with its part (edited, or of an older version)"
     if rec.get("unit") != uid:
         return f"its record is of unit {rec.get('unit')}"
+    units = rec.get("units")
+    if units is not None and not (
+            isinstance(units, list) and units and all(isinstance(e, dict) and isinstance(e.get("unit"), str)
+                                                      and isinstance(e.get("rows"), int) for e in units)
+            and units[0]["unit"] == uid and sum(e["rows"] for e in units) == rec.get("part_rows")):
+        return "its record's list of units is not the one written with its part"
     return None
 
 

@@ -31,8 +31,8 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import CheckpointError, InputError, RerankError, first_line
 from pipeline.storage import checkpoint as fmt
-from pipeline.storage.checkpoint import (FINGERPRINT, FORMAT_VERSION, MARKER, PARTIAL, PARTIAL_META, Kept,
-                                         made_for, part_name, record_name, seal)
+from pipeline.storage.checkpoint import (FINGERPRINT, FORMAT_VERSION, MARKER, PARTIAL, PARTIAL_META, READABLE_FORMATS,
+                                         Kept, made_for, part_name, record_name, seal)
 from pipeline.storage.fingerprint import (check_inputs, describe_mismatch, diff_fingerprints, file_fingerprint,
                                           recheck_inputs)
 from pipeline.storage.location import Location, location
@@ -81,7 +81,9 @@ class CheckpointSink:
         self.lease = None
         self.marker: dict = {}
         self.fingerprint: dict = {}
-        self.done: dict[str, dict] = {}  # unit id -> its verified record
+        self.done: dict[str, dict] = {}  # unit id -> its counts (its verified record, or its entry in one)
+        self._records: dict[str, dict] = {}  # the verified records, by the unit their file is named after
+        self._place: dict[str, tuple[str, int, int]] = {}  # unit id -> (record/part name's unit, first row, rows)
         self._partials: dict[str, list[str]] = {}  # unit id -> names of its partial objects
 
     @property
@@ -146,8 +148,10 @@ class CheckpointSink:
                 ck.write_marker(format=FORMAT_VERSION, run_id=run_id, state="running",
                                 created_dir=own_root or not existed,
                                 output_path=output.key if output is not None else None, earlier_run_ids=earlier)
-            elif ck.marker.get("format") != FORMAT_VERSION:
+            elif ck.marker.get("format") not in READABLE_FORMATS:
                 raise CheckpointError(f"{root}: a checkpoint of another rerank-batch version; pass --restart")
+            elif ck.marker.get("format") != FORMAT_VERSION:  # from now on it may hold records of groups
+                ck.write_marker(format=FORMAT_VERSION)
             ck.done = ck.finished()
             ck._list_partials()
             old = ck._read_json(FINGERPRINT)
@@ -160,7 +164,7 @@ class CheckpointSink:
             else:  # nothing to lose: (re)write it, with the content hashes of the inputs
                 ck.fingerprint = {**fingerprint, "inputs": [file_fingerprint(i) for i in ck.inputs]}
                 ck._at(FINGERPRINT).write_atomic(json.dumps(ck.fingerprint, indent=1, sort_keys=True).encode())
-                ck.done = {}
+                ck.done, ck._records, ck._place = {}, {}, {}
                 for name in [n for names in ck._partials.values() for n in names]:  # scores of unknown origin
                     ck._at(name).delete()
                 ck._partials = {}
@@ -218,18 +222,64 @@ class CheckpointSink:
                        "part_sha256": hashlib.sha256(data).hexdigest()})
         self._write(part_name(unit_id), data)
         self._write(record_name(unit_id), json.dumps(record, sort_keys=True).encode())
-        self.done[unit_id] = record
-        # The record makes the unit's partials redundant; a kill before they go leaves them to
-        # the cleanup, and a rerun ignores the partials of a finished unit.
-        for name in self._partials.pop(unit_id, []):
-            with contextlib.suppress(OSError):
-                self._at(name).delete()
+        self._install(unit_id, record)
+        self._drop_partials([unit_id])
         self.renew()
         return record
 
+    def commit_group(self, items) -> list[dict]:
+        """Commit units scored together (`items`: (unit id, table, info), in input order) as one
+        part and one record that lists them: two objects for the group, however many units it
+        holds (many small files make groups of thousands of one-row units). One unit is an
+        ordinary commit. Returns each unit's counts, as `done` holds them."""
+        items = list(items)
+        if len(items) == 1:
+            return [self.commit(*items[0])]
+        try:
+            table = pa.concat_tables([t for _, t, _ in items])
+        except pa.ArrowInvalid:  # parts of different column types: each its own
+            return [self.commit(*item) for item in items]
+        first = items[0][0]
+        data = _encode(table)
+        record = seal({"unit": first, "units": [{**info, "unit": uid, "rows": t.num_rows} for uid, t, info in items],
+                       "part_bytes": len(data), "part_rows": table.num_rows,
+                       "part_sha256": hashlib.sha256(data).hexdigest()})
+        self._write(part_name(first), data)
+        self._write(record_name(first), json.dumps(record, sort_keys=True).encode())
+        self._install(first, record)
+        self._drop_partials([uid for uid, _, _ in items])
+        self.renew()
+        return [self.done[uid] for uid, _, _ in items]
+
+    def _install(self, name_uid: str, record: dict) -> None:
+        """Take a verified record as the truth for the units it lists."""
+        self._records[name_uid] = record
+        offset = 0
+        for entry in record.get("units", [record]):
+            uid, rows = entry["unit"], int(entry.get("rows", record.get("part_rows", 0)))
+            self.done[uid] = entry if "units" not in record else {**entry, "group": name_uid}
+            self._place[uid] = (name_uid, offset, rows)
+            offset += rows
+
+    def _uninstall(self, name_uid: str) -> list[str]:
+        record = self._records.pop(name_uid, None)
+        uids = [e["unit"] for e in record.get("units", [record])] if record else [name_uid]
+        for uid in uids:
+            self.done.pop(uid, None)
+            self._place.pop(uid, None)
+        return uids
+
+    def _drop_partials(self, unit_ids) -> None:
+        # The record makes the units' partials redundant; a kill before they go leaves them to
+        # the cleanup, and a rerun ignores the partials of a finished unit.
+        for uid in unit_ids:
+            for name in self._partials.pop(uid, []):
+                with contextlib.suppress(OSError):
+                    self._at(name).delete()
+
     def landed(self, unit_id: str, record: dict) -> None:
         """A worker committed this unit (its record as the worker reported it)."""
-        self.done[unit_id] = record
+        self._install(unit_id, record)
         self.renew()
 
     def renew(self) -> None:
@@ -307,36 +357,40 @@ class CheckpointSink:
         return found
 
     # -- reading parts back ----------------------------------------------------------------------
-    def _read_verified(self, unit_id: str, rec: dict) -> tuple[bytes | None, str | None]:
-        """The part's bytes, and why they are not the ones `rec` names (None: they are)."""
+    def _read_verified(self, name_uid: str, rec: dict) -> tuple[bytes | None, str | None]:
+        """The bytes of the part named after unit `name_uid`, and why they are not the ones its
+        record `rec` names (None: they are)."""
         try:
-            data = self._at(part_name(unit_id)).read_bytes()
+            data = self._at(part_name(name_uid)).read_bytes()
         except OSError:
             data = None
         return data, fmt.part_fault(rec, data)
 
     def read_part(self, unit_id: str, columns=None) -> pa.Table:
-        """A finished unit's part, read through the store and checked against its record (size
-        and sha256) as it is read; PartsChanged when it is not the part that was committed."""
-        data, why = self._read_verified(unit_id, self.done[unit_id])
+        """A finished unit's rows, read through the store and checked against its record (size
+        and sha256) as they are read; PartsChanged when the part is not the one committed."""
+        name_uid, offset, rows = self._place[unit_id]
+        data, why = self._read_verified(name_uid, self._records[name_uid])
         if why is not None:
             raise PartsChanged(self.root, [unit_id])
-        return _decode(data, columns)
+        return _decode(data, columns).slice(offset, rows)
 
     def parts(self, unit_ids) -> "UnitParts":
         return UnitParts(self, list(unit_ids))
 
     def finished(self, known: dict | None = None) -> dict[str, dict]:
-        """Units whose record and part are intact; the others are logged and redone. Reads every
-        part once (its hash). `known`: records already checked, taken as they are (only new
-        records are read)."""
-        done = {}
+        """Load the records whose record and part are intact (returned: every listed unit's
+        counts); the others are logged and their units redone. Reads every part once (its hash).
+        `known`: units already checked: their records are taken as they are (only new records
+        are read)."""
+        old = self._records
+        self._records, self._place, self.done = {}, {}, {}
         for base in self._at(fmt.DONE).list():
             if base.startswith(".") or not base.endswith(".json"):
                 continue
             uid = base[: -len(".json")]
-            if known and uid in known:
-                done[uid] = known[uid]
+            if known and uid in known and uid in old:
+                self._install(uid, old[uid])
                 continue
             try:
                 rec = fmt.parse_json(self._at(record_name(uid)).read_bytes())
@@ -346,38 +400,39 @@ class CheckpointSink:
             if why is None:
                 why = self._read_verified(uid, rec)[1]
             if why is None:
-                done[uid] = rec
+                self._install(uid, rec)
             else:
                 log.warning("%s: unit %s: %s; scoring it again", self.root, uid, why)
-        return done
+        return self.done
 
     def recheck(self, unit_ids) -> list[str]:
         """Read the records of the finished units among `unit_ids` again (before the final write:
         a record may have changed since; an executor may have added fields of its own to the
-        record it handed back). Good units get their stored record in `done`; bad ones leave
-        `done` and lose their record, so that they are scored again. Returns the bad ids. The
-        parts are checked by the final write, as it reads them."""
+        record it handed back). Good units get their stored record's counts in `done`; bad ones
+        leave `done` and lose their record, so that they are scored again. Returns the bad ids.
+        The parts are checked by the final write, as it reads them."""
         bad = []
-        for uid in unit_ids:
-            if uid not in self.done:
-                continue
+        names = dict.fromkeys(self._place[u][0] for u in unit_ids if u in self._place)
+        for name_uid in names:
             try:
-                rec = fmt.parse_json(self._at(record_name(uid)).read_bytes())
+                rec = fmt.parse_json(self._at(record_name(name_uid)).read_bytes())
             except OSError:
                 rec = None
-            why = fmt.record_fault(uid, rec)
+            why = fmt.record_fault(name_uid, rec)
             if why is None:
-                self.done[uid] = rec
+                self._uninstall(name_uid)
+                self._install(name_uid, rec)
                 continue
-            self.forget(uid, why)
-            bad.append(uid)
+            bad += self.forget(name_uid, why)
         return bad
 
-    def forget(self, unit_id: str, why: str) -> None:
-        """Take a finished unit back (its record goes), so that it is scored again."""
-        log.warning("%s: unit %s: %s; scoring it again", self.root, unit_id, why)
-        self._at(record_name(unit_id)).delete()
-        self.done.pop(unit_id, None)
+    def forget(self, unit_id: str, why: str) -> list[str]:
+        """Take a finished unit back, with the units committed with it (their record goes), so
+        that they are scored again. Returns their ids."""
+        name_uid = self._place[unit_id][0] if unit_id in self._place else unit_id
+        log.warning("%s: unit %s: %s; scoring it again", self.root, name_uid, why)
+        self._at(record_name(name_uid)).delete()
+        return self._uninstall(name_uid)
 
     # -- finish ------------------------------------------------------------------------------------
     def finish(self, unit_ids, write_file, write_dir, *, overwrite: bool, restart: bool, output_existed: bool,
@@ -410,7 +465,8 @@ class CheckpointSink:
                              critical, published)
         except PartsChanged as exc:
             for uid in exc.unit_ids:
-                self.forget(uid, "its part differs from its record (the part's content changed)")
+                if uid in self.done:
+                    self.forget(uid, "its part differs from its record (the part's content changed)")
             raise
 
     def published_output(self, extra: dict) -> dict | None:
@@ -460,14 +516,15 @@ class CheckpointSink:
 
 
 class UnitParts:
-    """The parts of finished units, in order, as the final write reads them: through the
-    checkpoint's store, each checked against its record (size and sha256) as it is read, so the
-    rows written are the rows committed without a separate pass that hashes every part.
+    """The rows of finished units, in order, as the final write reads them: through the
+    checkpoint's store, each part checked against its record (size and sha256) as it is read,
+    so the rows written are the rows committed without a separate pass that hashes every part.
+    Units committed together share one part, read once for all of them.
 
-    `read(i, columns)` gives the part's table; a part that fails the check is noted and read as
-    None until `check()`, which raises PartsChanged naming every such part (the first pass over
-    the parts finds them all); after `check()` a failing part raises at once. `reads` counts the
-    parts read and `bytes_read` their bytes."""
+    `read(i, columns)` gives unit i's rows; a part that fails the check is noted and its units
+    read as None until `check()`, which raises PartsChanged naming them (the first pass over the
+    parts finds them all); after `check()` a failing part raises at once. `reads` counts the
+    part objects read and `bytes_read` their bytes."""
 
     def __init__(self, sink: CheckpointSink, unit_ids: list[str]):
         self.sink, self.unit_ids = sink, unit_ids
@@ -475,28 +532,36 @@ class UnitParts:
         self.checked = False
         self.reads = 0
         self.bytes_read = 0
+        self._held: tuple | None = None  # (part name's unit, columns, its table)
 
     def __len__(self) -> int:
         return len(self.unit_ids)
 
     def rows(self, i: int) -> int:
-        """The rows of part i, from its record."""
-        return int(self.sink.done[self.unit_ids[i]].get("part_rows", 0))
+        """The rows of unit i, from its record."""
+        return self.sink._place[self.unit_ids[i]][2]
 
     def read(self, i: int, columns=None) -> pa.Table | None:
-        uid = self.unit_ids[i]
-        data, why = self.sink._read_verified(uid, self.sink.done[uid])
-        self.reads += 1
-        self.bytes_read += len(data or b"")
-        if why is not None:
-            if self.checked:
-                raise PartsChanged(self.sink.root, [uid])
-            self.bad.append(uid)
+        sink, uid = self.sink, self.unit_ids[i]
+        name_uid, offset, rows = sink._place[uid]
+        key = (name_uid, tuple(columns) if columns is not None else None)
+        if self._held is None or self._held[:2] != key:
+            data, why = sink._read_verified(name_uid, sink._records[name_uid])
+            self.reads += 1
+            self.bytes_read += len(data or b"")
+            if why is not None:
+                if self.checked:
+                    raise PartsChanged(sink.root, [uid])
+                self.bad.append(uid)
+            self._held = (*key, _decode(data, columns) if why is None else None)
+        table = self._held[2]
+        if table is None:  # a part that failed its check: its units are left out until check()
             return None
-        return _decode(data, columns)
+        return table if (offset, rows) == (0, table.num_rows) else table.slice(offset, rows)
 
     def check(self) -> None:
         self.checked = True
+        self._held = None
         if self.bad:
             raise PartsChanged(self.sink.root, self.bad)
 
