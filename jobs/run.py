@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import click
 
@@ -129,15 +128,15 @@ def _check_summary(summary_path: str, cfg: RunConfig) -> None:
     from pipeline.driver.plan import locate
     from pipeline.storage.location import location
 
-    if location(summary_path).local_path is None:
+    summary = location(summary_path)
+    if summary.local_path is None:
         raise JobError(f"--summary {summary_path}: the summary is a local file; pass a local path (the run "
                        "also logs it)", 2)
     cfg, inputs = locate(cfg)
     out = location(cfg.output)
-    check_target(summary_path, "--summary", reads=[i.local_path for i in inputs if i.local_path is not None],
-                 writes=[out.local_path] if out.local_path is not None else [])
-    if out.local_path is not None and os.path.realpath(summary_path).startswith(
-            os.path.realpath(out.local_path).rstrip(os.sep) + os.sep):
+    # Only local files can be the summary's path (None: elsewhere, skipped).
+    check_target(summary_path, "--summary", reads=[i.local_path for i in inputs], writes=[out.local_path])
+    if summary.inside(out):
         raise JobError(f"--summary {summary_path}: inside the output directory, which holds the dataset "
                        "only; pass a path beside it", 2)
 

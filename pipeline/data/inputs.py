@@ -94,7 +94,7 @@ def default_output(first_spec: str) -> str:
         return folder.rstrip("/") + ".reranked.parquet"
     loc = location(spec)
     if spec.endswith("/") or loc.kind() == "dir":
-        d = os.path.normpath(spec) if loc.local_path is not None else spec.rstrip("/")
+        d = loc.clean
         if d in (".", os.sep) or os.path.basename(d) in ("", ".", ".."):
             raise InputError(f"{spec}: the current directory has no default output beside it; pass -o")
         return d + ".reranked.parquet"

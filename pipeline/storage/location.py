@@ -98,6 +98,11 @@ class Location:
         """A path that the os module and open() reach (None: object storage)."""
         return None
 
+    @property
+    def clean(self) -> str:
+        """The path or URI as given, tidied (`a/./b/` -> `a/b`): where names built beside it start."""
+        return self.uri.rstrip("/")
+
     def __truediv__(self, name: str) -> "Location":
         raise NotImplementedError
 
@@ -114,8 +119,10 @@ class Location:
         return hash(self.key)
 
     def inside(self, folder: "Location") -> bool:
-        """This place lies under `folder` (by name)."""
-        return type(folder) is type(self) and self.key.startswith(folder.key.rstrip("/") + "/")
+        """This place lies under `folder` (by name, or with links resolved)."""
+        return type(folder) is type(self) and any(
+            mine.startswith(theirs.rstrip("/") + "/")
+            for mine, theirs in ((self.key, folder.key), (self.real_key, folder.real_key)))
 
     # -- reading -------------------------------------------------------------------------------
     def stat(self) -> Stat | None:
@@ -268,6 +275,10 @@ class LocalLocation(Location):
     @property
     def local_path(self) -> str:
         return self.path
+
+    @property
+    def clean(self) -> str:
+        return os.path.normpath(self.uri) if self.uri else "."
 
     def __truediv__(self, name: str) -> "LocalLocation":
         return LocalLocation(os.path.join(self.uri, *name.split("/")) if name else self.uri)

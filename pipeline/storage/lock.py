@@ -104,6 +104,7 @@ class ObjectLease:
         self.root, self.obj, self.run_id, self.seconds = root, root / name, run_id, seconds
         self.started = time.time()
         self.held = False
+        self._renewed = time.monotonic()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -139,8 +140,11 @@ class ObjectLease:
                 log.warning("could not renew the lease %s: %s", self.obj, exc)
 
     def renew(self) -> None:
-        if self.held:
+        # Called at every commit too: one object write per few seconds is enough (the thread
+        # renews every third of the lease anyway), not one per unit.
+        if self.held and time.monotonic() - self._renewed >= self.seconds / 6:
             self.obj.write_atomic(json.dumps(self._body()).encode())
+            self._renewed = time.monotonic()
 
     def release(self, unlink: bool = True) -> None:
         self._stop.set()

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from pipeline.errors import CheckpointError, InputError, RerankError, first_line
 from pipeline.storage import checkpoint as fmt
 from pipeline.storage.checkpoint import (FINGERPRINT, FORMAT_VERSION, MARKER, PARTIAL, PARTIAL_META, READABLE_FORMATS,
-                                         Kept, made_for, part_name, record_name, seal)
+                                         Kept, part_name, record_name, seal)
 from pipeline.storage.fingerprint import (check_inputs, describe_mismatch, diff_fingerprints, file_fingerprint,
                                           recheck_inputs)
 from pipeline.storage.location import Location, location
