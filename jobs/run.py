@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import click
 
 from pipeline.config import DEVICE, RunConfig
-from pipeline.storage.uri import is_uri
 
 from . import common
 from .common import JobError, SizeType, check_target, config_option, domain_errors, log_options, setup_logging, wrote
@@ -107,23 +105,34 @@ def run_cmd(inputs, output, summary_path, quiet, verbose, log_level, **opts):
             raise JobError(f"--device {opts['device']!r}: not a device; use auto, cpu, cuda or cuda:N", 2)
         cfg = RunConfig(inputs=inputs, output=output, **opts)
         if summary_path:  # never over the output or an input (it was written over them)
-            if is_uri(summary_path):
-                raise JobError(f"--summary {summary_path}: the summary is a local file; pass a local path (the run "
-                               "also logs it)", 2)
-            check_target(summary_path, "--summary", reads=[p for p in cfg.inputs if not is_uri(p)],
-                         writes=[] if is_uri(cfg.output) else [cfg.output])
-            if not is_uri(cfg.output) and os.path.realpath(summary_path).startswith(
-                    os.path.realpath(cfg.output).rstrip(os.sep) + os.sep):
-                raise JobError(f"--summary {summary_path}: inside the output directory, which holds the dataset "
-                               "only; pass a path beside it", 2)
-        log.debug("%d input files, output %s; %s", len(cfg.inputs), cfg.output, cfg)
+            _check_summary(summary_path, cfg)
+        log.debug("inputs %s, output %s; %s", cfg.inputs, cfg.output, cfg)
     with domain_errors(kept=" (finished units are kept in the checkpoint)"):
         summary = run(cfg, progress=False if quiet else None, should_stop=_stop_token())
     text = summary.to_json()
     if summary_path:
         with open(summary_path, "w") as f:
             f.write(text + "\n")
-    wrote("%s (%d rows)", cfg.output, summary.rows)
+    wrote("%s (%d rows)", summary.output, summary.rows)
+
+
+def _check_summary(summary_path: str, cfg: RunConfig) -> None:
+    """The summary is a local file, never over the output or an input, nor inside a dataset
+    output. The run's planning finds the input files and the output (pipeline.driver.plan.locate)."""
+    from pipeline.driver.plan import locate
+    from pipeline.storage.location import location
+
+    summary = location(summary_path)
+    if summary.local_path is None:
+        raise JobError(f"--summary {summary_path}: the summary is a local file; pass a local path (the run "
+                       "also logs it)", 2)
+    cfg, inputs = locate(cfg)
+    out = location(cfg.output)
+    # Only local files can be the summary's path (None: elsewhere, skipped).
+    check_target(summary_path, "--summary", reads=[i.local_path for i in inputs], writes=[out.local_path])
+    if summary.inside(out):
+        raise JobError(f"--summary {summary_path}: inside the output directory, which holds the dataset "
+                       "only; pass a path beside it", 2)
 
 
 for _p in run_cmd.params:  # named after the long option (--window: RERANK_BATCH_WINDOW), listed in --help

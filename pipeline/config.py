@@ -37,11 +37,11 @@ def number(default: float | None, *, at_least: float | None = None, above: float
 @dataclass(frozen=True)
 class RunConfig:
     # Input: one or more Parquet files, directories (their *.parquet) or globs, or one such path as
-    # a string; resolved to files when the config is made.
+    # a string, kept as given; planning expands them to files (pipeline.driver.plan.locate).
     inputs: tuple[str, ...]
     # Final ranked Parquet file (None: <stem>.reranked.parquet beside the first input, or
     # DIR.reranked.parquet beside a directory), or a dataset directory: a path that ends in "/"
-    # or is an existing directory (kept here with its "/").
+    # or is an existing directory. Planning fills the default and the "/" (the plan's cfg has them).
     output: str | None = None
     # Rows per file of a dataset output at most (a query group larger than that: a file of its own).
     output_file_rows: int = whole(1_000_000, at_least=1)
@@ -123,19 +123,15 @@ class RunConfig:
     chunk_scores: str | None = None
 
     def __post_init__(self):
-        from pipeline.data.inputs import default_output, resolve_inputs
-
         # The library's callers (Reranker, run()) meet these checks too, not only the CLI's types.
         for f in dataclasses.fields(self):
             check_field(f, getattr(self, f.name))
         check_chunking(self.chunk_tokens, self.chunk_overlap, self.aggregate, self.chunk_scores)
+        # No I/O here: the inputs stay specs and the output as given until a run is planned.
         specs = (self.inputs,) if isinstance(self.inputs, (str, os.PathLike)) else tuple(self.inputs)
-        files = resolve_inputs(specs)
-        object.__setattr__(self, "inputs", files)
-        if self.output is None:
-            object.__setattr__(self, "output", default_output(specs[0]) if specs else "")
-        elif not str(self.output).endswith("/") and _is_directory(str(self.output)):
-            object.__setattr__(self, "output", str(self.output) + "/")
+        object.__setattr__(self, "inputs", tuple(map(os.fspath, specs)))
+        if self.output is not None:
+            object.__setattr__(self, "output", os.fspath(self.output))
 
     @property
     def dataset(self) -> bool:
@@ -237,9 +233,3 @@ def chunk_fields(cfg: RunConfig) -> dict:
     c = resolved_chunking(cfg.chunk_tokens, cfg.chunk_overlap, cfg.aggregate)
     return {"chunking": None if c is None else list(c)}
 
-
-def _is_directory(path: str) -> bool:
-    """An existing local directory, or an object-storage prefix with objects under it."""
-    from pipeline.storage.uri import is_uri, kind
-
-    return kind(path) == "dir" if is_uri(path) else os.path.isdir(path)

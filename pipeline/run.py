@@ -21,6 +21,7 @@ from pipeline.errors import Interrupted, RerankError, StoreUnavailable, first_li
 from pipeline.executors.worker import load_engine
 from pipeline.runtime import startup
 from pipeline.runtime.progress import Progress
+from pipeline.storage.sink import PartsChanged
 from pipeline.runtime.stop import StopToken, as_token
 from pipeline.runtime.timing import Timer
 
@@ -151,12 +152,21 @@ def _run(cfg: RunConfig, progress, stop: StopToken | None, scorer, on_progress, 
         finally:
             prog.close()
         score_seconds = time.monotonic() - t_score
+        def rescore():
+            execute(plan, executor, on_batch, stop, engine=scorer, timeline=timeline)
+            verify_parts(plan, rescore)
+
         if cfg.chunk_scores:  # before the output: a rerun after a kill between the two writes both
             t0 = time.perf_counter()
-            chunk_scores.write(plan)
+            try:
+                chunk_scores.write(plan)
+            except PartsChanged:  # a part is not the one committed: score its units again, once
+                rescore()
+                chunk_scores.write(plan)
             timer.add("chunk_scores", t0)
         t0 = time.perf_counter()
-        summary.rows = publish(plan, stop)
+        summary.rows = publish(plan, stop, rescore=lambda: execute(plan, executor, on_batch, stop, engine=scorer,
+                                                                   timeline=timeline))
         timer.add("final_write", t0)
         summary.__dict__.update(totals(plan))
         cleanup(plan, cfg.keep_checkpoint)

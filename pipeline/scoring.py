@@ -63,7 +63,7 @@ def prefetch(units, layout, cfg, encoder, finished: threading.Event, kept_for=No
                         table = table.cast(target)
                     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as exc:
                         raise InputError(
-                            f"{unit.path}: its column types differ from {cfg.inputs[0]} ({exc}); "
+                            f"{unit.path}: its column types differ from {layout.source} ({exc}); "
                             "give files of one schema in one run"
                         ) from None
                 pairs = build_pairs(unit, table, layout, cfg, getattr(encoder, "tokenizer", None))
@@ -226,7 +226,8 @@ class Commits:
 
 
 def score_units(units, layout, cfg, scorer, on_batch=None, stop: StopToken | None = None,
-                timer: Timer | None = None, group_small: bool = False, kept_for=None, save_partial=None):
+                timer: Timer | None = None, group_small: bool = False, kept_for=None, save_partial=None,
+                batches: bool = False):
     """Yield (unit, part, info) for each unit: its rows with their scores, and its counts.
 
     With `group_small`, consecutive small units (under a quarter of a window each, as many small
@@ -243,6 +244,9 @@ def score_units(units, layout, cfg, scorer, on_batch=None, stop: StopToken | Non
     pairs scored of units not yet yielded are handed to it every `cfg.commit_every` seconds of
     scoring and at a stop; `kept_for(unit)` gives back what was saved so (a Kept), and only the
     unit's other pairs are scored.
+
+    With `batches`, yields lists of (unit, part, info) instead: the units scored together, for
+    one commit of them all (CheckpointSink.commit_group).
     """
     timer = timer if timer is not None else Timer()
     finished = threading.Event()
@@ -250,6 +254,7 @@ def score_units(units, layout, cfg, scorer, on_batch=None, stop: StopToken | Non
     commits = Commits(cfg.commit_every, save_partial, scorer)
     small = max(1, cfg.window_pairs // 4)
     group: list[Work] = []  # small units read and tokenized but not yet scored
+    grouped = [0]  # their pairs (a running sum: summing the group at each unit is quadratic in units)
 
     def flush():
         if not group:
@@ -262,6 +267,8 @@ def score_units(units, layout, cfg, scorer, on_batch=None, stop: StopToken | Non
         seconds, computed = time.perf_counter() - t0, scorer.stats().tokens_computed - computed0
         tokens = max(1, sum(int(e.offsets[-1]) for e in encs))
         group.clear()
+        grouped[0] = 0
+        together = []
         for w in members:
             n = w.to_score_n
             part, info = w.result(scores[w.start:w.start + n])
@@ -270,7 +277,13 @@ def score_units(units, layout, cfg, scorer, on_batch=None, stop: StopToken | Non
             share = sum(int(e.offsets[-1]) for e in w.encs) / tokens  # one scoring pass: its time and work, by tokens
             info["seconds"] = seconds * share
             info["tokens_computed"] = int(round(computed * share)) + info.get("resumed", {}).get("tokens_computed", 0)
+            if batches:
+                together.append((w.unit, part, info))
+                continue
             yield w.unit, part, info
+            commits.reset()
+        if batches:
+            yield together
             commits.reset()
 
     try:
@@ -287,7 +300,8 @@ def score_units(units, layout, cfg, scorer, on_batch=None, stop: StopToken | Non
             if group_small and len(work.pairs.queries) < small:
                 list(_unit_chunks(items, timer, work.encs))
                 group.append(work)
-                if sum(len(w.pairs.queries) for w in group) >= cfg.window_pairs:
+                grouped[0] += len(work.pairs.queries)
+                if grouped[0] >= cfg.window_pairs:
                     yield from flush()
                 continue
             yield from flush()
@@ -303,7 +317,7 @@ def score_units(units, layout, cfg, scorer, on_batch=None, stop: StopToken | Non
             # after prefix sharing; with the kept pairs' own
             info["tokens_computed"] = int(scorer.stats().tokens_computed - computed0) + \
                 info.get("resumed", {}).get("tokens_computed", 0)
-            yield work.unit, part, info
+            yield [(work.unit, part, info)] if batches else (work.unit, part, info)
             commits.reset()
     finally:
         items.close()

@@ -188,26 +188,25 @@ def test_ray_equals_single_process(job, tmp_path):
 # -- object storage -----------------------------------------------------------------------------------
 
 def _read(key):
-    from pipeline.storage.uri import open_input
+    from pipeline.storage.location import location
 
-    with open_input(key) as f:
+    with location(key).open() as f:
         return pq.read_table(f)
 
 
 def test_killed_run_in_a_bucket_resumes(bucket, job, s3_server):
-    from pipeline.storage.remote import RemoteStore
-    from pipeline.storage.uri import publish
+    from pipeline.storage.location import location
 
-    publish(str(job["input"]), f"{bucket}/in.parquet")
+    location(f"{bucket}/in.parquet").write_atomic(open(job["input"], "rb").read())
     out, cs = f"{bucket}/out.parquet", f"{bucket}/scores/cs.parquet"
     args = ["run", f"{bucket}/in.parquet", "--model", job["model"], "-o", out, "--window", 30, "-q", *CHUNK,
             "--chunk-scores", cs]
     env = dict(os.environ, PYTHONPATH=ROOT, **s3_server)
     p = subprocess.Popen([sys.executable, "-m", "jobs.cli", *map(str, args)], cwd=ROOT, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    ck = RemoteStore(out + ".ckpt")
+    done = location(out + ".ckpt") / "done"
     deadline = time.monotonic() + 600
-    while len(ck.list("done")) < 2:
+    while len(done.list()) < 2:
         assert p.poll() is None, p.stderr.read()[-2000:]
         assert time.monotonic() < deadline, "no part appeared"
         time.sleep(0.05)
@@ -217,8 +216,8 @@ def test_killed_run_in_a_bucket_resumes(bucket, job, s3_server):
     assert r.exit_code == 0, r.output
     assert _read(out).equals(job["ref"])
     _same_windows(_read(cs), job["cs"])
-    assert RemoteStore(bucket).list("") == ["in.parquet", "out.parquet", "scores"]
-    assert RemoteStore(bucket).list("scores") == ["scores/cs.parquet"]
+    assert location(bucket).list() == ["in.parquet", "out.parquet", "scores"]
+    assert (location(bucket) / "scores").list() == ["cs.parquet"]
     # It exists now: the same command is refused without --overwrite, with one line.
     r = run_cli(args)
     assert r.exit_code == 2 and "pass --overwrite" in r.output

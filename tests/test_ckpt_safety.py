@@ -99,15 +99,15 @@ def test_what_a_starting_run_makes_before_its_marker_is_not_a_stranger(tmp_path)
     """A second run that looks while the first has its lease but not yet its marker must wait
     (exit 75 on the lease), not call the directory someone else's."""
     from pipeline.storage import checkpoint
-    from pipeline.storage.local import LocalStore
+    from pipeline.storage.location import location
 
     hexid = "0123456789abcdef" * 2
     for n in (".rerank-batch-lock", ".rerank-batch-lease.json", f".probe-{hexid}",
               f".tmp-{hexid}-.rerank-batch-checkpoint", f".tmp-{hexid}-.rerank-batch-lease.json"):
         (tmp_path / n).write_text("")
-    assert checkpoint._strangers(LocalStore(str(tmp_path))) == []
+    assert checkpoint.strangers(location(str(tmp_path))) == []
     (tmp_path / f".tmp-{hexid}-fingerprint.json").write_text("")
-    assert checkpoint._strangers(LocalStore(str(tmp_path))) == [f".tmp-{hexid}-fingerprint.json"]
+    assert checkpoint.strangers(location(str(tmp_path))) == [f".tmp-{hexid}-fingerprint.json"]
 
 
 def test_an_empty_checkpoint_dir_of_the_user_is_kept_and_only_our_files_go(job, tmp_path):
@@ -272,16 +272,16 @@ def test_engine_and_batch_budget_must_match_to_resume(job, tmp_path, extra, fiel
 # -- findings 11 and 13: commit cost independent of the number of units ------------------------
 
 def test_commit_writes_two_small_objects_whatever_the_unit_count(job, tmp_path, monkeypatch):
-    from pipeline.storage.local import LocalStore
+    from pipeline.storage.location import LocalLocation
 
     writes = []
-    real = LocalStore.write
+    real = LocalLocation.write_atomic
 
-    def record(self, name, data):
-        writes.append((name, len(data)))
-        return real(self, name, data)
+    def record(self, data):
+        writes.append((f"{os.path.basename(os.path.dirname(self.key))}/{self.name}", len(data)))
+        return real(self, data)
 
-    monkeypatch.setattr(LocalStore, "write", record)
+    monkeypatch.setattr(LocalLocation, "write_atomic", record)
     out = tmp_path / "out.parquet"
     cfg = RunConfig(inputs=(str(job["input"]),), output=str(out), model=job["model"], window_pairs=2, max_length=64)
     run(cfg, progress=False)
@@ -676,7 +676,7 @@ def test_a_part_changed_while_the_run_goes_on_is_scored_again_before_the_final_w
 def test_parts_that_keep_changing_on_disk_fail_the_run_and_publish_nothing(job, tmp_path, monkeypatch):
     from pipeline.storage import checkpoint
 
-    monkeypatch.setattr(checkpoint, "part_digest", lambda store, name: "0" * 64)  # never what was written
+    monkeypatch.setattr(checkpoint, "part_digest", lambda data: "0" * 64)  # never what was written
     out = tmp_path / "out.parquet"
     r = run_cli(_args(job, job["input"], out, 64))
     assert r.exit_code == 1, r.output

@@ -52,8 +52,8 @@ if os.environ.get("HOLD_EVENT"):
         return held
 
     if os.environ.get("HOLD_AT", "partial") == "partial":
-        import pipeline.storage.checkpoint as _c
-        _c.Checkpoint.commit_partial = _hold_after(_c.Checkpoint.commit_partial)
+        import pipeline.storage.sink as _s
+        _s.CheckpointSink.commit_partial = _hold_after(_s.CheckpointSink.commit_partial)
     else:
         import pipeline.runtime.progress as _p
         _p.Progress.update = _hold_after(_p.Progress.update)
@@ -338,10 +338,11 @@ def test_a_failure_mid_unit_keeps_the_scored_pairs(data, tmp_path, monkeypatch):
 def test_cleanup_removes_a_marker_temp_file_left_by_a_kill(tmp_path):
     """A kill inside the marker's rewrite (when the output is marked published) leaves the
     marker's temp file; the cleanup that follows removes it with the rest, and the directory."""
-    from pipeline.storage.checkpoint import open_checkpoint
+    from pipeline.storage.location import location
+    from pipeline.storage.sink import CheckpointSink
 
     d = tmp_path / "ck"
-    ck = open_checkpoint(str(d), {"options": {}}, [], restart=False, own_root=True)
+    ck = CheckpointSink.open(location(str(d)), {"options": {}}, [], restart=False, own_root=True)
     ck.commit_partial("00000-000000000000-000000000010", np.arange(3), np.zeros(3, np.float32), {"tokens": 3})
     (d / f".tmp-{'0' * 32}-.rerank-batch-checkpoint").write_text("{}")
     ck.close(remove=True)

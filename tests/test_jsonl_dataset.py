@@ -293,22 +293,23 @@ def test_object_storage_jsonl_in_dataset_out(ref, tmp_path, bucket, monkeypatch)
     import pyarrow.dataset as pads
     from pyarrow import fs as pafs
 
-    from pipeline.storage import remote, uri
+    from pipeline.storage import lock
+    from pipeline.storage.location import location
 
-    monkeypatch.setattr(remote, "SETTLE_SECONDS", 0.05)
+    monkeypatch.setattr(lock, "SETTLE_SECONDS", 0.05)
     local = tmp_path / "in.jsonl.gz"
     _write_jsonl(local, ref["rows"])
-    uri.publish(str(local), f"{bucket}/in/pairs.jsonl.gz")
+    location(f"{bucket}/in/pairs.jsonl.gz").publish(str(local))
     out = f"{bucket}/out/"
     _run(f"{bucket}/in/", out, "--output-file-rows", 9)
-    st = remote.RemoteStore(out.rstrip("/"))
-    names = st.list("")
+    st = location(out)
+    names = st.list()
     assert "_SUCCESS" in names and not any(n.startswith("_temporary") for n in names)
-    assert json.loads(st.read("_SUCCESS"))["rows"] == ref["long"].num_rows
-    fs, path = uri.resolve(out)
+    assert json.loads((st / "_SUCCESS").read_bytes())["rows"] == ref["long"].num_rows
+    fs, path = st.fs, st.fs_path
     got = pads.dataset(path, filesystem=fs, format="parquet").to_table()
     _same(got, ref["long"])
     # Replaced by a run with fewer files: the old extra files go, _SUCCESS is rewritten last.
     _run(f"{bucket}/in/pairs.jsonl.gz", out, "--output-file-rows", 1000, "--overwrite")
-    assert st.list("") == ["_SUCCESS", "part-00000.parquet"]
+    assert st.list() == ["_SUCCESS", "part-00000.parquet"]
     assert fs.get_file_info(pafs.FileSelector(path + "/_temporary", allow_not_found=True)) == []

@@ -12,100 +12,111 @@ import pytest
 from s3server import bucket, s3_server  # noqa: F401 - fixtures
 
 
-def test_remote_store_verbs(bucket):
-    from pipeline.storage.remote import RemoteStore
+def test_object_location_verbs(bucket):
+    from pipeline.storage.location import ObjectLocation, location
 
-    st = RemoteStore(f"{bucket}/ck")
-    assert st.list("") == [] and st.list("done") == []
-    st.write("done/a.json", b"{}")
-    st.write("parts/a.parquet", b"x" * 10)
-    st.write("marker", b"m")
-    assert st.exists("marker") and not st.exists("nope")
-    assert st.size("parts/a.parquet") == 10 and st.size("nope") is None
-    assert st.read("marker") == b"m"
-    assert st.list("done") == ["done/a.json"]
-    assert st.list("") == ["done", "marker", "parts"]
-    st.delete("done/a.json")
-    st.delete("done/a.json")  # deleting what is gone is no error
-    assert st.list("done") == []
-    assert st.is_writable() is None
-    assert st.path("marker") == f"{bucket}/ck/marker"
+    st = location(f"{bucket}/ck")
+    assert isinstance(st, ObjectLocation)
+    assert st.list() == [] and (st / "done").list() == []
+    (st / "done/a.json").write_atomic(b"{}")
+    (st / "parts/a.parquet").write_atomic(b"x" * 10)
+    (st / "marker").write_atomic(b"m")
+    assert (st / "marker").exists() and not (st / "nope").exists()
+    assert (st / "parts/a.parquet").stat().size == 10 and (st / "nope").stat() is None
+    assert (st / "parts").kind() == "dir" and (st / "marker").kind() == "file"
+    assert (st / "marker").read_bytes() == b"m"
+    assert (st / "done").list() == ["a.json"]
+    assert st.list() == ["done", "marker", "parts"] and st.list("file") == ["marker"]
+    (st / "done/a.json").delete()
+    (st / "done/a.json").delete()  # deleting what is gone is no error
+    assert (st / "done").list() == []
+    assert st.writable() is None
+    assert str(st / "marker") == f"{bucket}/ck/marker"
 
 
 def test_remote_lease_excludes_a_second_run_and_frees_on_release(bucket, monkeypatch):
     from pipeline.errors import LockedError
-    from pipeline.storage import remote as sr
+    from pipeline.storage import lock
+    from pipeline.storage.location import location
 
-    monkeypatch.setattr(sr, "SETTLE_SECONDS", 0.05)
-    st = sr.RemoteStore(f"{bucket}/ck")
-    a = sr.RemoteLease(st, "lease", "run-a", seconds=30).acquire()
+    monkeypatch.setattr(lock, "SETTLE_SECONDS", 0.05)
+    st = location(f"{bucket}/ck")
+    a = lock.ObjectLease(st, "run-a", name="lease", seconds=30).acquire()
     with pytest.raises(LockedError, match=r"another run holds this checkpoint \(pid \d+ on"):
-        sr.RemoteLease(st, "lease", "run-b", seconds=30).acquire()
+        lock.ObjectLease(st, "run-b", name="lease", seconds=30).acquire()
     a.release()
-    assert not st.exists("lease")
-    b = sr.RemoteLease(st, "lease", "run-b", seconds=30).acquire()
+    assert not (st / "lease").exists()
+    b = lock.ObjectLease(st, "run-b", name="lease", seconds=30).acquire()
     b.release()
 
 
 def test_remote_lease_of_a_dead_holder_does_not_block(bucket, monkeypatch):
     from pipeline.errors import LockedError
-    from pipeline.storage import remote as sr
+    from pipeline.storage import lock
+    from pipeline.storage.location import location
 
-    monkeypatch.setattr(sr, "SETTLE_SECONDS", 0.05)
-    st = sr.RemoteStore(f"{bucket}/ck")
+    monkeypatch.setattr(lock, "SETTLE_SECONDS", 0.05)
+    st = location(f"{bucket}/ck")
     # A holder on this host whose process is gone: free at once.
     import socket
     import subprocess
     import sys
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    st.write("lease", json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "run_id": "old",
-                                  "expires": time.time() + 600}).encode())
-    sr.RemoteLease(st, "lease", "new", seconds=30).acquire().release()
+    (st / "lease").write_atomic(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "run_id": "old",
+                                            "expires": time.time() + 600}).encode())
+    lock.ObjectLease(st, "new", name="lease", seconds=30).acquire().release()
     # A holder on another host: it blocks until its lease expires, then it is free.
-    st.write("lease", json.dumps({"pid": 1, "host": "elsewhere", "run_id": "old2",
-                                  "expires": time.time() + 600}).encode())
+    (st / "lease").write_atomic(json.dumps({"pid": 1, "host": "elsewhere", "run_id": "old2",
+                                            "expires": time.time() + 600}).encode())
     with pytest.raises(LockedError, match="elsewhere"):
-        sr.RemoteLease(st, "lease", "new2", seconds=30).acquire()
-    st.write("lease", json.dumps({"pid": 1, "host": "elsewhere", "run_id": "old2",
-                                  "expires": time.time() - 1}).encode())
-    sr.RemoteLease(st, "lease", "new3", seconds=30).acquire().release()
+        lock.ObjectLease(st, "new2", name="lease", seconds=30).acquire()
+    (st / "lease").write_atomic(json.dumps({"pid": 1, "host": "elsewhere", "run_id": "old2",
+                                            "expires": time.time() - 1}).encode())
+    lock.ObjectLease(st, "new3", name="lease", seconds=30).acquire().release()
 
 
-def test_uri_detection():
-    from pipeline.storage.uri import is_uri
+def test_one_factory_picks_the_location():
+    from pipeline.storage.location import LocalLocation, ObjectLocation, location
 
-    assert is_uri("s3://b/k") and is_uri("gs://b/k") and is_uri("hdfs://h:8020/p")
-    assert not is_uri("/tmp/x.parquet") and not is_uri("rel/x.parquet") and not is_uri("file:///tmp/x")
-    assert os.path.basename("s3://b/k/x.parquet") == "x.parquet"
+    assert all(isinstance(location(u), ObjectLocation) for u in ("s3://b/k", "gs://b/k", "hdfs://h:8020/p"))
+    assert all(isinstance(location(p), LocalLocation) for p in ("/tmp/x.parquet", "rel/x.parquet", "file:///tmp/x"))
+    assert location("file:///tmp/x").key == "/tmp/x"
+    assert location("s3://b/k/x.parquet").name == "x.parquet" and location("s3://b/k/").key == "s3://b/k"
 
 
 def test_expand_and_publish(bucket, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from pipeline.data.inputs import resolve_inputs
     from pipeline.errors import InputError
-    from pipeline.storage import remote, uri
+    from pipeline.storage.location import location
 
     local = tmp_path / "a.parquet"
     pq.write_table(pa.table({"x": [1, 2, 3]}), local)
     for key in ("in/a.parquet", "in/b.parquet", "in/sub/c.parquet", "in/notes.txt"):
-        uri.publish(str(local), f"{bucket}/{key}")
-    assert uri.expand(f"{bucket}/in") == [f"{bucket}/in/a.parquet", f"{bucket}/in/b.parquet"]
-    assert uri.expand(f"{bucket}/in/") == [f"{bucket}/in/a.parquet", f"{bucket}/in/b.parquet"]
-    assert uri.expand(f"{bucket}/in/*.parquet") == [f"{bucket}/in/a.parquet", f"{bucket}/in/b.parquet"]
-    assert uri.expand(f"{bucket}/in/**/*.parquet")[-1] == f"{bucket}/in/sub/c.parquet"
-    assert uri.expand(f"{bucket}/in/a.parquet") == [f"{bucket}/in/a.parquet"]
+        location(f"{bucket}/{key}").publish(str(local))
+
+    def expand(spec):
+        return [str(loc) for loc in resolve_inputs(spec)]
+
+    assert expand(f"{bucket}/in") == [f"{bucket}/in/a.parquet", f"{bucket}/in/b.parquet"]
+    assert expand(f"{bucket}/in/") == [f"{bucket}/in/a.parquet", f"{bucket}/in/b.parquet"]
+    assert expand(f"{bucket}/in/*.parquet") == [f"{bucket}/in/a.parquet", f"{bucket}/in/b.parquet"]
+    assert expand(f"{bucket}/in/**/*.parquet")[-1] == f"{bucket}/in/sub/c.parquet"
+    assert expand(f"{bucket}/in/a.parquet") == [f"{bucket}/in/a.parquet"]
     for bad in ("in/none.parquet", "in/*.csv"):
         with pytest.raises(InputError):
-            uri.expand(f"{bucket}/{bad}")
-    assert pq.ParquetFile(uri.open_input(f"{bucket}/in/a.parquet")).read().num_rows == 3
-    size, mtime = uri.stat(f"{bucket}/in/a.parquet")
-    assert size == local.stat().st_size and mtime > 0
-    assert uri.stat(f"{bucket}/in/none") is None
-    assert uri.kind(f"{bucket}/in") == "dir" and uri.kind(f"{bucket}/in/a.parquet") == "file"
+            expand(f"{bucket}/{bad}")
+    with location(f"{bucket}/in/a.parquet").open() as f:
+        assert pq.ParquetFile(f).read().num_rows == 3
+    st = location(f"{bucket}/in/a.parquet").stat()
+    assert st.size == local.stat().st_size and st.mtime_ns > 0
+    assert location(f"{bucket}/in/none").stat() is None
+    assert location(f"{bucket}/in").kind() == "dir" and location(f"{bucket}/in/a.parquet").kind() == "file"
     # No temp object is left beside the published one.
-    assert [n for n in remote.RemoteStore(f"{bucket}/in").list("") if "partial" in n] == []
+    assert [n for n in location(f"{bucket}/in").list() if "partial" in n] == []
 
 
 # -- whole runs in a bucket -----------------------------------------------------------------------
@@ -128,25 +139,36 @@ def local_ref(tmp_path_factory, models):
 def _read(uri):
     import pyarrow.parquet as pq
 
-    from pipeline.storage.uri import open_input
+    from pipeline.storage.location import location
 
-    with open_input(uri) as f:
+    with location(uri).open() as f:
         return pq.read_table(f)
+
+
+def _publish(local, uri):
+    from pipeline.storage.location import location
+
+    location(uri).publish(str(local))
+
+
+def _names(uri, folder=""):
+    """The names directly under a prefix (or under its `folder`)."""
+    from pipeline.storage.location import location
+
+    return (location(uri) / folder).list()
 
 
 def test_run_in_a_bucket_equals_the_local_run(bucket, local_ref):
     from conftest import run_cli
-    from pipeline.storage.remote import RemoteStore
-    from pipeline.storage.uri import publish
 
-    publish(str(local_ref["input"]), f"{bucket}/in/part-0.parquet")
+    _publish(local_ref["input"], f"{bucket}/in/part-0.parquet")
     out = f"{bucket}/out/ranked.parquet"
     r = run_cli(["run", f"{bucket}/in/", "--model", local_ref["model"], "-o", out, "--window", 20, "-q"])
     assert r.exit_code == 0, r.output
     got = _read(out)
     assert got.equals(local_ref["ref"])
     # Only the output is left: no checkpoint objects, no temp objects.
-    assert RemoteStore(bucket).list("out") == ["out/ranked.parquet"]
+    assert _names(bucket, "out") == ["ranked.parquet"]
     # The output exists now: the same command is refused without --overwrite.
     r = run_cli(["run", f"{bucket}/in/", "--model", local_ref["model"], "-o", out, "-q"])
     assert r.exit_code == 2 and "pass --overwrite" in r.output
@@ -158,33 +180,30 @@ def test_killed_run_in_a_bucket_resumes(bucket, local_ref, s3_server):
     import sys
 
     from conftest import ROOT, run_cli
-    from pipeline.storage.remote import RemoteStore
-    from pipeline.storage.uri import publish
 
-    publish(str(local_ref["input"]), f"{bucket}/in.parquet")
+    _publish(local_ref["input"], f"{bucket}/in.parquet")
     out = f"{bucket}/out.parquet"
     args = ["run", f"{bucket}/in.parquet", "--model", local_ref["model"], "-o", out, "--window", 20, "-q"]
     env = dict(os.environ, PYTHONPATH=ROOT, **s3_server)
     p = subprocess.Popen([sys.executable, "-m", "jobs.cli", *map(str, args)], cwd=ROOT, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    ck = RemoteStore(out + ".ckpt")
+    ck = out + ".ckpt"
     deadline = time.monotonic() + 600
-    while len(ck.list("done")) < 2:
+    while len(_names(ck, "done")) < 2:
         assert p.poll() is None, p.stderr.read()[-2000:]
         assert time.monotonic() < deadline, "no part appeared"
         time.sleep(0.05)
     p.send_signal(signal.SIGKILL)
     p.wait(timeout=60)
-    assert ck.exists(".rerank-batch-lease.json")  # the dead run's lease is still there...
+    assert ".rerank-batch-lease.json" in _names(ck)  # the dead run's lease is still there...
     r = run_cli(args)  # ...and does not block: its holder is gone
     assert r.exit_code == 0, r.output
     assert _read(out).equals(local_ref["ref"])
-    assert RemoteStore(bucket).list("") == ["in.parquet", "out.parquet"]
+    assert _names(bucket) == ["in.parquet", "out.parquet"]
 
 
 def test_checkpoint_in_a_bucket_for_a_local_output(bucket, local_ref, tmp_path):
     from conftest import run_cli
-    from pipeline.storage.remote import RemoteStore
 
     out = tmp_path / "o.parquet"
     r = run_cli(["run", local_ref["input"], "--model", local_ref["model"], "-o", out, "--window", 20, "-q",
@@ -193,7 +212,7 @@ def test_checkpoint_in_a_bucket_for_a_local_output(bucket, local_ref, tmp_path):
     import pyarrow.parquet as pq
 
     assert pq.read_table(out).equals(local_ref["ref"])
-    names = RemoteStore(f"{bucket}/ck").list("")
+    names = _names(f"{bucket}/ck")
     assert ".rerank-batch-checkpoint" in names and "parts" in names and "done" in names
 
 
@@ -215,25 +234,25 @@ def test_a_bucket_output_with_a_local_checkpoint_resumes_after_publishing(bucket
 
 def test_foreign_prefix_is_not_a_checkpoint(bucket, local_ref, tmp_path):
     from conftest import run_cli
-    from pipeline.storage.remote import RemoteStore
+    from pipeline.storage.location import location
 
-    RemoteStore(f"{bucket}/data").write("notes.txt", b"mine")
+    (location(f"{bucket}/data") / "notes.txt").write_atomic(b"mine")
     r = run_cli(["run", local_ref["input"], "--model", local_ref["model"], "-o", tmp_path / "o.parquet",
                  "--checkpoint-dir", f"{bucket}/data", "-q"])
     assert r.exit_code == 2 and "not a rerank-batch checkpoint" in r.output
-    assert RemoteStore(f"{bucket}/data").list("") == ["notes.txt"]
+    assert _names(f"{bucket}/data") == ["notes.txt"]
 
 
 _HOLD_AFTER_FIRST_COMMIT = r"""
 import os, sys, time
-import pipeline.storage.checkpoint as c
-real = c.Checkpoint.commit
+import pipeline.storage.sink as s
+real = s.CheckpointSink.commit
 def commit(self, *a, **k):
     out = real(self, *a, **k)
     while not os.path.exists(os.environ["RELEASE"]):  # hold the lease until the test says go
         time.sleep(0.02)
     return out
-c.Checkpoint.commit = commit
+s.CheckpointSink.commit = commit
 sys.argv = ["rerank-batch"] + sys.argv[1:]
 from jobs.cli import main
 main()
@@ -247,10 +266,8 @@ def test_a_second_run_on_the_same_bucket_checkpoint_is_refused(bucket, local_ref
     import sys
 
     from conftest import ROOT
-    from pipeline.storage.remote import RemoteStore
-    from pipeline.storage.uri import publish
 
-    publish(str(local_ref["input"]), f"{bucket}/in.parquet")
+    _publish(local_ref["input"], f"{bucket}/in.parquet")
     out = f"{bucket}/out.parquet"
     args = [str(a) for a in ["run", f"{bucket}/in.parquet", "--model", local_ref["model"], "-o", out,
                              "--window", 20, "-q"]]
@@ -258,10 +275,10 @@ def test_a_second_run_on_the_same_bucket_checkpoint_is_refused(bucket, local_ref
     env = dict(os.environ, PYTHONPATH=ROOT, RELEASE=str(release), **s3_server)
     first = subprocess.Popen([sys.executable, "-c", _HOLD_AFTER_FIRST_COMMIT, *args], cwd=ROOT, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    ck = RemoteStore(out + ".ckpt")
+    ck = out + ".ckpt"
     deadline = time.monotonic() + 600
     try:
-        while not ck.list("done"):  # the first run holds the lease and has committed a unit
+        while not _names(ck, "done"):  # the first run holds the lease and has committed a unit
             assert first.poll() is None, first.stderr.read()[-2000:]
             assert time.monotonic() < deadline, "the first run committed nothing"
             time.sleep(0.05)
@@ -274,7 +291,7 @@ def test_a_second_run_on_the_same_bucket_checkpoint_is_refused(bucket, local_ref
     _, err = first.communicate(timeout=600)
     assert first.returncode == 0, err[-2000:]
     assert _read(out).equals(local_ref["ref"])
-    assert RemoteStore(bucket).list("") == ["in.parquet", "out.parquet"]
+    assert _names(bucket) == ["in.parquet", "out.parquet"]
 
 
 class _Recording:
@@ -320,9 +337,7 @@ def _bytes(key):
 
 
 def _no_temp_objects(key):
-    from pipeline.storage import remote
-
-    return [n for n in remote.RemoteStore(key.rsplit("/", 1)[0]).list("") if "partial" in n] == []
+    return [n for n in _names(key.rsplit("/", 1)[0]) if "partial" in n] == []
 
 
 def _big(monkeypatch):
@@ -491,9 +506,8 @@ def test_a_run_into_a_bucket_leaves_no_empty_folder_markers(bucket, local_ref, s
     import boto3
 
     from conftest import run_cli
-    from pipeline.storage.uri import publish
 
-    publish(str(local_ref["input"]), f"{bucket}/in.parquet")
+    _publish(local_ref["input"], f"{bucket}/in.parquet")
     r = run_cli(["run", f"{bucket}/in.parquet", "--model", local_ref["model"], "-o", f"{bucket}/{output}",
                  "--window", 20, "-q"])
     assert r.exit_code == 0, r.output
@@ -508,7 +522,7 @@ def test_store_deletes_leave_no_folder_marker(bucket, s3_server, monkeypatch, wi
     import boto3
 
     from pipeline.storage import uri
-    from pipeline.storage.remote import RemoteStore
+    from pipeline.storage.location import location
 
     if not with_boto3:  # pyarrow alone: only the marker of a folder left empty can go
         monkeypatch.setattr(uri, "_s3_client", lambda: None)
@@ -517,12 +531,12 @@ def test_store_deletes_leave_no_folder_marker(bucket, s3_server, monkeypatch, wi
     def keys():
         return sorted(o["Key"] for o in s3.list_objects_v2(Bucket=bucket[len("s3://"):]).get("Contents", []))
 
-    st = RemoteStore(f"{bucket}/a/ck")
-    st.write("parts/x", b"1")
-    st.write("parts/y", b"1")
-    st.delete("parts/x")
+    st = location(f"{bucket}/a/ck")
+    (st / "parts/x").write_atomic(b"1")
+    (st / "parts/y").write_atomic(b"1")
+    (st / "parts/x").delete()
     assert keys() == ["a/ck/parts/y"] if with_boto3 else keys() in (["a/ck/parts/y"], ["a/ck/parts/", "a/ck/parts/y"])
-    st.delete("parts/y")
-    st.remove_empty("parts")
+    (st / "parts/y").delete()
+    (st / "parts").remove_dir()
     assert keys() == []
-    assert st.is_writable() is None and keys() == []
+    assert st.writable() is None and keys() == []

@@ -16,8 +16,15 @@ import pytest
 from pipeline.data import rank_stream
 from pipeline.config import RunConfig
 from pipeline.errors import RerankError
-from pipeline.data.write import group_keys, output_schema, write_ranked
+from pipeline.data import write as wmod
+from pipeline.data.write import group_keys, output_schema
 from pipeline.bench.final_write import synth_parts
+from pipeline.storage.sink import FileParts
+
+
+def write_ranked(paths, layout, cfg, **kw) -> int:
+    """The final write of parts made without a checkpoint, to cfg.output."""
+    return wmod.write_ranked(FileParts(paths), layout, cfg, cfg.output, **kw)
 
 
 def reference(paths, layout, cfg) -> pa.Table:

@@ -220,29 +220,29 @@ def test_fingerprint_mismatch_is_refused_and_restart_starts_over(job, tmp_path):
 def test_full_disk_during_a_part_write_leaves_a_valid_checkpoint(job, tmp_path, monkeypatch):
     import errno
 
-    from pipeline.storage.local import LocalStore
+    from pipeline.storage.location import LocalLocation
 
     out = tmp_path / "out.parquet"
-    real = LocalStore.write
+    real = LocalLocation.write_atomic
     calls = [0]
 
-    def failing(self, name, data):
-        if name.startswith("parts/"):
+    def failing(self, data):
+        if os.path.basename(os.path.dirname(self.key)) == "parts":
             calls[0] += 1
             if calls[0] == 5:
                 def full(tmp, dst):  # the temp file written, its rename refused
                     raise OSError(errno.ENOSPC, "No space left on device")
                 real_replace, os.replace = os.replace, full
                 try:
-                    return real(self, name, data)
+                    return real(self, data)
                 finally:
                     os.replace = real_replace
-        return real(self, name, data)
+        return real(self, data)
 
-    monkeypatch.setattr(LocalStore, "write", failing)
+    monkeypatch.setattr(LocalLocation, "write_atomic", failing)
     with pytest.raises(RerankError, match="cannot write a checkpoint part .No space left on device.; free disk space"):
         run(_cfg(job, out), progress=False)
-    monkeypatch.setattr(LocalStore, "write", real)
+    monkeypatch.setattr(LocalLocation, "write_atomic", real)
     ck = tmp_path / "out.parquet.ckpt"
     assert _done(ck) == 4
     assert not [n for n in os.listdir(ck / "parts") if n.startswith(".tmp")]

@@ -92,19 +92,37 @@ def test_directory_input_writes_beside_the_directory(parts_dir, tmp_path):
     assert sorted(os.listdir(parts_dir)) == before
 
 
+def _located(cfg):
+    """(the input files as paths, the output) that planning finds for a config."""
+    from pipeline.driver.plan import locate
+
+    cfg, inputs = locate(cfg)
+    return tuple(map(str, inputs)), cfg.output
+
+
 def test_library_config_takes_one_path_a_directory_or_a_glob(parts_dir, tmp_path):
     from pipeline.run import run
 
     one = RunConfig(inputs=SAMPLE, output=str(tmp_path / "o.parquet"))
-    assert one.inputs == (SAMPLE,)
-    assert RunConfig(inputs=str(parts_dir)).inputs == (str(parts_dir / "a.parquet"), str(parts_dir / "b.parquet"))
-    assert RunConfig(inputs=str(parts_dir)).output == str(parts_dir) + ".reranked.parquet"
-    assert RunConfig(inputs=[parts_dir / "b.parquet"]).inputs == (str(parts_dir / "b.parquet"),)
+    assert _located(one)[0] == (SAMPLE,)
+    assert _located(RunConfig(inputs=str(parts_dir)))[0] == (str(parts_dir / "a.parquet"),
+                                                              str(parts_dir / "b.parquet"))
+    assert _located(RunConfig(inputs=str(parts_dir)))[1] == str(parts_dir) + ".reranked.parquet"
+    assert _located(RunConfig(inputs=[parts_dir / "b.parquet"]))[0] == (str(parts_dir / "b.parquet"),)
     cfg = RunConfig(inputs=f"{parts_dir}/*.parquet", output=str(tmp_path / "g.parquet"), model=TINY)
-    assert len(cfg.inputs) == 2
+    assert len(_located(cfg)[0]) == 2
     assert run(cfg, progress=False).rows == N
     with pytest.raises(InputError, match="no file matches this pattern"):
-        RunConfig(inputs=f"{tmp_path}/none-*.parquet")
+        _located(RunConfig(inputs=f"{tmp_path}/none-*.parquet"))
+
+
+def test_making_a_config_touches_no_file(tmp_path):
+    """The config does no I/O: specs that name nothing yet are kept as given; planning finds
+    the files (and refuses what is not there)."""
+    cfg = RunConfig(inputs=(f"{tmp_path}/later-*.parquet", tmp_path / "later"), output=None)
+    assert cfg.inputs == (f"{tmp_path}/later-*.parquet", str(tmp_path / "later")) and cfg.output is None
+    with pytest.raises(InputError, match="no file matches this pattern"):
+        _located(cfg)
 
 
 def test_outputs_get_the_usual_mode(tmp_path):
@@ -221,10 +239,10 @@ def test_current_directory_has_no_default_output(tmp_path, monkeypatch):
     shutil.copy(SAMPLE, tmp_path / "p.parquet")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(InputError, match="pass -o"):
-        RunConfig(inputs=".")
+        _located(RunConfig(inputs="."))
     with pytest.raises(InputError, match="pass -o"):
-        RunConfig(inputs="*.parquet")
-    assert RunConfig(inputs="p.parquet").output == "p.reranked.parquet"
+        _located(RunConfig(inputs="*.parquet"))
+    assert _located(RunConfig(inputs="p.parquet"))[1] == "p.reranked.parquet"
 
 
 # -- -q, --log-level and timestamps, the same on every subcommand --------------------------------

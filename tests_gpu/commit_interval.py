@@ -28,7 +28,7 @@ from pipeline.bench import throughput as bench  # noqa: E402
 from pipeline.config import RunConfig  # noqa: E402
 from pipeline.engines.score import engine_from_model  # noqa: E402
 from pipeline.run import run  # noqa: E402
-from pipeline.storage import checkpoint  # noqa: E402
+from pipeline.storage import sink  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("path", nargs="?", help="JSON record to write [default: $OUT/commit_interval.json]")
@@ -62,7 +62,7 @@ REC = {"device": torch.cuda.get_device_name(0) if DEV.type == "cuda" else "cpu",
 # Count the partial commits and time them (the commit's own cost: the device-to-host copy is
 # in the scorer, the write here).
 COMMITS = {"n": 0, "s": 0.0}
-_real_commit = checkpoint.Checkpoint.commit_partial
+_real_commit = sink.CheckpointSink.commit_partial
 
 
 def _counted(self, *a, **k):
@@ -73,7 +73,7 @@ def _counted(self, *a, **k):
     return out
 
 
-checkpoint.Checkpoint.commit_partial = _counted
+sink.CheckpointSink.commit_partial = _counted
 
 
 def save():

@@ -118,7 +118,11 @@ cfg = RunConfig(inputs=(), output=out)
 r0 = resource.getrusage(resource.RUSAGE_SELF)
 rss0 = r0.ru_maxrss
 t0 = time.perf_counter()
-rows = write_ranked(paths, layout, cfg)
+try:  # parts are read through a part source (a checkout from before reads paths)
+    from pipeline.storage.sink import FileParts
+    rows = write_ranked(FileParts(paths), layout, cfg, out)
+except ImportError:
+    rows = write_ranked(paths, layout, cfg)
 r1 = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({"rows": rows, "wall_s": round(time.perf_counter() - t0, 2),
                   "cpu_s": round(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime, 2),

@@ -12,10 +12,6 @@ the two writes both again.
 
 from __future__ import annotations
 
-import os
-import tempfile
-import uuid
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -24,8 +20,9 @@ from pipeline.data.arrays import to_arrow, to_numpy
 from pipeline.data.chunks import SCORES_COLUMN, Chunking
 from pipeline.data.pairs import ORD_STRIDE
 from pipeline.errors import InputError, RerankError, first_line
-from pipeline.storage import uri
-from pipeline.storage.uri import is_uri, read_part
+from pipeline.storage.checkpoint import made_for
+from pipeline.storage.location import location
+from pipeline.storage.output import Output
 
 
 def _columns(layout) -> tuple[str, str | None]:
@@ -40,49 +37,37 @@ def check_target(plan) -> None:
     """Before any scoring: the file is not an input, the output or a directory; its directory
     exists; an existing one is replaced only with --overwrite or by the run that wrote it (a
     checkpoint of this output that holds work)."""
-    from pipeline.driver.plan import output_key
-    from pipeline.storage.checkpoint import made_for
-
     cfg = plan.cfg
-    path = cfg.chunk_scores
-    opt = f"--chunk-scores {path}"
-    resumable = made_for(plan.ckpt.marker, output_key(cfg.output)) and plan.ckpt.holds_work()
-    if is_uri(path):
-        if path in cfg.inputs or path.rstrip("/") == cfg.output.rstrip("/"):
-            raise InputError(f"{opt}: is also an input or the output; pass another path")
-        where = uri.kind(path)
-        if where == "dir":
-            raise InputError(f"{opt}: a prefix with objects under it; pass an object key")
-        if where == "file" and not cfg.overwrite and not resumable:
-            raise InputError(f"{opt}: exists; pass --overwrite to replace it")
-        return
-    real = os.path.realpath(path)
-    for p in cfg.inputs:
-        if not is_uri(p) and os.path.realpath(p) == real:
-            raise InputError(f"{opt}: is also the input {p}; pass another path")
-    if not is_uri(cfg.output):
-        out = os.path.realpath(cfg.output)
-        if real == out or real.startswith(out.rstrip(os.sep) + os.sep):
-            raise InputError(f"{opt}: is the output or lies inside it; pass a path beside it")
-    if os.path.isdir(real):
-        raise InputError(f"{opt}: is a directory; pass a file path")
-    if not os.path.isdir(os.path.dirname(real)):
-        raise InputError(f"{opt}: the directory {os.path.dirname(real)} does not exist; create it or pass another "
-                         "path")
-    if os.path.exists(real) and not cfg.overwrite and not resumable:
+    target, out = location(cfg.chunk_scores), location(cfg.output)
+    opt = f"--chunk-scores {cfg.chunk_scores}"
+    resumable = made_for(plan.ckpt.marker, Output(cfg.output).key) and plan.ckpt.holds_work()
+    for i in plan.inputs:
+        if i.key == target.key:
+            raise InputError(f"{opt}: is also the input {i}; pass another path")
+    if target.key == out.key or target.inside(out):
+        raise InputError(f"{opt}: is the output or lies inside it; pass a path beside it")
+    kind = target.kind()
+    if kind == "dir":
+        raise InputError(f"{opt}: is a directory (or a prefix with objects under it); pass a file path")
+    if target.local_path is not None and target.parent.kind() != "dir":
+        raise InputError(f"{opt}: the directory {target.parent} does not exist; create it or pass another path")
+    if kind == "file" and not cfg.overwrite and not resumable:
         raise InputError(f"{opt}: exists; pass --overwrite to replace it")
 
 
 def exists(path: str) -> bool:
-    return uri.stat(path) is not None if is_uri(path) else os.path.exists(path)
+    return location(path).exists()
 
 
-def tables(part_paths, layout, chunking: Chunking):
-    """The rows of the file, part by part (one part's rows at a time)."""
+def tables(parts, layout, chunking: Chunking):
+    """The rows of the file, unit by unit (one part's rows at a time). `parts`: the sink's
+    verified part source (CheckpointSink.parts)."""
     qcol, dcol = _columns(layout)
     cols = list(dict.fromkeys([qcol] + ([dcol] if dcol else []) + ["_ord", SCORES_COLUMN]))
-    for path in part_paths:
-        t = read_part(path, cols)
+    for i in range(len(parts)):
+        t = parts.read(i, cols)
+        if t is None:  # a part that failed its check: check() below names it
+            continue
         lists = t.column(SCORES_COLUMN).combine_chunks()
         counts = np.asarray(lists.value_lengths().fill_null(0).to_numpy(zero_copy_only=False), dtype=np.int64)
         rows = np.repeat(np.arange(t.num_rows, dtype=np.int64), counts)
@@ -110,60 +95,33 @@ def schema(layout) -> pa.Schema:
                       ("start_token", pa.int64()), ("score", pa.float32())])
 
 
-def _write_local(plan, target: str) -> int:
-    from pipeline.storage.local import fsync_dir
-
-    ck = plan.ckpt
-    d = os.path.dirname(os.path.abspath(target))
-    base = os.path.basename(target).encode()[:180].decode(errors="ignore")
-    # Temp files of earlier, killed attempts of this checkpoint's runs are ours to remove.
-    stems = tuple(f".{base}.{i}-" for i in [ck.marker.get("run_id", ""), *ck.marker.get("earlier_run_ids", [])])
-    for name in os.listdir(d):
-        if name.startswith(stems) and name.endswith(".partial"):
-            try:
-                os.unlink(os.path.join(d, name))
-            except OSError:
-                pass
-    tmp = os.path.join(d, f".{base}.{ck.marker.get('run_id', '')}-{uuid.uuid4().hex[:8]}.partial")
-    try:
-        rows = _write_file(plan, tmp)
-        os.replace(tmp, target)
-        fsync_dir(d)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return rows
-
-
 def _write_file(plan, path: str) -> int:
     sch = schema(plan.layout)
+    parts = plan.ckpt.parts([u.id for u in plan.units])
     rows = 0
     with pq.ParquetWriter(path, sch) as w:
-        for t in tables(plan.ckpt.parts([u.id for u in plan.units]), plan.layout, Chunking.of(plan.cfg)):
+        for t in tables(parts, plan.layout, Chunking.of(plan.cfg)):
             if t.num_rows:
                 w.write_table(t.cast(sch))
                 rows += t.num_rows
         if not rows:
             w.write_table(sch.empty_table())
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
+    parts.check()  # a part not the one committed: PartsChanged, and the run scores it again
     return rows
 
 
 def write(plan) -> int:
-    """Write the file from every unit's part (all finished); return its rows."""
-    target = plan.cfg.chunk_scores
+    """Write the file from every unit's part (all finished); return its rows. Staged beside the
+    target (or locally for object storage) and published whole, so readers never see half."""
+    target = location(plan.cfg.chunk_scores)
+    ck = plan.ckpt
     try:
-        if not is_uri(target):
-            return _write_local(plan, target)
-        with tempfile.TemporaryDirectory(prefix="rerank-batch-") as stage:
-            local = os.path.join(stage, target.rsplit("/", 1)[-1] or "chunk-scores.parquet")
-            rows = _write_file(plan, local)
-            uri.publish(local, target)
-            return rows
+        # Staged files of earlier, killed attempts of this checkpoint's runs are ours to remove.
+        target.remove_staged([ck.marker.get("run_id", ""), *ck.marker.get("earlier_run_ids", [])])
+        with target.staged(ck.marker.get("run_id", "")) as tmp:
+            rows = _write_file(plan, tmp)
+            target.publish(tmp)
+        return rows
     except OSError as exc:
         raise RerankError(f"--chunk-scores {target}: cannot write it ({first_line(exc)}); free space (or check the "
                           "bucket) and rerun the same command: the scores are kept in the checkpoint") from None

@@ -1,71 +1,82 @@
-"""Where a run reads and writes: INPUT specs (files, directories, globs) to files, and the
-default output path. Standard library only, so that `pipeline.config` stays light to import."""
+"""Where a run reads and writes: INPUT specs (files, directories, globs; local or in object
+storage) to input files, and the output path when none is given. This is the I/O of planning
+(pipeline/driver/plan.py), done through storage Locations; the config itself does none.
+"""
 
 from __future__ import annotations
 
-import glob
 import os
 
 from pipeline.errors import InputError
+from pipeline.storage.location import Location, is_glob, location
 
-_MAGIC = "*?["
-
-
-def _is_glob(spec: str) -> bool:
-    return any(ch in spec for ch in _MAGIC)
+SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz")  # what a directory or prefix contributes
 
 
-def _in_checkpoint(path: str) -> bool:
-    """A file under a directory that holds a checkpoint's marker (a run's own OUTPUT.ckpt/parts,
-    met by a recursive glob): scores of a run, not input."""
-    from pipeline.storage.uri import CHECKPOINT_MARKER
-
-    d = os.path.dirname(os.path.abspath(path))
-    for _ in range(3):  # the marker sits at most two folders above a part (ckpt/parts/x.parquet)
-        if os.path.exists(os.path.join(d, CHECKPOINT_MARKER)):
-            return True
-        d = os.path.dirname(d)
-    return False
+def _glob_parts(spec: str) -> tuple[str, str]:
+    """(the folder a glob searches, the pattern under it): `data/*.parquet` -> (`data`, `*.parquet`)."""
+    head = spec[: min(spec.index(ch) for ch in "*?[" if ch in spec)]
+    if "/" not in head:
+        return "", spec
+    folder = head.rsplit("/", 1)[0]
+    return folder or "/", spec[len(folder):].lstrip("/")
 
 
-def resolve_inputs(specs) -> tuple[str, ...]:
-    """Expand files, directories (their *.parquet, *.jsonl and *.jsonl.gz, sorted) and globs into a
-    list of files.
+class _Checkpoints:
+    """Which folders hold a checkpoint's marker (asked once per folder): the files under them (a
+    run's own OUTPUT.ckpt/parts, met by a recursive glob) are scores of a run, not input."""
 
-    A single string is one spec (not a sequence of characters)."""
+    def __init__(self):
+        self._seen: dict[str, bool] = {}
+
+    def _marked(self, folder: Location) -> bool:
+        from pipeline.storage.checkpoint import MARKER
+
+        if folder.key not in self._seen:
+            self._seen[folder.key] = (folder / MARKER).exists()
+        return self._seen[folder.key]
+
+    def holds(self, f: Location) -> bool:
+        d = f.parent
+        for _ in range(3):  # the marker sits at most two folders above a part (ckpt/parts/x.parquet)
+            if self._marked(d):
+                return True
+            d = d.parent
+        return False
+
+
+def resolve_inputs(specs) -> tuple[Location, ...]:
+    """Expand files, directories (their *.parquet, *.jsonl and *.jsonl.gz, sorted) and globs into
+    input files, each once. A single string is one spec (not a sequence of characters)."""
     if isinstance(specs, (str, os.PathLike)):
         specs = (specs,)
-    from pipeline.storage.uri import INPUT_SUFFIXES, expand, is_uri
-
-    files: list[str] = []
+    files: list[Location] = []
     for spec in map(os.fspath, specs):
-        if is_uri(spec):  # object storage: an object, a prefix or a glob on keys
-            files.extend(expand(spec))
-        elif _is_glob(spec) and not os.path.exists(spec):  # a file named data[1].parquet is that file
-            found = sorted(p for p in glob.glob(spec, recursive=True)
-                           if os.path.isfile(p) and not _in_checkpoint(p))
+        loc = location(spec)
+        if is_glob(spec) and not loc.exists():  # a file named data[1].parquet is that file
+            folder, pattern = _glob_parts(spec)
+            marks = _Checkpoints()
+            found = [f for f in location(folder).glob(pattern) if not marks.holds(f)]
             if not found:
-                raise InputError(f"{spec}: no file matches this pattern; check the glob")
+                raise InputError(f"{spec}: no {loc.FILE} matches this pattern; check the glob")
             files.extend(found)
-        elif os.path.isdir(spec):
-            found = sorted(
-                os.path.join(spec, n) for n in os.listdir(spec)
-                if n.endswith(INPUT_SUFFIXES) and os.path.isfile(os.path.join(spec, n))
-            )
-            if not found:
-                raise InputError(f"{spec}: the directory holds no *.parquet, *.jsonl or *.jsonl.gz file; pass a file or "
-                                 "another directory")
-            files.extend(found)
-        elif os.path.isfile(spec):
-            files.append(spec)
-        else:
-            raise InputError(f"{spec}: no such file or directory; check the path")
+            continue
+        st = loc.stat()
+        if st is None:
+            raise InputError(f"{spec}: no such {loc.FILE} or {loc.FOLDER}; {loc.CHECK}")
+        if st.kind == "file":
+            files.append(loc)
+            continue
+        found = [loc / n for n in loc.list("file") if n.endswith(SUFFIXES)]
+        if not found:
+            raise InputError(f"{spec}: the {loc.FOLDER} holds no *.parquet, *.jsonl or *.jsonl.gz {loc.FILE}; pass "
+                             f"{loc.AN_FILE} or another {loc.FOLDER}")
+        files.extend(found)
     seen = set()
     unique = []
     for f in files:
-        key = f if is_uri(f) else os.path.realpath(f)
-        if key not in seen:
-            seen.add(key)
+        if f.real_key not in seen:
+            seen.add(f.real_key)
             unique.append(f)
     return tuple(unique)
 
@@ -75,29 +86,34 @@ def default_output(first_spec: str) -> str:
 
     Never inside an input directory: the next run would read the output as an input. A glob
     counts as the directory it searches (`data/*.parquet` -> `data.reranked.parquet`)."""
-    from pipeline.storage.uri import is_uri, kind
-
     spec = os.fspath(first_spec)
-    if is_uri(spec):  # the same rules on keys: beside the object, the prefix or the glob's folder
-        if _is_glob(spec):
-            fixed = spec[: min(spec.index(c) for c in _MAGIC if c in spec)].rsplit("/", 1)[0]
-            return fixed + ".reranked.parquet"
-        if spec.endswith("/") or kind(spec) == "dir":
-            return spec.rstrip("/") + ".reranked.parquet"
-        return _stem(spec) + ".reranked.parquet"
-    if _is_glob(spec):
-        parts = spec.split(os.sep)
-        fixed = os.sep.join(p for p in parts[: next(i for i, p in enumerate(parts) if _is_glob(p))])
-        if fixed in ("", ".", os.sep) or fixed.rstrip(os.sep) in ("", "."):
+    if is_glob(spec):
+        folder = _glob_parts(spec)[0]
+        if folder.rstrip("/") in ("", "."):
             raise InputError(f"{spec}: a glob in the current directory has no default output beside it; pass -o")
-        return fixed.rstrip(os.sep) + ".reranked.parquet"
-    if os.path.isdir(spec):
-        d = os.path.normpath(spec)
+        return folder.rstrip("/") + ".reranked.parquet"
+    loc = location(spec)
+    if spec.endswith("/") or loc.kind() == "dir":
+        d = loc.clean
         if d in (".", os.sep) or os.path.basename(d) in ("", ".", ".."):
             raise InputError(f"{spec}: the current directory has no default output beside it; pass -o")
         return d + ".reranked.parquet"
-    d, name = os.path.split(spec)
-    return os.path.join(d, f"{_stem(name)}.reranked.parquet")
+    head, name = spec.rsplit("/", 1) if "/" in spec else ("", spec)
+    return (head + "/" if head else "") + f"{_stem(name)}.reranked.parquet"
+
+
+def resolve_output(specs, output: str | None) -> str:
+    """The output a run writes: `output`, or the default beside the first input; an existing
+    directory (or a prefix with objects under it) gets its "/" (a dataset output)."""
+    if isinstance(specs, (str, os.PathLike)):
+        specs = (specs,)
+    specs = [os.fspath(s) for s in specs]
+    if output is None:
+        return default_output(specs[0]) if specs else ""
+    output = os.fspath(output)
+    if output and not output.endswith("/") and location(output).kind() == "dir":
+        return output + "/"
+    return output
 
 
 def _stem(name: str) -> str:

@@ -11,7 +11,6 @@ gzip file is a stream, decompressed from its start, so a reader only moves forwa
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 
@@ -21,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.json as pj
 
 from pipeline.errors import InputError, first_line
-from pipeline.storage.uri import is_uri, resolve
+from pipeline.storage.location import location
 
 SUFFIXES = (".jsonl", ".jsonl.gz")
 # Bytes of whole lines parsed at once while scanning; pyarrow parses each chunk in blocks of
@@ -40,19 +39,9 @@ def _gz(path: str) -> bool:
     return str(path).lower().endswith(".gz")
 
 
-def _fs(path: str):
-    """(pyarrow FileSystem, path in it): object storage through storage.uri, else the local disk."""
-    if is_uri(path):
-        return resolve(path)
-    from pyarrow import fs as pafs
-
-    return pafs.LocalFileSystem(), os.path.abspath(path)
-
-
 def open_stream(path: str):
-    """The file's bytes from its start (gzip decompressed)."""
-    fs, p = _fs(path)
-    return fs.open_input_stream(p, compression="gzip" if _gz(path) else None)
+    """The file's bytes from its start (gzip decompressed), through its Location."""
+    return location(path).open_stream(gzip=_gz(path))
 
 
 @dataclass(frozen=True)
@@ -189,9 +178,8 @@ def scan(path: str, query_col: str, doc_col: str, docs_col: str, instruction_col
     row is a pair; nested form: its list's length), and the first null query, document or
     query_id. Cached per file version and arguments within this process."""
     try:
-        fs, p = _fs(path)
-        info = fs.get_file_info(p)
-        ident = (info.size, info.mtime_ns)
+        st = location(path).stat()
+        ident = (st.size, st.mtime_ns) if st is not None else None
     except (OSError, pa.ArrowException):
         ident = None
     key = (path, ident, query_col, doc_col, docs_col, instruction_col, window_pairs, chunk_bytes)
@@ -319,13 +307,15 @@ class JsonlCursor:
         self.path = unit.path
         self.schema = schema
         self.seekable = not _gz(unit.path)
-        fs, p = _fs(unit.path)
         try:
-            self.f = fs.open_input_file(p) if self.seekable else open_stream(unit.path)
+            self.f = location(unit.path).open() if self.seekable else open_stream(unit.path)
         except (OSError, pa.ArrowException) as exc:
             raise InputError(f"{unit.path}: cannot open the file ({first_line(exc)}); was it moved during the run?") \
                 from None
         self.pos = 0
+
+    def close(self) -> None:
+        self.f.close()
 
     def can_continue(self, unit) -> bool:
         return unit.path == self.path and (self.seekable or unit.byte_start >= self.pos)

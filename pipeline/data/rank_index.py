@@ -20,7 +20,6 @@ import polars as pl
 import pyarrow as pa
 
 from pipeline.data.arrays import to_numpy
-from pipeline.storage.uri import read_part
 
 SEEDS = (0x5EED_0001, 0x5EED_0002)
 
@@ -70,16 +69,16 @@ def _merge(frames: list[pl.DataFrame]) -> pl.DataFrame:
         pl.col("first").min(), pl.col("pmin").min(), pl.col("pmax").max(), pl.col("n").sum())
 
 
-def build_index(part_paths: list[str], keys: list[str], fill: dict[str, str]) -> GroupIndex:
-    """Scan the parts' keys and `_ord` once; memory is O(groups) plus one part."""
+def build_index(tables, keys: list[str], fill: dict[str, str]) -> GroupIndex:
+    """Scan the parts' keys and `_ord` once, from `tables` (the parts' rows in order, in chunks:
+    write.part_tables); memory is O(groups) plus one chunk."""
     merged: pl.DataFrame | None = None
     pending: list[pl.DataFrame] = []
     pending_rows = 0
     offset = 0
     last_ord = -1
     in_order = True  # parts in input order, each sorted: then the stream is in first-appearance order
-    for path in part_paths:
-        t = read_part(path, keys + ["_ord"])
+    for t in tables:
         if not t.num_rows:
             continue
         ords = to_numpy(t.column("_ord"))

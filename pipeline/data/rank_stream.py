@@ -21,8 +21,6 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from pipeline.storage.uri import read_part
-
 from pipeline.errors import RerankError
 from pipeline.data.arrays import to_arrow, to_numpy
 from pipeline.data.rank_index import GroupIndex, key_frame, key_hashes
@@ -74,43 +72,42 @@ class Ranker:
                 "(the output was not written)")
 
 
-def _read(path: str, columns: list[str], index: GroupIndex, keys, fill) -> tuple[pa.Table, np.ndarray]:
-    t = read_part(path, columns)
-    return t, index.lookup(*key_hashes(key_frame(t, keys, fill)))
+def _groups(t: pa.Table, index: GroupIndex, keys, fill) -> np.ndarray:
+    return index.lookup(*key_hashes(key_frame(t, keys, fill)))
 
 
-def contiguous(part_paths, columns, index: GroupIndex, keys, fill, rank: Ranker,
-               chunk_rows: int) -> Iterator[Ranked]:
-    """The contiguous groups, from the stream, in chunks of complete groups."""
-    tables: list[pa.Table] = []
+def contiguous(tables, index: GroupIndex, keys, fill, rank: Ranker, chunk_rows: int) -> Iterator[Ranked]:
+    """The contiguous groups, from the stream of the parts' rows (`tables`, in order), in chunks
+    of complete groups."""
+    held_tables: list[pa.Table] = []
     gs: list[np.ndarray] = []
     held = 0
-    for path in part_paths:
-        t, g = _read(path, columns, index, keys, fill)
+    for t in tables:
+        g = _groups(t, index, keys, fill)
         keep = ~index.scattered[g]
         if not keep.all():
             t, g = t.filter(to_arrow(keep, pa.bool_())), g[keep]
         if not len(g):
             continue
-        tables.append(t)
+        held_tables.append(t)
         gs.append(g)
         held += len(g)
         if held < chunk_rows:
             continue
-        t, g = pa.concat_tables(tables), np.concatenate(gs)
+        t, g = pa.concat_tables(held_tables), np.concatenate(gs)
         # Rows come in g order; the last group may go on in the next part.
         last = g[-1]
         cut = len(g) if len(g) - np.searchsorted(g, last) == index.n[last] else int(np.searchsorted(g, last))
         if cut:
             yield rank(t.slice(0, cut), g[:cut])
-        tables, gs, held = [t.slice(cut)], [g[cut:]], len(g) - cut
+        held_tables, gs, held = [t.slice(cut)], [g[cut:]], len(g) - cut
     if held:
-        yield rank(pa.concat_tables(tables), np.concatenate(gs))
+        yield rank(pa.concat_tables(held_tables), np.concatenate(gs))
 
 
-def spill(part_paths, columns, index: GroupIndex, keys, fill, spill_dir: str,
-          bucket_rows: int, buffer_bytes: int) -> list[str]:
-    """Write the scattered rows into bucket files of consecutive g; return them in g order."""
+def spill(tables, index: GroupIndex, keys, fill, spill_dir: str, bucket_rows: int, buffer_bytes: int) -> list[str]:
+    """Write the scattered rows of the stream (`tables`, the parts' rows in order) into bucket
+    files of consecutive g; return them in g order."""
     sc = np.flatnonzero(index.scattered)
     rows = index.n[sc]
     bucket_rows = max(bucket_rows, -(-int(rows.sum()) // MAX_BUCKETS))
@@ -132,8 +129,8 @@ def spill(part_paths, columns, index: GroupIndex, keys, fill, spill_dir: str,
         buffers.clear()
 
     try:
-        for path in part_paths:
-            t, g = _read(path, columns, index, keys, fill)
+        for t in tables:
+            g = _groups(t, index, keys, fill)
             mask = index.scattered[g]
             if not mask.any():
                 continue

@@ -15,11 +15,8 @@ import pyarrow.parquet as pq
 from pipeline.config import RunConfig
 from pipeline.data import jsonl
 from pipeline.errors import InputError, first_line
-from pipeline.storage.uri import is_uri, open_input
-
-
-# Every name Unit.id makes (and no other): the checkpoint deletes only files named like this.
-UNIT_ID = r"[0-9]{5,}-[0-9]{12,}-[0-9]{12,}"
+from pipeline.storage.checkpoint import UNIT_ID  # noqa: F401 - the names Unit.id makes
+from pipeline.storage.location import location
 
 
 @dataclass(frozen=True)
@@ -27,7 +24,7 @@ class Unit:
     """One self-contained piece of work: rows [start, stop) of one input file."""
 
     file_index: int
-    path: str
+    path: str  # the input file's path or URI (pipeline.storage.location reads it)
     start: int
     stop: int
     # Global row number of `start`, counted over all inputs; orders output rows.
@@ -56,20 +53,46 @@ class InputLayout:
     columns: tuple[str, ...]  # every input column, in order
     schema: pa.Schema
     chunked: bool = False  # --chunk-tokens: the output gains `chunks` and `best_chunk` (data/chunks.py)
+    source: str = ""  # the file the layout was read from (messages compare the others with it)
 
 
-def open_parquet(path: str) -> pq.ParquetFile:
+def open_parquet(path) -> pq.ParquetFile:
+    """A Parquet file (a path, a URI or a Location), read by ranges through its Location; close
+    it with `close(force=True)` (it holds the file open)."""
+    f = None
     try:
+        f = location(path).open()
         # pre_buffer=False: the default pre-buffering keeps every row group read so far (RSS
         # grew ~0.5 GB per 1M long pairs of one file); without it memory stays about a window.
-        if is_uri(path):  # object storage: ranged reads through pyarrow.fs, never the whole object
-            return pq.ParquetFile(open_input(path), pre_buffer=False)
-        return pq.ParquetFile(path, pre_buffer=False)
+        return pq.ParquetFile(f, pre_buffer=False)
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError, ValueError) as exc:
+        if f is not None:
+            f.close()
         raise InputError(
             f"{path}: not a readable Parquet file ({first_line(exc)}); check that the file is complete and is "
             "Parquet"
         ) from None
+
+
+class Footers:
+    """The Parquet footers of the inputs, each read once while a run is planned (layout, nulls,
+    units): one open per file, however many checks look at it. Files are not kept open."""
+
+    def __init__(self):
+        self._md: dict[str, pq.FileMetaData] = {}
+
+    def get(self, path) -> pq.FileMetaData:
+        key = str(path)
+        md = self._md.get(key)
+        if md is None:
+            pf = open_parquet(path)
+            md = pf.metadata
+            pf.close(force=True)
+            self._md[key] = md
+        return md
+
+    def schema(self, path) -> pa.Schema:
+        return self.get(path).schema.to_arrow_schema()
 
 
 def _is_string(t: pa.DataType) -> bool:
@@ -84,10 +107,10 @@ def _scan(path: str, cfg: RunConfig) -> jsonl.Scan:
     return jsonl.scan(path, cfg.query_col, cfg.doc_col, cfg.docs_col, cfg.instruction_col, cfg.window_pairs)
 
 
-def inspect_layout(path: str, cfg: RunConfig) -> InputLayout:
+def inspect_layout(path: str, cfg: RunConfig, footers: Footers | None = None) -> InputLayout:
     """Decide long or nested form from one file's schema, and check the column types."""
     scan = _scan(path, cfg) if jsonl.is_jsonl(path) else None
-    schema = scan.schema if scan is not None else open_parquet(path).schema_arrow
+    schema = scan.schema if scan is not None else (footers or Footers()).schema(path)
     names = schema.names
     present = ", ".join(names)
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -149,20 +172,23 @@ def inspect_layout(path: str, cfg: RunConfig) -> InputLayout:
         what = "holds a null document" if nested and name == doc_col else "is null or missing"
         raise InputError(f"{path}: line {line}: field {name!r} {what}; fill it, or pass --on-null skip to keep such "
                          "rows unscored")
-    return InputLayout(nested, cfg.query_col, doc_col, instruction_col, tuple(names), schema, bool(cfg.chunk_tokens))
+    return InputLayout(nested, cfg.query_col, doc_col, instruction_col, tuple(names), schema,
+                       chunked=bool(cfg.chunk_tokens), source=str(path))
 
 
-def read_layout(paths, cfg: RunConfig) -> InputLayout:
-    """The layout of all input files (checked to agree); for JSONL, one schema unified over the
-    files (a field that is int in one file and float in another is read as float everywhere)."""
-    paths = list(paths)
+def read_layout(paths, cfg: RunConfig, footers: Footers | None = None) -> InputLayout:
+    """The layout of all input files (paths, URIs or Locations; checked to agree); for JSONL, one
+    schema unified over the files (a field that is int in one file and float in another is read
+    as float everywhere)."""
+    paths = [str(p) for p in paths]
+    footers = footers or Footers()
     formats = {jsonl.is_jsonl(p) for p in paths}
     if len(formats) > 1:
         other = next(p for p in paths if jsonl.is_jsonl(p) != jsonl.is_jsonl(paths[0]))
         raise InputError(f"{other}: Parquet and JSONL inputs in one run; convert them to one format, or run each "
                          "format on its own")
-    layout = inspect_layout(paths[0], cfg)
-    check_same_layout(paths, layout, cfg)
+    layout = inspect_layout(paths[0], cfg, footers)
+    check_same_layout(paths, layout, cfg, footers)
     if not jsonl.is_jsonl(paths[0]):
         return layout
     schema = layout.schema
@@ -175,9 +201,9 @@ def read_layout(paths, cfg: RunConfig) -> InputLayout:
     return replace(layout, schema=pa.schema([schema.field(n) for n in layout.columns]))
 
 
-def check_same_layout(paths, layout: InputLayout, cfg: RunConfig) -> None:
+def check_same_layout(paths, layout: InputLayout, cfg: RunConfig, footers: Footers | None = None) -> None:
     for path in paths[1:]:
-        other = inspect_layout(path, cfg)
+        other = inspect_layout(path, cfg, footers)
         if other.nested != layout.nested or set(other.columns) != set(layout.columns):
             raise InputError(
                 f"{path}: its columns ({', '.join(other.columns)}) differ from {paths[0]} "
@@ -192,9 +218,8 @@ def check_same_layout(paths, layout: InputLayout, cfg: RunConfig) -> None:
                 )
 
 
-def _list_leaf_counts(pf: pq.ParquetFile, list_col: str) -> list[int]:
+def _list_leaf_counts(md: pq.FileMetaData, list_col: str) -> list[int]:
     """Elements of the list column per row group, read from the footer's column statistics."""
-    md = pf.metadata
     leaf = None
     for j in range(md.num_columns):
         p = md.schema.column(j).path
@@ -208,8 +233,8 @@ def _list_leaf_counts(pf: pq.ParquetFile, list_col: str) -> list[int]:
     return counts
 
 
-def plan_units(paths, layout: InputLayout, window_pairs: int, cfg: RunConfig | None = None
-               ) -> tuple[list[Unit], int]:
+def plan_units(paths, layout: InputLayout, window_pairs: int, cfg: RunConfig | None = None,
+               footers: Footers | None = None) -> tuple[list[Unit], int]:
     """Split every file into row ranges of about `window_pairs` pairs; return units and total pairs.
 
     For nested input the pairs per row are estimated per row group from the footer, so that a
@@ -219,7 +244,8 @@ def plan_units(paths, layout: InputLayout, window_pairs: int, cfg: RunConfig | N
     units: list[Unit] = []
     total_pairs = 0
     global_row = 0
-    for fi, path in enumerate(paths):
+    footers = footers or Footers()
+    for fi, path in enumerate(str(p) for p in paths):
         if jsonl.is_jsonl(path):
             scan = jsonl.scan(path, cfg.query_col, cfg.doc_col, cfg.docs_col, cfg.instruction_col, window_pairs)
             units += [Unit(fi, path, s.start, s.stop, global_row + s.start, s.byte_start, s.byte_stop)
@@ -227,10 +253,9 @@ def plan_units(paths, layout: InputLayout, window_pairs: int, cfg: RunConfig | N
             total_pairs += scan.pairs
             global_row += scan.rows
             continue
-        pf = open_parquet(path)
-        md = pf.metadata
+        md = footers.get(path)
         rg_rows = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
-        rg_pairs = _list_leaf_counts(pf, layout.doc_col) if layout.nested else rg_rows
+        rg_pairs = _list_leaf_counts(md, layout.doc_col) if layout.nested else rg_rows
         total_pairs += sum(rg_pairs)
         start = 0
         rg_start = 0
@@ -256,6 +281,9 @@ def iter_unit_tables(units, columns=None, schema: pa.Schema | None = None):
     cursor = None
     for unit in units:
         if cursor is None or not cursor.can_continue(unit):
+            if cursor is not None:
+                cursor.close()
+                cursor = None
             if jsonl.is_jsonl(unit.path):
                 if schema is None:
                     raise ValueError("iter_unit_tables: JSONL units need the layout's schema")
@@ -264,6 +292,8 @@ def iter_unit_tables(units, columns=None, schema: pa.Schema | None = None):
                 cursor = _FileCursor(unit, columns)
         table = cursor.take(unit)
         yield unit, (table.select(columns) if columns is not None and jsonl.is_jsonl(unit.path) else table)
+    if cursor is not None:
+        cursor.close()
 
 
 class _FileCursor:
@@ -286,6 +316,9 @@ class _FileCursor:
                                             columns=columns, use_threads=True)
         self.buffered: list[pa.RecordBatch] = []
         self.buf_rows = 0
+
+    def close(self) -> None:
+        self.pf.close(force=True)
 
     def can_continue(self, unit) -> bool:
         if unit.path != self.path or unit.start < self.buf_start:

@@ -1,4 +1,4 @@
-"""Rank the scored parts per query and write the final Parquet file atomically.
+"""Rank the scored parts per query and write the final Parquet file (or a dataset's files).
 
 Ranking is global: a query's candidates may sit in several units or files. It runs in two
 streaming passes over the parts, so the driver's memory stays bounded by the memory budget and
@@ -7,8 +7,13 @@ the number of queries (about 220 bytes each at the peak), not by the rows:
      and contiguity are indexed;
   2. wide (rank_stream): queries whose rows are one contiguous run are ranked straight from the
      stream; the rows of the others are spilled to buckets beside the output, read back, ranked
-     and merged in; in the input's own Arrow types, into a temp file that replaces the output
-     only when complete.
+     and merged in; in the input's own Arrow types.
+
+The parts come from a part source (`Parts`: the checkpoint's, which checks each part against its
+record as it reads it), never from paths. Consecutive parts are read into tables of many rows
+(`part_tables`) before any hashing or ranking, so the cost is linear in the rows, whatever the
+number of parts (10,000 one-row files make 10,000 parts). Where the result goes and how it is put
+in place is the caller's (pipeline/storage/output.py): these functions write local files.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 import os
 import shutil
 from contextlib import closing
-from typing import Iterator
+from typing import Iterator, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -26,13 +31,49 @@ from pipeline.config import RunConfig
 from pipeline.data.rank_index import build_index
 from pipeline.data.rank_stream import Ranker, buckets, contiguous, merge, spill
 from pipeline.data.read import InputLayout
-from pipeline.storage.local import fsync_dir
-from pipeline.storage.uri import part_rows, read_part
+from pipeline.storage.output import part_name
 
 MAX_CHUNK_ROWS = 65536  # rows per output row group
 # Bytes of rows held at once (chunks, spill buffers, one bucket). 32 MiB is thousands of rows of
 # usual width per chunk, already linear in time; more only raises the driver's peak.
 MEMORY_BUDGET = 32 << 20
+
+
+class Parts(Protocol):
+    """The scored parts in input order (pipeline.storage.sink.UnitParts, or any sequence of
+    tables with these methods)."""
+
+    def __len__(self) -> int: ...
+
+    def rows(self, i: int) -> int: ...
+
+    def read(self, i: int, columns: list[str]): ...  # a pa.Table, or None for a part that failed its check
+
+
+def part_tables(parts: Parts, columns: list[str], rows: int) -> Iterator[pa.Table]:
+    """The parts' rows in order, in tables of at least `rows` rows (the last one shorter): many
+    small parts are concatenated, so that what follows costs per chunk of rows, not per part.
+    A part read as None (it failed its check) is left out."""
+    held: list[pa.Table] = []
+    n = 0
+    for i in range(len(parts)):
+        t = parts.read(i, columns)
+        if t is None or not t.num_rows:
+            continue
+        held.append(t)
+        n += t.num_rows
+        if n >= rows:
+            yield held[0] if len(held) == 1 else pa.concat_tables(held).combine_chunks()
+            held, n = [], 0
+    if held:
+        yield held[0] if len(held) == 1 else pa.concat_tables(held).combine_chunks()
+
+
+def _checked(parts: Parts) -> None:
+    """After the first pass: a part source that checks what it reads says now which parts were bad."""
+    check = getattr(parts, "check", None)
+    if check is not None:
+        check()
 
 
 def output_schema(layout: InputLayout) -> pa.Schema:
@@ -62,7 +103,7 @@ def spill_path(output: str, parent: str) -> str:
     return os.path.join(parent, "." + os.path.basename(output.rstrip("/")) + ".spill")
 
 
-def ranked_tables(part_paths: list[str], layout: InputLayout, cfg: RunConfig, spill_parent: str,
+def ranked_tables(parts: Parts, layout: InputLayout, cfg: RunConfig, spill_parent: str,
                   memory_budget: int = MEMORY_BUDGET, groups: bool = False) -> Iterator:
     """The output rows in order, as tables of whole query groups (with `groups`: (table, g), g
     each row's group number, non-decreasing); spill files (only for queries whose rows are not
@@ -70,7 +111,8 @@ def ranked_tables(part_paths: list[str], layout: InputLayout, cfg: RunConfig, sp
     closed."""
     keys = group_keys(layout)
     fill = {layout.instruction_col: cfg.instruction} if layout.instruction_col in keys else {}
-    index = build_index(part_paths, keys, fill)
+    index = build_index(part_tables(parts, keys + ["_ord"], MAX_CHUNK_ROWS), keys, fill)
+    _checked(parts)
     if not index.groups:
         return
     names = [n for n in output_schema(layout).names if n != "rank"]
@@ -78,8 +120,7 @@ def ranked_tables(part_paths: list[str], layout: InputLayout, cfg: RunConfig, sp
     rank = Ranker(keys, fill, names, cfg.top_k)
     # Rows per chunk and per bucket from the in-memory width of a row; a chunk is copied a few
     # times on its way (concatenated, taken in rank order, regrouped for the writer).
-    first = next(p for p in part_paths if part_rows(p))
-    sample = read_part(first, columns)
+    sample = parts.read(next(i for i in range(len(parts)) if parts.rows(i)), columns)
     budget_rows = max(1, int(memory_budget // (4 * max(sample.nbytes / sample.num_rows, 1.0))))
     chunk_rows = min(budget_rows, MAX_CHUNK_ROWS)
     spill_dir = None
@@ -89,11 +130,12 @@ def ranked_tables(part_paths: list[str], layout: InputLayout, cfg: RunConfig, sp
             spill_dir = spill_path(cfg.output, spill_parent)
             shutil.rmtree(spill_dir, ignore_errors=True)  # left by a run killed while writing
             os.makedirs(spill_dir)
-            files = spill(part_paths, columns, index, keys, fill, spill_dir, budget_rows, memory_budget // 2)
+            files = spill(part_tables(parts, columns, chunk_rows), index, keys, fill, spill_dir, budget_rows,
+                          memory_budget // 2)
             scattered = buckets(files, rank)
         stream: Iterator = iter(())
         if not index.scattered.all():
-            stream = contiguous(part_paths, columns, index, keys, fill, rank, chunk_rows)
+            stream = contiguous(part_tables(parts, columns, chunk_rows), index, keys, fill, rank, chunk_rows)
         for table, g in merge(stream, scattered):
             yield (table, g) if groups else table
     finally:
@@ -118,46 +160,40 @@ def _row_groups(tables: Iterator[pa.Table], size: int) -> Iterator[pa.Table]:
         yield pa.concat_tables(held)
 
 
-def write_ranked(part_paths: list[str], layout: InputLayout, cfg: RunConfig, *, tmp: str | None = None,
-                 publish=os.replace, memory_budget: int = MEMORY_BUDGET) -> int:
-    """Write the ranked output to `tmp`, then publish(tmp, cfg.output) (an atomic rename by
-    default); return the number of rows written. `tmp` should be unique per run; spill files go
-    beside it. `memory_budget` (bytes) sizes the chunks and spill buckets held at once."""
+def write_ranked(parts: Parts, layout: InputLayout, cfg: RunConfig, path: str,
+                 memory_budget: int = MEMORY_BUDGET) -> int:
+    """Write the ranked output to the local file `path` (a staging name: the caller puts it in
+    place, storage.Location.publish); return the number of rows written. Spill files go beside
+    it. `memory_budget` (bytes) sizes the chunks and spill buckets held at once. On an error the
+    file is removed."""
     schema = output_schema(layout)
-    tmp = tmp or os.path.join(os.path.dirname(os.path.abspath(cfg.output)), "." + os.path.basename(cfg.output) + ".partial")
-    tmp_dir = os.path.dirname(os.path.abspath(tmp))
     rows = 0
     try:
-        with pq.ParquetWriter(tmp, schema) as writer:
+        with pq.ParquetWriter(path, schema) as writer:
             group_rows = max(1, min(MAX_CHUNK_ROWS, cfg.window_pairs))
-            with closing(ranked_tables(part_paths, layout, cfg, tmp_dir, memory_budget)) as tables:
+            with closing(ranked_tables(parts, layout, cfg, os.path.dirname(os.path.abspath(path)),
+                                       memory_budget)) as tables:
                 for table in _row_groups(tables, group_rows):
                     writer.write_table(table.cast(schema), row_group_size=group_rows)
                     rows += table.num_rows
             if not rows:
                 writer.write_table(schema.empty_table())
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        publish(tmp, cfg.output)
     except BaseException:
         try:
-            os.unlink(tmp)
+            os.unlink(path)
         except OSError:
             pass
         raise
     return rows
 
 
-def part_name(i: int) -> str:
-    return f"part-{i:05d}.parquet"
-
-
-def write_dataset(part_paths: list[str], layout: InputLayout, cfg: RunConfig, directory: str,
+def write_dataset(parts: Parts, layout: InputLayout, cfg: RunConfig, directory: str,
                   memory_budget: int = MEMORY_BUDGET) -> list[dict]:
     """Write the ranked output as files part-00000.parquet, ... into the existing, empty local
-    `directory` (fsynced); return [{"name", "rows", "bytes"}] in order. The union of the files in
-    name order is the single-file output. A file holds at most cfg.output_file_rows rows and only
-    whole query groups; a group larger than that gets a file of its own."""
+    `directory` (a staging folder: the caller puts it in place, storage.Location.publish_dir);
+    return [{"name", "rows", "bytes"}] in order. The union of the files in name order is the
+    single-file output. A file holds at most cfg.output_file_rows rows and only whole query
+    groups; a group larger than that gets a file of its own."""
     schema = output_schema(layout)
     limit = cfg.output_file_rows
     group_rows = max(1, min(MAX_CHUNK_ROWS, cfg.window_pairs, limit))
@@ -184,10 +220,7 @@ def write_dataset(part_paths: list[str], layout: InputLayout, cfg: RunConfig, di
             state["writer"].write_table(schema.empty_table())
         state["writer"].close()
         state["writer"] = None
-        path = os.path.join(directory, files[-1]["name"])
-        with open(path, "rb+") as f:
-            os.fsync(f.fileno())
-        files[-1].update(rows=state["rows"], bytes=os.path.getsize(path))
+        files[-1].update(rows=state["rows"], bytes=os.path.getsize(os.path.join(directory, files[-1]["name"])))
 
     def write(t: pa.Table) -> None:
         state["held"].append(t)
@@ -197,7 +230,7 @@ def write_dataset(part_paths: list[str], layout: InputLayout, cfg: RunConfig, di
 
     last_g = -1
     try:
-        with closing(ranked_tables(part_paths, layout, cfg, os.path.dirname(os.path.abspath(directory)),
+        with closing(ranked_tables(parts, layout, cfg, os.path.dirname(os.path.abspath(directory)),
                                    memory_budget, groups=True)) as stream:
             for t, g in stream:
                 n = len(g)
@@ -231,5 +264,4 @@ def write_dataset(part_paths: list[str], layout: InputLayout, cfg: RunConfig, di
     finally:
         if state["writer"] is not None:
             state["writer"].close()
-    fsync_dir(directory)
     return files

@@ -37,7 +37,7 @@ def execute(plan, executor: ExecutorSpec, progress, stop: StopToken | None, *, e
     executor's per-device rows."""
     ck = plan.ckpt
     pending = [u for u in plan.units if u.id not in ck.done]
-    work = WorkSpec(cfg=plan.cfg, kind=plan.kind, layout=plan.layout, ckpt_dir=ck.dir)
+    work = WorkSpec(cfg=plan.cfg, kind=plan.kind, layout=plan.layout, sink=ck.spec())
     executor = dataclasses.replace(executor, timeline=timeline)
     if executor.kind == "local":
         executor = dataclasses.replace(executor, engine=engine, checkpoint=ck)
@@ -45,9 +45,7 @@ def execute(plan, executor: ExecutorSpec, progress, stop: StopToken | None, *, e
     def landed(unit, record: dict) -> None:
         if ck.done.get(unit.id) is record:
             return  # committed through this very checkpoint (the local executor), which recorded it
-        ck.done[unit.id] = record
-        if ck.lease is not None:
-            ck.lease.renew()
+        ck.landed(unit.id, record)
 
     with polled(stop):
         return run_units(executor, work, pending, landed, progress, stop)

@@ -1,22 +1,30 @@
 """Plan a run: everything that can fail on bad input or a bad checkpoint, before a model loads.
 
-    check options and output -> layout and schemas of every file -> nulls from footer statistics
-    -> units -> fingerprint -> checkpoint (marked, locked, verified)
+    inputs and output (locate: the specs expanded, the default output) -> check options and output
+    -> layout and schemas of every file -> nulls from footer statistics -> units -> fingerprint
+    -> checkpoint (marked, locked, verified)
+
+Every stat, listing and read goes through storage Locations: nothing here asks whether a path
+is local or in object storage.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 
-from pipeline.storage.checkpoint import Checkpoint, made_for, marked_for, open_checkpoint
 from pipeline.config import RunConfig
-from pipeline.errors import InputError, ModelError
-from pipeline.storage.fingerprint import model_fingerprint
+from pipeline.data.inputs import resolve_inputs, resolve_output
 from pipeline.data.jsonl import is_jsonl
-from pipeline.data.read import InputLayout, Unit, open_parquet, plan_units, read_layout
+from pipeline.data.read import Footers, InputLayout, Unit, open_parquet, plan_units, read_layout
+from pipeline.errors import InputError, ModelError
+from pipeline.storage.checkpoint import made_for, marked_for
+from pipeline.storage.fingerprint import model_fingerprint
+from pipeline.storage.location import Location, location
+from pipeline.storage.output import Output
+from pipeline.storage.sink import CheckpointSink
 
 log = logging.getLogger(__name__)
 
@@ -26,15 +34,21 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vo
 
 @dataclass
 class Plan:
-    cfg: RunConfig
+    cfg: RunConfig  # with the output resolved (and a hub id resolved to its local snapshot)
     layout: InputLayout
     units: list[Unit]
     total_pairs: int
     device: object = None  # torch.device
     dtype: str = ""
     kind: object = None
-    ckpt: Checkpoint | None = None
+    ckpt: CheckpointSink | None = None  # the run's sink: checkpoint, lease, inputs, output
     output_existed: bool = True  # at the start, under the lock (False: one there at the end is someone else's)
+    inputs: tuple[Location, ...] = ()  # the input files, expanded from cfg.inputs
+
+    @property
+    def input_files(self) -> list[str]:
+        """The input files as paths or URIs, in order."""
+        return [str(i) for i in self.inputs]
 
 
 def _utf8(name: str, what: str) -> None:
@@ -42,6 +56,17 @@ def _utf8(name: str, what: str) -> None:
         name.encode("utf-8")
     except UnicodeEncodeError:
         raise InputError(f"{name!r}: the {what} name is not valid UTF-8; rename it") from None
+
+
+def locate(cfg: RunConfig) -> tuple[RunConfig, tuple[Location, ...]]:
+    """What the config leaves to planning: its input specs expanded to files (directories,
+    globs, prefixes), and its output (the default beside the first input; the "/" of an existing
+    directory, which makes it a dataset). Returns the config with that output, and the files."""
+    inputs = resolve_inputs(cfg.inputs)
+    output = resolve_output(cfg.inputs, cfg.output)
+    if output != cfg.output:
+        cfg = dataclasses.replace(cfg, output=output)
+    return cfg, inputs
 
 
 def check_options(cfg: RunConfig) -> None:
@@ -73,100 +98,34 @@ def check_device_options(cfg: RunConfig, device, dtype) -> None:
 
 def output_key(output: str) -> str:
     """How a checkpoint's marker names its output: the URI, or the absolute path."""
-    from pipeline.storage.uri import is_uri
-
-    return output.rstrip("/") if is_uri(output) else os.path.abspath(output)
+    return Output(output).key
 
 
-def _check_remote_output(cfg: RunConfig, resumable: bool | None) -> None:
-    """check_output for an object-storage output: the same refusals, asked of the store."""
-    from pipeline.storage import remote as sr
-    from pipeline.storage import uri
-
-    if cfg.output in cfg.inputs:
-        raise InputError(f"{cfg.output}: the output is one of the inputs; pass another -o")
-    where = uri.kind(cfg.output)
-    if where == "dir":
-        raise InputError(f"{cfg.output}: the output is a prefix with objects under it; pass an object key with -o")
-    if resumable is None:  # the checkpoint in the bucket or on local disk
-        resumable = marked_for(cfg.ckpt_dir, output_key(cfg.output))
-    if where == "file" and not cfg.overwrite and (cfg.restart or not resumable):
-        raise InputError(f"{cfg.output}: the output exists; pass --overwrite to replace it")
-    why = sr.RemoteStore(cfg.output.rsplit("/", 1)[0]).is_writable()
-    if why:
-        raise InputError(f"{cfg.output}: cannot write there ({why}); check the bucket and the credentials")
-
-
-def _check_dataset_output(cfg: RunConfig, resumable: bool) -> None:
-    """check_output for a dataset directory (a path ending in /, or an existing directory)."""
-    from pipeline.storage import dataset, uri
-    from pipeline.storage.local import LocalStore
-    from pipeline.storage.remote import RemoteStore
-
-    root = cfg.output.rstrip("/")
-    for p in cfg.inputs:
-        if (p + "/").startswith(root + "/") if uri.is_uri(root) else \
-                os.path.abspath(p).startswith(os.path.abspath(root) + os.sep):
-            raise InputError(f"{cfg.output}: the input {p} lies inside the output directory; pass another -o")
-    dataset.check_output_dir(cfg.output, resumable, cfg.overwrite, cfg.restart)
-    parent = root.rsplit("/", 1)[0] if uri.is_uri(root) else os.path.dirname(os.path.abspath(root))
-    if not uri.is_uri(root) and not os.path.isdir(parent):
-        raise InputError(f"{cfg.output}: the directory {parent} does not exist; create it or pass another -o")
-    why = (RemoteStore(root) if uri.is_uri(root) else LocalStore(parent)).is_writable()
-    if why:
-        raise InputError(f"{cfg.output}: cannot write there ({why}); pass an -o where you can write")
-
-
-def check_output(cfg: RunConfig, resumable: bool | None = None) -> None:
-    """`resumable`: the checkpoint holds work of this output (None: peek at its marker)."""
-    from pipeline.storage.uri import is_uri
-
+def check_output(cfg: RunConfig, inputs, resumable: bool | None = None) -> None:
+    """Refuse an output the run cannot or must not write (exit 2). `resumable`: the checkpoint
+    holds work of this output (None: peek at its marker)."""
     _utf8(cfg.output, "output")
     _utf8(cfg.ckpt_dir, "checkpoint directory")
-    if cfg.dataset:
-        if resumable is None:
-            resumable = marked_for(cfg.ckpt_dir, output_key(cfg.output))
-        _check_dataset_output(cfg, resumable)
-        return
-    if is_uri(cfg.output):
-        _check_remote_output(cfg, resumable)
-        return
+    out = Output(cfg.output)
     if resumable is None:  # peek at the checkpoint's marker: made for this output?
-        resumable = marked_for(cfg.ckpt_dir, output_key(cfg.output))
-    out = os.path.abspath(cfg.output)
-    for p in cfg.inputs:
-        if os.path.abspath(p) == out or (os.path.exists(cfg.output) and os.path.samefile(p, cfg.output)):
-            raise InputError(f"{cfg.output}: the output is one of the inputs; pass another -o")
-    if os.path.isdir(cfg.output):
-        raise InputError(f"{cfg.output}: the output is a directory; pass a file path with -o")
-    if os.path.exists(cfg.output) and not cfg.overwrite and (cfg.restart or not resumable):
-        raise InputError(f"{cfg.output}: the output exists; pass --overwrite to replace it")
-    d = os.path.dirname(out)
-    if not os.path.isdir(d):
-        raise InputError(f"{cfg.output}: the directory {d} does not exist; create it or pass another -o")
-    try:  # os.access says yes to root on read-only file systems; a real file is the test
-        with tempfile.TemporaryFile(dir=d):
-            pass
-    except OSError as exc:
-        raise InputError(
-            f"{cfg.output}: cannot write in {d} ({exc.strerror}); pass an -o in a writable directory"
-        ) from None
-    if not is_uri(cfg.ckpt_dir) and os.path.exists(cfg.ckpt_dir) and not os.path.isdir(cfg.ckpt_dir):
+        resumable = marked_for(location(cfg.ckpt_dir), out.key)
+    out.check(inputs, resumable, cfg.overwrite, cfg.restart)
+    if location(cfg.ckpt_dir).kind() == "file":
         raise InputError(f"{cfg.ckpt_dir}: the checkpoint directory is a file; pass a directory with --checkpoint-dir")
 
 
-def check_nulls(paths, layout: InputLayout, cfg: RunConfig) -> None:
+def check_nulls(paths, layout: InputLayout, cfg: RunConfig, footers: Footers | None = None) -> None:
     """Nulls in query, document and query_id, found from footer statistics before any scoring;
     only a row group whose statistics count nulls is read (one column) to name the row."""
     if cfg.on_null != "error":
         return
     names = [layout.query_col] + ([] if layout.nested else [layout.doc_col])
     names += ["query_id"] if "query_id" in layout.columns else []
-    for path in paths:
+    footers = footers or Footers()
+    for path in map(str, paths):
         if is_jsonl(path):  # its scan checked every line (read.inspect_layout)
             continue
-        pf = open_parquet(path)
-        md = pf.metadata
+        md = footers.get(path)
         leaf = {md.schema.column(j).path: j for j in range(md.num_columns)}
         start = 0
         for i in range(md.num_row_groups):
@@ -174,7 +133,9 @@ def check_nulls(paths, layout: InputLayout, cfg: RunConfig) -> None:
             for name in names:
                 st = rg.column(leaf[name]).statistics if name in leaf else None
                 if st is not None and st.has_null_count and st.null_count > 0:
+                    pf = open_parquet(path)
                     col = pf.read_row_group(i, columns=[name]).column(0)
+                    pf.close(force=True)
                     k = col.to_pylist().index(None)
                     raise InputError(
                         f"{path}: row {start + k} (from 0): column {name!r} is null; fill it, or pass --on-null skip "
@@ -196,13 +157,17 @@ def check_max_length(cfg: RunConfig, mconfig) -> None:
                          f"--max-length {n} or less")
 
 
-def validate(cfg: RunConfig) -> tuple[InputLayout, list[Unit], int]:
-    """Input checks from footers alone (no model, no checkpoint)."""
+def validate(cfg: RunConfig, inputs: tuple[Location, ...] | None = None) -> tuple[InputLayout, list[Unit], int]:
+    """Input checks from footers alone (no model, no checkpoint); each input's footer is read
+    once. `inputs`: the files of `cfg` (None: found from cfg.inputs here)."""
+    if inputs is None:
+        cfg, inputs = locate(cfg)
     check_options(cfg)
-    check_output(cfg)
-    layout = read_layout(cfg.inputs, cfg)
-    check_nulls(cfg.inputs, layout, cfg)
-    units, total_pairs = plan_units(cfg.inputs, layout, cfg.window_pairs, cfg)
+    check_output(cfg, inputs)
+    footers = Footers()
+    layout = read_layout(inputs, cfg, footers)
+    check_nulls(inputs, layout, cfg, footers)
+    units, total_pairs = plan_units(inputs, layout, cfg.window_pairs, cfg, footers)
     return layout, units, total_pairs
 
 
@@ -227,7 +192,8 @@ def make_plan(cfg: RunConfig, kind=None, run_id: str | None = None) -> Plan:
 
     if not cfg.inputs:
         raise InputError("no input given; pass one or more Parquet files, directories or globs")
-    layout, units, total_pairs = validate(cfg)
+    cfg, inputs = locate(cfg)
+    layout, units, total_pairs = validate(cfg, inputs)
     if kind is None:  # a hub id becomes its cached snapshot here, after the input checks
         from pipeline.engines.hub import with_local_model
 
@@ -245,23 +211,16 @@ def make_plan(cfg: RunConfig, kind=None, run_id: str | None = None) -> Plan:
 
     resolve_mode(cfg.prefix_sharing, device.type, kind.family == "seq-cls-encoder")  # `on` for a cross-encoder
     fp = fingerprint(cfg, layout, device.type, dtype, kind)
-    ck = open_checkpoint(cfg.ckpt_dir, fp, cfg.inputs, restart=cfg.restart, run_id=run_id,
-                         own_root=cfg.checkpoint_dir is None, output=output_key(cfg.output))
+    out = Output(cfg.output)
+    ck = CheckpointSink.open(location(cfg.ckpt_dir), fp, inputs, restart=cfg.restart, run_id=run_id,
+                             own_root=cfg.checkpoint_dir is None, output=out)
     try:  # again under the lock: a run that finished meanwhile has published the output
-        ours = made_for(ck.marker, output_key(cfg.output))  # one made for another -o owns no file here
-        check_output(cfg, resumable=ours and ck.holds_work())
+        ours = made_for(ck.marker, out.key)  # one made for another -o owns no file here
+        check_output(cfg, inputs, resumable=ours and ck.holds_work())
     except BaseException:
         ck.close(remove=not ck.holds_work())
         raise
-    return Plan(cfg, layout, units, total_pairs, device, dtype, kind, ck, output_exists(cfg.output))
+    return Plan(cfg, layout, units, total_pairs, device, dtype, kind, ck, out.exists(), inputs)
 
 
-def output_exists(output: str) -> bool:
-    from pipeline.storage import dataset, uri
-
-    if output.endswith("/"):
-        return dataset.exists(output)
-    return uri.stat(output) is not None if uri.is_uri(output) else os.path.lexists(output)
-
-
-__all__ = ["Plan", "make_plan", "validate", "check_output", "fingerprint"]
+__all__ = ["Plan", "make_plan", "locate", "validate", "check_output", "fingerprint"]

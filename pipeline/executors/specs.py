@@ -15,7 +15,7 @@ class WorkSpec:
     cfg: RunConfig
     kind: object  # engines.families.ModelKind
     layout: InputLayout
-    ckpt_dir: str  # where the worker commits parts and records (Checkpoint(ckpt_dir))
+    sink: object  # storage.sink.SinkSpec: the run's checkpoint, which a worker attaches to (no lease)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from pipeline.runtime import startup
 from pipeline.runtime.stop import StopToken
 from pipeline.runtime.timing import Timer
 from pipeline.scoring import score_units
-from pipeline.storage.checkpoint import Checkpoint
+from pipeline.storage.sink import CheckpointSink
 
 from .specs import WorkSpec
 
@@ -26,11 +26,11 @@ log = logging.getLogger(__name__)
 
 class UnitWorker:
     """`UnitWorker(work, device)` loads the engine of `work.cfg` on `device` (None: the config's)
-    and commits into `work.ckpt_dir`. The local executor hands in what the driver holds instead:
+    and commits into the run's checkpoint (`work.sink`). The local executor hands in what the driver holds instead:
     `engine`, `checkpoint` (the driver's own, with the lease) and `timeline` (the run's)."""
 
     def __init__(self, work: WorkSpec, device: str | None = None, *, engine=None,
-                 checkpoint: Checkpoint | None = None, timeline: startup.Timeline | None = None):
+                 checkpoint: CheckpointSink | None = None, timeline: startup.Timeline | None = None):
         cfg = work.cfg
         if device is not None and device != cfg.device:
             cfg = dataclasses.replace(cfg, device=device)
@@ -42,7 +42,7 @@ class UnitWorker:
         # the start and those it writes are all there are. A worker in another process lists them
         # again for each unit: some may come from a worker that died.
         self.sole_writer = checkpoint is not None
-        self.checkpoint = checkpoint if checkpoint is not None else Checkpoint(work.ckpt_dir)  # no lease: the driver holds it
+        self.checkpoint = checkpoint if checkpoint is not None else work.sink.attach()  # no lease: the driver holds it
         if engine is None:
             with startup.recording(self.timeline):
                 engine = load_engine(cfg, work.kind)
@@ -58,17 +58,20 @@ class UnitWorker:
         batches; `group_small`: score small units together (only for a list that never waits on
         this worker's results: see score_units)."""
         ck = self.checkpoint
-        for unit, part, info in score_units(units, self.work.layout, self.work.cfg, self.engine,
-                                            on_batch=self._counted(on_batch), stop=stop, timer=self.timer,
-                                            group_small=group_small,
-                                            kept_for=lambda u: ck.kept(u.id, refresh=not self.sole_writer),
-                                            save_partial=lambda u, *a: ck.commit_partial(u.id, *a)):
+        # Units scored together (many small ones) are committed together: one part and one record
+        # for the group, so thousands of one-row inputs do not cost thousands of objects.
+        for together in score_units(units, self.work.layout, self.work.cfg, self.engine,
+                                    on_batch=self._counted(on_batch), stop=stop, timer=self.timer,
+                                    group_small=group_small,
+                                    kept_for=lambda u: ck.kept(u.id, refresh=not self.sole_writer),
+                                    save_partial=lambda u, *a: ck.commit_partial(u.id, *a), batches=True):
             t0 = time.perf_counter()
-            record = ck.commit(unit.id, part, info)
+            records = ck.commit_group([(unit.id, part, info) for unit, part, info in together])
             self.timer.add("writing_parts", t0)
-            self.units += 1
-            self.busy_s += info.get("seconds", 0.0)
-            yield unit, record
+            for (unit, _, info), record in zip(together, records):
+                self.units += 1
+                self.busy_s += info.get("seconds", 0.0)
+                yield unit, record
 
     def _counted(self, on_batch):
         def counted(pairs: int, tokens: int) -> None:

@@ -15,7 +15,6 @@ import os
 import shlex
 
 from pipeline.errors import CheckpointError, InputError
-from pipeline.storage.uri import is_uri, open_input, stat
 
 HASH_CHUNK = 8 << 20
 
@@ -37,82 +36,78 @@ def _footer_bytes(f, size: int) -> bytes:
     return f.read(min(n, size - 8)) + tail
 
 
-def _open(path: str):
-    """A binary file object for a local path or an object-storage URI."""
-    if is_uri(path):
-        return open_input(path)
-    return open(path, "rb")
-
-
-def _where(path: str) -> str:
-    return path if is_uri(path) else os.path.abspath(path)
-
-
-def content_hash(path: str) -> str:
+def content_hash(loc) -> str:
     h = hashlib.blake2b(digest_size=32)
-    with _open(path) as f:
+    with loc.open() as f:
         while chunk := f.read(HASH_CHUNK):
             h.update(chunk)
     return h.hexdigest()
 
 
-def quick_stat(path: str) -> dict:
-    if is_uri(path):
-        found = stat(path)
-        if found is None:
-            raise FileNotFoundError(path)
-        size, mtime_ns = found
-    else:
-        st = os.stat(path)
-        size, mtime_ns = st.st_size, st.st_mtime_ns
-    with _open(path) as f:
-        footer = _footer_bytes(f, size)
-    return {"path": _where(path), "size": size, "mtime_ns": mtime_ns,
-            "footer_blake2b": hashlib.blake2b(footer, digest_size=32).hexdigest()}
+def _blake(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=32).hexdigest()
 
 
-def file_fingerprint(path: str) -> dict:
-    """The fast-path fields plus the content hash (read once, when a checkpoint is made)."""
-    return {**quick_stat(path), "content_blake2b": content_hash(path)}
+def quick_stat(loc) -> dict:
+    """Size, mtime and a hash of the footer of an input (a Location)."""
+    st = loc.stat()
+    if st is None or st.kind != "file":
+        raise FileNotFoundError(str(loc))
+    with loc.open() as f:
+        footer = _footer_bytes(f, st.size)
+    return {"path": loc.key, "size": st.size, "mtime_ns": st.mtime_ns, "footer_blake2b": _blake(footer)}
 
 
-def same_input(old: dict, path: str) -> bool:
-    """True when `path` holds the bytes `old` was taken from (cheap unless its mtime moved)."""
-    now = quick_stat(path)
+def file_fingerprint(loc) -> dict:
+    """The fast-path fields plus the content hash (read once, when a checkpoint is made). A small
+    file is read once for both."""
+    st = loc.stat()
+    if st is None or st.kind != "file":
+        raise FileNotFoundError(str(loc))
+    if st.size > HASH_CHUNK:
+        return {**quick_stat(loc), "content_blake2b": content_hash(loc)}
+    data = loc.read_bytes()
+    import io
+
+    return {"path": loc.key, "size": len(data), "mtime_ns": st.mtime_ns,
+            "footer_blake2b": _blake(_footer_bytes(io.BytesIO(data), len(data))), "content_blake2b": _blake(data)}
+
+
+def same_input(old: dict, loc) -> bool:
+    """True when `loc` holds the bytes `old` was taken from (cheap unless its mtime moved)."""
+    now = quick_stat(loc)
     if now["size"] != old.get("size") or now["footer_blake2b"] != old.get("footer_blake2b"):
         return False
     if now["mtime_ns"] == old.get("mtime_ns"):
         return True
-    return content_hash(path) == old.get("content_blake2b")
+    return content_hash(loc) == old.get("content_blake2b")
 
 
-def check_inputs(old: list[dict], paths) -> None:
+def check_inputs(old: list[dict], inputs) -> None:
     """Refuse a checkpoint made from other input files or other bytes; name the file."""
-    old_paths = [o.get("path") for o in old]
-    new_paths = [_where(p) for p in paths]
-    if old_paths != new_paths:
+    if [o.get("path") for o in old] != [loc.key for loc in inputs]:
         raise CheckpointError(
             "the checkpoint belongs to a run with different inputs; rerun with the same inputs, model and "
             "options to resume, or pass --restart to start over"
         )
-    for o, p in zip(old, paths):
-        if not same_input(o, p):
+    for o, loc in zip(old, inputs):
+        if not same_input(o, loc):
             raise CheckpointError(
-                f"{p}: the file changed since the checkpoint was made (its content differs); its old scores "
+                f"{loc}: the file changed since the checkpoint was made (its content differs); its old scores "
                 "cannot be reused: pass --restart to score it again"
             )
 
 
-def recheck_inputs(old: list[dict], paths) -> None:
+def recheck_inputs(old: list[dict], inputs) -> None:
     """Before the output is published: every input must still be the version that was scored."""
-    for o, p in zip(old, paths):
+    for o, loc in zip(old, inputs):
         try:
-            ok = same_input(o, p)
+            ok = same_input(o, loc)
         except OSError:
             ok = False
         if not ok:
             raise InputError(
-                f"{p}: the file changed during the run; nothing was published: rerun with --restart to score "
+                f"{loc}: the file changed during the run; nothing was published: rerun with --restart to score "
                 "the new version"
             )
 

@@ -1,9 +1,10 @@
-"""Paths that are URIs: s3://, gs://, hdfs:// and whatever else pyarrow.fs resolves.
+"""Object storage through pyarrow.fs (s3://, gs://, hdfs://, ...): the helpers behind
+storage.location.ObjectLocation, which is how the rest of the code reaches them.
 
 pyarrow.fs does the I/O; credentials and endpoint come from the usual environment
-(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, ...). Inputs
-expand like local paths (a prefix is a directory, globs work on keys), Parquet is read by ranges,
-and an output is published so that its key shows the old object or the whole new one.
+(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, ...). Globs
+match keys like paths, and a finished file is published so that its key shows the old object or
+the whole new one.
 """
 
 from __future__ import annotations
@@ -59,46 +60,7 @@ def join(uri: str, *names: str) -> str:
     return "/".join([uri.rstrip("/"), *[n.strip("/") for n in names if n]])
 
 
-CHECKPOINT_MARKER = ".rerank-batch-checkpoint"  # storage.checkpoint.MARKER (this module stays light)
-INPUT_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz")  # what a directory or prefix contributes
-
-
-def expand(spec: str) -> list[str]:
-    """A URI of one object, a prefix (its *.parquet, *.jsonl, *.jsonl.gz, sorted, like a local directory) or a glob
-    (*, ?, [...] in the key, ** across folders): the matching objects as URIs."""
-    from pyarrow import fs as pafs
-
-    from pipeline.errors import InputError
-
-    scheme, rest = spec.split("://", 1)
-    fs, path = resolve(spec)
-    root = f"{scheme}://"
-    if any(ch in path for ch in "*?["):
-        fixed = path[: min(path.index(ch) for ch in "*?[" if ch in path)]
-        base = fixed.rsplit("/", 1)[0]
-        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-        rx = _glob_regex(path)
-        files = [i.path for i in infos if i.type == pafs.FileType.File]
-        # A checkpoint under the glob's folder (a run's own OUTPUT.ckpt) holds parts, not inputs.
-        ckpts = tuple(f[: -len(CHECKPOINT_MARKER)] for f in files if f.endswith("/" + CHECKPOINT_MARKER))
-        found = sorted(root + f for f in files if rx.fullmatch(f) and not f.startswith(ckpts))
-        if not found:
-            raise InputError(f"{spec}: no object matches this pattern; check the glob")
-        return found
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.File:
-        return [spec]
-    if info.type == pafs.FileType.Directory:
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
-        found = sorted(root + i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(INPUT_SUFFIXES))
-        if not found:
-            raise InputError(f"{spec}: the prefix holds no *.parquet, *.jsonl or *.jsonl.gz object; pass an object or "
-                             "another prefix")
-        return found
-    raise InputError(f"{spec}: no such object or prefix; check the URI (and AWS_ENDPOINT_URL for a non-AWS store)")
-
-
-def _glob_regex(pattern: str):
+def glob_regex(pattern: str):
     """Shell glob semantics on keys, as glob.glob(recursive=True) has them on paths: * and ? stay
     within one folder, **/ spans any number of folders."""
     import re
@@ -123,33 +85,6 @@ def _glob_regex(pattern: str):
             out.append(re.escape(pattern[i]))
             i += 1
     return re.compile("".join(out))
-
-
-def open_input(uri: str):
-    """A seekable file for pyarrow.parquet.ParquetFile (reads ranges, never the whole object)."""
-    fs, path = resolve(uri)
-    return fs.open_input_file(path)
-
-
-def stat(uri: str) -> tuple[int, int] | None:
-    """(size, mtime in ns) of an object, or None when it does not exist."""
-    from pyarrow import fs as pafs
-
-    fs, path = resolve(uri)
-    info = fs.get_file_info(path)
-    if info.type != pafs.FileType.File:
-        return None
-    mtime = info.mtime_ns if info.mtime_ns is not None else 0
-    return int(info.size), int(mtime)
-
-
-def kind(uri: str) -> str:
-    """"file", "dir" or "none" for a URI."""
-    from pyarrow import fs as pafs
-
-    fs, path = resolve(uri)
-    t = fs.get_file_info(path).type
-    return {pafs.FileType.File: "file", pafs.FileType.Directory: "dir"}.get(t, "none")
 
 
 # S3's CopyObject copies at most 5 GiB in one request, and pyarrow's move is one CopyObject; its
@@ -270,23 +205,3 @@ def publish(local_path: str, uri: str) -> None:
     got = fs.get_file_info(path).size
     if got != size:
         raise OutputUnpublished(f"{uri}: the uploaded object has {got} bytes, not the output's {size}")
-
-
-def read_part(path: str, columns):
-    """A small Parquet file (a checkpoint part: one unit), local or in object storage, read whole.
-    Through ParquetFile: pq.read_table's dataset layer imports pandas (0.2 s and more)."""
-    import pyarrow.parquet as pq
-
-    if is_uri(path):
-        with open_input(path) as f:
-            return pq.ParquetFile(f, pre_buffer=False).read(columns=columns)
-    return pq.ParquetFile(path, pre_buffer=False).read(columns=columns)
-
-
-def part_rows(path: str) -> int:
-    import pyarrow.parquet as pq
-
-    if is_uri(path):
-        with open_input(path) as f:
-            return pq.ParquetFile(f).metadata.num_rows
-    return pq.ParquetFile(path).metadata.num_rows
