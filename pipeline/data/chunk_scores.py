@@ -48,7 +48,7 @@ def check_target(plan) -> None:
         raise InputError(f"{opt}: is the output or lies inside it; pass a path beside it")
     kind = target.kind()
     if kind == "dir":
-        raise InputError(f"{opt}: is a directory (or a prefix with objects under it); pass a file path")
+        raise InputError(f"{opt}: is a directory; pass a file path")
     if target.local_path is not None and target.parent.kind() != "dir":
         raise InputError(f"{opt}: the directory {target.parent} does not exist; create it or pass another path")
     if kind == "file" and not cfg.overwrite and not resumable:
