@@ -3,7 +3,7 @@
 # alternately in OLD (a directory holding another version's pipeline/ and jobs/) and in this
 # checkout, ROUNDS times each, so drift of the machine falls on both sides alike. Records and a
 # summary (new/old ratio per figure, each round's values) go under $OUT.
-#   bash tests_gpu/ab_code.sh OLD_DIR [ROUNDS]
+#   bash tests_gpu/ab_code.sh OLD_DIR [ROUNDS]     (BENCH_REPEATS, DEVICES_PAIRS size the two commands)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OLD=$(cd "$1" && pwd); ROUNDS=${2:-2}; NEW=$PWD
@@ -13,9 +13,9 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/ab_de
 one() {  # side round
     local side=$1 r=$2 dir; [[ $side == old ]] && dir=$OLD || dir=$NEW
     (cd "$dir" && export PYTHONPATH=/tmp/site:$dir &&
-     timeout 200 python3 -m jobs.cli bench -q --arch 0.6b --workload w-mixed --seed-pairs 0 --repeats 3 \
+     timeout 200 python3 -m jobs.cli bench -q --arch 0.6b --workload w-mixed --seed-pairs 0 --repeats ${BENCH_REPEATS:-3} \
         --json "$OUT/ab_bench_${side}_$r.json" >/dev/null 2>"$OUT/ab_err_${side}_$r.txt";
-     timeout 200 python3 -m jobs.cli bench -q --arch 0.6b --workload w-mixed --devices 1 --pairs 20000 \
+     timeout 200 python3 -m jobs.cli bench -q --arch 0.6b --workload w-mixed --devices 1 --pairs ${DEVICES_PAIRS:-20000} \
         --json "$OUT/ab_devices_${side}_$r.json" >/dev/null 2>>"$OUT/ab_err_${side}_$r.txt") ||
         echo "$side round $r failed: $(tail -2 "$OUT/ab_err_${side}_$r.txt")"
 }
