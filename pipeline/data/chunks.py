@@ -37,8 +37,6 @@ AGGREGATES = ("max", "first", "mean")
 MIN_TOKENS = 8
 # The part's column of every window's score (list<float32>, null for unscored rows).
 SCORES_COLUMN = "_chunk_scores"
-# Columns the output gains when chunking.
-OUTPUT_COLUMNS = ("chunks", "best_chunk")
 
 # How the options are named in messages: on the command line, or as Python keywords.
 CLI = {"tokens": "--chunk-tokens", "overlap": "--chunk-overlap", "aggregate": "--aggregate",
