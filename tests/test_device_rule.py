@@ -55,12 +55,12 @@ def test_a_named_kernel_without_float32_or_not_installed_is_refused(monkeypatch)
     with pytest.raises(InputError, match=r"^--attention flash_attn has no float32 kernel; use --dtype bfloat16 or "
                                          r"float16, or --attention sdpa$"):
         attention.choose_kernel("flash_attn", cuda, torch.float32)
-    monkeypatch.setattr(attention, "_flash_attn", lambda: None)
+    monkeypatch.setattr(attention, "flash_attn_varlen", lambda: None)
     with pytest.raises(InputError, match=r"^--attention flash_attn: the flash-attn package does not import here; "
                                          r"install it \(pip install flash-attn --no-build-isolation\) or use "
                                          r"--attention auto$"):
         attention.choose_kernel("flash_attn", cuda, torch.bfloat16)
-    monkeypatch.setattr(attention, "_torch_varlen", lambda: None)
+    monkeypatch.setattr(attention, "torch_varlen", lambda: None)
     with pytest.raises(InputError, match="torch.nn.attention.varlen; use --attention auto$"):
         attention.choose_kernel("torch_varlen", cuda, torch.bfloat16)
     assert attention.choose_kernel("auto", cuda, torch.bfloat16) == "sdpa"  # auto: nothing else here

@@ -38,8 +38,6 @@ from pipeline.errors import InputError
 
 # The part's column of every window's score (list<float32>, null for unscored rows).
 SCORES_COLUMN = "_chunk_scores"
-# Columns the output gains when chunking.
-OUTPUT_COLUMNS = ("chunks", "best_chunk")
 
 
 @dataclass(frozen=True)

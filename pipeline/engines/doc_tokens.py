@@ -18,28 +18,36 @@ import itertools
 import json
 import os
 import threading
+import weakref
 
 import numpy as np
 
 from pipeline.engines.tokenize import fast_backend
 
-_CACHE: dict[int, tuple[object, "DocumentTokens"]] = {}
+_CACHE: "weakref.WeakKeyDictionary[object, DocumentTokens]" = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 
 
 def for_tokenizer(tokenizer) -> "DocumentTokens":
-    """One DocumentTokens per tokenizer object (built once: it may read tokenizer_config.json)."""
+    """One DocumentTokens per tokenizer object, for as long as the tokenizer lives (built once: it
+    may read tokenizer_config.json)."""
     with _LOCK:
-        hit = _CACHE.get(id(tokenizer))
-        if hit is None or hit[0] is not tokenizer:
-            hit = (tokenizer, DocumentTokens(tokenizer))
-            _CACHE[id(tokenizer)] = hit
-        return hit[1]
+        try:
+            hit = _CACHE.get(tokenizer)
+        except TypeError:  # not weakly referable or not hashable: build one each time
+            return DocumentTokens(tokenizer)
+        if hit is None:
+            hit = _CACHE[tokenizer] = DocumentTokens(tokenizer)
+        return hit
 
 
 class DocumentTokens:
     def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+        # A weak reference: for_tokenizer's cache must not keep the tokenizer (its key) alive.
+        try:
+            self._tokenizer = weakref.ref(tokenizer)
+        except TypeError:
+            self._tokenizer = lambda: tokenizer
         self.backend = fast_backend(tokenizer)
         self._encode_batch = None
         if self.backend is not None:
@@ -49,6 +57,10 @@ class DocumentTokens:
         self.clean_up = False
         if self.ours:
             self.clean_up = _prepare_our_decoder(tokenizer)
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer()
 
     def tokenize(self, documents: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Each document's ids (alone, no special tokens), flat int32, and their lengths (int64)."""
