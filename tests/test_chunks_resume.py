@@ -228,15 +228,17 @@ def test_killed_run_in_a_bucket_resumes(bucket, job, s3_server):
 _MEASURE = r"""
 import json, resource, sys
 import torch
-from pipeline.bench.host import _null_scorer
+from pipeline.bench.host import NullForward
 from pipeline.bench.throughput import build_model
 from pipeline.config import RunConfig
+from pipeline.engines.score import engine_from_model
 from pipeline.run import run
 import tempfile
 inp, out, docs = sys.argv[1], sys.argv[2], []
 with tempfile.TemporaryDirectory() as wd:
     model, tok, _ = build_model("tiny", torch.device("cpu"), torch.float32, wd)
-    scorer = _null_scorer(model, tok, torch.device("cpu"))
+    scorer = engine_from_model(model, tok, RunConfig(inputs=(), output="", model="<host>", device="cpu"),
+                               torch.device("cpu"), forward=NullForward(torch.device("cpu")))
     import pipeline.data.chunks as c
     real = c.expand_texts
     def expand_texts(documents, *a, **k):
