@@ -1,4 +1,4 @@
-"""Object storage through pyarrow.fs (s3://, gs://, hdfs://, ...): the helpers behind
+"""Object storage through pyarrow.fs (s3://, gs://, hdfs://, ...): the functions behind
 storage.location.ObjectLocation, which is how the rest of the code reaches them.
 
 pyarrow.fs does the I/O; credentials and endpoint come from the usual environment
