@@ -54,7 +54,8 @@ def execute(plan, scorer, prog, timer: Timer, should_stop=None) -> list[dict] | 
         for together in score_units(pending, plan.layout, plan.cfg, scorer, on_batch=prog.update,
                                     should_stop=should_stop, timer=timer, group_small=True,
                                     kept_for=lambda u: ck.kept(u.id, refresh=False),
-                                    save_partial=lambda u, *a: ck.commit_partial(u.id, *a), batches=True):
+                                    save_partial=lambda items: ck.commit_partials([(u.id, *a) for u, *a in items]),
+                                    batches=True):
             t0 = time.perf_counter()
             ck.commit_group([(unit.id, part, info) for unit, part, info in together])
             timer.add("writing_parts", t0)

@@ -43,7 +43,8 @@ class UnitWorker:
         for unit, part, info in score_units(units, self.spec.layout, self.spec.cfg, self.scorer,
                                             on_batch=on_batch, should_stop=should_stop,
                                             kept_for=lambda u: ck.kept(u.id),
-                                            save_partial=lambda u, *a: ck.commit_partial(u.id, *a)):
+                                            save_partial=lambda items: ck.commit_partials(
+                                                [(u.id, *a) for u, *a in items])):
             yield unit, ck.commit(unit.id, part, info)
 
 
