@@ -4,8 +4,10 @@
                                    refuse a foreign folder, take the lease, write the marker,
                                    check the fingerprint, load the finished units (verified)
     sink.commit(unit, table, info) a unit's part, then its record (the done-marker), each whole
-    sink.commit_partial(unit, ...) pairs of a unit in flight, committed by time
-    sink.read_part(unit, columns)  a part read back through the store, checked against its record
+    sink.commit_group(items)       units scored together: one part and one record for them all
+    sink.commit_partials(items)    pairs of units in flight, committed by time: one object
+    sink.read_part(unit, columns)  a unit's rows read back through the store, checked against its
+    sink.parts(units)              record; the same for the final write, one read per part
     sink.finish(units, ...)        re-check the inputs, rank and write from the parts (each checked
                                    as it is read), publish, mark the checkpoint published
     sink.close(remove)             release the lease; with remove, delete our files, marker last
