@@ -177,9 +177,10 @@ class Work:
 
 class Commits:
     """Commits by time: `every` seconds of scoring after the last commit (a unit's part or this),
-    the pairs scored so far of the units in the stream go to `save(unit, ords, scores, counts)`
-    (Checkpoint.commit_partial), so that a stop or a crash loses at most that much scoring,
-    whatever the size of a unit. What the scorer calls: `due()` and `__call__(idx, scores)`."""
+    the pairs scored so far of the units in the stream go to `save(items)`, one list of (unit,
+    ords, scores, counts) per commit (CheckpointSink.commit_partials: one object for them all),
+    so that a stop or a crash loses at most that much scoring, whatever the size of a unit.
+    What the scorer calls: `due()` and `__call__(idx, scores)`."""
 
     def __init__(self, every: float | None, save, scorer):
         self.every, self.save, self.scorer = every, save, scorer
@@ -206,22 +207,22 @@ class Commits:
         computed = self.scorer.stats().tokens_computed - self.computed0
         starts = np.array([w.start for w in self.works])
         owner = np.searchsorted(starts, idx, side="right") - 1
-        lengths = {}
-        for k in np.unique(owner):
+        # The scored pairs of each unit, found in one sort (a mask per unit would cost units x pairs).
+        by_owner = np.argsort(owner, kind="stable")
+        owners, first = np.unique(owner[by_owner], return_index=True)
+        picked = []
+        for k, seg in zip(owners, np.split(by_owner, first[1:])):
             w = self.works[k]
-            encs = w.encs
-            lengths[k] = (np.concatenate([e.lengths for e in encs]), np.concatenate([e.truncated for e in encs]))
-        total = max(1, sum(int(lengths[k][0][idx[owner == k] - self.works[k].start].sum()) for k in lengths))
-        for k, (lens, trunc) in lengths.items():
-            w = self.works[k]
-            sel = owner == k
-            local = idx[sel] - w.start
+            lens = np.concatenate([e.lengths for e in w.encs])
+            trunc = np.concatenate([e.truncated for e in w.encs])
+            local = idx[seg] - w.start
             order = np.argsort(local, kind="stable")
             local = local[order]
-            tokens = int(lens[local].sum())
-            self.save(w.unit, w.ords_to_score()[local], scores[sel][order],
-                      {"tokens": tokens, "truncated": int(trunc[local].sum()),
-                       "tokens_computed": int(round(computed * tokens / total))})
+            picked.append((w, local, scores[seg][order], int(lens[local].sum()), int(trunc[local].sum())))
+        total = max(1, sum(p[3] for p in picked))
+        self.save([(w.unit, w.ords_to_score()[local], sc, {"tokens": tokens, "truncated": truncated,
+                                                            "tokens_computed": int(round(computed * tokens / total))})
+                   for w, local, sc, tokens, truncated in picked])
         self.reset()
 
 
@@ -240,10 +241,10 @@ def score_units(units, layout, cfg, scorer, on_batch=None, stop: StopToken | Non
     once a stop was asked (the pairs scored of the unit in flight are handed to `save_partial`
     first).
 
-    Commits by time (`cfg.commit_every`): with `save_partial(unit, ords, scores, counts)`, the
-    pairs scored of units not yet yielded are handed to it every `cfg.commit_every` seconds of
-    scoring and at a stop; `kept_for(unit)` gives back what was saved so (a Kept), and only the
-    unit's other pairs are scored.
+    Commits by time (`cfg.commit_every`): with `save_partial(items)`, the pairs scored of units
+    not yet yielded are handed to it, as one list of (unit, ords, scores, counts), every
+    `cfg.commit_every` seconds of scoring and at a stop; `kept_for(unit)` gives back what was
+    saved so (a Kept), and only the unit's other pairs are scored.
 
     With `batches`, yields lists of (unit, part, info) instead: the units scored together, for
     one commit of them all (CheckpointSink.commit_group).

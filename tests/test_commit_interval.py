@@ -53,7 +53,7 @@ if os.environ.get("HOLD_EVENT"):
 
     if os.environ.get("HOLD_AT", "partial") == "partial":
         import pipeline.storage.sink as _s
-        _s.CheckpointSink.commit_partial = _hold_after(_s.CheckpointSink.commit_partial)
+        _s.CheckpointSink.commit_partials = _hold_after(_s.CheckpointSink.commit_partials)
     else:
         import pipeline.runtime.progress as _p
         _p.Progress.update = _hold_after(_p.Progress.update)

@@ -62,7 +62,7 @@ REC = {"device": torch.cuda.get_device_name(0) if DEV.type == "cuda" else "cpu",
 # Count the partial commits and time them (the commit's own cost: the device-to-host copy is
 # in the scorer, the write here).
 COMMITS = {"n": 0, "s": 0.0}
-_real_commit = sink.CheckpointSink.commit_partial
+_real_commit = sink.CheckpointSink.commit_partials
 
 
 def _counted(self, *a, **k):
@@ -73,7 +73,7 @@ def _counted(self, *a, **k):
     return out
 
 
-sink.CheckpointSink.commit_partial = _counted
+sink.CheckpointSink.commit_partials = _counted
 
 
 def save():

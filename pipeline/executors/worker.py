@@ -64,7 +64,8 @@ class UnitWorker:
                                     on_batch=self._counted(on_batch), stop=stop, timer=self.timer,
                                     group_small=group_small,
                                     kept_for=lambda u: ck.kept(u.id, refresh=not self.sole_writer),
-                                    save_partial=lambda u, *a: ck.commit_partial(u.id, *a), batches=True):
+                                    save_partial=lambda items: ck.commit_partials([(u.id, *a) for u, *a in items]),
+                                    batches=True):
             t0 = time.perf_counter()
             records = ck.commit_group([(unit.id, part, info) for unit, part, info in together])
             self.timer.add("writing_parts", t0)

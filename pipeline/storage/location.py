@@ -175,8 +175,9 @@ class Location:
         """Put the finished file `staged` (from `staged()`) in place atomically; its Stat there."""
         raise NotImplementedError
 
-    def remove_staged(self, tags) -> None:
-        """Remove what `staged(tag)` of these tags left beside this place (a killed run's)."""
+    def remove_staged(self, tags, ours=lambda name: False) -> None:
+        """Remove what `staged(tag)` / `staged_dir(tag)` of these tags left beside this place (a
+        killed run's): a staged file; in a staged folder, the files for which `ours(name)` holds."""
 
     def delete(self) -> None:
         """Delete one file or object; a link itself, never its target. Absent is no error."""
@@ -255,6 +256,7 @@ class LocalLocation(Location):
     def __init__(self, path: str):
         self.uri = path
         self.path = path or "."
+        self._real: str | None = None
 
     @property
     def key(self) -> str:
@@ -262,7 +264,10 @@ class LocalLocation(Location):
 
     @property
     def real_key(self) -> str:
-        return os.path.realpath(self.path)
+        # Asked of every input more than once while planning (dedup, output checks): once each.
+        if self._real is None:
+            self._real = os.path.realpath(self.path)
+        return self._real
 
     @property
     def name(self) -> str:
@@ -360,14 +365,14 @@ class LocalLocation(Location):
         _put_in_place(staged, self.key)
         return self.stat()
 
-    def remove_staged(self, tags) -> None:
+    def remove_staged(self, tags, ours=lambda name: False) -> None:
         stems = self._stems(tags)
         parent = os.path.dirname(self.key)
         for name in self.parent.list():
             if name.startswith(stems) and name.endswith((".partial", ".old")):
                 p = os.path.join(parent, name)
                 if os.path.isdir(p) and not os.path.islink(p):
-                    _delete_tree_of_ours(p, lambda n: True)
+                    _delete_tree_of_ours(p, ours)
                 else:
                     _unlink(p)
 
@@ -643,8 +648,8 @@ class ObjectLocation(Location):
             (tmp / run).remove_dir()
         tmp.remove_dir()
 
-    def remove_staged(self, tags) -> None:
-        return None
+    def remove_staged(self, tags, ours=lambda name: False) -> None:
+        return None  # staged files live in TMPDIR; a killed publish's uploads: remove_temporary
 
 
 def write_atomic(path, data: bytes) -> None:

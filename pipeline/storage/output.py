@@ -150,7 +150,7 @@ class Output:
         `critical()` (a block that signals do not split) the output is put in place and
         `published(stat, rows, **more)` records it. `run_ids`: this checkpoint's runs, the
         first the current one; what their killed attempts left staged is removed first."""
-        self.where.remove_staged(run_ids)
+        self.where.remove_staged(run_ids, lambda n: is_part_name(n) or n == SUCCESS)
         try:
             if self.dataset:
                 return self._write_dataset(write_dir, run_ids[0], critical, published)

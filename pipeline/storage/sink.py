@@ -4,8 +4,10 @@
                                    refuse a foreign folder, take the lease, write the marker,
                                    check the fingerprint, load the finished units (verified)
     sink.commit(unit, table, info) a unit's part, then its record (the done-marker), each whole
-    sink.commit_partial(unit, ...) pairs of a unit in flight, committed by time
-    sink.read_part(unit, columns)  a part read back through the store, checked against its record
+    sink.commit_group(items)       units scored together: one part and one record for them all
+    sink.commit_partials(items)    pairs of units in flight, committed by time: one object
+    sink.read_part(unit, columns)  a unit's rows read back through the store, checked against its
+    sink.parts(units)              record; the same for the final write, one read per part
     sink.finish(units, ...)        re-check the inputs, rank and write from the parts (each checked
                                    as it is read), publish, mark the checkpoint published
     sink.close(remove)             release the lease; with remove, delete our files, marker last
@@ -71,6 +73,20 @@ def _decode(data: bytes, columns=None) -> pa.Table:
     return pq.ParquetFile(pa.BufferReader(data), pre_buffer=False).read(columns=columns)
 
 
+def _unit_rows(table: pa.Table, unit_id: str) -> tuple[pa.Table, dict]:
+    """A partial object's rows and counts of one unit (an object may hold several units)."""
+    meta = json.loads((table.schema.metadata or {})[PARTIAL_META])
+    table = table.replace_schema_metadata(None)
+    if not (isinstance(meta, dict) and "units" in meta):
+        return table, meta
+    start = 0
+    for uid, n, counts in meta["units"]:
+        if uid == unit_id:
+            return table.slice(start, n), counts
+        start += n
+    return table.slice(0, 0), {}
+
+
 class CheckpointSink:
     """A checkpoint folder and, on the driver, the run's lease, inputs and output."""
 
@@ -85,6 +101,7 @@ class CheckpointSink:
         self._records: dict[str, dict] = {}  # the verified records, by the unit their file is named after
         self._place: dict[str, tuple[str, int, int]] = {}  # unit id -> (record/part name's unit, first row, rows)
         self._partials: dict[str, list[str]] = {}  # unit id -> names of its partial objects
+        self._partial_units: dict[str, set[str]] = {}  # partial object -> its units not yet finished
 
     @property
     def dir(self) -> str:
@@ -165,9 +182,9 @@ class CheckpointSink:
                 ck.fingerprint = {**fingerprint, "inputs": [file_fingerprint(i) for i in ck.inputs]}
                 ck._at(FINGERPRINT).write_atomic(json.dumps(ck.fingerprint, indent=1, sort_keys=True).encode())
                 ck.done, ck._records, ck._place = {}, {}, {}
-                for name in [n for names in ck._partials.values() for n in names]:  # scores of unknown origin
+                for name in {n for names in ck._partials.values() for n in names}:  # scores of unknown origin
                     ck._at(name).delete()
-                ck._partials = {}
+                ck._partials, ck._partial_units = {}, {}
             if ck.done:
                 n = len(ck.done)
                 log.info("resuming: %d %s already scored in %s", n, "unit" if n == 1 else "units", root)
@@ -270,12 +287,17 @@ class CheckpointSink:
         return uids
 
     def _drop_partials(self, unit_ids) -> None:
-        # The record makes the units' partials redundant; a kill before they go leaves them to
-        # the cleanup, and a rerun ignores the partials of a finished unit.
+        # The record makes the units' partials redundant: an object goes once every unit it
+        # holds has its record. A kill before they go leaves them to the cleanup, and a rerun
+        # ignores the partials of a finished unit.
         for uid in unit_ids:
             for name in self._partials.pop(uid, []):
-                with contextlib.suppress(OSError):
-                    self._at(name).delete()
+                left = self._partial_units.get(name, set())
+                left.discard(uid)
+                if not left:
+                    self._partial_units.pop(name, None)
+                    with contextlib.suppress(OSError):
+                        self._at(name).delete()
 
     def landed(self, unit_id: str, record: dict) -> None:
         """A worker committed this unit (its record as the worker reported it)."""
@@ -288,12 +310,25 @@ class CheckpointSink:
 
     def commit_partial(self, unit_id: str, ords: np.ndarray, scores: np.ndarray, counts: dict) -> None:
         """Write pairs of an unfinished unit (their `_ord` and score) as one object, whole."""
-        table = pa.table({"_ord": pa.array(np.asarray(ords, dtype=np.int64)),
-                          "score": pa.array(np.asarray(scores, dtype=np.float32))})
-        table = table.replace_schema_metadata({PARTIAL_META: json.dumps(counts, sort_keys=True).encode()})
-        name = f"{PARTIAL}/{unit_id}.{uuid.uuid4().hex[:16]}.parquet"
+        self.commit_partials([(unit_id, ords, scores, counts)])
+
+    def commit_partials(self, items) -> None:
+        """Write the pairs scored so far of units in flight (`items`: (unit id, ords, scores,
+        counts)) as one object, whole, however many units it holds. Named after the first unit;
+        an object of several lists them (id, pairs, counts) in its metadata, its rows in order."""
+        items = [(uid, np.asarray(o, dtype=np.int64), np.asarray(sc, dtype=np.float32), c)
+                 for uid, o, sc, c in items if len(o)]
+        if not items:
+            return
+        table = pa.table({"_ord": pa.array(np.concatenate([o for _, o, _, _ in items])),
+                          "score": pa.array(np.concatenate([sc for _, _, sc, _ in items]))})
+        meta = items[0][3] if len(items) == 1 else {"units": [[uid, len(o), c] for uid, o, _, c in items]}
+        table = table.replace_schema_metadata({PARTIAL_META: json.dumps(meta, sort_keys=True).encode()})
+        name = f"{PARTIAL}/{items[0][0]}.{uuid.uuid4().hex[:16]}.parquet"
         self._write(name, _encode(table))
-        self._partials.setdefault(unit_id, []).append(name)
+        self._partial_units[name] = {uid for uid, _, _, _ in items}
+        for uid, _, _, _ in items:
+            self._partials.setdefault(uid, []).append(name)
         self.renew()
 
     def kept(self, unit_id: str, refresh: bool = True) -> Kept | None:
@@ -310,7 +345,7 @@ class CheckpointSink:
         for name in names:
             try:
                 t = _decode(self._at(name).read_bytes())
-                counts = json.loads((t.schema.metadata or {})[PARTIAL_META])
+                t, counts = _unit_rows(t, unit_id)
                 if t.column_names != ["_ord", "score"] or not isinstance(counts, dict):
                     raise ValueError(name)
             except (OSError, ValueError, KeyError, TypeError, pa.ArrowException):
@@ -348,15 +383,29 @@ class CheckpointSink:
         self._partials = self._listing()
 
     def _listing(self) -> dict[str, list[str]]:
+        """unit id -> the partial objects that hold pairs of it (an object of several units is
+        asked once, in this process, which units it holds)."""
         found: dict[str, list[str]] = {}
         for base in self._at(PARTIAL).list():
             parts = base.split(".")
             if base.startswith(".") or len(parts) != 3 or parts[2] != "parquet":
                 continue
-            found.setdefault(parts[0], []).append(f"{PARTIAL}/{base}")
+            name = f"{PARTIAL}/{base}"
+            units = self._partial_units.get(name)
+            if units is None:
+                units = self._partial_units[name] = self._units_of_partial(name, parts[0])
+            for uid in units:
+                found.setdefault(uid, []).append(name)
         return found
 
-    # -- reading parts back ----------------------------------------------------------------------
+    def _units_of_partial(self, name: str, first: str) -> set[str]:
+        try:
+            with self._at(name).open() as f:
+                meta = json.loads((pq.ParquetFile(f).schema_arrow.metadata or {})[PARTIAL_META])
+            return {u[0] for u in meta["units"]} if isinstance(meta, dict) and "units" in meta else {first}
+        except (OSError, ValueError, KeyError, TypeError, IndexError, pa.ArrowException):
+            return {first}  # kept() finds it damaged and says so
+
     def _read_verified(self, name_uid: str, rec: dict) -> tuple[bytes | None, str | None]:
         """The bytes of the part named after unit `name_uid`, and why they are not the ones its
         record `rec` names (None: they are)."""
