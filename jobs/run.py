@@ -72,6 +72,9 @@ ENV_PREFIX = "RERANK_BATCH"
 @click.option("--prefix-sharing", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="Compute each query's shared prompt prefix once for all its candidates (causal "
                    "rerankers; auto: where it saves >= 20% of the tokens). Same scores.")
+@click.option("--cache", default=None, metavar="LOCATION",
+              help="Score cache shared by runs: a directory or an object-storage prefix (s3://...). Pairs found "
+              "there are not scored again; new scores are added as units finish. Empty: no cache.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model's own Python code to run.")
 @click.option("--checkpoint-dir", default=None, help="Where parts and the manifest go. [default: OUTPUT.ckpt]")
 @click.option("--keep-checkpoint", is_flag=True, help="Keep the checkpoint after success.")

@@ -78,6 +78,10 @@ class RunConfig:
     # families): "auto" (on CUDA, where it saves >= 20% of the tokens), "on" or "off". Scores are the
     # same to float tolerance, so it is not part of the fingerprint.
     prefix_sharing: str = "auto"
+    # Score cache: a local directory or an object-storage prefix shared by runs (None: none). Where
+    # scores are kept, not what they are, so it is not part of the fingerprint: a run with or
+    # without it resumes the same checkpoint (pipeline/cache).
+    cache: str | None = None
     # Where units run: "local" (this process, or one process per device with `devices`) or "ray".
     executor: str = "local"
     # Several devices of this host, one worker process each: "all", a count, or "cuda:0,cuda:2" /

@@ -45,6 +45,11 @@ class Summary:
     units_resumed: int = 0
     pairs_resumed: int = 0  # pairs this run took from the checkpoint (whole units and partial commits)
     pairs_this_run: int = 0  # pairs this run scored (nulls skipped included): the rest
+    # Of the pairs this run gave a score: those the model computed, those the cache (--cache) gave,
+    # and those whose text an earlier pair of the same unit has (scored once).
+    pairs_computed: int = 0
+    pairs_from_cache: int = 0
+    duplicate_pairs: int = 0
     batch_token_budget: int = 0
     device: str = ""
     dtype: str = ""
@@ -117,6 +122,10 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
     plan = prog = None
     try:
         try:
+            if cfg.cache:  # a location that cannot be a cache is refused before any work
+                from pipeline.cache import prepare
+
+                prepare(cfg.cache)
             plan = make_plan(cfg, kind=scorer.kind if scorer is not None else None)
         except OSError as exc:  # a store that fails before any work: nothing to keep, say so
             raise StoreUnavailable.before_work(exc) from None
@@ -200,6 +209,9 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
     summary.extra["tokens_before_sharing"] = sum(ck.done[u]["tokens"] - _resumed(ck.done[u], "tokens") for u in fresh)
     summary.extra["tokens_after_sharing"] = sum(ck.done[u].get("tokens_computed", ck.done[u]["tokens"])
                                                 - _resumed(ck.done[u], "tokens_computed") for u in fresh)
+    from pipeline.cache.dedup import run_counts
+
+    summary.__dict__.update(run_counts(ck.done[u] for u in fresh))
     summary.seconds = round(time.monotonic() - t_start, 3)  # the whole run, plan to cleanup
     summary.pairs_this_run = prog.pairs
     summary.scoring_pairs_per_s = round(prog.pairs / max(score_seconds, 1e-9), 2)

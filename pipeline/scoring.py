@@ -35,13 +35,14 @@ class Timer:
         return now
 
 
-def prefetch(units, layout, cfg, encoder, stop_event: threading.Event, kept_for=None):
+def prefetch(units, layout, cfg, encoder, stop_event: threading.Event, kept_for=None, cache=None):
     """Read, explode and tokenize units in a thread, ahead of the device.
 
     Yields ("unit", work), then ("chunk", Encoded) for pieces of the pairs it has to score as
     they are tokenized, then ("end",). The queue holds a few chunks, so memory stays about a
     window while tokenization overlaps scoring, also inside the first window. `kept_for(unit)`:
-    the unit's pairs already committed (a Kept, or None), which are not tokenized again.
+    the unit's pairs already committed (a Kept, or None), which are not tokenized again; nor are
+    duplicates of a pair of the same unit, nor pairs `cache` (a PairCache) knows.
     """
     q: queue.Queue = queue.Queue(maxsize=4)
     # String views (what polars writes) are read as large strings: Arrow's take and sort kernels,
@@ -75,7 +76,7 @@ def prefetch(units, layout, cfg, encoder, stop_event: threading.Event, kept_for=
                             "give files of one schema in one run"
                         ) from None
                 pairs = build_pairs(unit, table, layout, cfg)
-                work = Work(unit, pairs, kept_for(unit) if kept_for is not None else None)
+                work = Work(unit, pairs, kept_for(unit) if kept_for is not None else None, cache)
                 if not put(("unit", work)):
                     return
                 instructions, queries, documents = work.to_score()
@@ -136,19 +137,26 @@ def unit_info(pairs: UnitPairs, encs: list) -> dict:
 
 class Work:
     """One unit on its way through the scorer: its pairs, those an earlier run committed
-    (`kept`), the positions among its valid pairs still to score (`todo`, None: all), and the
-    encoded chunks of those as they arrive."""
+    (`kept`), the positions among its valid pairs still to score (`todo`, None: all): one per
+    distinct text (exact dedup within the unit), none that `kept` or the cache give (see
+    pipeline/cache/dedup.py), and the encoded chunks of those as they arrive."""
 
-    def __init__(self, unit: Unit, pairs: UnitPairs, kept: Kept | None = None):
+    def __init__(self, unit: Unit, pairs: UnitPairs, kept: Kept | None = None, cache=None):
+        from pipeline.cache.dedup import plan_unit
+
         self.unit, self.pairs, self.encs = unit, pairs, []
         self.start = 0  # position of its first pair to score in the scoring stream
         self.ords = pairs.table.column("_ord").to_numpy()[pairs.valid]  # sorted: input order
-        self.todo = self.kept = None
+        self.kept = None
+        self.kept_pos = None  # positions of the kept pairs
         if kept is not None:
             hit = np.isin(kept.ords, self.ords)
             if hit.any():
                 self.kept = Kept(kept.ords[hit], kept.scores[hit], kept.counts)
-                self.todo = np.flatnonzero(~np.isin(self.ords, self.kept.ords))
+                self.kept_pos = np.searchsorted(self.ords, self.kept.ords)
+        self.plan = plan_unit(pairs.instructions, pairs.queries, pairs.documents, self.kept_pos,
+                              None if self.kept is None else self.kept.scores, cache)
+        self.todo = self.plan.todo
 
     @property
     def to_score_n(self) -> int:
@@ -165,21 +173,32 @@ class Work:
         return self.ords if self.todo is None else self.ords[self.todo]
 
     def result(self, scores: np.ndarray) -> tuple[pa.Table, dict]:
-        """The unit's part (new scores merged with the kept ones) and its record's counts."""
+        """The unit's part (new scores merged with the kept, cached and duplicated ones) and its
+        record's counts."""
         info = unit_info(self.pairs, self.encs)
+        if self.kept is not None or self.todo is not None:
+            scores = self.plan.fill(scores, self.kept_pos, None if self.kept is None else self.kept.scores)
+        # Every valid pair has a score; `computed` of them went through the model in this run.
+        info.update(computed=self.plan.computed, duplicates=self.plan.duplicates, from_cache=self.plan.from_cache)
         if self.kept is not None:
-            full = np.empty(len(self.ords), dtype=np.float32)
-            full[np.searchsorted(self.ords, self.kept.ords)] = self.kept.scores
-            full[self.todo] = scores
-            scores = full
             c = self.kept.counts
             resumed = {"pairs": self.kept.pairs, "tokens": int(c.get("tokens", 0)),
                        "tokens_computed": int(c.get("tokens_computed", 0))}
-            info["pairs"] += resumed["pairs"]
             info["tokens"] += resumed["tokens"]
             info["truncated"] += int(c.get("truncated", 0))
             info["resumed"] = resumed
+        info["pairs"] = len(self.ords)
         return result_part(self.pairs, scores), info
+
+    def new_scores(self, cache, scores: np.ndarray) -> None:
+        """Add the scores this run computed for the unit (those of `todo`) to the cache."""
+        if cache is not None and self.plan.keys is not None:
+            cache.add(self.plan.keys[0], self.plan.keys[1], scores)
+
+    @property
+    def done_without_model(self) -> int:
+        """Pairs of this run that got a score with no forward: duplicates and cache hits."""
+        return self.plan.duplicates + self.plan.from_cache
 
 
 class Commits:
@@ -248,9 +267,12 @@ def score_units(units, layout, cfg, scorer, on_batch=None, should_stop=None, tim
     scoring and at a stop; `kept_for(unit)` gives back what was saved so (a Kept), and only the
     unit's other pairs are scored.
     """
+    from pipeline.cache import open_cache
+
     timer = timer if timer is not None else Timer()
     stop_event = threading.Event()
-    items = prefetch(units, layout, cfg, scorer.encoder, stop_event, kept_for)
+    cache = open_cache(cfg, scorer)  # None without cfg.cache
+    items = prefetch(units, layout, cfg, scorer.encoder, stop_event, kept_for, cache)
     commits = Commits(cfg.commit_every, save_partial, scorer)
     small = max(1, cfg.window_pairs // 4)
     group: list[Work] = []  # small units read and tokenized but not yet scored
@@ -269,8 +291,9 @@ def score_units(units, layout, cfg, scorer, on_batch=None, should_stop=None, tim
         for w in members:
             n = w.to_score_n
             part, info = w.result(scores[w.start:w.start + n])
-            if info["skipped_null"] and on_batch is not None:
-                on_batch(info["skipped_null"], 0)
+            w.new_scores(cache, scores[w.start:w.start + n])
+            if (info["skipped_null"] or w.done_without_model) and on_batch is not None:
+                on_batch(info["skipped_null"] + w.done_without_model, 0)
             share = sum(int(e.offsets[-1]) for e in w.encs) / tokens  # one scoring pass: its time and work, by tokens
             info["seconds"] = seconds * share
             info["tokens_computed"] = int(round(computed * share)) + info.get("resumed", {}).get("tokens_computed", 0)
@@ -300,9 +323,11 @@ def score_units(units, layout, cfg, scorer, on_batch=None, should_stop=None, tim
             scores = scorer.score_stream(_unit_chunks(items, timer, work.encs), on_batch=on_batch,
                                          should_stop=should_stop, commit=commits.begin([work]))
             skipped = int((~work.pairs.valid).sum()) if work.pairs.valid.size else 0
+            skipped += work.done_without_model
             if skipped and on_batch is not None:
                 on_batch(skipped, 0)
             part, info = work.result(scores)
+            work.new_scores(cache, scores)
             info["seconds"] = time.perf_counter() - t_unit
             # after prefix sharing; with the kept pairs' own
             info["tokens_computed"] = int(scorer.stats.tokens_computed - computed0) + \
