@@ -336,3 +336,5 @@ def score_units(units, layout, cfg, scorer, on_batch=None, should_stop=None, tim
             commits.reset()
     finally:
         items.close()
+        if cache is not None:
+            cache.close()

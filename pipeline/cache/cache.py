@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 import time
 import uuid
 
@@ -33,9 +32,6 @@ log = logging.getLogger(__name__)
 MARKER = ".rerank-batch-cache"
 FORMAT = 1
 SCOPE_FILE = "scope.json"
-
-_open: dict[tuple[str, bytes], "PairCache"] = {}
-_open_lock = threading.Lock()
 
 
 def _marker_ok(store: CacheStore) -> bool:
@@ -158,20 +154,13 @@ class PairCache:
 
 
 def open_cache(cfg, scorer) -> PairCache | None:
-    """The cache of this process for the run's scope on the scorer's device (None without --cache).
-    One object per location and scope per process, so repeated calls share the read headers."""
+    """The cache for the run's scope on the scorer's device (None without --cache); close() it."""
     if not cfg.cache:
         return None
     info = getattr(scorer, "info", None)  # an engine that describes itself, or a Scorer
     kind = getattr(info, "kind", None) or scorer.kind
     dtype = getattr(info, "dtype", None) or str(scorer.dtype)
-    scope = make_scope(cfg, kind, dtype)
-    key = (cfg.cache, scope.id)
-    with _open_lock:
-        got = _open.get(key)
-        if got is None:
-            got = _open[key] = PairCache(cfg.cache, scope)
-        return got
+    return PairCache(cfg.cache, make_scope(cfg, kind, dtype))
 
 
 def scopes(store: CacheStore) -> list[str]:

@@ -91,8 +91,7 @@ def merge(files, names: list[str], store, scope: bytes, keep_after: int | None =
     `keep_after`: drop entries written before this time (unix seconds). Returns counts."""
     headers = [files.headers[n] for n in names if n in files.headers]
     total = sum(h.n for h in headers)
-    out = {"inputs": len(headers), "entries_in": total, "entries_out": 0, "dropped_old": 0, "outputs": 0,
-           "damaged": []}
+    out = {"inputs": len(headers), "entries_in": total, "entries_out": 0, "dropped_old": 0, "outputs": 0}
     if not headers:
         return out
     bounds = _bounds(headers, max(1, -(-total // PART)))
@@ -148,23 +147,43 @@ def merge(files, names: list[str], store, scope: bytes, keep_after: int | None =
     return out
 
 
+def verify(files, name: str, step: int = 1 << 14) -> bool:
+    """Read and check every block of a file, a slice at a time; False (reported, dropped) when damaged."""
+    h = files.headers[name]
+    try:
+        for a in range(0, h.nblocks, step):
+            files.read_blocks(name, np.arange(a, min(h.nblocks, a + step), dtype=np.int64))
+    except Damaged as exc:
+        files.damaged(name, exc)
+        return False
+    finally:
+        files.release()
+    return True
+
+
 def merge_all(files, store, scope: bytes, keep_after: int | None = None) -> dict:
-    """Merge every readable file of the scope (prune's compaction); damaged inputs are left out
-    and reported in the result, and the merge is tried again without them."""
-    damaged: list[str] = []
+    """Merge every readable file of the scope into one run (prune's compaction). With
+    `keep_after`, files written wholly before it are deleted unread and the others lose their
+    older entries. Damaged inputs are left out (reported by the reader), and the merge goes on
+    without them; a scope already one run with nothing to drop is left as it is."""
+    res = {"inputs": 0, "entries_in": 0, "entries_out": 0, "dropped_old": 0, "outputs": 0}
+    if keep_after is not None:
+        for h in [h for h in files.headers.values() if h.max_time < keep_after]:
+            store.delete(f"{files.folder}/{h.name}")
+            files.drop(h.name)
+            res["dropped_old"] += h.n
     while True:
-        names = sorted(files.headers)
-        try:
-            res = merge(files, names, store, scope, keep_after) if names else \
-                {"inputs": 0, "entries_in": 0, "entries_out": 0, "dropped_old": 0, "outputs": 0, "damaged": []}
-            res["damaged"] = damaged
+        headers = list(files.headers.values())
+        if len(runs(headers)) <= 1 and (keep_after is None or all(h.min_time >= keep_after for h in headers)):
+            for h in headers:  # nothing to merge: still read every block once, to find damage
+                verify(files, h.name)
             return res
-        except Damaged as exc:
-            bad = [n for n in names if n not in files.headers]
-            if not bad:
-                raise
-            damaged += bad
-            log.debug("merge: %s damaged (%s); merging without it", bad, exc)
+        try:
+            got = merge(files, sorted(h.name for h in headers), store, scope, keep_after)
+        except Damaged:
+            continue  # the reader dropped the damaged file: merge the others
+        got["dropped_old"] += res["dropped_old"]
+        return got
 
 
 __all__ = ["merge", "merge_all", "due", "tier", "file_name", "FANOUT", "AUTO_MAX", "PART"]

@@ -31,7 +31,7 @@ import numpy as np
 
 MAGIC = b"RBCACHE1"
 VERSION = 1
-BLOCK = 128  # entries per block: 3 KiB read per query found; 16 bytes of header per block
+BLOCK = 64  # entries per block: 1.5 KiB read per key found; 16 bytes of header per block
 ENTRY = 24  # bytes: hi u64, lo u64, score f32, time u32
 BLOOM_BITS_PER_QUERY = 10  # about 1% false positives with BLOOM_K probes
 BLOOM_K = 6
@@ -60,11 +60,16 @@ def _mix(w: np.ndarray) -> np.ndarray:
 
 
 def block_checksums(words: np.ndarray) -> np.ndarray:
-    """One u64 per row of `words` (rows of u64 words, one block a row): sum of mix(w_i) * (2i+1).
-    A changed word changes its row's sum (odd weights are invertible mod 2^64)."""
+    """One u64 per row of `words` (rows of u64 words, one block a row): the sum of f(w_i) * (2i+1)
+    with f(w) = x ^ (x >> 32), x = w * G1, a bijection of u64 (odd multiplier, then an xor-shift).
+    A changed word changes its row's sum (odd weights are invertible mod 2^64); two changed words
+    cancel only if their changes agree in a way bit flips, zeroed or foreign bytes do not make."""
     weights = np.arange(1, 2 * words.shape[1], 2, dtype=np.uint64)
     with np.errstate(over="ignore"):
-        return (_mix(words) * weights).sum(axis=1, dtype=np.uint64)
+        x = words * _G1
+        x ^= x >> np.uint64(32)
+        x *= weights
+        return x.sum(axis=1, dtype=np.uint64)
 
 
 def bloom_positions(q32: np.ndarray, nbits: int, k: int = BLOOM_K) -> np.ndarray:
@@ -209,12 +214,18 @@ def parse_blocks(h: Header, blocks: np.ndarray, data: bytes) -> tuple[np.ndarray
     _, counts = h.block_span(blocks)
     if len(data) != int(counts.sum()) * ENTRY:
         raise Damaged("short read")
-    buf = np.frombuffer(data, dtype=np.uint8)
     nfull = int(np.count_nonzero(counts == h.block))
-    # Only the file's last block is shorter, so the full ones come first.
+    buf = np.frombuffer(data, dtype=np.uint8)
+    row = h.block * ENTRY
+    return parse_rows(h, blocks, buf[:nfull * row].reshape(nfull, row), data[nfull * row:])
+
+
+def parse_rows(h: Header, blocks: np.ndarray, rows: np.ndarray, tail: bytes) -> tuple[np.ndarray, ...]:
+    """Entries of `blocks`: the full ones as `rows` (one block a row of bytes), then the file's
+    last, shorter block as `tail` when it is among them; Damaged when a checksum does not match."""
+    nfull = len(rows)
     parts = []
     if nfull:
-        rows = buf[:nfull * h.block * ENTRY].reshape(nfull, h.block * ENTRY)
         if not np.array_equal(block_checksums(rows.view(np.uint64)), h.sums[blocks[:nfull]]):
             raise Damaged("block checksum mismatch")
         b = h.block
@@ -222,14 +233,18 @@ def parse_blocks(h: Header, blocks: np.ndarray, data: bytes) -> tuple[np.ndarray
                       rows[:, 16 * b:20 * b].copy().view(np.float32).ravel(),
                       rows[:, 20 * b:24 * b].copy().view(np.uint32).ravel()))
     if nfull < len(blocks):
-        c = int(counts[-1])
-        tail = buf[nfull * h.block * ENTRY:]
-        if block_checksums(tail.view(np.uint64)[None, :])[0] != h.sums[blocks[-1]]:
+        c = h.n - (h.nblocks - 1) * h.block
+        if len(tail) != c * ENTRY:
+            raise Damaged("short read")
+        t = np.frombuffer(tail, dtype=np.uint8)
+        if block_checksums(t.view(np.uint64)[None, :])[0] != h.sums[blocks[-1]]:
             raise Damaged("block checksum mismatch")
-        parts.append((tail[:8 * c].view(np.uint64), tail[8 * c:16 * c].view(np.uint64),
-                      tail[16 * c:20 * c].view(np.float32), tail[20 * c:24 * c].view(np.uint32)))
+        parts.append((t[:8 * c].view(np.uint64), t[8 * c:16 * c].view(np.uint64),
+                      t[16 * c:20 * c].view(np.float32), t[20 * c:24 * c].view(np.uint32)))
     if len(parts) == 1:
         return parts[0]
+    if not parts:
+        return (np.empty(0, np.uint64), np.empty(0, np.uint64), np.empty(0, np.float32), np.empty(0, np.uint32))
     return tuple(np.concatenate([p[i] for p in parts]) for i in range(4))
 
 
