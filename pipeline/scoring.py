@@ -191,9 +191,14 @@ class Work:
         return result_part(self.pairs, scores), info
 
     def new_scores(self, cache, scores: np.ndarray) -> None:
-        """Add the scores this run computed for the unit (those of `todo`) to the cache."""
+        """Add the unit's computed scores to the cache: this run's (those of `todo`), and those an
+        interrupted run committed for it."""
         if cache is not None and self.plan.keys is not None:
-            cache.add(self.plan.keys[0], self.plan.keys[1], scores)
+            hi, lo = self.plan.keys
+            if self.plan.kept_entries is not None and len(self.plan.kept_entries[0]):
+                khi, klo, ksc = self.plan.kept_entries
+                hi, lo, scores = np.concatenate([hi, khi]), np.concatenate([lo, klo]), np.concatenate([scores, ksc])
+            cache.add(hi, lo, scores)
 
     @property
     def done_without_model(self) -> int:

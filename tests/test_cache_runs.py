@@ -66,9 +66,9 @@ def job(tmp_path_factory, models):
             "xdg": str(d / "xdg")}
 
 
-def _args(job, inp, out, cache, *extra):
-    return ["run", str(inp), "--model", job["model"], "-o", str(out), "--window", "53", "-q", "--cache", str(cache),
-            *map(str, extra)]
+def _args(job, inp, out, cache, *extra, quiet=True):
+    return ["run", str(inp), "--model", job["model"], "-o", str(out), "--window", "53", *(["-q"] if quiet else []),
+            "--cache", str(cache), *map(str, extra)]
 
 
 def _spawn(job, args, env_extra=None):
@@ -265,7 +265,7 @@ def test_a_damaged_object_in_a_bucket_is_skipped(job, tmp_path, bucket, s3_serve
     store.write(names[0], bytes(raw))
     fresh = dict(job, xdg=str(tmp_path / "fresh-xdg"))  # a host that never saw the good copy
     p = _spawn(fresh, _args(fresh, job["small"], tmp_path / "b.parquet", cache, "--summary", tmp_path / "b.json",
-                            "--log-level", "warning"), s3_server)
+                            "--log-level", "warning", quiet=False), s3_server)
     _, err = p.communicate(timeout=WAIT_S)
     assert p.returncode == 0, err[-2000:]
     assert err.count("is damaged (block checksum mismatch)") == 1, err

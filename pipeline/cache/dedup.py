@@ -25,6 +25,9 @@ class UnitPlan:
     duplicates: int = 0  # positions not kept whose text an earlier position has
     from_cache: int = 0  # distinct texts the cache knew
     keys: tuple | None = None  # (hi, lo) of the todo positions (with a cache)
+    # (hi, lo, score) of texts an interrupted run scored and committed (kept): they go to the
+    # cache with the unit's new scores, since that run never reached the end of the unit
+    kept_entries: tuple | None = None
 
     @property
     def computed(self) -> int:
@@ -70,19 +73,26 @@ def plan_unit(instructions, queries, documents, kept_pos=None, kept_scores=None,
     reps = reps[~known[reps]]
     duplicates = int(mine.sum()) - len(reps)
     from_cache = 0
-    keys = None
-    if cache is not None and len(reps):
+    keys = kept_entries = None
+    if cache is not None:
         from pipeline.cache.key import pair_keys
 
-        hi, lo = pair_keys(cache.scope.id, [instructions[i] for i in reps], [queries[i] for i in reps],
-                           [documents[i] for i in reps])
-        found, got = cache.lookup(hi, lo)
-        known[reps[found]] = True
-        score[reps[found]] = got[found]
-        from_cache = int(found.sum())
-        reps, keys = reps[~found], (hi[~found], lo[~found])
+        kept_groups = np.unique(group[kept_pos]) if kept_pos is not None and len(kept_pos) else reps[:0]
+        ask = np.concatenate([reps, kept_groups])
+        hi, lo = pair_keys(cache.scope.id, [instructions[i] for i in ask], [queries[i] for i in ask],
+                           [documents[i] for i in ask])
+        k = len(reps)
+        kept_entries = (hi[k:], lo[k:], score[kept_groups])
+        hi, lo = hi[:k], lo[:k]
+        if k:
+            found, got = cache.lookup(hi, lo)
+            known[reps[found]] = True
+            score[reps[found]] = got[found]
+            from_cache = int(found.sum())
+            reps, hi, lo = reps[~found], hi[~found], lo[~found]
+        keys = (hi, lo)
     todo = None if len(reps) == n else reps
-    return UnitPlan(group, todo, known, score, duplicates, from_cache, keys)
+    return UnitPlan(group, todo, known, score, duplicates, from_cache, keys, kept_entries)
 
 
 def run_counts(records) -> dict:
