@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import DEFAULT_INSTRUCTION, real_pairs, reference_scores, run_cli
+from conftest import real_pairs, reference_scores, run_cli, shared
 from pipeline.cache import segment
 from pipeline.cache.cache import PairCache, prepare
 from pipeline.cache.key import Scope, make_scope, model_identity, pair_keys
@@ -107,6 +107,16 @@ def test_cached_rerun_equals_the_uncached_run(data, tmp_path):
     assert s2["duplicate_pairs"] == s1["duplicate_pairs"]
     assert s2["pairs_this_run"] == s2["pairs_scored"] == data["ref"].num_rows  # hits count as done
     assert s2["batches"] == 0 and s2["tokens"] == 0  # nothing went through the model
+
+
+def test_nested_input_cached_rerun_equals_the_uncached_run(data, tmp_path):
+    inp = tmp_path / "nested.parquet"
+    pq.write_table(pq.read_table(shared("ARC-Challenge.nested.parquet")).slice(0, 30), inp)  # lists of 3-5
+    ref, s0 = _run(data, inp, tmp_path / "ref.parquet")
+    _run(data, inp, tmp_path / "a.parquet", tmp_path / "cache")
+    got, s = _run(data, inp, tmp_path / "b.parquet", tmp_path / "cache")
+    assert s["pairs_computed"] == 0 and s["pairs_from_cache"] == s0["pairs_computed"] > 100
+    assert_same(got, ref)
 
 
 def test_grown_input_scores_only_the_new_pairs(data, tmp_path):

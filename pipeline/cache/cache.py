@@ -24,6 +24,7 @@ import numpy as np
 from pipeline.cache import compact
 from pipeline.cache.index import SCOPE_RE, ScopeFiles
 from pipeline.cache.key import Scope, make_scope
+from pipeline.cache.segment import Damaged
 from pipeline.cache.store import CacheStore
 from pipeline.errors import InputError, first_line
 
@@ -144,12 +145,16 @@ class PairCache:
             try:
                 compact.merge(self.files, names, self.store, self.scope.id)
                 self.stats["merges"] += 1
-            except compact.Damaged:
+            except Damaged:
                 pass  # reported; the next write tries again without it
             except OSError as exc:
                 log.debug("cache merge skipped: %s", first_line(exc))
 
     def close(self) -> None:
+        st = self.stats
+        if st["lookups"] or st["added"]:
+            log.info("cache %s: %d of %d pairs looked up were there; %d new scores added in %d file(s), %d merge(s)",
+                     self.store.where(), st["hits"], st["lookups"], st["added"], st["files_written"], st["merges"])
         self.files.close()
 
 

@@ -84,13 +84,17 @@ class ScopeFiles:
         self.bytes_read = 0
 
     # -- files ---------------------------------------------------------------------------------
+    def _mirror_path(self, name: str) -> str:
+        return os.path.join(self.mirror, self.folder, name)
+
     def _local(self, name: str) -> str:
+        """A local path of the file: itself, or (object storage) its mirror copy, fetched if absent."""
         if not self.store.remote:
             return self.store.local_path(f"{self.folder}/{name}")
-        path = os.path.join(self.mirror, self.folder, name)
+        path = self._mirror_path(name)
         if not os.path.exists(path):
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{threading.get_ident()}-{name}")
+            tmp = f"{path}.{os.getpid()}-{threading.get_ident()}.tmp"
             try:
                 self.store.copy_to_file(f"{self.folder}/{name}", tmp)
                 os.replace(tmp, path)
@@ -103,7 +107,7 @@ class ScopeFiles:
         """Read and check a file's header; keep the file open for block reads. `data`: its bytes,
         when this process just wrote it (an object-storage file goes into the mirror as is)."""
         if data is not None and self.store.remote:
-            _put_local(os.path.join(self.mirror, self.folder, name), data)
+            _put_local(self._mirror_path(name), data)
         fd = os.open(self._local(name), os.O_RDONLY)
         try:
             size = os.fstat(fd).st_size
@@ -131,6 +135,11 @@ class ScopeFiles:
     def damaged(self, name: str, why) -> None:
         self.bad.add(name)
         self.drop(name)
+        if self.mirror:  # the copy may be what is damaged: the next process fetches it again
+            try:
+                os.unlink(self._mirror_path(name))
+            except OSError:
+                pass
         report_damaged(self.store.where(f"{self.folder}/{name}"), name, why)
 
     def refresh(self) -> None:
@@ -142,7 +151,13 @@ class ScopeFiles:
                 self.drop(gone)
             for name in sorted(names - set(self.headers) - self.bad):
                 try:
-                    self._open(name)
+                    try:
+                        self._open(name)
+                    except Damaged:
+                        if not self.mirror:
+                            raise
+                        os.unlink(self._mirror_path(name))  # a bad copy, maybe: fetch it once more
+                        self._open(name)
                 except Damaged as exc:
                     self.damaged(name, exc)
                 except FileNotFoundError:

@@ -13,8 +13,8 @@ import time
 import pyarrow as pa
 
 from pipeline.config import RunConfig
-from pipeline.scoring import Timer, score_units, unit_info
-from pipeline.data.pairs import build_pairs, result_part
+from pipeline.scoring import Timer, Work, score_units
+from pipeline.data.pairs import build_pairs
 from pipeline.data.read import InputLayout, Unit
 
 _Timer = Timer  # the name run.py and the bench know
@@ -22,11 +22,12 @@ _Timer = Timer  # the name run.py and the bench know
 
 def score_unit(unit: Unit, table: pa.Table, layout: InputLayout, cfg: RunConfig, scorer,
                on_batch=None, should_stop=None) -> tuple[pa.Table, dict]:
-    """Score one unit already read: the same result the executors' loop commits for it."""
-    pairs = build_pairs(unit, table, layout, cfg)
-    enc = scorer.encoder.encode(pairs.instructions, pairs.queries, pairs.documents)
-    scores = scorer.score(enc, on_batch=on_batch, should_stop=should_stop)
-    return result_part(pairs, scores), unit_info(pairs, [enc])
+    """Score one unit already read: the same result the executors' loop commits for it (each
+    distinct text scored once, pipeline/cache/dedup.py)."""
+    work = Work(unit, build_pairs(unit, table, layout, cfg))
+    enc = scorer.encoder.encode(*work.to_score())
+    work.encs.append(enc)
+    return work.result(scorer.score(enc, on_batch=on_batch, should_stop=should_stop))
 
 
 def uses_workers(cfg: RunConfig) -> bool:
