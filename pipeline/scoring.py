@@ -260,8 +260,9 @@ def score_units(units, layout, cfg, scorer, on_batch=None, should_stop=None, tim
                 group_small: bool = False, kept_for=None, save_partial=None):
     """Yield (unit, part, info) for each unit: its rows with their scores, and its counts.
 
-    With `group_small`, consecutive small units (under a quarter of a window each, as many small
-    files make) are scored together, up to a window of pairs, so that their pairs share full
+    With `group_small`, consecutive small units (under a quarter of a window each to score, as many
+    small files make, or units the cache and dedup mostly answer) are scored together, up to a
+    window of pairs to score, so that their pairs share full
     batches instead of each unit running its own tiny ones; each unit still gets its own part.
     Only for a source that never waits on anyone (the local executor's list): a pool worker's
     next unit may depend on this one finishing. KeyboardInterrupt is raised when `should_stop()`
@@ -316,10 +317,13 @@ def score_units(units, layout, cfg, scorer, on_batch=None, should_stop=None, tim
             work = head[1]
             if should_stop is not None and should_stop():
                 raise KeyboardInterrupt
-            if group_small and len(work.pairs.queries) < small:
+            # Small by what is left to score: a unit whose pairs the cache or its own repeats mostly
+            # give joins the group too (its rows are held until the group is scored: 4 windows at most).
+            if group_small and work.to_score_n < small:
                 list(_unit_chunks(items, timer, work.encs))
                 group.append(work)
-                if sum(len(w.pairs.queries) for w in group) >= cfg.window_pairs:
+                if sum(w.to_score_n for w in group) >= cfg.window_pairs or \
+                        sum(len(w.pairs.queries) for w in group) >= 4 * cfg.window_pairs:
                     yield from flush()
                 continue
             yield from flush()
