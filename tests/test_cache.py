@@ -403,6 +403,11 @@ def test_cache_location_errors(data, tmp_path):
     assert not (tmp_path / "o.parquet.ckpt").exists() and not (tmp_path / "o.parquet").exists()
 
 
+def test_an_empty_cache_location_is_no_cache(tmp_path):
+    assert RunConfig(inputs=(), cache="").cache is None
+    assert RunConfig(inputs=(), cache=tmp_path / "c").cache == str(tmp_path / "c")  # a path-like, as a string
+
+
 def test_the_cache_comes_from_the_environment_too(data, tmp_path):
     cache = tmp_path / "envcache"
     r = run_cli(["run", data["input"], "--model", data["model"], "-o", tmp_path / "o.parquet", "--window", 40, "-q"],
