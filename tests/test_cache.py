@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import real_pairs, reference_scores, run_cli, shared
+from conftest import real_pairs, reference_scores, run_cli, shared, stop_after_pairs
 from pipeline.cache import segment
 from pipeline.cache.cache import PairCache, prepare
 from pipeline.cache.key import Scope, make_scope, model_identity, pair_keys
@@ -476,19 +476,6 @@ def test_prepare_takes_an_empty_directory_and_marks_it(tmp_path):
 
 # -- resume ------------------------------------------------------------------------------------------
 
-def _stop_after(n):
-    import signal
-
-    calls = [0]
-
-    def should_stop():
-        calls[0] += 1
-        return calls[0] > n
-
-    should_stop.signum = signal.SIGINT
-    return should_stop
-
-
 @pytest.mark.parametrize("first,second", [(False, True), (True, False), (True, True)])
 def test_a_stopped_run_resumes_the_same_checkpoint_with_or_without_the_cache(data, tmp_path, first, second):
     from pipeline.errors import Interrupted
@@ -496,10 +483,13 @@ def test_a_stopped_run_resumes_the_same_checkpoint_with_or_without_the_cache(dat
 
     cache = str(tmp_path / "cache")
     out = tmp_path / "out.parquet"
+    # Units of 10 and 40 pairs (rows 0-39, 40-49, 50-89, ...), batches of a few pairs: the stop
+    # comes inside the unit of rows 100-139, whose pairs scored so far are committed as a partial.
     cfg = RunConfig(inputs=(str(data["input"]),), output=str(out), model=data["model"], window_pairs=40,
-                    cache=cache if first else None)
+                    max_batch_tokens=512, cache=cache if first else None)
     with pytest.raises(Interrupted):
-        run(cfg, progress=False, should_stop=_stop_after(4))
+        run(cfg, progress=False, **stop_after_pairs(110))
+    assert os.listdir(tmp_path / "out.parquet.ckpt" / "partial")
     import dataclasses
 
     s = run(dataclasses.replace(cfg, cache=cache if second else None), progress=False)
@@ -608,9 +598,10 @@ def test_a_stopped_chunked_run_resumes_with_the_cache(windows, tmp_path):
     cache = str(tmp_path / "cache")
     out = tmp_path / "out.parquet"
     cfg = RunConfig(inputs=(str(windows["input"]),), output=str(out), model=windows["model"], window_pairs=30,
-                    chunk_tokens=N, chunk_overlap=M, cache=cache, commit_every=1e-3)
+                    chunk_tokens=N, chunk_overlap=M, cache=cache, max_batch_tokens=512)
     with pytest.raises(Interrupted):
-        run(cfg, progress=False, should_stop=_stop_after(6))
+        run(cfg, progress=False, **stop_after_pairs(len(windows["texts"]) // 2))
+    assert os.listdir(tmp_path / "out.parquet.ckpt" / "partial")  # windows of the unit in flight
     s = run(cfg, progress=False)
     assert s.units_resumed >= 1 or s.pairs_resumed
     got = pq.read_table(out)
