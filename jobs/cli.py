@@ -30,6 +30,7 @@ def cli():
 def _register():
     # After the early handlers above: a signal while these load exits quietly.
     from .bench import bench_cmd
+    from .cache import cache_cmd
     from .eval import eval_cmd
     from .export import export_cmd
     from .fuse import fuse_cmd
@@ -42,6 +43,7 @@ def _register():
     cli.add_command(export_cmd)
     cli.add_command(fuse_cmd)
     cli.add_command(bench_cmd)
+    cli.add_command(cache_cmd)
 
 
 _register()

@@ -173,6 +173,8 @@ def config_option(*decls: str, **kw):
     elif "at_least" in meta:
         kw.setdefault("type", click.FloatRange(min=meta["above"], min_open=True) if meta["above"] is not None
                       else click.FloatRange(min=meta["at_least"]))
+    elif meta.get("place"):
+        kw.setdefault("metavar", "LOCATION")
     if isinstance(default, bool):
         kw["is_flag"] = True
     elif default is not None:

@@ -69,6 +69,8 @@ ENV_PREFIX = "RERANK_BATCH"
 @config_option("--compile", help="torch.compile the fused path's elementwise steps (auto: on CUDA).")
 @config_option("--prefix-sharing", help="Compute each query's shared prompt prefix once for all its candidates (causal "
                "rerankers; auto: where it saves >= 20% of the tokens). Same scores.")
+@config_option("--cache", help="Score cache shared by runs: a directory or an object-storage prefix (s3://...). "
+               "Pairs found there are not scored again; new scores are added as units finish. Empty: no cache.")
 @config_option("--trust-remote-code", help="Allow the model's own Python code to run.")
 @config_option("--checkpoint-dir", help="Where parts and their records go. [default: OUTPUT.ckpt]")
 @config_option("--keep-checkpoint", help="Keep the checkpoint after success.")

@@ -1,8 +1,8 @@
 """The one frozen configuration of a run. The CLI fills it; the library reads only it.
 
-Each field's default, and the values it takes (choices, or a range), are declared once here, on
-the field (`one_of`, `whole`, `number`): RunConfig checks them when made, whoever makes it, and
-the CLI builds its options from them (jobs/common.config_option).
+Each field's default, and the values it takes (choices, a range, a place), are declared once here,
+on the field (`one_of`, `whole`, `number`, `place`): RunConfig checks them when made, whoever makes
+it, and the CLI builds its options from them (jobs/common.config_option).
 """
 
 from __future__ import annotations
@@ -26,6 +26,12 @@ def one_of(*choices: str):
 def whole(default: int | None, *, at_least: int):
     """A whole number of at least `at_least` (None too, where that is the default)."""
     return field(default=default, metadata={"whole": True, "at_least": at_least})
+
+
+def place():
+    """A local path or an object-storage URI, or None (none). An empty string is None too: how a
+    command line (`--cache ''`) or the environment turns such an option off."""
+    return field(default=None, metadata={"place": True})
 
 
 def number(default: float | None, *, at_least: float | None = None, above: float | None = None, unit: str = ""):
@@ -101,6 +107,10 @@ class RunConfig:
     # families): "auto" (on CUDA, where it saves >= 20% of the tokens), "on" or "off". Scores are the
     # same to float tolerance, so it is not part of the fingerprint.
     prefix_sharing: str = one_of("auto", "on", "off")
+    # Score cache: a local directory or an object-storage prefix shared by runs (None or "": none).
+    # Where scores are kept, not what they are, so it is not part of the fingerprint: a run with or
+    # without it resumes the same checkpoint (pipeline/cache).
+    cache: str | None = place()
     # Where units run: "local" (this process, or one process per device with `devices`) or "ray".
     executor: str = one_of("local", "ray")
     # Several devices of this host, one worker process each: "all", a count, or "cuda:0,cuda:2" /
@@ -127,6 +137,9 @@ class RunConfig:
         for f in dataclasses.fields(self):
             check_field(f, getattr(self, f.name))
         check_chunking(self.chunk_tokens, self.chunk_overlap, self.aggregate, self.chunk_scores)
+        for f in dataclasses.fields(self):
+            if f.metadata.get("place") and getattr(self, f.name) is not None:
+                object.__setattr__(self, f.name, os.fspath(getattr(self, f.name)) or None)
         # No I/O here: the inputs stay specs and the output as given until a run is planned.
         specs = (self.inputs,) if isinstance(self.inputs, (str, os.PathLike)) else tuple(self.inputs)
         object.__setattr__(self, "inputs", tuple(map(os.fspath, specs)))
@@ -176,6 +189,9 @@ def check_field(f: dataclasses.Field, v) -> None:
                 v > above if above is not None else v >= low):
             what = f"a number of {unit}" if unit else "a number"
             raise InputError(f"{name}={v!r}: must be {what} {f'above {above:g}' if above is not None else f'of at least {low:g}'}")
+    elif meta.get("place"):
+        if not isinstance(v, (str, os.PathLike)):
+            raise InputError(f"{name}={v!r}: must be a path or a URI (a string)")
     elif isinstance(f.default, bool):
         if not isinstance(v, bool):
             raise InputError(f"{name}={v!r}: must be True or False")

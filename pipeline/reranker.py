@@ -33,10 +33,11 @@ from pipeline.runtime.progress import Progress
 
 log = logging.getLogger(__name__)
 
-# RunConfig fields that only concern files; a Reranker takes them (same options), but they do nothing.
+# RunConfig fields that only concern files (the run's score cache among them); a Reranker takes them
+# (same options), but they do nothing.
 _FILE_FIELDS = {"inputs", "output", "query_col", "doc_col", "docs_col", "instruction_col", "top_k", "on_null",
                 "checkpoint_dir", "keep_checkpoint", "restart", "overwrite", "output_file_rows", "commit_every",
-                "chunk_scores"}
+                "chunk_scores", "cache"}
 # RunConfig fields of the executors: a Reranker scores in this process on one device, so it takes
 # them at their defaults only (an options dict shared with `run` still works), and refuses the rest.
 _EXECUTOR_FIELDS = {"executor", "devices", "ray_address", "workers", "gpus_per_worker", "cpus_per_worker"}

@@ -12,6 +12,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from pipeline.cache import prepare as prepare_cache
+from pipeline.cache.dedup import run_counts
 from pipeline.config import RunConfig
 from pipeline.data import chunk_scores
 from pipeline.driver.execute import execute, pick_executor
@@ -50,6 +52,11 @@ class Summary:
     units_resumed: int = 0
     pairs_resumed: int = 0  # pairs this run took from the checkpoint (whole units and partial commits)
     pairs_this_run: int = 0  # pairs this run scored (nulls skipped included): the rest
+    # Of the pairs this run gave a score: those the model computed, those the cache (--cache) gave,
+    # and those whose text an earlier pair of the same unit has (scored once).
+    pairs_computed: int = 0
+    pairs_from_cache: int = 0
+    duplicate_pairs: int = 0
     batch_token_budget: int = 0
     device: str = ""
     dtype: str = ""
@@ -100,6 +107,8 @@ def _run(cfg: RunConfig, progress, stop: StopToken | None, scorer, on_progress, 
     plan = prog = executor = None
     try:
         try:
+            if cfg.cache:  # a location that cannot be a cache is refused before any work
+                prepare_cache(cfg.cache)
             plan = make_plan(cfg, kind=scorer.info.kind if scorer is not None else None)
         except OSError as exc:  # a store that fails before any work: nothing to keep, say so
             raise StoreUnavailable.before_work(exc) from None
@@ -211,6 +220,7 @@ def _run(cfg: RunConfig, progress, stop: StopToken | None, scorer, on_progress, 
         keys = ("documents", "split", "windows")
         summary.extra["chunking"] = {k: sum(ck.done[u.id].get("chunking", {}).get(k, 0) for u in plan.units)
                                      for k in keys}
+    summary.__dict__.update(run_counts(ck.done[u] for u in fresh))
     summary.seconds = round(time.monotonic() - t_start, 3)  # the whole run, plan to cleanup
     summary.pairs_this_run = prog.pairs
     summary.scoring_pairs_per_s = round(prog.pairs / max(score_seconds, 1e-9), 2)

@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pyarrow as pa
 
+from pipeline.cache.dedup import plan_unit
 from pipeline.data.pairs import UnitPairs, build_pairs, result_part
 from pipeline.data.read import Unit, iter_unit_tables
 from pipeline.errors import InputError
@@ -26,14 +27,15 @@ from pipeline.storage.checkpoint import Kept
 FIRST_CHUNK, MAX_CHUNK = 256, 4096
 
 
-def prefetch(units, layout, cfg, encoder, finished: threading.Event, kept_for=None):
+def prefetch(units, layout, cfg, encoder, finished: threading.Event, kept_for=None, cache=None):
     """Read, explode and tokenize units in a thread, ahead of the device.
 
     Yields ("unit", work), then ("chunk", Encoded) for pieces of the pairs it has to score as
     they are tokenized, then ("end",). The queue holds a few chunks, so memory stays about a
     window while tokenization overlaps scoring, also inside the first window. `kept_for(unit)`:
-    the unit's pairs already committed (a Kept, or None), which are not tokenized again.
-    `finished`: set by the consumer when it stops reading; the thread then ends.
+    the unit's pairs already committed (a Kept, or None), which are not tokenized again; nor are
+    repeats of a pair of the same unit, nor pairs `cache` (a PairCache, looked up here, in the
+    thread) knows. `finished`: set by the consumer when it stops reading; the thread then ends.
     """
     q: queue.Queue = queue.Queue(maxsize=4)
     # String views (what polars writes) are read as large strings: Arrow's take and sort kernels,
@@ -67,7 +69,7 @@ def prefetch(units, layout, cfg, encoder, finished: threading.Event, kept_for=No
                             "give files of one schema in one run"
                         ) from None
                 pairs = build_pairs(unit, table, layout, cfg, getattr(encoder, "tokenizer", None))
-                work = Work(unit, pairs, kept_for(unit) if kept_for is not None else None)
+                work = Work(unit, pairs, kept_for(unit) if kept_for is not None else None, cache)
                 if not put(("unit", work)):
                     return
                 instructions, queries, documents = work.to_score()
@@ -129,19 +131,24 @@ def unit_info(pairs: UnitPairs, encs: list) -> dict:
 
 class Work:
     """One unit on its way through the scorer: its pairs, those an earlier run committed
-    (`kept`), the positions among its valid pairs still to score (`todo`, None: all), and the
-    encoded chunks of those as they arrive."""
+    (`kept`), the positions among its valid pairs (windows, with --chunk-tokens) still to score
+    (`todo`, None: all): one per distinct text (exact dedup within the unit), none that `kept` or
+    the cache give (pipeline/cache/dedup.py), and the encoded chunks of those as they arrive."""
 
-    def __init__(self, unit: Unit, pairs: UnitPairs, kept: Kept | None = None):
+    def __init__(self, unit: Unit, pairs: UnitPairs, kept: Kept | None = None, cache=None):
         self.unit, self.pairs, self.encs = unit, pairs, []
         self.start = 0  # position of its first pair to score in the scoring stream
         self.ords = pairs.score_ords()  # sorted: input order
-        self.todo = self.kept = None
+        self.kept = None
+        self.kept_pos = None  # positions of the kept pairs
         if kept is not None:
             hit = np.isin(kept.ords, self.ords)
             if hit.any():
                 self.kept = Kept(kept.ords[hit], kept.scores[hit], kept.counts)
-                self.todo = np.flatnonzero(~np.isin(self.ords, self.kept.ords))
+                self.kept_pos = np.searchsorted(self.ords, self.kept.ords)
+        self.plan = plan_unit(pairs.instructions, pairs.queries, pairs.documents, self.kept_pos,
+                              None if self.kept is None else self.kept.scores, cache)
+        self.todo = self.plan.todo
 
     @property
     def to_score_n(self) -> int:
@@ -158,21 +165,37 @@ class Work:
         return self.ords if self.todo is None else self.ords[self.todo]
 
     def result(self, scores: np.ndarray) -> tuple[pa.Table, dict]:
-        """The unit's part (new scores merged with the kept ones) and its record's counts."""
+        """The unit's part (new scores merged with the kept, cached and repeated ones) and its
+        record's counts."""
         info = unit_info(self.pairs, self.encs)
+        if self.kept is not None or self.todo is not None:
+            scores = self.plan.fill(scores, self.kept_pos, None if self.kept is None else self.kept.scores)
+        # Every valid pair has a score; `computed` of them went through the model in this run.
+        info.update(computed=self.plan.computed, duplicates=self.plan.duplicates, from_cache=self.plan.from_cache)
         if self.kept is not None:
-            full = np.empty(len(self.ords), dtype=np.float32)
-            full[np.searchsorted(self.ords, self.kept.ords)] = self.kept.scores
-            full[self.todo] = scores
-            scores = full
             c = self.kept.counts
             resumed = {"pairs": self.kept.pairs, "tokens": int(c.get("tokens", 0)),
                        "tokens_computed": int(c.get("tokens_computed", 0))}
-            info["pairs"] += resumed["pairs"]
             info["tokens"] += resumed["tokens"]
             info["truncated"] += int(c.get("truncated", 0))
             info["resumed"] = resumed
+        info["pairs"] = len(self.ords)
         return result_part(self.pairs, scores), info
+
+    def add_to_cache(self, cache, scores: np.ndarray) -> None:
+        """Add the unit's computed scores to the cache: this run's (those of `todo`, in its
+        order), and those an interrupted run committed for it."""
+        if cache is not None and self.plan.keys is not None:
+            hi, lo = self.plan.keys
+            if self.plan.kept_entries is not None and len(self.plan.kept_entries[0]):
+                khi, klo, ksc = self.plan.kept_entries
+                hi, lo, scores = np.concatenate([hi, khi]), np.concatenate([lo, klo]), np.concatenate([scores, ksc])
+            cache.add(hi, lo, scores)
+
+    @property
+    def done_without_model(self) -> int:
+        """Pairs of this run that got a score with no forward: repeats and cache hits."""
+        return self.plan.duplicates + self.plan.from_cache
 
 
 class Commits:
@@ -228,12 +251,17 @@ class Commits:
 
 def score_units(units, layout, cfg, scorer, on_batch=None, stop: StopToken | None = None,
                 timer: Timer | None = None, group_small: bool = False, kept_for=None, save_partial=None,
-                batches: bool = False):
+                batches: bool = False, cache=None):
     """Yield (unit, part, info) for each unit: its rows with their scores, and its counts.
 
-    With `group_small`, consecutive small units (under a quarter of a window each, as many small
-    files make) are scored together, up to a window of pairs, so that their pairs share full
-    batches instead of each unit running its own tiny ones; each unit still gets its own part.
+    Each distinct text of a unit is scored once, and none that `cache` (a PairCache, or None)
+    knows; a unit's new scores go to the cache just before it is yielded (so before its part is
+    committed). Pairs answered without the model count as done for `on_batch` (the progress).
+
+    With `group_small`, consecutive small units (under a quarter of a window each to score, as many
+    small files make, or units the cache and their own repeats mostly answer) are scored together,
+    up to a window of pairs to score, so that their pairs share full batches instead of each unit
+    running its own tiny ones; each unit still gets its own part.
     Only for a source that never waits on anyone (the local executor's list): a pool worker's
     next unit may depend on this one finishing.
 
@@ -251,11 +279,13 @@ def score_units(units, layout, cfg, scorer, on_batch=None, stop: StopToken | Non
     """
     timer = timer if timer is not None else Timer()
     finished = threading.Event()
-    items = prefetch(units, layout, cfg, scorer.encoder, finished, kept_for)
+    items = prefetch(units, layout, cfg, scorer.encoder, finished, kept_for, cache)
     commits = Commits(cfg.commit_every, save_partial, scorer)
     small = max(1, cfg.window_pairs // 4)
     group: list[Work] = []  # small units read and tokenized but not yet scored
-    grouped = [0]  # their pairs (a running sum: summing the group at each unit is quadratic in units)
+    # Their pairs to score and their rows (running sums: summing the group at each unit is
+    # quadratic in units). Rows are held until the group is scored: 4 windows of them at most.
+    grouped = [0, 0]
 
     def flush():
         if not group:
@@ -268,13 +298,14 @@ def score_units(units, layout, cfg, scorer, on_batch=None, stop: StopToken | Non
         seconds, computed = time.perf_counter() - t0, scorer.stats().tokens_computed - computed0
         tokens = max(1, sum(int(e.offsets[-1]) for e in encs))
         group.clear()
-        grouped[0] = 0
+        grouped[:] = [0, 0]
         together = []
         for w in members:
             n = w.to_score_n
             part, info = w.result(scores[w.start:w.start + n])
-            if info["skipped_null"] and on_batch is not None:
-                on_batch(info["skipped_null"], 0)
+            w.add_to_cache(cache, scores[w.start:w.start + n])
+            if (info["skipped_null"] or w.done_without_model) and on_batch is not None:
+                on_batch(info["skipped_null"] + w.done_without_model, 0)
             share = sum(int(e.offsets[-1]) for e in w.encs) / tokens  # one scoring pass: its time and work, by tokens
             info["seconds"] = seconds * share
             info["tokens_computed"] = int(round(computed * share)) + info.get("resumed", {}).get("tokens_computed", 0)
@@ -298,11 +329,14 @@ def score_units(units, layout, cfg, scorer, on_batch=None, stop: StopToken | Non
             work = head[1]
             if stop is not None:
                 stop.check()  # a check point: before each unit
-            if group_small and len(work.pairs.queries) < small:
+            # Small by what is left to score: a unit whose pairs the cache or its own repeats
+            # mostly give joins the group too.
+            if group_small and work.to_score_n < small:
                 list(_unit_chunks(items, timer, work.encs))
                 group.append(work)
-                grouped[0] += len(work.pairs.queries)
-                if grouped[0] >= cfg.window_pairs:
+                grouped[0] += work.to_score_n
+                grouped[1] += len(work.pairs.queries)
+                if grouped[0] >= cfg.window_pairs or grouped[1] >= 4 * cfg.window_pairs:
                     yield from flush()
                 continue
             yield from flush()
@@ -311,9 +345,11 @@ def score_units(units, layout, cfg, scorer, on_batch=None, stop: StopToken | Non
             scores = scorer.score_stream(_unit_chunks(items, timer, work.encs), on_batch=on_batch,
                                          stop=stop, commit=commits.begin([work]))
             skipped = int((~work.pairs.valid).sum()) if work.pairs.valid.size else 0
+            skipped += work.done_without_model
             if skipped and on_batch is not None:
                 on_batch(skipped, 0)
             part, info = work.result(scores)
+            work.add_to_cache(cache, scores)
             info["seconds"] = time.perf_counter() - t_unit
             # after prefix sharing; with the kept pairs' own
             info["tokens_computed"] = int(scorer.stats().tokens_computed - computed0) + \

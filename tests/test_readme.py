@@ -69,12 +69,13 @@ def test_readme_command_blocks_run_as_written(sandbox):
             assert r.exit_code == 0, f"{line}\n{r.output}"
             ran.append(args[1])
     # Every kind of command of the README ran: the sample run and the walkthroughs.
-    assert ran.count("prepare") == 2 and ran.count("eval") == 2 and ran.count("run") == 4
-    assert ran.count("fuse") == 1 and ran.count("export") == 1
+    assert ran.count("prepare") == 2 and ran.count("eval") == 2 and ran.count("run") == 6
+    assert ran.count("fuse") == 1 and ran.count("export") == 1 and ran.count("cache") == 2
     assert len(skips) == 6, skips  # update when the README gains a command that cannot run here
     assert os.path.exists(sandbox / "tmp" / "mini.png") and os.path.exists(sandbox / "tmp" / "arc.ranked.parquet")
     assert os.path.exists(sandbox / "tmp" / "mini.fused.parquet") and os.path.exists(sandbox / "tmp" / "arc.ranked.trec")
     assert os.path.exists(sandbox / "tmp" / "pairs.chunks.parquet")  # the long-documents example
+    assert os.path.exists(sandbox / "tmp" / "rerank-cache" / ".rerank-batch-cache")  # the score-cache example
     # Pasted twice, a walkthrough block still runs (--overwrite where it writes).
     for block in [b for b in blocks("bash") if "prepare mc" in b]:
         for line in block.splitlines():

@@ -162,6 +162,8 @@ def test_cli_options_take_the_config_defaults_and_choices():
                 low = f.metadata["above"] if f.metadata["above"] is not None else f.metadata["at_least"]
                 assert isinstance(p.type, click.FloatRange) and p.type.min == low, p.name
                 assert p.type.min_open == (f.metadata["above"] is not None), p.name
+            elif f.metadata.get("place"):  # a path or a URI, shown as such
+                assert p.metavar == "LOCATION" and isinstance(p.type, click.types.StringParamType), p.name
     # Every config field but the inputs (the argument) is an option of `run`.
     assert seen >= set(fields) - {"inputs"}, sorted(set(fields) - {"inputs"} - seen)
 
@@ -183,7 +185,8 @@ def test_config_refuses_values_the_cli_would_refuse():
              (dict(cpus_per_worker=0), "cpus_per_worker=0: must be a number of at least 0.1"),
              (dict(gpus_per_worker=-1.0), "gpus_per_worker=-1.0: must be a number of at least 0"),
              (dict(commit_every=0), "commit_every=0: must be a number of seconds above 0"),
-             (dict(overwrite="yes"), "overwrite='yes': must be True or False")]
+             (dict(overwrite="yes"), "overwrite='yes': must be True or False"),
+             (dict(cache=5), "cache=5: must be a path or a URI (a string)")]
     for kw, message in cases:
         with pytest.raises(InputError) as exc:
             RunConfig(inputs=(), output="", **kw)

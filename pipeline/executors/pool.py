@@ -301,6 +301,7 @@ def pool_worker_main(conn, device: str, work: WorkSpec, log_level: int, cpu_thre
 
         for unit, record in worker.run(link.units(), on_batch=progress, stop=link.stop):
             link.send(("done", unit.id, record))
+        worker.close()
     except KeyboardInterrupt:
         pass
     except BaseException as exc:  # noqa: BLE001 - reported to the driver, then this process ends

@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import time
 
+from pipeline.cache import open_cache
 from pipeline.config import RunConfig
 from pipeline.errors import ScoringError
 from pipeline.runtime import startup
@@ -47,6 +48,9 @@ class UnitWorker:
             with startup.recording(self.timeline):
                 engine = load_engine(cfg, work.kind)
         self.engine = engine
+        # The score cache (--cache): every worker opens its own, in its process, for the scope of
+        # its engine (a file read once stays known to the worker for its next units).
+        self.cache = open_cache(cfg, engine)
         self.timer = Timer()  # waiting for input, writing parts
         self.units = self.pairs = self.tokens = 0
         self.busy_s = 0.0
@@ -65,7 +69,7 @@ class UnitWorker:
                                     group_small=group_small,
                                     kept_for=lambda u: ck.kept(u.id, refresh=not self.sole_writer),
                                     save_partial=lambda items: ck.commit_partials([(u.id, *a) for u, *a in items]),
-                                    batches=True):
+                                    batches=True, cache=self.cache):
             t0 = time.perf_counter()
             records = ck.commit_group([(unit.id, part, info) for unit, part, info in together])
             self.timer.add("writing_parts", t0)
@@ -73,6 +77,12 @@ class UnitWorker:
                 self.units += 1
                 self.busy_s += info.get("seconds", 0.0)
                 yield unit, record
+
+    def close(self) -> None:
+        """Let go of the cache's open files (and log what it gave)."""
+        if self.cache is not None:
+            self.cache.close()
+            self.cache = None
 
     def _counted(self, on_batch):
         def counted(pairs: int, tokens: int) -> None:

@@ -1,0 +1,6 @@
+"""A score cache shared by runs, and exact dedup within a unit (see cache.py, key.py, segment.py,
+compact.py, dedup.py; docs/CACHE.md)."""
+
+from pipeline.cache.cache import PairCache, open_cache, prepare
+
+__all__ = ["PairCache", "open_cache", "prepare"]
