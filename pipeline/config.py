@@ -73,8 +73,9 @@ class RunConfig:
     max_length: int = whole(8192, at_least=8)
     # Keep the best K rows of each query group (None keeps all).
     top_k: int | None = whole(None, at_least=1)
-    # Torch dtype name or "auto" (bf16 on CUDA, float32 on CPU).
-    dtype: str = one_of("auto", "bfloat16", "float16", "float32")
+    # Torch dtype name or "auto" (bf16 on CUDA, float32 on CPU); "fp8": the fused Qwen3 forward's
+    # projections as float8 GEMMs, the rest bf16 (CUDA compute capability 8.9+; engines/fp8.py).
+    dtype: str = one_of("auto", "bfloat16", "float16", "float32", "fp8")
     # "auto", "cpu", "cuda" or "cuda:N".
     device: str = "auto"
     # Cap on GPU memory this process may use, in bytes (None: what is free at start).

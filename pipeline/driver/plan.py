@@ -77,6 +77,10 @@ def check_options(cfg: RunConfig) -> None:
         if not torch.cuda.is_available():
             raise InputError("--gpu-memory-limit applies to CUDA only, and --device auto found no GPU here; "
                              "drop the option or pass --device cuda")
+    if cfg.dtype == "fp8":  # refused here, before a model is fetched or a checkpoint made
+        from pipeline.engines.loading import resolve_device, resolve_dtype
+
+        resolve_dtype(cfg.dtype, resolve_device(cfg.device))
 
 
 def check_device_options(cfg: RunConfig, device, dtype) -> None:
@@ -188,7 +192,7 @@ def fingerprint(cfg: RunConfig, layout: InputLayout, device: str, dtype: str, ki
 
 def make_plan(cfg: RunConfig, kind=None, run_id: str | None = None) -> Plan:
     from pipeline.engines.families import inspect_model, load_config
-    from pipeline.engines.loading import resolve_device, resolve_dtype
+    from pipeline.engines.loading import dtype_label, resolve_device, resolve_dtype
 
     if not cfg.inputs:
         raise InputError("no input given; pass one or more Parquet files, directories or globs")
@@ -204,12 +208,16 @@ def make_plan(cfg: RunConfig, kind=None, run_id: str | None = None) -> Plan:
         check_max_length(cfg, mconfig)
     device = resolve_device(cfg.device)
     torch_dtype = resolve_dtype(cfg.dtype, device)
-    dtype = str(torch_dtype).removeprefix("torch.")
+    dtype = dtype_label(cfg.dtype, torch_dtype)  # "fp8" apart from "bfloat16"
     if cfg.executor == "local" and not cfg.devices:  # workers check their own device when they load
         check_device_options(cfg, device, torch_dtype)
     from pipeline.engines.prefix import resolve_mode
 
     resolve_mode(cfg.prefix_sharing, device.type, kind.family == "seq-cls-encoder")  # `on` for a cross-encoder
+    if cfg.dtype == "fp8":
+        from pipeline.engines.fp8 import check_engine
+
+        check_engine(cfg.engine, kind.family)
     fp = fingerprint(cfg, layout, device.type, dtype, kind)
     out = Output(cfg.output)
     ck = CheckpointSink.open(location(cfg.ckpt_dir), fp, inputs, restart=cfg.restart, run_id=run_id,

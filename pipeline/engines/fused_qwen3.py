@@ -4,7 +4,8 @@ Same arithmetic as transformers' Qwen3Model (RMSNorm in float32, the same RoPE t
 matmuls), minus what a reranker does not need: no KV cache, no masks, no (1, H, T, D) layout
 shuffles, one GEMM for q/k/v and one for gate/up, and in the last layer the MLP runs only on
 the rows whose hidden state is scored. On CUDA the small elementwise steps are compiled into
-fused kernels with torch.compile when it works, and run eagerly otherwise.
+fused kernels with torch.compile when it works, and run eagerly otherwise. With `fp8` the four
+projections of each layer hold float8 weights and run as fp8 GEMMs (fp8.py); nothing else changes.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from pipeline.engines import compiled
+from pipeline.engines import compiled, fp8 as fp8_layers
 from pipeline.engines.attention import packed_attention
 
 log = logging.getLogger(__name__)
@@ -59,11 +60,15 @@ class _Layer:
     __slots__ = ("ln1", "ln2", "w_qkv", "w_o", "qn", "kn", "w_gu", "w_down")
 
 
-def _layer(ln1, ln2, qkv: list, w_o, qn, kn, gu: list, w_down) -> _Layer:
+def _layer(ln1, ln2, qkv: list, w_o, qn, kn, gu: list, w_down, fp8: bool = False) -> _Layer:
     L = _Layer()
     L.ln1, L.ln2, L.w_o, L.qn, L.kn, L.w_down = ln1, ln2, w_o, qn, kn, w_down
     L.w_qkv = torch.cat(qkv, 0)
     L.w_gu = torch.cat(gu, 0)
+    if fp8:  # layer by layer, so that the bf16 matrices of one layer at a time are held twice
+        mats = {"q/k/v": L.w_qkv, "o_proj": L.w_o, "gate/up": L.w_gu, "down_proj": L.w_down}
+        fp8_layers.check_shapes(mats)
+        L.w_qkv, L.w_o, L.w_gu, L.w_down = (fp8_layers.quantize_weight(w) for w in mats.values())
     return L
 
 
@@ -84,7 +89,9 @@ class FusedQwen3:
     """Holds references to (and fused copies of) the HF model's weights; `last_hidden` is the
     only entry point."""
 
-    def __init__(self, cfg, embed, norm, rotary, layers: list, kernel: str, compile: bool = False):
+    def __init__(self, cfg, embed, norm, rotary, layers: list, kernel: str, compile: bool = False,
+                 fp8: bool = False):
+        """`fp8`: `layers` hold fp8.Fp8Weight projections (built with _layer(..., fp8=True))."""
         self.kernel = kernel
         self.h = cfg.num_attention_heads
         self.hkv = cfg.num_key_value_heads
@@ -99,12 +106,19 @@ class FusedQwen3:
         self._add_norm = add_norm
         self._swiglu = swiglu
         self._norm = rms_norm
+        # The projections' GEMM, chosen once: F.linear, or the fp8 GEMM over fp8.Fp8Weight.
+        self._linear = F.linear
+        self.fp8 = fp8
+        if fp8:
+            widths = (cfg.hidden_size, self.h * self.d, cfg.intermediate_size)
+            self._linear = fp8_layers.linear_for(embed.device, compile, widths)
         if compile:
             self._compile()
 
     @classmethod
-    def from_hf(cls, hf_model, base, kernel: str, compile: bool = False) -> "FusedQwen3":
-        """Over a transformers Qwen3 model: fused copies of q/k/v and gate/up, the rest shared."""
+    def from_hf(cls, hf_model, base, kernel: str, compile: bool = False, fp8: bool = False) -> "FusedQwen3":
+        """Over a transformers Qwen3 model: fused copies of q/k/v and gate/up, the rest shared
+        (`fp8`: fp8 copies of the four projections)."""
         layers = []
         with torch.no_grad():
             for blk in base.layers:
@@ -112,34 +126,36 @@ class FusedQwen3:
                 layers.append(_layer(blk.input_layernorm.weight, blk.post_attention_layernorm.weight,
                                      [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], a.o_proj.weight,
                                      a.q_norm.weight, a.k_norm.weight, [m.gate_proj.weight, m.up_proj.weight],
-                                     m.down_proj.weight))
+                                     m.down_proj.weight, fp8))
         # The fused copies replace the originals: free those, so weights are held once.
         for blk in base.layers:
             a, m = blk.self_attn, blk.mlp
-            for mod in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj):
+            for mod in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj) + ((a.o_proj, m.down_proj) if fp8 else ()):
                 mod.weight = torch.nn.Parameter(torch.empty(0, dtype=mod.weight.dtype, device=mod.weight.device),
                                                 requires_grad=False)
         return cls(hf_model.config, base.embed_tokens.weight, base.norm.weight, base.rotary_emb, layers, kernel,
-                   compile)
+                   compile, fp8)
 
     @classmethod
-    def from_tensors(cls, cfg, t: dict, kernel: str, compile: bool = False) -> "FusedQwen3":
+    def from_tensors(cls, cfg, t: dict, kernel: str, compile: bool = False, fp8: bool = False) -> "FusedQwen3":
         """Over a checkpoint's tensors by their transformers names (direct.py); the tensors of
-        q/k/v and gate/up are dropped from `t` once fused, so weights are held once."""
+        q/k/v and gate/up (`fp8`: and o and down) are dropped from `t` once fused or quantized, so
+        weights are held once."""
         layers = []
         with torch.no_grad():
             for i in range(cfg.num_hidden_layers):
                 p = f"model.layers.{i}."
                 g = lambda n: t.pop(p + n)  # noqa: E731
+                o = g if fp8 else lambda n: t[p + n]  # noqa: E731
                 layers.append(_layer(t[p + "input_layernorm.weight"], t[p + "post_attention_layernorm.weight"],
                                      [g("self_attn.q_proj.weight"), g("self_attn.k_proj.weight"),
-                                      g("self_attn.v_proj.weight")], t[p + "self_attn.o_proj.weight"],
+                                      g("self_attn.v_proj.weight")], o("self_attn.o_proj.weight"),
                                      t[p + "self_attn.q_norm.weight"], t[p + "self_attn.k_norm.weight"],
                                      [g("mlp.gate_proj.weight"), g("mlp.up_proj.weight")],
-                                     t[p + "mlp.down_proj.weight"]))
+                                     o("mlp.down_proj.weight"), fp8))
         d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         return cls(cfg, t["model.embed_tokens.weight"], t["model.norm.weight"], DefaultRope(rope_theta(cfg), d),
-                   layers, kernel, compile)
+                   layers, kernel, compile, fp8)
 
     def use_eager(self) -> None:
         """The plain functions (exact; what a failed warm-up leaves: torch.compile compiles on the
@@ -178,14 +194,14 @@ class FusedQwen3:
         n_layers = len(self.layers)
         hn = self._norm(x, self.layers[0].ln1, self.eps)
         for i, L in enumerate(self.layers):
-            q, k, v = self._qk(F.linear(hn, L.w_qkv), L.qn, L.kn, cos, sin, self.eps, self.h, self.hkv, self.d)
+            q, k, v = self._qk(self._linear(hn, L.w_qkv), L.qn, L.kn, cos, sin, self.eps, self.h, self.hkv, self.d)
             att = packed_attention(q, k, v, cu, max_len, self.scale, self.kernel, shared)
-            att = F.linear(att.reshape(att.shape[0], -1), L.w_o)
+            att = self._linear(att.reshape(att.shape[0], -1), L.w_o)
             if i == n_layers - 1:
                 # Only the scored rows go on: the last MLP and norm on n rows, not T.
                 x, att = x[last_idx], att[last_idx]
             x, hn = self._add_norm(x, att, L.ln2, self.eps)
-            mlp = F.linear(self._swiglu(F.linear(hn, L.w_gu)), L.w_down)
+            mlp = self._linear(self._swiglu(self._linear(hn, L.w_gu)), L.w_down)
             nxt = self.layers[i + 1].ln1 if i + 1 < n_layers else self.norm
             x, hn = self._add_norm(x, mlp, nxt, self.eps)
         return hn

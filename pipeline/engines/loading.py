@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.config import RunConfig
-from pipeline.engines import attention, compiled, cross_tokenizer, direct, fused_encoder
+from pipeline.engines import attention, compiled, cross_tokenizer, direct, fp8, fused_encoder
 from pipeline.engines.families import ModelKind, inspect_model
 from pipeline.engines.threads import configure_cpu
 from pipeline.engines.tokenize import CrossEncoderEncoder, PairEncoder
@@ -35,6 +35,7 @@ class Loaded:
     kind: ModelKind
     kernel: str  # attention.choose_kernel's, or "padded-sdpa" for cross-encoders run padded
     compile: bool  # the fused steps run compiled (--compile; False where a warm-up already failed)
+    fp8: bool = False  # --dtype fp8: the fused forward's projections run as fp8 GEMMs; `dtype` is the rest's
 
 
 def resolve_device(name: str) -> torch.device:
@@ -47,9 +48,20 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype the model's weights and activations are held in; for "fp8", bfloat16 (all but
+    the projections, which the fused forward quantizes: fp8.py), refused where fp8 cannot run."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name == "fp8":
+        fp8.check_device(device)
+        return torch.bfloat16
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def dtype_label(name: str, dtype: torch.dtype) -> str:
+    """How a run's scores are labelled by dtype (checkpoint fingerprint, score cache scope,
+    summary): "fp8", else the resolved torch dtype's name ("bfloat16", "float32")."""
+    return "fp8" if name == "fp8" else str(dtype).removeprefix("torch.")
 
 
 def load(cfg: RunConfig, kind: ModelKind | None = None) -> Loaded:
@@ -126,6 +138,8 @@ def prepare(model, tokenizer, cfg: RunConfig, device=None, kind: ModelKind | Non
     device = device or resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     kind = kind or inspect_model(cfg, model.config)
+    if cfg.dtype == "fp8":
+        fp8.check_engine(cfg.engine, kind.family)
     compile = compiled.wanted(cfg, device) if compile is None else compile
     if device.type == "cpu":
         configure_cpu()
@@ -142,4 +156,4 @@ def prepare(model, tokenizer, cfg: RunConfig, device=None, kind: ModelKind | Non
             model.set_attn_implementation(attention.register())
         model.to(device=device, dtype=dtype).eval()
         model.requires_grad_(False)
-    return Loaded(model, tokenizer, encoder, device, dtype, kind, kernel, compile)
+    return Loaded(model, tokenizer, encoder, device, dtype, kind, kernel, compile, cfg.dtype == "fp8")

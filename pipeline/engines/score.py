@@ -44,7 +44,7 @@ def engine_from_model(model, tokenizer, cfg: RunConfig, device: torch.device | N
 def _build(m: loading.Loaded, cfg: RunConfig, logits: bool, forward=None) -> "TorchEngine":
     sharing = prefix.resolve_mode(cfg.prefix_sharing, m.device.type, m.kind.family == "seq-cls-encoder")
     forward = forward if forward is not None else forwards.choose(m, cfg)
-    dtype = str(m.dtype).removeprefix("torch.")
+    dtype = loading.dtype_label(cfg.dtype, m.dtype)
     log.info("model %s (%s) on %s in %s, attention %s, engine %s", cfg.model, m.kind.family, m.device, dtype,
              forward.kernel, forward.name)
     startup.mark("model_setup")

@@ -1,0 +1,262 @@
+"""--dtype fp8 (pipeline/engines/fp8.py): the quantization's error bounds and per-channel scales,
+the CUDA GEMM's arguments against its float32 emulation (torch._scaled_mm runs on the CPU too),
+the emulated fp8 forward of a tiny Qwen3 against float32, the refusals (exit 2, one line, nothing
+created) and the dtype's own label in the checkpoint fingerprint and the score cache's scope."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, real_pairs, run_cli
+from pipeline.config import RunConfig
+from pipeline.engines import forwards, fp8, loading
+from pipeline.engines.score import engine_from_model, load_engine
+from pipeline.errors import InputError
+
+SAMPLE = os.path.join(ROOT, "sample_data", "pairs.parquet")
+TINY = os.path.join(ROOT, "sample_data", "tiny-qwen3-reranker")
+FIX = "use --dtype bfloat16, or a GPU of compute capability 8.9 or newer (Ada, Hopper)"
+E4M3_REL = 2.0 ** -4  # e4m3 keeps 3 mantissa bits: a normal value rounds within 1/16 of itself
+E4M3_SUB = 2.0 ** -10  # half the subnormal step (2^-9), in units of the row's scale
+
+
+def _matrix(rows=48, cols=80, seed=0) -> torch.Tensor:
+    """Rows of very different magnitudes, one of zeros, one with an outlier column."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * torch.logspace(-3, 2, rows)[:, None]
+    w[3] = 0
+    w[5, 7] = 1e3
+    return w
+
+
+# -- quantization -------------------------------------------------------------------------------------
+
+def test_weights_get_one_float32_scale_per_output_channel():
+    w = _matrix()
+    fw = fp8.quantize_weight(w)
+    assert fw.q.dtype == torch.float8_e4m3fn and fw.q.shape == w.shape and fw.q.is_contiguous()
+    assert fw.scale.dtype == torch.float32 and fw.scale.shape == (1, w.shape[0]) and fw.scale.is_contiguous()
+    want = w.abs().amax(dim=1) / 448
+    nonzero = want > 0
+    torch.testing.assert_close(fw.scale[0][nonzero], want[nonzero], rtol=0, atol=0)
+    assert fw.scale[0, 3] > 0 and not fw.q[3].float().any()  # a zero row: a finite scale, zeros
+    # Each row's largest magnitude lands on e4m3's largest finite value, 448: the range is used whole.
+    assert torch.equal(fw.q.float().abs().amax(dim=1)[nonzero], torch.full((int(nonzero.sum()),), 448.0))
+
+
+def test_the_round_trip_error_is_within_e4m3_rounding():
+    for x in (_matrix(seed=1), _matrix(7, 4096, seed=2), torch.randn(33, 16).to(torch.bfloat16)):
+        q, scale = fp8.quantize_rows(x)
+        assert scale.shape == (x.shape[0], 1) and scale.dtype == torch.float32
+        xf = x.float()
+        back = q.float() * scale
+        bound = torch.maximum(xf.abs() * E4M3_REL, scale * E4M3_SUB)
+        assert torch.isfinite(back).all()
+        assert ((back - xf).abs() <= bound * (1 + 1e-6)).all()
+        # Round to nearest: on random data the mean error is well under the bound.
+        assert float(((back - xf).abs() / xf.abs().clamp_min(1e-30))[xf.abs() > 0.1 * scale * 448].mean()) < 0.03
+
+
+def test_the_scaled_mm_call_computes_the_emulated_arithmetic():
+    """torch._scaled_mm with the arguments the CUDA path passes (row-wise scales [M, 1] and [1, N],
+    the second operand column-major), on the CPU: float32 output equals the float32 emulation;
+    bfloat16 output (the CUDA path's) is that, rounded once."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 37, 96, generator=g) * 3  # (batch, tokens, in): any leading shape, M not a multiple of 16
+    w = fp8.quantize_weight(torch.randn(64, 96, generator=g) * 0.05)
+    emu = fp8.emulated_linear(x, w)
+    got32 = fp8.scaled_mm_linear(x, w, out_dtype=torch.float32)
+    assert got32.shape == emu.shape == (2, 37, 64)
+    torch.testing.assert_close(got32, emu, rtol=1e-5, atol=1e-5)
+    got16 = fp8.scaled_mm_linear(x, w)
+    assert got16.dtype == torch.bfloat16
+    assert ((got16.float() - emu).abs() <= emu.abs() * 2 ** -8 + 1e-6).all()
+
+
+def test_an_fp8_linear_stays_close_to_the_float32_one():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(256, 1024, generator=g)
+    w = torch.randn(512, 1024, generator=g) * 0.02
+    exact = x @ w.T
+    got = fp8.emulated_linear(x, w=fp8.quantize_weight(w))
+    rel = float((got - exact).norm() / exact.norm())
+    assert rel < 0.05, rel  # observed ~0.03: two roundings of ~2^-5 relative each, averaged over K
+
+
+def test_sizes_that_are_not_multiples_of_16_are_refused_for_fp8():
+    from pipeline.errors import ModelError
+
+    with pytest.raises(ModelError, match=r"^--dtype fp8: the o_proj weight is \(64, 40\), and fp8 GEMMs need sizes "
+                                         r"that are multiples of 16; use --dtype bfloat16$"):
+        fp8.check_shapes({"q/k/v": torch.zeros(96, 64), "o_proj": torch.zeros(64, 40)})
+
+
+# -- the forward ----------------------------------------------------------------------------------------
+
+def fp8_engine(model_dir: str, texts):
+    """The fused Qwen3 engine with fp8 projections on the CPU (the emulated GEMM): loaded in
+    float32, then its forward chosen as --dtype fp8 would choose it on a GPU."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    cfg = RunConfig(inputs=(), model=model_dir, device="cpu", engine="fused")
+    m = dataclasses.replace(loading.prepare(model, tok, cfg, torch.device("cpu")), fp8=True)
+    forward = forwards.choose(m, cfg)
+    assert forward.stack.fp8 and isinstance(forward.stack.layers[0].w_gu, fp8.Fp8Weight)
+    return engine_from_model(model, tok, cfg, torch.device("cpu"), forward=forward)
+
+
+def test_the_fp8_forward_scores_close_to_float32(models):
+    t = real_pairs(40)
+    texts = (t.column("instruction").to_pylist(), t.column("query").to_pylist(), t.column("document").to_pylist())
+    for name in ("tied", "untied"):
+        ref_engine = load_engine(RunConfig(inputs=(), model=models[name], device="cpu", engine="fused"))
+        enc = ref_engine.encoder.encode(*texts)
+        ref = ref_engine.score(enc)
+        got = fp8_engine(models[name], texts).score(enc)
+        d = np.abs(got - ref)
+        # Observed on these 120 pairs (score std 0.20 tied, 0.08 untied): max |d| 0.078 and 0.056,
+        # mean 0.019 and 0.016, Spearman 0.987 and 0.977; bf16 on the same: max 0.014, mean 0.004.
+        # These tiny models' weights (std 0.1, norms N(1, 0.3)) are harder on fp8 than trained ones.
+        assert 1e-3 < d.max() < 0.12 and d.mean() < 0.03, (name, d.max(), d.mean())  # and fp8 did run
+        rho = np.corrcoef(np.argsort(np.argsort(got)), np.argsort(np.argsort(ref)))[0, 1]
+        assert rho > 0.95, (name, rho)
+
+
+# -- refusals ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    """A GPU of compute capability `gpu(major, minor)` as torch.cuda reports it: only the questions
+    asked before a model loads are answered (nothing runs on it)."""
+    def set_cap(major, minor, name="NVIDIA H100 80GB HBM3"):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, minor))
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    return set_cap
+
+
+@pytest.mark.parametrize("args", [[], ["--device", "cpu"], ["--device", "auto"]])
+def test_fp8_off_cuda_is_exit_2_before_anything_is_made(no_gpu, tmp_path, args):
+    out = tmp_path / "o.parquet"
+    r = run_cli(["run", SAMPLE, "--model", TINY, "-o", out, "--dtype", "fp8", *args])
+    assert r.exit_code == 2
+    assert r.output == f"Error: --dtype fp8 runs on CUDA GPUs only, and this run's device is cpu; {FIX}\n"
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_fp8_on_a_gpu_older_than_ada_is_exit_2(gpu, tmp_path):
+    gpu(8, 0, "NVIDIA A100-SXM4-80GB")
+    out = tmp_path / "o.parquet"
+    r = run_cli(["run", SAMPLE, "--model", TINY, "-o", out, "--dtype", "fp8", "--device", "cuda"])
+    assert r.exit_code == 2
+    assert r.output == ("Error: --dtype fp8 needs a GPU of compute capability 8.9 or newer, and cuda "
+                        f"(NVIDIA A100-SXM4-80GB) has 8.0; {FIX}\n")
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+@pytest.fixture(scope="module")
+def cross_encoder(tmp_path_factory):
+    from pipeline.bench.synthetic import build_cross_encoder
+
+    t = real_pairs(30)
+    return str(build_cross_encoder(tmp_path_factory.mktemp("bert"), "bert",
+                                   t.column("query").to_pylist() + t.column("document").to_pylist()))
+
+
+@pytest.mark.parametrize("which, args, message", [
+    ("cross", ["--max-length", "512"], "--dtype fp8 supports Qwen3 rerankers only, and this model is a cross-encoder; use --dtype "
+                  "bfloat16"),
+    ("tiny", ["--engine", "transformers"], "--dtype fp8 runs in the fused Qwen3 engine, and --engine transformers "
+                                           "runs transformers' own modules; drop --engine transformers, or use "
+                                           "--dtype bfloat16"),
+])
+def test_fp8_where_the_fused_qwen3_engine_does_not_run_is_exit_2(gpu, tmp_path, cross_encoder, which, args,
+                                                                   message):
+    gpu(9, 0)
+    out = tmp_path / "o.parquet"
+    model = cross_encoder if which == "cross" else TINY
+    r = run_cli(["run", SAMPLE, "--model", model, "-o", out, "--dtype", "fp8", "--device", "cuda", *args])
+    assert r.exit_code == 2
+    assert r.output == f"Error: {message}\n"
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_the_python_api_refuses_fp8_off_cuda(no_gpu):
+    from pipeline import Reranker
+
+    with pytest.raises(InputError, match=f"^--dtype fp8 runs on CUDA GPUs only, and this run's device is cpu; "):
+        Reranker(TINY, dtype="fp8")
+
+
+def test_the_bench_refuses_fp8_off_cuda(no_gpu):
+    r = run_cli(["bench", "--smoke", "--dtype", "fp8"])
+    assert r.exit_code == 2
+    assert r.output == f"Error: --dtype fp8 runs on CUDA GPUs only, and this run's device is cpu; {FIX}\n"
+
+
+# -- the label ---------------------------------------------------------------------------------------------
+
+def test_fp8_is_recorded_apart_from_bfloat16(gpu, tmp_path, tied_model):
+    """In the checkpoint fingerprint (a bf16 checkpoint does not resume as fp8) and in the score
+    cache's scope (bf16 scores never answer an fp8 run)."""
+    from pipeline.cache.cache import PairCache
+    from pipeline.cache.key import make_scope
+    from pipeline.driver.plan import make_plan
+
+    assert loading.dtype_label("fp8", torch.bfloat16) == "fp8"
+    assert loading.dtype_label("auto", torch.bfloat16) == "bfloat16"
+    gpu(9, 0)
+    plans = {}
+    for dtype in ("bfloat16", "fp8"):
+        cfg = RunConfig(inputs=(SAMPLE,), output=str(tmp_path / f"{dtype}.parquet"), model=TINY, device="cuda",
+                        dtype=dtype)
+        plan = make_plan(cfg)
+        plans[dtype] = plan.dtype
+        with open(os.path.join(plan.cfg.ckpt_dir, "fingerprint.json")) as f:
+            assert json.load(f)["options"]["dtype"] == dtype
+        plan.ckpt.close(remove=True)
+    assert plans == {"bfloat16": "bfloat16", "fp8": "fp8"}
+
+    kind = load_engine(RunConfig(inputs=(), model=tied_model, device="cpu")).info.kind
+    cfg = RunConfig(inputs=(), model=tied_model)
+    bf16, f8 = make_scope(cfg, kind, "bfloat16"), make_scope(cfg, kind, "fp8")
+    assert bf16.id != f8.id and f8.fields["dtype"] == "fp8"
+    hi, lo = np.arange(1, 6, dtype=np.uint64), np.arange(11, 16, dtype=np.uint64)
+    c = PairCache(str(tmp_path / "cache"), bf16)
+    c.add(hi, lo, np.linspace(0, 1, 5).astype(np.float32))
+    assert c.lookup(hi, lo)[0].all()
+    c.close()
+    c = PairCache(str(tmp_path / "cache"), f8)
+    assert not c.lookup(hi, lo)[0].any()
+    c.close()
+
+
+# -- the GPU script's CPU smoke run ------------------------------------------------------------------------
+
+def test_the_fp8_bench_script_runs_on_cpu(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHONPATH": ROOT}
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tests_gpu", "fp8_bench.py"), "--smoke"], env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rec = json.load(open(tmp_path / "fp8_bench.json"))
+    assert not [k for k in rec if k.startswith("error")], rec
+    rows = rec["speed"]["tiny"]
+    assert all(rows[k]["pairs_per_s"] > 0 for k in ("bfloat16", "fp8")) and rows["speedup_fp8_over_bf16"] > 0
+    fid = rec["fidelity"]
+    assert set(fid["vs_float32"]) == {"bfloat16", "fp8"} and fid["pairs"] > 0
+    assert 0 < fid["vs_float32"]["fp8"]["max_abs"] < 0.5 and fid["vs_float32"]["fp8"]["spearman_per_query"] > 0.5
