@@ -132,6 +132,24 @@ def test_the_fp8_forward_scores_close_to_float32(models):
         assert rho > 0.95, (name, rho)
 
 
+def test_a_direct_load_quantizes_as_the_transformers_load_and_holds_weights_once(models):
+    """A checkpoint loaded without transformers (direct.py) gets the same fp8 forward, and its
+    bf16 projections are dropped as they are quantized."""
+    from pipeline.engines.direct import DirectQwen3
+
+    t = real_pairs(10)
+    texts = (t.column("instruction").to_pylist(), t.column("query").to_pylist(), t.column("document").to_pylist())
+    cfg = RunConfig(inputs=(), model=models["tied"], device="cpu")
+    m = dataclasses.replace(loading.load(cfg), fp8=True)
+    assert isinstance(m.model, DirectQwen3)
+    forward = forwards.choose(m, cfg)
+    assert not [k for k in m.model.tensors if k.endswith(("_proj.weight"))]
+    direct = engine_from_model(m.model, m.tokenizer, cfg, torch.device("cpu"), forward=forward)
+    via_hf = fp8_engine(models["tied"], texts)
+    enc = via_hf.encoder.encode(*texts)
+    np.testing.assert_allclose(direct.score(enc), via_hf.score(enc), atol=1e-6, rtol=0)
+
+
 # -- refusals ---------------------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -179,8 +197,8 @@ def cross_encoder(tmp_path_factory):
 
 
 @pytest.mark.parametrize("which, args, message", [
-    ("cross", ["--max-length", "512"], "--dtype fp8 supports Qwen3 rerankers only, and this model is a cross-encoder; use --dtype "
-                  "bfloat16"),
+    ("cross", ["--max-length", "512"], "--dtype fp8 supports Qwen3 rerankers only, and this model is a "
+                                       "cross-encoder; use --dtype bfloat16"),
     ("tiny", ["--engine", "transformers"], "--dtype fp8 runs in the fused Qwen3 engine, and --engine transformers "
                                            "runs transformers' own modules; drop --engine transformers, or use "
                                            "--dtype bfloat16"),

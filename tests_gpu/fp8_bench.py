@@ -134,7 +134,8 @@ def speed(arch: str):
         rows = {}
         for k, e in engs.items():
             s = float(np.median(times[k]))
-            rows[k] = {"pairs": len(enc), "tokens": int(enc.offsets[-1]), "seconds_all": [round(t, 4) for t in times[k]],
+            rows[k] = {"pairs": len(enc), "tokens": int(enc.offsets[-1]),
+                       "seconds_all": [round(t, 4) for t in times[k]],
                        "pairs_per_s": round(len(enc) / s, 1), "tokens_per_s": round(int(enc.offsets[-1]) / s),
                        "mfu_vs_bf16_peak": round(bench.model_flops(enc.lengths, shape) / s / peak, 4) if peak else None,
                        "batch_token_budget": e.token_budget, "engine": e.info.forward, "kernel": e.info.kernel,

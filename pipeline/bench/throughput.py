@@ -380,12 +380,13 @@ def build_model(arch: str, device, dtype, workdir: str, num_hidden_layers: int |
 def run_bench(arch: str, workload: str, *, device: str = "auto", seed_pairs: int = 1500, e2e: bool = True,
               gpu_memory_limit: int | None = None, pairs: int | None = None, repeats: int = 3,
               compile: str = "auto", attention: str = "auto", max_batch_tokens: int | None = None,
-              profile: bool = False, engine: str = "auto", prefix_sharing: str = "auto", dtype: str = "auto") -> dict:
+              profile: bool = False, engine: str = "auto", prefix_sharing: str = "auto",
+              dtype: str = "auto") -> dict:
     """`dtype`: the engine's (--dtype; "fp8": fp8 projections, refused off CUDA 8.9+); the
     naive recipe's is fp16 whatever it is."""
     dev = resolve_device(device)
-    run_dtype, model_dtype = dtype, resolve_dtype(dtype, dev)  # the model is built in its dtype (bf16 for fp8)
-    dtype = model_dtype
+    run_dtype = dtype
+    dtype = resolve_dtype(run_dtype, dev)  # the model's: bf16 for fp8 (the forward quantizes its projections)
     w = WORKLOADS[workload]
     record = {"arch": arch, "workload": workload, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "dtype": dtype_label(run_dtype, dtype)}

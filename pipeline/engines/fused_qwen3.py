@@ -130,7 +130,8 @@ class FusedQwen3:
         # The fused copies replace the originals: free those, so weights are held once.
         for blk in base.layers:
             a, m = blk.self_attn, blk.mlp
-            for mod in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj) + ((a.o_proj, m.down_proj) if fp8 else ()):
+            quantized = (a.o_proj, m.down_proj) if fp8 else ()
+            for mod in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj, *quantized):
                 mod.weight = torch.nn.Parameter(torch.empty(0, dtype=mod.weight.dtype, device=mod.weight.device),
                                                 requires_grad=False)
         return cls(hf_model.config, base.embed_tokens.weight, base.norm.weight, base.rotary_emb, layers, kernel,
