@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.errors import InputError, ModelError
+from pipeline.errors import InputError, ModelError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def linear_for(device: torch.device, compile: bool = False, widths: tuple[int, .
                 quantize(torch.zeros(16, k, device=device, dtype=torch.bfloat16))
     except Exception as exc:  # no Triton, no compiler: eager is the same arithmetic, only slower
         log.warning("torch.compile of the fp8 activation quantization failed (%s); running it eagerly",
-                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                    first_line(exc))
         return scaled_mm_linear
 
     def linear(x, w):
