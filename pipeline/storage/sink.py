@@ -8,6 +8,7 @@
     sink.commit_partials(items)    pairs of units in flight, committed by time: one object
     sink.read_part(unit, columns)  a unit's rows read back through the store, checked against its
     sink.parts(units)              record; the same for the final write, one read per part
+    sink.verify(units, rescore)    every record read again before the final write; rescore() the bad
     sink.finish(units, ...)        re-check the inputs, rank and write from the parts (each checked
                                    as it is read), publish, mark the checkpoint published
     sink.close(remove)             release the lease; with remove, delete our files, marker last
