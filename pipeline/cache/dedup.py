@@ -93,14 +93,3 @@ def plan_unit(instructions, queries, documents, kept_pos=None, kept_scores=None,
         keys = (hi, lo)
     todo = None if len(reps) == n else reps
     return UnitPlan(group, todo, known, score, duplicates, from_cache, keys, kept_entries)
-
-
-def run_counts(records) -> dict:
-    """The summary's counts of this run, from the records of the units it scored (a record of an
-    older version, without them, counts its pairs as computed)."""
-    out = {"pairs_computed": 0, "pairs_from_cache": 0, "duplicate_pairs": 0}
-    for r in records:
-        out["pairs_computed"] += int(r.get("computed", r["pairs"] - r.get("resumed", {}).get("pairs", 0)))
-        out["pairs_from_cache"] += int(r.get("from_cache", 0))
-        out["duplicate_pairs"] += int(r.get("duplicates", 0))
-    return out
