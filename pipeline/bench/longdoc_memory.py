@@ -136,7 +136,7 @@ def measure(inp: str, docs: int, a, workdir: str) -> dict:
         rss = _rss_kib(p.pid)
         d = _done(done_dir)
         last_done = units if (d < 0 and last_done > 0) else max(d, 0)
-        if rss is not None:
+        if rss:  # 0 while the child's image is being replaced (exec)
             samples.append((round(time.monotonic() - t0, 1), round(rss / 1024, 1), last_done))
         time.sleep(0.5)
     stdout, stderr = p.communicate()
