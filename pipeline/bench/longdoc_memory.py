@@ -117,7 +117,7 @@ def _done(done_dir: str) -> int:
     try:
         return sum(1 for n in os.listdir(done_dir) if n.endswith(".json") and not n.startswith("."))  # not temp files
     except OSError:
-        return -1  # not there yet, or removed after the output was written
+        return 0  # not there yet, or removed after the output was written
 
 
 def measure(inp: str, docs: int, a, workdir: str) -> dict:
@@ -134,8 +134,8 @@ def measure(inp: str, docs: int, a, workdir: str) -> dict:
     last_done = 0
     while p.poll() is None:
         rss = _rss_kib(p.pid)
-        d = _done(done_dir)
-        last_done = units if (d < 0 and last_done > 0) else max(d, 0)
+        # Never backwards: the cleanup after the final write removes the records one by one.
+        last_done = max(last_done, _done(done_dir))
         if rss:  # 0 while the child's image is being replaced (exec)
             samples.append((round(time.monotonic() - t0, 1), round(rss / 1024, 1), last_done))
         time.sleep(0.5)
