@@ -284,7 +284,11 @@ def score_units(units, layout, cfg, scorer, on_batch=None, stop: StopToken | Non
     small = max(1, cfg.window_pairs // 4)
     group: list[Work] = []  # small units read and tokenized but not yet scored
     # Their pairs to score and their rows (running sums: summing the group at each unit is
-    # quadratic in units). Rows are held until the group is scored: 4 windows of them at most.
+    # quadratic in units). Rows are held until the group is scored: one window of them at most.
+    # The device waits while a group fills, so a group must not outgrow what the reading thread
+    # prepares while a group is scored: units the cache mostly answers (a window of rows read,
+    # hashed and looked up for a few pairs to score) flush one by one and overlap the device,
+    # while thousands of one-row files still share full batches.
     grouped = [0, 0]
 
     def flush():
@@ -336,7 +340,7 @@ def score_units(units, layout, cfg, scorer, on_batch=None, stop: StopToken | Non
                 group.append(work)
                 grouped[0] += work.to_score_n
                 grouped[1] += len(work.pairs.queries)
-                if grouped[0] >= cfg.window_pairs or grouped[1] >= 4 * cfg.window_pairs:
+                if grouped[0] >= cfg.window_pairs or grouped[1] >= cfg.window_pairs:
                     yield from flush()
                 continue
             yield from flush()
