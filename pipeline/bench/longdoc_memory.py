@@ -47,11 +47,11 @@ forwards.choose = lambda m, cfg: NullForward(m.device)
 import pipeline.run
 def hwm():
     return [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1]
-real_publish = pipeline.run.publish
-def publish(*a, **k):
+real_finish = pipeline.run.finish
+def finish(*a, **k):
     print("VMHWM_SCORED", hwm(), file=sys.stderr, flush=True)
-    return real_publish(*a, **k)
-pipeline.run.publish = publish
+    return real_finish(*a, **k)
+pipeline.run.finish = finish
 from jobs.cli import cli
 try:
     cli(standalone_mode=False)
