@@ -545,7 +545,7 @@ def _strangers_beside(folder):
     (folder / "00000-notes.json").write_text("{}")  # close to our names, not one of them
 
 
-@pytest.mark.parametrize("folder", ["parts", "done"])
+@pytest.mark.parametrize("folder", ["parts", "done", "dedup"])
 def test_a_linked_parts_or_done_folder_is_used_and_only_our_files_in_it_are_deleted(job, tmp_path, folder):
     out = tmp_path / "out.parquet"
     ck = _partial(job, out)
