@@ -80,9 +80,9 @@ def _args(job, inp, out, *extra):
     return ["run", str(inp), "--model", job["model"], "-o", str(out), "--window", "15", "-q", *map(str, extra)]
 
 
-def assert_reference(job, got: pa.Table, table: pa.Table | None = None):
+def assert_reference(job, got: pa.Table, table: pa.Table | None = None, same: bool = True):
     """Every row of the input, with its own ids, scored as the reference recipe scores its text;
-    rows of one text carry the very same score."""
+    rows of one text carry the very same score (`same`: one worker computed it once)."""
     table = job["table"] if table is None else table
     assert got.num_rows == table.num_rows
     assert sorted(got.column("doc_id").to_pylist()) == sorted(table.column("doc_id").to_pylist())
@@ -90,7 +90,7 @@ def assert_reference(job, got: pa.Table, table: pa.Table | None = None):
     want = np.array([job["ref"][k] for k in texts], np.float32)
     np.testing.assert_allclose(got["score"].to_numpy(), want, atol=TOL, rtol=0)
     by_text = {}
-    for k, sc in zip(texts, got["score"].to_pylist()):
+    for k, sc in zip(texts, got["score"].to_pylist() if same else ()):
         assert by_text.setdefault(k, sc) == sc
 
 
@@ -341,7 +341,8 @@ def test_workers_share_finished_units_through_the_checkpoint(job, tmp_path, exec
         pytest.importorskip("ray")
     got, s = _run(job, tmp_path, *executor)
     rows = job["table"].num_rows
-    assert_reference(job, got)
+    # A text computed on two workers at once may differ in the last bits (other batches).
+    assert_reference(job, got, same=False)
     assert job["distinct"] <= s["pairs_computed"] < rows
     assert s["pairs_computed"] + s["duplicate_pairs"] == rows and s["pairs_from_cache"] == 0
     assert sorted(os.listdir(tmp_path)) == ["o.json", "o.parquet"]

@@ -109,18 +109,21 @@ def plan_unit(instructions, queries, documents, kept_pos=None, kept_scores=None,
             reps, hi, lo = reps[rest], hi[rest], lo[rest]
             if ints is not None:
                 ints = [x for x, r in zip(ints, rest) if r]
+        hits, hit_ints = reps[:0], []
         if len(reps) and run.shared is not None:
             found, got = run.shared.lookup(hi, lo)
             known[reps[found]] = True
             score[reps[found]] = got[found]
             plan.from_cache = int(found.sum())
             plan.hit_entries = (hi[found], lo[found], got[found])
+            hits = reps[found]
             rest = ~found
             reps, hi, lo = reps[rest], hi[rest], lo[rest]
             if ints is not None:
+                hit_ints = [x for x, f in zip(ints, found) if f]
                 ints = [x for x, r in zip(ints, rest) if r]
         plan.keys = (hi, lo)
-        if inflight is not None:  # later units find this unit's texts here until it is stored
-            inflight.claim(plan, np.concatenate([reps, kept_groups]), ints + kept_ints)
+        if inflight is not None:  # later units find this unit's texts here until they are stored
+            inflight.claim(plan, np.concatenate([reps, hits, kept_groups]), ints + hit_ints + kept_ints)
     plan.todo = None if len(reps) == n else reps
     return plan
