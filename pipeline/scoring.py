@@ -190,10 +190,10 @@ class Work:
         return result_part(self.pairs, scores), info
 
     def remember(self, dedup, inflight: InFlight | None, scores: np.ndarray) -> None:
-        """After result(): add the unit's scores to the run's store and the cache (`dedup`): this
-        run's (those of `todo`, in its order), and those an interrupted run committed for it;
-        then hand them to later units waiting on them (`inflight`), in that order, so that its
-        texts are always in one of the two."""
+        """After result(): add the unit's scores to the cache and the run's store's buffer
+        (`dedup`): this run's (those of `todo`, in its order), and those an interrupted run
+        committed for it; hand them to later units waiting on them (`inflight`), which keeps
+        them until the buffer is written (score_units)."""
         if dedup is not None:
             dedup.add(self.plan, scores)
         if inflight is not None:
@@ -289,6 +289,22 @@ def score_units(units, layout, cfg, scorer, on_batch=None, stop: StopToken | Non
     timer = timer if timer is not None else Timer()
     finished = threading.Event()
     inflight = InFlight() if dedup is not None else None
+    unstored: list = []  # plans of finished units whose scores wait in dedup's buffer
+
+    def remember(w: Work, scores) -> None:
+        """A finished unit's scores to the stores, before its part is committed; the buffer is
+        written once it fills a file (RunDedup.due), then its units leave the in-flight table."""
+        w.remember(dedup, inflight, scores)
+        if dedup is None:
+            return
+        unstored.append(w.plan)
+        if dedup.due():
+            store()
+
+    def store() -> None:
+        dedup.flush()
+        inflight.release(unstored)
+        unstored.clear()
     items = prefetch(units, layout, cfg, scorer.encoder, finished, kept_for, dedup, inflight)
     commits = Commits(cfg.commit_every, save_partial, scorer)
     small = max(1, cfg.window_pairs // 4)
@@ -314,7 +330,7 @@ def score_units(units, layout, cfg, scorer, on_batch=None, stop: StopToken | Non
             n = w.to_score_n
             # In stream order: a member's repeats of an earlier member get their scores first.
             part, info = w.result(scores[w.start:w.start + n])
-            w.remember(dedup, inflight, scores[w.start:w.start + n])
+            remember(w, scores[w.start:w.start + n])
             if (info["skipped_null"] or w.done_without_model) and on_batch is not None:
                 on_batch(info["skipped_null"] + w.done_without_model, 0)
             share = sum(int(e.offsets[-1]) for e in w.encs) / tokens  # one scoring pass: its time and work, by tokens
@@ -360,7 +376,7 @@ def score_units(units, layout, cfg, scorer, on_batch=None, stop: StopToken | Non
             if skipped and on_batch is not None:
                 on_batch(skipped, 0)
             part, info = work.result(scores)
-            work.remember(dedup, inflight, scores)
+            remember(work, scores)
             info["seconds"] = time.perf_counter() - t_unit
             # after prefix sharing; with the kept pairs' own
             info["tokens_computed"] = int(scorer.stats().tokens_computed - computed0) + \
@@ -369,3 +385,5 @@ def score_units(units, layout, cfg, scorer, on_batch=None, stop: StopToken | Non
             commits.reset()
     finally:
         items.close()
+        if dedup is not None:  # the stream's last units, for the next stream, worker or resumed run
+            store()

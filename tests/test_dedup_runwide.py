@@ -43,6 +43,9 @@ if spec:
             os.kill(os.getpid(), signal.SIGKILL)
         return out
     os.replace = replace
+if os.environ.get("DEDUP_FLUSH"):  # write the run's store after every unit of this small input
+    import pipeline.cache.runwide as runwide
+    runwide.FLUSH_ENTRIES = int(os.environ["DEDUP_FLUSH"])
 sys.argv = ["rerank-batch"] + sys.argv[1:]
 from jobs.cli import main
 main()
@@ -246,8 +249,15 @@ def test_plans_wait_on_units_in_flight_and_then_read_the_store(tmp_path):
     full_a = a.fill(np.array([0.25, 0.75], np.float32))
     dd.add(a, np.array([0.25, 0.75], np.float32))
     fl.finish(a, full_a)
-    assert b.waiting == 0 and len(fl) == 1  # only b's "z" is in flight now
+    assert b.waiting == 0
     assert b.fill(np.array([0.5], np.float32)).tolist() == [0.75, 0.5, 0.75]
+    d = plan_unit(ins, ["q"], ["x"], run=dd, inflight=fl)  # a is finished, not yet stored: at once
+    assert len(d.todo) == 0 and d.waiting == 0 and d.duplicates == 1
+    assert d.fill(np.zeros(0, np.float32)).tolist() == [0.25]
+    assert len(fl) == 3 and dd.buffered == 2
+    dd.flush()
+    fl.release([a])
+    assert len(fl) == 1 and dd.buffered == 0  # only b's "z" is in flight now
     c = plan_unit(ins, ["q", "q"], ["x", "y"], run=dd, inflight=fl)  # a's texts: from the store
     assert c.todo is not None and len(c.todo) == 0 and c.duplicates == 2
     assert c.fill(np.zeros(0, np.float32)).tolist() == [0.25, 0.75]
@@ -257,7 +267,7 @@ def test_plans_wait_on_units_in_flight_and_then_read_the_store(tmp_path):
 # -- kill anywhere, then resume ------------------------------------------------------------------
 
 def _spawn(job, args, env_extra=None):
-    env = dict(os.environ, PYTHONPATH=ROOT, XDG_CACHE_HOME=job["xdg"], **(env_extra or {}))
+    env = dict(os.environ, PYTHONPATH=ROOT, XDG_CACHE_HOME=job["xdg"], DEDUP_FLUSH="1", **(env_extra or {}))
     return subprocess.Popen([sys.executable, "-c", _CHILD, *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -279,9 +289,10 @@ def _committed_texts(ck, table) -> set:
 @pytest.mark.parametrize("where", [r"/done/[^/]*\.json$:3:after", r"/dedup/.*\.rbc$:3:before",
                                    r"/dedup/.*\.rbc$:4:after"])
 def test_sigkill_then_resume_computes_no_committed_text_again(job, tmp_path, where):
-    """Killed after a unit's record, or just before or after its scores reach the run's store:
-    the same command then gives the uninterrupted output, computes only texts no committed unit
-    has, and leaves nothing behind."""
+    """Killed after a unit's record, or just before or after its scores reach the run's store
+    (written after every unit here, as a unit of a default window is): the same command then
+    gives the uninterrupted output, computes only texts no committed unit has, and leaves nothing
+    behind."""
     out = tmp_path / "out.parquet"
     ck = tmp_path / "out.parquet.ckpt"
     args = _args(job, job["input"], out, "--summary", tmp_path / "s.json")

@@ -19,6 +19,7 @@ import shutil
 import tempfile
 import time
 import uuid
+import weakref
 
 import numpy as np
 
@@ -85,6 +86,8 @@ class PairCache:
         self.store = CacheStore(location)
         self._mirror = tempfile.mkdtemp(prefix="rerank-batch-dedup-") if private and \
             self.store.local_path() is None else None
+        if self._mirror is not None:  # also when close() is never called (a Ray actor's process ends)
+            weakref.finalize(self, shutil.rmtree, self._mirror, True)
         self.files = ScopeFiles(self.store, scope.id, scope.hex, mirror=self._mirror)
         self.can_write = True
         self._warned: set[str] = set()
@@ -126,7 +129,7 @@ class PairCache:
                               run=uuid.uuid4().bytes, run_entries=len(hi), created=now)
         name = compact.file_name()
         try:
-            if SCOPE_FILE not in self.files.listed:
+            if SCOPE_FILE not in self.files.listed and not self.private:  # for `cache stats`
                 self.store.write(f"{self.scope.hex}/{SCOPE_FILE}", json.dumps(
                     {"scope": self.scope.hex, **self.scope.fields, "label": self.scope.label,
                      "created": now}, indent=1, sort_keys=True).encode())

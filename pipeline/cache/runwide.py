@@ -36,6 +36,13 @@ from pipeline.cache.cache import PairCache
 from pipeline.cache.key import Scope, run_scope
 from pipeline.storage.checkpoint import DEDUP as FOLDER  # the run's store, inside the checkpoint folder
 
+# Finished units' scores are written to the run's store once they fill a file of this many
+# entries (and when a scoring stream ends): a unit of a default window (16,384 pairs) writes its
+# own file just before its part is committed, while thousands of tiny units (a tiny --window, many
+# small files) do not cost a store file each. Until written, their keys stay in the in-flight
+# table, with their scores, so the worker still answers their repeats.
+FLUSH_ENTRIES = 16384
+
 
 def int_keys(hi: np.ndarray, lo: np.ndarray) -> list[int]:
     """One Python int per key, for the in-flight table's dict."""
@@ -48,11 +55,14 @@ class RunDedup:
     def __init__(self, private: PairCache, shared: PairCache | None = None):
         self.private, self.shared = private, shared
         self.scope: Scope = private.scope
+        self.buffer: list[tuple] = []  # (hi, lo, scores) of finished units not yet in the run's store
+        self.buffered = 0
 
     def add(self, plan, scores: np.ndarray) -> None:
         """A finished unit's scores: its computed ones (`scores`, in the order of plan.todo) and
-        those an interrupted run committed for it go to both stores; those the shared cache gave
-        go to the run's store only."""
+        those an interrupted run committed for it go to the shared cache now (as without the run's
+        store) and to the run's store at the next flush(); those the shared cache gave go to the
+        run's store only."""
         if plan.keys is None:
             return
         hi, lo = plan.keys
@@ -65,7 +75,20 @@ class RunDedup:
         if plan.hit_entries is not None and len(plan.hit_entries[0]):
             chi, clo, csc = plan.hit_entries
             hi, lo, scores = np.concatenate([hi, chi]), np.concatenate([lo, clo]), np.concatenate([scores, csc])
-        self.private.add(hi, lo, scores)
+        if len(hi):
+            self.buffer.append((hi, lo, scores))
+            self.buffered += len(hi)
+
+    def due(self) -> bool:
+        """Whether the finished units' scores held here fill a file (FLUSH_ENTRIES)."""
+        return self.buffered >= FLUSH_ENTRIES
+
+    def flush(self) -> None:
+        """Write the finished units' scores held here to the run's store, as one file."""
+        if self.buffer:
+            hi, lo, sc = (np.concatenate(x) for x in zip(*self.buffer))
+            self.buffer, self.buffered = [], 0
+            self.private.add(hi, lo, sc)
 
     def close(self) -> None:
         self.private.close()
@@ -81,20 +104,23 @@ def open_run_dedup(cfg, engine, checkpoint_root, shared: PairCache | None) -> Ru
 
 
 class InFlight:
-    """The keys of the units one scoring stream has planned and not finished, and the plans
-    waiting on them. The prefetch thread matches and claims (it alone claims, so between its
-    match and its claim no key appears); the consumer finishes units in stream order. A unit's
-    keys leave the table only after its scores are in the run's store (`finish` is called after
-    RunDedup.add), so a key is always in one of the two for a unit that plans it."""
+    """The keys of the units one scoring stream has planned and whose scores are not yet in the
+    run's store, and the plans waiting on them. The prefetch thread matches and claims (it alone
+    claims, so between its match and its claim no key appears); the consumer finishes units in
+    stream order, then releases them once RunDedup has written their scores, so a key is always
+    in one of the two for a unit that plans it. A finished unit's scores stay here until then: a
+    repeat of it takes them at once."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.owner: dict[int, tuple[object, int]] = {}  # key -> (plan, its position there)
         self.claimed: dict[int, list[int]] = {}  # id(plan) -> the keys it claimed
         self.waits: dict[int, list[tuple[object, np.ndarray, np.ndarray]]] = {}  # id(producer) -> waiters
+        self.finished: dict[int, np.ndarray] = {}  # id(plan) -> every position's score, until released
 
     def match(self, plan, positions: np.ndarray, keys: list[int]) -> np.ndarray:
-        """Which of `positions` (their `keys`) an unfinished unit has: those wait on it (bool)."""
+        """Which of `positions` (their `keys`) an unstored unit has (bool): those take its score,
+        at once when it is finished, else when it finishes (they wait)."""
         wait = np.zeros(len(keys), dtype=bool)
         with self.lock:
             by: dict[int, tuple[object, list, list]] = {}
@@ -106,8 +132,14 @@ class InFlight:
                     entry[1].append(positions[j])
                     entry[2].append(got[1])
             for pid, (producer, mine, theirs) in by.items():
-                self.waits.setdefault(pid, []).append((plan, np.array(mine, np.int64), np.array(theirs, np.int64)))
-            plan.waiting += int(wait.sum())
+                mine, theirs = np.array(mine, np.int64), np.array(theirs, np.int64)
+                full = self.finished.get(pid)
+                if full is not None:
+                    plan.score[mine] = full[theirs]
+                    plan.known[mine] = True
+                    continue
+                self.waits.setdefault(pid, []).append((plan, mine, theirs))
+                plan.waiting += len(mine)
         return wait
 
     def claim(self, plan, positions: np.ndarray, keys: list[int]) -> None:
@@ -122,16 +154,24 @@ class InFlight:
                 self.claimed[id(plan)] = mine
 
     def finish(self, plan, full: np.ndarray) -> None:
-        """`plan`'s unit is scored (`full`: every position's score) and its scores are stored:
-        hand them to the plans waiting on it, and let its keys go."""
+        """`plan`'s unit is scored (`full`: every position's score): hand its scores to the plans
+        waiting on it, and keep them for later repeats until release()."""
         with self.lock:
             for waiter, mine, theirs in self.waits.pop(id(plan), []):
                 waiter.score[mine] = full[theirs]
                 waiter.known[mine] = True
                 waiter.waiting -= len(mine)
-            for k in self.claimed.pop(id(plan), []):
-                if self.owner.get(k, (None,))[0] is plan:
-                    del self.owner[k]
+            if id(plan) in self.claimed:
+                self.finished[id(plan)] = full
+
+    def release(self, plans) -> None:
+        """These finished units' scores are in the run's store now: let their keys go."""
+        with self.lock:
+            for plan in plans:
+                self.finished.pop(id(plan), None)
+                for k in self.claimed.pop(id(plan), []):
+                    if self.owner.get(k, (None,))[0] is plan:
+                        del self.owner[k]
 
     def __len__(self) -> int:
         return len(self.owner)
