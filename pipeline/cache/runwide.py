@@ -11,10 +11,11 @@ earlier (interrupted) invocation of the run met it first. Three places answer a 
     The table holds the keys of the units scheduled and not finished: a few windows;
   - a finished unit: its scores are in the run's store (`RunDedup.private`), a score cache of
     the same file format and writes (cache.py) in the checkpoint folder, `<checkpoint>/dedup/`,
-    made by the run and removed with the checkpoint. A unit's new scores are added just before
-    its part is committed, so a resumed run finds every committed unit's pairs there, and every
-    worker (pool processes, Ray actors: they all see the checkpoint folder) finds the others'
-    finished units. A reader holds only the files' headers (about 0.25-1.5 bytes an entry), not
+    made by the run and removed with the checkpoint. Finished units' scores are written a file
+    at a time (FLUSH_ENTRIES, or when the stream ends), before the part of the unit that fills
+    the file is committed: a unit of a default window writes its own, so a resumed run finds
+    every committed unit's pairs there, and every worker (pool processes, Ray actors: they all
+    see the checkpoint folder) finds the others' finished units once written. A reader holds only the files' headers (about 0.25-1.5 bytes an entry), not
     the keys: a run of 100M pairs does not hold 100M keys in memory.
 
 A repeat in flight on another worker at the same moment (two devices scoring units that share a
