@@ -115,9 +115,11 @@ class InFlight:
     def __init__(self):
         self.lock = threading.Lock()
         self.owner: dict[int, tuple[object, int]] = {}  # key -> (plan, its position there)
-        self.claimed: dict[int, list[int]] = {}  # id(plan) -> the keys it claimed
+        self.claimed: dict[int, tuple[list[int], np.ndarray]] = {}  # id(plan) -> its keys, their positions
         self.waits: dict[int, list[tuple[object, np.ndarray, np.ndarray]]] = {}  # id(producer) -> waiters
-        self.finished: dict[int, np.ndarray] = {}  # id(plan) -> every position's score, until released
+        # id(plan) -> (its claimed positions, sorted; their scores), until released: only what
+        # it claimed, so the memory is that of the keys, not of the units' rows
+        self.finished: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def match(self, plan, positions: np.ndarray, keys: list[int]) -> np.ndarray:
         """Which of `positions` (their `keys`) an unstored unit has (bool): those take its score,
@@ -134,9 +136,9 @@ class InFlight:
                     entry[2].append(got[1])
             for pid, (producer, mine, theirs) in by.items():
                 mine, theirs = np.array(mine, np.int64), np.array(theirs, np.int64)
-                full = self.finished.get(pid)
-                if full is not None:
-                    plan.score[mine] = full[theirs]
+                done = self.finished.get(pid)
+                if done is not None:
+                    plan.score[mine] = done[1][np.searchsorted(done[0], theirs)]
                     plan.known[mine] = True
                     continue
                 self.waits.setdefault(pid, []).append((plan, mine, theirs))
@@ -146,13 +148,14 @@ class InFlight:
     def claim(self, plan, positions: np.ndarray, keys: list[int]) -> None:
         """`plan` gives these keys a score when it finishes."""
         with self.lock:
-            mine = []
+            mine, where = [], []
             for p, k in zip(positions.tolist(), keys):
                 if k not in self.owner:
                     self.owner[k] = (plan, p)
                     mine.append(k)
+                    where.append(p)
             if mine:
-                self.claimed[id(plan)] = mine
+                self.claimed[id(plan)] = (mine, np.array(where, np.int64))
 
     def finish(self, plan, full: np.ndarray) -> None:
         """`plan`'s unit is scored (`full`: every position's score): hand its scores to the plans
@@ -163,14 +166,15 @@ class InFlight:
                 waiter.known[mine] = True
                 waiter.waiting -= len(mine)
             if id(plan) in self.claimed:
-                self.finished[id(plan)] = full
+                where = np.sort(self.claimed[id(plan)][1])
+                self.finished[id(plan)] = (where, full[where])
 
     def release(self, plans) -> None:
         """These finished units' scores are in the run's store now: let their keys go."""
         with self.lock:
             for plan in plans:
                 self.finished.pop(id(plan), None)
-                for k in self.claimed.pop(id(plan), []):
+                for k in self.claimed.pop(id(plan), ([], None))[0]:
                     if self.owner.get(k, (None,))[0] is plan:
                         del self.owner[k]
 
