@@ -15,6 +15,7 @@ the model loaded once), on W-mixed-like synthetic text, 0.6B random weights in b
 
     OUT=/tmp/out python tests_gpu/cache_bench.py           # GPU: writes $OUT/cache_bench.json
     python tests_gpu/cache_bench.py --smoke                # CPU, tiny model, few pairs: does it run
+    python tests_gpu/cache_bench.py --smoke --pairs 3000 --window 500   # repeats across many units
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def parse_args(argv=None):
     ap.add_argument("--dups", type=float, default=0.30, help="share of exact repeats in the duplicated input")
     ap.add_argument("--lookup-entries", type=int, default=10_000_000, help="entries of the lookup cache (0: skip)")
     ap.add_argument("--lookups", type=int, default=1_000_000)
+    ap.add_argument("--window", type=int, default=None, help="--window of the runs [default: the run's]")
     ap.add_argument("--repeats", type=int, default=1, help="passes of each pair of runs (alternating order)")
     ap.add_argument("--parts", default="rerun,grown,dups",
                     help="comma list of the comparisons to run: rerun, grown, dups [default: all]")
@@ -105,7 +107,8 @@ class Bench:
 
     def one(self, sc, model_dir: str, wd: str, inp: str, cache: str | None, tag: str) -> dict:
         cfg = RunConfig(inputs=(inp,), output=os.path.join(wd, f"out-{tag}.parquet"), overwrite=True, restart=True,
-                        model=model_dir, device=self.dev.type, cache=cache)
+                        model=model_dir, device=self.dev.type, cache=cache,
+                        **({"window_pairs": self.args.window} if self.args.window else {}))
         if self.dev.type == "cuda":
             torch.cuda.synchronize()
         b0 = sc.stats().batches

@@ -190,6 +190,7 @@ class CheckpointSink:
                 ck.done, ck._records, ck._place = {}, {}, {}
                 for name in {n for names in ck._partials.values() for n in names}:  # scores of unknown origin
                     ck._at(name).delete()
+                ck.delete_dedup()
                 ck._partials, ck._partial_units = {}, {}
             if ck.done:
                 n = len(ck.done)
@@ -611,11 +612,26 @@ class CheckpointSink:
                 if fmt.UNIT_FILE[folder].match(base):
                     (where / base).delete()
             where.remove_dir(links=links)
+        self.delete_dedup(links=links)
         for base in self.root.list():
             if fmt.OUR_ROOT_LEFTOVER.match(base):
                 self._at(base).delete()
         self._at(FINGERPRINT).delete()
         self._at(MARKER).delete()
+
+    def delete_dedup(self, links: bool = False) -> None:
+        """Delete the run's dedup store: in dedup/ and its scope folders only the names the score
+        cache writes, then the folders (a link, with `links`, as the link itself)."""
+        dedup = self._at(fmt.DEDUP)
+        for scope in dedup.list():
+            if not fmt.DEDUP_SCOPE.match(scope):
+                continue
+            where = dedup / scope
+            for base in where.list():
+                if fmt.DEDUP_FILE.match(base):
+                    (where / base).delete()
+            where.remove_dir(links=links)
+        dedup.remove_dir(links=links)
 
     def close(self, remove: bool) -> None:
         """Release the lease; with remove, delete our files and the folder if we made it."""
