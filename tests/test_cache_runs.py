@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, real_pairs, run_cli
+from conftest import KILL_AT_REPLACE_CHILD, ROOT, real_pairs, run_cli
 from s3server import bucket, s3_server  # noqa: F401 - fixtures
 
 WAIT_S = 600  # a ceiling for events on a loaded 2-core machine, never a measured bound
@@ -25,24 +25,7 @@ TOL = 1e-5
 
 # The CLI in a child, optionally SIGKILLing itself at the Nth os.replace whose target matches
 # (as tests/test_resume.py does): before a cache file's rename, or just after it.
-_CHILD = r"""
-import os, re, signal, sys
-spec = os.environ.get("KILL_AT_REPLACE")
-if spec:
-    pattern, nth, when = spec.rsplit(":", 2)
-    real = os.replace
-    seen = [0]
-    def replace(src, dst, *a, **k):
-        hit = re.search(pattern, str(dst)) is not None
-        if hit:
-            seen[0] += 1
-        if hit and seen[0] == int(nth) and when == "before":
-            os.kill(os.getpid(), signal.SIGKILL)
-        out = real(src, dst, *a, **k)
-        if hit and seen[0] == int(nth) and when == "after":
-            os.kill(os.getpid(), signal.SIGKILL)
-        return out
-    os.replace = replace
+_CHILD = KILL_AT_REPLACE_CHILD + r"""
 sys.argv = ["rerank-batch"] + sys.argv[1:]
 from jobs.cli import main
 main()

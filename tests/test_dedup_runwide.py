@@ -18,31 +18,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, real_pairs, reference_scores, run_cli
+from conftest import KILL_AT_REPLACE_CHILD, ROOT, real_pairs, reference_scores, run_cli
 from s3server import bucket, s3_server  # noqa: F401 - fixtures
 
 TOL = 1e-5  # float32 parity bound of the project
 WAIT_S = 600  # a ceiling for events on a loaded machine, never a measured bound
 COLS = ("instruction", "query", "document")
 
-_CHILD = r"""
-import os, re, signal, sys
-spec = os.environ.get("KILL_AT_REPLACE")
-if spec:
-    pattern, nth, when = spec.rsplit(":", 2)
-    real = os.replace
-    seen = [0]
-    def replace(src, dst, *a, **k):
-        hit = re.search(pattern, str(dst)) is not None
-        if hit:
-            seen[0] += 1
-        if hit and seen[0] == int(nth) and when == "before":
-            os.kill(os.getpid(), signal.SIGKILL)
-        out = real(src, dst, *a, **k)
-        if hit and seen[0] == int(nth) and when == "after":
-            os.kill(os.getpid(), signal.SIGKILL)
-        return out
-    os.replace = replace
+_CHILD = KILL_AT_REPLACE_CHILD + r"""
 if os.environ.get("DEDUP_FLUSH"):  # write the run's store after every unit of this small input
     import pipeline.cache.runwide as runwide
     runwide.FLUSH_ENTRIES = int(os.environ["DEDUP_FLUSH"])

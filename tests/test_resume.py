@@ -16,7 +16,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, real_pairs, run_cli, stop_after_pairs
+from conftest import KILL_AT_REPLACE_CHILD, ROOT, real_pairs, run_cli, stop_after_pairs
 from pipeline.config import RunConfig
 from pipeline.errors import CheckpointError, Interrupted, RerankError
 from pipeline.run import run
@@ -24,24 +24,7 @@ from pipeline.run import run
 # A child that runs the CLI, optionally SIGKILLing itself at the Nth os.replace whose target
 # matches a regex: before the rename (a temp file fully written, not yet in place: the narrowest
 # window of a non-atomic writer) or just after it.
-_CHILD = r"""
-import os, re, signal, sys
-spec = os.environ.get("KILL_AT_REPLACE")
-if spec:
-    pattern, nth, when = spec.rsplit(":", 2)
-    real = os.replace
-    seen = [0]
-    def replace(src, dst, *a, **k):
-        hit = re.search(pattern, str(dst)) is not None
-        if hit:
-            seen[0] += 1
-        if hit and seen[0] == int(nth) and when == "before":
-            os.kill(os.getpid(), signal.SIGKILL)
-        out = real(src, dst, *a, **k)
-        if hit and seen[0] == int(nth) and when == "after":
-            os.kill(os.getpid(), signal.SIGKILL)
-        return out
-    os.replace = replace
+_CHILD = KILL_AT_REPLACE_CHILD + r"""
 spec = os.environ.get("KILL_AT_UNLINK")
 if spec:  # SIGKILL before the Nth unlink whose path matches (the checkpoint's cleanup)
     pattern, nth = spec.rsplit(":", 1)
