@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -64,11 +65,24 @@ def _spawn(args, env_extra=None):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _assert_same(out, ref):
+def _assert_same(out, ref, tol=1e-5):
+    """The uninterrupted run's rows and scores (to the parity bound: a resumed run may batch a pair
+    with other pairs, which moves a float32 score by about 1e-7); ranks may differ only between
+    documents of one query whose scores tie within that bound."""
     got = pq.read_table(out)
     assert got.num_rows == ref.num_rows
     assert len(set(got.column("doc_id").to_pylist())) == got.num_rows  # no duplicates
-    assert got.equals(ref)  # same rows, same order, same scores and ranks
+    if got.equals(ref):
+        return
+    key = [("query_id", "ascending"), ("doc_id", "ascending")]
+    g, r = got.sort_by(key), ref.sort_by(key)
+    assert g.drop(["score", "rank"]).equals(r.drop(["score", "rank"]))
+    gs, rs = g["score"].to_numpy(), r["score"].to_numpy()
+    np.testing.assert_allclose(gs, rs, atol=tol, rtol=0)
+    q = np.array(r["query_id"].to_pylist())
+    for i in np.flatnonzero(g["rank"].to_numpy() != r["rank"].to_numpy()):
+        rivals = (q == q[i]) & (np.arange(len(q)) != i)
+        assert (np.abs(rs[rivals] - rs[i]) <= 2 * tol).any(), f"row {i}: rank moved without a tie"
 
 
 def _done(ck):
