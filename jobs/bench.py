@@ -47,7 +47,8 @@ from .common import SizeType, config_option, domain_errors, log_options, setup_l
               help="Whole runs on 1..N devices of this host, e.g. 1,2,4 (CPU workers where no GPU): pairs/s in "
               "total and per device, speed-up over one device, busy share, driver CPU per unit.")
 @click.option("--window", type=click.IntRange(min=1), default=2048, show_default=True,
-              help="Pairs per unit for --devices runs: enough units for every device to stay busy.")
+              help="Pairs per unit for --devices runs: enough units for every device to stay busy. With "
+              "--chunk-tokens: documents per unit of the run (given explicitly; otherwise the run's default).")
 @click.option("--peer", is_flag=True,
               help="Measure against sentence-transformers' CrossEncoder.predict (when importable) and the "
                    "whole CLI in fresh processes, on a model saved to disk, instead of the naive recipe.")
@@ -100,7 +101,9 @@ def bench_cmd(arch, workload, pairs, seed_pairs, e2e, repeats, device, gpu_memor
             rec = run_longdoc_bench(arch, workload, device=device, pairs=pairs, chunk_tokens=chunk_tokens,
                                     chunk_overlap=chunk_overlap, aggregate=aggregate or "max", repeats=repeats,
                                     compile=compile, attention=attention, max_batch_tokens=max_batch_tokens,
-                                    engine=engine, prefix_sharing=prefix_sharing, gpu_memory_limit=gpu_memory_limit)
+                                    engine=engine, prefix_sharing=prefix_sharing, gpu_memory_limit=gpu_memory_limit,
+                                    window=window if click.get_current_context().get_parameter_source("window").name
+                                    != "DEFAULT" else None)
         _emit(rec, format_longdoc_table(rec), json_path)
         return
     if host_only:

@@ -156,6 +156,28 @@ class RunConfig:
     def ckpt_dir(self) -> str:
         return self.checkpoint_dir or (self.output.rstrip("/") + ".ckpt")
 
+    def check_machine(self) -> None:
+        """What the fields' own checks cannot see: whether this machine has what the options ask
+        for. Planning calls it once the inputs are found."""
+        if self.gpu_memory_limit and self.device == "auto":
+            import torch  # only this option asks, and planning picks the device next anyway
+
+            if not torch.cuda.is_available():
+                raise InputError("--gpu-memory-limit applies to CUDA only, and --device auto found no GPU here; "
+                                 "drop the option or pass --device cuda")
+        if self.dtype == "fp8":  # refused before a model is fetched or a checkpoint made
+            from pipeline.engines.loading import resolve_device, resolve_dtype
+
+            resolve_dtype(self.dtype, resolve_device(self.device))
+
+    def output_fields(self) -> dict:
+        """The options that decide the output beyond the scores (not in the fingerprint): a rerun
+        that asks for others writes the output again from the checkpoint's parts."""
+        fields = {"top_k": self.top_k}
+        if self.dataset:
+            fields["output_file_rows"] = self.output_file_rows
+        return fields
+
     def score_fields(self) -> dict:
         """The options that decide the scores; they enter the checkpoint fingerprint."""
         return {

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.cache.dedup import plan_unit
+from pipeline.cache.runwide import InFlight
 from pipeline.data.pairs import UnitPairs, build_pairs, result_part
 from pipeline.data.read import Unit, iter_unit_tables
 from pipeline.errors import InputError
@@ -27,15 +28,17 @@ from pipeline.storage.checkpoint import Kept
 FIRST_CHUNK, MAX_CHUNK = 256, 4096
 
 
-def prefetch(units, layout, cfg, encoder, finished: threading.Event, kept_for=None, cache=None):
+def prefetch(units, layout, cfg, encoder, finished: threading.Event, kept_for=None, dedup=None,
+             inflight: InFlight | None = None):
     """Read, explode and tokenize units in a thread, ahead of the device.
 
     Yields ("unit", work), then ("chunk", Encoded) for pieces of the pairs it has to score as
     they are tokenized, then ("end",). The queue holds a few chunks, so memory stays about a
     window while tokenization overlaps scoring, also inside the first window. `kept_for(unit)`:
     the unit's pairs already committed (a Kept, or None), which are not tokenized again; nor are
-    repeats of a pair of the same unit, nor pairs `cache` (a PairCache, looked up here, in the
-    thread) knows. `finished`: set by the consumer when it stops reading; the thread then ends.
+    repeats of a pair of the same unit or of an earlier unit of the run (`inflight`: the units
+    not finished; `dedup`, a RunDedup: the finished ones and the shared cache, looked up here, in
+    the thread). `finished`: set by the consumer when it stops reading; the thread then ends.
     """
     q: queue.Queue = queue.Queue(maxsize=4)
     # String views (what polars writes) are read as large strings: Arrow's take and sort kernels,
@@ -69,7 +72,7 @@ def prefetch(units, layout, cfg, encoder, finished: threading.Event, kept_for=No
                             "give files of one schema in one run"
                         ) from None
                 pairs = build_pairs(unit, table, layout, cfg, getattr(encoder, "tokenizer", None))
-                work = Work(unit, pairs, kept_for(unit) if kept_for is not None else None, cache)
+                work = Work(unit, pairs, kept_for(unit) if kept_for is not None else None, dedup, inflight)
                 if not put(("unit", work)):
                     return
                 instructions, queries, documents = work.to_score()
@@ -132,10 +135,12 @@ def unit_info(pairs: UnitPairs, encs: list) -> dict:
 class Work:
     """One unit on its way through the scorer: its pairs, those an earlier run committed
     (`kept`), the positions among its valid pairs (windows, with --chunk-tokens) still to score
-    (`todo`, None: all): one per distinct text (exact dedup within the unit), none that `kept` or
-    the cache give (pipeline/cache/dedup.py), and the encoded chunks of those as they arrive."""
+    (`todo`, None: all): one per distinct text of the run (exact dedup), none that `kept`, an
+    earlier unit or the cache give (pipeline/cache/dedup.py), and the encoded chunks of those as
+    they arrive."""
 
-    def __init__(self, unit: Unit, pairs: UnitPairs, kept: Kept | None = None, cache=None):
+    def __init__(self, unit: Unit, pairs: UnitPairs, kept: Kept | None = None, dedup=None,
+                 inflight: InFlight | None = None):
         self.unit, self.pairs, self.encs = unit, pairs, []
         self.start = 0  # position of its first pair to score in the scoring stream
         self.ords = pairs.score_ords()  # sorted: input order
@@ -146,8 +151,9 @@ class Work:
             if hit.any():
                 self.kept = Kept(kept.ords[hit], kept.scores[hit], kept.counts)
                 self.kept_pos = np.searchsorted(self.ords, self.kept.ords)
+        self.full = None  # every position's score, once result() made it
         self.plan = plan_unit(pairs.instructions, pairs.queries, pairs.documents, self.kept_pos,
-                              None if self.kept is None else self.kept.scores, cache)
+                              None if self.kept is None else self.kept.scores, dedup, inflight)
         self.todo = self.plan.todo
 
     @property
@@ -170,6 +176,7 @@ class Work:
         info = unit_info(self.pairs, self.encs)
         if self.kept is not None or self.todo is not None:
             scores = self.plan.fill(scores, self.kept_pos, None if self.kept is None else self.kept.scores)
+        self.full = scores
         # Every valid pair has a score; `computed` of them went through the model in this run.
         info.update(computed=self.plan.computed, duplicates=self.plan.duplicates, from_cache=self.plan.from_cache)
         if self.kept is not None:
@@ -182,15 +189,15 @@ class Work:
         info["pairs"] = len(self.ords)
         return result_part(self.pairs, scores), info
 
-    def add_to_cache(self, cache, scores: np.ndarray) -> None:
-        """Add the unit's computed scores to the cache: this run's (those of `todo`, in its
-        order), and those an interrupted run committed for it."""
-        if cache is not None and self.plan.keys is not None:
-            hi, lo = self.plan.keys
-            if self.plan.kept_entries is not None and len(self.plan.kept_entries[0]):
-                khi, klo, ksc = self.plan.kept_entries
-                hi, lo, scores = np.concatenate([hi, khi]), np.concatenate([lo, klo]), np.concatenate([scores, ksc])
-            cache.add(hi, lo, scores)
+    def remember(self, dedup, inflight: InFlight | None, scores: np.ndarray) -> None:
+        """After result(): add the unit's scores to the cache and the run's store's buffer
+        (`dedup`): this run's (those of `todo`, in its order), and those an interrupted run
+        committed for it; hand them to later units waiting on them (`inflight`), which keeps
+        them until the buffer is written (score_units)."""
+        if dedup is not None:
+            dedup.add(self.plan, scores)
+        if inflight is not None:
+            inflight.finish(self.plan, self.full)
 
     @property
     def done_without_model(self) -> int:
@@ -251,12 +258,14 @@ class Commits:
 
 def score_units(units, layout, cfg, scorer, on_batch=None, stop: StopToken | None = None,
                 timer: Timer | None = None, group_small: bool = False, kept_for=None, save_partial=None,
-                batches: bool = False, cache=None):
+                batches: bool = False, dedup=None):
     """Yield (unit, part, info) for each unit: its rows with their scores, and its counts.
 
-    Each distinct text of a unit is scored once, and none that `cache` (a PairCache, or None)
-    knows; a unit's new scores go to the cache just before it is yielded (so before its part is
-    committed). Pairs answered without the model count as done for `on_batch` (the progress).
+    Each distinct text of the run is scored once (`dedup`, a RunDedup: the run's store and the
+    shared cache, if any; None: dedup within each unit only), and none that the cache knows; a
+    unit's new scores go to the stores just before it is yielded (so before its part is
+    committed), and to the later units in flight that repeat its texts. Pairs answered without
+    the model count as done for `on_batch` (the progress).
 
     With `group_small`, consecutive small units (under a quarter of a window each to score, as many
     small files make, or units the cache and their own repeats mostly answer) are scored together,
@@ -279,12 +288,33 @@ def score_units(units, layout, cfg, scorer, on_batch=None, stop: StopToken | Non
     """
     timer = timer if timer is not None else Timer()
     finished = threading.Event()
-    items = prefetch(units, layout, cfg, scorer.encoder, finished, kept_for, cache)
+    inflight = InFlight() if dedup is not None else None
+    unstored: list = []  # plans of finished units whose scores wait in dedup's buffer
+
+    def remember(w: Work, scores) -> None:
+        """A finished unit's scores to the stores, before its part is committed; the buffer is
+        written once it fills a file (RunDedup.due), then its units leave the in-flight table."""
+        w.remember(dedup, inflight, scores)
+        if dedup is None:
+            return
+        unstored.append(w.plan)
+        if dedup.due():
+            store()
+
+    def store() -> None:
+        dedup.flush()
+        inflight.release(unstored)
+        unstored.clear()
+    items = prefetch(units, layout, cfg, scorer.encoder, finished, kept_for, dedup, inflight)
     commits = Commits(cfg.commit_every, save_partial, scorer)
     small = max(1, cfg.window_pairs // 4)
     group: list[Work] = []  # small units read and tokenized but not yet scored
     # Their pairs to score and their rows (running sums: summing the group at each unit is
-    # quadratic in units). Rows are held until the group is scored: 4 windows of them at most.
+    # quadratic in units). Rows are held until the group is scored: one window of them at most.
+    # The device waits while a group fills, so a group must not outgrow what the reading thread
+    # prepares while a group is scored: units the cache mostly answers (a window of rows read,
+    # hashed and looked up for a few pairs to score) flush one by one and overlap the device,
+    # while thousands of one-row files still share full batches.
     grouped = [0, 0]
 
     def flush():
@@ -302,8 +332,9 @@ def score_units(units, layout, cfg, scorer, on_batch=None, stop: StopToken | Non
         together = []
         for w in members:
             n = w.to_score_n
+            # In stream order: a member's repeats of an earlier member get their scores first.
             part, info = w.result(scores[w.start:w.start + n])
-            w.add_to_cache(cache, scores[w.start:w.start + n])
+            remember(w, scores[w.start:w.start + n])
             if (info["skipped_null"] or w.done_without_model) and on_batch is not None:
                 on_batch(info["skipped_null"] + w.done_without_model, 0)
             share = sum(int(e.offsets[-1]) for e in w.encs) / tokens  # one scoring pass: its time and work, by tokens
@@ -336,7 +367,7 @@ def score_units(units, layout, cfg, scorer, on_batch=None, stop: StopToken | Non
                 group.append(work)
                 grouped[0] += work.to_score_n
                 grouped[1] += len(work.pairs.queries)
-                if grouped[0] >= cfg.window_pairs or grouped[1] >= 4 * cfg.window_pairs:
+                if grouped[0] >= cfg.window_pairs or grouped[1] >= cfg.window_pairs:
                     yield from flush()
                 continue
             yield from flush()
@@ -349,7 +380,7 @@ def score_units(units, layout, cfg, scorer, on_batch=None, stop: StopToken | Non
             if skipped and on_batch is not None:
                 on_batch(skipped, 0)
             part, info = work.result(scores)
-            work.add_to_cache(cache, scores)
+            remember(work, scores)
             info["seconds"] = time.perf_counter() - t_unit
             # after prefix sharing; with the kept pairs' own
             info["tokens_computed"] = int(scorer.stats().tokens_computed - computed0) + \
@@ -358,3 +389,5 @@ def score_units(units, layout, cfg, scorer, on_batch=None, stop: StopToken | Non
             commits.reset()
     finally:
         items.close()
+        if dedup is not None:  # the stream's last units, for the next stream, worker or resumed run
+            store()

@@ -146,3 +146,27 @@ def _our_log_levels():
     yield
     for n in names:
         logging.getLogger(n).setLevel(logging.NOTSET)
+
+
+# The start of a child CLI script (`python -c`) that SIGKILLs itself before or after the Nth
+# os.replace whose target matches a regex, when KILL_AT_REPLACE="regex:N:before|after" is set:
+# before a rename (a temp file fully written, not yet in place) or just after it.
+KILL_AT_REPLACE_CHILD = r"""
+import os, re, signal, sys
+spec = os.environ.get("KILL_AT_REPLACE")
+if spec:
+    pattern, nth, when = spec.rsplit(":", 2)
+    real = os.replace
+    seen = [0]
+    def replace(src, dst, *a, **k):
+        hit = re.search(pattern, str(dst)) is not None
+        if hit:
+            seen[0] += 1
+        if hit and seen[0] == int(nth) and when == "before":
+            os.kill(os.getpid(), signal.SIGKILL)
+        out = real(src, dst, *a, **k)
+        if hit and seen[0] == int(nth) and when == "after":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
+    os.replace = replace
+"""

@@ -67,11 +67,11 @@ def test_a_named_kernel_without_float32_or_not_installed_is_refused(monkeypatch)
 
 
 def test_compile_on_on_cpu_says_it_takes_a_minute(caplog):
-    from pipeline.driver.plan import check_device_options
+    from pipeline.engines.resolve import check_device_options
     from pipeline.engines.compiled import cache_dir
 
     cfg = RunConfig(inputs=SAMPLE, model=TINY, compile="on")
-    with caplog.at_level(logging.INFO, logger="pipeline.driver.plan"):
+    with caplog.at_level(logging.INFO, logger="pipeline.engines.resolve"):
         check_device_options(cfg, torch.device("cpu"), torch.float32)
         check_device_options(RunConfig(inputs=SAMPLE, model=TINY), torch.device("cpu"), torch.float32)
     assert [r.getMessage() for r in caplog.records] == [

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import KILL_AT_REPLACE_CHILD, ROOT, run_cli
 from pipeline.errors import InputError
 from s3server import bucket, s3_server  # noqa: F401 - fixtures
 
@@ -25,20 +25,7 @@ TOL = 1e-6  # CPU float32, different batchings
 
 # The CLI in a child that SIGKILLs itself before or after the Nth os.replace whose target
 # matches a regex (a unit's record, the dataset's rename into place, ...).
-_CHILD = r"""
-import os, re, signal, sys
-pattern, nth, when = os.environ["KILL_AT_REPLACE"].rsplit(":", 2)
-real, seen = os.replace, [0]
-def replace(src, dst, *a, **k):
-    hit = re.search(pattern, str(dst)) is not None
-    seen[0] += hit
-    if hit and seen[0] == int(nth) and when == "before":
-        os.kill(os.getpid(), signal.SIGKILL)
-    out = real(src, dst, *a, **k)
-    if hit and seen[0] == int(nth) and when == "after":
-        os.kill(os.getpid(), signal.SIGKILL)
-    return out
-os.replace = replace
+_CHILD = KILL_AT_REPLACE_CHILD + r"""
 sys.argv = ["rerank-batch"] + sys.argv[1:]
 from jobs.cli import main
 main()

@@ -89,7 +89,7 @@ def test_expand_and_publish(bucket, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.data.inputs import resolve_inputs
+    from pipeline.storage.places import resolve_inputs
     from pipeline.errors import InputError
     from pipeline.storage.location import location
 

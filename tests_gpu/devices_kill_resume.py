@@ -6,6 +6,7 @@ GPU it runs on two CPU workers, as a smoke test of the script:
 
     python3 tests_gpu/devices_kill_resume.py --arch 0.6b --workload w-short --pairs 1000000
     python3 tests_gpu/devices_kill_resume.py --arch tiny --pairs 3000 --window 100
+    python3 tests_gpu/devices_kill_resume.py --arch tiny --pairs 8000 --window 250 --cpu-workers 8
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ def main():
     ap.add_argument("--workload", default="w-short")
     ap.add_argument("--pairs", type=int, default=100000)
     ap.add_argument("--window", type=int, default=8192)
+    ap.add_argument("--cpu-workers", type=int, default=2,
+                    help="without a GPU: this many CPU worker processes (a many-worker run simulated on the host)")
     a = ap.parse_args()
     import torch
 
@@ -86,8 +89,8 @@ def main():
     from pipeline.bench.devices import save_random_reranker
 
     n = torch.cuda.device_count()
-    # Without a GPU (a smoke run of this script on CPU): two CPU workers.
-    devices = ",".join(f"cuda:{i}" for i in range(n)) if n else "cpu,cpu"
+    # Without a GPU (a smoke run of this script, or many workers simulated on the host): CPU workers.
+    devices = ",".join(f"cuda:{i}" for i in range(n)) if n else ",".join(["cpu"] * a.cpu_workers)
     one = "cuda:0" if n else "cpu"
     rec = {"arch": a.arch, "workload": a.workload, "pairs": a.pairs, "devices": devices}
     with tempfile.TemporaryDirectory() as d:

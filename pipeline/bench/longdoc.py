@@ -33,7 +33,8 @@ def run_longdoc_bench(arch: str = "0.6b", workload: str = "w-longdoc", *, device
                       pairs: int | None = None, chunk_tokens: int = 512, chunk_overlap: int | None = None,
                       aggregate: str = "max", repeats: int = 3, per_query: bool = True, compile: str = "auto",
                       attention: str = "auto", max_batch_tokens: int | None = None, engine: str = "auto",
-                      prefix_sharing: str = "auto", gpu_memory_limit: int | None = None) -> dict:
+                      prefix_sharing: str = "auto", gpu_memory_limit: int | None = None,
+                      window: int | None = None) -> dict:
     import pyarrow.parquet as pq
 
     from pipeline.bench.throughput import WORKLOADS, BusySampler, build_model, workload_table
@@ -50,7 +51,7 @@ def run_longdoc_bench(arch: str = "0.6b", workload: str = "w-longdoc", *, device
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     w = WORKLOADS[workload]
     rec = {"arch": arch, "workload": workload, "chunk_tokens": chunking.tokens, "chunk_overlap": chunking.overlap,
-           "aggregate": chunking.aggregate, "prefix_sharing": prefix_sharing,
+           "aggregate": chunking.aggregate, "window": window, "prefix_sharing": prefix_sharing,
            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
            "date": time.strftime("%Y-%m-%d")}
 
@@ -80,8 +81,10 @@ def run_longdoc_bench(arch: str = "0.6b", workload: str = "w-longdoc", *, device
         rec["queries"] = len(set(qids))
 
         def timed_run():
+            # `window`: documents per unit (the run's --window; None: its default).
+            unit = {} if window is None else {"window_pairs": window}
             cfg = RunConfig(inputs=(inp,), output=out, overwrite=True, restart=True, chunk_tokens=chunking.tokens,
-                            chunk_overlap=chunking.overlap, aggregate=chunking.aggregate, **cfg_kw)
+                            chunk_overlap=chunking.overlap, aggregate=chunking.aggregate, **unit, **cfg_kw)
             t0 = time.perf_counter()
             summary = run(cfg, progress=False, scorer=scorer)
             sync()

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import tempfile
 import time
 import uuid
+import weakref
 
 import numpy as np
 
@@ -75,10 +78,17 @@ def prepare(location: str) -> CacheStore:
 class PairCache:
     """One scope of a cache, in one process: `lookup` and `add`, both thread-safe."""
 
-    def __init__(self, location: str, scope: Scope):
-        self.location, self.scope = location, scope
+    def __init__(self, location, scope: Scope, private: bool = False):
+        """`private`: the run's own dedup store (pipeline/cache/runwide.py) in its checkpoint:
+        object-storage files are mirrored in a temporary folder removed at close (the store goes
+        with the checkpoint), and close() says nothing."""
+        self.location, self.scope, self.private = location, scope, private
         self.store = CacheStore(location)
-        self.files = ScopeFiles(self.store, scope.id, scope.hex)
+        self._mirror = tempfile.mkdtemp(prefix="rerank-batch-dedup-") if private and \
+            self.store.local_path() is None else None
+        if self._mirror is not None:  # also when close() is never called (a Ray actor's process ends)
+            weakref.finalize(self, shutil.rmtree, self._mirror, True)
+        self.files = ScopeFiles(self.store, scope.id, scope.hex, mirror=self._mirror)
         self.can_write = True
         self._warned: set[str] = set()
         self.stats = {"lookups": 0, "hits": 0, "added": 0, "files_written": 0, "merges": 0, "lookup_seconds": 0.0,
@@ -119,7 +129,7 @@ class PairCache:
                               run=uuid.uuid4().bytes, run_entries=len(hi), created=now)
         name = compact.file_name()
         try:
-            if SCOPE_FILE not in self.files.listed:
+            if SCOPE_FILE not in self.files.listed and not self.private:  # for `cache stats`
                 self.store.write(f"{self.scope.hex}/{SCOPE_FILE}", json.dumps(
                     {"scope": self.scope.hex, **self.scope.fields, "label": self.scope.label,
                      "created": now}, indent=1, sort_keys=True).encode())
@@ -150,10 +160,13 @@ class PairCache:
 
     def close(self) -> None:
         st = self.stats
-        if st["lookups"] or st["added"]:
+        if (st["lookups"] or st["added"]) and not self.private:
             log.info("cache %s: %d of %d pairs looked up were there; %d new scores added in %d file(s), %d merge(s)",
                      self.store.where(), st["hits"], st["lookups"], st["added"], st["files_written"], st["merges"])
         self.files.close()
+        if self._mirror is not None:
+            shutil.rmtree(self._mirror, ignore_errors=True)
+            self._mirror = None
 
 
 def open_cache(cfg, engine) -> PairCache | None:

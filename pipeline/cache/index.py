@@ -69,7 +69,7 @@ def _put_local(path: str, data: bytes) -> None:
 class ScopeFiles:
     """A reader (and the writers' registry) of one scope folder of a cache."""
 
-    def __init__(self, store, scope: bytes, folder: str):
+    def __init__(self, store, scope: bytes, folder: str, mirror: str | None = None):
         self.store, self.scope, self.folder = store, scope, folder
         self.headers: dict[str, Header] = {}
         self.listed: set[str] = set()  # every name in the folder at the last listing
@@ -77,7 +77,8 @@ class ScopeFiles:
         self.maps: dict[str, mmap.mmap] = {}
         self.bad: set[str] = set()
         # Files are mapped where they lie when they lie on a local disk; else a local copy is.
-        self.mirror = mirror_dir(store.key) if store.local_path() is None else None
+        # (`mirror`: another folder for them, e.g. a run's own, removed when it ends.)
+        self.mirror = (mirror or mirror_dir(store.key)) if store.local_path() is None else None
         self.lock = threading.RLock()
         self.blocks_read = 0
         self.bytes_read = 0

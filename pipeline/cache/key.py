@@ -145,10 +145,25 @@ def model_label(model: str) -> dict:
 
 def make_scope(cfg, kind, dtype: str) -> Scope:
     """The scope of a run's scores on one device (`dtype` as resolved there, e.g. "float32")."""
+    return _scope(cfg, kind, dtype, {"model_files": model_identity(cfg.model)})
+
+
+def run_scope(cfg, kind, dtype: str) -> Scope:
+    """The scope of the run-private dedup store (a run without --cache): as make_scope, but the
+    model is named by the checkpoint's own quick fingerprint of it (a sample of each weight file)
+    instead of a hash of every byte. That store lives and dies with one checkpoint, which already
+    refuses to resume with another model on this very fingerprint, so hashing 16 GB of weights
+    before the first batch of every run would buy nothing."""
+    from pipeline.storage.fingerprint import model_fingerprint
+
+    return _scope(cfg, kind, dtype, {"model_sample": model_fingerprint(cfg.model)})
+
+
+def _scope(cfg, kind, dtype: str, model: dict) -> Scope:
     t = kind.template
     fields = {
         "key_version": KEY_VERSION,
-        "model_files": model_identity(cfg.model),
+        **model,
         "family": kind.family,
         "num_labels": kind.num_labels,
         "template": None if t is None else {"prefix": t.prefix, "body": t.body, "suffix": t.suffix,

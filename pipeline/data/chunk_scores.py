@@ -20,9 +20,7 @@ from pipeline.data.arrays import to_arrow, to_numpy
 from pipeline.data.chunks import SCORES_COLUMN, Chunking
 from pipeline.data.pairs import ORD_STRIDE
 from pipeline.errors import InputError, RerankError, first_line
-from pipeline.storage.checkpoint import made_for
 from pipeline.storage.location import location
-from pipeline.storage.output import Output
 
 
 def _columns(layout) -> tuple[str, str | None]:
@@ -31,32 +29,6 @@ def _columns(layout) -> tuple[str, str | None]:
     if "doc_id" in layout.columns:
         return qcol, "doc_id"
     return qcol, ("doc_index" if layout.nested else None)
-
-
-def check_target(plan) -> None:
-    """Before any scoring: the file is not an input, the output or a directory; its directory
-    exists; an existing one is replaced only with --overwrite or by the run that wrote it (a
-    checkpoint of this output that holds work)."""
-    cfg = plan.cfg
-    target, out = location(cfg.chunk_scores), location(cfg.output)
-    opt = f"--chunk-scores {cfg.chunk_scores}"
-    resumable = made_for(plan.ckpt.marker, Output(cfg.output).key) and plan.ckpt.holds_work()
-    for i in plan.inputs:
-        if i.key == target.key:
-            raise InputError(f"{opt}: is also the input {i}; pass another path")
-    if target.key == out.key or target.inside(out):
-        raise InputError(f"{opt}: is the output or lies inside it; pass a path beside it")
-    kind = target.kind()
-    if kind == "dir":
-        raise InputError(f"{opt}: is a directory; pass a file path")
-    if target.local_path is not None and target.parent.kind() != "dir":
-        raise InputError(f"{opt}: the directory {target.parent} does not exist; create it or pass another path")
-    if kind == "file" and not cfg.overwrite and not resumable:
-        raise InputError(f"{opt}: exists; pass --overwrite to replace it")
-
-
-def exists(path: str) -> bool:
-    return location(path).exists()
 
 
 def tables(parts, layout, chunking: Chunking):
@@ -95,12 +67,11 @@ def schema(layout) -> pa.Schema:
                       ("start_token", pa.int64()), ("score", pa.float32())])
 
 
-def _write_file(plan, path: str) -> int:
-    sch = schema(plan.layout)
-    parts = plan.ckpt.parts([u.id for u in plan.units])
+def _write_file(parts, layout, chunking: Chunking, path: str) -> int:
+    sch = schema(layout)
     rows = 0
     with pq.ParquetWriter(path, sch) as w:
-        for t in tables(parts, plan.layout, Chunking.of(plan.cfg)):
+        for t in tables(parts, layout, chunking):
             if t.num_rows:
                 w.write_table(t.cast(sch))
                 rows += t.num_rows
@@ -110,29 +81,27 @@ def _write_file(plan, path: str) -> int:
     return rows
 
 
-def write(plan) -> int:
-    """Write the file from every unit's part (all finished); return its rows. Staged beside the
-    target (or locally for object storage) and published whole, so readers never see half."""
-    target = location(plan.cfg.chunk_scores)
-    ck = plan.ckpt
+def write(sink, target_spec: str, unit_ids, layout, chunking: Chunking, *, if_missing: bool = False) -> int:
+    """Write the file at `target_spec` from the parts of `unit_ids` (all finished) in the
+    checkpoint `sink`; return its rows. Staged beside the target (or locally for object storage)
+    and published whole, so readers never see half. `if_missing` (a rerun that only cleans up,
+    after the output was published): only when the file is not there (then 0 rows), from the
+    parts the checkpoint still holds."""
+    target = location(target_spec)
+    if if_missing:
+        if target.exists():
+            return 0
+        if any(u not in sink.done for u in unit_ids):
+            raise InputError(f"--chunk-scores {target_spec}: the checkpoint no longer holds every unit's "
+                             "scores; rerun with --restart --overwrite to score again")
+    run_id = sink.marker.get("run_id", "")
     try:
         # Staged files of earlier, killed attempts of this checkpoint's runs are ours to remove.
-        target.remove_staged([ck.marker.get("run_id", ""), *ck.marker.get("earlier_run_ids", [])])
-        with target.staged(ck.marker.get("run_id", "")) as tmp:
-            rows = _write_file(plan, tmp)
+        target.remove_staged([run_id, *sink.marker.get("earlier_run_ids", [])])
+        with target.staged(run_id) as tmp:
+            rows = _write_file(sink.parts(list(unit_ids)), layout, chunking, tmp)
             target.publish(tmp)
         return rows
     except OSError as exc:
         raise RerankError(f"--chunk-scores {target}: cannot write it ({first_line(exc)}); free space (or check the "
                           "bucket) and rerun the same command: the scores are kept in the checkpoint") from None
-
-
-def write_if_missing(plan) -> None:
-    """After the output was published (a rerun that only cleans up): the file is written when it
-    is not there, from the parts the checkpoint still holds."""
-    if exists(plan.cfg.chunk_scores):
-        return
-    if any(u.id not in plan.ckpt.done for u in plan.units):
-        raise InputError(f"--chunk-scores {plan.cfg.chunk_scores}: the checkpoint no longer holds every unit's "
-                         "scores; rerun with --restart --overwrite to score again")
-    write(plan)

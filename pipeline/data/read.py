@@ -272,6 +272,46 @@ def plan_units(paths, layout: InputLayout, window_pairs: int, cfg: RunConfig | N
     return units, total_pairs
 
 
+def check_nulls(paths, layout: InputLayout, cfg: RunConfig, footers: Footers | None = None) -> None:
+    """Nulls in query, document and query_id, found from footer statistics before any scoring;
+    only a row group whose statistics count nulls is read (one column) to name the row."""
+    if cfg.on_null != "error":
+        return
+    names = [layout.query_col] + ([] if layout.nested else [layout.doc_col])
+    names += ["query_id"] if "query_id" in layout.columns else []
+    footers = footers or Footers()
+    for path in map(str, paths):
+        if jsonl.is_jsonl(path):  # its scan checked every line (inspect_layout)
+            continue
+        md = footers.get(path)
+        leaf = {md.schema.column(j).path: j for j in range(md.num_columns)}
+        start = 0
+        for i in range(md.num_row_groups):
+            rg = md.row_group(i)
+            for name in names:
+                st = rg.column(leaf[name]).statistics if name in leaf else None
+                if st is not None and st.has_null_count and st.null_count > 0:
+                    pf = open_parquet(path)
+                    col = pf.read_row_group(i, columns=[name]).column(0)
+                    pf.close(force=True)
+                    k = col.to_pylist().index(None)
+                    raise InputError(
+                        f"{path}: row {start + k} (from 0): column {name!r} is null; fill it, or pass --on-null skip "
+                        "to keep such rows unscored"
+                    )
+            start += rg.num_rows
+
+
+def inspect_inputs(paths, cfg: RunConfig) -> tuple[InputLayout, list[Unit], int]:
+    """Everything planning learns of the input files, each footer read once: their layout
+    (checked to agree), nulls found from footer statistics, and the units with the total pairs."""
+    footers = Footers()
+    layout = read_layout(paths, cfg, footers)
+    check_nulls(paths, layout, cfg, footers)
+    units, total_pairs = plan_units(paths, layout, cfg.window_pairs, cfg, footers)
+    return layout, units, total_pairs
+
+
 def iter_unit_tables(units, columns=None, schema: pa.Schema | None = None):
     """Yield (unit, table) for each unit of an iterable that may be lazy (a worker pulls units from
     its driver one at a time). Consecutive units of one file continue one reader; a unit that

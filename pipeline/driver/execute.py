@@ -1,6 +1,7 @@
 """Execute a plan, the driver's side: pick the executor once, hand it the units not yet in the
-checkpoint, and record each unit as its part lands. The executors (pipeline/executors) run the
-units, each through the same unit worker and scoring loop (pipeline/scoring.py)."""
+checkpoint, record each unit as its part lands, then read every finished unit's record again.
+The executors (pipeline/executors) run the units, each through the same unit worker and scoring
+loop (pipeline/scoring.py)."""
 
 from __future__ import annotations
 
@@ -31,10 +32,21 @@ def pick_executor(cfg: RunConfig) -> ExecutorSpec:
 
 def execute(plan, executor: ExecutorSpec, progress, stop: StopToken | None, *, engine=None,
             timeline: Timeline | None = None) -> list[dict]:
-    """Score every unit of `plan` not yet in its checkpoint, one committed part per unit.
-    `engine`: the one the run loaded (the local executor scores on it); `timeline`: the run's
-    startup timeline. Stops (KeyboardInterrupt) at a check point once `stop` is set. Returns the
-    executor's per-device rows."""
+    """Score every unit of `plan` not yet in its checkpoint, one committed part per unit, and
+    verify their records (CheckpointSink.verify). `engine`: the one the run loaded (the local executor
+    scores on it); `timeline`: the run's startup timeline. Stops (KeyboardInterrupt) at a check
+    point once `stop` is set. Returns the executor's per-device rows."""
+    def score() -> list[dict]:
+        return score_pending(plan, executor, progress, stop, engine=engine, timeline=timeline)
+
+    rows = score()
+    plan.ckpt.verify(plan.unit_ids, score)
+    return rows
+
+
+def score_pending(plan, executor: ExecutorSpec, progress, stop: StopToken | None, *, engine=None,
+                  timeline: Timeline | None = None) -> list[dict]:
+    """Score the units of `plan` not yet in its checkpoint (execute, without the check)."""
     ck = plan.ckpt
     pending = [u for u in plan.units if u.id not in ck.done]
     work = WorkSpec(cfg=plan.cfg, kind=plan.kind, layout=plan.layout, sink=ck.spec())

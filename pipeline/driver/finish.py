@@ -9,80 +9,79 @@ the right output:
      rows), one critical section that signals do not split;
   4. delete the parts and records, the fingerprint, the marker last.
 A rerun that finds a published checkpoint checks that the output is still the one recorded,
-finishes step 4 and exits 0; an output that was changed or removed since is written again.
-The steps themselves are the sink's (pipeline/storage/sink.py); this module says what to write.
+finishes step 4 and exits 0 (finish_published); an output that was changed or removed since is
+written again. The steps themselves are the sink's (pipeline/storage/sink.py); this module says
+what to write, and counts what the summary reports from the units' verified records.
 """
 
 from __future__ import annotations
 
+import logging
+import time
+
+from pipeline.data import chunk_scores
+from pipeline.data.chunks import Chunking
 from pipeline.data.write import write_dataset, write_ranked
-from pipeline.errors import RerankError
 from pipeline.runtime.signals import critical
+from pipeline.runtime.timing import Timer
 from pipeline.storage.sink import PartsChanged
 
-
-def verify_parts(plan, rescore) -> None:
-    """Before the final write: read every finished unit's record again and call rescore() to
-    score the units whose record is no longer intact. The parts themselves are checked by the
-    final write as it reads them (publish). A record bad again right after that is a runtime
-    failure."""
-    ck = plan.ckpt
-    bad = ck.recheck([u.id for u in plan.units])
-    if not bad:
-        return
-    rescore()
-    again = ck.recheck(bad)
-    if again:
-        raise RerankError(f"{ck.dir}: the record of unit {again[0]} changed on disk right after it was written; "
-                          "check that disk (or pass another --checkpoint-dir), then rerun the same command")
+log = logging.getLogger(__name__)
 
 
-def totals(plan) -> dict:
-    """The summary's counts, from the verified records of the units (CheckpointSink.finished/recheck)."""
-    t = {"pairs_scored": 0, "tokens": 0, "truncated": 0, "skipped_null": 0, "empty_lists": 0}
-    for u in plan.units:
-        info = plan.ckpt.done[u.id]
-        t["pairs_scored"] += info["pairs"]
-        for k in ("tokens", "truncated", "skipped_null"):
-            t[k] += info[k]
-        t["empty_lists"] += info.get("empty_lists", 0)
-    return t
-
-
-def _shape(plan) -> dict:
-    """What decides an output beyond the scores (not in the fingerprint): a rerun that asks for
-    another one writes the output again from the parts."""
-    shape = {"top_k": plan.cfg.top_k}
-    if plan.cfg.dataset:
-        shape["output_file_rows"] = plan.cfg.output_file_rows
-    return shape
-
-
-def published_output(plan) -> dict | None:
-    """The record of an output this checkpoint already published, if it is still that one."""
-    return plan.ckpt.published_output(_shape(plan))
-
-
-def publish(plan, should_stop=None, rescore=None) -> int:
-    """Steps 1-3; returns the rows written. A part that is not the one committed when the write
-    reads it is scored again (`rescore()`, then the write starts over); one bad again right
-    after that fails the run."""
+def finish(plan, fresh: list[str], rescore, should_stop, timer: Timer) -> tuple[dict, dict]:
+    """The chunk scores (--chunk-scores), then steps 1-4, and the summary's counts from the units'
+    verified records: its fields (rows, totals, this run's pairs computed, from the cache and
+    repeated) and its extra counts. `fresh`: the units this run scored. A part that is not the
+    one committed when a write reads it is scored again (`rescore()`, which verifies the records
+    again), then that write starts over; one bad again right after that fails the run."""
     cfg, ck = plan.cfg, plan.ckpt
-    unit_ids = [u.id for u in plan.units]
-    for attempt in (1, 2):
+    unit_ids = plan.unit_ids
+    if cfg.chunk_scores:  # before the output: a rerun after a kill between the two writes both
+        t0 = time.perf_counter()
+        chunking = Chunking.of(cfg)
         try:
-            return ck.finish(unit_ids,
+            chunk_scores.write(ck, cfg.chunk_scores, unit_ids, plan.layout, chunking)
+        except PartsChanged:  # a part is not the one committed: score its units again, once
+            rescore()
+            chunk_scores.write(ck, cfg.chunk_scores, unit_ids, plan.layout, chunking)
+        timer.add("chunk_scores", t0)
+    t0 = time.perf_counter()
+    for attempt in (1, 2):  # steps 1-3
+        try:
+            rows = ck.finish(unit_ids,
                              lambda parts, path: write_ranked(parts, plan.layout, cfg, path),
                              lambda parts, folder: write_dataset(parts, plan.layout, cfg, folder),
                              overwrite=cfg.overwrite, restart=cfg.restart, output_existed=plan.output_existed,
-                             critical=lambda: critical(should_stop), record={"totals": totals(plan), **_shape(plan)})
+                             critical=lambda: critical(should_stop),
+                             record={"totals": ck.totals(unit_ids), **plan.shape})
+            break
         except PartsChanged:
-            if attempt == 2 or rescore is None:
+            if attempt == 2:
                 raise
             rescore()
-            verify_parts(plan, rescore)
+    timer.add("final_write", t0)
+    fields = {"rows": rows, **ck.totals(unit_ids), **ck.run_counts(fresh)}
+    extra = ck.sharing_counts(fresh)
+    if cfg.chunk_tokens:
+        extra["chunking"] = ck.chunking_counts(unit_ids)
+    ck.close(remove=not cfg.keep_checkpoint)  # step 4 (or, kept, just release the lease)
+    return fields, extra
 
 
-def cleanup(plan, keep: bool) -> None:
-    """Step 4 (or, with keep, just release the lease)."""
-    plan.ckpt.close(remove=not keep)
+def finish_published(plan) -> dict | None:
+    """A rerun that finds the output published by this checkpoint, still as recorded: the chunk
+    scores where they are missing, and step 4 only. Returns the summary's fields, from the
+    published record (None: not published, or the output changed since, which is written again)."""
+    cfg, ck = plan.cfg, plan.ckpt
+    rec = ck.published_output(plan.shape)
+    if rec is None:
+        return None
+    log.info("%s was already written by this checkpoint%s", cfg.output,
+             "" if cfg.keep_checkpoint else "; removing the checkpoint")
+    fields = {"rows": rec["rows"], "units_resumed": len(plan.units), **rec.get("totals", {})}
+    fields["pairs_resumed"] = fields.get("pairs_scored", 0) + fields.get("skipped_null", 0)
+    if cfg.chunk_scores:
+        chunk_scores.write(ck, cfg.chunk_scores, plan.unit_ids, plan.layout, Chunking.of(cfg), if_missing=True)
+    ck.close(remove=not cfg.keep_checkpoint)
+    return fields

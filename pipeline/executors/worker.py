@@ -12,6 +12,7 @@ import logging
 import time
 
 from pipeline.cache import open_cache
+from pipeline.cache.runwide import open_run_dedup
 from pipeline.config import RunConfig
 from pipeline.errors import ScoringError
 from pipeline.runtime import startup
@@ -48,9 +49,10 @@ class UnitWorker:
             with startup.recording(self.timeline):
                 engine = load_engine(cfg, work.kind)
         self.engine = engine
-        # The score cache (--cache): every worker opens its own, in its process, for the scope of
-        # its engine (a file read once stays known to the worker for its next units).
-        self.cache = open_cache(cfg, engine)
+        # The score cache (--cache) and the run's dedup store (in the checkpoint folder): every
+        # worker opens its own, in its process, for the scope of its engine (a file read once
+        # stays known to the worker for its next units).
+        self.dedup = open_run_dedup(cfg, engine, self.checkpoint.root, open_cache(cfg, engine))
         self.timer = Timer()  # waiting for input, writing parts
         self.units = self.pairs = self.tokens = 0
         self.busy_s = 0.0
@@ -69,7 +71,7 @@ class UnitWorker:
                                     group_small=group_small,
                                     kept_for=lambda u: ck.kept(u.id, refresh=not self.sole_writer),
                                     save_partial=lambda items: ck.commit_partials([(u.id, *a) for u, *a in items]),
-                                    batches=True, cache=self.cache):
+                                    batches=True, dedup=self.dedup):
             t0 = time.perf_counter()
             records = ck.commit_group([(unit.id, part, info) for unit, part, info in together])
             self.timer.add("writing_parts", t0)
@@ -79,10 +81,10 @@ class UnitWorker:
                 yield unit, record
 
     def close(self) -> None:
-        """Let go of the cache's open files (and log what it gave)."""
-        if self.cache is not None:
-            self.cache.close()
-            self.cache = None
+        """Let go of the stores' open files (and log what the cache gave)."""
+        if self.dedup is not None:
+            self.dedup.close()
+            self.dedup = None
 
     def _counted(self, on_batch):
         def counted(pairs: int, tokens: int) -> None:

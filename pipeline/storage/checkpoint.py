@@ -16,6 +16,10 @@ Layout of a checkpoint directory (OUTPUT.ckpt by default):
   partial/<unit>.<id>.parquet  pairs of a unit still in flight, scored and committed by time
                             (`_ord`, `score`, their counts in the metadata), each written whole;
                             removed once the unit's record exists
+  dedup/<scope>/...         the run's exact-dedup store: the scores of the finished units' texts,
+                            in the score cache's format (pipeline/cache/runwide.py), so that a
+                            repeat in a later unit, worker or resumed run is not scored again.
+                            Not a record of anything: losing it costs scoring, never a score
 
 A unit is finished when its record is intact (its seal matches), names the unit of its file name,
 and its part has the recorded size and sha256; anything else (a crash between the two writes, a
@@ -26,7 +30,8 @@ checked whenever a part is read back: when a run resumes, and by the final write
 parts (pipeline/storage/sink.py).
 parts/ and done/ may be links to folders elsewhere (a checkpoint moved to a bigger disk): they are
 read and written through, and cleanup deletes only unit files (named by Unit.id) in them, then
-the links themselves, never the folders they point to or anything else in them. A directory we
+the links themselves, never the folders they point to or anything else in them; in dedup/, only
+the names the score cache writes (scope folders, their files and temp files). A directory we
 did not mark is never touched.
 """
 
@@ -47,6 +52,7 @@ READABLE_FORMATS = (2, 3)  # 2: one unit per record, which 3 also writes
 MARKER = ".rerank-batch-checkpoint"  # the one name that makes a directory a checkpoint
 FINGERPRINT = "fingerprint.json"
 PARTS, DONE, PARTIAL = "parts", "done", "partial"  # PARTIAL: pairs committed by time from units not yet finished
+DEDUP = "dedup"  # the run's exact-dedup store (a score cache's scope folders: pipeline/cache/runwide.py)
 PARTIAL_META = b"rerank_batch"  # the Parquet key of a partial's counts (JSON)
 # Every name Unit.id makes (and no other): the checkpoint deletes only files named like this.
 UNIT_ID = r"[0-9]{5,}-[0-9]{12,}-[0-9]{12,}"
@@ -65,6 +71,12 @@ OUR_ROOT_LEFTOVER = re.compile(r"^(\.probe-[0-9a-f]{32}|\.tmp-[0-9a-f]{32}-(%s))
 # which may be links to folders that hold other files.
 UNIT_FILE = {folder: re.compile(r"^(\.tmp-[0-9a-f]{32}-)?%s\.%s$" % (UNIT_ID, ext))
              for folder, ext in ((PARTS, "parquet"), (DONE, "json"), (PARTIAL, "[0-9a-f]{16}\\.parquet"))}
+
+
+# The names the score cache writes in dedup/ (pipeline/cache/index.py FILE_RE, cache.py): a
+# scope folder, and in it its files, scope.json and their temp files. Cleanup deletes only these.
+DEDUP_SCOPE = re.compile(r"^[0-9a-f]{32}$")
+DEDUP_FILE = re.compile(r"^(\.tmp-[0-9a-f]{32}-)?([0-9]{13}-[0-9a-f]{16}\.rbc|scope\.json)$")
 
 
 def part_name(unit_id: str) -> str:

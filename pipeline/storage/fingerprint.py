@@ -205,3 +205,20 @@ def model_fingerprint(model: str) -> dict:
             with open(p, "rb") as f:
                 files[name] = hashlib.sha256(f.read()).hexdigest()
     return {"path": os.path.abspath(model), "files": files}
+
+
+def fingerprint(cfg, layout, device: str, dtype: str, kind) -> dict:
+    """A run's fingerprint but the inputs, which the checkpoint adds with their content hashes:
+    the model's files and family, the options that decide the scores (RunConfig.score_fields),
+    where they run, the input's form and the template. Engine, attention, compile and batch budget
+    are recorded: they change float32 scores by ~3e-7 (summation order), so one output never mixes
+    them. `layout`: the input's (data.read.InputLayout); `kind`: the model's (engines.families.ModelKind)."""
+    t = kind.template
+    return {
+        "model": {**model_fingerprint(cfg.model), "family": kind.family},
+        "options": {**cfg.score_fields(), "device_type": device, "dtype": dtype, "nested": layout.nested,
+                    "engine": cfg.engine, "attention": cfg.attention, "compile": cfg.compile,
+                    "max_batch_tokens": cfg.max_batch_tokens},
+        "template": None if t is None else {"prefix": t.prefix, "body": t.body, "suffix": t.suffix,
+                                            "positive": t.positive, "negative": t.negative},
+    }

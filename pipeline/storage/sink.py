@@ -8,6 +8,7 @@
     sink.commit_partials(items)    pairs of units in flight, committed by time: one object
     sink.read_part(unit, columns)  a unit's rows read back through the store, checked against its
     sink.parts(units)              record; the same for the final write, one read per part
+    sink.verify(units, rescore)    every record read again before the final write; rescore() the bad
     sink.finish(units, ...)        re-check the inputs, rank and write from the parts (each checked
                                    as it is read), publish, mark the checkpoint published
     sink.close(remove)             release the lease; with remove, delete our files, marker last
@@ -85,6 +86,11 @@ def _unit_rows(table: pa.Table, unit_id: str) -> tuple[pa.Table, dict]:
             return table.slice(start, n), counts
         start += n
     return table.slice(0, 0), {}
+
+
+def _resumed(record: dict, key: str) -> int:
+    """What a record counts of the pairs an earlier run committed by time (not this run's)."""
+    return int(record.get("resumed", {}).get(key, 0))
 
 
 class CheckpointSink:
@@ -184,6 +190,7 @@ class CheckpointSink:
                 ck.done, ck._records, ck._place = {}, {}, {}
                 for name in {n for names in ck._partials.values() for n in names}:  # scores of unknown origin
                     ck._at(name).delete()
+                ck.delete_dedup()
                 ck._partials, ck._partial_units = {}, {}
             if ck.done:
                 n = len(ck.done)
@@ -371,6 +378,50 @@ class CheckpointSink:
         return sum(k.pairs for u in list(self._partials) if u not in self.done
                    for k in [self.kept(u, refresh=False)] if k is not None)
 
+    def pairs_held(self, unit_ids, partial: int | None = None) -> int:
+        """Pairs of `unit_ids` in the checkpoint: finished units (nulls skipped included) and
+        partial commits (`partial`, listed again when None: workers may have written some)."""
+        whole = sum(self.done[u]["pairs"] + self.done[u]["skipped_null"] for u in unit_ids if u in self.done)
+        return whole + (self.kept_pairs(refresh=True) if partial is None else partial)
+
+    def totals(self, unit_ids) -> dict:
+        """The summary's counts of `unit_ids` (all finished), from their verified records
+        (finished/recheck)."""
+        t = {"pairs_scored": 0, "tokens": 0, "truncated": 0, "skipped_null": 0, "empty_lists": 0}
+        for u in unit_ids:
+            info = self.done[u]
+            t["pairs_scored"] += info["pairs"]
+            for k in ("tokens", "truncated", "skipped_null"):
+                t[k] += info[k]
+            t["empty_lists"] += info.get("empty_lists", 0)
+        return t
+
+    def run_counts(self, fresh) -> dict:
+        """The summary's counts of this run, from the records of the units it scored (`fresh`):
+        pairs the model computed, those the cache gave and repeats scored once (a record of an
+        older version, without them, counts its pairs as computed)."""
+        out = {"pairs_computed": 0, "pairs_from_cache": 0, "duplicate_pairs": 0}
+        for u in fresh:
+            r = self.done[u]
+            out["pairs_computed"] += int(r.get("computed", r["pairs"] - _resumed(r, "pairs")))
+            out["pairs_from_cache"] += int(r.get("from_cache", 0))
+            out["duplicate_pairs"] += int(r.get("duplicates", 0))
+        return out
+
+    def sharing_counts(self, fresh) -> dict:
+        """Prefix sharing: the pairs' tokens this run scored (`fresh`: its units), and those that
+        went through the model. (A unit resumed from partial commits counts only the pairs this
+        run scored.)"""
+        done = self.done
+        return {"tokens_before_sharing": sum(done[u]["tokens"] - _resumed(done[u], "tokens") for u in fresh),
+                "tokens_after_sharing": sum(done[u].get("tokens_computed", done[u]["tokens"])
+                                            - _resumed(done[u], "tokens_computed") for u in fresh)}
+
+    def chunking_counts(self, unit_ids) -> dict:
+        """With --chunk-tokens: documents scored, those split into several windows, windows scored."""
+        return {k: sum(self.done[u].get("chunking", {}).get(k, 0) for u in unit_ids)
+                for k in ("documents", "split", "windows")}
+
     def holds_work(self, refresh: bool = False) -> bool:
         """Whether anything here is worth keeping: finished units, partial commits (listed again
         with `refresh`: workers write them), or a published output's record."""
@@ -426,6 +477,21 @@ class CheckpointSink:
 
     def parts(self, unit_ids) -> "UnitParts":
         return UnitParts(self, list(unit_ids))
+
+    def verify(self, unit_ids, rescore) -> None:
+        """Before the final write: read every finished unit's record again (recheck) and call
+        rescore() to score the units whose record is no longer intact. The parts themselves are
+        checked by the final write as it reads them (finish). A record bad again right after that
+        is a runtime failure."""
+        bad = self.recheck(unit_ids)
+        if not bad:
+            return
+        rescore()
+        again = self.recheck(bad)
+        if again:
+            raise RerankError(f"{self.dir}: the record of unit {again[0]} changed on disk right after it was "
+                              "written; check that disk (or pass another --checkpoint-dir), then rerun the same "
+                              "command")
 
     def finished(self, known: dict | None = None) -> dict[str, dict]:
         """Load the records whose record and part are intact (returned: every listed unit's
@@ -546,11 +612,26 @@ class CheckpointSink:
                 if fmt.UNIT_FILE[folder].match(base):
                     (where / base).delete()
             where.remove_dir(links=links)
+        self.delete_dedup(links=links)
         for base in self.root.list():
             if fmt.OUR_ROOT_LEFTOVER.match(base):
                 self._at(base).delete()
         self._at(FINGERPRINT).delete()
         self._at(MARKER).delete()
+
+    def delete_dedup(self, links: bool = False) -> None:
+        """Delete the run's dedup store: in dedup/ and its scope folders only the names the score
+        cache writes, then the folders (a link, with `links`, as the link itself)."""
+        dedup = self._at(fmt.DEDUP)
+        for scope in dedup.list():
+            if not fmt.DEDUP_SCOPE.match(scope):
+                continue
+            where = dedup / scope
+            for base in where.list():
+                if fmt.DEDUP_FILE.match(base):
+                    (where / base).delete()
+            where.remove_dir(links=links)
+        dedup.remove_dir(links=links)
 
     def close(self, remove: bool) -> None:
         """Release the lease; with remove, delete our files and the folder if we made it."""
