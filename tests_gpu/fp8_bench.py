@@ -1,7 +1,8 @@
 """--dtype fp8 on the GPU, one process: speed and fidelity against bf16, written to $OUT/fp8_bench.json.
 
     python tests_gpu/fp8_bench.py [--smoke] [--budget-s 360] [--pairs 4000] [--fidelity-queries 150]
-                                  [--archs 0.6b,4b,8b]
+                                  [--archs 0.6b,4b,8b] [--device cuda|cpu] [--steps gemm,fidelity,speed]
+                                  [--fidelity-layers N] [--candidates 20] [--smooth-alpha 0.5]
 
 1. gemm: the fp8 GEMM the forward runs (fp8.scaled_mm_linear, bf16 out) against its float32
    emulation on the same quantized operands; fp8 and bf16 matmul peaks.
@@ -11,8 +12,13 @@
 3. fidelity: real RAR-b texts (RERANK_SHARED_DATA, else ../shared/data, else ./shared-data), each
    query with 20 candidates (its own answers and others of its set), scored by a 0.6B random model
    whose RMSNorm weights are spread like trained ones (log-normal per channel, a few outlier
-   channels) in float32, bf16 and fp8: max |delta| against float32, mean per-query Spearman rho,
-   mean top-10 overlap, top-1 agreement.
+   channels) in float32, bf16, fp8 and fp8 without its smoothing (pipeline/bench/fidelity.py):
+   max |delta| against float32, mean per-query Spearman rho, mean top-10 overlap, top-1 agreement.
+
+--device cpu runs the same steps on the CPU with the fp8 GEMM emulated in float32 (the same
+quantized numbers); for the fidelity step alone, on fewer layers and queries there:
+
+    python tests_gpu/fp8_bench.py --device cpu --steps fidelity --fidelity-layers 4 --fidelity-queries 12
 
 Steps past --budget-s are skipped (recorded). --smoke: CPU, tiny model, a few pairs, the fp8 GEMM
 emulated (tests/test_fp8.py runs it).
@@ -22,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import gc
 import json
 import os
@@ -37,10 +42,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from pipeline.bench import throughput as bench  # noqa: E402
-from pipeline.bench.synthetic import ARCHS, train_tokenizer  # noqa: E402
-from pipeline.config import RunConfig  # noqa: E402
-from pipeline.engines import forwards, fp8, loading  # noqa: E402
-from pipeline.engines.score import engine_from_model  # noqa: E402
+from pipeline.bench import fidelity as fid  # noqa: E402
+from pipeline.bench.synthetic import ARCHS  # noqa: E402
+from pipeline.engines import fp8, fp8_smooth  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, few pairs (the fp8 GEMM emulated)")
@@ -48,14 +52,23 @@ ap.add_argument("--budget-s", type=float, default=360, help="skip the steps that
 ap.add_argument("--pairs", type=int, default=4000, help="W-mixed pairs per speed measurement")
 ap.add_argument("--fidelity-queries", type=int, default=150, help="queries (x20 candidates) for fidelity")
 ap.add_argument("--archs", default="0.6b,4b,8b")
+ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                help="cpu: the fp8 GEMM emulated in float32 (the same quantized numbers)")
+ap.add_argument("--steps", default="gemm,fidelity,speed", help="which of gemm, fidelity, speed to run")
+ap.add_argument("--fidelity-layers", type=int, default=None,
+                help="layers of the fidelity model (default: all of the 0.6B's 28; fewer for a CPU run)")
+ap.add_argument("--candidates", type=int, default=20, help="candidates per fidelity query")
+ap.add_argument("--smooth-alpha", type=float, default=None, help="the fp8 smoothing's alpha (default: fp8_smooth.ALPHA)")
 ARGS = ap.parse_args()
 SMOKE = ARGS.smoke
-DEV = torch.device("cpu" if SMOKE else "cuda")
+DEV = torch.device("cpu" if SMOKE or ARGS.device == "cpu" else "cuda")
 OUT = os.environ.get("OUT", ".")
-REC: dict = {"device": "cpu" if SMOKE else torch.cuda.get_device_name(0), "torch": torch.__version__,
+REC: dict = {"device": "cpu" if DEV.type == "cpu" else torch.cuda.get_device_name(0), "torch": torch.__version__,
              "args": vars(ARGS)}
 T0 = time.time()
-CANDIDATES = 20
+if ARGS.smooth_alpha is not None:
+    fp8_smooth.ALPHA = ARGS.smooth_alpha
+CANDIDATES = ARGS.candidates
 
 
 def save(key, value):
@@ -73,14 +86,9 @@ def free():
 
 
 def engine(model, tok, dtype: str, **kw):
-    """An engine over `model` in `dtype` ("float32", "bfloat16" or "fp8"). On the CPU (--smoke) fp8
-    is refused by design; its forward is chosen as on a GPU, over the emulated GEMM."""
-    cfg = RunConfig(inputs=(), output="", model="<random>", device=str(DEV), dtype=dtype, **kw)
-    if dtype == "fp8" and DEV.type == "cpu":
-        cfg = dataclasses.replace(cfg, dtype="bfloat16")
-        m = dataclasses.replace(loading.prepare(model, tok, cfg, DEV), fp8=True)
-        return engine_from_model(model, tok, cfg, DEV, forward=forwards.choose(m, cfg))
-    return engine_from_model(model, tok, cfg, DEV)
+    """An engine over `model` in `dtype` ("float32", "bfloat16" or "fp8"; off CUDA, fp8 over the
+    emulated GEMM: fidelity.engine)."""
+    return fid.engine(model, tok, dtype, DEV, **kw)
 
 
 # -- 1. the GEMM ------------------------------------------------------------------------------------
@@ -90,7 +98,8 @@ def gemm_check():
     for m_, k, n in ((37, 64, 96), (130, 128, 64)) if SMOKE else ((37, 1024, 4096), (4096, 3072, 1024)):
         x = torch.randn(m_, k, device=DEV, generator=g).to(torch.bfloat16)
         w = fp8.quantize_weight((torch.randn(n, k, device=DEV, generator=g) * 0.02).to(torch.bfloat16))
-        got = fp8.scaled_mm_linear(x, w).float()
+        # off CUDA there is no fp8 GEMM: the emulation in bf16 out stands in for it
+        got = (fp8.scaled_mm_linear(x, w) if DEV.type == "cuda" else fp8.emulated_linear(x, w)).float()
         emu = fp8.emulated_linear(x.float(), w)
         exact = x.float() @ w.dequantize().T  # no activation rounding: what fp8 activations cost
         out[f"{m_}x{k}x{n}"] = {
@@ -158,107 +167,23 @@ def shared_data() -> str:
     raise FileNotFoundError("the RAR-b data: set RERANK_SHARED_DATA, or put it in ../shared/data or ./shared-data")
 
 
-def real_queries(per_set: int):
-    """(instructions, queries, documents, group) of `per_set` queries of each RAR-b set, each with
-    CANDIDATES candidates: its own answers, then answers of other queries of its set."""
-    import pyarrow.parquet as pq
-
-    rng = np.random.default_rng(0)
-    I, Q, D, G = [], [], [], []
-    for name in ("ARC-Challenge", "physicaliqa", "spartqa"):
-        t = pq.read_table(os.path.join(shared_data(), f"{name}.long.parquet")).to_pydict()
-        docs = t["document"]
-        order = {}
-        for i, qid in enumerate(t["query_id"]):
-            order.setdefault(qid, []).append(i)
-        for qid in list(order)[:per_set]:
-            own = order[qid]
-            others = rng.choice(len(docs), CANDIDATES - len(own), replace=False)
-            for j in [*own, *others]:
-                I.append(t["instruction"][own[0]])
-                Q.append(t["query"][own[0]])
-                D.append(docs[j])
-                G.append(len(G) // CANDIDATES)
-    return I, Q, D, np.asarray(G)
-
-
-def trained_like_norms(model, seed: int = 0):
-    """RMSNorm weights spread as in trained decoders: log-normal per channel, and in the hidden
-    norms a few outlier channels 8-20x larger (which make the per-token fp8 scales of the
-    projections' inputs coarse for every other channel)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() != 1 or "norm" not in name:
-                continue
-            sigma = 0.3 if ("q_norm" in name or "k_norm" in name) else 0.5
-            w = torch.exp(torch.randn(p.shape[0], generator=g) * sigma)
-            if "q_norm" not in name and "k_norm" not in name:
-                idx = torch.randperm(p.shape[0], generator=g)[: max(1, p.shape[0] // 256)]
-                w[idx] *= 8 + 12 * torch.rand(len(idx), generator=g)
-            p.copy_(w.to(p.dtype))
-
-
-def spearman(a, b) -> float:
-    ra, rb = np.argsort(np.argsort(a)).astype(float), np.argsort(np.argsort(b)).astype(float)
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
-def compare(got, ref, group) -> dict:
-    d = np.abs(np.asarray(got, np.float64) - np.asarray(ref, np.float64))
-    rho, top10, top1 = [], [], []
-    for g in np.unique(group):
-        i = np.flatnonzero(group == g)
-        a, b = got[i], ref[i]
-        rho.append(spearman(a, b))
-        k = min(10, len(i))
-        top10.append(len(set(np.argsort(-a)[:k]) & set(np.argsort(-b)[:k])) / k)
-        top1.append(float(np.argmax(a) == np.argmax(b)))
-    return {"max_abs": float(d.max()), "mean_abs": float(d.mean()), "spearman_per_query": float(np.mean(rho)),
-            "spearman_min": float(np.min(rho)), "top10_overlap": float(np.mean(top10)),
-            "top1_agreement": float(np.mean(top1))}
-
-
 def fidelity():
-    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
-
-    I, Q, D, group = real_queries(2 if SMOKE else ARGS.fidelity_queries // 3)
-    arch = "tiny" if SMOKE else "0.6b"
-    with tempfile.TemporaryDirectory() as wd:
-        # A tokenizer trained on these texts: real words as tokens, not bytes.
-        train_tokenizer(wd, texts=Q[::CANDIDATES] + D, vocab_size=8000)
-        tok = AutoTokenizer.from_pretrained(wd)
-        shape = dict(ARCHS[arch])
-        shape.pop("vocab_size", None)
-        tie = shape.pop("tie_word_embeddings", True)
-        config = Qwen3Config(vocab_size=len(tok), tie_word_embeddings=tie, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
-                             max_position_embeddings=40960, attention_bias=False,
-                             initializer_range=0.02 if arch != "tiny" else 0.1, architectures=["Qwen3ForCausalLM"],
-                             **shape)
-        torch.manual_seed(0)
-        with torch.device(DEV):
-            model32 = Qwen3ForCausalLM(config).eval()
-        trained_like_norms(model32)
-        scores = {}
-        for dtype in ("fp8", "bfloat16", "float32"):  # float32 last: it uses the model itself
-            m = model32 if dtype == "float32" else copy.deepcopy(model32).to(torch.bfloat16)
-            # float32 uncompiled: the reference, as exact as the engine runs
-            e = engine(m, tok, dtype, **({"compile": "off"} if dtype == "float32" else {}))
-            enc = e.encoder.encode(I, Q, D)
-            scores[dtype] = e.score(enc)
-            del e, m
-            free()
-    ref = scores["float32"]
-    out = {"pairs": len(ref), "queries": int(group.max()) + 1, "candidates_per_query": CANDIDATES,
-           "tokens": int(enc.offsets[-1]), "float32_score_std": float(ref.std()),
-           "vs_float32": {k: compare(scores[k], ref, group) for k in ("bfloat16", "fp8")},
-           "fp8_vs_bf16": compare(scores["fp8"], scores["bfloat16"], group)}
+    """pipeline/bench/fidelity.py's measure: float32, bf16, fp8 and fp8 without smoothing."""
+    shape = dict(ARCHS["tiny" if SMOKE else "0.6b"])
+    if ARGS.fidelity_layers:
+        shape["num_hidden_layers"] = ARGS.fidelity_layers
+    out = fid.measure(shared_data(), 2 if SMOKE else max(1, ARGS.fidelity_queries // 3), shape, DEV,
+                      candidates=CANDIDATES, init_std=0.1 if SMOKE else 0.02,
+                      log=lambda m: print(m, flush=True))
+    out["device"] = REC["device"]
     save("fidelity", out)
 
 
 if __name__ == "__main__":
     archs = ["tiny"] if SMOKE else ARGS.archs.split(",")
+    wanted = ARGS.steps.split(",")
     steps = [("gemm", gemm_check), ("fidelity", fidelity)] + [(f"speed_{a}", lambda a=a: speed(a)) for a in archs]
+    steps = [(n, fn) for n, fn in steps if n.split("_")[0] in wanted]
     for name, fn in steps:
         if time.time() - T0 > ARGS.budget_s:
             save(f"skipped_{name}", f"time budget of {ARGS.budget_s:g} s spent")
@@ -281,10 +206,11 @@ if __name__ == "__main__":
         lines.append(f"{arch:<6} fp8/bf16  {rows['speedup_fp8_over_bf16']:.3f}x")
     f = REC.get("fidelity")
     if f:
-        lines.append(f"fidelity ({f['pairs']} real pairs, {f['queries']} queries x {f['candidates_per_query']}) "
-                     "against float32:")
-        lines.append(f"{'dtype':<9} {'max|d|':>8} {'mean|d|':>8} {'rho/query':>10} {'top10':>7} {'top1':>7}")
+        lines.append(f"fidelity ({f['pairs']} real pairs, {f['queries']} queries x {f['candidates_per_query']}; "
+                     f"{f['model']['num_hidden_layers']} layers of width {f['model']['hidden_size']}; "
+                     f"{f['device']}) against float32:")
+        lines.append(f"{'dtype':<15} {'max|d|':>8} {'mean|d|':>8} {'rho/query':>10} {'top10':>7} {'top1':>7}")
         for k, c in f["vs_float32"].items():
-            lines.append(f"{k:<9} {c['max_abs']:>8.4f} {c['mean_abs']:>8.4f} {c['spearman_per_query']:>10.4f} "
+            lines.append(f"{k:<15} {c['max_abs']:>8.4f} {c['mean_abs']:>8.4f} {c['spearman_per_query']:>10.4f} "
                          f"{c['top10_overlap']:>7.3f} {c['top1_agreement']:>7.3f}")
     print("\n".join(lines))

@@ -5,7 +5,8 @@ matmuls), minus what a reranker does not need: no KV cache, no masks, no (1, H, 
 shuffles, one GEMM for q/k/v and one for gate/up, and in the last layer the MLP runs only on
 the rows whose hidden state is scored. On CUDA the small elementwise steps are compiled into
 fused kernels with torch.compile when it works, and run eagerly otherwise. With `fp8` the four
-projections of each layer hold float8 weights and run as fp8 GEMMs (fp8.py); nothing else changes.
+projections of each layer hold float8 weights and run as fp8 GEMMs (fp8.py), smoothed first
+(fp8_smooth.py: the norm weights and the matrices change, the function does not).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from pipeline.engines import compiled, fp8 as fp8_layers
+from pipeline.engines import compiled, fp8 as fp8_layers, fp8_smooth
 from pipeline.engines.attention import packed_attention
 
 log = logging.getLogger(__name__)
@@ -60,16 +61,27 @@ class _Layer:
     __slots__ = ("ln1", "ln2", "w_qkv", "w_o", "qn", "kn", "w_gu", "w_down")
 
 
-def _layer(ln1, ln2, qkv: list, w_o, qn, kn, gu: list, w_down, fp8: bool = False) -> _Layer:
+def _layer(ln1, ln2, qkv: list, w_o, qn, kn, gu: list, w_down, fp8: tuple[int, int, int] | None = None) -> _Layer:
+    """`fp8`: (heads, kv_heads, head_dim) to hold the projections as fp8, smoothed first
+    (fp8_smooth.py: new norm weights, the same function), else None."""
     L = _Layer()
     L.ln1, L.ln2, L.w_o, L.qn, L.kn, L.w_down = ln1, ln2, w_o, qn, kn, w_down
     L.w_qkv = torch.cat(qkv, 0)
     L.w_gu = torch.cat(gu, 0)
-    if fp8:  # layer by layer, so that the bf16 matrices of one layer at a time are held twice
+    if fp8:  # layer by layer, so that the matrices of one layer at a time are held twice
         mats = {"q/k/v": L.w_qkv, "o_proj": L.w_o, "gate/up": L.w_gu, "down_proj": L.w_down}
         fp8_layers.check_shapes(mats)
-        L.w_qkv, L.w_o, L.w_gu, L.w_down = (fp8_layers.quantize_weight(w) for w in mats.values())
+        L.ln1, L.ln2, *folded = fp8_smooth.smooth_layer(ln1, ln2, *mats.values(), *fp8)
+        L.w_qkv, L.w_o, L.w_gu, L.w_down = (fp8_layers.quantize_weight(w) for w in folded)
     return L
+
+
+def _fp8_shape(cfg, fp8: bool) -> tuple[int, int, int] | None:
+    """_layer's `fp8` argument: the attention's shape where the projections are fp8."""
+    if not fp8:
+        return None
+    h = cfg.num_attention_heads
+    return h, cfg.num_key_value_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // h
 
 
 class DefaultRope:
@@ -91,7 +103,7 @@ class FusedQwen3:
 
     def __init__(self, cfg, embed, norm, rotary, layers: list, kernel: str, compile: bool = False,
                  fp8: bool = False):
-        """`fp8`: `layers` hold fp8.Fp8Weight projections (built with _layer(..., fp8=True))."""
+        """`fp8`: `layers` hold fp8.Fp8Weight projections (built by _layer with its `fp8` shape)."""
         self.kernel = kernel
         self.h = cfg.num_attention_heads
         self.hkv = cfg.num_key_value_heads
@@ -120,13 +132,14 @@ class FusedQwen3:
         """Over a transformers Qwen3 model: fused copies of q/k/v and gate/up, the rest shared
         (`fp8`: fp8 copies of the four projections)."""
         layers = []
+        shape = _fp8_shape(hf_model.config, fp8)
         with torch.no_grad():
             for blk in base.layers:
                 a, m = blk.self_attn, blk.mlp
                 layers.append(_layer(blk.input_layernorm.weight, blk.post_attention_layernorm.weight,
                                      [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], a.o_proj.weight,
                                      a.q_norm.weight, a.k_norm.weight, [m.gate_proj.weight, m.up_proj.weight],
-                                     m.down_proj.weight, fp8))
+                                     m.down_proj.weight, shape))
         # The fused copies replace the originals: free those, so weights are held once.
         for blk in base.layers:
             a, m = blk.self_attn, blk.mlp
@@ -143,6 +156,7 @@ class FusedQwen3:
         q/k/v and gate/up (`fp8`: and o and down) are dropped from `t` once fused or quantized, so
         weights are held once."""
         layers = []
+        shape = _fp8_shape(cfg, fp8)
         with torch.no_grad():
             for i in range(cfg.num_hidden_layers):
                 p = f"model.layers.{i}."
@@ -153,7 +167,7 @@ class FusedQwen3:
                                       g("self_attn.v_proj.weight")], o("self_attn.o_proj.weight"),
                                      t[p + "self_attn.q_norm.weight"], t[p + "self_attn.k_norm.weight"],
                                      [g("mlp.gate_proj.weight"), g("mlp.up_proj.weight")],
-                                     o("mlp.down_proj.weight"), fp8))
+                                     o("mlp.down_proj.weight"), shape))
         d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         return cls(cfg, t["model.embed_tokens.weight"], t["model.norm.weight"], DefaultRope(rope_theta(cfg), d),
                    layers, kernel, compile, fp8)
