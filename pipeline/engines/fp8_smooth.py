@@ -61,7 +61,8 @@ def smooth_layer(ln1, ln2, w_qkv, w_o, w_gu, w_down, heads: int, kv_heads: int, 
     in float32. `alpha`: None for ALPHA."""
     alpha = ALPHA if alpha is None else alpha
     g1, g2 = ln1.detach().float(), ln2.detach().float()
-    qkv, o, gu, down = (w.detach().float() for w in (w_qkv, w_o, w_gu, w_down))
+    # copies: the folds below work in place, and a float32 model's own weights must not change
+    qkv, o, gu, down = (w.detach().to(torch.float32, copy=True) for w in (w_qkv, w_o, w_gu, w_down))
     v0 = (heads + kv_heads) * head_dim
     inter = gu.shape[0] // 2
 
