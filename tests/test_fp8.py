@@ -28,7 +28,7 @@ FIX = "use --dtype bfloat16, or a GPU of compute capability 8.9 or newer (Ada, H
 E4M3_REL = 2.0 ** -4  # e4m3 keeps 3 mantissa bits: a normal value rounds within 1/16 of itself
 E4M3_SUB = 2.0 ** -10  # half the subnormal step (2^-9), in units of the row's scale
 # fp8 against float32 on real texts (test_fp8_scores_of_real_texts_meet_the_fidelity_floor).
-FLOOR = {"rho": 0.7, "top10": 0.75, "mean_abs_vs_std": 0.25}
+FLOOR = {"rho": 0.75, "top10": 0.75, "mean_abs_vs_std": 0.5}
 
 
 def _matrix(rows=48, cols=80, seed=0) -> torch.Tensor:
@@ -114,7 +114,9 @@ def fp8_engine(model_dir: str, texts):
     cfg = RunConfig(inputs=(), model=model_dir, device="cpu", engine="fused")
     m = dataclasses.replace(loading.prepare(model, tok, cfg, torch.device("cpu")), fp8=True)
     forward = forwards.choose(m, cfg)
-    assert forward.stack.fp8 and isinstance(forward.stack.layers[0].w_gu, fp8.Fp8Weight)
+    first, *rest = forward.stack.layers  # the first layer's projections stay as loaded (fp8.BF16_LAYERS)
+    assert forward.stack.fp8 and all(isinstance(L.w_gu, fp8.Fp8Weight) and L.fp8 for L in rest)
+    assert isinstance(first.w_gu, torch.Tensor) and not first.fp8
     return engine_from_model(model, tok, cfg, torch.device("cpu"), forward=forward)
 
 
@@ -146,7 +148,9 @@ def test_a_direct_load_quantizes_as_the_transformers_load_and_holds_weights_once
     m = dataclasses.replace(loading.load(cfg), fp8=True)
     assert isinstance(m.model, DirectQwen3)
     forward = forwards.choose(m, cfg)
-    assert not [k for k in m.model.tensors if k.endswith(("_proj.weight"))]
+    # fused or quantized, the originals dropped: only the first layer's o and down stay, as loaded
+    assert sorted(k for k in m.model.tensors if k.endswith("_proj.weight")) == [
+        "model.layers.0.mlp.down_proj.weight", "model.layers.0.self_attn.o_proj.weight"]
     direct = engine_from_model(m.model, m.tokenizer, cfg, torch.device("cpu"), forward=forward)
     via_hf = fp8_engine(models["tied"], texts)
     enc = via_hf.encoder.encode(*texts)
@@ -224,13 +228,20 @@ def test_at_alpha_one_half_a_norm_fed_channel_and_its_weight_column_get_the_same
     assert float(ln1.detach().abs().max() / ln1.detach().abs().min()) < float(g.max() / g.min()) / 2
 
 
-def test_the_fp8_forward_quantizes_the_smoothed_weights(models):
+def test_the_fp8_forward_quantizes_the_weights_as_they_are_unless_smoothing_is_on(models, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     from pipeline.engines import fp8_smooth
 
     t = real_pairs(2)
     texts = (t.column("instruction").to_pylist(), t.column("query").to_pylist(), t.column("document").to_pylist())
+    assert not fp8_smooth.ENABLED  # off by default (docs/FP8.md, Fidelity)
+    L = fp8_engine(models["tied"], texts).forward.stack.layers[1]
+    ref = AutoModelForCausalLM.from_pretrained(models["tied"], dtype=torch.float32)
+    blk = ref.model.layers[1]
+    assert torch.equal(L.ln1, blk.input_layernorm.weight) and torch.equal(L.ln2, blk.post_attention_layernorm.weight)
+    assert torch.equal(L.w_o.q, fp8.quantize_weight(blk.self_attn.o_proj.weight).q)
+    monkeypatch.setattr(fp8_smooth, "ENABLED", True)
     stack = fp8_engine(models["tied"], texts).forward.stack
     ref = AutoModelForCausalLM.from_pretrained(models["tied"], dtype=torch.float32)
     c, blk = ref.config, ref.model.layers[1]
@@ -247,14 +258,14 @@ def test_the_fp8_forward_quantizes_the_smoothed_weights(models):
 
 def test_fp8_scores_of_real_texts_meet_the_fidelity_floor():
     """fp8 (emulated, smoothed) against float32 on real RAR-b queries with 20 candidates each, a
-    random Qwen3 of width 256 and 2 layers whose norms are spread as a trained model's; bf16 beside
-    it. Measured: fp8 rho 0.83, top-10 overlap 0.87, mean |d| 0.11 of the scores' std (bf16: 0.95,
-    0.93, 0.02). The floors sit below, so that a broken quantization or fold (ranks near random)
+    random Qwen3 of width 256 and 4 layers whose norms are spread as a trained model's; bf16 beside
+    it. Measured: fp8 rho 0.88, top-10 overlap 0.85, mean |d| 0.35 of the scores' std (bf16: 0.97,
+    0.97, 0.04). The floors sit below, so that a broken quantization or fold (ranks near random)
     fails and the draw of a few queries does not."""
     from conftest import SHARED_DATA
     from pipeline.bench import fidelity
 
-    shape = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
+    shape = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=64)
     rec = fidelity.measure(SHARED_DATA, 2, shape, torch.device("cpu"), dtypes=("fp8", "bfloat16", "float32"),
                            log=lambda m: None)
@@ -391,5 +402,5 @@ def test_the_fp8_bench_script_runs_on_cpu(tmp_path):
     rows = rec["speed"]["tiny"]
     assert all(rows[k]["pairs_per_s"] > 0 for k in ("bfloat16", "fp8")) and rows["speedup_fp8_over_bf16"] > 0
     fid = rec["fidelity"]
-    assert set(fid["vs_float32"]) == {"bfloat16", "fp8", "fp8_unsmoothed"} and fid["pairs"] > 0
+    assert set(fid["vs_float32"]) == {"bfloat16", "fp8", "fp8_all_layers", "fp8_smoothed"} and fid["pairs"] > 0
     assert 0 < fid["vs_float32"]["fp8"]["max_abs"] < 0.5 and fid["vs_float32"]["fp8"]["spearman_per_query"] > 0.5

@@ -12,7 +12,8 @@
 3. fidelity: real RAR-b texts (RERANK_SHARED_DATA, else ../shared/data, else ./shared-data), each
    query with 20 candidates (its own answers and others of its set), scored by a 0.6B random model
    whose RMSNorm weights are spread like trained ones (log-normal per channel, a few outlier
-   channels) in float32, bf16, fp8 and fp8 without its smoothing (pipeline/bench/fidelity.py):
+   channels) in float32, bf16, fp8, fp8 with every layer in fp8 (fp8.BF16_LAYERS 0, as fp8 was
+   first) and fp8 with the smoothing of fp8_smooth.py on (pipeline/bench/fidelity.py):
    max |delta| against float32, mean per-query Spearman rho, mean top-10 overlap, top-1 agreement.
 
 --device cpu runs the same steps on the CPU with the fp8 GEMM emulated in float32 (the same
@@ -58,7 +59,8 @@ ap.add_argument("--steps", default="gemm,fidelity,speed", help="which of gemm, f
 ap.add_argument("--fidelity-layers", type=int, default=None,
                 help="layers of the fidelity model (default: all of the 0.6B's 28; fewer for a CPU run)")
 ap.add_argument("--candidates", type=int, default=20, help="candidates per fidelity query")
-ap.add_argument("--smooth-alpha", type=float, default=None, help="the fp8 smoothing's alpha (default: fp8_smooth.ALPHA)")
+ap.add_argument("--smooth-alpha", type=float, default=None,
+                help="alpha of the fp8_smoothed row (default: fp8_smooth.ALPHA)")
 ARGS = ap.parse_args()
 SMOKE = ARGS.smoke
 DEV = torch.device("cpu" if SMOKE or ARGS.device == "cpu" else "cuda")
@@ -168,7 +170,7 @@ def shared_data() -> str:
 
 
 def fidelity():
-    """pipeline/bench/fidelity.py's measure: float32, bf16, fp8 and fp8 without smoothing."""
+    """pipeline/bench/fidelity.py's measure: float32, bf16, fp8 and its variants."""
     shape = dict(ARCHS["tiny" if SMOKE else "0.6b"])
     if ARGS.fidelity_layers:
         shape["num_hidden_layers"] = ARGS.fidelity_layers

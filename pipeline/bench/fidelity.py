@@ -1,7 +1,7 @@
 """How far a precision moves scores and rankings from float32's, on real texts: each query of the
 RAR-b sets with a fixed number of candidates, scored by a random Qwen3 reranker whose RMSNorm
 weights are spread as a trained model's (synthetic.trained_like_norms), in float32, bf16 and
-fp8 (with and without the smoothing, fp8_smooth.py). On the CPU the fp8 GEMM is emulated in
+fp8 (as it runs, with every layer in fp8, and with the smoothing of fp8_smooth.py). On the CPU the fp8 GEMM is emulated in
 float32 (fp8.emulated_linear): the same quantized numbers as on a GPU.
 
 Used by tests_gpu/fp8_bench.py (its fidelity table, on a GPU or with --device cpu) and by
@@ -22,12 +22,12 @@ import torch
 
 from pipeline.bench import synthetic
 from pipeline.config import RunConfig
-from pipeline.engines import forwards, fp8_smooth, loading
+from pipeline.engines import forwards, fp8, fp8_smooth, loading
 from pipeline.engines.score import engine_from_model
 
 SETS = ("ARC-Challenge", "physicaliqa", "spartqa")
-# All four, float32 last (its engine runs over the model itself, the others over copies).
-DTYPES = ("fp8", "fp8_unsmoothed", "bfloat16", "float32")
+# All of them, float32 last (its engine runs over the model itself, the others over copies).
+DTYPES = ("fp8", "fp8_all_layers", "fp8_smoothed", "bfloat16", "float32")
 
 
 def real_queries(data_dir: str, per_set: int, candidates: int = 20):
@@ -78,33 +78,32 @@ def compare(got, ref, group) -> dict:
             "top1_agreement": float(np.mean(top1))}
 
 
+# fp8 as it runs, and two variants for comparison: every layer's projections in fp8 (none kept
+# bf16, as fp8 was first), and the smoothing of fp8_smooth.py turned on.
+VARIANTS = {"fp8": {}, "fp8_all_layers": {"bf16_layers": 0}, "fp8_smoothed": {"smooth": True}}
+
+
 @contextlib.contextmanager
-def unsmoothed(on: bool = True):
-    """fp8 engines built inside quantize the projections as they are, without the smoothing that
-    fp8_smooth.py folds in (fp8 as it was before it): the "before" of a fidelity table."""
-    if not on:
-        yield
-        return
-
-    def fold_nothing(ln1, ln2, w_qkv, w_o, w_gu, w_down, *_, **__):
-        return (ln1, ln2, *(w.float() for w in (w_qkv, w_o, w_gu, w_down)))
-
-    keep = fp8_smooth.smooth_layer
-    fp8_smooth.smooth_layer = fold_nothing
+def variant(name: str):
+    """fp8 engines built inside follow VARIANTS[name] (nothing changes for other names)."""
+    v = VARIANTS.get(name, {})
+    keep = fp8.BF16_LAYERS, fp8_smooth.ENABLED
+    fp8.BF16_LAYERS = v.get("bf16_layers", fp8.BF16_LAYERS)
+    fp8_smooth.ENABLED = v.get("smooth", fp8_smooth.ENABLED)
     try:
         yield
     finally:
-        fp8_smooth.smooth_layer = keep
+        fp8.BF16_LAYERS, fp8_smooth.ENABLED = keep
 
 
 def engine(model, tok, dtype: str, device: torch.device, **kw):
-    """An engine over `model` in `dtype` ("float32", "bfloat16", "fp8" or "fp8_unsmoothed"). Off
+    """An engine over `model` in `dtype` ("float32", "bfloat16", or "fp8" and its VARIANTS). Off
     CUDA fp8 is refused by design; there its forward is chosen as on a GPU, over the emulated GEMM
     (bf16 everywhere else, as on a GPU)."""
     fp8 = dtype.startswith("fp8")
     cfg = RunConfig(inputs=(), output="", model="<random>", device=str(device),
                     dtype="fp8" if fp8 else dtype, **kw)
-    with unsmoothed(dtype == "fp8_unsmoothed"):
+    with variant(dtype):
         if fp8 and device.type != "cuda":
             cfg = dataclasses.replace(cfg, dtype="bfloat16")
             m = dataclasses.replace(loading.prepare(model, tok, cfg, device), fp8=True)
@@ -155,7 +154,7 @@ def measure(data_dir: str, per_set: int, shape: dict, device: torch.device, cand
     out = {"model": {k: v for k, v in shape.items() if k != "vocab_size"}, "init_std": init_std,
            "pairs": len(ref), "queries": int(group.max()) + 1, "candidates_per_query": candidates,
            "tokens": int(enc.offsets[-1]), "float32_score_std": float(ref.std()), "seconds": seconds,
-           "smooth_alpha": fp8_smooth.ALPHA,
+           "smooth_alpha": fp8_smooth.ALPHA, "bf16_layers": fp8.BF16_LAYERS,
            "vs_float32": {k: compare(scores[k], ref, group) for k in dtypes if k != "float32"}}
     if "fp8" in scores and "bfloat16" in scores:
         out["fp8_vs_bf16"] = compare(scores["fp8"], scores["bfloat16"], group)

@@ -5,8 +5,8 @@ matmuls), minus what a reranker does not need: no KV cache, no masks, no (1, H, 
 shuffles, one GEMM for q/k/v and one for gate/up, and in the last layer the MLP runs only on
 the rows whose hidden state is scored. On CUDA the small elementwise steps are compiled into
 fused kernels with torch.compile when it works, and run eagerly otherwise. With `fp8` the four
-projections of each layer hold float8 weights and run as fp8 GEMMs (fp8.py), smoothed first
-(fp8_smooth.py: the norm weights and the matrices change, the function does not).
+projections of each layer but the first (fp8.BF16_LAYERS) hold float8 weights and run as fp8
+GEMMs (fp8.py); nothing else changes.
 """
 
 from __future__ import annotations
@@ -58,27 +58,31 @@ def swiglu(gu):
 
 
 class _Layer:
-    __slots__ = ("ln1", "ln2", "w_qkv", "w_o", "qn", "kn", "w_gu", "w_down")
+    __slots__ = ("ln1", "ln2", "w_qkv", "w_o", "qn", "kn", "w_gu", "w_down", "fp8")
 
 
 def _layer(ln1, ln2, qkv: list, w_o, qn, kn, gu: list, w_down, fp8: tuple[int, int, int] | None = None) -> _Layer:
-    """`fp8`: (heads, kv_heads, head_dim) to hold the projections as fp8, smoothed first
-    (fp8_smooth.py: new norm weights, the same function), else None."""
+    """`fp8`: (heads, kv_heads, head_dim) to hold the projections as fp8 (smoothed first where
+    fp8_smooth.ENABLED: new norm weights, the same function), else None."""
     L = _Layer()
     L.ln1, L.ln2, L.w_o, L.qn, L.kn, L.w_down = ln1, ln2, w_o, qn, kn, w_down
     L.w_qkv = torch.cat(qkv, 0)
     L.w_gu = torch.cat(gu, 0)
+    L.fp8 = bool(fp8)
     if fp8:  # layer by layer, so that the matrices of one layer at a time are held twice
         mats = {"q/k/v": L.w_qkv, "o_proj": L.w_o, "gate/up": L.w_gu, "down_proj": L.w_down}
         fp8_layers.check_shapes(mats)
-        L.ln1, L.ln2, *folded = fp8_smooth.smooth_layer(ln1, ln2, *mats.values(), *fp8)
+        folded = mats.values()
+        if fp8_smooth.ENABLED:
+            L.ln1, L.ln2, *folded = fp8_smooth.smooth_layer(ln1, ln2, *mats.values(), *fp8)
         L.w_qkv, L.w_o, L.w_gu, L.w_down = (fp8_layers.quantize_weight(w) for w in folded)
     return L
 
 
-def _fp8_shape(cfg, fp8: bool) -> tuple[int, int, int] | None:
-    """_layer's `fp8` argument: the attention's shape where the projections are fp8."""
-    if not fp8:
+def _fp8_shape(cfg, fp8: bool, i: int) -> tuple[int, int, int] | None:
+    """_layer's `fp8` argument for layer `i`: the attention's shape where its projections are fp8
+    (all layers but the first fp8.BF16_LAYERS), else None."""
+    if not fp8 or i < fp8_layers.BF16_LAYERS:
         return None
     h = cfg.num_attention_heads
     return h, cfg.num_key_value_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // h
@@ -132,18 +136,17 @@ class FusedQwen3:
         """Over a transformers Qwen3 model: fused copies of q/k/v and gate/up, the rest shared
         (`fp8`: fp8 copies of the four projections)."""
         layers = []
-        shape = _fp8_shape(hf_model.config, fp8)
         with torch.no_grad():
-            for blk in base.layers:
+            for i, blk in enumerate(base.layers):
                 a, m = blk.self_attn, blk.mlp
                 layers.append(_layer(blk.input_layernorm.weight, blk.post_attention_layernorm.weight,
                                      [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], a.o_proj.weight,
                                      a.q_norm.weight, a.k_norm.weight, [m.gate_proj.weight, m.up_proj.weight],
-                                     m.down_proj.weight, shape))
+                                     m.down_proj.weight, _fp8_shape(hf_model.config, fp8, i)))
         # The fused copies replace the originals: free those, so weights are held once.
-        for blk in base.layers:
+        for blk, L in zip(base.layers, layers):
             a, m = blk.self_attn, blk.mlp
-            quantized = (a.o_proj, m.down_proj) if fp8 else ()
+            quantized = (a.o_proj, m.down_proj) if L.fp8 else ()
             for mod in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj, *quantized):
                 mod.weight = torch.nn.Parameter(torch.empty(0, dtype=mod.weight.dtype, device=mod.weight.device),
                                                 requires_grad=False)
@@ -156,12 +159,12 @@ class FusedQwen3:
         q/k/v and gate/up (`fp8`: and o and down) are dropped from `t` once fused or quantized, so
         weights are held once."""
         layers = []
-        shape = _fp8_shape(cfg, fp8)
         with torch.no_grad():
             for i in range(cfg.num_hidden_layers):
                 p = f"model.layers.{i}."
+                shape = _fp8_shape(cfg, fp8, i)
                 g = lambda n: t.pop(p + n)  # noqa: E731
-                o = g if fp8 else lambda n: t[p + n]  # noqa: E731
+                o = g if shape else lambda n: t[p + n]  # noqa: E731
                 layers.append(_layer(t[p + "input_layernorm.weight"], t[p + "post_attention_layernorm.weight"],
                                      [g("self_attn.q_proj.weight"), g("self_attn.k_proj.weight"),
                                       g("self_attn.v_proj.weight")], o("self_attn.o_proj.weight"),
@@ -209,14 +212,15 @@ class FusedQwen3:
         n_layers = len(self.layers)
         hn = self._norm(x, self.layers[0].ln1, self.eps)
         for i, L in enumerate(self.layers):
-            q, k, v = self._qk(self._linear(hn, L.w_qkv), L.qn, L.kn, cos, sin, self.eps, self.h, self.hkv, self.d)
+            linear = self._linear if L.fp8 else F.linear  # fp8: the first layers stay bf16 (fp8.BF16_LAYERS)
+            q, k, v = self._qk(linear(hn, L.w_qkv), L.qn, L.kn, cos, sin, self.eps, self.h, self.hkv, self.d)
             att = packed_attention(q, k, v, cu, max_len, self.scale, self.kernel, shared)
-            att = self._linear(att.reshape(att.shape[0], -1), L.w_o)
+            att = linear(att.reshape(att.shape[0], -1), L.w_o)
             if i == n_layers - 1:
                 # Only the scored rows go on: the last MLP and norm on n rows, not T.
                 x, att = x[last_idx], att[last_idx]
             x, hn = self._add_norm(x, att, L.ln2, self.eps)
-            mlp = self._linear(self._swiglu(self._linear(hn, L.w_gu)), L.w_down)
+            mlp = linear(self._swiglu(linear(hn, L.w_gu)), L.w_down)
             nxt = self.layers[i + 1].ln1 if i + 1 < n_layers else self.norm
             x, hn = self._add_norm(x, mlp, nxt, self.eps)
         return hn
