@@ -1,5 +1,6 @@
 """Smoothing folded into a Qwen3 layer's weights before its projections are quantized to fp8
-(fp8.py), from the weights alone: no calibration data.
+(fp8.py), from the weights alone: no calibration data. Off unless ENABLED (docs/FP8.md says why);
+tests_gpu/fp8_bench.py measures it.
 
 A projection y = W a quantizes a per token and W per output channel. Where a few input channels
 of `a` are much larger than the rest (RMSNorm weights of trained decoders have such outliers),
