@@ -1,8 +1,8 @@
 """How far a precision moves scores and rankings from float32's, on real texts: each query of the
 RAR-b sets with a fixed number of candidates, scored by a random Qwen3 reranker whose RMSNorm
 weights are spread as a trained model's (synthetic.trained_like_norms), in float32, bf16 and
-fp8 (as it runs, with every layer in fp8, and with the smoothing of fp8_smooth.py). On the CPU the fp8 GEMM is emulated in
-float32 (fp8.emulated_linear): the same quantized numbers as on a GPU.
+fp8 (as it runs, with every layer in fp8, and with the smoothing of fp8_smooth.py). On the CPU
+the fp8 GEMM is emulated in float32 (fp8.emulated_linear): the same quantized numbers as on a GPU.
 
 Used by tests_gpu/fp8_bench.py (its fidelity table, on a GPU or with --device cpu) and by
 tests/test_fp8.py (the fidelity floor).

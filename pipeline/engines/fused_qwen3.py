@@ -134,7 +134,7 @@ class FusedQwen3:
     @classmethod
     def from_hf(cls, hf_model, base, kernel: str, compile: bool = False, fp8: bool = False) -> "FusedQwen3":
         """Over a transformers Qwen3 model: fused copies of q/k/v and gate/up, the rest shared
-        (`fp8`: fp8 copies of the four projections)."""
+        (`fp8`: fp8 copies of the four projections, in all layers but the first fp8.BF16_LAYERS)."""
         layers = []
         with torch.no_grad():
             for i, blk in enumerate(base.layers):
