@@ -19,7 +19,7 @@
 --device cpu runs the same steps on the CPU with the fp8 GEMM emulated in float32 (the same
 quantized numbers); for the fidelity step alone, on fewer layers and queries there:
 
-    python tests_gpu/fp8_bench.py --device cpu --steps fidelity --fidelity-layers 4 --fidelity-queries 12
+    python tests_gpu/fp8_bench.py --device cpu --steps fidelity --fidelity-layers 6 --fidelity-queries 12
 
 Steps past --budget-s are skipped (recorded). --smoke: CPU, tiny model, a few pairs, the fp8 GEMM
 emulated (tests/test_fp8.py runs it).
