@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.data.arrays import to_arrow, to_numpy
@@ -44,15 +43,15 @@ def tables(parts, layout, chunking: Chunking):
         lists = t.column(SCORES_COLUMN).combine_chunks()
         counts = np.asarray(lists.value_lengths().fill_null(0).to_numpy(zero_copy_only=False), dtype=np.int64)
         rows = np.repeat(np.arange(t.num_rows, dtype=np.int64), counts)
-        chunk = to_arrow(np.arange(len(rows), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts))
+        chunk = np.arange(len(rows), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
         take = to_arrow(rows)
         if dcol is not None:
             doc = t.column(dcol).take(take)
         else:
             doc = to_arrow(to_numpy(t.column("_ord"))[rows] // ORD_STRIDE)
         yield pa.table({"query_id": t.column(qcol).take(take), "doc_id": doc,
-                        "chunk": chunk.cast(pa.int32()),
-                        "start_token": pc.multiply(chunk, chunking.step),
+                        "chunk": to_arrow(chunk, pa.int32()),
+                        "start_token": to_arrow(chunk * chunking.step, pa.int64()),
                         "score": lists.flatten()})
 
 
