@@ -51,7 +51,7 @@ class RunConfig:
     output: str | None = None
     # Rows per file of a dataset output at most (a query group larger than that: a file of its own).
     output_file_rows: int = whole(1_000_000, at_least=1)
-    # Model directory or hub id (org/name; pipeline.engines.hub resolves it through the Hugging Face cache).
+    # Model directory or hub id (org/name; pipeline.engines.model_files resolves it through the Hugging Face cache).
     model: str = "Qwen/Qwen3-Reranker-0.6B"
     # Column names of the long form.
     query_col: str = "query"

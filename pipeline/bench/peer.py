@@ -30,7 +30,7 @@ from pipeline.bench.synthetic import ARCHS, train_cross_tokenizer, train_tokeniz
 from pipeline.bench.throughput import (WORDS, WORKLOADS, BusySampler, measure_matmul_peak, model_flops,
                                        non_embedding_params, sync, workload_table)
 from pipeline.config import RunConfig
-from pipeline.engines.loading import resolve_device, resolve_dtype
+from pipeline.engines.resolve import resolve_device, resolve_dtype
 from pipeline.engines.score import load_engine
 from pipeline.engines.template import QWEN3_RERANKER
 from pipeline.engines.tokenize import CrossEncoderEncoder, same_ids

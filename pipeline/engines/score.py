@@ -16,9 +16,9 @@ import torch
 from pipeline.config import RunConfig
 from pipeline.engines import budget, forwards, loading, prefix
 from pipeline.engines.engine import Engine, EngineInfo, EngineStats
-from pipeline.engines.families import ModelKind
 from pipeline.engines.oom import BatchRunner
 from pipeline.engines.packing import plan_batches
+from pipeline.engines.resolve import ModelKind, sharing_mode
 from pipeline.runtime import startup
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def engine_from_model(model, tokenizer, cfg: RunConfig, device: torch.device | N
 
 
 def _build(m: loading.Loaded, cfg: RunConfig, logits: bool, forward=None) -> "TorchEngine":
-    sharing = prefix.resolve_mode(cfg.prefix_sharing, m.device.type, m.kind.family == "seq-cls-encoder")
+    sharing = sharing_mode(cfg.prefix_sharing, m.device.type, m.kind.family == "seq-cls-encoder")
     forward = forward if forward is not None else forwards.choose(m, cfg)
     dtype = str(m.dtype).removeprefix("torch.")
     log.info("model %s (%s) on %s in %s, attention %s, engine %s", cfg.model, m.kind.family, m.device, dtype,
