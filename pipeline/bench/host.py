@@ -136,14 +136,14 @@ def build_host_model(arch: str, out_dir: str) -> str:
     vocabulary size), with a small random model, saved to out_dir."""
     from transformers import AutoModelForSequenceClassification
 
-    from pipeline.bench.peer import ENCODER_ARCHS, TOKENIZER_STYLE, _encoder_config
+    from pipeline.bench.peer import ENCODER_ARCHS, TOKENIZER_STYLE, encoder_config
     from pipeline.bench.synthetic import train_cross_tokenizer
     from pipeline.bench.throughput import WORDS
 
     style, shape = ENCODER_ARCHS[arch]
     tok = train_cross_tokenizer(out_dir, TOKENIZER_STYLE[style], [" ".join(WORDS)] * 5,
                                 pad_vocab_to=shape["vocab_size"] - 8)
-    config = _encoder_config(style, {**shape, **_SMALL}, tok)
+    config = encoder_config(style, {**shape, **_SMALL}, tok)
     torch.manual_seed(0)
     AutoModelForSequenceClassification.from_config(config).save_pretrained(out_dir, safe_serialization=True)
     return out_dir
