@@ -142,9 +142,10 @@ def test_bench_host_only_for_a_cross_encoder(tmp_path):
     rec = json.loads(out.read_text())
     row = rec["sizes"]["64"]
     assert row["pairs"] == 64 and row["scoring_pairs_per_s"]["median"] > 0
-    # Every stage of the scoring span is there, and the span holds its first batch.
+    # Every stage of the scoring span ran (a fast one may round to 0 s), and the span holds its
+    # first batch.
     for stage in ("read", "plan_dedup", "tokenize", "gather", "commit", "part_encode"):
-        assert row["stages"][stage]["wall_s"] > 0, stage
+        assert row["stages"][stage]["calls"] > 0 and row["stages"][stage]["wall_s"] >= 0, stage
     assert 0 < row["first_batch_after_s"] <= row["runs"][0]["scoring_s"]
     assert row["cpu_us_per_pair"] > 0 and row["tokenizer_us_per_pair"] >= 0
     assert "ceiling pairs/s" in r.output
