@@ -218,7 +218,8 @@ def run_cross_host_bench(arch: str, workload: str = "w-mixed", pairs: tuple[int,
             runs = [_child_run(mdir, inp, os.path.join(wd, "out.parquet"), wd, env) for _ in range(repeats)]
             names = sorted({k for r in runs for k in r["stages"]})
             stages = {k: {f: round(float(np.median([r["stages"].get(k, {}).get(f, 0.0) for r in runs])), 4)
-                          for f in ("wall_s", "cpu_s")} for k in names}
+                          for f in ("wall_s", "cpu_s")} | {"calls": max(r["stages"].get(k, {}).get("calls", 0) for r in runs)}
+                      for k in names}
             rates = [r["scoring_pairs_per_s"] for r in runs]
             rec["sizes"][str(n)] = {
                 "pairs": runs[0]["pairs"], "batches": runs[0]["batches"],
