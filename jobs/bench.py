@@ -38,7 +38,9 @@ from .common import SizeType, config_option, domain_errors, log_options, setup_l
 @click.option("--smoke", is_flag=True, help="CPU, tiny architecture, 64 pairs: checks that the bench runs.")
 @click.option("--host-only", is_flag=True,
               help="The host side alone, on the CPU: run end to end with a forward that costs nothing (sharing "
-                   "off and on) and the encoder alone; pairs/s the host can feed a device.")
+                   "off and on) and the encoder alone; pairs/s the host can feed a device. With a cross-encoder "
+                   "--arch: the whole CLI in fresh processes on that tokenizer (3,000 and 30,000 pairs, or --pairs), "
+                   "its scoring span's stages and the CPU each pair costs.")
 @click.option("--device-us-per-token", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="With --host-only: the forward sleeps this long per computed token, as a device of that "
                    "speed would take (H100, 0.6B bf16: about 2.7); e2e near the device's rate = overlapped.")
@@ -105,6 +107,14 @@ def bench_cmd(arch, workload, pairs, seed_pairs, e2e, repeats, device, gpu_memor
                                     window=window if click.get_current_context().get_parameter_source("window").name
                                     != "DEFAULT" else None)
         _emit(rec, format_longdoc_table(rec), json_path)
+        return
+    if host_only and arch in ENCODER_ARCHS:
+        from pipeline.bench.host import format_cross_host_table, run_cross_host_bench
+
+        sizes = (pairs,) if pairs else ((64,) if smoke else (3000, 30000))
+        with domain_errors():
+            rec = run_cross_host_bench(arch, workload, pairs=sizes, repeats=1 if smoke else repeats)
+        _emit(rec, format_cross_host_table(rec), json_path)
         return
     if host_only:
         from pipeline.bench.host import format_host_table, run_host_bench

@@ -51,7 +51,7 @@ class RunConfig:
     output: str | None = None
     # Rows per file of a dataset output at most (a query group larger than that: a file of its own).
     output_file_rows: int = whole(1_000_000, at_least=1)
-    # Model directory or hub id (org/name; pipeline.engines.hub resolves it through the Hugging Face cache).
+    # Model directory or hub id (org/name; pipeline.engines.model_files resolves it through the Hugging Face cache).
     model: str = "Qwen/Qwen3-Reranker-0.6B"
     # Column names of the long form.
     query_col: str = "query"
@@ -166,7 +166,7 @@ class RunConfig:
                 raise InputError("--gpu-memory-limit applies to CUDA only, and --device auto found no GPU here; "
                                  "drop the option or pass --device cuda")
         if self.dtype == "fp8":  # refused before a model is fetched or a checkpoint made
-            from pipeline.engines.loading import resolve_device, resolve_dtype
+            from pipeline.engines.resolve import resolve_device, resolve_dtype
 
             resolve_dtype(self.dtype, resolve_device(self.device))
 

@@ -25,8 +25,8 @@ import torch
 
 from pipeline.config import RunConfig
 from pipeline.data.chunks import Chunking
-from pipeline.engines.families import inspect_model
-from pipeline.engines.hub import resolve_model
+from pipeline.engines.model_files import resolve_model
+from pipeline.engines.resolve import inspect_model
 from pipeline.engines.score import activate, engine_from_model, load_engine
 from pipeline.errors import InputError
 from pipeline.runtime.progress import Progress

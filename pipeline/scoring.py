@@ -270,7 +270,9 @@ def score_units(units, layout, cfg, scorer, on_batch=None, stop: StopToken | Non
     With `group_small`, consecutive small units (under a quarter of a window each to score, as many
     small files make, or units the cache and their own repeats mostly answer) are scored together,
     up to a window of pairs to score, so that their pairs share full batches instead of each unit
-    running its own tiny ones; each unit still gets its own part.
+    running its own tiny ones; each unit still gets its own part. A group's chunks go to the
+    engine as they are tokenized: the device starts on its first unit (a whole small input)
+    while the rest is read and tokenized.
     Only for a source that never waits on anyone (the local executor's list): a pool worker's
     next unit may depend on this one finishing.
 
@@ -308,27 +310,53 @@ def score_units(units, layout, cfg, scorer, on_batch=None, stop: StopToken | Non
     items = prefetch(units, layout, cfg, scorer.encoder, finished, kept_for, dedup, inflight)
     commits = Commits(cfg.commit_every, save_partial, scorer)
     small = max(1, cfg.window_pairs // 4)
-    group: list[Work] = []  # small units read and tokenized but not yet scored
-    # Their pairs to score and their rows (running sums: summing the group at each unit is
-    # quadratic in units). Rows are held until the group is scored: one window of them at most.
-    # The device waits while a group fills, so a group must not outgrow what the reading thread
-    # prepares while a group is scored: units the cache mostly answers (a window of rows read,
-    # hashed and looked up for a few pairs to score) flush one by one and overlap the device,
-    # while thousands of one-row files still share full batches.
-    grouped = [0, 0]
+    pushed: list = []  # the head of a unit that did not join a group, taken back for the next turn
 
-    def flush():
-        if not group:
-            return
+    def next_head():
+        if pushed:
+            return pushed.pop()
+        t0 = time.perf_counter()
+        head = next(items, None)
+        timer.add("waiting_for_input", t0)
+        return head
+
+    def grouped_chunks(members: list[Work], counts: list[int]):
+        """The chunks of a group of small units as they arrive, so that the device starts on the
+        first unit's while the next ones are read and tokenized: each member's, then those of the
+        next unit if it is small too and the group holds less than a window of pairs to score and
+        of rows (`counts`, running sums: summing the group at each unit is quadratic in units).
+        Rows are held until the group is scored: one window of them at most. A unit that does not
+        join (or the stream's end) is taken back for the main loop."""
+        while True:
+            w = members[-1]
+            yield from _unit_chunks(items, timer, w.encs)
+            if counts[0] >= cfg.window_pairs or counts[1] >= cfg.window_pairs:
+                return
+            head = next_head()
+            if head is not None and stop is not None:
+                stop.check()  # a check point: before each unit
+            if head is None or not work_is_small(head[1]):
+                pushed.append(head)
+                return
+            nxt = head[1]
+            nxt.start = w.start + w.to_score_n
+            members.append(nxt)
+            counts[0] += nxt.to_score_n
+            counts[1] += len(nxt.pairs.queries)
+
+    def work_is_small(work: Work) -> bool:
+        # Small by what is left to score: a unit whose pairs the cache or its own repeats mostly
+        # give joins a group too.
+        return group_small and work.to_score_n < small
+
+    def score_group(first: Work):
         t0, computed0 = time.perf_counter(), scorer.stats().tokens_computed
-        members = list(group)
-        encs = [e for w in members for e in w.encs]
-        scores = scorer.score_stream(iter(encs), on_batch=on_batch, stop=stop,
-                                     commit=commits.begin(members))
+        members = [first]
+        commit = commits.begin(members)  # later members join this very list, with their starts
+        scores = scorer.score_stream(grouped_chunks(members, [first.to_score_n, len(first.pairs.queries)]),
+                                     on_batch=on_batch, stop=stop, commit=commit)
         seconds, computed = time.perf_counter() - t0, scorer.stats().tokens_computed - computed0
-        tokens = max(1, sum(int(e.offsets[-1]) for e in encs))
-        group.clear()
-        grouped[:] = [0, 0]
+        tokens = max(1, sum(int(e.offsets[-1]) for w in members for e in w.encs))
         together = []
         for w in members:
             n = w.to_score_n
@@ -351,26 +379,15 @@ def score_units(units, layout, cfg, scorer, on_batch=None, stop: StopToken | Non
 
     try:
         while True:
-            t0 = time.perf_counter()
-            head = next(items, None)
-            timer.add("waiting_for_input", t0)
+            head = next_head()
             if head is None:
-                yield from flush()
                 return
             work = head[1]
             if stop is not None:
                 stop.check()  # a check point: before each unit
-            # Small by what is left to score: a unit whose pairs the cache or its own repeats
-            # mostly give joins the group too.
-            if group_small and work.to_score_n < small:
-                list(_unit_chunks(items, timer, work.encs))
-                group.append(work)
-                grouped[0] += work.to_score_n
-                grouped[1] += len(work.pairs.queries)
-                if grouped[0] >= cfg.window_pairs or grouped[1] >= cfg.window_pairs:
-                    yield from flush()
+            if work_is_small(work):
+                yield from score_group(work)
                 continue
-            yield from flush()
             t_unit = time.perf_counter()
             computed0 = scorer.stats().tokens_computed
             scores = scorer.score_stream(_unit_chunks(items, timer, work.encs), on_batch=on_batch,

@@ -334,6 +334,45 @@ def test_writes_merge_as_tiers_fill_and_lose_nothing(tmp_path):
     c.close()
 
 
+def test_a_merge_holds_one_key_range_at_a_time(tmp_path, monkeypatch):
+    """A merge's memory follows PART, not the entries merged: its outputs are cut into key ranges
+    of at most PART entries that do not overlap, and merging the same entries in ranges of an
+    eighth of them peaks well under half the memory of one range."""
+    import tracemalloc
+
+    from pipeline.cache import compact
+
+    chunks = [_keys(20_000, seed=s) for s in range(compact.FANOUT - 1)]
+
+    def merged(part, name):
+        monkeypatch.setattr(compact, "PART", part)
+        c = _cache(tmp_path, name)
+        for k in chunks:  # fewer runs than a tier holds: written as files, not merged yet
+            c.add(*k)
+        assert c.stats["merges"] == 0
+        names = sorted(c.files.headers)
+        tracemalloc.start()
+        try:
+            compact.merge(c.files, names, c.store, c.scope.id)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        c.files.refresh()
+        return c, peak
+
+    whole, whole_peak = merged(len(chunks) * 20_000, "whole")
+    cut, cut_peak = merged(20_000, "cut")
+    heads = sorted(cut.files.headers.values(), key=lambda h: h.min_hi)
+    assert len(heads) >= len(chunks) - 1 and all(h.n <= 20_000 * 1.2 for h in heads)
+    assert all(a.max_hi < b.min_hi for a, b in zip(heads, heads[1:]))
+    assert cut_peak < whole_peak / 2, (cut_peak, whole_peak)
+    hi, lo, sc = (np.concatenate([k[i] for k in chunks]) for i in range(3))
+    for c in (whole, cut):
+        found, got = c.lookup(hi, lo)
+        assert found.all() and np.array_equal(got, sc)
+        c.close()
+
+
 def test_two_merges_of_the_same_files_at_once_lose_nothing(tmp_path):
     from pipeline.cache import compact
 

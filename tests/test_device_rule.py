@@ -13,7 +13,7 @@ import torch
 from conftest import ROOT, run_cli
 
 from pipeline.config import RunConfig
-from pipeline.engines import attention
+from pipeline.engines import attention, resolve
 from pipeline.errors import InputError
 
 SAMPLE = os.path.join(ROOT, "sample_data", "pairs.parquet")
@@ -44,26 +44,26 @@ def test_an_explicit_choice_that_cannot_be_had_is_exit_2(no_gpu, tmp_path, args,
 
 def test_auto_falls_back_on_cpu(no_gpu):
     cpu = torch.device("cpu")
-    assert attention.choose_kernel("auto", cpu, torch.float32) == "sdpa"
-    assert attention.choose_kernel("sdpa", cpu, torch.float32) == "sdpa"
+    assert resolve.choose_kernel("auto", cpu, torch.float32) == "sdpa"
+    assert resolve.choose_kernel("sdpa", cpu, torch.float32) == "sdpa"
     # On CUDA in float32, auto takes the exact SDPA (the varlen kernels have no float32).
-    assert attention.choose_kernel("auto", torch.device("cuda"), torch.float32) == "sdpa"
+    assert resolve.choose_kernel("auto", torch.device("cuda"), torch.float32) == "sdpa"
 
 
 def test_a_named_kernel_without_float32_or_not_installed_is_refused(monkeypatch):
     cuda = torch.device("cuda")  # a device object only: nothing runs on it
     with pytest.raises(InputError, match=r"^--attention flash_attn has no float32 kernel; use --dtype bfloat16 or "
                                          r"float16, or --attention sdpa$"):
-        attention.choose_kernel("flash_attn", cuda, torch.float32)
+        resolve.choose_kernel("flash_attn", cuda, torch.float32)
     monkeypatch.setattr(attention, "flash_attn_varlen", lambda: None)
     with pytest.raises(InputError, match=r"^--attention flash_attn: the flash-attn package does not import here; "
                                          r"install it \(pip install flash-attn --no-build-isolation\) or use "
                                          r"--attention auto$"):
-        attention.choose_kernel("flash_attn", cuda, torch.bfloat16)
+        resolve.choose_kernel("flash_attn", cuda, torch.bfloat16)
     monkeypatch.setattr(attention, "torch_varlen", lambda: None)
     with pytest.raises(InputError, match="torch.nn.attention.varlen; use --attention auto$"):
-        attention.choose_kernel("torch_varlen", cuda, torch.bfloat16)
-    assert attention.choose_kernel("auto", cuda, torch.bfloat16) == "sdpa"  # auto: nothing else here
+        resolve.choose_kernel("torch_varlen", cuda, torch.bfloat16)
+    assert resolve.choose_kernel("auto", cuda, torch.bfloat16) == "sdpa"  # auto: nothing else here
 
 
 def test_compile_on_on_cpu_says_it_takes_a_minute(caplog):

@@ -85,7 +85,7 @@ def test_scores_equal_transformers_loaded(tmp_path, pairs, models, seq_cls, monk
     import torch
 
     from pipeline.engines import direct
-    from pipeline.engines.families import inspect_model
+    from pipeline.engines.resolve import inspect_model
 
     cfg = RunConfig(inputs=(str(pairs),), model=model, device="cpu")
     loaded = direct.load_qwen3(cfg, inspect_model(cfg), torch.device("cpu"), torch.float32)
@@ -142,7 +142,7 @@ def test_fallback_without_tokenizer_json(tmp_path, pairs, models, monkeypatch):
 @pytest.mark.parametrize("edit", ["tokenizer_class", "extra_weight"])
 def test_fallback_when_not_understood(tmp_path, pairs, models, monkeypatch, edit):
     from pipeline.engines import direct
-    from pipeline.engines.families import inspect_model
+    from pipeline.engines.resolve import inspect_model
 
     full = models["untied"]
     d = _copy(full, tmp_path / "m")
@@ -174,8 +174,8 @@ def test_fallback_when_not_understood(tmp_path, pairs, models, monkeypatch, edit
 def test_json_config_reads_as_autoconfig(models, seq_cls):
     from transformers import AutoConfig
 
-    from pipeline.engines.model_config import read_config
-    from pipeline.engines.families import inspect_model
+    from pipeline.engines.model_files import read_config
+    from pipeline.engines.resolve import inspect_model
 
     for path in (TINY, models["tied"], models["untied"], seq_cls):
         ours, ref = read_config(path), AutoConfig.from_pretrained(path)

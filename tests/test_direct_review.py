@@ -18,8 +18,8 @@ import torch
 from conftest import ROOT
 from pipeline.config import RunConfig
 from pipeline.engines import compiled, direct, fast_tokenizer
-from pipeline.engines.families import inspect_model
-from pipeline.engines.model_config import read_config
+from pipeline.engines.resolve import inspect_model
+from pipeline.engines.model_files import read_config
 from pipeline.errors import ModelError
 
 TINY = os.path.join(ROOT, "sample_data", "tiny-qwen3-reranker")

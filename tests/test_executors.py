@@ -199,7 +199,7 @@ def test_killed_ray_worker_is_retried(data, tmp_path):
 
 def test_devices_parsing():
     from pipeline.errors import InputError
-    from pipeline.executors.pool import parse_devices
+    from pipeline.driver.execute import parse_devices
 
     assert parse_devices("cpu,cpu", 0) == ["cpu", "cpu"]
     assert parse_devices("2", 0) == ["cpu", "cpu"]

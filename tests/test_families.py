@@ -157,7 +157,7 @@ def test_template_file_and_yes_no_raw_logits(tmp_path, tied_model, pairs):
 
 
 def test_family_detection_override_and_fingerprint(tmp_path, family_models, tied_model, pairs):
-    from pipeline.engines.families import inspect_model
+    from pipeline.engines.resolve import inspect_model
 
     kinds = {k: inspect_model(RunConfig(inputs=(), output="", model=v)).family for k, v in family_models.items()}
     assert kinds == {"bert": "seq-cls-encoder", "xlm-roberta": "seq-cls-encoder", "modernbert": "seq-cls-encoder",

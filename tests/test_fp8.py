@@ -18,7 +18,7 @@ import torch
 
 from conftest import ROOT, real_pairs, run_cli
 from pipeline.config import RunConfig
-from pipeline.engines import forwards, fp8, loading
+from pipeline.engines import forwards, fp8, loading, resolve
 from pipeline.engines.score import engine_from_model, load_engine
 from pipeline.errors import InputError
 
@@ -362,8 +362,8 @@ def test_fp8_is_recorded_apart_from_bfloat16(gpu, tmp_path, tied_model):
     from pipeline.cache.key import make_scope
     from pipeline.driver.plan import make_plan
 
-    assert loading.dtype_label("fp8", torch.bfloat16) == "fp8"
-    assert loading.dtype_label("auto", torch.bfloat16) == "bfloat16"
+    assert resolve.dtype_label("fp8", torch.bfloat16) == "fp8"
+    assert resolve.dtype_label("auto", torch.bfloat16) == "bfloat16"
     gpu(9, 0)
     plans = {}
     for dtype in ("bfloat16", "fp8"):

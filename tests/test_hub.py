@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT, run_cli
 
 from pipeline.errors import ModelError
-from pipeline.engines.hub import resolve_model
+from pipeline.engines.model_files import resolve_model
 
 SAMPLE = os.path.join(ROOT, "sample_data", "pairs.parquet")
 TINY = os.path.join(ROOT, "sample_data", "tiny-qwen3-reranker")

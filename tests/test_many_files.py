@@ -36,7 +36,7 @@ def many(tmp_path_factory):
 
 
 def test_2000_one_row_files_cost_a_constant_per_file_and_per_part(many, monkeypatch):
-    from pipeline.data import rank_index, rank_stream
+    from pipeline.data import rank
     from pipeline.storage.location import LocalLocation
 
     reads: collections.Counter = collections.Counter()  # key -> opens and whole reads
@@ -49,22 +49,21 @@ def test_2000_one_row_files_cost_a_constant_per_file_and_per_part(many, monkeypa
 
         monkeypatch.setattr(LocalLocation, verb, counted)
     hashed = []
-    for mod in (rank_index, rank_stream):
-        real_hashes = mod.key_hashes
+    real_hashes = rank.key_hashes
 
-        def counted_hashes(keys, _real=real_hashes):
-            hashed.append(keys.height)
-            return _real(keys)
+    def counted_hashes(keys):
+        hashed.append(keys.height)
+        return real_hashes(keys)
 
-        monkeypatch.setattr(mod, "key_hashes", counted_hashes)
+    monkeypatch.setattr(rank, "key_hashes", counted_hashes)
     ranked = []
-    real_rank = rank_stream.Ranker.__call__
+    real_rank = rank.Ranker.__call__
 
     def counted_rank(self, table, g):
         ranked.append(table.num_rows)
         return real_rank(self, table, g)
 
-    monkeypatch.setattr(rank_stream.Ranker, "__call__", counted_rank)
+    monkeypatch.setattr(rank.Ranker, "__call__", counted_rank)
 
     writes = []
     real_write = LocalLocation.write_atomic

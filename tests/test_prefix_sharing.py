@@ -235,11 +235,11 @@ def test_on_equals_off_on_both_engines(tmp_path, tied_model, long_file, engine):
 
 
 def test_auto_shares_only_where_it_pays(tmp_path, tied_model, long_file, monkeypatch):
-    from pipeline.engines import prefix
+    from pipeline.engines import resolve
 
     _, s = _run(tmp_path, long_file, tied_model, "auto-cpu")
     assert s.extra["tokens_after_sharing"] == s.tokens  # auto shares on CUDA only
-    monkeypatch.setattr(prefix, "AUTO_DEVICES", ("cuda", "cpu"))  # the rule itself, on this CPU
+    monkeypatch.setattr(resolve, "SHARING_AUTO_DEVICES", ("cuda", "cpu"))  # the rule itself, on this CPU
     _, s = _run(tmp_path, long_file, tied_model, "auto")
     assert s.extra["tokens_after_sharing"] < 0.8 * s.tokens
     # One candidate per query: nothing to share, the plain path runs.

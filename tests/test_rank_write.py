@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.data import rank_stream
+from pipeline.data import rank
 from pipeline.config import RunConfig
 from pipeline.errors import RerankError
 from pipeline.data import write as wmod
@@ -80,7 +80,7 @@ def test_tiny_budget_spills_in_many_buckets(tmp_path, monkeypatch):
     paths, layout = synth_parts(str(tmp_path / "parts"), 4000, per_group=10, scatter=0.5,
                                 part_rows=300, ties=3, seed=3)
     made = []
-    real = rank_stream.spill
+    real = rank.spill
 
     def spy(*a, **k):
         files = real(*a, **k)
@@ -113,9 +113,7 @@ def test_parts_out_of_input_order(tmp_path):
 def test_a_hash_collision_stops_the_write(tmp_path, monkeypatch):
     paths, layout = synth_parts(str(tmp_path / "parts"), 500, per_group=10, part_rows=100, seed=6)
     # Every key hashes alike: the groups merge, and the key check must catch it.
-    monkeypatch.setattr("pipeline.data.rank_index.key_hashes",
-                        lambda k: (np.zeros(k.height, np.uint64), np.zeros(k.height, np.uint64)))
-    monkeypatch.setattr("pipeline.data.rank_stream.key_hashes",
+    monkeypatch.setattr("pipeline.data.rank.key_hashes",
                         lambda k: (np.zeros(k.height, np.uint64), np.zeros(k.height, np.uint64)))
     cfg = RunConfig(inputs=(), output=str(tmp_path / "out.parquet"))
     with pytest.raises(RerankError, match="share a 128-bit hash"):

@@ -39,7 +39,7 @@ t.append(("import_dynamo", time.time()))
 import torch._inductor.compile_fx
 t.append(("import_inductor", time.time()))
 from pipeline.engines import compiled, fused_qwen3
-from pipeline.engines.model_config import read_config
+from pipeline.engines.model_files import read_config
 c = read_config(sys.argv[2])
 compiled.use_cache_dir()
 h, hkv, d, hid = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size

@@ -40,7 +40,7 @@ def run_longdoc_bench(arch: str = "0.6b", workload: str = "w-longdoc", *, device
     from pipeline.bench.throughput import WORKLOADS, BusySampler, build_model, workload_table
     from pipeline.data.chunks import Chunking, aggregate as aggregate_windows, check_options, expand_texts
     from pipeline.engines.doc_tokens import for_tokenizer
-    from pipeline.engines.loading import resolve_device
+    from pipeline.engines.resolve import resolve_device
     from pipeline.engines.score import engine_from_model
     from pipeline.reranker import Reranker
     from pipeline.run import run

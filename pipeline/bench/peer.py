@@ -30,7 +30,7 @@ from pipeline.bench.synthetic import ARCHS, train_cross_tokenizer, train_tokeniz
 from pipeline.bench.throughput import (WORDS, WORKLOADS, BusySampler, measure_matmul_peak, model_flops,
                                        non_embedding_params, sync, workload_table)
 from pipeline.config import RunConfig
-from pipeline.engines.loading import resolve_device, resolve_dtype
+from pipeline.engines.resolve import resolve_device, resolve_dtype
 from pipeline.engines.score import load_engine
 from pipeline.engines.template import QWEN3_RERANKER
 from pipeline.engines.tokenize import CrossEncoderEncoder, same_ids
@@ -95,7 +95,7 @@ def build_saved_model(arch: str, out_dir: str, device, dtype) -> str:
             # size (its load time is one of the measurements).
             tok = train_cross_tokenizer(out_dir, TOKENIZER_STYLE[style], [" ".join(WORDS)] * 5,
                                         pad_vocab_to=shape["vocab_size"] - 8)
-            config = _encoder_config(style, shape, tok)
+            config = encoder_config(style, shape, tok)
             with torch.device(device):
                 model = AutoModelForSequenceClassification.from_config(config)
         else:
@@ -118,7 +118,7 @@ def build_saved_model(arch: str, out_dir: str, device, dtype) -> str:
     return out_dir
 
 
-def _encoder_config(style: str, shape: dict, tok):
+def encoder_config(style: str, shape: dict, tok):
     common = dict(num_labels=1, initializer_range=0.02, pad_token_id=tok.pad_token_id, **shape)
     if style == "bert":
         return BertConfig(architectures=["BertForSequenceClassification"], **common)

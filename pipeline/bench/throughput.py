@@ -26,7 +26,7 @@ from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 from pipeline.bench.synthetic import ARCHS, spread_norms, train_tokenizer
 from pipeline.config import RunConfig
 from pipeline.engines import fp8
-from pipeline.engines.loading import dtype_label, resolve_device, resolve_dtype
+from pipeline.engines.resolve import dtype_label, resolve_device, resolve_dtype
 from pipeline.engines.score import engine_from_model
 from pipeline.engines.template import QWEN3_RERANKER
 from pipeline.engines.tokenize import Encoded, PairEncoder

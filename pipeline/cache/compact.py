@@ -34,7 +34,12 @@ log = logging.getLogger(__name__)
 FANOUT = 8
 TIER0 = 16384  # entries of a tier-0 run at most (a unit's new scores)
 AUTO_MAX = 8 << 20  # entries a merge triggered by a write may read; bigger ones wait for prune
-PART = 2 << 20  # entries per output file (and per key range in memory during a merge)
+# Entries per output file, and per key range held in memory during a merge: a range costs about
+# 240 bytes an entry at its peak (the inputs' blocks, the masked and concatenated columns, the
+# sort and the encoded file), so 512k entries keep a merge near 130 MB whatever the total, where
+# 2M entries took 500 MB. More files per merged run cost lookups little: the files of one run cut
+# the key space, and a lookup checks each file's key range before its filter.
+PART = 1 << 19
 
 
 def file_name(created_ms: int | None = None) -> str:

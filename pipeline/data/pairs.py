@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 
 from pipeline.config import RunConfig
 from pipeline.errors import InputError
-from pipeline.data.arrays import to_arrow
+from pipeline.data.arrays import to_arrow, to_numpy
 from pipeline.data.read import InputLayout, Unit
 
 # _ord = global input row * ORD_STRIDE + doc_index: one sortable int64 for both forms.
@@ -43,7 +43,7 @@ class UnitPairs:
         `_ord`, or with windows their positions in the unit's expansion (the same in every run)."""
         if self.chunks is not None:
             return np.arange(self.chunks.total, dtype=np.int64)
-        return self.table.column("_ord").to_numpy()[self.valid]
+        return to_numpy(self.table.column("_ord"))[self.valid]
 
 
 def build_pairs(unit: Unit, table: pa.Table, layout: InputLayout, cfg: RunConfig, tokenizer=None) -> UnitPairs:

@@ -3,11 +3,11 @@
 Ranking is global: a query's candidates may sit in several units or files. It runs in two
 streaming passes over the parts, so the driver's memory stays bounded by the memory budget and
 the number of queries (about 220 bytes each at the peak), not by the rows:
-  1. narrow (rank_index): every row's group key is hashed; the groups' first positions, sizes
-     and contiguity are indexed;
-  2. wide (rank_stream): queries whose rows are one contiguous run are ranked straight from the
-     stream; the rows of the others are spilled to buckets beside the output, read back, ranked
-     and merged in; in the input's own Arrow types.
+  1. narrow (rank.py, pass 1): every row's group key is hashed; the groups' first positions,
+     sizes and contiguity are indexed;
+  2. wide (rank.py, pass 2): queries whose rows are one contiguous run are ranked straight from
+     the stream; the rows of the others are spilled to buckets beside the output, read back,
+     ranked and merged in; in the input's own Arrow types.
 
 The parts come from a part source (`Parts`: the checkpoint's, which checks each part against its
 record as it reads it), never from paths. Consecutive parts are read into tables of many rows
@@ -28,8 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import RunConfig
-from pipeline.data.rank_index import build_index
-from pipeline.data.rank_stream import Ranker, buckets, contiguous, merge, spill
+from pipeline.data.rank import Ranker, buckets, build_index, contiguous, merge, spill
 from pipeline.data.read import InputLayout
 from pipeline.storage.output import part_name
 

@@ -9,8 +9,8 @@ import dataclasses
 
 from pipeline.config import RunConfig
 from pipeline.engines.threads import usable_cores
+from pipeline.errors import InputError
 from pipeline.executors import ExecutorSpec, WorkSpec, run_units
-from pipeline.executors.pool import parse_devices
 from pipeline.runtime.signals import polled
 from pipeline.runtime.startup import Timeline
 from pipeline.runtime.stop import StopToken
@@ -28,6 +28,44 @@ def pick_executor(cfg: RunConfig) -> ExecutorSpec:
         return ExecutorSpec("pool", devices=tuple(devices),
                             cpu_threads=max(1, usable_cores() // cpu_workers) if cpu_workers else 0)
     return ExecutorSpec("local")
+
+
+def parse_devices(spec: str, cuda_count: int) -> list[str]:
+    """--devices as one device name per pool worker: `all`, a count, or a comma-separated list
+    (cuda:0,cuda:2, cpu,cpu, 0,1), checked against the `cuda_count` devices visible."""
+    spec = spec.strip()
+    if spec == "all":
+        if cuda_count == 0:
+            raise InputError("--devices all: no CUDA device is visible; pass --devices cpu or a count of CPU workers")
+        return [f"cuda:{i}" for i in range(cuda_count)]
+    if spec.isdigit():
+        n = int(spec)
+        if n < 1:
+            raise InputError(f"--devices {spec}: give at least one device")
+        if cuda_count == 0:
+            return ["cpu"] * n
+        if n > cuda_count:
+            raise InputError(f"--devices {spec}: only {cuda_count} CUDA device(s) are visible; pass at most "
+                             f"{cuda_count} or `all`")
+        return [f"cuda:{i}" for i in range(n)]
+    out = []
+    for item in (s.strip() for s in spec.split(",")):
+        if item.isdigit():
+            item = f"cuda:{item}"
+        if item == "cpu" or item == "cuda":
+            out.append("cuda:0" if item == "cuda" else item)
+            continue
+        if item.startswith("cuda:") and item[5:].isdigit():
+            if int(item[5:]) >= cuda_count:
+                raise InputError(f"--devices {spec}: {item} is not visible ({cuda_count} CUDA device(s)); "
+                                 "check CUDA_VISIBLE_DEVICES")
+            out.append(item)
+            continue
+        raise InputError(f"--devices {spec}: {item!r} is not a device; write all, a count, or a list like "
+                         "cuda:0,cuda:2 or cpu,cpu")
+    if not out:
+        raise InputError("--devices: give all, a count, or a list of devices")
+    return out
 
 
 def execute(plan, executor: ExecutorSpec, progress, stop: StopToken | None, *, engine=None,

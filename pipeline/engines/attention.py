@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.engines.padded_attention import padded_sdpa
-from pipeline.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -39,33 +38,6 @@ def torch_varlen():
     except Exception:
         return None
     return varlen_attn
-
-
-def choose_kernel(requested: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
-    """Resolve --attention auto to the fastest exact kernel available on this device. A kernel
-    asked for by name that cannot run here is an InputError naming the fix (what was explicitly
-    requested is never swapped for something else; only auto falls back)."""
-    if requested in ("flash_attn", "torch_varlen"):
-        if device.type != "cuda":
-            raise InputError(f"--attention {requested} needs CUDA and this run is on {device.type}; use "
-                             "--attention sdpa (or auto) on CPU")
-        if dtype == torch.float32:  # the FlashAttention kernels take fp16/bf16 only
-            raise InputError(f"--attention {requested} has no float32 kernel; use --dtype bfloat16 or float16, "
-                             "or --attention sdpa")
-        if requested == "flash_attn" and flash_attn_varlen() is None:
-            raise InputError("--attention flash_attn: the flash-attn package does not import here; install it "
-                             "(pip install flash-attn --no-build-isolation) or use --attention auto")
-        if requested == "torch_varlen" and torch_varlen() is None:
-            raise InputError(f"--attention torch_varlen: torch {torch.__version__} has no "
-                             "torch.nn.attention.varlen; use --attention auto")
-        return requested
-    if device.type != "cuda" or dtype == torch.float32 or requested == "sdpa":
-        return "sdpa"
-    if flash_attn_varlen() is not None:
-        return "flash_attn"
-    if torch_varlen() is not None:
-        return "torch_varlen"
-    return "sdpa"
 
 
 _TORCH_VARLEN_GQA = None

@@ -22,7 +22,7 @@ from safetensors import safe_open
 
 from pipeline.engines import compiled, fast_tokenizer, fused_qwen3
 from pipeline.engines.fused_qwen3 import rope_theta
-from pipeline.engines.model_config import JsonConfig, read_config
+from pipeline.engines.model_files import JsonConfig, read_config
 from pipeline.errors import ModelError, first_line
 from pipeline.runtime import startup
 

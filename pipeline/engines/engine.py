@@ -19,7 +19,7 @@ import numpy as np
 class EngineInfo:
     """What a run reports of its engine: the model kind, the forward and where it runs."""
 
-    kind: object  # engines.families.ModelKind
+    kind: object  # engines.resolve.ModelKind
     forward: str  # "fused", "fused-encoder", "transformers", "transformers-padded"
     kernel: str  # attention kernel: "flash_attn", "torch_varlen", "sdpa", "padded-sdpa"
     device: str  # "cuda", "cuda:1", "cpu"

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 class Forward(Protocol):
     name: str  # "fused", "transformers", "fused-encoder", "transformers-padded"
-    kernel: str  # the attention kernel (attention.choose_kernel), or "padded-sdpa"
+    kernel: str  # the attention kernel (resolve.choose_kernel), or "padded-sdpa"
     padded: bool  # batches are rows padded to their longest (packing.plan_batches counts rows x longest)
     compiled: bool  # fused steps run compiled (torch.compile), not eagerly
 

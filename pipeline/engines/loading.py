@@ -1,7 +1,7 @@
-"""Loading a reranker: the device and dtype, the tokenizer and safetensors weights (refusing a
-checkpoint whose head would be random), then, for it or an already built model (the benchmark
-and the Python API build some in memory), the tokenizer-side encoder and the attention kernel:
-a `Loaded`, from which forwards.choose picks the forward."""
+"""Loading a reranker on the device and in the dtype that resolve.py chooses: the tokenizer and
+safetensors weights (refusing a checkpoint whose head would be random), then, for it or an
+already built model (the benchmark and the Python API build some in memory), the tokenizer-side
+encoder and the attention kernel: a `Loaded`, from which forwards.choose picks the forward."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 
 from pipeline.config import RunConfig
 from pipeline.engines import attention, compiled, cross_tokenizer, direct, fp8, fused_encoder
-from pipeline.engines.families import ModelKind, inspect_model
+from pipeline.engines.resolve import ModelKind, choose_kernel, inspect_model, resolve_device, resolve_dtype
 from pipeline.engines.threads import configure_cpu
 from pipeline.engines.tokenize import CrossEncoderEncoder, PairEncoder
 from pipeline.errors import ModelError, first_line
@@ -33,35 +33,9 @@ class Loaded:
     device: torch.device
     dtype: torch.dtype
     kind: ModelKind
-    kernel: str  # attention.choose_kernel's, or "padded-sdpa" for cross-encoders run padded
+    kernel: str  # resolve.choose_kernel's, or "padded-sdpa" for cross-encoders run padded
     compile: bool  # the fused steps run compiled (--compile; False where a warm-up already failed)
     fp8: bool = False  # --dtype fp8: the fused forward's projections run as fp8 GEMMs; `dtype` is the rest's
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return dev
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The dtype the model's weights and activations are held in; for "fp8", bfloat16 (all but
-    the projections, which the fused forward quantizes: fp8.py), refused where fp8 cannot run."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name == "fp8":
-        fp8.check_device(device)
-        return torch.bfloat16
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
-
-
-def dtype_label(name: str, dtype: torch.dtype) -> str:
-    """How a run's scores are labelled by dtype (checkpoint fingerprint, score cache scope,
-    summary): "fp8", else the resolved torch dtype's name ("bfloat16", "float32")."""
-    return "fp8" if name == "fp8" else str(dtype).removeprefix("torch.")
 
 
 def load(cfg: RunConfig, kind: ModelKind | None = None) -> Loaded:
@@ -146,10 +120,10 @@ def prepare(model, tokenizer, cfg: RunConfig, device=None, kind: ModelKind | Non
     if kind.family == "seq-cls-encoder":
         encoder = CrossEncoderEncoder(tokenizer, cfg.max_length)
         packed = cfg.engine != "transformers" and fused_encoder.supports(model)
-        kernel = attention.choose_kernel(cfg.attention, device, dtype) if packed else "padded-sdpa"
+        kernel = choose_kernel(cfg.attention, device, dtype) if packed else "padded-sdpa"
     else:
         encoder = PairEncoder(tokenizer, kind.template, cfg.max_length)
-        kernel = attention.choose_kernel(cfg.attention, device, dtype)
+        kernel = choose_kernel(cfg.attention, device, dtype)
     # A direct load is already on the device, in the dtype, with no transformers modules to set up.
     if not isinstance(model, direct.DirectQwen3):
         if kind.family != "seq-cls-encoder":

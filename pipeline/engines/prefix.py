@@ -20,28 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.errors import InputError
-
-# auto: share where it saves at least this fraction of the tokens being planned.
+# auto (where resolve.sharing_mode lets it run): share where it saves at least this fraction of the
+# tokens being planned.
 AUTO_MIN_SAVING = 0.2
-# Where `auto` may share. On CPU the shared batch runs one SDPA call per block with an explicit
-# mask, against one masked call for a whole plain batch: measured slower on the 2-core machine,
-# so `auto` shares on CUDA only (`on` forces it anywhere; the CPU tests do).
-AUTO_DEVICES = ("cuda",)
-
-
-def resolve_mode(mode: str, device_type: str, cross_encoder: bool) -> str:
-    """The sharing mode an engine runs ("off", "on" or "auto"): cross-encoders attend both ways (a
-    candidate's prefix depends on its document), so never (`on` asked of one is an InputError: what
-    is asked for by name is never dropped quietly); `auto` only on AUTO_DEVICES."""
-    if cross_encoder and mode == "on":
-        raise InputError("--prefix-sharing on: a cross-encoder reads query and document together, so there is no "
-                         "shared prefix to compute once; use --prefix-sharing auto or off")
-    if cross_encoder or (mode == "auto" and device_type not in AUTO_DEVICES):
-        return "off"
-    return mode
-
-
 # Keys per batch (what the gathered K/V hold) at most this many times the token budget.
 KV_FACTOR = 4
 

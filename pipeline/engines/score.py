@@ -16,9 +16,9 @@ import torch
 from pipeline.config import RunConfig
 from pipeline.engines import budget, forwards, loading, prefix
 from pipeline.engines.engine import Engine, EngineInfo, EngineStats
-from pipeline.engines.families import ModelKind
 from pipeline.engines.oom import BatchRunner
-from pipeline.engines.packing import plan_batches
+from pipeline.engines.packing import gather_packed, plan_batches
+from pipeline.engines.resolve import ModelKind, dtype_label, sharing_mode
 from pipeline.runtime import startup
 
 log = logging.getLogger(__name__)
@@ -42,9 +42,9 @@ def engine_from_model(model, tokenizer, cfg: RunConfig, device: torch.device | N
 
 
 def _build(m: loading.Loaded, cfg: RunConfig, logits: bool, forward=None) -> "TorchEngine":
-    sharing = prefix.resolve_mode(cfg.prefix_sharing, m.device.type, m.kind.family == "seq-cls-encoder")
+    sharing = sharing_mode(cfg.prefix_sharing, m.device.type, m.kind.family == "seq-cls-encoder")
     forward = forward if forward is not None else forwards.choose(m, cfg)
-    dtype = loading.dtype_label(cfg.dtype, m.dtype)
+    dtype = dtype_label(cfg.dtype, m.dtype)
     log.info("model %s (%s) on %s in %s, attention %s, engine %s", cfg.model, m.kind.family, m.device, dtype,
              forward.kernel, forward.name)
     startup.mark("model_setup")
@@ -107,20 +107,25 @@ class TorchEngine:
         batched so far are brought to the host and handed to it (positions in the stream, their
         scores), for the caller to make durable. Batching does not change.
         """
+        # The pairs not yet sent (the pool: the short remainder of the chunks so far), laid out
+        # flat in pool order, and their positions in the stream (`where`). Pairs sent are dropped,
+        # so each chunk costs its own size, not the stream's so far.
         ids = np.empty(0, dtype=np.int32)
         types = None  # token types, for cross-encoders
         keys = None  # group keys, for prefix sharing
         share = self.info.sharing != "off"
         offsets = np.zeros(1, dtype=np.int64)
-        pool = np.empty(0, dtype=np.int64)  # pairs not yet sent
+        where = np.empty(0, dtype=np.int64)
+        total = 0  # pairs in the stream so far
         pending: list[tuple[np.ndarray, torch.Tensor]] = []
         saved: list[tuple[np.ndarray, np.ndarray]] = []  # handed to `commit`, on the host
 
         def run(batches, plen):
+            pool = np.arange(len(where))
             for b in batches:
                 for idx, tokens, logits in self._runner.run(ids, offsets, types, pool[b],
                                                             None if plen is None else (plen[b], keys[pool[b]]), stop):
-                    pending.append((idx, self._activate(logits)))
+                    pending.append((where[idx], self._activate(logits)))
                     if on_batch is not None:
                         on_batch(len(idx), tokens)
                 if commit is not None and pending and commit.due():
@@ -130,7 +135,6 @@ class TorchEngine:
             for enc in chunks:
                 if len(enc) == 0:
                     continue
-                n0 = len(offsets) - 1
                 ids = np.concatenate([ids, enc.ids]) if len(ids) else enc.ids
                 if enc.type_ids is not None:
                     types = np.concatenate([types, enc.type_ids]) if types is not None else enc.type_ids
@@ -139,12 +143,17 @@ class TorchEngine:
                 else:
                     keys = np.concatenate([keys, enc.keys]) if keys is not None else enc.keys
                 offsets = np.concatenate([offsets, enc.offsets[1:] + offsets[-1]])
-                pool = np.concatenate([pool, np.arange(n0, n0 + len(enc), dtype=np.int64)])
-                batches, plen = self._plan(pool, ids, offsets, keys)
+                where = np.concatenate([where, np.arange(total, total + len(enc), dtype=np.int64)])
+                total += len(enc)
+                batches, plen = self._plan(np.arange(len(where)), ids, offsets, keys)
                 run(batches[:-1], plen)
-                pool = pool[batches[-1]]
-            if len(pool):
-                batches, plen = self._plan(pool, ids, offsets, keys)
+                rest = batches[-1]  # kept for the next chunk, in this order
+                kept = gather_packed(ids, offsets, rest, types)
+                ids, offsets, types = kept.ids, kept.cu, kept.types
+                keys = keys[rest] if keys is not None else None
+                where = where[rest]
+            if len(where):
+                batches, plen = self._plan(np.arange(len(where)), ids, offsets, keys)
                 run(batches, plen)
         except KeyboardInterrupt:
             if commit is not None and pending:  # a stop keeps what was scored
@@ -164,8 +173,8 @@ class TorchEngine:
             saved.append((np.concatenate([i for i, _ in pending]),
                           torch.cat([s for _, s in pending]).float().cpu().numpy()))
         if not saved:
-            return np.empty(len(offsets) - 1, dtype=np.float32)
-        out = np.empty((len(offsets) - 1,) + saved[0][1].shape[1:], dtype=np.float32)  # (pairs,) or (pairs, labels)
+            return np.empty(total, dtype=np.float32)
+        out = np.empty((total,) + saved[0][1].shape[1:], dtype=np.float32)  # (pairs,) or (pairs, labels)
         for idx, s in saved:
             out[idx] = s
         return out

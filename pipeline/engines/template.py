@@ -1,12 +1,9 @@
-"""Prompt templates of yes/no rerankers: prefix, body, suffix and the judged tokens."""
+"""Prompt templates of yes/no rerankers: prefix, body, suffix and the judged tokens. The built-in
+ones and the default per model type; --template (a name or a JSON file) is resolved in resolve.py."""
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
-
-from pipeline.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -55,44 +52,3 @@ TEMPLATES = {t.name: t for t in (QWEN3_RERANKER, BGE_RERANKER_V2_GEMMA)}
 DEFAULT_TEMPLATE = {"qwen3": "qwen3-reranker", "qwen2": "qwen3-reranker", "gemma": "bge-reranker-v2-gemma",
                     "gemma2": "bge-reranker-v2-gemma"}
 
-
-def get_template(name: str) -> Template:
-    """A built-in template by name, or a JSON file with prefix, body, suffix, positive and
-    (optionally) negative."""
-    if name in TEMPLATES:
-        return TEMPLATES[name]
-    if name.endswith(".json") or os.path.isfile(name):
-        return load_template_file(name)
-    raise InputError(
-        f"unknown template {name!r}; use one of: {', '.join(sorted(TEMPLATES))}, or a JSON template file"
-    )
-
-
-def load_template_file(path: str) -> Template:
-    try:
-        with open(path, encoding="utf-8") as f:
-            spec = json.load(f)
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read the template ({exc.strerror}); check the path") from None
-    except ValueError as exc:
-        raise InputError(f"{path}: the template is not valid JSON ({exc}); fix the file") from None
-    if not isinstance(spec, dict):
-        raise InputError(f"{path}: the template must be a JSON object with prefix, body, suffix, positive")
-    missing = [k for k in ("prefix", "body", "suffix", "positive") if not isinstance(spec.get(k), str)]
-    if missing:
-        raise InputError(f"{path}: the template needs string fields prefix, body, suffix, positive "
-                         f"(missing {', '.join(missing)}); add them")
-    if "{query}" not in spec["body"] or "{document}" not in spec["body"]:
-        raise InputError(f"{path}: the template body must contain {{query}} and {{document}}; add them")
-    try:
-        spec["body"].format(instruction="", query="", document="")
-    except (KeyError, IndexError, ValueError) as exc:
-        raise InputError(f"{path}: the template body has a placeholder other than {{instruction}}, {{query}}, "
-                         f"{{document}} ({exc}); double literal braces as {{{{ }}}}") from None
-    negative = spec.get("negative")
-    if negative is not None and not isinstance(negative, str):
-        raise InputError(f"{path}: the template's negative must be a string or null")
-    if negative == spec["positive"]:  # softmax over two equal logits: every score would be 0.5
-        raise InputError(f"{path}: the template's positive and negative are both {negative!r}; make them differ")
-    return Template(name=spec.get("name") or os.path.basename(path), prefix=spec["prefix"], body=spec["body"],
-                    suffix=spec["suffix"], positive=spec["positive"], negative=negative)

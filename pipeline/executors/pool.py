@@ -31,7 +31,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 
-from pipeline.errors import InputError, RerankError, first_line
+from pipeline.errors import RerankError, first_line
 from pipeline.runtime.bytecode import use_pycache
 from pipeline.runtime.startup import Timeline
 from pipeline.runtime.stop import StopToken
@@ -323,40 +323,3 @@ def _limit_threads(device: str, cpu_threads: int) -> None:
         import torch  # the worker's engine loads it next anyway
 
         torch.set_num_threads(cpu_threads)
-
-
-def parse_devices(spec: str, cuda_count: int) -> list[str]:
-    """`all`, a count, or a comma-separated list (cuda:0,cuda:2, cpu,cpu, 0,1)."""
-    spec = spec.strip()
-    if spec == "all":
-        if cuda_count == 0:
-            raise InputError("--devices all: no CUDA device is visible; pass --devices cpu or a count of CPU workers")
-        return [f"cuda:{i}" for i in range(cuda_count)]
-    if spec.isdigit():
-        n = int(spec)
-        if n < 1:
-            raise InputError(f"--devices {spec}: give at least one device")
-        if cuda_count == 0:
-            return ["cpu"] * n
-        if n > cuda_count:
-            raise InputError(f"--devices {spec}: only {cuda_count} CUDA device(s) are visible; pass at most "
-                               f"{cuda_count} or `all`")
-        return [f"cuda:{i}" for i in range(n)]
-    out = []
-    for item in (s.strip() for s in spec.split(",")):
-        if item.isdigit():
-            item = f"cuda:{item}"
-        if item == "cpu" or item == "cuda":
-            out.append("cuda:0" if item == "cuda" else item)
-            continue
-        if item.startswith("cuda:") and item[5:].isdigit():
-            if int(item[5:]) >= cuda_count:
-                raise InputError(f"--devices {spec}: {item} is not visible ({cuda_count} CUDA device(s)); "
-                                   "check CUDA_VISIBLE_DEVICES")
-            out.append(item)
-            continue
-        raise InputError(f"--devices {spec}: {item!r} is not a device; write all, a count, or a list like "
-                           "cuda:0,cuda:2 or cpu,cpu")
-    if not out:
-        raise InputError("--devices: give all, a count, or a list of devices")
-    return out

@@ -13,7 +13,7 @@ class WorkSpec:
     """What a unit worker needs to score units on its own, in any process: picklable and small."""
 
     cfg: RunConfig
-    kind: object  # engines.families.ModelKind
+    kind: object  # engines.resolve.ModelKind
     layout: InputLayout
     sink: object  # storage.sink.SinkSpec: the run's checkpoint, which a worker attaches to (no lease)
 

@@ -212,7 +212,7 @@ def fingerprint(cfg, layout, device: str, dtype: str, kind) -> dict:
     the model's files and family, the options that decide the scores (RunConfig.score_fields),
     where they run, the input's form and the template. Engine, attention, compile and batch budget
     are recorded: they change float32 scores by ~3e-7 (summation order), so one output never mixes
-    them. `layout`: the input's (data.read.InputLayout); `kind`: the model's (engines.families.ModelKind)."""
+    them. `layout`: the input's (data.read.InputLayout); `kind`: the model's (engines.resolve.ModelKind)."""
     t = kind.template
     return {
         "model": {**model_fingerprint(cfg.model), "family": kind.family},
