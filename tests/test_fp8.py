@@ -402,5 +402,29 @@ def test_the_fp8_bench_script_runs_on_cpu(tmp_path):
     rows = rec["speed"]["tiny"]
     assert all(rows[k]["pairs_per_s"] > 0 for k in ("bfloat16", "fp8")) and rows["speedup_fp8_over_bf16"] > 0
     fid = rec["fidelity"]
-    assert set(fid["vs_float32"]) == {"bfloat16", "fp8", "fp8_all_layers", "fp8_smoothed"} and fid["pairs"] > 0
+    assert set(fid["vs_float32"]) == {"bfloat16", "fp8", "fp8_fast_accum", "fp8_all_layers", "fp8_smoothed"} and fid["pairs"] > 0
     assert 0 < fid["vs_float32"]["fp8"]["max_abs"] < 0.5 and fid["vs_float32"]["fp8"]["spearman_per_query"] > 0.5
+
+
+def test_prequantized_rows_give_the_same_product():
+    """The fused forward hands its projections rows already quantized by the step before them
+    (fp8.Quantized): the product equals quantizing the same rows inside the linear."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(37, 64, generator=g)
+    w = fp8.quantize_weight(torch.randn(48, 64, generator=g) * 0.05)
+    plain = fp8.emulated_linear(x, w)
+    pre = fp8.emulated_linear(fp8.Quantized(*fp8.quantize_rows(x)), w, torch.float32)
+    assert pre.shape == plain.shape == (37, 48)
+    assert torch.equal(pre, plain)
+    # and the steps that quantize their own output give what quantizing after them gives
+    from pipeline.engines import fused_qwen3 as fq
+
+    ln = torch.rand(64, generator=g) + 0.5
+    y, q, s = fq.add_norm_q(x, x * 0.5, ln, 1e-6)
+    y2, h = fq.add_norm(x, x * 0.5, ln, 1e-6)
+    q2, s2 = fp8.quantize_rows(h)
+    assert torch.equal(y, y2) and torch.equal(q.float(), q2.float()) and torch.equal(s, s2)
+    gu = torch.randn(5, 128, generator=g)
+    qa, sa = fq.swiglu_q(gu)
+    qb, sb = fp8.quantize_rows(fq.swiglu(gu))
+    assert torch.equal(qa.float(), qb.float()) and torch.equal(sa, sb)

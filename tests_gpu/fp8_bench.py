@@ -124,8 +124,10 @@ def speed(arch: str):
         vocab = len(tok) if arch == "tiny" else shape.get("vocab_size", len(tok))
         # fp8 first: its copy's bf16 projections are freed before the bf16 engine sizes its batch
         # budget, so both budgets are sized with the same memory in use.
-        engs = {"fp8": engine(model_b, tok, "fp8"), "bfloat16": engine(model_a, tok, "bfloat16")}
-        del model_a, model_b
+        model_c = copy.deepcopy(model_a)
+        engs = {"fp8": engine(model_b, tok, "fp8"), "fp8_fast_accum": engine(model_c, tok, "fp8_fast_accum"),
+                "bfloat16": engine(model_a, tok, "bfloat16")}
+        del model_a, model_b, model_c
         free()
         enc = bench.synthetic_encoded(bench.WORKLOADS["w-mixed"], vocab, 48 if SMOKE else ARGS.pairs)
         warm = bench.Encoded(enc.ids, enc.offsets[:65], enc.truncated, keys=enc.keys[:64])
@@ -152,8 +154,9 @@ def speed(arch: str):
                        "batch_token_budget": e.token_budget, "engine": e.info.forward, "kernel": e.info.kernel,
                        # the engine's own label ("fp8" on CUDA; the CPU smoke's emulation says bfloat16)
                        "compiled": e.info.compiled, "label": e.info.dtype}
-        rows["speedup_fp8_over_bf16"] = round(rows["fp8"]["pairs_per_s"] / rows["bfloat16"]["pairs_per_s"], 3)
-        rows["max_abs_fp8_vs_bf16_scores"] = float(np.abs(scores["fp8"] - scores["bfloat16"]).max())
+        for k in ("fp8", "fp8_fast_accum"):
+            rows[f"speedup_{k}_over_bf16"] = round(rows[k]["pairs_per_s"] / rows["bfloat16"]["pairs_per_s"], 3)
+            rows[f"max_abs_{k}_vs_bf16_scores"] = float(np.abs(scores[k] - scores["bfloat16"]).max())
         del engs
         free()
     REC.setdefault("speed", {})[arch] = rows
@@ -198,21 +201,22 @@ if __name__ == "__main__":
             traceback.print_exc()
             save(f"error_{name}", repr(exc))
         free()
-    lines = [f"{'arch':<6} {'dtype':<9} {'pairs/s':>9} {'tokens/s':>10} {'MFU':>7} {'budget':>7}"]
+    lines = [f"{'arch':<6} {'dtype':<15} {'pairs/s':>9} {'tokens/s':>10} {'MFU':>7} {'budget':>7}"]
     for arch, rows in REC.get("speed", {}).items():
-        for k in ("bfloat16", "fp8"):
+        for k in ("bfloat16", "fp8", "fp8_fast_accum"):
             r = rows[k]
             mfu = f"{100 * r['mfu_vs_bf16_peak']:.1f}%" if r["mfu_vs_bf16_peak"] is not None else "-"
-            lines.append(f"{arch:<6} {k:<9} {r['pairs_per_s']:>9.1f} {r['tokens_per_s']:>10} {mfu:>7} "
+            lines.append(f"{arch:<6} {k:<15} {r['pairs_per_s']:>9.1f} {r['tokens_per_s']:>10} {mfu:>7} "
                          f"{r['batch_token_budget']:>7}")
-        lines.append(f"{arch:<6} fp8/bf16  {rows['speedup_fp8_over_bf16']:.3f}x")
+        lines.append(f"{arch:<6} fp8/bf16  {rows['speedup_fp8_over_bf16']:.3f}x, with fast accumulation "
+                     f"{rows['speedup_fp8_fast_accum_over_bf16']:.3f}x")
     f = REC.get("fidelity")
     if f:
         lines.append(f"fidelity ({f['pairs']} real pairs, {f['queries']} queries x {f['candidates_per_query']}; "
                      f"{f['model']['num_hidden_layers']} layers of width {f['model']['hidden_size']}; "
                      f"{f['device']}) against float32:")
-        lines.append(f"{'dtype':<15} {'max|d|':>8} {'mean|d|':>8} {'rho/query':>10} {'top10':>7} {'top1':>7}")
+        lines.append(f"{'dtype':<16} {'max|d|':>8} {'mean|d|':>8} {'rho/query':>10} {'top10':>7} {'top1':>7}")
         for k, c in f["vs_float32"].items():
-            lines.append(f"{k:<15} {c['max_abs']:>8.4f} {c['mean_abs']:>8.4f} {c['spearman_per_query']:>10.4f} "
+            lines.append(f"{k:<16} {c['max_abs']:>8.4f} {c['mean_abs']:>8.4f} {c['spearman_per_query']:>10.4f} "
                          f"{c['top10_overlap']:>7.3f} {c['top1_agreement']:>7.3f}")
     print("\n".join(lines))

@@ -27,7 +27,7 @@ from pipeline.engines.score import engine_from_model
 
 SETS = ("ARC-Challenge", "physicaliqa", "spartqa")
 # All of them, float32 last (its engine runs over the model itself, the others over copies).
-DTYPES = ("fp8", "fp8_all_layers", "fp8_smoothed", "bfloat16", "float32")
+DTYPES = ("fp8", "fp8_fast_accum", "fp8_all_layers", "fp8_smoothed", "bfloat16", "float32")
 
 
 def real_queries(data_dir: str, per_set: int, candidates: int = 20):
@@ -78,22 +78,25 @@ def compare(got, ref, group) -> dict:
             "top1_agreement": float(np.mean(top1))}
 
 
-# fp8 as it runs, and two variants for comparison: every layer's projections in fp8 (none kept
-# bf16, as fp8 was first), and the smoothing of fp8_smooth.py turned on.
-VARIANTS = {"fp8": {}, "fp8_all_layers": {"bf16_layers": 0}, "fp8_smoothed": {"smooth": True}}
+# fp8 as it runs, and variants for comparison: the GEMMs with fast accumulation (on CUDA; the CPU
+# emulation accumulates in float32 either way), every layer's projections in fp8 (none kept bf16,
+# as fp8 was first), and the smoothing of fp8_smooth.py turned on.
+VARIANTS = {"fp8": {}, "fp8_fast_accum": {"fast_accum": True}, "fp8_all_layers": {"bf16_layers": 0},
+            "fp8_smoothed": {"smooth": True}}
 
 
 @contextlib.contextmanager
 def variant(name: str):
     """fp8 engines built inside follow VARIANTS[name] (nothing changes for other names)."""
     v = VARIANTS.get(name, {})
-    keep = fp8.BF16_LAYERS, fp8_smooth.ENABLED
+    keep = fp8.BF16_LAYERS, fp8_smooth.ENABLED, fp8.FAST_ACCUM
     fp8.BF16_LAYERS = v.get("bf16_layers", fp8.BF16_LAYERS)
     fp8_smooth.ENABLED = v.get("smooth", fp8_smooth.ENABLED)
+    fp8.FAST_ACCUM = v.get("fast_accum", fp8.FAST_ACCUM)
     try:
         yield
     finally:
-        fp8.BF16_LAYERS, fp8_smooth.ENABLED = keep
+        fp8.BF16_LAYERS, fp8_smooth.ENABLED, fp8.FAST_ACCUM = keep
 
 
 def engine(model, tok, dtype: str, device: torch.device, **kw):

@@ -207,7 +207,7 @@ def load_qwen3(cfg, kind, device: torch.device, dtype: torch.dtype):
     compile = compiled.wanted(cfg, device)
     if compile:
         try:
-            fused_qwen3.warm_up(c, device, dtype)
+            fused_qwen3.warm_up(c, device, dtype, fp8=cfg.dtype == "fp8")
         except Exception as exc:  # torch.compile compiles on first call: a broken compiler shows here
             compile = False
             log.warning("torch.compile failed on dummy rows (%s); running eagerly", first_line(exc))

@@ -198,7 +198,8 @@ def choose(m: Loaded, cfg) -> Forward:
         stack = FusedQwen3.from_hf(m.model, base, m.kernel, compile=m.compile, fp8=m.fp8)
         if m.compile:
             startup.mark("model_setup")
-            if not warm_up(lambda: fused_qwen3.warm_up(m.model.config, m.device, m.dtype, parameters=True)):
+            if not warm_up(lambda: fused_qwen3.warm_up(m.model.config, m.device, m.dtype, parameters=True,
+                                                             fp8=m.fp8)):
                 stack.use_eager()
     elif cfg.engine == "fused":
         raise ModelError(f"--engine fused supports plain Qwen3 decoders only; this model is "

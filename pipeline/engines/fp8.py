@@ -13,13 +13,20 @@ the projections of the first BF16_LAYERS layers.
 `Fp8Weight` holds a quantized matrix; `linear_for(device)` picks, once, the function the fused
 forward calls in place of F.linear: `scaled_mm_linear` on CUDA, `emulated_linear` elsewhere (the
 same arithmetic in float32, for the tests and CPU smoke runs: the command line refuses fp8 off
-CUDA, `check_device`).
+CUDA, `check_device`). Either takes the activations as a bf16 matrix, or already quantized as a
+`Quantized` (q, scale) pair: the fused forward quantizes the outputs of its RMSNorms and of SiLU·mul
+inside those kernels (fused_qwen3.py), so that three of a layer's four activation matrices are
+never written in bf16 and read back only to be quantized.
+
+FAST_ACCUM: the fp8 GEMMs accumulate with Hopper's fast fp8 accumulation (use_fast_accum), which
+skips the periodic promotion of partial sums to float32; off by default (docs/FP8.md measures both).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -37,6 +44,8 @@ FIX = "use --dtype bfloat16, or a GPU of compute capability 8.9 or newer (Ada, H
 # than that of all the other layers together (docs/FP8.md, Fidelity): keeping it costs 1/28 of
 # the 0.6B's projection FLOPs at bf16 speed (1/36 of the 4B's and 8B's).
 BF16_LAYERS = 1
+# Read when an engine is built (linear_for): True runs the GEMMs with use_fast_accum.
+FAST_ACCUM = False
 
 
 def check_device(device: torch.device) -> None:
@@ -94,28 +103,44 @@ def quantize_weight(w: torch.Tensor) -> Fp8Weight:
     return Fp8Weight(q.contiguous(), scale.reshape(1, -1).contiguous())
 
 
+class Quantized(NamedTuple):
+    """Activation rows already quantized: `q` [rows, in] float8_e4m3fn and their float32 scales
+    `scale` [rows, 1] (quantize_rows), so that x ~= q * scale."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def scaled_mm_linear(x: torch.Tensor, w: Fp8Weight, out_dtype: torch.dtype = torch.bfloat16,
-                     quantize=quantize_rows) -> torch.Tensor:
+def scaled_mm_linear(x, w: Fp8Weight, out_dtype: torch.dtype = torch.bfloat16,
+                     quantize=quantize_rows, fast_accum: bool = False) -> torch.Tensor:
     """x @ W.T through torch._scaled_mm with row-wise scales: the activations quantized per
-    token; the second operand column-major (q.t() of the row-major [out, in] rows), as the
-    Hopper kernels take it. K and N must be multiples of 16 (check_shapes)."""
-    a = _rows(x)
-    qa, sa = quantize(a)
-    y = torch._scaled_mm(qa, w.q.t(), scale_a=sa, scale_b=w.scale, out_dtype=out_dtype)
-    return y.reshape(*x.shape[:-1], w.q.shape[0])
+    token (here, or before: `x` a Quantized pair); the second operand column-major (q.t() of the
+    row-major [out, in] rows), as the Hopper kernels take it. K and N must be multiples of 16
+    (check_shapes)."""
+    if isinstance(x, Quantized):
+        (qa, sa), lead = x, x.q.shape[:-1]
+    else:
+        qa, sa = quantize(_rows(x))
+        lead = x.shape[:-1]
+    y = torch._scaled_mm(qa, w.q.t(), scale_a=sa, scale_b=w.scale, out_dtype=out_dtype, use_fast_accum=fast_accum)
+    return y.reshape(*lead, w.q.shape[0])
 
 
-def emulated_linear(x: torch.Tensor, w: Fp8Weight) -> torch.Tensor:
+def emulated_linear(x, w: Fp8Weight, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """What scaled_mm_linear computes, in float32 arithmetic: (qa * sa) @ (qw * sw).T, cast to x's
-    dtype. The reference of the fp8 design, and the fp8 forward off CUDA (tests)."""
-    a = _rows(x)
-    qa, sa = quantize_rows(a)
+    dtype (`out_dtype` for a Quantized `x`). The reference of the fp8 design, and the fp8 forward
+    off CUDA (tests)."""
+    if isinstance(x, Quantized):
+        (qa, sa), lead, dtype = x, x.q.shape[:-1], out_dtype or torch.float32
+    else:
+        qa, sa = quantize_rows(_rows(x))
+        lead, dtype = x.shape[:-1], x.dtype
     y = (qa.to(torch.float32) * sa) @ w.dequantize().T
-    return y.to(x.dtype).reshape(*x.shape[:-1], w.q.shape[0])
+    return y.to(dtype).reshape(*lead, w.q.shape[0])
 
 
 def check_shapes(weights: dict[str, torch.Tensor]) -> None:
@@ -127,28 +152,30 @@ def check_shapes(weights: dict[str, torch.Tensor]) -> None:
                              "are multiples of 16; use --dtype bfloat16")
 
 
-def linear_for(device: torch.device, compile: bool = False, widths: tuple[int, ...] = ()):
-    """The linear the fused forward calls, linear(x, Fp8Weight): the fp8 GEMM on CUDA, its float32
-    emulation elsewhere. `compile`: the per-token activation quantization is compiled into one
-    kernel (torch.compile), warmed up here on dummy rows of each input width in `widths`; it runs
-    eagerly where that fails."""
+def linear_for(device: torch.device, dtype: torch.dtype, compile: bool = False, widths: tuple[int, ...] = ()):
+    """The linear the fused forward calls, linear(x, Fp8Weight) with `x` a `dtype` matrix or a
+    Quantized pair, returning `dtype`: the fp8 GEMM on CUDA, its float32 emulation elsewhere.
+    `compile`: the per-token activation quantization (where `x` comes unquantized) is compiled
+    into one kernel (torch.compile), warmed up here on dummy rows of each input width in
+    `widths`; it runs eagerly where that fails."""
     if device.type != "cuda":
-        return emulated_linear
-    if not compile:
-        return scaled_mm_linear
-    try:
-        from pipeline.engines import compiled
+        return lambda x, w: emulated_linear(x, w, dtype)
+    fast = FAST_ACCUM
+    quantize = quantize_rows
+    if compile:
+        try:
+            from pipeline.engines import compiled
 
-        quantize = compiled.compile_rows(quantize_rows)
-        with torch.inference_mode():
-            for k in widths:
-                quantize(torch.zeros(16, k, device=device, dtype=torch.bfloat16))
-    except Exception as exc:  # no Triton, no compiler: eager is the same arithmetic, only slower
-        log.warning("torch.compile of the fp8 activation quantization failed (%s); running it eagerly",
-                    first_line(exc))
-        return scaled_mm_linear
+            quantize = compiled.compile_rows(quantize_rows)
+            with torch.inference_mode():
+                for k in widths:
+                    quantize(torch.zeros(16, k, device=device, dtype=dtype))
+        except Exception as exc:  # no Triton, no compiler: eager is the same arithmetic, only slower
+            log.warning("torch.compile of the fp8 activation quantization failed (%s); running it eagerly",
+                        first_line(exc))
+            quantize = quantize_rows
 
     def linear(x, w):
-        return scaled_mm_linear(x, w, quantize=quantize)
+        return scaled_mm_linear(x, w, dtype, quantize, fast)
 
     return linear

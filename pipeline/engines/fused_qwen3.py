@@ -57,6 +57,24 @@ def swiglu(gu):
     return F.silu(g) * u
 
 
+# The steps whose output feeds an fp8 projection, with the per-token quantization in the same
+# kernel once compiled (fp8.quantize_rows on the step's own result: the same numbers as quantizing
+# after it).
+def norm_q(x, w, eps: float):
+    return fp8_layers.quantize_rows(rms_norm(x, w, eps))
+
+
+def add_norm_q(x, delta, w, eps: float):
+    """add_norm, its normed rows quantized: (sum, q, scale)."""
+    y = x + delta
+    q, s = fp8_layers.quantize_rows(rms_norm(y, w, eps))
+    return y, q, s
+
+
+def swiglu_q(gu):
+    return fp8_layers.quantize_rows(swiglu(gu))
+
+
 class _Layer:
     __slots__ = ("ln1", "ln2", "w_qkv", "w_o", "qn", "kn", "w_gu", "w_down", "fp8")
 
@@ -122,12 +140,13 @@ class FusedQwen3:
         self._add_norm = add_norm
         self._swiglu = swiglu
         self._norm = rms_norm
+        self._add_norm_q, self._swiglu_q, self._norm_q = add_norm_q, swiglu_q, norm_q
         # The projections' GEMM, chosen once: F.linear, or the fp8 GEMM over fp8.Fp8Weight.
         self._linear = F.linear
         self.fp8 = fp8
         if fp8:
-            widths = (cfg.hidden_size, self.h * self.d, cfg.intermediate_size)
-            self._linear = fp8_layers.linear_for(embed.device, compile, widths)
+            # Only the attention's output reaches the GEMM unquantized; the rest come as Quantized.
+            self._linear = fp8_layers.linear_for(embed.device, embed.dtype, compile, (self.h * self.d,))
         if compile:
             self._compile()
 
@@ -179,6 +198,7 @@ class FusedQwen3:
         """The plain functions (exact; what a failed warm-up leaves: torch.compile compiles on the
         first call, so a broken compiler shows only there)."""
         self._qk, self._add_norm, self._swiglu, self._norm = qk_norm_rope, add_norm, swiglu, rms_norm
+        self._add_norm_q, self._swiglu_q, self._norm_q = add_norm_q, swiglu_q, norm_q
 
     @property
     def compiled(self) -> bool:
@@ -193,6 +213,10 @@ class FusedQwen3:
             self._add_norm = compiled.compile_rows(add_norm)
             self._swiglu = compiled.compile_rows(swiglu)
             self._norm = compiled.compile_rows(rms_norm)
+            if self.fp8:
+                self._add_norm_q = compiled.compile_rows(add_norm_q)
+                self._swiglu_q = compiled.compile_rows(swiglu_q)
+                self._norm_q = compiled.compile_rows(norm_q)
         except Exception as exc:  # no Triton, no compiler: eager is exact, only slower
             log.warning("torch.compile unavailable (%s); running eagerly", exc)
             self.use_eager()
@@ -209,27 +233,41 @@ class FusedQwen3:
         `shared`: (kv_idx, cu_k, max_k) of a batch with shared prefixes (attention.packed_attention)."""
         x = F.embedding(input_ids, self.embed)
         cos, sin = self.rope_tables(position_ids, x.dtype)
-        n_layers = len(self.layers)
-        hn = self._norm(x, self.layers[0].ln1, self.eps)
-        for i, L in enumerate(self.layers):
-            linear = self._linear if L.fp8 else F.linear  # fp8: the first layers stay bf16 (fp8.BF16_LAYERS)
-            q, k, v = self._qk(linear(hn, L.w_qkv), L.qn, L.kn, cos, sin, self.eps, self.h, self.hkv, self.d)
+        layers, eps = self.layers, self.eps
+        n_layers = len(layers)
+        # An fp8 layer's projections take their inputs quantized by the step before them (norm,
+        # SiLU·mul: fp8.Quantized), all but the attention's output; the first layers stay bf16
+        # (fp8.BF16_LAYERS) and take plain rows.
+        hn = fp8_layers.Quantized(*self._norm_q(x, layers[0].ln1, eps)) if layers[0].fp8 else \
+            self._norm(x, layers[0].ln1, eps)
+        for i, L in enumerate(layers):
+            linear = self._linear if L.fp8 else F.linear
+            q, k, v = self._qk(linear(hn, L.w_qkv), L.qn, L.kn, cos, sin, eps, self.h, self.hkv, self.d)
             att = packed_attention(q, k, v, cu, max_len, self.scale, self.kernel, shared)
             att = linear(att.reshape(att.shape[0], -1), L.w_o)
             if i == n_layers - 1:
                 # Only the scored rows go on: the last MLP and norm on n rows, not T.
                 x, att = x[last_idx], att[last_idx]
-            x, hn = self._add_norm(x, att, L.ln2, self.eps)
-            mlp = linear(self._swiglu(linear(hn, L.w_gu)), L.w_down)
-            nxt = self.layers[i + 1].ln1 if i + 1 < n_layers else self.norm
-            x, hn = self._add_norm(x, mlp, nxt, self.eps)
+            if L.fp8:
+                x, *qs = self._add_norm_q(x, att, L.ln2, eps)
+                mlp = linear(fp8_layers.Quantized(*self._swiglu_q(linear(fp8_layers.Quantized(*qs), L.w_gu))),
+                             L.w_down)
+            else:
+                x, hn = self._add_norm(x, att, L.ln2, eps)
+                mlp = linear(self._swiglu(linear(hn, L.w_gu)), L.w_down)
+            if i + 1 < n_layers and layers[i + 1].fp8:
+                x, *qs = self._add_norm_q(x, mlp, layers[i + 1].ln1, eps)
+                hn = fp8_layers.Quantized(*qs)
+            else:
+                x, hn = self._add_norm(x, mlp, layers[i + 1].ln1 if i + 1 < n_layers else self.norm, eps)
         return hn
 
 
-def warm_up(cfg, device, dtype, parameters: bool = False, rows: int = 16) -> None:
+def warm_up(cfg, device, dtype, parameters: bool = False, rows: int = 16, fp8: bool = False) -> None:
     """Compile the fused steps on dummy rows of the model's widths, dtype and device, before (or
     while) the weights load: the model's calls then find them compiled. `parameters`: the weights
-    are nn.Parameters (a transformers model), which torch.compile's guards tell from tensors."""
+    are nn.Parameters (a transformers model), which torch.compile's guards tell from tensors.
+    `fp8`: also the steps that quantize their output for an fp8 projection."""
     compile_rows = compiled.compile_rows
     h, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
     d = getattr(cfg, "head_dim", None) or cfg.hidden_size // h
@@ -249,6 +287,9 @@ def warm_up(cfg, device, dtype, parameters: bool = False, rows: int = 16) -> Non
         compile_rows(add_norm)(z(hid), z(hid), w_hid, eps)
         compile_rows(swiglu)(z(2 * cfg.intermediate_size))
         compile_rows(rms_norm)(z(hid), w_hid, eps)
+        if fp8:
+            compile_rows(add_norm_q)(z(hid), z(hid), w_hid, eps)
+            compile_rows(swiglu_q)(z(2 * cfg.intermediate_size))
 
 
 def rope_theta(c) -> float | None:
