@@ -16,7 +16,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from pipeline.engines import compiled, fp8 as fp8_layers, fp8_smooth
+from pipeline.engines import compiled, fp8 as fp8_layers, fp8_smooth, fp8_swiglu
 from pipeline.engines.attention import packed_attention
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,9 @@ def qk_norm_rope(qkv, qw, kw, cos, sin, eps: float, h: int, hkv: int, d: int):
     c, s = cos[:, None, :], sin[:, None, :]
     q = q * c + _rotate_half(q) * s
     k = k * c + _rotate_half(k) * s
-    return q.contiguous(), k.contiguous(), v.reshape(t, hkv, d).contiguous()
+    # v is a view of the q/k/v rows: the attention kernels take any row stride (only the last
+    # dimension must be contiguous), and a copy would cost a pass over v every layer.
+    return q.contiguous(), k.contiguous(), v.view(t, hkv, d)
 
 
 def add_norm(x, delta, w, eps: float):
@@ -217,6 +219,9 @@ class FusedQwen3:
                 self._add_norm_q = compiled.compile_rows(add_norm_q)
                 self._swiglu_q = compiled.compile_rows(swiglu_q)
                 self._norm_q = compiled.compile_rows(norm_q)
+                width = self.layers[-1].w_gu.shape[0]
+                if fp8_swiglu.check(self._swiglu_q, self.embed.device, self.embed.dtype, width):
+                    self._swiglu_q = fp8_swiglu.swiglu_quantize  # one pass over the rows (fp8_swiglu.py)
         except Exception as exc:  # no Triton, no compiler: eager is exact, only slower
             log.warning("torch.compile unavailable (%s); running eagerly", exc)
             self.use_eager()
