@@ -31,7 +31,7 @@ from .common import SizeType, config_option, domain_errors, log_options, setup_l
                help="Token budget per packed batch. [default: sized from measured GPU memory]")
 @config_option("--compile", help="torch.compile the fused elementwise steps (as rerank-batch run).")
 @config_option("--engine", help="Our fused forward or transformers' own modules (as rerank-batch run).")
-@config_option("--dtype", help="Our engine's dtype (as rerank-batch run; fp8 on CUDA 8.9+); the naive recipe runs "
+@config_option("--dtype", help="Our engine's dtype (as rerank-batch run; fp8 and fp8-fast on CUDA 8.9+); the naive recipe runs "
                "in fp16. Not with --peer, --devices, --chunk-tokens or --host-only.")
 @config_option("--attention", help="Attention kernel for packed batches (as rerank-batch run).")
 @config_option("--prefix-sharing", help="Share each query's prompt prefix across its candidates (as rerank-batch run).")

@@ -347,6 +347,42 @@ def test_the_python_api_refuses_fp8_off_cuda(no_gpu):
         Reranker(TINY, dtype="fp8")
 
 
+def test_fp8_fast_is_refused_as_fp8_is_under_its_own_name(no_gpu, gpu, tmp_path):
+    out = tmp_path / "o.parquet"
+    r = run_cli(["run", SAMPLE, "--model", TINY, "-o", out, "--dtype", "fp8-fast"])
+    assert r.exit_code == 2
+    assert r.output == f"Error: --dtype fp8-fast runs on CUDA GPUs only, and this run's device is cpu; {FIX}\n"
+    gpu(8, 6, "NVIDIA A40")
+    r = run_cli(["run", SAMPLE, "--model", TINY, "-o", out, "--dtype", "fp8-fast", "--device", "cuda"])
+    assert r.exit_code == 2
+    assert r.output == ("Error: --dtype fp8-fast needs a GPU of compute capability 8.9 or newer, and cuda "
+                        f"(NVIDIA A40) has 8.6; {FIX}\n")
+    gpu(9, 0)
+    r = run_cli(["run", SAMPLE, "--model", TINY, "-o", out, "--dtype", "fp8-fast", "--device", "cuda",
+                 "--engine", "transformers"])
+    assert r.exit_code == 2 and r.output.startswith("Error: --dtype fp8-fast runs in the fused Qwen3 engine")
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_fp8_fast_chooses_the_fast_accumulation_and_nothing_else(models, monkeypatch):
+    """The same fp8 layers, their GEMMs told to accumulate fast; plain fp8 is not."""
+    seen = []
+    def linear_for(device, dtype, compile=False, widths=(), fast_accum=False):
+        seen.append(fast_accum)
+        return lambda x, w: fp8.emulated_linear(x, w, dtype)
+
+    monkeypatch.setattr(fp8, "linear_for", linear_for)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for dtype in ("fp8", "fp8-fast"):
+        model = AutoModelForCausalLM.from_pretrained(models["tied"], dtype=torch.float32).eval()
+        tok = AutoTokenizer.from_pretrained(models["tied"])
+        cfg = RunConfig(inputs=(), model=models["tied"], device="cpu", engine="fused")
+        m = dataclasses.replace(loading.prepare(model, tok, cfg, torch.device("cpu")), fp8=True)
+        forwards.choose(m, dataclasses.replace(cfg, dtype=dtype))
+    assert seen == [False, True]
+
+
 def test_the_bench_refuses_fp8_off_cuda(no_gpu):
     r = run_cli(["bench", "--smoke", "--dtype", "fp8"])
     assert r.exit_code == 2
@@ -363,10 +399,11 @@ def test_fp8_is_recorded_apart_from_bfloat16(gpu, tmp_path, tied_model):
     from pipeline.driver.plan import make_plan
 
     assert resolve.dtype_label("fp8", torch.bfloat16) == "fp8"
+    assert resolve.dtype_label("fp8-fast", torch.bfloat16) == "fp8-fast"
     assert resolve.dtype_label("auto", torch.bfloat16) == "bfloat16"
     gpu(9, 0)
     plans = {}
-    for dtype in ("bfloat16", "fp8"):
+    for dtype in ("bfloat16", "fp8", "fp8-fast"):
         cfg = RunConfig(inputs=(SAMPLE,), output=str(tmp_path / f"{dtype}.parquet"), model=TINY, device="cuda",
                         dtype=dtype)
         plan = make_plan(cfg)
@@ -374,12 +411,13 @@ def test_fp8_is_recorded_apart_from_bfloat16(gpu, tmp_path, tied_model):
         with open(os.path.join(plan.cfg.ckpt_dir, "fingerprint.json")) as f:
             assert json.load(f)["options"]["dtype"] == dtype
         plan.ckpt.close(remove=True)
-    assert plans == {"bfloat16": "bfloat16", "fp8": "fp8"}
+    assert plans == {"bfloat16": "bfloat16", "fp8": "fp8", "fp8-fast": "fp8-fast"}
 
     kind = load_engine(RunConfig(inputs=(), model=tied_model, device="cpu")).info.kind
     cfg = RunConfig(inputs=(), model=tied_model)
     bf16, f8 = make_scope(cfg, kind, "bfloat16"), make_scope(cfg, kind, "fp8")
     assert bf16.id != f8.id and f8.fields["dtype"] == "fp8"
+    assert make_scope(cfg, kind, "fp8-fast").id not in (bf16.id, f8.id)
     hi, lo = np.arange(1, 6, dtype=np.uint64), np.arange(11, 16, dtype=np.uint64)
     c = PairCache(str(tmp_path / "cache"), bf16)
     c.add(hi, lo, np.linspace(0, 1, 5).astype(np.float32))

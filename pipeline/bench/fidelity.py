@@ -78,10 +78,10 @@ def compare(got, ref, group) -> dict:
             "top1_agreement": float(np.mean(top1))}
 
 
-# fp8 as it runs, and variants for comparison: the GEMMs with fast accumulation (on CUDA; the CPU
-# emulation accumulates in float32 either way), every layer's projections in fp8 (none kept bf16,
+# fp8 as it runs, and variants for comparison: --dtype fp8-fast (the GEMMs' fast accumulation, on
+# CUDA; the CPU emulation accumulates in float32 either way), every layer's projections in fp8 (none kept bf16,
 # as fp8 was first), and the smoothing of fp8_smooth.py turned on.
-VARIANTS = {"fp8": {}, "fp8_fast_accum": {"fast_accum": True}, "fp8_all_layers": {"bf16_layers": 0},
+VARIANTS = {"fp8": {}, "fp8_fast_accum": {"dtype": "fp8-fast"}, "fp8_all_layers": {"bf16_layers": 0},
             "fp8_smoothed": {"smooth": True}}
 
 
@@ -89,14 +89,13 @@ VARIANTS = {"fp8": {}, "fp8_fast_accum": {"fast_accum": True}, "fp8_all_layers":
 def variant(name: str):
     """fp8 engines built inside follow VARIANTS[name] (nothing changes for other names)."""
     v = VARIANTS.get(name, {})
-    keep = fp8.BF16_LAYERS, fp8_smooth.ENABLED, fp8.FAST_ACCUM
+    keep = fp8.BF16_LAYERS, fp8_smooth.ENABLED
     fp8.BF16_LAYERS = v.get("bf16_layers", fp8.BF16_LAYERS)
     fp8_smooth.ENABLED = v.get("smooth", fp8_smooth.ENABLED)
-    fp8.FAST_ACCUM = v.get("fast_accum", fp8.FAST_ACCUM)
     try:
         yield
     finally:
-        fp8.BF16_LAYERS, fp8_smooth.ENABLED, fp8.FAST_ACCUM = keep
+        fp8.BF16_LAYERS, fp8_smooth.ENABLED = keep
 
 
 def engine(model, tok, dtype: str, device: torch.device, **kw):
@@ -105,7 +104,7 @@ def engine(model, tok, dtype: str, device: torch.device, **kw):
     (bf16 everywhere else, as on a GPU)."""
     fp8 = dtype.startswith("fp8")
     cfg = RunConfig(inputs=(), output="", model="<random>", device=str(device),
-                    dtype="fp8" if fp8 else dtype, **kw)
+                    dtype=VARIANTS.get(dtype, {}).get("dtype", "fp8") if fp8 else dtype, **kw)
     with variant(dtype):
         if fp8 and device.type != "cuda":
             cfg = dataclasses.replace(cfg, dtype="bfloat16")

@@ -24,7 +24,7 @@ from torch import profiler
 from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
 from pipeline.bench.synthetic import ARCHS, spread_norms, train_tokenizer
-from pipeline.config import RunConfig
+from pipeline.config import FP8_DTYPES, RunConfig
 from pipeline.engines import fp8
 from pipeline.engines.resolve import dtype_label, resolve_device, resolve_dtype
 from pipeline.engines.score import engine_from_model
@@ -395,7 +395,7 @@ def run_bench(arch: str, workload: str, *, device: str = "auto", seed_pairs: int
         record["non_embedding_params"] = non_embedding_params(shape)
         peak = measure_matmul_peak(dev) if dev.type == "cuda" else None
         record["matmul_peak_tflops"] = round(peak / 1e12, 1) if peak else None
-        if run_dtype == "fp8":  # MFU stays against the bf16 peak; this one tells how far fp8 could go
+        if run_dtype in FP8_DTYPES:  # MFU stays against the bf16 peak; this one tells how far fp8 could go
             record["fp8_matmul_peak_tflops"] = round(measure_fp8_matmul_peak(dev) / 1e12, 1)
         cfg_kw = dict(model=f"<random {arch}>", device=str(dev), compile=compile, attention=attention, engine=engine,
                       max_batch_tokens=max_batch_tokens, gpu_memory_limit=gpu_memory_limit,

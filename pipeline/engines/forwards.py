@@ -188,14 +188,16 @@ def choose(m: Loaded, cfg) -> Forward:
         return PackedEncoder(enc, m.device)
     head_w, head_b = decoder_head(m.model, m.kind.family, m.encoder)
     if isinstance(m.model, DirectQwen3):  # its compiled steps were warmed up while its weights loaded
-        stack = FusedQwen3.from_tensors(m.model.config, m.model.tensors, m.kernel, m.compile, m.fp8)
+        stack = FusedQwen3.from_tensors(m.model.config, m.model.tensors, m.kernel, m.compile, m.fp8,
+                                        fast_accum=cfg.dtype == "fp8-fast")
     elif cfg.engine != "transformers" and fused_qwen3.supports(m.model):
         base = decoder_of(m.model)
         if base.layers[0].self_attn.q_proj.weight.numel() == 0:
             # FusedQwen3.from_hf keeps fused copies of q/k/v and gate/up and frees the originals.
             raise ModelError("this model's weights already serve an engine's fused forward; build further engines "
                              "over it with engine_from_model(..., forward=engine.forward)")
-        stack = FusedQwen3.from_hf(m.model, base, m.kernel, compile=m.compile, fp8=m.fp8)
+        stack = FusedQwen3.from_hf(m.model, base, m.kernel, compile=m.compile, fp8=m.fp8,
+                                   fast_accum=cfg.dtype == "fp8-fast")
         if m.compile:
             startup.mark("model_setup")
             if not warm_up(lambda: fused_qwen3.warm_up(m.model.config, m.device, m.dtype, parameters=True,

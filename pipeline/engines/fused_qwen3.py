@@ -126,8 +126,9 @@ class FusedQwen3:
     only entry point."""
 
     def __init__(self, cfg, embed, norm, rotary, layers: list, kernel: str, compile: bool = False,
-                 fp8: bool = False):
-        """`fp8`: `layers` hold fp8.Fp8Weight projections (built by _layer with its `fp8` shape)."""
+                 fp8: bool = False, fast_accum: bool = False):
+        """`fp8`: `layers` hold fp8.Fp8Weight projections (built by _layer with its `fp8` shape);
+        `fast_accum`: their GEMMs use the fast fp8 accumulation (--dtype fp8-fast)."""
         self.kernel = kernel
         self.h = cfg.num_attention_heads
         self.hkv = cfg.num_key_value_heads
@@ -148,12 +149,13 @@ class FusedQwen3:
         self.fp8 = fp8
         if fp8:
             # Only the attention's output reaches the GEMM unquantized; the rest come as Quantized.
-            self._linear = fp8_layers.linear_for(embed.device, embed.dtype, compile, (self.h * self.d,))
+            self._linear = fp8_layers.linear_for(embed.device, embed.dtype, compile, (self.h * self.d,), fast_accum)
         if compile:
             self._compile()
 
     @classmethod
-    def from_hf(cls, hf_model, base, kernel: str, compile: bool = False, fp8: bool = False) -> "FusedQwen3":
+    def from_hf(cls, hf_model, base, kernel: str, compile: bool = False, fp8: bool = False,
+                fast_accum: bool = False) -> "FusedQwen3":
         """Over a transformers Qwen3 model: fused copies of q/k/v and gate/up, the rest shared
         (`fp8`: fp8 copies of the four projections, in all layers but the first fp8.BF16_LAYERS)."""
         layers = []
@@ -172,10 +174,11 @@ class FusedQwen3:
                 mod.weight = torch.nn.Parameter(torch.empty(0, dtype=mod.weight.dtype, device=mod.weight.device),
                                                 requires_grad=False)
         return cls(hf_model.config, base.embed_tokens.weight, base.norm.weight, base.rotary_emb, layers, kernel,
-                   compile, fp8)
+                   compile, fp8, fast_accum)
 
     @classmethod
-    def from_tensors(cls, cfg, t: dict, kernel: str, compile: bool = False, fp8: bool = False) -> "FusedQwen3":
+    def from_tensors(cls, cfg, t: dict, kernel: str, compile: bool = False, fp8: bool = False,
+                     fast_accum: bool = False) -> "FusedQwen3":
         """Over a checkpoint's tensors by their transformers names (direct.py); the tensors of
         q/k/v and gate/up (`fp8`: and o and down) are dropped from `t` once fused or quantized, so
         weights are held once."""
@@ -194,7 +197,7 @@ class FusedQwen3:
                                      o("mlp.down_proj.weight"), shape))
         d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         return cls(cfg, t["model.embed_tokens.weight"], t["model.norm.weight"], DefaultRope(rope_theta(cfg), d),
-                   layers, kernel, compile, fp8)
+                   layers, kernel, compile, fp8, fast_accum)
 
     def use_eager(self) -> None:
         """The plain functions (exact; what a failed warm-up leaves: torch.compile compiles on the
