@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 # A row of zeros gets this scale instead of 0 (its quantized values are 0 whatever the scale).
-_MIN_SCALE = 1e-12
+MIN_SCALE = 1e-12
 MIN_CAPABILITY = (8, 9)  # Ada (8.9) and Hopper (9.0) have fp8 tensor cores
 FIX = "use --dtype bfloat16, or a GPU of compute capability 8.9 or newer (Ada, Hopper)"
 # The first layers whose projections stay bf16. The first layer's fp8 rounding moved scores more
@@ -90,7 +90,7 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     amax / 448, so that x ~= q * scale. The clamp keeps rounding at the edge finite (e4m3fn has
     no infinity: a value past 448 would become NaN)."""
     xf = x.to(torch.float32)
-    scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(_MIN_SCALE)
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(MIN_SCALE)
     q = (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return q, scale
 

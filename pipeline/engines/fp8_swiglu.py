@@ -74,7 +74,7 @@ def swiglu_quantize(gu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.empty(t, n, device=gu.device, dtype=fp8.FP8)
     scale = torch.empty(t, 1, device=gu.device, dtype=torch.float32)
     if t:
-        _KERNEL[(t,)](gu, q, scale, n, gu.stride(0), q.stride(0), fp8.FP8_MAX, fp8._MIN_SCALE, BLOCK=BLOCK)
+        _KERNEL[(t,)](gu, q, scale, n, gu.stride(0), q.stride(0), fp8.FP8_MAX, fp8.MIN_SCALE, BLOCK=BLOCK)
     return q, scale
 
 
