@@ -152,7 +152,8 @@ def speed(arch: str):
                        "pairs_per_s": round(len(enc) / s, 1), "tokens_per_s": round(int(enc.offsets[-1]) / s),
                        "mfu_vs_bf16_peak": round(bench.model_flops(enc.lengths, shape) / s / peak, 4) if peak else None,
                        "batch_token_budget": e.token_budget, "engine": e.info.forward, "kernel": e.info.kernel,
-                       # the engine's own label ("fp8" on CUDA; the CPU smoke's emulation says bfloat16)
+                       # the engine's own label ("fp8" or "fp8-fast" on CUDA; the CPU smoke's emulation
+                       # says bfloat16)
                        "compiled": e.info.compiled, "label": e.info.dtype}
         for k in ("fp8", "fp8_fast_accum"):
             rows[f"speedup_{k}_over_bf16"] = round(rows[k]["pairs_per_s"] / rows["bfloat16"]["pairs_per_s"], 3)

@@ -29,7 +29,12 @@ def test_the_fused_swiglu_kernel_quantizes_as_the_steps_it_replaces(rows, inter)
     assert bool(((a - b).abs() <= 0.126 * b.abs() + 2.0 ** -6 * rs).all())
     # nearly all values are equal
     assert (q.float() == rq.float()).float().mean().item() > 0.99
-    assert fp8_swiglu.check(fp8_swiglu.swiglu_quantize, CUDA, torch.bfloat16, 2 * inter)
+    assert fp8_swiglu.check(fused_qwen3.swiglu_q, CUDA, torch.bfloat16, 2 * inter)
+    # rows of a wider matrix (a row stride larger than 2I) give the same
+    wide = torch.zeros(rows, 2 * inter + 64, device=CUDA, dtype=torch.bfloat16)
+    wide[:, :2 * inter] = gu
+    q2, s2 = fp8_swiglu.swiglu_quantize(wide[:, :2 * inter])
+    assert torch.equal(q2.float(), q.float()) and torch.equal(s2, s)
 
 
 def test_attention_takes_v_as_a_view_of_the_qkv_rows():

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from pipeline.bench import synthetic
-from pipeline.config import RunConfig
+from pipeline.config import FP8_DTYPES, RunConfig
 from pipeline.engines import forwards, fp8, fp8_smooth, loading
 from pipeline.engines.score import engine_from_model
 
@@ -104,7 +104,8 @@ def engine(model, tok, dtype: str, device: torch.device, **kw):
     (bf16 everywhere else, as on a GPU)."""
     fp8 = dtype.startswith("fp8")
     cfg = RunConfig(inputs=(), output="", model="<random>", device=str(device),
-                    dtype=VARIANTS.get(dtype, {}).get("dtype", "fp8") if fp8 else dtype, **kw)
+                    dtype=VARIANTS.get(dtype, {}).get("dtype", dtype if dtype in FP8_DTYPES else "fp8") if fp8 else dtype,
+                    **kw)
     with variant(dtype):
         if fp8 and device.type != "cuda":
             cfg = dataclasses.replace(cfg, dtype="bfloat16")

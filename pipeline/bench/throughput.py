@@ -382,7 +382,7 @@ def run_bench(arch: str, workload: str, *, device: str = "auto", seed_pairs: int
               compile: str = "auto", attention: str = "auto", max_batch_tokens: int | None = None,
               profile: bool = False, engine: str = "auto", prefix_sharing: str = "auto",
               dtype: str = "auto") -> dict:
-    """`dtype`: the engine's (--dtype; "fp8": fp8 projections, refused off CUDA 8.9+); the
+    """`dtype`: the engine's (--dtype; "fp8" and "fp8-fast": fp8 projections, refused off CUDA 8.9+); the
     naive recipe's is fp16 whatever it is."""
     dev = resolve_device(device)
     run_dtype = dtype

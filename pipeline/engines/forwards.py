@@ -207,7 +207,7 @@ def choose(m: Loaded, cfg) -> Forward:
         raise ModelError(f"--engine fused supports plain Qwen3 decoders only; this model is "
                          f"{m.model.config.model_type}: use --engine auto")
     elif m.fp8:  # only the fused Qwen3 forward has fp8 layers
-        raise ModelError(f"--dtype fp8 supports plain Qwen3 rerankers only; this model is "
+        raise ModelError(f"--dtype {cfg.dtype} supports plain Qwen3 rerankers only; this model is "
                          f"{m.model.config.model_type}: use --dtype bfloat16")
     else:
         layer_types = sorted(set(getattr(m.model.config, "layer_types", None) or ["full_attention"]))

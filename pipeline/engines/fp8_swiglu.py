@@ -6,10 +6,11 @@ the gate/up rows from memory: on the 0.6B and 4B shapes that pair cost 1.4-1.7x 
 Here one program per row reads its gate/up values, takes the maximum, then goes over the row again
 to quantize: the second read comes from L2 (a row is 12-48 KB), so the rows cross HBM once.
 
-The arithmetic is fused_qwen3.swiglu_q's, step for step: silu(gate) rounded to the model's dtype,
-times up rounded again (as the eager product is), then amax / 448 as the scale and the values
-divided by it, clamped, and rounded to float8_e4m3fn. `check` compares it with that function once
-per process, on random rows; a mismatch leaves the compiled function in place.
+The arithmetic is the eager fused_qwen3.swiglu_q's, step for step: silu(gate) rounded to the
+model's dtype, times up rounded again (as the eager product is), then amax / 448 as the scale and
+the values divided by it, clamped, and rounded to float8_e4m3fn. `check` compares it with that
+eager function once per engine, on random rows; a mismatch (or no Triton) leaves the compiled
+function in place.
 """
 
 from __future__ import annotations
@@ -74,13 +75,14 @@ def swiglu_quantize(gu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.empty(t, n, device=gu.device, dtype=fp8.FP8)
     scale = torch.empty(t, 1, device=gu.device, dtype=torch.float32)
     if t:
-        _KERNEL[(t,)](gu, q, scale, n, gu.stride(0), q.stride(0), fp8.FP8_MAX, fp8.MIN_SCALE, BLOCK=BLOCK)
+        with torch.cuda.device(gu.device):  # Triton launches on the current device, not the tensor's
+            _KERNEL[(t,)](gu, q, scale, n, gu.stride(0), q.stride(0), fp8.FP8_MAX, fp8.MIN_SCALE, BLOCK=BLOCK)
     return q, scale
 
 
 def check(reference, device: torch.device, dtype: torch.dtype, width: int) -> bool:
-    """True where swiglu_quantize runs on `device` and agrees with `reference` (the compiled or
-    eager fused_qwen3.swiglu_q) on random rows of the model's `width` (2I): the scales within two
+    """True where swiglu_quantize runs on `device` and agrees with `reference` (the eager
+    fused_qwen3.swiglu_q) on random rows of the model's `width` (2I): the scales within two
     steps of the model's dtype (the row maxima are bf16 values; kernels' SiLU may differ in its
     last bit), the quantized values within one fp8 step."""
     if device.type != "cuda":

@@ -60,8 +60,10 @@ def swiglu(gu):
 
 
 # The steps whose output feeds an fp8 projection, with the per-token quantization in the same
-# kernel once compiled (fp8.quantize_rows on the step's own result: the same numbers as quantizing
-# after it).
+# kernel once compiled (fp8.quantize_rows on the step's own result). Eager, they give exactly what
+# quantizing after the step gives; compiled, Inductor keeps the step's result in float32 on its
+# way to the quantization (no rounding to bf16 in between), so a value near a rounding boundary
+# can land on the neighbouring fp8 step.
 def norm_q(x, w, eps: float):
     return fp8_layers.quantize_rows(rms_norm(x, w, eps))
 
@@ -81,9 +83,11 @@ class _Layer:
     __slots__ = ("ln1", "ln2", "w_qkv", "w_o", "qn", "kn", "w_gu", "w_down", "fp8")
 
 
-def _layer(ln1, ln2, qkv: list, w_o, qn, kn, gu: list, w_down, fp8: tuple[int, int, int] | None = None) -> _Layer:
+def _layer(ln1, ln2, qkv: list, w_o, qn, kn, gu: list, w_down, fp8: tuple[int, int, int] | None = None,
+           name: str = "fp8") -> _Layer:
     """`fp8`: (heads, kv_heads, head_dim) to hold the projections as fp8 (smoothed first where
-    fp8_smooth.ENABLED: new norm weights, the same function), else None."""
+    fp8_smooth.ENABLED: new norm weights, the same function), else None; `name`: the --dtype
+    asked for (its messages)."""
     L = _Layer()
     L.ln1, L.ln2, L.w_o, L.qn, L.kn, L.w_down = ln1, ln2, w_o, qn, kn, w_down
     L.w_qkv = torch.cat(qkv, 0)
@@ -91,7 +95,7 @@ def _layer(ln1, ln2, qkv: list, w_o, qn, kn, gu: list, w_down, fp8: tuple[int, i
     L.fp8 = bool(fp8)
     if fp8:  # layer by layer, so that the matrices of one layer at a time are held twice
         mats = {"q/k/v": L.w_qkv, "o_proj": L.w_o, "gate/up": L.w_gu, "down_proj": L.w_down}
-        fp8_layers.check_shapes(mats)
+        fp8_layers.check_shapes(mats, name)
         folded = mats.values()
         if fp8_smooth.ENABLED:
             L.ln1, L.ln2, *folded = fp8_smooth.smooth_layer(ln1, ln2, *mats.values(), *fp8)
@@ -165,7 +169,8 @@ class FusedQwen3:
                 layers.append(_layer(blk.input_layernorm.weight, blk.post_attention_layernorm.weight,
                                      [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], a.o_proj.weight,
                                      a.q_norm.weight, a.k_norm.weight, [m.gate_proj.weight, m.up_proj.weight],
-                                     m.down_proj.weight, _fp8_shape(hf_model.config, fp8, i)))
+                                     m.down_proj.weight, _fp8_shape(hf_model.config, fp8, i),
+                                     "fp8-fast" if fast_accum else "fp8"))
         # The fused copies replace the originals: free those, so weights are held once.
         for blk, L in zip(base.layers, layers):
             a, m = blk.self_attn, blk.mlp
@@ -194,7 +199,7 @@ class FusedQwen3:
                                       g("self_attn.v_proj.weight")], o("self_attn.o_proj.weight"),
                                      t[p + "self_attn.q_norm.weight"], t[p + "self_attn.k_norm.weight"],
                                      [g("mlp.gate_proj.weight"), g("mlp.up_proj.weight")],
-                                     o("mlp.down_proj.weight"), shape))
+                                     o("mlp.down_proj.weight"), shape, "fp8-fast" if fast_accum else "fp8"))
         d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         return cls(cfg, t["model.embed_tokens.weight"], t["model.norm.weight"], DefaultRope(rope_theta(cfg), d),
                    layers, kernel, compile, fp8, fast_accum)
@@ -223,7 +228,7 @@ class FusedQwen3:
                 self._swiglu_q = compiled.compile_rows(swiglu_q)
                 self._norm_q = compiled.compile_rows(norm_q)
                 width = self.layers[-1].w_gu.shape[0]
-                if fp8_swiglu.check(self._swiglu_q, self.embed.device, self.embed.dtype, width):
+                if fp8_swiglu.check(swiglu_q, self.embed.device, self.embed.dtype, width):
                     self._swiglu_q = fp8_swiglu.swiglu_quantize  # one pass over the rows (fp8_swiglu.py)
         except Exception as exc:  # no Triton, no compiler: eager is exact, only slower
             log.warning("torch.compile unavailable (%s); running eagerly", exc)
@@ -298,6 +303,7 @@ def warm_up(cfg, device, dtype, parameters: bool = False, rows: int = 16, fp8: b
         if fp8:
             compile_rows(add_norm_q)(z(hid), z(hid), w_hid, eps)
             compile_rows(swiglu_q)(z(2 * cfg.intermediate_size))
+            compile_rows(norm_q)(z(hid), w_hid, eps)  # the first layer's, where it runs in fp8
 
 
 def rope_theta(c) -> float | None:
