@@ -141,4 +141,5 @@ def steps():
         save(arch, r)
 
 
-steps()
+if __name__ == "__main__":
+    steps()

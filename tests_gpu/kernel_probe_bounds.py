@@ -11,26 +11,12 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from kernel_probe import ms  # noqa: E402  (this folder: the same timing)
 from pipeline.engines import fp8  # noqa: E402
 from pipeline.engines import fused_qwen3 as fq  # noqa: E402
 
 DEV, BF, T = torch.device("cuda"), torch.bfloat16, 65536
 REC: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": T}
-
-
-def ms(fn, reps=15):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        out.append(s.elapsed_time(e))
-    return sorted(out)[len(out) // 2]
 
 
 def way(fn, mode):
