@@ -31,6 +31,8 @@ from .common import SizeType, config_option, domain_errors, log_options, setup_l
                help="Token budget per packed batch. [default: sized from measured GPU memory]")
 @config_option("--compile", help="torch.compile the fused elementwise steps (as rerank-batch run).")
 @config_option("--engine", help="Our fused forward or transformers' own modules (as rerank-batch run).")
+@config_option("--dtype", help="Our engine's dtype (as rerank-batch run; fp8 and fp8-fast on CUDA 8.9+); the naive recipe runs "
+               "in fp16. Not with --peer, --devices, --chunk-tokens or --host-only.")
 @config_option("--attention", help="Attention kernel for packed batches (as rerank-batch run).")
 @config_option("--prefix-sharing", help="Share each query's prompt prefix across its candidates (as rerank-batch run).")
 @click.option("--smoke", is_flag=True, help="CPU, tiny architecture, 64 pairs: checks that the bench runs.")
@@ -64,7 +66,7 @@ from .common import SizeType, config_option, domain_errors, log_options, setup_l
 @click.option("--json", "json_path", default=None, help="Write the record here.")
 @log_options
 def bench_cmd(arch, workload, pairs, seed_pairs, e2e, repeats, device, gpu_memory_limit, max_batch_tokens,
-              compile, engine, attention, prefix_sharing, smoke, host_only, device_us_per_token, profile, device_counts, window, peer, st, cli_row,
+              compile, engine, dtype, attention, prefix_sharing, smoke, host_only, device_us_per_token, profile, device_counts, window, peer, st, cli_row,
               chunk_tokens, chunk_overlap, aggregate, json_path, quiet, verbose, log_level):
     """Measure pairs/s, tokens/s, MFU, peak memory and GPU busy time against the naive recipe (or,
     with --peer, against sentence-transformers; with --devices, on 1..N devices)."""
@@ -72,6 +74,10 @@ def bench_cmd(arch, workload, pairs, seed_pairs, e2e, repeats, device, gpu_memor
     # The bench modules load torch: imported when the command runs, so the CLI starts fast.
     from pipeline.bench.peer import ENCODER_ARCHS
 
+    if dtype != "auto" and (device_counts or host_only or peer or arch in ENCODER_ARCHS or chunk_tokens is not None
+                            or chunk_overlap is not None or aggregate is not None):
+        raise click.UsageError("--dtype applies to the default rows (the naive recipe against our engine) only; drop "
+                               "it, or drop --peer, --devices, --chunk-tokens and --host-only")
     if device_counts:
         from pipeline.bench.devices import format_devices_table, run_devices_bench
 
@@ -133,7 +139,7 @@ def bench_cmd(arch, workload, pairs, seed_pairs, e2e, repeats, device, gpu_memor
         rec = run_bench(arch, workload, device=device, seed_pairs=seed_pairs, e2e=e2e,
                         gpu_memory_limit=gpu_memory_limit, pairs=pairs, repeats=repeats, compile=compile,
                         attention=attention, max_batch_tokens=max_batch_tokens, profile=profile, engine=engine,
-                        prefix_sharing=prefix_sharing)
+                        prefix_sharing=prefix_sharing, dtype=dtype)
     if rec.get("profile"):
         click.echo(rec["profile"])
     _emit(rec, format_table(rec), json_path)

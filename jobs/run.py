@@ -51,7 +51,9 @@ ENV_PREFIX = "RERANK_BATCH"
 @click.option("--chunk-scores", default=None, metavar="PATH",
               help="Also write every window's score (query_id, doc_id, chunk, start_token, score) to this "
               "Parquet file; needs --chunk-tokens.")
-@config_option("--dtype", help="auto: bfloat16 on CUDA, float32 on CPU.")
+@config_option("--dtype", help="auto: bfloat16 on CUDA, float32 on CPU. fp8: the Qwen3 projections as fp8 GEMMs "
+               "(CUDA compute capability 8.9+: Ada, Hopper; docs/FP8.md); fp8-fast: the same with the GEMMs' "
+               "fast accumulation (faster, scores measured as close).")
 @config_option("--device", help="auto, cpu, cuda or cuda:N.")
 @config_option("--gpu-memory-limit", type=SizeType(), help="Cap on GPU memory for this process, e.g. 4GiB (enforced).")
 @config_option("--max-batch-tokens",

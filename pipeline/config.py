@@ -40,6 +40,9 @@ def number(default: float | None, *, at_least: float | None = None, above: float
     return field(default=default, metadata={"at_least": at_least, "above": above, "unit": unit})
 
 
+# The --dtype values that run the fused Qwen3 forward's projections as fp8 GEMMs (engines/fp8.py).
+FP8_DTYPES = ("fp8", "fp8-fast")
+
 @dataclass(frozen=True)
 class RunConfig:
     # Input: one or more Parquet files, directories (their *.parquet) or globs, or one such path as
@@ -73,8 +76,10 @@ class RunConfig:
     max_length: int = whole(8192, at_least=8)
     # Keep the best K rows of each query group (None keeps all).
     top_k: int | None = whole(None, at_least=1)
-    # Torch dtype name or "auto" (bf16 on CUDA, float32 on CPU).
-    dtype: str = one_of("auto", "bfloat16", "float16", "float32")
+    # Torch dtype name or "auto" (bf16 on CUDA, float32 on CPU); "fp8": the fused Qwen3 forward's
+    # projections as float8 GEMMs, the rest bf16 (CUDA compute capability 8.9+; engines/fp8.py);
+    # "fp8-fast": the same with the GEMMs' fast accumulation (FP8_DTYPES).
+    dtype: str = one_of("auto", "bfloat16", "float16", "float32", *FP8_DTYPES)
     # "auto", "cpu", "cuda" or "cuda:N".
     device: str = "auto"
     # Cap on GPU memory this process may use, in bytes (None: what is free at start).
@@ -164,6 +169,10 @@ class RunConfig:
             if not torch.cuda.is_available():
                 raise InputError("--gpu-memory-limit applies to CUDA only, and --device auto found no GPU here; "
                                  "drop the option or pass --device cuda")
+        if self.dtype in FP8_DTYPES:  # refused before a model is fetched or a checkpoint made
+            from pipeline.engines.resolve import resolve_device, resolve_dtype
+
+            resolve_dtype(self.dtype, resolve_device(self.device))
 
     def output_fields(self) -> dict:
         """The options that decide the output beyond the scores (not in the fingerprint): a rerun

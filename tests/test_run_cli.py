@@ -178,7 +178,7 @@ def test_config_refuses_values_the_cli_would_refuse():
 
     cases = [(dict(on_null="skipp"), "on_null='skipp': must be one of error, skip"),
              (dict(attention="bogus"), "attention='bogus': must be one of auto, flash_attn, torch_varlen, sdpa"),
-             (dict(dtype="fp16"), "dtype='fp16': must be one of auto, bfloat16, float16, float32"),
+             (dict(dtype="fp16"), "dtype='fp16': must be one of auto, bfloat16, float16, float32, fp8, fp8-fast"),
              (dict(executor="dask"), "executor='dask': must be one of local, ray"),
              (dict(max_length=4), "max_length=4: must be a whole number of at least 8"),
              (dict(empty_cache_every=-1), "empty_cache_every=-1: must be a whole number of at least 0"),

@@ -90,6 +90,23 @@ def spread_norms(model, mean: float = 1.0, std: float = 0.3) -> None:
                 p.normal_(mean, std)
 
 
+def trained_like_norms(model, seed: int = 0):
+    """RMSNorm weights spread as in trained decoders: log-normal per channel, and in the hidden
+    norms a few outlier channels 8-20x larger (which make the per-token fp8 scales of the
+    projections' inputs coarse for every other channel)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() != 1 or "norm" not in name:
+                continue
+            sigma = 0.3 if ("q_norm" in name or "k_norm" in name) else 0.5
+            w = torch.exp(torch.randn(p.shape[0], generator=g) * sigma)
+            if "q_norm" not in name and "k_norm" not in name:
+                idx = torch.randperm(p.shape[0], generator=g)[: max(1, p.shape[0] // 256)]
+                w[idx] *= 8 + 12 * torch.rand(len(idx), generator=g)
+            p.copy_(w.to(p.dtype))
+
+
 def build_reranker(out_dir: str | Path, arch: str = "tiny", *, tie_word_embeddings: bool | None = None,
                    seed: int = 0, init_std: float = 0.02, texts: list[str] | None = None,
                    num_hidden_layers: int | None = None):

@@ -24,8 +24,9 @@ from torch import profiler
 from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
 from pipeline.bench.synthetic import ARCHS, spread_norms, train_tokenizer
-from pipeline.config import RunConfig
-from pipeline.engines.resolve import resolve_device
+from pipeline.config import FP8_DTYPES, RunConfig
+from pipeline.engines import fp8
+from pipeline.engines.resolve import dtype_label, resolve_device, resolve_dtype
 from pipeline.engines.score import engine_from_model
 from pipeline.engines.template import QWEN3_RERANKER
 from pipeline.engines.tokenize import Encoded, PairEncoder
@@ -171,6 +172,31 @@ def measure_matmul_peak(device) -> float:
         e.synchronize()
         times.append(s.elapsed_time(e) / 1000)
     del a, b
+    torch.cuda.empty_cache()
+    return 2 * n ** 3 / float(np.median(times))
+
+
+def measure_fp8_matmul_peak(device) -> float:
+    """fp8 (e4m3, row-wise scaled, bf16 out) matmul FLOP/s on this device, as the fp8 forward runs
+    its GEMMs (fp8.scaled_mm_linear; 8192^3, median of 10)."""
+    n = 8192
+    w = fp8.quantize_weight(torch.randn(n, n, device=device, dtype=torch.bfloat16))
+    qa, sa = fp8.quantize_rows(torch.randn(n, n, device=device, dtype=torch.bfloat16))
+
+    def mm():
+        return torch._scaled_mm(qa, w.q.t(), scale_a=sa, scale_b=w.scale, out_dtype=torch.bfloat16)
+
+    for _ in range(3):
+        mm()
+    times = []
+    for _ in range(10):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        mm()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1000)
+    del w, qa, sa
     torch.cuda.empty_cache()
     return 2 * n ** 3 / float(np.median(times))
 
@@ -354,20 +380,26 @@ def build_model(arch: str, device, dtype, workdir: str, num_hidden_layers: int |
 def run_bench(arch: str, workload: str, *, device: str = "auto", seed_pairs: int = 1500, e2e: bool = True,
               gpu_memory_limit: int | None = None, pairs: int | None = None, repeats: int = 3,
               compile: str = "auto", attention: str = "auto", max_batch_tokens: int | None = None,
-              profile: bool = False, engine: str = "auto", prefix_sharing: str = "auto") -> dict:
+              profile: bool = False, engine: str = "auto", prefix_sharing: str = "auto",
+              dtype: str = "auto") -> dict:
+    """`dtype`: the engine's (--dtype; "fp8" and "fp8-fast": fp8 projections, refused off CUDA 8.9+); the
+    naive recipe's is fp16 whatever it is."""
     dev = resolve_device(device)
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    run_dtype = dtype
+    dtype = resolve_dtype(run_dtype, dev)  # the model's: bf16 for fp8 (the forward quantizes its projections)
     w = WORKLOADS[workload]
     record = {"arch": arch, "workload": workload, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "dtype": dtype_label(run_dtype, dtype)}
     with tempfile.TemporaryDirectory() as workdir:
         model, tok, shape = build_model(arch, dev, dtype, workdir)
         record["non_embedding_params"] = non_embedding_params(shape)
         peak = measure_matmul_peak(dev) if dev.type == "cuda" else None
         record["matmul_peak_tflops"] = round(peak / 1e12, 1) if peak else None
+        if run_dtype in FP8_DTYPES:  # MFU stays against the bf16 peak; this one tells how far fp8 could go
+            record["fp8_matmul_peak_tflops"] = round(measure_fp8_matmul_peak(dev) / 1e12, 1)
         cfg_kw = dict(model=f"<random {arch}>", device=str(dev), compile=compile, attention=attention, engine=engine,
                       max_batch_tokens=max_batch_tokens, gpu_memory_limit=gpu_memory_limit,
-                      prefix_sharing=prefix_sharing)
+                      prefix_sharing=prefix_sharing, dtype=run_dtype)
         enc = synthetic_encoded(w, len(tok) if arch == "tiny" else shape.get("vocab_size", len(tok)), pairs)
         encoder = PairEncoder(tok, QWEN3_RERANKER, 8192)
         results = {}
@@ -418,8 +450,10 @@ def format_table(rec: dict) -> str:
     peak = rec.get("matmul_peak_tflops")
     # The peak (and so MFU) is measured on CUDA only.
     peak_text = f"matmul peak {peak} TFLOP/s" if peak else "no matmul peak off CUDA, so no MFU"
-    lines = [f"{rec['arch']} {rec['workload']} on {rec['device']} ({rec.get('engine_impl')}, {rec.get('attention')}, "
-             f"budget {rec.get('batch_token_budget')} tokens, {peak_text})",
+    if rec.get("fp8_matmul_peak_tflops"):
+        peak_text += f"; fp8 matmul peak {rec['fp8_matmul_peak_tflops']} TFLOP/s, MFU against the bf16 peak"
+    lines = [f"{rec['arch']} {rec['workload']} on {rec['device']} in {rec.get('dtype')} ({rec.get('engine_impl')}, "
+             f"{rec.get('attention')}, budget {rec.get('batch_token_budget')} tokens, {peak_text})",
              f"{'way':<8} {'pairs/s':>10} {'tokens/s':>12} {'MFU':>7} {'MFUc':>7} {'peak GiB':>9} {'busy':>6}"]
     for name in ("seed", "engine", "e2e"):
         r = rec.get(name)

@@ -57,19 +57,33 @@ _COMPILED: dict = {}
 
 
 def compile_rows(fn):
-    """`fn` compiled with dimension 0 of its 2-D+ tensor arguments symbolic; raises if torch.compile
-    is unavailable (the caller falls back to eager). One wrapper per function and process, so a
+    """`fn` compiled with dimension 0 of its 2-D+ tensor arguments symbolic, the others constants;
+    raises if torch.compile is unavailable (the caller falls back to eager). One wrapper per function and process, so a
     warm-up call (fused_qwen3.warm_up) compiles the kernels that the model's calls then use."""
     if fn in _COMPILED:
         return _COMPILED[fn]
     use_cache_dir()
+    # Each width (and dtype, and 1-row call) of a function is a compilation of its own, counted
+    # against torch's recompile limit (8): a process that loads several model shapes (the Python
+    # API, the benches) passes it, and under fullgraph=True the next call raises instead of
+    # running eagerly.
+    conf = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if getattr(conf, name, 64) < 64:
+            setattr(conf, name, 64)
     compiled = torch.compile(fn, dynamic=None, fullgraph=True)
-    mark = torch._dynamo.maybe_mark_dynamic
+    mark, static = torch._dynamo.maybe_mark_dynamic, torch._dynamo.mark_static
 
     def call(*args):
         for a in args:
             if isinstance(a, torch.Tensor) and a.dim() >= 2:
                 mark(a, 0)
+                # A function called at several widths (several models in one process) gets a
+                # kernel per width: left to automatic dynamism, the second width would make the
+                # feature dimension symbolic too, and such a generic kernel measured up to half as
+                # fast on an H100.
+                for d in range(1, a.dim()):
+                    static(a, d)
         return compiled(*args)
 
     call.__wrapped__ = fn

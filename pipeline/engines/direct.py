@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import torch
 from safetensors import safe_open
 
+from pipeline.config import FP8_DTYPES
 from pipeline.engines import compiled, fast_tokenizer, fused_qwen3
 from pipeline.engines.fused_qwen3 import rope_theta
 from pipeline.engines.model_files import JsonConfig, read_config
@@ -207,7 +208,7 @@ def load_qwen3(cfg, kind, device: torch.device, dtype: torch.dtype):
     compile = compiled.wanted(cfg, device)
     if compile:
         try:
-            fused_qwen3.warm_up(c, device, dtype)
+            fused_qwen3.warm_up(c, device, dtype, fp8=cfg.dtype in FP8_DTYPES)
         except Exception as exc:  # torch.compile compiles on first call: a broken compiler shows here
             compile = False
             log.warning("torch.compile failed on dummy rows (%s); running eagerly", first_line(exc))

@@ -188,21 +188,27 @@ def choose(m: Loaded, cfg) -> Forward:
         return PackedEncoder(enc, m.device)
     head_w, head_b = decoder_head(m.model, m.kind.family, m.encoder)
     if isinstance(m.model, DirectQwen3):  # its compiled steps were warmed up while its weights loaded
-        stack = FusedQwen3.from_tensors(m.model.config, m.model.tensors, m.kernel, m.compile)
+        stack = FusedQwen3.from_tensors(m.model.config, m.model.tensors, m.kernel, m.compile, m.fp8,
+                                        fast_accum=cfg.dtype == "fp8-fast")
     elif cfg.engine != "transformers" and fused_qwen3.supports(m.model):
         base = decoder_of(m.model)
         if base.layers[0].self_attn.q_proj.weight.numel() == 0:
             # FusedQwen3.from_hf keeps fused copies of q/k/v and gate/up and frees the originals.
             raise ModelError("this model's weights already serve an engine's fused forward; build further engines "
                              "over it with engine_from_model(..., forward=engine.forward)")
-        stack = FusedQwen3.from_hf(m.model, base, m.kernel, compile=m.compile)
+        stack = FusedQwen3.from_hf(m.model, base, m.kernel, compile=m.compile, fp8=m.fp8,
+                                   fast_accum=cfg.dtype == "fp8-fast")
         if m.compile:
             startup.mark("model_setup")
-            if not warm_up(lambda: fused_qwen3.warm_up(m.model.config, m.device, m.dtype, parameters=True)):
+            if not warm_up(lambda: fused_qwen3.warm_up(m.model.config, m.device, m.dtype, parameters=True,
+                                                             fp8=m.fp8)):
                 stack.use_eager()
     elif cfg.engine == "fused":
         raise ModelError(f"--engine fused supports plain Qwen3 decoders only; this model is "
                          f"{m.model.config.model_type}: use --engine auto")
+    elif m.fp8:  # only the fused Qwen3 forward has fp8 layers
+        raise ModelError(f"--dtype {cfg.dtype} supports plain Qwen3 rerankers only; this model is "
+                         f"{m.model.config.model_type}: use --dtype bfloat16")
     else:
         layer_types = sorted(set(getattr(m.model.config, "layer_types", None) or ["full_attention"]))
         stack = TransformersDecoder(decoder_of(m.model), layer_types, m.kernel)

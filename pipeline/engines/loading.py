@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.config import RunConfig
-from pipeline.engines import attention, compiled, cross_tokenizer, direct, fused_encoder
+from pipeline.config import FP8_DTYPES, RunConfig
+from pipeline.engines import attention, compiled, cross_tokenizer, direct, fp8, fused_encoder
 from pipeline.engines.resolve import ModelKind, choose_kernel, inspect_model, resolve_device, resolve_dtype
 from pipeline.engines.threads import configure_cpu
 from pipeline.engines.tokenize import CrossEncoderEncoder, PairEncoder
@@ -35,6 +35,7 @@ class Loaded:
     kind: ModelKind
     kernel: str  # resolve.choose_kernel's, or "padded-sdpa" for cross-encoders run padded
     compile: bool  # the fused steps run compiled (--compile; False where a warm-up already failed)
+    fp8: bool = False  # --dtype fp8 or fp8-fast: the fused forward's projections run as fp8 GEMMs; `dtype` is the rest's
 
 
 def load(cfg: RunConfig, kind: ModelKind | None = None) -> Loaded:
@@ -111,6 +112,8 @@ def prepare(model, tokenizer, cfg: RunConfig, device=None, kind: ModelKind | Non
     device = device or resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     kind = kind or inspect_model(cfg, model.config)
+    if cfg.dtype in FP8_DTYPES:
+        fp8.check_engine(cfg.engine, kind.family, cfg.dtype)
     compile = compiled.wanted(cfg, device) if compile is None else compile
     if device.type == "cpu":
         configure_cpu()
@@ -127,4 +130,4 @@ def prepare(model, tokenizer, cfg: RunConfig, device=None, kind: ModelKind | Non
             model.set_attn_implementation(attention.register())
         model.to(device=device, dtype=dtype).eval()
         model.requires_grad_(False)
-    return Loaded(model, tokenizer, encoder, device, dtype, kind, kernel, compile)
+    return Loaded(model, tokenizer, encoder, device, dtype, kind, kernel, compile, cfg.dtype in FP8_DTYPES)

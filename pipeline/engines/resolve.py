@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.config import RunConfig
-from pipeline.engines import attention
+from pipeline.config import FP8_DTYPES, RunConfig
+from pipeline.engines import attention, fp8
 from pipeline.engines.compiled import cache_dir
 from pipeline.engines.model_files import check_model_files, load_config, with_local_model
 from pipeline.engines.template import DEFAULT_TEMPLATE, TEMPLATES, Template
@@ -59,11 +59,15 @@ class ResolvedModel:
     kind: ModelKind
     device: torch.device
     torch_dtype: torch.dtype
+    # --dtype fp8 or fp8-fast (its name; "" otherwise): the projections run as fp8 GEMMs, the
+    # rest in `torch_dtype`
+    fp8: str = ""
 
     @property
     def dtype(self) -> str:
-        """The dtype's name as the fingerprint and the summary give it ("float32")."""
-        return str(self.torch_dtype).removeprefix("torch.")
+        """The dtype's name as the fingerprint and the summary give it ("float32"; "fp8" and
+        "fp8-fast" apart from "bfloat16" and from each other)."""
+        return dtype_label(self.fp8 or "auto", self.torch_dtype)
 
 
 def resolve(cfg: RunConfig, kind: ModelKind | None = None) -> ResolvedModel:
@@ -80,7 +84,9 @@ def resolve(cfg: RunConfig, kind: ModelKind | None = None) -> ResolvedModel:
     if cfg.executor == "local" and not cfg.devices:  # workers check their own device when they load
         check_device_options(cfg, device, torch_dtype)
     sharing_mode(cfg.prefix_sharing, device.type, kind.family == "seq-cls-encoder")  # `on` for a cross-encoder
-    return ResolvedModel(cfg.model, kind, device, torch_dtype)
+    if cfg.dtype in FP8_DTYPES:
+        fp8.check_engine(cfg.engine, kind.family, cfg.dtype)
+    return ResolvedModel(cfg.model, kind, device, torch_dtype, cfg.dtype if cfg.dtype in FP8_DTYPES else "")
 
 
 # -- the kind: family and template -----------------------------------------------------------------
@@ -174,9 +180,21 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype the model's weights and activations are held in; for "fp8" and "fp8-fast",
+    bfloat16 (all but the projections, which the fused forward quantizes: fp8.py), refused where
+    fp8 cannot run."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name in FP8_DTYPES:
+        fp8.check_device(device, name)
+        return torch.bfloat16
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def dtype_label(name: str, dtype: torch.dtype) -> str:
+    """How a run's scores are labelled by dtype (checkpoint fingerprint, score cache scope,
+    summary): "fp8" or "fp8-fast", else the resolved torch dtype's name ("bfloat16", "float32")."""
+    return name if name in FP8_DTYPES else str(dtype).removeprefix("torch.")
 
 
 def choose_kernel(requested: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:

@@ -18,7 +18,7 @@ from pipeline.engines import budget, forwards, loading, prefix
 from pipeline.engines.engine import Engine, EngineInfo, EngineStats
 from pipeline.engines.oom import BatchRunner
 from pipeline.engines.packing import gather_packed, plan_batches
-from pipeline.engines.resolve import ModelKind, sharing_mode
+from pipeline.engines.resolve import ModelKind, dtype_label, sharing_mode
 from pipeline.runtime import startup
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def engine_from_model(model, tokenizer, cfg: RunConfig, device: torch.device | N
 def _build(m: loading.Loaded, cfg: RunConfig, logits: bool, forward=None) -> "TorchEngine":
     sharing = sharing_mode(cfg.prefix_sharing, m.device.type, m.kind.family == "seq-cls-encoder")
     forward = forward if forward is not None else forwards.choose(m, cfg)
-    dtype = str(m.dtype).removeprefix("torch.")
+    dtype = dtype_label(cfg.dtype, m.dtype)
     log.info("model %s (%s) on %s in %s, attention %s, engine %s", cfg.model, m.kind.family, m.device, dtype,
              forward.kernel, forward.name)
     startup.mark("model_setup")
