@@ -138,3 +138,12 @@ def test_w_longdoc_lengths():
     q, d = draw_lengths(WORKLOADS["w-longdoc"])
     assert len(d) == 1000 and len(set(q[:50])) == 1 and len(set(q[::50].tolist())) > 1  # 50 candidates a query
     assert q.min() >= 6 and q.max() <= 12 and d.min() >= 2000 and d.max() <= 8000
+
+
+@pytest.mark.parametrize("args", [["--arch", "0.6b"], ["--arch", "minilm-l6", "--no-cli-row"],
+                                  ["--arch", "minilm-l6", "--host-only"]])
+def test_cli_stages_needs_the_peer_cli_row(args):
+    r = run_cli(["bench", *args, "--cli-stages"])
+    assert r.exit_code == 2
+    assert ("Error: --cli-stages times the peer bench's CLI row: use it with --peer (or a cross-encoder --arch) and "
+            "the CLI row, without --no-cli-row, --devices, --chunk-tokens or --host-only") in r.output

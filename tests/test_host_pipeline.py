@@ -149,3 +149,52 @@ def test_bench_host_only_for_a_cross_encoder(tmp_path):
     assert 0 < row["first_batch_after_s"] <= row["runs"][0]["scoring_s"]
     assert row["cpu_us_per_pair"] > 0 and row["tokenizer_us_per_pair"] >= 0
     assert "ceiling pairs/s" in r.output
+
+
+def _assert_stages_of_a_real_run(rec: dict) -> None:
+    """A host_child record of a run with the real forward: every stage of the scoring span ran
+    (a fast one may round to 0 s), and the span holds its first batch."""
+    assert rec["forward"] == "real"
+    for stage in ("read", "tokenize", "gather", "forward", "device_sync", "commit", "part_encode"):
+        assert rec["stages"][stage]["calls"] > 0 and rec["stages"][stage]["wall_s"] >= 0, stage
+    assert rec["stages"]["forward"]["wall_s"] > 0 and "forward_to_device" not in rec["stages"]
+    assert 0 < rec["first_batch_after_s"] <= rec["first_batch_done_after_s"] <= rec["scoring_s"]
+    assert rec["scoring_process_cpu_s"] > 0
+    assert rec["forward_device_s"] is None  # CUDA events only on CUDA
+
+
+def test_bench_peer_cli_stages_times_each_cli_run(tmp_path):
+    """`bench --peer --cli-stages`: every fresh-process CLI run carries its stage record with the
+    real forward timed, the CLI row's summary figures as without it, and the table a stages line."""
+    out = tmp_path / "peer.json"
+    r = run_cli(["bench", "--arch", "minilm-l6", "--peer", "--no-st", "--device", "cpu", "--pairs", 12,
+                 "--repeats", 2, "--cli-stages", "--json", out])
+    assert r.exit_code == 0, r.output
+    cli = json.loads(out.read_text())["cli"]
+    assert len(cli["runs"]) == 2
+    for run in cli["runs"]:
+        assert run["pairs_per_s"] > 0 and "startup_total_s" in run and run["scoring_s"] > 0
+        _assert_stages_of_a_real_run(run["stage_record"])
+    assert cli["stages"]["forward"]["calls"] > 0 and cli["stages_span"]["scoring_s"] > 0
+    assert cli["stages_span"]["forward_device_s"] is None
+    assert "cli stages (2 runs, median wall s / thread cpu s): " in r.output and " forward " in r.output
+    assert "cli scoring span (median): " in r.output
+
+
+def test_the_stage_timers_leave_the_scores_unchanged(bert, pairs_file, tmp_path):
+    """The CLI row with and without the stage timers (host_child --real-forward) writes the same
+    rows and scores."""
+    from pipeline.bench.peer import cli_rows
+
+    timed_dir, plain_dir = tmp_path / "timed", tmp_path / "plain"
+    timed_dir.mkdir()
+    plain_dir.mkdir()
+    timed = cli_rows(bert, pairs_file[0], "cpu", 1, 512, str(timed_dir), stages=True)
+    plain = cli_rows(bert, pairs_file[0], "cpu", 1, 512, str(plain_dir))
+    _assert_stages_of_a_real_run(timed["runs"][0]["stage_record"])
+    assert "stage_record" not in plain["runs"][0] and "stages" not in plain
+    a, b = pq.read_table(timed_dir / "cli-0.parquet"), pq.read_table(plain_dir / "cli-0.parquet")
+    assert a.num_rows == b.num_rows == pairs_file[1]
+    assert a.drop_columns(["score"]).equals(b.drop_columns(["score"]))
+    sa, sb = a.column("score").to_numpy(), b.column("score").to_numpy()
+    assert np.abs(sa - sb).max() <= TOL

@@ -8,7 +8,9 @@ machine slows both alike, and each row gives the median and the spread (min, max
 
 Rows: `engine` (ours, model only: pre-tokenized pairs), `engine_tok` (ours, tokenizing then
 scoring in one thread, as predict does), `st_bs<N>` (predict at batch size N) and `cli` (the
-whole command in a fresh process, wall clock, with the summary's startup breakdown).
+whole command in a fresh process, wall clock, with the summary's startup breakdown; with
+`cli_stages`, also where each run's scoring span goes: host_child.py's stage timers around the
+real forward).
 """
 
 from __future__ import annotations
@@ -153,12 +155,18 @@ def _timed(fn, device):
     return time.perf_counter() - t0, out
 
 
-def cli_rows(model_dir: str, inp: str, device: str, repeats: int, max_length: int, workdir: str) -> dict:
-    """The whole command in a fresh process, `repeats` times: wall clock and the summary."""
+def cli_rows(model_dir: str, inp: str, device: str, repeats: int, max_length: int, workdir: str,
+             stages: bool = False) -> dict:
+    """The whole command in a fresh process, `repeats` times: wall clock and the summary. `stages`:
+    each run under host_child.py's stage timers with the real forward (`--real-forward`), its
+    record in the run's `stage_record` entry, and the medians over the runs in `stages` and
+    `stages_span` (the CLI is otherwise the same; the timers cost little next to what they time)."""
     runs = []
     for r in range(repeats):
         out, summ = os.path.join(workdir, f"cli-{r}.parquet"), os.path.join(workdir, f"cli-{r}.json")
-        cmd = [sys.executable, "-m", "jobs.cli", "run", inp, "--model", model_dir, "-o", out, "--overwrite",
+        rec_path = os.path.join(workdir, f"cli-{r}-stages.json")
+        prog = (["-m", "pipeline.bench.host_child", "--real-forward", rec_path] if stages else ["-m", "jobs.cli"])
+        cmd = [sys.executable, *prog, "run", inp, "--model", model_dir, "-o", out, "--overwrite",
                "--restart", "-q", "--device", device, "--max-length", str(max_length), "--summary", summ]
         t0 = time.perf_counter()
         p = subprocess.run(cmd, capture_output=True, text=True)
@@ -173,12 +181,32 @@ def cli_rows(model_dir: str, inp: str, device: str, repeats: int, max_length: in
                      "wall_pairs_per_s": round(s["pairs_scored"] / wall, 1),
                      "wall_over_scoring": round(wall / scoring, 2),
                      **{k: v for k, v in s.get("extra", {}).items() if k.startswith("startup_")}})
-    return {"runs": runs, **_spread([r["wall_s"] for r in runs], "wall_s"),
+        if stages:
+            with open(rec_path) as f:
+                runs[-1]["stage_record"] = json.load(f)
+    return {"runs": runs, **(_stage_medians([r["stage_record"] for r in runs]) if stages else {}),
+            **_spread([r["wall_s"] for r in runs], "wall_s"),
             **_spread([r["pairs_per_s"] for r in runs], "pairs_per_s"),
             **_spread([r["wall_pairs_per_s"] for r in runs], "wall_pairs_per_s"),
             **_spread([r["startup_tokenizer_s"] for r in runs if "startup_tokenizer_s" in r], "startup_tokenizer_s"),
             **_spread([r["startup_total_s"] for r in runs if "startup_total_s" in r], "startup_total_s"),
             **_spread([r["wall_over_scoring"] for r in runs], "wall_over_scoring")}
+
+
+# The scoring span's figures of a host_child record, besides its stages.
+SPAN_FIELDS = ("scoring_s", "first_batch_after_s", "first_batch_done_after_s", "forward_device_s",
+               "scoring_process_cpu_s", "scoring_main_thread_cpu_s")
+
+
+def _stage_medians(recs: list[dict]) -> dict:
+    """Over the runs' host_child records: each stage's median wall and thread CPU seconds (its
+    most calls), in the order the stages first ran; and the span's figures, medians."""
+    names = list(dict.fromkeys(k for r in recs for k in r["stages"]))
+    med = lambda xs: round(float(np.median(xs)), 4) if xs else None  # noqa: E731
+    return {"stages": {k: {"wall_s": med([r["stages"].get(k, {}).get("wall_s", 0.0) for r in recs]),
+                           "cpu_s": med([r["stages"].get(k, {}).get("cpu_s", 0.0) for r in recs]),
+                           "calls": max(r["stages"].get(k, {}).get("calls", 0) for r in recs)} for k in names},
+            "stages_span": {f: med([r[f] for r in recs if r.get(f) is not None]) for f in SPAN_FIELDS}}
 
 
 def tokenizer_load_rows(model_dir: str, encoder: bool, repeats: int) -> dict:
@@ -227,7 +255,7 @@ def _spread(values, name: str) -> dict:
 
 def run_peer_bench(arch: str, workload: str, *, device: str = "auto", pairs: int | None = None, repeats: int = 3,
                    st: bool = True, cli: bool = True, batch_sizes: tuple[int, ...] | None = None,
-                   dtype: str = "auto") -> dict:
+                   dtype: str = "auto", cli_stages: bool = False) -> dict:
     dev = resolve_device(device)
     tdtype = resolve_dtype(dtype, dev)
     batch_sizes = batch_sizes or ((32, 128) if dev.type == "cuda" else (32,))
@@ -306,7 +334,7 @@ def run_peer_bench(arch: str, workload: str, *, device: str = "auto", pairs: int
         if dev.type == "cuda":
             torch.cuda.empty_cache()
         if cli:
-            rec["cli"] = cli_rows(mdir, inp, str(dev), repeats, max_length, workdir)
+            rec["cli"] = cli_rows(mdir, inp, str(dev), repeats, max_length, workdir, stages=cli_stages)
             if st_rows:
                 # The command's scoring rate (tokenizing included, from the first unit read to the last part
                 # written) and its wall-clock rate (start, load and write included) over predict's best.
@@ -352,4 +380,14 @@ def format_peer_table(rec: dict) -> str:
         lines.append(f"cli: wall {c['wall_s']:.2f} s [{c['wall_s_min']:.2f}-{c['wall_s_max']:.2f}], first batch at "
                      f"{c.get('startup_total_s', float('nan')):.2f} s, wall/scoring {c['wall_over_scoring']}")
         lines.append(f"cli startup (last run): {stages}")
+        if c.get("stages"):
+            sp = c["stages_span"]
+            fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+            lines.append(f"cli stages ({len(c['runs'])} runs, median wall s / thread cpu s): "
+                         + ", ".join(f"{k} {v['wall_s']:.3f}/{v['cpu_s']:.3f}" for k, v in c["stages"].items()))
+            lines.append(f"cli scoring span (median): {fmt(sp['scoring_s'])} s, first batch at "
+                         f"{fmt(sp['first_batch_after_s'])} s (done {fmt(sp['first_batch_done_after_s'])} s), "
+                         f"forward on the device {fmt(sp['forward_device_s'])} s, process cpu "
+                         f"{fmt(sp['scoring_process_cpu_s'])} s, main thread cpu "
+                         f"{fmt(sp['scoring_main_thread_cpu_s'])} s")
     return "\n".join(lines)

@@ -170,8 +170,7 @@ class TorchEngine:
             raise
         if pending:
             # One device-to-host copy per window (or per commit): no host sync between batches.
-            saved.append((np.concatenate([i for i, _ in pending]),
-                          torch.cat([s for _, s in pending]).float().cpu().numpy()))
+            saved.append(to_host(pending))
         if not saved:
             return np.empty(total, dtype=np.float32)
         out = np.empty((total,) + saved[0][1].shape[1:], dtype=np.float32)  # (pairs,) or (pairs, labels)
@@ -185,8 +184,7 @@ class TorchEngine:
 
     @staticmethod
     def _hand_over(pending: list, saved: list, commit) -> None:
-        idx = np.concatenate([i for i, _ in pending])
-        scores = torch.cat([s for _, s in pending]).float().cpu().numpy()
+        idx, scores = to_host(pending)
         pending.clear()
         saved.append((idx, scores))
         commit(idx, scores)
@@ -203,6 +201,12 @@ class TorchEngine:
             if saved > 0 and (self.info.sharing == "on" or saved >= prefix.AUTO_MIN_SAVING * lengths.sum()):
                 return prefix.plan_shared(lengths, plen, pk, budget_now), plen
         return plan_batches(lengths, budget_now, self.forward.padded), None
+
+
+def to_host(pending: list[tuple[np.ndarray, torch.Tensor]]) -> tuple[np.ndarray, np.ndarray]:
+    """The positions and scores of the batches run since the last copy, on the host: the one
+    device-to-host copy, where the host waits for the device to finish them."""
+    return np.concatenate([i for i, _ in pending]), torch.cat([s for _, s in pending]).float().cpu().numpy()
 
 
 def activate(logits: torch.Tensor, activation: str) -> torch.Tensor:
