@@ -13,13 +13,14 @@ python3 -c "import torch, transformers, sentence_transformers as s, importlib.ut
 timeout 60 python3 -m pytest -x -q -s -p no:cacheprovider tests_gpu/test_gpu_encoders.py 2>&1 | grep -vE "^\s*$|Writing|Loading" | tail -12 | tee "$OUT/gpu_tests.log"
 b() { name=$1; shift; echo "== bench $*"; timeout "$TMO" python3 -m jobs.cli bench "$@" --json "$OUT/$name.json" 2>&1 | grep -vE "^rerank-batch:|Writing|Loading|it/s" | tee -a "$OUT/tables.txt"; }
 # Each record has the tokenizer load (ours and transformers', fresh processes) and the CLI's rate
-# against sentence-transformers. Shapes to run: the arguments (default all; the four together
+# against sentence-transformers, each CLI run timed stage by stage (--cli-stages) for the
+# cross-encoders. Shapes to run: the arguments (default all; the four together
 # take more than one 10-minute command: split them, e.g. `minilm-l6 modernbert-base`, then
 # `xlmr-large 0.6b`).
 SHAPES=${*:-minilm-l6 xlmr-large modernbert-base 0.6b}
 for s in $SHAPES; do case $s in
-  minilm-l6) TMO=160 b peer_minilm_l6 --arch minilm-l6 --workload w-mixed --pairs 3000 ;;
-  xlmr-large) TMO=240 b peer_xlmr_large --arch xlmr-large --workload w-mixed --pairs 3000 ;;
+  minilm-l6) TMO=200 b peer_minilm_l6 --arch minilm-l6 --workload w-mixed --pairs 6000 --cli-stages ;;
+  xlmr-large) TMO=280 b peer_xlmr_large --arch xlmr-large --workload w-mixed --pairs 6000 --cli-stages ;;
   modernbert-base) TMO=160 b peer_modernbert --arch modernbert-base --workload w-mixed --pairs 1000 ;;
   0.6b) TMO=150 b peer_06b_cli --arch 0.6b --peer --no-st --workload w-mixed ;;
   *) echo "unknown shape $s"; exit 2 ;;
