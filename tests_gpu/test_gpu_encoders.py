@@ -55,3 +55,21 @@ def test_packed_encoder_on_cuda(tmp_path, texts, arch, monkeypatch):
     wrong, _ = _score(m, texts, device="cuda")
     print(f"{arch}: causal kernel off by {np.abs(wrong - ref).max():.2e}")
     assert np.abs(wrong - ref).max() > 0.03
+
+
+@pytest.mark.parametrize("window", [None, 64])
+def test_bidirectional_attention_takes_q_k_v_as_views_of_the_qkv_rows(window):
+    """The fused encoders hand the kernel q, k and v as strided views of the q/k/v GEMM's rows:
+    the same result as contiguous copies."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h, d = 16, 64
+    lengths = [5, 300, 17, 1, 64]
+    t = sum(lengths)
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), device="cuda", dtype=torch.int32)
+    qkv = torch.randn(t, 3, h, d, device="cuda", generator=g).to(torch.bfloat16)
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+    assert not q.is_contiguous() and q.stride(-1) == 1
+    got = fused_encoder.bidirectional_attention(q, k, v, cu, max(lengths), d ** -0.5, "torch_varlen", window)
+    want = fused_encoder.bidirectional_attention(q.contiguous(), k.contiguous(), v.contiguous(), cu, max(lengths),
+                                                 d ** -0.5, "torch_varlen", window)
+    assert torch.equal(got, want)

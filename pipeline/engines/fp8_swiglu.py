@@ -4,7 +4,8 @@ An fp8 layer's down projection takes silu(gate) * up quantized per token (fp8.qu
 to torch.compile, the row's absolute maximum and the quantization become two kernels, each reading
 the gate/up rows from memory: on the 0.6B and 4B shapes that pair cost 1.4-1.7x SiLU·mul alone.
 Here one program per row reads its gate/up values, takes the maximum, then goes over the row again
-to quantize: the second read comes from L2 (a row is 12-48 KB), so the rows cross HBM once.
+to quantize: the second read comes from L2 (a row is 12-48 KB), so the rows cross HBM once. The
+kernel itself is in triton_kernels.py.
 
 The arithmetic is the eager fused_qwen3.swiglu_q's, step for step: silu(gate) rounded to the
 model's dtype, times up rounded again (as the eager product is), then amax / 448 as the scale and
@@ -24,50 +25,13 @@ from pipeline.errors import first_line
 
 log = logging.getLogger(__name__)
 
-_KERNEL = None
 BLOCK = 1024
-
-
-def _build():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def swiglu_quantize_kernel(gu_ptr, q_ptr, s_ptr, n, stride_gu, stride_q, fp8_max, min_scale,
-                               BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        gate = gu_ptr + row * stride_gu
-        up = gate + n
-        amax = tl.zeros([BLOCK], dtype=tl.float32)
-        for start in range(0, n, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            m = cols < n
-            g = tl.load(gate + cols, mask=m, other=0.0).to(tl.float32)
-            u = tl.load(up + cols, mask=m, other=0.0).to(tl.float32)
-            s = (g / (1.0 + tl.exp(-g))).to(gu_ptr.dtype.element_ty).to(tl.float32)
-            y = (s * u).to(gu_ptr.dtype.element_ty).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(y))
-        scale = tl.maximum(tl.max(amax, axis=0) / fp8_max, min_scale)
-        for start in range(0, n, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            m = cols < n
-            g = tl.load(gate + cols, mask=m, other=0.0).to(tl.float32)
-            u = tl.load(up + cols, mask=m, other=0.0).to(tl.float32)
-            s = (g / (1.0 + tl.exp(-g))).to(gu_ptr.dtype.element_ty).to(tl.float32)
-            y = (s * u).to(gu_ptr.dtype.element_ty).to(tl.float32)
-            q = tl.minimum(tl.maximum(y / scale, -fp8_max), fp8_max)
-            tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=m)
-        tl.store(s_ptr + row, scale)
-
-    return swiglu_quantize_kernel
 
 
 def swiglu_quantize(gu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(q, scale) of silu(gate) * up for gate/up rows `gu` [T, 2I] (CUDA): q [T, I] float8_e4m3fn,
     scale [T, 1] float32, as fp8.quantize_rows(fused_qwen3.swiglu(gu)) gives them."""
-    global _KERNEL
-    if _KERNEL is None:
-        _KERNEL = _build()
+    from pipeline.engines import triton_kernels as kernels  # Triton only where this runs
     t, n2 = gu.shape
     n = n2 // 2
     if gu.stride(1) != 1:
@@ -76,7 +40,8 @@ def swiglu_quantize(gu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = torch.empty(t, 1, device=gu.device, dtype=torch.float32)
     if t:
         with torch.cuda.device(gu.device):  # Triton launches on the current device, not the tensor's
-            _KERNEL[(t,)](gu, q, scale, n, gu.stride(0), q.stride(0), fp8.FP8_MAX, fp8.MIN_SCALE, BLOCK=BLOCK)
+            kernels.swiglu_quantize_kernel[(t,)](gu, q, scale, n, gu.stride(0), q.stride(0), fp8.FP8_MAX,
+                                                fp8.MIN_SCALE, BLOCK=BLOCK)
     return q, scale
 
 

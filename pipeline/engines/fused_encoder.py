@@ -154,8 +154,10 @@ class FusedEncoder:
         for i, blk in enumerate(layers):
             qkv = F.linear(x, *self.qkv[i]).view(t, 3, h, d)
             if self.kernel in ("torch_varlen", "flash_attn"):
-                att = bidirectional_attention(qkv[:, 0].contiguous(), qkv[:, 1].contiguous(),
-                                              qkv[:, 2].contiguous(), cu, max_len, self.scale, self.kernel)
+                # q, k and v as views of the q/k/v rows: the varlen kernels take any row stride
+                # (only the last dimension must be contiguous); copies would cost three passes
+                # over the rows every layer.
+                att = bidirectional_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, max_len, self.scale, self.kernel)
             else:
                 att = padded_sdpa_qkv(qkv, cu, max_len, self.scale)
             att = att.reshape(-1, h * d)
@@ -187,7 +189,7 @@ class FusedEncoder:
             cos, sin = cos[0][:, None, :], sin[0][:, None, :]
             qkv = blk.attn.Wqkv(blk.attn_norm(x)).view(t, 3, h, d)
             q, k = rope(qkv[:, 0], cos, sin).contiguous(), rope(qkv[:, 1], cos, sin).contiguous()
-            att = bidirectional_attention(q, k, qkv[:, 2].contiguous(), cu, max_len, self.scale, self.kernel,
+            att = bidirectional_attention(q, k, qkv[:, 2], cu, max_len, self.scale, self.kernel,  # v: a view
                                           self.window if lt == "sliding_attention" else None)
             att = blk.attn.Wo(att.reshape(-1, h * d))
             if i == len(base.layers) - 1 and not mean:

@@ -4,9 +4,10 @@ Same arithmetic as transformers' Qwen3Model (RMSNorm in float32, the same RoPE t
 matmuls), minus what a reranker does not need: no KV cache, no masks, no (1, H, T, D) layout
 shuffles, one GEMM for q/k/v and one for gate/up, and in the last layer the MLP runs only on
 the rows whose hidden state is scored. On CUDA the small elementwise steps are compiled into
-fused kernels with torch.compile when it works, and run eagerly otherwise. With `fp8` the four
-projections of each layer but the first (fp8.BF16_LAYERS) hold float8 weights and run as fp8
-GEMMs (fp8.py); nothing else changes.
+fused kernels with torch.compile when it works (q/k norm with RoPE, and with fp8 SiLU·mul with
+its quantization, by Triton kernels of our own: qk_rope.py, fp8_swiglu.py), and run eagerly
+otherwise. With `fp8` the four projections of each layer but the first (fp8.BF16_LAYERS) hold
+float8 weights and run as fp8 GEMMs (fp8.py); nothing else changes.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from pipeline.engines import compiled, fp8 as fp8_layers, fp8_smooth, fp8_swiglu
+from pipeline.engines import compiled, fp8 as fp8_layers, fp8_smooth, fp8_swiglu, qk_rope
 from pipeline.engines.attention import packed_attention
 
 log = logging.getLogger(__name__)
@@ -223,6 +224,8 @@ class FusedQwen3:
             self._add_norm = compiled.compile_rows(add_norm)
             self._swiglu = compiled.compile_rows(swiglu)
             self._norm = compiled.compile_rows(rms_norm)
+            if qk_rope.check(self._qk, self.embed.device, self.embed.dtype, self.h, self.hkv, self.d, self.eps):
+                self._qk = qk_rope.qk_norm_rope  # one pass over the q/k rows (qk_rope.py)
             if self.fp8:
                 self._add_norm_q = compiled.compile_rows(add_norm_q)
                 self._swiglu_q = compiled.compile_rows(swiglu_q)
