@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.errors import InputError, ModelError
+from pipeline.engines import doc_cut
 from pipeline.engines.prefix import group_keys
 from pipeline.engines.template import Template
 
@@ -195,11 +196,19 @@ class CrossEncoderEncoder:
         self.with_types = "token_type_ids" in (getattr(tokenizer, "model_input_names", None) or ())
         self.truncation_side = getattr(tokenizer, "truncation_side", "right") or "right"
         self.backend = fast_backend(tokenizer)
+        self._cut = False
+        self._chars_per_token = doc_cut.CHARS_PER_TOKEN
         if self.backend is not None:
             self._encode_batch = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+            # Long documents are cut at a word boundary first where that keeps the ids (doc_cut.py).
+            # (Not where the special tokens leave no room: the backend then does not truncate.)
+            self._cut = (doc_cut.cuttable(self.backend, self.truncation_side)
+                         and max_length > self.backend.num_special_tokens_to_add(True))
             long = " ".join(["word"] * (max_length + 4))
-            probe = (["Ünïcode  q: it's 42?", "", long, "q", "q", "[SEP] </s> x"],
-                     [" \tdoc\n\nend ", "", "doc", long, "", "d"])
+            # Longer than a cut keeps: words of every kind, runs of spaces and new lines.
+            page = " ".join(f"Wörd{i}, ünïcode  x{i % 7}\n\n(42.{i})" for i in range(max_length * 2))
+            probe = (["Ünïcode  q: it's 42?", "", long, "q", "q", "[SEP] </s> x", "q", long],
+                     [" \tdoc\n\nend ", "", "doc", long, "", "d", page, page])
             try:
                 same = same_ids(self._encode_fast(*probe), self.encode_by_call(*probe))
             except Exception:  # one of the two failed where the other did not
@@ -231,6 +240,10 @@ class CrossEncoderEncoder:
         return self._encode_batch(pairs, add_special_tokens=True)
 
     def _encode_fast(self, queries, documents) -> Encoded:
+        whole = documents
+        cut: list[int] = []
+        if self._cut:
+            documents, cut = doc_cut.cut_long(documents, self.max_length, self._chars_per_token)
         pairs = list(zip(queries, documents))
         try:
             encs = self._batch(pairs, "only_second")
@@ -238,7 +251,8 @@ class CrossEncoderEncoder:
             # Some query alone leaves no room for its document, so the batch call fails as a whole.
             # Exactly those pairs are the ones whose query takes max_length minus the special
             # tokens or more (fewer: cutting the document suffices; a pair that fits is not cut
-            # by either strategy): they are cut from both sides ('longest_first').
+            # by either strategy): they are cut from both sides ('longest_first'), with their
+            # documents whole (a cut keeps the ids only where truncation takes the document alone).
             room = self.max_length - self.backend.num_special_tokens_to_add(True)
             if room <= 0:
                 raise
@@ -249,8 +263,19 @@ class CrossEncoderEncoder:
             encs = [None] * len(pairs)
             for idx, strategy in ((short, "only_second"), (long, "longest_first")):
                 if idx:
-                    for k, e in zip(idx, self._batch([pairs[k] for k in idx], strategy)):
+                    todo = [pairs[k] if strategy == "only_second" else (queries[k], whole[k]) for k in idx]
+                    for k, e in zip(idx, self._batch(todo, strategy)):
                         encs[k] = e
+            cut = [k for k in cut if qlens[k] < room]
+        if cut:
+            # A cut document that no longer fills the pair had fewer tokens than truncation keeps
+            # (very long words): encode it again whole.
+            again = [k for k in cut if len(encs[k]) != self.max_length]
+            if again:
+                if len(again) * 20 > len(cut):  # more than one cut in 20 too short: keep more next time
+                    self._chars_per_token = min(doc_cut.MAX_CHARS_PER_TOKEN, self._chars_per_token * 1.5)
+                for k, e in zip(again, self._batch([(queries[k], whole[k]) for k in again], "only_second")):
+                    encs[k] = e
         n = len(encs)
         lengths = np.fromiter(map(len, encs), dtype=np.int64, count=n)
         offsets = np.zeros(n + 1, dtype=np.int64)

@@ -1,0 +1,146 @@
+"""Long documents cut at a word boundary before a cross-encoder tokenizes them (doc_cut.py): the
+pairs' ids and token types stay transformers' own, token for token, for the three tokenizer kinds
+on long pages of real text and of text built to break a careless cut (runs of spaces, new lines,
+punctuation before spaces, CJK, words longer than a cut keeps); a tokenizer the cut could change
+is refused."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+from transformers import AutoTokenizer
+
+from conftest import real_pairs
+from pipeline.engines import cross_tokenizer, doc_cut
+from pipeline.engines.tokenize import CrossEncoderEncoder
+from test_crossencoder_tokenize import STYLES, _reference, _split, tokenizers_dirs  # noqa: F401 (fixture)
+
+
+def _pages():
+    t = real_pairs(200)
+    docs = t.column("document").to_pylist()
+    rng = np.random.default_rng(0)
+    pages = []
+    for n in (150, 400, 1000):  # real documents joined into pages of a few to tens of thousands of characters
+        pick = rng.choice(len(docs), n)
+        pages.append(" ".join(docs[i] for i in pick))
+    pages += [
+        " ".join(["word,  spaced\t\ttext\n\nnew paragraph."] * 600),
+        "".join(f"x{i}. " for i in range(4000)),  # a space after punctuation at every step
+        " ".join(["日本語のテキストと English が混ざった文章です。"] * 400),
+        " ".join(["https://example.com/" + "a" * 300] * 60),  # words longer than a cut keeps
+        "Ünïcode ﬁ café  naïve\u00a0x " * 800,
+        "[SEP] </s> <s> [CLS] text " * 800,
+    ]
+    return pages
+
+
+def _counting(monkeypatch):
+    calls = {"cut": 0}
+    real_cut = doc_cut.cut_long
+
+    def cut_long(documents, max_length, *rest):
+        out, cut = real_cut(documents, max_length, *rest)
+        calls["cut"] += len(cut)
+        return out, cut
+
+    monkeypatch.setattr(doc_cut, "cut_long", cut_long)
+    return calls
+
+
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("max_length", [512, 64, 9])
+def test_cut_pages_give_transformers_ids(tokenizers_dirs, style, max_length, monkeypatch):  # noqa: F811
+    ours, why = cross_tokenizer.load(tokenizers_dirs[style])
+    assert ours is not None, why
+    ref = AutoTokenizer.from_pretrained(tokenizers_dirs[style])
+    pages = _pages()
+    queries = ["what happens after the impact", "", "日本語", "a much longer query " * 3] * (len(pages) // 4 + 1)
+    queries = queries[:len(pages)]
+    want_ids, want_types = _reference(ref, queries, pages, max_length)
+    expected = len(doc_cut.cut_long(pages, max_length)[1])
+    assert expected >= len(pages) - 2  # not the page with no letter or digit before a space, nor (short
+    # windows) the page of long words
+    encoders = [CrossEncoderEncoder(tok, max_length) for tok in (ours, ref)]
+    calls = _counting(monkeypatch)
+    for enc in encoders:
+        assert enc.backend is not None and enc._cut, style
+        e = enc.encode([None] * len(pages), queries, pages)
+        got = [_split(e, k) for k in range(len(pages))]
+        assert [g[0] for g in got] == want_ids
+        if style == "bert":
+            assert [g[1] for g in got] == want_types
+        assert e.truncated.tolist() == [len(x) >= max_length for x in want_ids]
+    assert calls["cut"] == 2 * expected  # the pages were cut (for both tokenizers), not tokenized whole
+
+
+def test_a_cut_too_short_is_encoded_whole(tokenizers_dirs):  # noqa: F811
+    """Words longer than a cut keeps (a page of long URLs) leave fewer tokens than the pair needs:
+    the pair is encoded again from the whole document, with the same ids as without a cut, and
+    the encoder keeps more characters from then on."""
+    tok, _ = cross_tokenizer.load(tokenizers_dirs["bert"])
+    page = " ".join(["https://example.com/" + "a" * 300] * 60)
+    enc = CrossEncoderEncoder(tok, 512)
+    cut, _ = doc_cut.cut_long([page], 512)
+    assert len(cut[0]) < len(page)
+    short = enc.backend.encode(cut[0], add_special_tokens=False)
+    assert len(short.ids) < 512  # the cut alone would not fill the pair
+    got = enc.encode([None], ["q"], [page])
+    assert enc._chars_per_token > doc_cut.CHARS_PER_TOKEN  # its next cuts keep more
+    enc._cut = False
+    want = enc.encode([None], ["q"], [page])
+    assert got.ids.tolist() == want.ids.tolist() and len(got.ids) == 512
+
+
+def _backend(normalizer=None, pre_tokenizer=None, added=()):
+    t = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    if normalizer is not None:
+        t.normalizer = normalizer
+    if pre_tokenizer is not None:
+        t.pre_tokenizer = pre_tokenizer
+    if added:
+        t.add_tokens(list(added))
+    return t
+
+
+def test_cuttable_accepts_splits_at_spaces_and_refuses_the_rest():
+    ok = [
+        _backend(normalizers.BertNormalizer(), pre_tokenizers.BertPreTokenizer()),
+        _backend(normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(" {2,}"), " ")]),
+                 pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace()])),
+        _backend(None, pre_tokenizers.ByteLevel(add_prefix_space=False)),
+        _backend(normalizers.NFC(), pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(sorted(doc_cut._WORD_PATTERNS)[0]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])),
+    ]
+    assert all(doc_cut.cuttable(b) for b in ok)
+    refused = [
+        _backend(None, None),  # the whole text is one pre-token
+        _backend(None, pre_tokenizers.ByteLevel(use_regex=False)),  # maps bytes, splits nothing
+        _backend(None, pre_tokenizers.Metaspace(split=False)),
+        _backend(None, pre_tokenizers.Split(Regex("\\w+ \\w+"), behavior="isolated")),  # an unknown pattern
+        _backend(normalizers.Replace("a b", "c"), pre_tokenizers.WhitespaceSplit()),  # joins across a space
+        _backend(None, pre_tokenizers.WhitespaceSplit(), added=["new york"]),  # an added token with a space
+        _backend(None, pre_tokenizers.Sequence([pre_tokenizers.Punctuation(), pre_tokenizers.WhitespaceSplit()])),
+    ]
+    assert not any(doc_cut.cuttable(b) for b in refused)
+    assert not doc_cut.cuttable(ok[0], truncation_side="left")
+    # what a refusal rests on is the tokenizer's own description of itself
+    assert json.loads(ok[1].pre_tokenizer.__getstate__())["type"] == "Sequence"
+
+
+def test_cut_points_follow_a_letter_or_digit():
+    text = "ab. cd  ef, gh ij"
+    assert doc_cut.cut_point(text, 3) == 6  # not after "."
+    assert doc_cut.cut_point(text, 7) == 14  # not inside a run of spaces, nor after ","
+    assert doc_cut.cut_point("a" * 50 + " b", 10) == 50
+    assert doc_cut.cut_point("a" * 600 + " b", 10) is None  # none near enough
+    docs = ["short", "x " * 4000, None]
+    out, cut = doc_cut.cut_long(docs, 100)
+    assert cut == [1] and out[0] == "short" and out[2] is None and docs[1] == "x " * 4000
+    assert out[1].endswith("x") and len(out[1]) == 100 * doc_cut.CHARS_PER_TOKEN + 1
+    same, none = doc_cut.cut_long(["short"], 100)
+    assert none == [] and same == ["short"]
