@@ -144,3 +144,30 @@ def test_cut_points_follow_a_letter_or_digit():
     assert out[1].endswith("x") and len(out[1]) == 100 * doc_cut.CHARS_PER_TOKEN + 1
     same, none = doc_cut.cut_long(["short"], 100)
     assert none == [] and same == ["short"]
+
+
+@pytest.mark.parametrize("max_length", [1024, 200])
+def test_qwen3_bodies_with_cut_documents_give_the_recipe_ids(max_length, monkeypatch):
+    """The Qwen3 recipe tokenizes the whole body and keeps its first tokens: a document cut at a
+    word boundary gives the same ids and the same truncated flags."""
+    from test_tokenize_fast import SAMPLE, _recipe
+    from pipeline.engines.template import BGE_RERANKER_V2_GEMMA, QWEN3_RERANKER
+    from pipeline.engines.tokenize import PairEncoder
+
+    tok = AutoTokenizer.from_pretrained(SAMPLE)
+    pages = _pages()
+    n = len(pages)
+    cols = (["Given a web search query, retrieve relevant passages"] * n, ["what happens after the impact"] * n, pages)
+    enc = PairEncoder(tok, QWEN3_RERANKER, max_length)
+    assert enc._cut
+    calls = _counting(monkeypatch)
+    e = enc.encode(*cols)
+    want = _recipe(tok, QWEN3_RERANKER, max_length, *cols)
+    assert [e.ids[e.offsets[k]:e.offsets[k + 1]].tolist() for k in range(n)] == want
+    whole = [len(tok(QWEN3_RERANKER.format_body(*c), add_special_tokens=False)["input_ids"]) for c in zip(*cols)]
+    assert e.truncated.tolist() == [w > enc.body_max for w in whole]
+    assert calls["cut"] >= n - 2
+    # a template with text after the document, and left truncation, are not cut
+    assert not PairEncoder(tok, BGE_RERANKER_V2_GEMMA, max_length)._cut
+    tok.truncation_side = "left"
+    assert not PairEncoder(tok, QWEN3_RERANKER, max_length)._cut

@@ -70,12 +70,32 @@ class PairEncoder:
             if got.tolist() != [t for ids in want for t in ids] or lens.tolist() != [len(x) for x in want]:
                 log.info("tokenizer: its Rust batch call and its __call__ disagree on a probe; using __call__")
                 self.backend = None
+        # Documents far longer than the body can hold are cut at a word boundary first, where that
+        # keeps the ids (doc_cut.py): only where the document ends the body, so that a cut body's
+        # first body_max ids are the whole body's once it still has that many.
+        self._cut = (self.backend is not None and template.body.endswith("{document}")
+                     and doc_cut.cuttable(self.backend, "left" if self.truncate_left else "right"))
+        self._chars_per_token = doc_cut.CHARS_PER_TOKEN
 
     def encode(self, instructions, queries, documents) -> Encoded:
-        bodies = [
-            self.template.format_body(i, q, d) for i, q, d in zip(instructions, queries, documents)
-        ]
+        whole, cut = documents, []
+        if self._cut:
+            documents, cut = doc_cut.cut_long(documents, self.body_max, self._chars_per_token)
+        fmt = self.template.format_body
+        bodies = [fmt(i, q, d) for i, q, d in zip(instructions, queries, documents)]
         body_ids, body_lens = self.tokenize_bodies(bodies)
+        # A cut body keeps its ids (and counts as truncated) where it still has more than body_max.
+        again = [k for k in cut if body_lens[k] <= self.body_max]
+        if again:
+            # A cut that left too few tokens (very long words): tokenize the whole body.
+            if len(again) * 20 > len(cut):  # more than one cut in 20: keep more next time
+                self._chars_per_token = min(doc_cut.MAX_CHARS_PER_TOKEN, self._chars_per_token * 1.5)
+            ids2, lens2 = self.tokenize_bodies([fmt(instructions[k], queries[k], whole[k]) for k in again])
+            pieces = np.split(body_ids, np.cumsum(body_lens)[:-1])
+            for k, piece in zip(again, np.split(ids2, np.cumsum(lens2)[:-1])):
+                pieces[k] = piece
+            body_lens[again] = lens2
+            body_ids = np.concatenate(pieces) if pieces else body_ids
         flat, offsets, truncated = assemble(body_ids, body_lens, self.prefix_ids, self.suffix_ids,
                                             self.body_max, self.truncate_left)
         return Encoded(flat, offsets, truncated, keys=group_keys(instructions, queries))
