@@ -171,3 +171,26 @@ def test_qwen3_bodies_with_cut_documents_give_the_recipe_ids(max_length, monkeyp
     assert not PairEncoder(tok, BGE_RERANKER_V2_GEMMA, max_length)._cut
     tok.truncation_side = "left"
     assert not PairEncoder(tok, QWEN3_RERANKER, max_length)._cut
+
+
+def test_a_cut_that_changes_ids_on_the_probe_is_turned_off(tokenizers_dirs, monkeypatch, caplog):  # noqa: F811
+    """Both encoders check the cut on a probe page when they are built: a cut that changes the ids
+    kept turns cutting off, not the fast path."""
+    from test_tokenize_fast import SAMPLE
+    from pipeline.engines.template import QWEN3_RERANKER
+    from pipeline.engines.tokenize import PairEncoder
+
+    real_cut = doc_cut.cut_long
+
+    def wrong_cut(documents, max_length, *rest):  # keeps the wrong end of each long document
+        out, cut = real_cut(documents, max_length, *rest)
+        return [documents[k][len(d):] if k in cut else d for k, d in enumerate(out)], cut
+
+    monkeypatch.setattr(doc_cut, "cut_long", wrong_cut)
+    tok, _ = cross_tokenizer.load(tokenizers_dirs["bert"])
+    with caplog.at_level("INFO", logger="pipeline.engines.tokenize"):
+        enc = CrossEncoderEncoder(tok, 64)
+        qwen = PairEncoder(AutoTokenizer.from_pretrained(SAMPLE), QWEN3_RERANKER, 64)
+    assert enc.backend is not None and not enc._cut
+    assert qwen.backend is not None and not qwen._cut
+    assert sum("changed its ids on a probe" in r.message for r in caplog.records) == 2

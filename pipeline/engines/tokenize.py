@@ -76,6 +76,13 @@ class PairEncoder:
         self._cut = (self.backend is not None and template.body.endswith("{document}")
                      and doc_cut.cuttable(self.backend, "left" if self.truncate_left else "right"))
         self._chars_per_token = doc_cut.CHARS_PER_TOKEN
+        if self._cut:  # the same guard for the cut: a page's cut body's ids begin its whole body's
+            page = " ".join(f"Wörd{i}, ünïcode  x{i % 7}\n\n(42.{i})" for i in range(64))
+            (cut,), _ = doc_cut.cut_long([page], 64, doc_cut.CHARS_PER_TOKEN)
+            ids, lens = self.tokenize_bodies([template.format_body("i", "q", d) for d in (cut, page)])
+            self._cut = len(cut) < len(page) and ids[:lens[0]].tolist() == ids[lens[0]:lens[0] * 2].tolist()
+            if not self._cut:
+                log.info("tokenizer: a document cut at a word boundary changed its ids on a probe; not cutting")
 
     def encode(self, instructions, queries, documents) -> Encoded:
         whole, cut = documents, []
@@ -226,17 +233,26 @@ class CrossEncoderEncoder:
                          and max_length > self.backend.num_special_tokens_to_add(True))
             long = " ".join(["word"] * (max_length + 4))
             # Longer than a cut keeps: words of every kind, runs of spaces and new lines.
-            page = " ".join(f"Wörd{i}, ünïcode  x{i % 7}\n\n(42.{i})" for i in range(max_length * 2))
+            page = " ".join(f"Wörd{i}, ünïcode  x{i % 7}\n\n(42.{i})" for i in range(max_length // 2 + 8))
             probe = (["Ünïcode  q: it's 42?", "", long, "q", "q", "[SEP] </s> x", "q", long],
                      [" \tdoc\n\nend ", "", "doc", long, "", "d", page, page])
-            try:
-                same = same_ids(self._encode_fast(*probe), self.encode_by_call(*probe))
-            except Exception:  # one of the two failed where the other did not
-                same = False
-            if not same:
+            cut, self._cut = self._cut, False
+            if not self._agrees(probe):
                 log.info("tokenizer: its Rust batch call over pairs and its __call__ disagree on a probe; "
                          "using __call__")
                 self.backend = None
+            elif cut:
+                self._cut = True
+                if not self._agrees(probe):
+                    log.info("tokenizer: a document cut at a word boundary changed its ids on a probe; not cutting")
+                    self._cut = False
+
+    def _agrees(self, probe) -> bool:
+        """Whether the Rust batch path gives the __call__'s ids on the probe pairs."""
+        try:
+            return same_ids(self._encode_fast(*probe), self.encode_by_call(*probe))
+        except Exception:  # one of the two failed where the other did not
+            return False
 
     def encode(self, instructions, queries, documents) -> Encoded:
         n = len(queries)
