@@ -194,3 +194,129 @@ def test_a_cut_that_changes_ids_on_the_probe_is_turned_off(tokenizers_dirs, monk
     assert enc.backend is not None and not enc._cut
     assert qwen.backend is not None and not qwen._cut
     assert sum("changed its ids on a probe" in r.message for r in caplog.records) == 2
+
+
+# -- cuts that used to change the ids, and the adversarial text around cut points -------------------
+
+def _pair_tokenizer(model, normalizer=None, pre_tokenizer=None, added=()):
+    """A cross-encoder tokenizer (BERT-style pair template, pad token) over `model`, as transformers
+    loads it: the kinds of tokenizer.json the checks below are about."""
+    from tokenizers import AddedToken, processors
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(model)
+    t.normalizer = normalizer
+    t.pre_tokenizer = pre_tokenizer
+    t.add_special_tokens(["[UNK]", "[CLS]", "[SEP]", "[PAD]"])
+    cls, sep = t.token_to_id("[CLS]"), t.token_to_id("[SEP]")
+    t.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                                     special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    if added:
+        t.add_tokens([AddedToken(a, normalized=True) for a in added])
+    return PreTrainedTokenizerFast(tokenizer_object=t, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]")
+
+
+def _same_as_transformers(tok, queries, documents, max_length):
+    enc = CrossEncoderEncoder(tok, max_length)
+    e = enc.encode([None] * len(queries), queries, documents)
+    want, _ = _reference(tok, queries, documents, max_length)
+    assert [_split(e, k)[0] for k in range(len(queries))] == want
+    assert e.truncated.tolist() == [len(x) >= max_length for x in want]
+    return enc
+
+
+_WORDS = {w: i for i, w in enumerate(["[UNK]", "[CLS]", "[SEP]", "[PAD]", "a", "b", "c", "q", "w", "u", "new", "york"])}
+
+
+@pytest.mark.parametrize("normalizer, added, text", [
+    (normalizers.Nmt(), "new\u200byork", "new york"),  # Nmt (SentencePiece's) turns U+200B into a space
+    (normalizers.NFKC(), "new\u00b4", "new \u0301"),  # NFKC: U+00B4 is a space and a combining acute
+])
+def test_an_added_token_that_holds_a_space_once_normalized_refuses_the_cut(normalizer, added, text):
+    """Added tokens are matched on the normalized text: one whose normalized form holds a space may
+    match across a cut, so the tokenizer is not cut (the cut used to keep "new" where transformers
+    has the added token)."""
+    tok = _pair_tokenizer(models.WordLevel(_WORDS, unk_token="[UNK]"), normalizer, pre_tokenizers.WhitespaceSplit(),
+                          added=[added])
+    assert not any(c.isspace() for c in added)
+    assert not doc_cut.cuttable(tok.backend_tokenizer)
+    # "u"*56 " b c new" reaches the first cut point (64 characters for max_length 8) with exactly the
+    # 4 tokens the pair keeps of the document: the last of them is the added token, or "new" if cut
+    page = "u" * 56 + " b c " + text + " " + "w " * 200
+    assert doc_cut.cut_long([page], 8)[0][0].endswith(" c new")
+    _same_as_transformers(tok, ["q"], [page], 8)
+
+
+def _chain_bpe(word: str, space: str):
+    """A BPE whose merges build `word` + `space` (a space mapped by the pre-tokenizer) into one token."""
+    vocab = {c: i for i, c in enumerate(["[UNK]", "q", space] + sorted(set(word)))}
+    merges, cur = [], word[0]
+    for c in word[1:] + space:
+        merges.append((cur, c))
+        cur += c
+        vocab.setdefault(cur, len(vocab))
+    return models.BPE(vocab, merges, unk_token="[UNK]")
+
+
+@pytest.mark.parametrize("space, pre_tokenizer", [
+    ("\u2581", pre_tokenizers.Sequence([pre_tokenizers.Metaspace(split=False, prepend_scheme="never"),
+                                        pre_tokenizers.WhitespaceSplit()])),
+    ("\u0120", pre_tokenizers.Sequence([pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+                                        pre_tokenizers.Split(Regex(sorted(doc_cut._WORD_PATTERNS)[0]),
+                                                             behavior="isolated")])),
+])
+def test_a_pre_tokenizer_that_maps_spaces_before_splitting_refuses_the_cut(space, pre_tokenizer):
+    """A step that maps spaces to another character (Metaspace without split, ByteLevel without its
+    regex) before the split leaves no space to split at: a BPE merge may join the word before a cut
+    with the space after it, so the tokenizer is not cut."""
+    tok = _pair_tokenizer(_chain_bpe("abcdefghi", space), None, pre_tokenizer)
+    assert not doc_cut.cuttable(tok.backend_tokenizer)
+    page = "abcdefghi " * 300  # 13 words reach the cut for max_length 16, one token each, the last cut
+    # off its space: exactly the 13 tokens the pair keeps of the document
+    assert doc_cut.cut_long([page], 16)[0][0].count(" ") == 12
+    _same_as_transformers(tok, [""], [page], 16)
+    # in the right order (split first) the same steps keep the cut
+    steps = json.loads(pre_tokenizer.__getstate__())["pretokenizers"]
+    right = _backend(None, pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizer]))
+    assert doc_cut.cuttable(right) and steps
+
+
+def test_a_cut_document_without_tokens_is_encoded_whole_when_its_query_takes_all_the_room():
+    """A cut document whose text gives no token (a BPE without an unknown token drops what it cannot
+    read) next to a query of exactly max_length minus the special tokens fills the pair without
+    truncation; the whole document has tokens after the cut, which make transformers cut the
+    query too ('longest_first'): the pair is encoded again whole, and so are the others."""
+    vocab = {c: i for i, c in enumerate(["[UNK]", "q", "w"])}
+    tok = _pair_tokenizer(models.BPE(vocab, [], unk_token=None), None, pre_tokenizers.WhitespaceSplit())
+    assert tok.backend_tokenizer.encode("日本 w", add_special_tokens=False).tokens == ["w"]
+    page = "日本 " * 40 + "w " * 100
+    queries = ["q q q q q", "q q", "q q q q q"]  # room is 8 - 3 = 5
+    documents = [page, page, "日本"]
+    assert _same_as_transformers(tok, queries, documents, 8)._cut
+    # with a longer query in the batch (the batch call fails, and the pairs are taken apart)
+    _same_as_transformers(tok, queries + ["q " * 8], documents + [page], 8)
+
+
+def test_a_template_that_reads_the_document_before_its_end_is_not_cut():
+    """The cut keeps a body's first ids only where the document appears once, as the body's end: a
+    template that also shows the document earlier (here its first 300 characters, which the probe
+    page's cut keeps whole) is not cut."""
+    from test_tokenize_fast import SAMPLE, _recipe
+    from pipeline.engines.template import Template
+    from pipeline.engines.tokenize import PairEncoder
+
+    tok = AutoTokenizer.from_pretrained(SAMPLE)
+    spec = Template("twice", "<|im_start|>user\n", "{query}\n{document:.300}\n{document}", "<|im_end|>", "yes", "no")
+    around = len(tok.encode(spec.prefix, add_special_tokens=False)) + len(tok.encode(spec.suffix, add_special_tokens=False))
+    max_length = around + 20
+    # special-token text: many characters a token, so the pair keeps the first copy's tail
+    page = ("<|endoftext|>" * 14 + "a ") * 6
+    enc = PairEncoder(tok, spec, max_length)
+    e = enc.encode(["i"], ["q"], [page])
+    assert e.ids.tolist() == _recipe(tok, spec, max_length, ["i"], ["q"], [page])[0]
+    assert not enc._cut
+    for body in ("{document}\n{query}\n{document}", "{query} {document!r}", "{query} {document:>9}",
+                 "{query} {document[0]}{document}"):
+        assert not PairEncoder(tok, Template("t", "", body, "", "yes", "no"), max_length)._cut, body
+    assert PairEncoder(tok, Template("t", "", "{{document}} {query}: {document}", "", "yes", "no"), max_length)._cut

@@ -12,14 +12,18 @@ are the first ids of the whole text's:
   - pre-tokenizers that split at spaces first (BERT's, whitespace, SentencePiece's Metaspace
     with split, GPT-2-style byte-level with its regex, the Qwen and Llama 3 split patterns), so
     that no pre-token spans the cut and every model (WordPiece, Unigram, BPE) encodes the words
-    before it as before;
-  - no added token that holds a space (which could match across the cut).
+    before it as before; a step that maps the space away (Metaspace without split, byte-level
+    without its regex) only after that split;
+  - no added token that holds a space, as written or once normalized (which could match across
+    the cut).
 
 The pair call then truncates the cut document as it would the whole one, when the cut leaves at
-least the tokens truncation keeps: that is exactly when the pair still fills max_length (only
-the document is cut: 'only_second'). A cut pair that comes out shorter is encoded again with
-the whole document (text with very long words), and the encoder then keeps more characters
-from its next cuts. `cuttable` decides per tokenizer, once.
+least the tokens truncation keeps: that is exactly when the pair still fills max_length with at
+least one token of the document (only the document is cut: 'only_second'). A cut pair that comes
+out shorter is encoded again with the whole document (text with very long words), and the
+encoder then keeps more characters from its next cuts; so is one filled by its query alone (a
+document whose start gives no token: the whole one may have tokens that make truncation cut the
+query too). `cuttable` decides per tokenizer, once.
 """
 
 from __future__ import annotations
@@ -59,7 +63,14 @@ def cuttable(backend, truncation_side: str = "right") -> bool:
         pre = backend.pre_tokenizer
         normalizer = json.loads(norm.__getstate__()) if norm is not None else None
         pre_tokenizer = json.loads(pre.__getstate__()) if pre is not None else None
-        added = [t.content for t in backend.get_added_tokens_decoder().values()]
+        # Added tokens are matched before the pre-tokenizer splits, the normalized ones on the
+        # normalized text, as their normalized form (Nmt and SentencePiece's map turn U+200B into a
+        # space, NFKC turns U+00B4 into a space and an accent): both forms must be free of spaces.
+        added = []
+        for t in backend.get_added_tokens_decoder().values():
+            added.append(t.content)
+            if t.normalized and norm is not None:
+                added.append(norm.normalize_str(t.content))
     except Exception:  # a tokenizers version that hides these: do not guess
         return False
     if any(c.isspace() for t in added for c in t):
@@ -88,10 +99,12 @@ def _splits_at_spaces(p) -> bool:
         kind = s.get("type")
         if kind in ("BertPreTokenizer", "Whitespace", "WhitespaceSplit"):
             split = True
-        elif kind == "Metaspace":
-            split = split or bool(s.get("split", True))
-        elif kind == "ByteLevel":
-            split = split or bool(s.get("use_regex", True))
+        elif kind in ("Metaspace", "ByteLevel"):
+            # Both map the space to another character ('▁', 'Ġ'): one that does not split there
+            # itself, before anything has, leaves no space for a later step to split at.
+            split = split or bool(s.get("split" if kind == "Metaspace" else "use_regex", True))
+            if not split:
+                return False
         elif kind == "Split":
             pattern = (s.get("pattern") or {}).get("Regex")
             if pattern not in _WORD_PATTERNS or s.get("behavior") != "Isolated" or s.get("invert"):

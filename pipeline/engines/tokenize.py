@@ -12,6 +12,8 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
+import string
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,9 +73,10 @@ class PairEncoder:
                 log.info("tokenizer: its Rust batch call and its __call__ disagree on a probe; using __call__")
                 self.backend = None
         # Documents far longer than the body can hold are cut at a word boundary first, where that
-        # keeps the ids (doc_cut.py): only where the document ends the body, so that a cut body's
-        # first body_max ids are the whole body's once it still has that many.
-        self._cut = (self.backend is not None and template.body.endswith("{document}")
+        # keeps the ids (doc_cut.py): only where the document ends the body and appears nowhere
+        # else in it, so that a cut body's first body_max ids are the whole body's once it still
+        # has that many.
+        self._cut = (self.backend is not None and _document_ends(template.body)
                      and doc_cut.cuttable(self.backend, "left" if self.truncate_left else "right"))
         self._chars_per_token = doc_cut.CHARS_PER_TOKEN
         if self._cut:  # the same guard for the cut: a page's cut body's ids begin its whole body's
@@ -134,6 +137,14 @@ class PairEncoder:
         lens = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
         flat = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int32, count=int(lens.sum()))
         return flat, lens
+
+
+def _document_ends(body: str) -> bool:
+    """Whether {document} is the body's last field, as is (no conversion or format spec), with
+    nothing after it, and the body reads the document nowhere else ({document:.300}, {document[0]})."""
+    fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(body) if name is not None]
+    reads = [f for f in fields if re.match(r"document(?![A-Za-z0-9_])", f[0])]
+    return body.endswith("{document}") and reads == [("document", "", None)] and fields[-1] == reads[0]
 
 
 def fast_backend(tokenizer):
@@ -280,9 +291,42 @@ class CrossEncoderEncoder:
         cut: list[int] = []
         if self._cut:
             documents, cut = doc_cut.cut_long(documents, self.max_length, self._chars_per_token)
+        encs, both_sides = self._pair_encodings(queries, documents, whole)
+        if cut:
+            # A cut pair keeps its ids where it fills max_length with at least one token of its
+            # document: its query then leaves room for the document, and truncation keeps the same
+            # first tokens of the cut document as of the whole one. A cut that no longer fills the
+            # pair had fewer tokens than truncation keeps (very long words); one that fills it with
+            # the query alone (a document whose start gives no token, next to a query that takes all
+            # the room) may hide tokens of the whole document that make truncation cut the query too.
+            # Both are encoded again whole.
+            done = set(both_sides)  # (cut from both sides with their documents whole already)
+            again = [k for k in cut if k not in done
+                     and (len(encs[k]) != self.max_length or 1 not in encs[k].sequence_ids)]
+            if again:
+                if len(again) * 20 > len(cut):  # more than one cut in 20 too short: keep more next time
+                    self._chars_per_token = min(doc_cut.MAX_CHARS_PER_TOKEN, self._chars_per_token * 1.5)
+                redo, _ = self._pair_encodings([queries[k] for k in again], [whole[k] for k in again],
+                                               [whole[k] for k in again])
+                for k, e in zip(again, redo):
+                    encs[k] = e
+        n = len(encs)
+        lengths = np.fromiter(map(len, encs), dtype=np.int64, count=n)
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        total = int(offsets[-1])
+        flat = np.fromiter(itertools.chain.from_iterable(e.ids for e in encs), dtype=np.int32, count=total)
+        tflat = None
+        if self.with_types:
+            tflat = np.fromiter(itertools.chain.from_iterable(e.type_ids for e in encs), dtype=np.int8, count=total)
+        return Encoded(flat, offsets, lengths >= self.max_length, tflat)
+
+    def _pair_encodings(self, queries, documents, whole) -> tuple[list, list[int]]:
+        """The backend's encodings of the pairs, truncated 'only_second', and the positions of the
+        pairs cut from both sides instead ('longest_first', with their documents from `whole`)."""
         pairs = list(zip(queries, documents))
         try:
-            encs = self._batch(pairs, "only_second")
+            return self._batch(pairs, "only_second"), []
         except Exception:
             # Some query alone leaves no room for its document, so the batch call fails as a whole.
             # Exactly those pairs are the ones whose query takes max_length minus the special
@@ -302,26 +346,7 @@ class CrossEncoderEncoder:
                     todo = [pairs[k] if strategy == "only_second" else (queries[k], whole[k]) for k in idx]
                     for k, e in zip(idx, self._batch(todo, strategy)):
                         encs[k] = e
-            cut = [k for k in cut if qlens[k] < room]
-        if cut:
-            # A cut document that no longer fills the pair had fewer tokens than truncation keeps
-            # (very long words): encode it again whole.
-            again = [k for k in cut if len(encs[k]) != self.max_length]
-            if again:
-                if len(again) * 20 > len(cut):  # more than one cut in 20 too short: keep more next time
-                    self._chars_per_token = min(doc_cut.MAX_CHARS_PER_TOKEN, self._chars_per_token * 1.5)
-                for k, e in zip(again, self._batch([(queries[k], whole[k]) for k in again], "only_second")):
-                    encs[k] = e
-        n = len(encs)
-        lengths = np.fromiter(map(len, encs), dtype=np.int64, count=n)
-        offsets = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        total = int(offsets[-1])
-        flat = np.fromiter(itertools.chain.from_iterable(e.ids for e in encs), dtype=np.int32, count=total)
-        tflat = None
-        if self.with_types:
-            tflat = np.fromiter(itertools.chain.from_iterable(e.type_ids for e in encs), dtype=np.int8, count=total)
-        return Encoded(flat, offsets, lengths >= self.max_length, tflat)
+            return encs, long
 
     def encode_by_call(self, queries, documents) -> Encoded:
         """Encoded pairs by the tokenizer's own __call__ over the lists (pair by pair where the batch
