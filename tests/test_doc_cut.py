@@ -7,6 +7,7 @@ is refused."""
 from __future__ import annotations
 
 import json
+import struct
 
 import numpy as np
 import pytest
@@ -320,3 +321,35 @@ def test_a_template_that_reads_the_document_before_its_end_is_not_cut():
                  "{query} {document[0]}{document}"):
         assert not PairEncoder(tok, Template("t", "", body, "", "yes", "no"), max_length)._cut, body
     assert PairEncoder(tok, Template("t", "", "{{document}} {query}: {document}", "", "yes", "no"), max_length)._cut
+
+
+def _charsmap(key: str, value: str) -> bytes:
+    """A SentencePiece precompiled charsmap (a darts-clone double array, then the values) that maps
+    `key` to `value`, as a custom normalization rule would."""
+    units, node, step = {0: 256 << 10}, 256, 512
+    for i, c in enumerate(key.encode()):
+        node ^= c
+        units[node] = (step << 10) | c | ((i == len(key.encode()) - 1) << 8)  # label, leaf flag, offset
+        node ^= step
+        step <<= 1
+    units[node] = 1 << 31  # the leaf: value 0, the offset of `value` below
+    size = 1 << (max(units) | 255).bit_length()  # every lookup (a node xor any byte) stays inside
+    trie = struct.pack(f"<{size}I", *(units.get(i, 0) for i in range(size)))
+    return struct.pack("<I", len(trie)) + trie + value.encode() + b"\0"
+
+
+def test_no_cut_after_a_letter_that_joins_the_space_in_one_grapheme():
+    """SentencePiece's map (Precompiled) looks up whole graphemes and replaces one by the value of
+    its longest mapped start: a Prepend letter (U+0D4E MALAYALAM LETTER DOT REPH) and the space
+    after it are one grapheme, so a map entry for the letter swallows the space and joins the words
+    around it. No cut falls after such a letter."""
+    norm = normalizers.Precompiled(_charsmap("\u0d4e", "x"))
+    assert norm.normalize_str("ab\u0d4e cd") == "abxcd"
+    words = dict(_WORDS, abx=len(_WORDS), abxcd=len(_WORDS) + 1)
+    tok = _pair_tokenizer(models.WordLevel(words, unk_token="[UNK]"), norm, pre_tokenizers.WhitespaceSplit())
+    assert doc_cut.cuttable(tok.backend_tokenizer)
+    page = "u" * 56 + " b c ab\u0d4e cd " + "w " * 200  # the space after U+0D4E at 64, the first cut point
+    assert doc_cut.cut_point(page, 64) == 67  # the next one, after "cd"
+    _same_as_transformers(tok, ["q"], [page], 8)
+    for c in "\u0d4e\U000111c2\U00011a3a\U00011d46":
+        assert doc_cut.cut_point(f"ab{c} cd ef", 1) == 6

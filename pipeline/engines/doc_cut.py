@@ -115,13 +115,20 @@ def _splits_at_spaces(p) -> bool:
     return split
 
 
+# Letters of grapheme class Prepend: one and the space after it are a single grapheme, which
+# SentencePiece's map (Precompiled) may replace as a whole, space included, by the letter's value.
+_PREPEND = frozenset("\u0d4e\U000111c2\U000111c3\U0001193f\U00011941\U00011a3a\U00011a84\U00011a85\U00011a86"
+                     "\U00011a87\U00011a88\U00011a89\U00011d46\U00011f02\U000113d1")
+
+
 def cut_point(text: str, start: int) -> int | None:
     """The first position at or after `start` that holds a space following a letter or digit
     (None: none within max(start, 256) characters: a text without such spaces is kept whole)."""
     end = start + max(start, 256)
     p = text.find(" ", start, end)
     while p != -1:
-        if text[p - 1].isalnum():
+        c = text[p - 1]
+        if c.isalnum() and c not in _PREPEND:
             return p
         p = text.find(" ", p + 1, end)
     return None
