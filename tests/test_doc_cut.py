@@ -309,8 +309,7 @@ def test_a_template_that_reads_the_document_before_its_end_is_not_cut():
 
     tok = AutoTokenizer.from_pretrained(SAMPLE)
     spec = Template("twice", "<|im_start|>user\n", "{query}\n{document:.300}\n{document}", "<|im_end|>", "yes", "no")
-    around = len(tok.encode(spec.prefix, add_special_tokens=False)) + len(tok.encode(spec.suffix, add_special_tokens=False))
-    max_length = around + 20
+    max_length = 20 + sum(len(tok.encode(t, add_special_tokens=False)) for t in (spec.prefix, spec.suffix))
     # special-token text: many characters a token, so the pair keeps the first copy's tail
     page = ("<|endoftext|>" * 14 + "a ") * 6
     enc = PairEncoder(tok, spec, max_length)
@@ -353,3 +352,123 @@ def test_no_cut_after_a_letter_that_joins_the_space_in_one_grapheme():
     _same_as_transformers(tok, ["q"], [page], 8)
     for c in "\u0d4e\U000111c2\U00011a3a\U00011d46":
         assert doc_cut.cut_point(f"ab{c} cd ef", 1) == 6
+
+
+# What may stand around a cut point: after the space (combining marks, other spaces, zero-width
+# and control characters, emoji sequences, contractions, special-token text) and before it.
+_AFTER = ["\u0301", "\u0308x", " ", "  \t", "\u00a0", "\u3000", "\u2000", "\t", "\r", "\r\n", "\n\n", "\x00", "\x07",
+          "\x85", "\u2028", "\u200b", "\u200c", "\u200d", "\ufeff", "\u2581", "\u180e", "\u00ad", "\ufffd",
+          "👨\u200d👩\u200d👧", "👍\U0001F3FB", "🇫🇷", "'s", "'ll", "’s", "'", "42", "½", "²", "日本語", "한국어",
+          "ا", "ﬁ", "İ", "ß", "e\u0301", "[SEP]", "</s>", "<s>", "<mask>", "[MASK]", "<|im_end|>", "<|endoftext|>",
+          "<think>", ".", ",", "-", "_", "(", "http://x.y/" + "q" * 40, "x" * 120]
+_BEFORE = ["a", "Z", "7", "日", "ß", "İ", "Ⅻ", "²", "ǅ", "한", "ا", "\u0e01\u0e33", "ﬁ", "e\u0301a", "'s", "x" * 120]
+
+
+def _around_cut_points():
+    texts = []
+    for i, after in enumerate(_AFTER):
+        b1, b2 = _BEFORE[i % len(_BEFORE)], _BEFORE[(3 * i + 1) % len(_BEFORE)]
+        texts.append(f"it {b1} {after}{b2} {after}{after}{b1}  {after} end{b2} {after}")
+        texts.append(f"{after}{b2} {after} {b1}{after} {b2}")
+    return texts
+
+
+def _tokenizers(tokenizers_dirs):  # noqa: F811
+    from test_tokenize_fast import SAMPLE
+
+    out = {}
+    for style in STYLES:
+        out[f"{style}-ours"] = cross_tokenizer.load(tokenizers_dirs[style])[0]
+        out[f"{style}-transformers"] = AutoTokenizer.from_pretrained(tokenizers_dirs[style])
+    out["qwen3"] = AutoTokenizer.from_pretrained(SAMPLE)
+    return out
+
+
+def test_text_before_any_cut_point_gives_the_first_ids_of_the_whole(tokenizers_dirs):  # noqa: F811
+    """What the cut rests on, checked at every cut point of text built to break it, for every
+    tokenizer the cut accepts here: the ids of the text before the cut are the whole text's first
+    ids (the pair's truncation then keeps the same ones)."""
+    from pipeline.engines.template import QWEN3_RERANKER
+
+    texts = _around_cut_points()
+    points = 0
+    for name, tok in _tokenizers(tokenizers_dirs).items():
+        backend = tok.backend_tokenizer
+        assert doc_cut.cuttable(backend), name
+        backend.no_truncation()
+        for text in texts:
+            cuts = [p for p in range(1, len(text)) if doc_cut.cut_point(text, p) == p]
+            body = (lambda d: QWEN3_RERANKER.format_body("i", "q", d)) if name == "qwen3" else (lambda d: d)
+            whole = backend.encode(body(text), add_special_tokens=False).ids
+            for p in cuts:
+                ids = backend.encode(body(text[:p]), add_special_tokens=False).ids
+                assert whole[:len(ids)] == ids, (name, text[:p], text[p:])
+            points += len(cuts)
+    assert points > 7 * 2 * len(_AFTER)
+
+
+def _random_text(rng, words: int) -> str:
+    atoms = _AFTER + _BEFORE + ["word", "the", "planet", "rotates", "q"] * 8
+    return "".join(rng.choice(atoms) + (" " if rng.random() < 0.5 else "") for _ in range(words))
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_mixed_batches_at_small_max_lengths_give_transformers_ids(tokenizers_dirs, style, monkeypatch):  # noqa: F811
+    """Batches that mix cut and whole documents, pairs encoded again (words longer than a cut keeps),
+    empty queries and queries longer than max_length (the batch call fails and the pairs are taken
+    apart), at max_length one or two above the special tokens and beyond: transformers' ids, token
+    types and truncated flags."""
+    import random
+
+    rng = random.Random(0)
+    calls = _counting(monkeypatch)
+    grown = 0
+    for tok in (cross_tokenizer.load(tokenizers_dirs[style])[0], AutoTokenizer.from_pretrained(tokenizers_dirs[style])):
+        specials = tok.backend_tokenizer.num_special_tokens_to_add(True)
+        for max_length in (specials + 1, specials + 2, 12, 40):
+            enc = CrossEncoderEncoder(tok, max_length)
+            assert enc._cut
+            for long_query in (False, True):
+                n = 16
+                queries = [rng.choice(["", "q", _random_text(rng, 3)]) for _ in range(n)]
+                if long_query:
+                    queries[rng.randrange(n)] = _random_text(rng, max_length + 5)
+                documents = [rng.choice(["", _random_text(rng, 4), _random_text(rng, 6 * max_length),
+                                         _random_text(rng, 12 * max_length)]) for _ in range(n)]
+                want, types = _reference(tok, queries, documents, max_length)
+                e = enc.encode([None] * n, queries, documents)
+                got = [_split(e, k) for k in range(n)]
+                assert [g[0] for g in got] == want, (max_length, long_query)
+                if style == "bert":
+                    assert [g[1] for g in got] == types
+                assert e.truncated.tolist() == [len(x) >= max_length for x in want]
+                assert e.offsets[-1] == len(e.ids)
+            grown += enc._chars_per_token > doc_cut.CHARS_PER_TOKEN  # some cuts were encoded again whole
+    assert calls["cut"] > 50
+    # BERT reads a word of more than 100 characters as one [UNK]: there some cuts come out short
+    assert grown or style != "bert"
+
+
+def test_qwen3_mixed_batches_give_the_recipe_ids(monkeypatch):
+    """The Qwen3 path on the same kind of batches: the recipe's ids and truncated flags."""
+    import random
+    from test_tokenize_fast import SAMPLE, _recipe
+    from pipeline.engines.template import QWEN3_RERANKER
+    from pipeline.engines.tokenize import PairEncoder
+
+    rng = random.Random(0)
+    tok = AutoTokenizer.from_pretrained(SAMPLE)
+    calls = _counting(monkeypatch)
+    for max_length in (110, 120, 160):
+        enc = PairEncoder(tok, QWEN3_RERANKER, max_length)
+        assert enc._cut
+        n = 16
+        sizes = (5, max_length, 3 * max_length)
+        cols = (["i"] * n, [rng.choice(["", _random_text(rng, 3), _random_text(rng, 30)]) for _ in range(n)],
+                [rng.choice([""] + [_random_text(rng, k) for k in sizes]) for _ in range(n)])
+        e = enc.encode(*cols)
+        assert [e.ids[e.offsets[k]:e.offsets[k + 1]].tolist() for k in range(n)] == _recipe(tok, QWEN3_RERANKER,
+                                                                                          max_length, *cols)
+        whole = [len(tok(QWEN3_RERANKER.format_body(*c), add_special_tokens=False)["input_ids"]) for c in zip(*cols)]
+        assert e.truncated.tolist() == [w > enc.body_max for w in whole]
+    assert calls["cut"] > 5
