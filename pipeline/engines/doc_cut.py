@@ -1,8 +1,9 @@
-"""Long documents cut at a word boundary before a cross-encoder tokenizes them.
+"""Long documents cut at a word boundary before the tokenizer reads them.
 
 A cross-encoder keeps at most max_length tokens of a pair, but the tokenizer reads the whole
 document before truncation drops the rest: a 40,000-character page costs its full tokenization
-for the 500 tokens kept. Here a document much longer than max_length tokens could need is cut
+for the 500 tokens kept. (The Qwen3 recipe's body, which ends with the document, is cut the same
+way: tokenize.PairEncoder.) Here a document much longer than max_length tokens could need is cut
 first, just before a space that follows a letter or digit, about CHARS_PER_TOKEN characters per
 token of max_length in. For the tokenizers this accepts, the ids of the text before such a cut
 are the first ids of the whole text's:
