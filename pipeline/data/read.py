@@ -113,6 +113,8 @@ def inspect_layout(path: str, cfg: RunConfig, footers: Footers | None = None) ->
     scan = _scan(path, cfg) if jsonl.is_jsonl(path) else None
     schema = scan.schema if scan is not None else (footers or Footers()).schema(path)
     names = schema.names
+    if scan is not None and scan.query_missing:  # JSONL: the field is in the schema, but in no line
+        names = [n for n in names if n != cfg.query_col]
     present = ", ".join(names)
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
