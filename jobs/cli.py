@@ -21,7 +21,39 @@ from pipeline.runtime.signals import graceful_signals  # noqa: E402
 
 from . import common  # noqa: E402
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+
+class _OneLineUsageErrors(click.Group):
+    """Usage errors (an unknown option, a value out of range, a missing argument) as one
+    `Error: …` line, like every other error of the command: click would print the usage and a
+    hint on two more lines. The hint stays, at the end of the line."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as exc:
+            raise _one_line(exc) from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            raise _one_line(exc) from None
+
+
+def _one_line(exc: click.UsageError) -> click.UsageError:
+    if isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ())):  # a bare group: its help, as asked
+        return exc
+    message = exc.format_message().rstrip()
+    helps = exc.ctx.command.get_help_option_names(exc.ctx) if exc.ctx is not None else ()
+    if helps:
+        message += f" Try '{exc.ctx.command_path} {max(helps, key=len)}' for help."
+    one = click.UsageError(message)  # no context: UsageError.show prints no usage block
+    one.exit_code = exc.exit_code
+    return one
+
+
+@click.group(cls=_OneLineUsageErrors,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="rerank-batch")
 def cli():
     """Offline batch reranking of Parquet (query, document) pairs."""

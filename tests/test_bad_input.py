@@ -23,6 +23,7 @@ TINY = os.path.join(ROOT, "sample_data", "tiny-qwen3-reranker")
 def bad(tmp_path_factory):
     d = tmp_path_factory.mktemp("bad")
     (d / "garbage.parquet").write_bytes(b"this is not parquet at all\n" * 10)
+    (d / "pairs.csv").write_text("query,document\nq,d\n")
     good = (d / "good.parquet")
     pq.write_table(real_pairs(5), good)
     data = good.read_bytes()
@@ -94,6 +95,9 @@ CASES = [
      "{d}/emptydir: the directory holds no *.parquet, *.jsonl or *.jsonl.gz file; pass a file or another directory"),
     (["run", "{d}/garbage.parquet"], "{d}/garbage.parquet: not a readable Parquet file ("),
     (["run", "{d}/truncated.parquet"], "{d}/truncated.parquet: not a readable Parquet file ("),
+    (["run", "{d}/truncated.parquet"], "; check that the file is complete and is Parquet"),
+    (["run", "{d}/pairs.csv"], "; rerank-batch reads Parquet (.parquet) and JSONL (.jsonl, .jsonl.gz): convert the "
+     "file to one of them"),
     (["run", "{d}/othercols.parquet"],
      "{d}/othercols.parquet: no query column 'query' (columns: q, d); pass --query-col NAME"),
     (["run", "{d}/othercols.parquet", "--query-col", "q"],

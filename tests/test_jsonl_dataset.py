@@ -143,6 +143,9 @@ BAD = [
      "line 2: field 'documents' is null or missing; give an empty list or remove the line"),
     ('{"query": "a", "documents": ["b", null]}\n',
      "line 1: field 'documents' holds a null document; fill it, or pass --on-null skip to keep such rows unscored"),
+    # a misnamed field is named as in a Parquet file, with the option that fixes it
+    ('{"question": "a", "document": "b"}\n{"question": "c", "document": "d"}\n',
+     "no query column 'query' (columns: question, document); pass --query-col NAME"),
     ('{"query": "a", "document": "b"}\n[1, 2]\n',
      "line 2 is not a JSON object of the file's fields (Column() changed from object to array); fix or remove that "
      "line (each line must be one JSON object, every value of a field of one type)"),

@@ -191,3 +191,31 @@ def test_config_refuses_values_the_cli_would_refuse():
         with pytest.raises(InputError) as exc:
             RunConfig(inputs=(), output="", **kw)
         assert str(exc.value) == message
+
+
+def test_usage_errors_are_one_line_with_the_fix(tmp_path):
+    """A value out of range, a misspelt option, a missing argument: one `Error:` line, exit 2,
+    no usage block; nothing written."""
+    out = tmp_path / "o.parquet"
+    cases = [
+        (["run", SAMPLE, "--model", TINY, "-o", out, "--max-length", "4"],
+         "Error: Invalid value for '--max-length' (env var: 'RERANK_BATCH_MAX_LENGTH'): 4 is not in the range "
+         "x>=8. Try 'rerank-batch run --help' for help."),
+        (["run", SAMPLE, "--model", TINY, "-o", out, "--max-lenght", "512"],
+         "Error: No such option '--max-lenght'. Did you mean '--max-length'? Try 'rerank-batch run --help' "
+         "for help."),
+        (["run"], "Error: Missing argument 'INPUT...'. Try 'rerank-batch run --help' for help."),
+        (["cache", "stats"], "Error: Missing argument 'LOCATION'. Try 'rerank-batch cache stats --help' for help."),
+        (["rerun"], "Error: No such command 'rerun'. Did you mean 'run'? Try 'rerank-batch --help' for help."),
+    ]
+    for args, line in cases:
+        r = run_cli(args, prog_name="rerank-batch")
+        assert r.exit_code == 2, r.output
+        assert r.output.strip().splitlines() == [line]
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_bare_group_still_prints_its_help():
+    r = run_cli(["cache"], prog_name="rerank-batch")
+    assert r.output.startswith("Usage: rerank-batch cache [OPTIONS] COMMAND [ARGS]...")
+    assert "stats" in r.output and "prune" in r.output

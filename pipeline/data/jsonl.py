@@ -65,6 +65,9 @@ class Scan:
     spans: list[Span]
     first_null: tuple[int, str] | None  # (line, column) of the first null query, document or query_id
     null_list: int | None  # line of the first null or missing list of documents (nested form)
+    # No line has the query field (a misnamed field: the schema names it all the same, typed in
+    # advance as the scored columns are)
+    query_missing: bool = False
 
 
 _CACHE: dict[tuple, Scan] = {}
@@ -192,6 +195,7 @@ def scan(path: str, query_col: str, doc_col: str, docs_col: str, instruction_col
     rows = pairs = 0
     unit_start, unit_byte, acc = 0, 0, 0  # the open unit: first row, first byte, pairs so far
     first_null = null_list = None
+    query_nulls, query_keyed = 0, False
     end = 0
     for data, offset, line_no in _chunks(path, chunk_bytes):
         end = offset + len(data)
@@ -200,6 +204,7 @@ def scan(path: str, query_col: str, doc_col: str, docs_col: str, instruction_col
             head = _parse_located(path, data, line_no, None, True)
             explicit = _explicit(set(head.column_names), query_col, doc_col, docs_col, instruction_col)
             order = head.column_names
+            query_keyed = query_col in order  # the key in a line, even with a null value
         t = _parse_located(path, data, line_no, explicit, True)
         starts = _line_starts(data)
         if len(starts) != t.num_rows:
@@ -213,6 +218,7 @@ def scan(path: str, query_col: str, doc_col: str, docs_col: str, instruction_col
             per_row = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False).astype(np.int64)
         else:
             per_row = np.ones(t.num_rows, np.int64)
+        query_nulls += t.column(query_col).null_count
         if first_null is None:
             first_null = _first_null(t, query_col, doc_col, docs_col, nested, data, starts, line_no)
         if nested and null_list is None and t.column(docs_col).null_count:
@@ -245,7 +251,8 @@ def scan(path: str, query_col: str, doc_col: str, docs_col: str, instruction_col
         raise InputError(f"{path}: a field holds values of two types ({first_line(exc)}); give each field one "
                          "type in every line") from None
     names = list(dict.fromkeys([n for n in order if n in schema.names] + schema.names))
-    result = Scan(pa.schema([schema.field(n) for n in names]), rows, pairs, spans, first_null, null_list)
+    result = Scan(pa.schema([schema.field(n) for n in names]), rows, pairs, spans, first_null, null_list,
+                  query_missing=not query_keyed and query_nulls == rows)
     if ident is not None:
         if len(_CACHE) > 1024:
             _CACHE.clear()

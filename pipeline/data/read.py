@@ -68,10 +68,11 @@ def open_parquet(path) -> pq.ParquetFile:
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError, ValueError) as exc:
         if f is not None:
             f.close()
-        raise InputError(
-            f"{path}: not a readable Parquet file ({first_line(exc)}); check that the file is complete and is "
-            "Parquet"
-        ) from None
+        # A file named like another format (a CSV, a .json) was passed by mistake: say which
+        # formats are read, rather than suggest the file is damaged.
+        fix = ("check that the file is complete and is Parquet" if str(path).lower().endswith(".parquet") else
+               "rerank-batch reads Parquet (.parquet) and JSONL (.jsonl, .jsonl.gz): convert the file to one of them")
+        raise InputError(f"{path}: not a readable Parquet file ({first_line(exc)}); {fix}") from None
 
 
 class Footers:
@@ -112,6 +113,8 @@ def inspect_layout(path: str, cfg: RunConfig, footers: Footers | None = None) ->
     scan = _scan(path, cfg) if jsonl.is_jsonl(path) else None
     schema = scan.schema if scan is not None else (footers or Footers()).schema(path)
     names = schema.names
+    if scan is not None and scan.query_missing:  # JSONL: the field is in the schema, but in no line
+        names = [n for n in names if n != cfg.query_col]
     present = ", ".join(names)
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:

@@ -12,11 +12,14 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
+import string
 from dataclasses import dataclass
 
 import numpy as np
 
 from pipeline.errors import InputError, ModelError
+from pipeline.engines import doc_cut
 from pipeline.engines.prefix import group_keys
 from pipeline.engines.template import Template
 
@@ -69,12 +72,40 @@ class PairEncoder:
             if got.tolist() != [t for ids in want for t in ids] or lens.tolist() != [len(x) for x in want]:
                 log.info("tokenizer: its Rust batch call and its __call__ disagree on a probe; using __call__")
                 self.backend = None
+        # Documents far longer than the body can hold are cut at a word boundary first, where that
+        # keeps the ids (doc_cut.py): only where the document ends the body and appears nowhere
+        # else in it, so that a cut body's first body_max ids are the whole body's once it still
+        # has that many.
+        self._cut = (self.backend is not None and _document_ends(template.body)
+                     and doc_cut.cuttable(self.backend, "left" if self.truncate_left else "right"))
+        self._chars_per_token = doc_cut.CHARS_PER_TOKEN
+        if self._cut:  # the same guard for the cut: a page's cut body's ids begin its whole body's
+            page = " ".join(f"Wörd{i}, ünïcode  x{i % 7}\n\n(42.{i})" for i in range(64))
+            (cut,), _ = doc_cut.cut_long([page], 64, doc_cut.CHARS_PER_TOKEN)
+            ids, lens = self.tokenize_bodies([template.format_body("i", "q", d) for d in (cut, page)])
+            self._cut = len(cut) < len(page) and ids[:lens[0]].tolist() == ids[lens[0]:lens[0] * 2].tolist()
+            if not self._cut:
+                log.info("tokenizer: a document cut at a word boundary changed its ids on a probe; not cutting")
 
     def encode(self, instructions, queries, documents) -> Encoded:
-        bodies = [
-            self.template.format_body(i, q, d) for i, q, d in zip(instructions, queries, documents)
-        ]
+        whole, cut = documents, []
+        if self._cut:
+            documents, cut = doc_cut.cut_long(documents, self.body_max, self._chars_per_token)
+        fmt = self.template.format_body
+        bodies = [fmt(i, q, d) for i, q, d in zip(instructions, queries, documents)]
         body_ids, body_lens = self.tokenize_bodies(bodies)
+        # A cut body keeps its ids (and counts as truncated) where it still has more than body_max.
+        again = [k for k in cut if body_lens[k] <= self.body_max]
+        if again:
+            # A cut that left too few tokens (very long words): tokenize the whole body.
+            if len(again) * 20 > len(cut):  # more than one cut in 20: keep more next time
+                self._chars_per_token = min(doc_cut.MAX_CHARS_PER_TOKEN, self._chars_per_token * 1.5)
+            ids2, lens2 = self.tokenize_bodies([fmt(instructions[k], queries[k], whole[k]) for k in again])
+            pieces = np.split(body_ids, np.cumsum(body_lens)[:-1])
+            for k, piece in zip(again, np.split(ids2, np.cumsum(lens2)[:-1])):
+                pieces[k] = piece
+            body_lens[again] = lens2
+            body_ids = np.concatenate(pieces) if pieces else body_ids
         flat, offsets, truncated = assemble(body_ids, body_lens, self.prefix_ids, self.suffix_ids,
                                             self.body_max, self.truncate_left)
         return Encoded(flat, offsets, truncated, keys=group_keys(instructions, queries))
@@ -106,6 +137,14 @@ class PairEncoder:
         lens = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
         flat = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int32, count=int(lens.sum()))
         return flat, lens
+
+
+def _document_ends(body: str) -> bool:
+    """Whether {document} is the body's last field, as is (no conversion or format spec), with
+    nothing after it, and the body reads the document nowhere else ({document:.300}, {document[0]})."""
+    fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(body) if name is not None]
+    reads = [f for f in fields if re.match(r"document(?![A-Za-z0-9_])", f[0])]
+    return body.endswith("{document}") and reads == [("document", "", None)] and fields[-1] == reads[0]
 
 
 def fast_backend(tokenizer):
@@ -195,19 +234,36 @@ class CrossEncoderEncoder:
         self.with_types = "token_type_ids" in (getattr(tokenizer, "model_input_names", None) or ())
         self.truncation_side = getattr(tokenizer, "truncation_side", "right") or "right"
         self.backend = fast_backend(tokenizer)
+        self._cut = False
+        self._chars_per_token = doc_cut.CHARS_PER_TOKEN
         if self.backend is not None:
             self._encode_batch = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+            # Long documents are cut at a word boundary first where that keeps the ids (doc_cut.py).
+            # (Not where the special tokens leave no room: the backend then does not truncate.)
+            self._cut = (doc_cut.cuttable(self.backend, self.truncation_side)
+                         and max_length > self.backend.num_special_tokens_to_add(True))
             long = " ".join(["word"] * (max_length + 4))
-            probe = (["Ünïcode  q: it's 42?", "", long, "q", "q", "[SEP] </s> x"],
-                     [" \tdoc\n\nend ", "", "doc", long, "", "d"])
-            try:
-                same = same_ids(self._encode_fast(*probe), self.encode_by_call(*probe))
-            except Exception:  # one of the two failed where the other did not
-                same = False
-            if not same:
+            # Longer than a cut keeps: words of every kind, runs of spaces and new lines.
+            page = " ".join(f"Wörd{i}, ünïcode  x{i % 7}\n\n(42.{i})" for i in range(max_length // 2 + 8))
+            probe = (["Ünïcode  q: it's 42?", "", long, "q", "q", "[SEP] </s> x", "q", long],
+                     [" \tdoc\n\nend ", "", "doc", long, "", "d", page, page])
+            cut, self._cut = self._cut, False
+            if not self._agrees(probe):
                 log.info("tokenizer: its Rust batch call over pairs and its __call__ disagree on a probe; "
                          "using __call__")
                 self.backend = None
+            elif cut:
+                self._cut = True
+                if not self._agrees(probe):
+                    log.info("tokenizer: a document cut at a word boundary changed its ids on a probe; not cutting")
+                    self._cut = False
+
+    def _agrees(self, probe) -> bool:
+        """Whether the Rust batch path gives the __call__'s ids on the probe pairs."""
+        try:
+            return same_ids(self._encode_fast(*probe), self.encode_by_call(*probe))
+        except Exception:  # one of the two failed where the other did not
+            return False
 
     def encode(self, instructions, queries, documents) -> Encoded:
         n = len(queries)
@@ -231,26 +287,29 @@ class CrossEncoderEncoder:
         return self._encode_batch(pairs, add_special_tokens=True)
 
     def _encode_fast(self, queries, documents) -> Encoded:
-        pairs = list(zip(queries, documents))
-        try:
-            encs = self._batch(pairs, "only_second")
-        except Exception:
-            # Some query alone leaves no room for its document, so the batch call fails as a whole.
-            # Exactly those pairs are the ones whose query takes max_length minus the special
-            # tokens or more (fewer: cutting the document suffices; a pair that fits is not cut
-            # by either strategy): they are cut from both sides ('longest_first').
-            room = self.max_length - self.backend.num_special_tokens_to_add(True)
-            if room <= 0:
-                raise
-            self.backend.no_truncation()
-            qlens = [len(e.ids) for e in self._encode_batch(list(queries), add_special_tokens=False)]
-            long = [k for k, m in enumerate(qlens) if m >= room]
-            short = [k for k, m in enumerate(qlens) if m < room]
-            encs = [None] * len(pairs)
-            for idx, strategy in ((short, "only_second"), (long, "longest_first")):
-                if idx:
-                    for k, e in zip(idx, self._batch([pairs[k] for k in idx], strategy)):
-                        encs[k] = e
+        whole = documents
+        cut: list[int] = []
+        if self._cut:
+            documents, cut = doc_cut.cut_long(documents, self.max_length, self._chars_per_token)
+        encs, both_sides = self._pair_encodings(queries, documents, whole)
+        if cut:
+            # A cut pair keeps its ids where it fills max_length with at least one token of its
+            # document: its query then leaves room for the document, and truncation keeps the same
+            # first tokens of the cut document as of the whole one. A cut that no longer fills the
+            # pair had fewer tokens than truncation keeps (very long words); one that fills it with
+            # the query alone (a document whose start gives no token, next to a query that takes all
+            # the room) may hide tokens of the whole document that make truncation cut the query too.
+            # Both are encoded again whole.
+            done = set(both_sides)  # (cut from both sides with their documents whole already)
+            again = [k for k in cut if k not in done
+                     and (len(encs[k]) != self.max_length or 1 not in encs[k].sequence_ids)]
+            if again:
+                if len(again) * 20 > len(cut):  # more than one cut in 20 too short: keep more next time
+                    self._chars_per_token = min(doc_cut.MAX_CHARS_PER_TOKEN, self._chars_per_token * 1.5)
+                redo, _ = self._pair_encodings([queries[k] for k in again], [whole[k] for k in again],
+                                               [whole[k] for k in again])
+                for k, e in zip(again, redo):
+                    encs[k] = e
         n = len(encs)
         lengths = np.fromiter(map(len, encs), dtype=np.int64, count=n)
         offsets = np.zeros(n + 1, dtype=np.int64)
@@ -261,6 +320,33 @@ class CrossEncoderEncoder:
         if self.with_types:
             tflat = np.fromiter(itertools.chain.from_iterable(e.type_ids for e in encs), dtype=np.int8, count=total)
         return Encoded(flat, offsets, lengths >= self.max_length, tflat)
+
+    def _pair_encodings(self, queries, documents, whole) -> tuple[list, list[int]]:
+        """The backend's encodings of the pairs, truncated 'only_second', and the positions of the
+        pairs cut from both sides instead ('longest_first', with their documents from `whole`)."""
+        pairs = list(zip(queries, documents))
+        try:
+            return self._batch(pairs, "only_second"), []
+        except Exception:
+            # Some query alone leaves no room for its document, so the batch call fails as a whole.
+            # Exactly those pairs are the ones whose query takes max_length minus the special
+            # tokens or more (fewer: cutting the document suffices; a pair that fits is not cut
+            # by either strategy): they are cut from both sides ('longest_first'), with their
+            # documents whole (a cut keeps the ids only where truncation takes the document alone).
+            room = self.max_length - self.backend.num_special_tokens_to_add(True)
+            if room <= 0:
+                raise
+            self.backend.no_truncation()
+            qlens = [len(e.ids) for e in self._encode_batch(list(queries), add_special_tokens=False)]
+            long = [k for k, m in enumerate(qlens) if m >= room]
+            short = [k for k, m in enumerate(qlens) if m < room]
+            encs = [None] * len(pairs)
+            for idx, strategy in ((short, "only_second"), (long, "longest_first")):
+                if idx:
+                    todo = [pairs[k] if strategy == "only_second" else (queries[k], whole[k]) for k in idx]
+                    for k, e in zip(idx, self._batch(todo, strategy)):
+                        encs[k] = e
+            return encs, long
 
     def encode_by_call(self, queries, documents) -> Encoded:
         """Encoded pairs by the tokenizer's own __call__ over the lists (pair by pair where the batch
