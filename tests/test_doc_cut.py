@@ -472,3 +472,9 @@ def test_qwen3_mixed_batches_give_the_recipe_ids(monkeypatch):
         whole = [len(tok(QWEN3_RERANKER.format_body(*c), add_special_tokens=False)["input_ids"]) for c in zip(*cols)]
         assert e.truncated.tolist() == [w > enc.body_max for w in whole]
     assert calls["cut"] > 5
+
+
+def test_an_encoder_keeps_more_only_when_more_than_one_cut_in_20_came_out_short():
+    assert doc_cut.kept_more(8, 1, 20) == 8
+    assert doc_cut.kept_more(8, 2, 20) == 12
+    assert doc_cut.kept_more(doc_cut.MAX_CHARS_PER_TOKEN, 5, 5) == doc_cut.MAX_CHARS_PER_TOKEN

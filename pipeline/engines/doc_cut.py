@@ -152,3 +152,16 @@ def cut_long(documents, max_length: int, chars_per_token: float = CHARS_PER_TOKE
                 out[i] = d[:p]
                 cut.append(i)
     return out, cut
+
+
+def kept_more(chars_per_token: float, again: int, cut: int) -> float:
+    """The characters a token an encoder keeps from its next cuts, after `again` of its `cut`
+    documents came out too short: more where that was more than one in 20."""
+    if again * 20 > cut:
+        return min(MAX_CHARS_PER_TOKEN, chars_per_token * 1.5)
+    return chars_per_token
+
+
+def probe_page(words: int) -> str:
+    """A page for the encoders' checks of the cut: words of every kind, runs of spaces, new lines."""
+    return " ".join(f"Wörd{i}, ünïcode  x{i % 7}\n\n(42.{i})" for i in range(words))

@@ -80,7 +80,7 @@ class PairEncoder:
                      and doc_cut.cuttable(self.backend, "left" if self.truncate_left else "right"))
         self._chars_per_token = doc_cut.CHARS_PER_TOKEN
         if self._cut:  # the same guard for the cut: a page's cut body's ids begin its whole body's
-            page = " ".join(f"Wörd{i}, ünïcode  x{i % 7}\n\n(42.{i})" for i in range(64))
+            page = doc_cut.probe_page(64)
             (cut,), _ = doc_cut.cut_long([page], 64, doc_cut.CHARS_PER_TOKEN)
             ids, lens = self.tokenize_bodies([template.format_body("i", "q", d) for d in (cut, page)])
             self._cut = len(cut) < len(page) and ids[:lens[0]].tolist() == ids[lens[0]:lens[0] * 2].tolist()
@@ -98,8 +98,7 @@ class PairEncoder:
         again = [k for k in cut if body_lens[k] <= self.body_max]
         if again:
             # A cut that left too few tokens (very long words): tokenize the whole body.
-            if len(again) * 20 > len(cut):  # more than one cut in 20: keep more next time
-                self._chars_per_token = min(doc_cut.MAX_CHARS_PER_TOKEN, self._chars_per_token * 1.5)
+            self._chars_per_token = doc_cut.kept_more(self._chars_per_token, len(again), len(cut))
             ids2, lens2 = self.tokenize_bodies([fmt(instructions[k], queries[k], whole[k]) for k in again])
             pieces = np.split(body_ids, np.cumsum(body_lens)[:-1])
             for k, piece in zip(again, np.split(ids2, np.cumsum(lens2)[:-1])):
@@ -243,8 +242,7 @@ class CrossEncoderEncoder:
             self._cut = (doc_cut.cuttable(self.backend, self.truncation_side)
                          and max_length > self.backend.num_special_tokens_to_add(True))
             long = " ".join(["word"] * (max_length + 4))
-            # Longer than a cut keeps: words of every kind, runs of spaces and new lines.
-            page = " ".join(f"Wörd{i}, ünïcode  x{i % 7}\n\n(42.{i})" for i in range(max_length // 2 + 8))
+            page = doc_cut.probe_page(max_length // 2 + 8)  # longer than a cut keeps
             probe = (["Ünïcode  q: it's 42?", "", long, "q", "q", "[SEP] </s> x", "q", long],
                      [" \tdoc\n\nend ", "", "doc", long, "", "d", page, page])
             cut, self._cut = self._cut, False
@@ -304,8 +302,7 @@ class CrossEncoderEncoder:
             again = [k for k in cut if k not in done
                      and (len(encs[k]) != self.max_length or 1 not in encs[k].sequence_ids)]
             if again:
-                if len(again) * 20 > len(cut):  # more than one cut in 20 too short: keep more next time
-                    self._chars_per_token = min(doc_cut.MAX_CHARS_PER_TOKEN, self._chars_per_token * 1.5)
+                self._chars_per_token = doc_cut.kept_more(self._chars_per_token, len(again), len(cut))
                 redo, _ = self._pair_encodings([queries[k] for k in again], [whole[k] for k in again],
                                                [whole[k] for k in again])
                 for k, e in zip(again, redo):
