@@ -56,6 +56,9 @@ from .common import SizeType, config_option, domain_errors, log_options, setup_l
                    "whole CLI in fresh processes, on a model saved to disk, instead of the naive recipe.")
 @click.option("--st/--no-st", default=True, show_default=True, help="With --peer: the sentence-transformers rows.")
 @click.option("--cli-row/--no-cli-row", default=True, show_default=True, help="With --peer: the fresh-process CLI row.")
+@click.option("--cli-pairs", type=click.IntRange(min=1), default=None,
+              help="With --peer: the CLI row scores N pairs of the workload (a long run, as users' are), the "
+                   "other rows --pairs. [default: --pairs]")
 @click.option("--cli-stages", is_flag=True,
               help="With --peer: time each fresh-process CLI run's stages (read, tokenize, gather, forward, "
                    "device sync, commit, ...) with the real model on the device, and report where its scoring "
@@ -71,7 +74,7 @@ from .common import SizeType, config_option, domain_errors, log_options, setup_l
 @log_options
 def bench_cmd(arch, workload, pairs, seed_pairs, e2e, repeats, device, gpu_memory_limit, max_batch_tokens,
               compile, engine, dtype, attention, prefix_sharing, smoke, host_only, device_us_per_token, profile, device_counts, window, peer, st, cli_row,
-              cli_stages, chunk_tokens, chunk_overlap, aggregate, json_path, quiet, verbose, log_level):
+              cli_pairs, cli_stages, chunk_tokens, chunk_overlap, aggregate, json_path, quiet, verbose, log_level):
     """Measure pairs/s, tokens/s, MFU, peak memory and GPU busy time against the naive recipe (or,
     with --peer, against sentence-transformers; with --devices, on 1..N devices)."""
     setup_logging(verbose, quiet, log_level)
@@ -85,6 +88,11 @@ def bench_cmd(arch, workload, pairs, seed_pairs, e2e, repeats, device, gpu_memor
     if cli_stages and (not (peer or arch in ENCODER_ARCHS) or not cli_row or device_counts or host_only
                        or chunk_tokens is not None or chunk_overlap is not None or aggregate is not None):
         raise click.UsageError("--cli-stages times the peer bench's CLI row: use it with --peer (or a cross-encoder "
+                               "--arch) and the CLI row, without --no-cli-row, --devices, --chunk-tokens or "
+                               "--host-only")
+    if cli_pairs is not None and (not (peer or arch in ENCODER_ARCHS) or not cli_row or device_counts or host_only
+                                  or chunk_tokens is not None):
+        raise click.UsageError("--cli-pairs sizes the peer bench's CLI row: use it with --peer (or a cross-encoder "
                                "--arch) and the CLI row, without --no-cli-row, --devices, --chunk-tokens or "
                                "--host-only")
     if device_counts:
@@ -138,7 +146,7 @@ def bench_cmd(arch, workload, pairs, seed_pairs, e2e, repeats, device, gpu_memor
 
         with domain_errors():
             rec = run_peer_bench(arch, workload, device=device, pairs=pairs, repeats=repeats, st=st, cli=cli_row,
-                                 cli_stages=cli_stages)
+                                 cli_stages=cli_stages, cli_pairs=cli_pairs)
         _emit(rec, format_peer_table(rec), json_path)
         return
     from pipeline.bench.throughput import format_table, run_bench
