@@ -142,8 +142,12 @@ def test_w_longdoc_lengths():
 
 @pytest.mark.parametrize("args", [["--arch", "0.6b"], ["--arch", "minilm-l6", "--no-cli-row"],
                                   ["--arch", "minilm-l6", "--host-only"]])
-def test_cli_stages_needs_the_peer_cli_row(args):
+def test_cli_stages_and_cli_pairs_need_the_peer_cli_row(args):
     r = run_cli(["bench", *args, "--cli-stages"])
     assert r.exit_code == 2
     assert ("Error: --cli-stages times the peer bench's CLI row: use it with --peer (or a cross-encoder --arch) and "
+            "the CLI row, without --no-cli-row, --devices, --chunk-tokens or --host-only") in r.output
+    r = run_cli(["bench", *args, "--cli-pairs", "100"])
+    assert r.exit_code == 2
+    assert ("Error: --cli-pairs sizes the peer bench's CLI row: use it with --peer (or a cross-encoder --arch) and "
             "the CLI row, without --no-cli-row, --devices, --chunk-tokens or --host-only") in r.output

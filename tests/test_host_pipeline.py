@@ -165,15 +165,18 @@ def _assert_stages_of_a_real_run(rec: dict) -> None:
 
 def test_bench_peer_cli_stages_times_each_cli_run(tmp_path):
     """`bench --peer --cli-stages`: every fresh-process CLI run carries its stage record with the
-    real forward timed, the CLI row's summary figures as without it, and the table a stages line."""
+    real forward timed, the CLI row's summary figures as without it, and the table a stages line.
+    With --cli-pairs, the CLI row scores that many pairs and the in-process rows --pairs."""
     out = tmp_path / "peer.json"
     r = run_cli(["bench", "--arch", "minilm-l6", "--peer", "--no-st", "--device", "cpu", "--pairs", 12,
-                 "--repeats", 2, "--cli-stages", "--json", out])
+                 "--cli-pairs", 20, "--repeats", 2, "--cli-stages", "--json", out])
     assert r.exit_code == 0, r.output
-    cli = json.loads(out.read_text())["cli"]
+    rec = json.loads(out.read_text())
+    cli = rec["cli"]
+    assert rec["pairs"] == 12 and rec["cli_pairs"] == 20 and "cli scoring (20 pairs): " in r.output
     assert len(cli["runs"]) == 2
     for run in cli["runs"]:
-        assert run["pairs_per_s"] > 0 and "startup_total_s" in run and run["scoring_s"] > 0
+        assert run["pairs"] == 20 and run["pairs_per_s"] > 0 and "startup_total_s" in run and run["scoring_s"] > 0
         _assert_stages_of_a_real_run(run["stage_record"])
     assert cli["stages"]["forward"]["calls"] > 0 and cli["stages_span"]["scoring_s"] > 0
     assert cli["stages_span"]["forward_device_s"] is None

@@ -176,7 +176,7 @@ def cli_rows(model_dir: str, inp: str, device: str, repeats: int, max_length: in
         with open(summ) as f:
             s = json.load(f)
         scoring = s["pairs_scored"] / max(s["scoring_pairs_per_s"], 1e-9)
-        runs.append({"wall_s": round(wall, 3), "scoring_s": round(scoring, 3), "pairs_per_s": s["scoring_pairs_per_s"],
+        runs.append({"pairs": s["pairs_scored"], "wall_s": round(wall, 3), "scoring_s": round(scoring, 3), "pairs_per_s": s["scoring_pairs_per_s"],
                      "run_pairs_per_s": s.get("run_pairs_per_s"),
                      "wall_pairs_per_s": round(s["pairs_scored"] / wall, 1),
                      "wall_over_scoring": round(wall / scoring, 2),
