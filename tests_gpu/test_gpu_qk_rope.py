@@ -37,18 +37,21 @@ def test_in_float32_the_kernel_equals_the_eager_step(h, hkv, d, t):
 
 
 @pytest.mark.parametrize("h,hkv,d", SHAPES)
-def test_in_bf16_the_kernel_is_as_close_to_float32_as_the_compiled_step(h, hkv, d):
+def test_in_bf16_the_kernel_is_no_further_from_float32_than_the_recipe(h, hkv, d):
+    """The kernel rounds where the recipe's Qwen3RMSNorm casts (the normalized head, before the
+    weight) and once at the store. The eager recipe rounds after every step and lands further from
+    float32; Inductor may keep the cast's value in float32 and land a little nearer. The kernel
+    must be no further than the recipe, and within a couple of bf16 steps of the compiled step."""
     t = 2048
     args = _inputs(t, h, hkv, d, torch.bfloat16, seed=h)
     exact = fused_qwen3.qk_norm_rope(*(a.float() for a in args), 1e-6, h, hkv, d)
     got = qk_rope.qk_norm_rope(*args, 1e-6, h, hkv, d)
+    eager = fused_qwen3.qk_norm_rope(*args, 1e-6, h, hkv, d)
     step = compiled.compile_rows(fused_qwen3.qk_norm_rope)(*args, 1e-6, h, hkv, d)
-    for g, s, e in zip(got[:2], step[:2], exact[:2]):
-        err_kernel = (g.float() - e).abs()
-        err_step = (s.float() - e).abs()
-        # one rounding to bf16 at the end, as the compiled step: the same size of error
-        assert err_kernel.mean() <= 1.1 * err_step.mean() + 1e-6
-        assert err_kernel.max() <= 2 * err_step.max() + 1e-6
+    for g, r, s, e in zip(got[:2], eager[:2], step[:2], exact[:2]):
+        err_kernel, err_recipe, err_step = ((x.float() - e).abs() for x in (g, r, s))
+        assert err_kernel.mean() <= err_recipe.mean()
+        assert err_kernel.max() <= max(err_recipe.max(), 2 * err_step.max())
         assert torch.allclose(g.float(), s.float(), rtol=2 ** -6, atol=2 ** -6 * float(s.float().abs().max()))
     assert qk_rope.check(compiled.compile_rows(fused_qwen3.qk_norm_rope), CUDA, torch.bfloat16, h, hkv, d, 1e-6)
 
