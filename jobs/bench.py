@@ -44,7 +44,7 @@ from .common import SizeType, config_option, domain_errors, log_options, setup_l
 @click.option("--device-us-per-token", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="With --host-only: the forward sleeps this long per computed token, as a device of that "
                    "speed would take (H100, 0.6B bf16: about 2.7); e2e near the device's rate = overlapped.")
-@click.option("--profile", is_flag=True, help="Print the top CUDA kernels of one model-only pass.")
+@click.option("--profile", is_flag=True, help="Print the top CUDA kernels of one model-only pass (CUDA; also with --peer).")
 @click.option("--devices", "device_counts", default=None,
               help="Whole runs on 1..N devices of this host, e.g. 1,2,4 (CPU workers where no GPU): pairs/s in "
               "total and per device, speed-up over one device, busy share, driver CPU per unit.")
@@ -146,7 +146,9 @@ def bench_cmd(arch, workload, pairs, seed_pairs, e2e, repeats, device, gpu_memor
 
         with domain_errors():
             rec = run_peer_bench(arch, workload, device=device, pairs=pairs, repeats=repeats, st=st, cli=cli_row,
-                                 cli_stages=cli_stages, cli_pairs=cli_pairs)
+                                 cli_stages=cli_stages, cli_pairs=cli_pairs, profile=profile)
+        if rec.get("profile"):
+            click.echo(rec["profile"])
         _emit(rec, format_peer_table(rec), json_path)
         return
     from pipeline.bench.throughput import format_table, run_bench

@@ -30,7 +30,7 @@ from transformers import (AutoModelForSequenceClassification, AutoTokenizer, Ber
 
 from pipeline.bench.synthetic import ARCHS, train_cross_tokenizer, train_tokenizer
 from pipeline.bench.throughput import (WORDS, WORKLOADS, BusySampler, measure_matmul_peak, model_flops,
-                                       non_embedding_params, sync, workload_table)
+                                       non_embedding_params, profile_engine, sync, workload_table)
 from pipeline.config import RunConfig
 from pipeline.engines.resolve import resolve_device, resolve_dtype
 from pipeline.engines.score import load_engine
@@ -255,10 +255,11 @@ def _spread(values, name: str) -> dict:
 
 def run_peer_bench(arch: str, workload: str, *, device: str = "auto", pairs: int | None = None, repeats: int = 3,
                    st: bool = True, cli: bool = True, batch_sizes: tuple[int, ...] | None = None,
-                   dtype: str = "auto", cli_stages: bool = False, cli_pairs: int | None = None) -> dict:
+                   dtype: str = "auto", cli_stages: bool = False, cli_pairs: int | None = None,
+                   profile: bool = False) -> dict:
     """`cli_pairs`: the CLI row scores a larger draw of the same workload (users' runs are long, and a
     fresh process's first batches, cold kernels included, weigh less in them); the rows in one
-    process score `pairs`."""
+    process score `pairs`. `profile` (CUDA): the top kernels of one model-only pass, in `profile`."""
     dev = resolve_device(device)
     tdtype = resolve_dtype(dtype, dev)
     batch_sizes = batch_sizes or ((32, 128) if dev.type == "cuda" else (32,))
@@ -316,6 +317,8 @@ def run_peer_bench(arch: str, workload: str, *, device: str = "auto", pairs: int
                         lambda: ce.predict(sp, batch_size=bs, show_progress_bar=False, convert_to_numpy=True), dev)
                     times.setdefault(f"st_bs{bs}", []).append(dt)
         rec["gpu_busy"] = busy.busy
+        if profile and dev.type == "cuda":
+            rec["profile"] = profile_engine(scorer, enc)
         flops = encoder_flops(enc.lengths, arch) if encoder_arch else model_flops(enc.lengths, ARCHS[arch])
         rec["non_embedding_params"] = (None if encoder_arch else non_embedding_params(ARCHS[arch]))
         for name, ts in times.items():
