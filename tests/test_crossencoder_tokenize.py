@@ -235,5 +235,7 @@ def test_peer_bench_reports_tokenizer_load_and_cli_vs_st(tmp_path, tokenizers_di
     assert "tokenizing: rust-batch, ids equal to transformers': True" in table
     assert (f"tokenizer load, fresh process (BertTokenizer): ours {rows['ours']['load_s']:.3f} s "
             f"[{rows['ours']['load_s_min']:.3f}-{rows['ours']['load_s_max']:.3f}], transformers ") in table
-    assert ("cli scoring: 25.0 pairs/s [24.0-26.0], wall 8.0 pairs/s, tokenizer stage 0.20 s; vs "
+    assert ("cli scoring (64 pairs): 25.0 pairs/s [24.0-26.0], wall 8.0 pairs/s, tokenizer stage 0.20 s; vs "
             "sentence-transformers (st_bs32, load 0.50 s): 2.5x scoring, 0.8x wall") in table
+    # With --cli-pairs the line names the CLI row's own count.
+    assert "cli scoring (640 pairs): 25.0 pairs/s" in format_peer_table({**rec, "cli_pairs": 640})
