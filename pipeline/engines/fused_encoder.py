@@ -1,4 +1,6 @@
-"""A lean, packed forward of BERT, XLM-R and ModernBERT cross-encoders over the HF modules' weights.
+"""A lean, packed forward of BERT, XLM-R and ModernBERT cross-encoders: BERT and XLM-R over their
+weights as plain tensors (`BertWeights`, taken from a transformers model or loaded directly by
+direct_encoder.py), ModernBERT over its transformers modules.
 
 The padded transformers forward spends most of a length-mixed batch on padding. Here a batch is
 one row of T real tokens holding n pairs (`cu` marks where each starts): embeddings with each
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 import inspect
 import logging
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +30,10 @@ BERT_LIKE = {"bert", "xlm-roberta", "roberta"}
 
 
 def supports(hf_model) -> bool:
+    """The packed forward runs this model: a transformers model it understands, or a directly
+    loaded one (direct_encoder.DirectEncoder, whose weights are already BertWeights)."""
+    if isinstance(getattr(hf_model, "weights", None), BertWeights):
+        return True
     cfg = hf_model.config
     mtype = getattr(cfg, "model_type", "")
     if mtype in BERT_LIKE:
@@ -34,6 +42,71 @@ def supports(hf_model) -> bool:
     if mtype == "modernbert":
         return getattr(cfg, "classifier_pooling", "cls") in ("cls", "mean") and hasattr(hf_model, "head")
     return False
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    """One post-LN encoder layer: fused q/k/v, attention output, MLP, their LayerNorms."""
+
+    qkv_w: torch.Tensor  # query, key, value rows stacked: one GEMM instead of three
+    qkv_b: torch.Tensor
+    attn_out_w: torch.Tensor
+    attn_out_b: torch.Tensor
+    attn_ln_w: torch.Tensor
+    attn_ln_b: torch.Tensor
+    attn_ln_eps: float
+    inter_w: torch.Tensor
+    inter_b: torch.Tensor
+    act: Callable  # the activation, as transformers' ACT2FN gives it for hidden_act
+    out_w: torch.Tensor
+    out_b: torch.Tensor
+    out_ln_w: torch.Tensor
+    out_ln_b: torch.Tensor
+    out_ln_eps: float
+
+
+@dataclass(frozen=True)
+class BertWeights:
+    """A BERT / XLM-R / RoBERTa sequence classifier as tensors: what FusedEncoder reads."""
+
+    kind: str  # model_type: "bert", "xlm-roberta", "roberta"
+    heads: int
+    pos_offset: int  # XLM-R and RoBERTa count positions from padding_idx + 1; BERT from 0
+    word: torch.Tensor
+    position: torch.Tensor
+    token_type: torch.Tensor
+    emb_ln_w: torch.Tensor
+    emb_ln_b: torch.Tensor
+    emb_ln_eps: float
+    layers: list
+    # BERT: (pooler dense w, b, classifier w, b); XLM-R / RoBERTa: (classifier.dense w, b, out_proj w, b).
+    # Either way dense, tanh, linear on the first token.
+    head: tuple
+
+    @classmethod
+    def from_hf(cls, hf_model) -> "BertWeights":
+        """References to a transformers model's weights (q/k/v fused: a copy of those only)."""
+        cfg = hf_model.config
+        base = getattr(hf_model, hf_model.base_model_prefix)
+        emb = base.embeddings
+        layers = []
+        with torch.no_grad():
+            for blk in base.encoder.layer:
+                s, ao, mid, out = blk.attention.self, blk.attention.output, blk.intermediate, blk.output
+                layers.append(LayerWeights(
+                    torch.cat([s.query.weight, s.key.weight, s.value.weight], 0),
+                    torch.cat([s.query.bias, s.key.bias, s.value.bias], 0),
+                    ao.dense.weight, ao.dense.bias, ao.LayerNorm.weight, ao.LayerNorm.bias, ao.LayerNorm.eps,
+                    mid.dense.weight, mid.dense.bias, mid.intermediate_act_fn,
+                    out.dense.weight, out.dense.bias, out.LayerNorm.weight, out.LayerNorm.bias, out.LayerNorm.eps))
+        c = hf_model.classifier
+        if cfg.model_type == "bert":
+            head = (base.pooler.dense.weight, base.pooler.dense.bias, c.weight, c.bias)
+        else:
+            head = (c.dense.weight, c.dense.bias, c.out_proj.weight, c.out_proj.bias)
+        return cls(cfg.model_type, cfg.num_attention_heads, emb.padding_idx + 1 if cfg.model_type != "bert" else 0,
+                   emb.word_embeddings.weight, emb.position_embeddings.weight, emb.token_type_embeddings.weight,
+                   emb.LayerNorm.weight, emb.LayerNorm.bias, emb.LayerNorm.eps, layers, head)
 
 
 _VARLEN_PARAMS = None
@@ -77,20 +150,24 @@ def rope(x, cos, sin):
 
 
 class FusedEncoder:
-    """References to the HF model's weights; `logits` is the only entry point."""
+    """The packed forward of one cross-encoder; `logits` is the only entry point.
 
-    def __init__(self, hf_model, kernel: str, compile: bool = False):
-        self.cfg = cfg = hf_model.config
+    `source`: a transformers model (BERT-style ones are read into BertWeights; ModernBERT runs on
+    its modules), or a directly loaded model (direct_encoder.DirectEncoder: `config` and
+    `weights`)."""
+
+    def __init__(self, source, kernel: str, compile: bool = False):
+        self.cfg = cfg = source.config
         self.kernel = kernel
         self.kind = cfg.model_type
         self.modern = self.kind == "modernbert"
         self.h = cfg.num_attention_heads
         self.d = cfg.hidden_size // cfg.num_attention_heads
         self.scale = self.d ** -0.5
-        self.model = hf_model
         self._add_ln = add_layer_norm
         if self.modern:
-            self.base = hf_model.model
+            self.model = source
+            self.base = source.model
             types = list(getattr(cfg, "layer_types", None) or [])
             if not types:  # older configs: every n-th layer global
                 every = cfg.global_attn_every_n_layers
@@ -99,17 +176,8 @@ class FusedEncoder:
             self.layer_types = types
             self.window = cfg.local_attention // 2
         else:
-            self.base = getattr(hf_model, hf_model.base_model_prefix)
-            emb = self.base.embeddings
-            # XLM-R and RoBERTa count positions from padding_idx + 1; BERT from 0.
-            self.pos_offset = emb.padding_idx + 1 if self.kind != "bert" else 0
-            # Fused q/k/v: one GEMM instead of three.
-            self.qkv = []
-            with torch.no_grad():
-                for blk in self.base.encoder.layer:
-                    s = blk.attention.self
-                    self.qkv.append((torch.cat([s.query.weight, s.key.weight, s.value.weight], 0),
-                                     torch.cat([s.query.bias, s.key.bias, s.value.bias], 0)))
+            w = getattr(source, "weights", None)
+            self.w = w if isinstance(w, BertWeights) else BertWeights.from_hf(source)
         if compile:
             try:
                 self._add_ln = compiled.compile_rows(add_layer_norm)
@@ -122,10 +190,10 @@ class FusedEncoder:
         broken compiler shows here rather than in the first batch."""
         if self.modern or self._add_ln is add_layer_norm:
             return
-        ln = self.base.encoder.layer[0].output.LayerNorm
+        layer = self.w.layers[0]
         with torch.inference_mode():
-            x = torch.zeros(rows, ln.weight.shape[0], device=ln.weight.device, dtype=ln.weight.dtype)
-            self._add_ln(x, torch.zeros_like(x), ln.weight, ln.bias, ln.eps)
+            x = torch.zeros(rows, layer.out_ln_w.shape[0], device=layer.out_ln_w.device, dtype=layer.out_ln_w.dtype)
+            self._add_ln(x, torch.zeros_like(x), layer.out_ln_w, layer.out_ln_b, layer.out_ln_eps)
 
     def use_eager(self) -> None:
         self._add_ln = add_layer_norm
@@ -144,15 +212,14 @@ class FusedEncoder:
         return self._bert(input_ids, type_ids, positions, cu, max_len, first_idx)
 
     def _bert(self, input_ids, type_ids, positions, cu, max_len, first_idx):
-        emb = self.base.embeddings
-        x = emb.word_embeddings(input_ids) + emb.token_type_embeddings(
-            type_ids if type_ids is not None else torch.zeros_like(input_ids))
-        x = x + emb.position_embeddings(positions + self.pos_offset)
-        x = F.layer_norm(x, x.shape[-1:], emb.LayerNorm.weight, emb.LayerNorm.bias, emb.LayerNorm.eps)
-        layers = self.base.encoder.layer
+        w = self.w
+        x = F.embedding(input_ids, w.word) + F.embedding(
+            type_ids if type_ids is not None else torch.zeros_like(input_ids), w.token_type)
+        x = x + F.embedding(positions + w.pos_offset, w.position)
+        x = F.layer_norm(x, x.shape[-1:], w.emb_ln_w, w.emb_ln_b, w.emb_ln_eps)
         t, h, d = x.shape[0], self.h, self.d
-        for i, blk in enumerate(layers):
-            qkv = F.linear(x, *self.qkv[i]).view(t, 3, h, d)
+        for i, lw in enumerate(w.layers):
+            qkv = F.linear(x, lw.qkv_w, lw.qkv_b).view(t, 3, h, d)
             if self.kernel in ("torch_varlen", "flash_attn"):
                 # q, k and v as views of the q/k/v rows: the varlen kernels take any row stride
                 # (only the last dimension must be contiguous); copies would cost three passes
@@ -161,21 +228,16 @@ class FusedEncoder:
             else:
                 att = padded_sdpa_qkv(qkv, cu, max_len, self.scale)
             att = att.reshape(-1, h * d)
-            if i == len(layers) - 1:
+            if i == len(w.layers) - 1:
                 # Only the pooled rows are scored: the rest of the last layer runs on n rows.
                 x, att = x[first_idx], att[first_idx]
-            out = blk.attention.output
-            x = self._add_ln(x, F.linear(att, out.dense.weight, out.dense.bias), out.LayerNorm.weight,
-                             out.LayerNorm.bias, out.LayerNorm.eps)
-            mid = blk.intermediate.intermediate_act_fn(blk.intermediate.dense(x))
-            out = blk.output
-            x = self._add_ln(x, F.linear(mid, out.dense.weight, out.dense.bias), out.LayerNorm.weight,
-                             out.LayerNorm.bias, out.LayerNorm.eps)
-        m = self.model
-        if self.kind == "bert":  # pooler (dense, tanh) then the classifier
-            return m.classifier(m.bert.pooler.activation(m.bert.pooler.dense(x)))
-        head = m.classifier  # XLM-R / RoBERTa: dense, tanh, out_proj on <s>
-        return head.out_proj(torch.tanh(head.dense(x)))
+            x = self._add_ln(x, F.linear(att, lw.attn_out_w, lw.attn_out_b), lw.attn_ln_w, lw.attn_ln_b,
+                             lw.attn_ln_eps)
+            mid = lw.act(F.linear(x, lw.inter_w, lw.inter_b))
+            x = self._add_ln(x, F.linear(mid, lw.out_w, lw.out_b), lw.out_ln_w, lw.out_ln_b, lw.out_ln_eps)
+        # BERT: pooler (dense, tanh) then the classifier; XLM-R / RoBERTa: dense, tanh, out_proj on <s>.
+        dense_w, dense_b, out_w, out_b = w.head
+        return F.linear(torch.tanh(F.linear(x, dense_w, dense_b)), out_w, out_b)
 
     def _modernbert(self, input_ids, positions, cu, max_len, first_idx):
         base, m = self.base, self.model

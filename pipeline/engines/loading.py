@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.config import FP8_DTYPES, RunConfig
-from pipeline.engines import attention, compiled, cross_tokenizer, direct, fp8, fused_encoder
+from pipeline.engines import attention, compiled, cross_tokenizer, direct, direct_encoder, fp8, fused_encoder
 from pipeline.engines.resolve import ModelKind, choose_kernel, inspect_model, resolve_device, resolve_dtype
 from pipeline.engines.threads import configure_cpu
 from pipeline.engines.tokenize import CrossEncoderEncoder, PairEncoder
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 class Loaded:
     """A model ready to score: on its device in its dtype, with its tokenizer-side encoder."""
 
-    model: object  # a transformers model, or direct.DirectQwen3
+    model: object  # a transformers model, direct.DirectQwen3 or direct_encoder.DirectEncoder
     tokenizer: object
     encoder: object  # tokenize.PairEncoder or CrossEncoderEncoder
     device: torch.device
@@ -39,12 +39,14 @@ class Loaded:
 
 
 def load(cfg: RunConfig, kind: ModelKind | None = None) -> Loaded:
-    """`cfg.model` loaded, the weights in `cfg.dtype` on `cfg.device`. A plain Qwen3 reranker loads
-    without transformers (direct.py) unless --engine transformers."""
+    """`cfg.model` loaded, the weights in `cfg.dtype` on `cfg.device`. A plain Qwen3 reranker
+    (direct.py) or BERT / XLM-R cross-encoder (direct_encoder.py) loads without transformers
+    unless --engine transformers or RERANK_DIRECT_LOAD=0."""
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     kind = kind or inspect_model(cfg)
-    if kind.family in direct.FAMILIES and os.environ.get("RERANK_DIRECT_LOAD", "1") != "0":
+    direct_ok = os.environ.get("RERANK_DIRECT_LOAD", "1") != "0"
+    if kind.family in direct.FAMILIES and direct_ok:
         got = direct.load_qwen3(cfg, kind, device, dtype)
         if got is not None:
             model, tokenizer, compile_ok = got
@@ -54,6 +56,10 @@ def load(cfg: RunConfig, kind: ModelKind | None = None) -> Loaded:
     tokenizer = cross_encoder_tokenizer(cfg) if kind.family == "seq-cls-encoder" else None
     if tokenizer is not None:
         startup.mark("tokenizer")
+    if kind.family == "seq-cls-encoder" and direct_ok:
+        model = direct_encoder.load_encoder(cfg, kind, tokenizer, device, dtype)
+        if model is not None:
+            return prepare(model, tokenizer, cfg, device, kind)
     # Here, not at the top: a direct load (above) runs without importing transformers (seconds).
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -125,7 +131,7 @@ def prepare(model, tokenizer, cfg: RunConfig, device=None, kind: ModelKind | Non
         encoder = PairEncoder(tokenizer, kind.template, cfg.max_length)
         kernel = choose_kernel(cfg.attention, device, dtype)
     # A direct load is already on the device, in the dtype, with no transformers modules to set up.
-    if not isinstance(model, direct.DirectQwen3):
+    if not isinstance(model, (direct.DirectQwen3, direct_encoder.DirectEncoder)):
         if kind.family != "seq-cls-encoder":
             model.set_attn_implementation(attention.register())
         model.to(device=device, dtype=dtype).eval()
