@@ -99,11 +99,11 @@ def thread_device(device: torch.device) -> torch.device:
     return device
 
 
-def _is_oom(exc: BaseException) -> bool:
+def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, (MemoryError, torch.OutOfMemoryError))
 
 
-def _weights_error(path: str, exc: BaseException):
+def weights_error(path: str, exc: BaseException):
     """The transformers path's message (loading.py) for weights that cannot be read."""
     return ModelError(f"model {path}: cannot load safetensors weights ({first_line(exc)}); weights load only "
                       "from *.safetensors files")
@@ -168,9 +168,9 @@ def load_qwen3(cfg, kind, device: torch.device, dtype: torch.dtype):
         handles = [safe_open(f, framework="pt", device="cpu") for f in files]
         where = {k: h for h in handles for k in h.keys()}
     except Exception as exc:  # a truncated or corrupt file
-        if _is_oom(exc):
+        if is_oom(exc):
             raise
-        raise _weights_error(path, exc) from None
+        raise weights_error(path, exc) from None
     extra = set(where) - set(want) - ({"lm_head.weight"} if tied else set())
     if set(want) - set(where) or extra:
         log.debug("model %s: loading through transformers (checkpoint keys differ: missing %s, extra %s)", path,
@@ -181,7 +181,7 @@ def load_qwen3(cfg, kind, device: torch.device, dtype: torch.dtype):
         try:
             sl = where[k].get_slice(k)
         except Exception as exc:
-            raise _weights_error(path, exc) from None
+            raise weights_error(path, exc) from None
         if tuple(sl.get_shape()) != shape:
             log.debug("model %s: loading through transformers (%s has shape %s, not %s)", path, k,
                       sl.get_shape(), shape)
@@ -216,8 +216,8 @@ def load_qwen3(cfg, kind, device: torch.device, dtype: torch.dtype):
     while loader.is_alive():  # a timed join: signals still reach this thread at once
         loader.join(0.1)
     if failed:
-        if _is_oom(failed[0]):
+        if is_oom(failed[0]):
             raise failed[0]
-        raise _weights_error(path, failed[0]) from None
+        raise weights_error(path, failed[0]) from None
     startup.mark("weights")
     return DirectQwen3(c, tensors, kind.family), tok, compile

@@ -21,14 +21,14 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from pipeline.engines.direct import _is_oom, _weights_error, thread_device, weight_files
+from pipeline.engines.direct import is_oom, weights_error, thread_device, weight_files
 from pipeline.engines.fused_encoder import BertWeights, LayerWeights
 from pipeline.engines.model_files import JsonConfig, read_config
 from pipeline.runtime import startup
 
 log = logging.getLogger(__name__)
 
-# model_type: (architecture, the base model's attribute and key prefix, the head's kind)
+# model_type: (its one architecture, the base model's key prefix)
 _ARCHS = {"bert": ("BertForSequenceClassification", "bert"),
           "xlm-roberta": ("XLMRobertaForSequenceClassification", "roberta"),
           "roberta": ("RobertaForSequenceClassification", "roberta")}
@@ -143,7 +143,7 @@ def build_weights(c: JsonConfig, t: dict) -> BertWeights:
         head = (t["classifier.dense.weight"], t["classifier.dense.bias"], t["classifier.out_proj.weight"],
                 t["classifier.out_proj.bias"])
     return BertWeights(
-        kind=c.model_type, heads=c.num_attention_heads,
+        kind=c.model_type,
         # XLM-R and RoBERTa count positions from padding_idx + 1 (padding_idx: pad_token_id); BERT from 0.
         pos_offset=0 if c.model_type == "bert" else int(c.pad_token_id) + 1,
         word=t[e + "word_embeddings.weight"], position=t[e + "position_embeddings.weight"],
@@ -171,9 +171,9 @@ def load_encoder(cfg, kind, tokenizer, device: torch.device, dtype: torch.dtype)
         handles = [safe_open(f, framework="pt", device="cpu") for f in files]
         where = {k: h for h in handles for k in h.keys()}
     except Exception as exc:  # a truncated or corrupt file
-        if _is_oom(exc):
+        if is_oom(exc):
             raise
-        raise _weights_error(path, exc) from None
+        raise weights_error(path, exc) from None
     extra = set(where) - set(want) - _ignored(c)
     if set(want) - set(where) or extra:
         # Missing ones (a checkpoint without its classifier): transformers raises the error that
@@ -185,7 +185,7 @@ def load_encoder(cfg, kind, tokenizer, device: torch.device, dtype: torch.dtype)
         try:
             got = tuple(where[k].get_slice(k).get_shape())
         except Exception as exc:
-            raise _weights_error(path, exc) from None
+            raise weights_error(path, exc) from None
         if got != shape:
             log.debug("model %s: loading through transformers (%s has shape %s, not %s)", path, k, got, shape)
             return None
@@ -197,9 +197,9 @@ def load_encoder(cfg, kind, tokenizer, device: torch.device, dtype: torch.dtype)
             # always: on the CPU, get_tensor's buffer sits at the file's 8-byte alignment.
             tensors[k] = where[k].get_tensor(k).to(device=device, dtype=dtype, copy=True)
     except Exception as exc:
-        if _is_oom(exc):
+        if is_oom(exc):
             raise
-        raise _weights_error(path, exc) from None
+        raise weights_error(path, exc) from None
     weights = build_weights(c, tensors)
     del tensors  # q/k/v live on fused; the separate copies go
     if device.type == "cuda":

@@ -70,7 +70,6 @@ class BertWeights:
     """A BERT / XLM-R / RoBERTa sequence classifier as tensors: what FusedEncoder reads."""
 
     kind: str  # model_type: "bert", "xlm-roberta", "roberta"
-    heads: int
     pos_offset: int  # XLM-R and RoBERTa count positions from padding_idx + 1; BERT from 0
     word: torch.Tensor
     position: torch.Tensor
@@ -104,7 +103,7 @@ class BertWeights:
             head = (base.pooler.dense.weight, base.pooler.dense.bias, c.weight, c.bias)
         else:
             head = (c.dense.weight, c.dense.bias, c.out_proj.weight, c.out_proj.bias)
-        return cls(cfg.model_type, cfg.num_attention_heads, emb.padding_idx + 1 if cfg.model_type != "bert" else 0,
+        return cls(cfg.model_type, emb.padding_idx + 1 if cfg.model_type != "bert" else 0,
                    emb.word_embeddings.weight, emb.position_embeddings.weight, emb.token_type_embeddings.weight,
                    emb.LayerNorm.weight, emb.LayerNorm.bias, emb.LayerNorm.eps, layers, head)
 
