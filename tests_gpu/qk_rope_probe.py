@@ -20,27 +20,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from pipeline.engines import compiled, qk_rope  # noqa: E402
 from pipeline.engines import fused_qwen3 as fq  # noqa: E402
+from kernel_probe import ms  # noqa: E402  (this folder is on the path when run as a script)
 
 DEV = torch.device("cuda")
 BF = torch.bfloat16
 T = 65536
 REC: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": T}
-
-
-def ms(fn, reps=20):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        out.append(s.elapsed_time(e))
-    out.sort()
-    return out[len(out) // 2]
 
 
 def main():
@@ -61,15 +46,15 @@ def main():
         fns = {"eager": lambda: fq.qk_norm_rope(qkv, *args),
                "compiled_warmed_on_16_rows": lambda: small(qkv, *args)}
         for name, fn in fns.items():
-            row[name] = ms(fn)
+            row[name] = ms(fn, reps=20)
         torch._dynamo.reset()
         big = compiled.compile_rows(fq.qk_norm_rope)
         big(qkv, *args)
-        row["compiled_first_call_on_all_rows"] = ms(lambda: big(qkv, *args))
-        row["triton_kernel"] = ms(lambda: qk_rope.qk_norm_rope(qkv, *args))
+        row["compiled_first_call_on_all_rows"] = ms(lambda: big(qkv, *args), reps=20)
+        row["triton_kernel"] = ms(lambda: qk_rope.qk_norm_rope(qkv, *args), reps=20)
         src = qkv[:, :(h + hkv) * d].contiguous()
         dst = torch.empty_like(src)
-        row["copy_of_the_q_k_bytes"] = ms(lambda: dst.copy_(src))
+        row["copy_of_the_q_k_bytes"] = ms(lambda: dst.copy_(src), reps=20)
         rec = {k: {"ms": round(v, 4), "GB_per_s": round(gb / (v / 1e3), 1)} for k, v in row.items()}
         rec["copy_of_the_q_k_bytes"]["GB_per_s"] = round(2 * src.numel() * 2 / 1e9 / (row["copy_of_the_q_k_bytes"] / 1e3), 1)
         REC[arch] = rec

@@ -145,6 +145,18 @@ class DirectQwen3:
         return self._out
 
 
+def open_weights(path: str, files: list) -> dict:
+    """{checkpoint key: its safetensors file, opened memory-mapped}; a truncated or corrupt file
+    is the one-line ModelError of weights_error."""
+    try:
+        handles = [safe_open(f, framework="pt", device="cpu") for f in files]
+        return {k: h for h in handles for k in h.keys()}
+    except Exception as exc:
+        if is_oom(exc):
+            raise
+        raise weights_error(path, exc) from None
+
+
 def load_qwen3(cfg, kind, device: torch.device, dtype: torch.dtype):
     """(DirectQwen3, FastTokenizer, compile) of `cfg.model`, or None (logged why) for transformers
     to load. `compile`: the fused steps run compiled (--compile wants it, and their warm-up, run
@@ -164,13 +176,7 @@ def load_qwen3(cfg, kind, device: torch.device, dtype: torch.dtype):
     startup.mark("tokenizer")
     tied = bool(getattr(c, "tie_word_embeddings", False)) and kind.family == "yes-no"
     want = expected_shapes(c, kind.family, tied)
-    try:
-        handles = [safe_open(f, framework="pt", device="cpu") for f in files]
-        where = {k: h for h in handles for k in h.keys()}
-    except Exception as exc:  # a truncated or corrupt file
-        if is_oom(exc):
-            raise
-        raise weights_error(path, exc) from None
+    where = open_weights(path, files)
     extra = set(where) - set(want) - ({"lm_head.weight"} if tied else set())
     if set(want) - set(where) or extra:
         log.debug("model %s: loading through transformers (checkpoint keys differ: missing %s, extra %s)", path,

@@ -19,9 +19,8 @@ import os
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 
-from pipeline.engines.direct import is_oom, weights_error, thread_device, weight_files
+from pipeline.engines.direct import is_oom, open_weights, thread_device, weight_files, weights_error
 from pipeline.engines.fused_encoder import BertWeights, LayerWeights
 from pipeline.engines.model_files import JsonConfig, read_config
 from pipeline.runtime import startup
@@ -167,13 +166,7 @@ def load_encoder(cfg, kind, tokenizer, device: torch.device, dtype: torch.dtype)
         log.debug("model %s: loading through transformers (%s)", path, why)
         return None
     want = expected_shapes(c)
-    try:
-        handles = [safe_open(f, framework="pt", device="cpu") for f in files]
-        where = {k: h for h in handles for k in h.keys()}
-    except Exception as exc:  # a truncated or corrupt file
-        if is_oom(exc):
-            raise
-        raise weights_error(path, exc) from None
+    where = open_weights(path, files)
     extra = set(where) - set(want) - _ignored(c)
     if set(want) - set(where) or extra:
         # Missing ones (a checkpoint without its classifier): transformers raises the error that
