@@ -151,3 +151,32 @@ def test_cli_stages_and_cli_pairs_need_the_peer_cli_row(args):
     assert r.exit_code == 2
     assert ("Error: --cli-pairs sizes the peer bench's CLI row: use it with --peer (or a cross-encoder --arch) and "
             "the CLI row, without --no-cli-row, --devices, --chunk-tokens or --host-only") in r.output
+
+
+def test_peer_bench_runs_the_peer_with_the_processs_own_torch_threads(monkeypatch):
+    """The engine sets torch's threads for itself (one on an accelerator); sentence-transformers'
+    rows run with what the process had, as in a user's process, and the record says both."""
+    import torch
+    from sentence_transformers import CrossEncoder
+
+    from pipeline.bench.peer import run_peer_bench
+
+    seen = []
+    predict = CrossEncoder.predict
+
+    def counting(self, *a, **k):
+        seen.append(torch.get_num_threads())
+        return predict(self, *a, **k)
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(CrossEncoder, "predict", counting)
+    monkeypatch.setenv("RERANK_CPU_THREADS", "1")  # the engine's choice, unlike the process's 2
+    try:
+        torch.set_num_threads(2)
+        rec = run_peer_bench("minilm-l6", "w-mixed", device="cpu", pairs=8, repeats=2, cli=False)
+        assert rec["torch_threads"] == {"engine": 1, "st": 2}
+        assert seen and set(seen) == {2}  # the warm-up and every timed row
+        assert torch.get_num_threads() == 1  # the engine's again after the peer's rows
+        assert rec["st_bs32"]["pairs_per_s"] > 0 and rec["engine"]["pairs_per_s"] > 0
+    finally:
+        torch.set_num_threads(before)

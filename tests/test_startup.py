@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 from pipeline.runtime import startup
@@ -70,6 +71,36 @@ def test_cpu_threads_follow_affinity_and_env(monkeypatch):
         assert got["tokenizer_parallel"] == (usable_cores() > 4)
         monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")  # the user's choice wins
         assert configure_cpu()["tokenizer_parallel"] is True
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_accelerator_runs_give_torch_one_thread_unless_the_user_sets_it(monkeypatch):
+    """On an accelerator torch's pool only copies batches into pinned memory: one thread, so its
+    spinning threads leave the cores to the tokenizer and the launching thread; the user's
+    OMP_NUM_THREADS or RERANK_CPU_THREADS wins, and a bad RERANK_CPU_THREADS is a one-line error."""
+    from pipeline.engines.threads import ACCELERATOR_TORCH_THREADS, configure, usable_cores
+    from pipeline.errors import InputError
+
+    before = torch.get_num_threads()
+    cuda = torch.device("cuda", 0)  # configure only reads the device's type
+    try:
+        monkeypatch.delenv("RERANK_CPU_THREADS", raising=False)
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        torch.set_num_threads(2)
+        assert configure(cuda)["torch_threads"] == ACCELERATOR_TORCH_THREADS == torch.get_num_threads() == 1
+        assert configure(torch.device("cpu"))["torch_threads"] == usable_cores() == torch.get_num_threads()
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's pool stays as it is
+        torch.set_num_threads(2)
+        assert configure(cuda)["torch_threads"] == 2
+        monkeypatch.setenv("RERANK_CPU_THREADS", "3")
+        assert configure(cuda)["torch_threads"] == 3 == torch.get_num_threads()
+        for bad in ("many", "0", "-2"):
+            monkeypatch.setenv("RERANK_CPU_THREADS", bad)
+            with pytest.raises(InputError, match=f"RERANK_CPU_THREADS='{bad}'.*whole number"):
+                configure(cuda)
+            with pytest.raises(InputError):
+                configure(torch.device("cpu"))
     finally:
         torch.set_num_threads(before)
 

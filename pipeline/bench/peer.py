@@ -281,9 +281,11 @@ def run_peer_bench(arch: str, workload: str, *, device: str = "auto", pairs: int
         q, d = table.column("query").to_pylist(), table.column("document").to_pylist()
         instr = ["Given a web search query, retrieve relevant passages that answer the query"] * len(q)
         cfg = RunConfig(inputs=(), output="", model=mdir, device=str(dev), dtype=dtype, max_length=max_length)
+        st_threads = torch.get_num_threads()  # what a user's process gives torch: the peer runs with it
         scorer = load_engine(cfg)
+        ours = torch.get_num_threads()  # what the engine chose (threads.configure)
         rec.update(engine_impl=scorer.info.forward, attention=scorer.info.kernel,
-                   batch_token_budget=scorer.token_budget)
+                   batch_token_budget=scorer.token_budget, torch_threads={"engine": ours, "st": st_threads})
         enc = scorer.encoder.encode(instr, q, d)
         rec["pairs"], rec["tokens"] = len(enc), int(enc.offsets[-1])
         if encoder_arch:
@@ -300,7 +302,9 @@ def run_peer_bench(arch: str, workload: str, *, device: str = "auto", pairs: int
             ce = CrossEncoder(mdir, device=str(dev), max_length=max_length, model_kwargs={"dtype": tdtype})
             rec["st_load_s"] = round(time.perf_counter() - t0, 3)  # in this process: transformers already imported
             sp = st_pairs(arch, instr, q, d)
+            torch.set_num_threads(st_threads)
             ce.predict(sp[:64], batch_size=32, show_progress_bar=False)  # warm-up
+            torch.set_num_threads(ours)
             rec["sentence_transformers"] = sentence_transformers.__version__
         scorer.score(type(enc)(enc.ids, enc.offsets[: min(len(enc), 512) + 1], enc.truncated,
                                None if enc.type_ids is None else enc.type_ids[: enc.offsets[min(len(enc), 512)]]))
@@ -308,14 +312,17 @@ def run_peer_bench(arch: str, workload: str, *, device: str = "auto", pairs: int
         outs = {}
         with BusySampler(dev) as busy:
             for _ in range(repeats):
+                torch.set_num_threads(ours)
                 dt, outs["engine"] = _timed(lambda: scorer.score(enc), dev)
                 times["engine"].append(dt)
                 dt, _ = _timed(lambda: scorer.score(scorer.encoder.encode(instr, q, d)), dev)
                 times["engine_tok"].append(dt)
+                torch.set_num_threads(st_threads)
                 for bs in (batch_sizes if ce is not None else ()):
                     dt, outs[f"st_bs{bs}"] = _timed(
                         lambda: ce.predict(sp, batch_size=bs, show_progress_bar=False, convert_to_numpy=True), dev)
                     times.setdefault(f"st_bs{bs}", []).append(dt)
+            torch.set_num_threads(ours)
         rec["gpu_busy"] = busy.busy
         if profile and dev.type == "cuda":
             rec["profile"] = profile_engine(scorer, enc)

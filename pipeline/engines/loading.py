@@ -13,9 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.config import FP8_DTYPES, RunConfig
-from pipeline.engines import attention, compiled, cross_tokenizer, direct, direct_encoder, fp8, fused_encoder
+from pipeline.engines import attention, compiled, cross_tokenizer, direct, direct_encoder, fp8, fused_encoder, threads
 from pipeline.engines.resolve import ModelKind, choose_kernel, inspect_model, resolve_device, resolve_dtype
-from pipeline.engines.threads import configure_cpu
 from pipeline.engines.tokenize import CrossEncoderEncoder, PairEncoder
 from pipeline.errors import ModelError, first_line
 from pipeline.runtime import startup
@@ -121,8 +120,7 @@ def prepare(model, tokenizer, cfg: RunConfig, device=None, kind: ModelKind | Non
     if cfg.dtype in FP8_DTYPES:
         fp8.check_engine(cfg.engine, kind.family, cfg.dtype)
     compile = compiled.wanted(cfg, device) if compile is None else compile
-    if device.type == "cpu":
-        configure_cpu()
+    threads.configure(device)
     if kind.family == "seq-cls-encoder":
         encoder = CrossEncoderEncoder(tokenizer, cfg.max_length)
         packed = cfg.engine != "transformers" and fused_encoder.supports(model)

@@ -1,16 +1,20 @@
-"""CPU threads for scoring on the CPU: torch's intra-op pool and the tokenizer's pool share the cores.
+"""CPU threads: torch's intra-op pool and the tokenizer's pool share the cores.
 
-The tokenizer runs in the prefetch thread while torch runs the model, so with both pools sized to
-every core a small machine runs twice as many busy threads as it has cores, and each pool waits
-on the other (measured: docs/PERFORMANCE.md). On a CPU run, torch gets the cores this process may
-use (os.sched_getaffinity, not the machine's count, which containers and taskset narrow), and on
-machines of at most TOKENIZER_SERIAL_CORES cores the tokenizer runs single-threaded. A user's own
-OMP_NUM_THREADS, RERANK_CPU_THREADS or TOKENIZERS_PARALLELISM wins.
+On a CPU run the tokenizer runs in the prefetch thread while torch runs the model, so with both
+pools sized to every core a small machine runs twice as many busy threads as it has cores, and
+each pool waits on the other (measured: docs/PERFORMANCE.md). There torch gets the cores this
+process may use (os.sched_getaffinity, not the machine's count, which containers and taskset
+narrow), and on machines of at most TOKENIZER_SERIAL_CORES cores the tokenizer runs
+single-threaded.
 
-Runs on an accelerator never come here: their tokenizer keeps its own threads on every core
-(the model does not need the CPU), which the host side needs to keep up with the GPU once
-prefixes are shared. Pool workers are spawned with the driver's environment, so they
-see the same setting.
+On an accelerator the model needs no CPU threads: the host's torch work is copies of each
+batch's arrays into pinned memory. A pool on every core still wakes for those copies and its
+threads spin after each one, on the cores the tokenizer's own pool (every core: the host side has
+to keep up with the GPU) and the thread that launches the kernels need; so torch gets
+ACCELERATOR_TORCH_THREADS (measured with MiniLM-L6 on an H100: docs/PERFORMANCE.md).
+
+A user's own OMP_NUM_THREADS, RERANK_CPU_THREADS or TOKENIZERS_PARALLELISM wins. Pool workers
+are spawned with the driver's environment, so they see the same setting.
 """
 
 from __future__ import annotations
@@ -20,9 +24,12 @@ import os
 
 import torch
 
+from pipeline.errors import InputError
+
 log = logging.getLogger(__name__)
 
 TOKENIZER_SERIAL_CORES = 4
+ACCELERATOR_TORCH_THREADS = 1
 
 
 def usable_cores() -> int:
@@ -32,13 +39,29 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def env_threads() -> int | None:
+    """RERANK_CPU_THREADS as a count of threads, or None where it is unset or empty."""
+    raw = os.environ.get("RERANK_CPU_THREADS", "").strip()
+    if not raw:
+        return None
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise InputError(f"RERANK_CPU_THREADS={raw!r} is not a count of threads; set it to a whole number "
+                         "of at least 1 (such as 4), or unset it")
+    return n
+
+
 def configure_cpu() -> dict:
     """Set the pools for a CPU run; return what was chosen (for the log)."""
     cores = usable_cores()
     chosen = {}
     env = os.environ
-    if env.get("RERANK_CPU_THREADS"):
-        torch.set_num_threads(max(1, int(env["RERANK_CPU_THREADS"])))
+    threads = env_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
     elif "OMP_NUM_THREADS" not in env and torch.get_num_threads() != cores:
         torch.set_num_threads(cores)
     chosen["torch_threads"] = torch.get_num_threads()
@@ -49,3 +72,22 @@ def configure_cpu() -> dict:
     log.info("CPU threads: torch %d, tokenizer %s (%d usable cores)", chosen["torch_threads"],
              "parallel" if chosen["tokenizer_parallel"] else "serial", cores)
     return chosen
+
+
+def configure_accelerator() -> dict:
+    """Set torch's pool for a run on an accelerator; return what was chosen (for the log)."""
+    env = os.environ
+    threads = env_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    elif "OMP_NUM_THREADS" not in env:
+        torch.set_num_threads(ACCELERATOR_TORCH_THREADS)
+    chosen = {"torch_threads": torch.get_num_threads()}
+    log.info("CPU threads: torch %d (the model runs on the accelerator), tokenizer %s", chosen["torch_threads"],
+             "serial" if env.get("TOKENIZERS_PARALLELISM") == "false" else "parallel")
+    return chosen
+
+
+def configure(device) -> dict:
+    """The pools for a run on `device` (a torch.device)."""
+    return configure_cpu() if device.type == "cpu" else configure_accelerator()
