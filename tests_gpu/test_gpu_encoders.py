@@ -73,3 +73,24 @@ def test_bidirectional_attention_takes_q_k_v_as_views_of_the_qkv_rows(window):
     want = fused_encoder.bidirectional_attention(q.contiguous(), k.contiguous(), v.contiguous(), cu, max(lengths),
                                                  d ** -0.5, "torch_varlen", window)
     assert torch.equal(got, want)
+
+
+def test_a_cuda_engine_leaves_torch_one_cpu_thread(tmp_path, texts, monkeypatch):
+    """On CUDA the engine gives torch's CPU pool one thread (engines/threads.py); the CPU engine
+    gives it the usable cores. The scores are the same either way."""
+    from pipeline.bench.synthetic import build_cross_encoder
+    from pipeline.engines.threads import usable_cores
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("RERANK_CPU_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        m = str(build_cross_encoder(tmp_path, "bert", _corpus(), num_labels=1))
+        ref, _ = _score(m, texts, device="cpu")
+        assert torch.get_num_threads() == usable_cores()
+        torch.backends.cuda.matmul.allow_tf32 = False
+        got, _ = _score(m, texts, device="cuda", dtype="float32")
+        assert torch.get_num_threads() == 1
+        assert np.abs(got - ref).max() <= 1e-5
+    finally:
+        torch.set_num_threads(before)
