@@ -358,3 +358,24 @@ def test_string_view_columns_score_like_strings(tmp_path, tied_model):
     got, ref = pq.read_table(tmp_path / "v.out.parquet"), pq.read_table(tmp_path / "s.out.parquet")
     assert got.column("score").to_pylist() == ref.column("score").to_pylist()
     assert got.column("rank").to_pylist() == ref.column("rank").to_pylist()
+
+
+@pytest.mark.parametrize("extra", [[], ["--devices", "cpu,cpu"]])
+def test_a_bad_thread_count_in_the_environment_is_one_line_before_any_work(bad, tmp_path, monkeypatch, extra):
+    """RERANK_CPU_THREADS that is not a count is refused when the run is planned, before a model
+    loads or a worker starts (every executor plans first), with no checkpoint or output left."""
+    from pipeline.engines import resolve
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was resolved before the environment was checked")
+
+    monkeypatch.setattr(resolve, "resolve", no_model)
+    monkeypatch.setenv("RERANK_CPU_THREADS", "four")
+    out = tmp_path / "out.parquet"
+    r = run_cli(["run", bad / "good.parquet", "--model", TINY, "-o", out, "--device", "cpu", *extra])
+    assert r.exit_code == 2, r.output
+    errors = [line for line in r.output.splitlines() if line.startswith("Error:")]
+    assert errors == ["Error: RERANK_CPU_THREADS='four' is not a count of threads; set it to a whole number of "
+                      "at least 1 (such as 4), or unset it"], r.output
+    assert "Traceback" not in r.output
+    assert os.listdir(tmp_path) == []

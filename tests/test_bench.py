@@ -161,22 +161,31 @@ def test_peer_bench_runs_the_peer_with_the_processs_own_torch_threads(monkeypatc
 
     from pipeline.bench.peer import run_peer_bench
 
-    seen = []
-    predict = CrossEncoder.predict
+    from pipeline.engines.score import TorchEngine
+
+    seen, ours = [], []
+    predict, score = CrossEncoder.predict, TorchEngine.score
 
     def counting(self, *a, **k):
         seen.append(torch.get_num_threads())
         return predict(self, *a, **k)
 
+    def engine_counting(self, *a, **k):
+        ours.append(torch.get_num_threads())
+        return score(self, *a, **k)
+
     before = torch.get_num_threads()
     monkeypatch.setattr(CrossEncoder, "predict", counting)
+    monkeypatch.setattr(TorchEngine, "score", engine_counting)
     monkeypatch.setenv("RERANK_CPU_THREADS", "1")  # the engine's choice, unlike the process's 2
     try:
         torch.set_num_threads(2)
         rec = run_peer_bench("minilm-l6", "w-mixed", device="cpu", pairs=8, repeats=2, cli=False)
         assert rec["torch_threads"] == {"engine": 1, "st": 2}
         assert seen and set(seen) == {2}  # the warm-up and every timed row
+        assert len(ours) >= 5 and set(ours) == {1}  # warm-up, then each repeat's two engine rows
         assert torch.get_num_threads() == 1  # the engine's again after the peer's rows
+        assert rec["env"]["RERANK_CPU_THREADS"] == "1"  # what the CLI rows' processes would inherit
         assert rec["st_bs32"]["pairs_per_s"] > 0 and rec["engine"]["pairs_per_s"] > 0
     finally:
         torch.set_num_threads(before)

@@ -64,8 +64,8 @@ def test_cpu_threads_follow_affinity_and_env(monkeypatch):
 
     before = torch.get_num_threads()
     try:
+        _clear_thread_env(monkeypatch)
         monkeypatch.setenv("RERANK_CPU_THREADS", "1")
-        monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
         got = configure_cpu()
         assert got["torch_threads"] == 1 and torch.get_num_threads() == 1
         assert got["tokenizer_parallel"] == (usable_cores() > 4)
@@ -75,32 +75,82 @@ def test_cpu_threads_follow_affinity_and_env(monkeypatch):
         torch.set_num_threads(before)
 
 
+def _clear_thread_env(monkeypatch):
+    # setenv first, so that monkeypatch restores these even where the code under test sets them.
+    for name in ("RERANK_CPU_THREADS", "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM"):
+        monkeypatch.setenv(name, "x")
+        monkeypatch.delenv(name)
+
+
 def test_accelerator_runs_give_torch_one_thread_unless_the_user_sets_it(monkeypatch):
     """On an accelerator torch's pool only copies batches into pinned memory: one thread, so its
     spinning threads leave the cores to the tokenizer and the launching thread; the user's
     OMP_NUM_THREADS or RERANK_CPU_THREADS wins, and a bad RERANK_CPU_THREADS is a one-line error."""
+    from pipeline.engines import threads
     from pipeline.engines.threads import ACCELERATOR_TORCH_THREADS, configure, usable_cores
     from pipeline.errors import InputError
 
     before = torch.get_num_threads()
     cuda = torch.device("cuda", 0)  # configure only reads the device's type
     try:
-        monkeypatch.delenv("RERANK_CPU_THREADS", raising=False)
-        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        _clear_thread_env(monkeypatch)
         torch.set_num_threads(2)
         assert configure(cuda)["torch_threads"] == ACCELERATOR_TORCH_THREADS == torch.get_num_threads() == 1
         assert configure(torch.device("cpu"))["torch_threads"] == usable_cores() == torch.get_num_threads()
+        # A CPU engine that made the tokenizer serial (small machines) leaves a later accelerator
+        # engine of the process a parallel one; the user's own setting stays.
+        monkeypatch.setattr(threads, "TOKENIZER_SERIAL_CORES", 10 ** 6)
+        assert configure(torch.device("cpu"))["tokenizer_parallel"] is False
+        configure(cuda)
+        assert "TOKENIZERS_PARALLELISM" not in os.environ
+        monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+        configure(cuda)
+        assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
         monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's pool stays as it is
         torch.set_num_threads(2)
         assert configure(cuda)["torch_threads"] == 2
         monkeypatch.setenv("RERANK_CPU_THREADS", "3")
         assert configure(cuda)["torch_threads"] == 3 == torch.get_num_threads()
-        for bad in ("many", "0", "-2"):
+        for bad in ("many", "0", "-2", "1.5"):
             monkeypatch.setenv("RERANK_CPU_THREADS", bad)
             with pytest.raises(InputError, match=f"RERANK_CPU_THREADS='{bad}'.*whole number"):
                 configure(cuda)
             with pytest.raises(InputError):
                 configure(torch.device("cpu"))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_every_engine_sets_its_threads_for_its_device(monkeypatch):
+    """loading.prepare hands the engine's device to threads.configure (CPU and accelerator alike)."""
+    from pipeline.engines import loading
+    from pipeline.engines.score import load_engine
+
+    seen = []
+    monkeypatch.setattr(loading.threads, "configure", lambda device: seen.append(device.type))
+    load_engine(RunConfig(inputs=(), output="", model=TINY, device="cpu"))
+    assert seen == ["cpu"]
+
+
+def test_cpu_workers_keep_their_share_of_the_cores(monkeypatch):
+    """A CPU worker of the device pool (or Ray) gets usable_cores // workers threads, and its
+    engine's configure_cpu keeps that share; a user's RERANK_CPU_THREADS still wins."""
+    from pipeline.engines.threads import configure_cpu, usable_cores
+    from pipeline.executors.pool import _limit_threads
+
+    before = torch.get_num_threads()
+    try:
+        _clear_thread_env(monkeypatch)
+        torch.set_num_threads(2)
+        _limit_threads("cpu", 1)
+        assert torch.get_num_threads() == 1 and configure_cpu()["torch_threads"] == 1
+        _clear_thread_env(monkeypatch)
+        _limit_threads("cuda:0", 1)  # a GPU worker: its engine chooses (configure_accelerator)
+        assert "RERANK_CPU_THREADS" not in os.environ
+        assert configure_cpu()["torch_threads"] == usable_cores()
+        monkeypatch.setenv("RERANK_CPU_THREADS", "2")
+        _limit_threads("cpu", 1)
+        assert configure_cpu()["torch_threads"] == 2
     finally:
         torch.set_num_threads(before)
 

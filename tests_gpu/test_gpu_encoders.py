@@ -76,14 +76,14 @@ def test_bidirectional_attention_takes_q_k_v_as_views_of_the_qkv_rows(window):
 
 
 def test_a_cuda_engine_leaves_torch_one_cpu_thread(tmp_path, texts, monkeypatch):
-    """On CUDA the engine gives torch's CPU pool one thread (engines/threads.py); the CPU engine
-    gives it the usable cores. The scores are the same either way."""
+    """On CUDA the engine gives torch's CPU pool one thread (engines/threads.py), the CPU engine
+    the usable cores; the CUDA engine's float32 scores still match the CPU's."""
     from pipeline.bench.synthetic import build_cross_encoder
     from pipeline.engines.threads import usable_cores
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("RERANK_CPU_THREADS", raising=False)
-    before = torch.get_num_threads()
+    before, tf32 = torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32
     try:
         m = str(build_cross_encoder(tmp_path, "bert", _corpus(), num_labels=1))
         ref, _ = _score(m, texts, device="cpu")
@@ -94,3 +94,4 @@ def test_a_cuda_engine_leaves_torch_one_cpu_thread(tmp_path, texts, monkeypatch)
         assert np.abs(got - ref).max() <= 1e-5
     finally:
         torch.set_num_threads(before)
+        torch.backends.cuda.matmul.allow_tf32 = tf32

@@ -253,6 +253,9 @@ def _spread(values, name: str) -> dict:
             f"{name}_max": round(float(max(values)), 3)}
 
 
+THREAD_ENV = ("OMP_NUM_THREADS", "RERANK_CPU_THREADS", "RAYON_NUM_THREADS", "TOKENIZERS_PARALLELISM")
+
+
 def run_peer_bench(arch: str, workload: str, *, device: str = "auto", pairs: int | None = None, repeats: int = 3,
                    st: bool = True, cli: bool = True, batch_sizes: tuple[int, ...] | None = None,
                    dtype: str = "auto", cli_stages: bool = False, cli_pairs: int | None = None,
@@ -285,7 +288,9 @@ def run_peer_bench(arch: str, workload: str, *, device: str = "auto", pairs: int
         scorer = load_engine(cfg)
         ours = torch.get_num_threads()  # what the engine chose (threads.configure)
         rec.update(engine_impl=scorer.info.forward, attention=scorer.info.kernel,
-                   batch_token_budget=scorer.token_budget, torch_threads={"engine": ours, "st": st_threads})
+                   batch_token_budget=scorer.token_budget, torch_threads={"engine": ours, "st": st_threads},
+                   # The thread settings the CLI rows' fresh processes inherit.
+                   env={k: os.environ[k] for k in THREAD_ENV if k in os.environ})
         enc = scorer.encoder.encode(instr, q, d)
         rec["pairs"], rec["tokens"] = len(enc), int(enc.offsets[-1])
         if encoder_arch:
@@ -298,11 +303,11 @@ def run_peer_bench(arch: str, workload: str, *, device: str = "auto", pairs: int
             import sentence_transformers  # optional: the bench's peer, not a dependency (st_available)
             from sentence_transformers import CrossEncoder
 
+            torch.set_num_threads(st_threads)
             t0 = time.perf_counter()
             ce = CrossEncoder(mdir, device=str(dev), max_length=max_length, model_kwargs={"dtype": tdtype})
             rec["st_load_s"] = round(time.perf_counter() - t0, 3)  # in this process: transformers already imported
             sp = st_pairs(arch, instr, q, d)
-            torch.set_num_threads(st_threads)
             ce.predict(sp[:64], batch_size=32, show_progress_bar=False)  # warm-up
             torch.set_num_threads(ours)
             rec["sentence_transformers"] = sentence_transformers.__version__

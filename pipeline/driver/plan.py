@@ -97,10 +97,12 @@ def validate(cfg: RunConfig, inputs: tuple[Location, ...] | None = None) -> tupl
 def make_plan(cfg: RunConfig, kind=None, run_id: str | None = None) -> Plan:
     # The engines import torch: here, not at the top, so that `--help` and the CLI's checks stay fast.
     from pipeline.engines.resolve import resolve
+    from pipeline.engines.threads import env_threads
 
     if not cfg.inputs:
         raise InputError("no input given; pass one or more Parquet files, directories or globs")
     cfg, inputs, layout, units, total_pairs = check_inputs(cfg)
+    env_threads()  # a bad RERANK_CPU_THREADS is refused here, before a model loads or a worker starts
     model = resolve(cfg, kind)
     if model.model != cfg.model:
         cfg = dataclasses.replace(cfg, model=model.model)

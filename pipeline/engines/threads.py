@@ -14,7 +14,8 @@ to keep up with the GPU) and the thread that launches the kernels need; so torch
 ACCELERATOR_TORCH_THREADS (measured with MiniLM-L6 on an H100: docs/PERFORMANCE.md).
 
 A user's own OMP_NUM_THREADS, RERANK_CPU_THREADS or TOKENIZERS_PARALLELISM wins. Pool workers
-are spawned with the driver's environment, so they see the same setting.
+are spawned with the driver's environment, so they see the same setting; CPU workers of a pool or
+of Ray each get their share of the cores instead (share_for_worker).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 TOKENIZER_SERIAL_CORES = 4
 ACCELERATOR_TORCH_THREADS = 1
+_SERIAL_SET = False  # TOKENIZERS_PARALLELISM=false is ours (configure_cpu), not the user's
 
 
 def usable_cores() -> int:
@@ -54,6 +56,15 @@ def env_threads() -> int | None:
     return n
 
 
+def share_for_worker(threads: int) -> None:
+    """A CPU worker of a run on several workers (the device pool, Ray): torch gets its share of the
+    host's cores, which configure_cpu keeps when the worker's engine loads (through
+    RERANK_CPU_THREADS; a user's own value wins)."""
+    if env_threads() is None:
+        os.environ["RERANK_CPU_THREADS"] = str(threads)
+    torch.set_num_threads(env_threads())
+
+
 def configure_cpu() -> dict:
     """Set the pools for a CPU run; return what was chosen (for the log)."""
     cores = usable_cores()
@@ -67,7 +78,9 @@ def configure_cpu() -> dict:
     chosen["torch_threads"] = torch.get_num_threads()
     if "TOKENIZERS_PARALLELISM" not in env and cores <= TOKENIZER_SERIAL_CORES:
         # Read by the tokenizers library at each batch call, so setting it now takes effect.
+        global _SERIAL_SET
         env["TOKENIZERS_PARALLELISM"] = "false"
+        _SERIAL_SET = True
     chosen["tokenizer_parallel"] = env.get("TOKENIZERS_PARALLELISM", "true") != "false"
     log.info("CPU threads: torch %d, tokenizer %s (%d usable cores)", chosen["torch_threads"],
              "parallel" if chosen["tokenizer_parallel"] else "serial", cores)
@@ -76,12 +89,17 @@ def configure_cpu() -> dict:
 
 def configure_accelerator() -> dict:
     """Set torch's pool for a run on an accelerator; return what was chosen (for the log)."""
+    global _SERIAL_SET
     env = os.environ
     threads = env_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     elif "OMP_NUM_THREADS" not in env:
         torch.set_num_threads(ACCELERATOR_TORCH_THREADS)
+    if _SERIAL_SET and env.get("TOKENIZERS_PARALLELISM") == "false":
+        # A CPU engine of this process made the tokenizer serial; this one needs every core.
+        del env["TOKENIZERS_PARALLELISM"]
+        _SERIAL_SET = False
     chosen = {"torch_threads": torch.get_num_threads()}
     log.info("CPU threads: torch %d (the model runs on the accelerator), tokenizer %s", chosen["torch_threads"],
              "serial" if env.get("TOKENIZERS_PARALLELISM") == "false" else "parallel")

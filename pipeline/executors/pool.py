@@ -320,6 +320,6 @@ def pool_worker_main(conn, device: str, work: WorkSpec, log_level: int, cpu_thre
 def _limit_threads(device: str, cpu_threads: int) -> None:
     """CPU workers share the host's cores: each gets its share instead of all of them."""
     if device == "cpu" and cpu_threads > 0:
-        import torch  # the worker's engine loads it next anyway
+        from pipeline.engines.threads import share_for_worker  # imports torch, which the engine loads next anyway
 
-        torch.set_num_threads(cpu_threads)
+        share_for_worker(cpu_threads)

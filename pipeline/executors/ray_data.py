@@ -47,9 +47,9 @@ class RayUnitScorer:
         gpus = ray.get_gpu_ids()
         device = "cuda:0" if gpus else "cpu"  # Ray narrows CUDA_VISIBLE_DEVICES to this actor's GPUs
         if device == "cpu" and cpu_threads > 0:
-            import torch  # the worker's engine loads it next anyway
+            from pipeline.engines.threads import share_for_worker  # imports torch, which the engine loads next
 
-            torch.set_num_threads(cpu_threads)
+            share_for_worker(cpu_threads)
         self.worker = UnitWorker(work, device)
         self.device = f"{device}@{socket.gethostname()}:{os.getpid()}"  # one summary row per actor
 
