@@ -67,6 +67,7 @@ def share_for_worker(threads: int) -> None:
 
 def configure_cpu() -> dict:
     """Set the pools for a CPU run; return what was chosen (for the log)."""
+    global _SERIAL_SET
     cores = usable_cores()
     chosen = {}
     env = os.environ
@@ -78,7 +79,6 @@ def configure_cpu() -> dict:
     chosen["torch_threads"] = torch.get_num_threads()
     if "TOKENIZERS_PARALLELISM" not in env and cores <= TOKENIZER_SERIAL_CORES:
         # Read by the tokenizers library at each batch call, so setting it now takes effect.
-        global _SERIAL_SET
         env["TOKENIZERS_PARALLELISM"] = "false"
         _SERIAL_SET = True
     chosen["tokenizer_parallel"] = env.get("TOKENIZERS_PARALLELISM", "true") != "false"
