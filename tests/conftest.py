@@ -124,6 +124,28 @@ def reference_scores(model_dir: str, instructions, queries, documents, max_lengt
     return torch.cat(out).numpy()
 
 
+def cut_in_half(path) -> None:
+    """Keep the first half of a file's bytes (a copy or download that stopped half way)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+
+
+def transformers_modules_after(code: str) -> list[str]:
+    """Run `code` in a fresh Python (direct loading on: RERANK_DIRECT_LOAD unset) and return the
+    transformers modules it imported, which the code's last line must print (sorted list)."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    env.pop("RERANK_DIRECT_LOAD", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    import ast
+
+    return ast.literal_eval(out.stdout.strip().splitlines()[-1])
+
+
 def run_cli(args, **kw):
     """Invoke `rerank-batch` in-process through click's CliRunner."""
     from click.testing import CliRunner

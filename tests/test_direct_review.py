@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, cut_in_half
 from pipeline.config import RunConfig
 from pipeline.engines import compiled, direct, fast_tokenizer
 from pipeline.engines.resolve import inspect_model
@@ -178,10 +178,7 @@ def test_sharded_weights_not_fully_inside_are_refused(tmp_path, shard):
 def test_a_truncated_safetensors_file_is_a_one_line_model_error(tmp_path):
     d = _copy(tmp_path)
     p = os.path.join(d, "model.safetensors")
-    with open(p, "rb") as f:
-        data = f.read()
-    with open(p, "wb") as f:
-        f.write(data[: len(data) // 2])
+    cut_in_half(p)
     with pytest.raises(ModelError, match="cannot load safetensors weights") as err:
         _load(d)
     assert "\n" not in str(err.value) and d in str(err.value)
