@@ -62,21 +62,26 @@ def share_for_worker(threads: int) -> None:
     RERANK_CPU_THREADS; a user's own value wins)."""
     if env_threads() is None:
         os.environ["RERANK_CPU_THREADS"] = str(threads)
-    torch.set_num_threads(env_threads())
+    _set_torch_threads(None)
+
+
+def _set_torch_threads(default: int | None) -> int:
+    """torch's pool: RERANK_CPU_THREADS where set, else as it is under the user's OMP_NUM_THREADS,
+    else `default` (None: as it is)."""
+    threads = env_threads()
+    if threads is None and "OMP_NUM_THREADS" not in os.environ:
+        threads = default
+    if threads is not None and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
 
 
 def configure_cpu() -> dict:
     """Set the pools for a CPU run; return what was chosen (for the log)."""
     global _SERIAL_SET
     cores = usable_cores()
-    chosen = {}
     env = os.environ
-    threads = env_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    elif "OMP_NUM_THREADS" not in env and torch.get_num_threads() != cores:
-        torch.set_num_threads(cores)
-    chosen["torch_threads"] = torch.get_num_threads()
+    chosen = {"torch_threads": _set_torch_threads(cores)}
     if "TOKENIZERS_PARALLELISM" not in env and cores <= TOKENIZER_SERIAL_CORES:
         # Read by the tokenizers library at each batch call, so setting it now takes effect.
         env["TOKENIZERS_PARALLELISM"] = "false"
@@ -91,16 +96,11 @@ def configure_accelerator() -> dict:
     """Set torch's pool for a run on an accelerator; return what was chosen (for the log)."""
     global _SERIAL_SET
     env = os.environ
-    threads = env_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    elif "OMP_NUM_THREADS" not in env:
-        torch.set_num_threads(ACCELERATOR_TORCH_THREADS)
+    chosen = {"torch_threads": _set_torch_threads(ACCELERATOR_TORCH_THREADS)}
     if _SERIAL_SET and env.get("TOKENIZERS_PARALLELISM") == "false":
         # A CPU engine of this process made the tokenizer serial; this one needs every core.
         del env["TOKENIZERS_PARALLELISM"]
         _SERIAL_SET = False
-    chosen = {"torch_threads": torch.get_num_threads()}
     log.info("CPU threads: torch %d (the model runs on the accelerator), tokenizer %s", chosen["torch_threads"],
              "serial" if env.get("TOKENIZERS_PARALLELISM") == "false" else "parallel")
     return chosen
