@@ -68,7 +68,8 @@ ENV_PREFIX = "RERANK_BATCH"
 @config_option("--on-null", help="A null query or document: stop with an error, or keep the row unscored.")
 @config_option("--attention", help="Attention kernel for packed batches.")
 @config_option("--engine", help="Forward: our fused Qwen3 path where it applies, or transformers' own modules.")
-@config_option("--compile", help="torch.compile the fused path's elementwise steps (auto: on CUDA).")
+@config_option("--compile", help="torch.compile the fused path's elementwise steps (auto: on CUDA, "
+               "except cross-encoders of hidden size 384 or less).")
 @config_option("--prefix-sharing", help="Compute each query's shared prompt prefix once for all its candidates (causal "
                "rerankers; auto: where it saves >= 20% of the tokens). Same scores.")
 @config_option("--cache", help="Score cache shared by runs: a directory or an object-storage prefix (s3://...). "

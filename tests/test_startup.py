@@ -132,6 +132,37 @@ def test_every_engine_sets_its_threads_for_its_device(monkeypatch):
     assert seen == ["cpu"]
 
 
+def test_compile_auto_runs_narrow_cross_encoders_eagerly_on_cuda(monkeypatch, tmp_path):
+    """--compile auto compiles on CUDA, except a cross-encoder no wider than MiniLM (384): its
+    one compiled step spares the device little and costs seconds of every start. on and off
+    mean what they say; loading.prepare hands the rule a cross-encoder's hidden size and a
+    causal reranker's None."""
+    from types import SimpleNamespace
+
+    from conftest import _corpus
+    from pipeline.bench.synthetic import build_cross_encoder
+    from pipeline.engines import compiled, loading
+    from pipeline.engines.score import load_engine
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    mode = lambda m: SimpleNamespace(compile=m)  # noqa: E731
+    assert compiled.EAGER_ENCODER_WIDTH == 384
+    assert compiled.wanted(mode("auto"), cuda) and compiled.wanted(mode("auto"), cuda, 385)
+    assert compiled.wanted(mode("auto"), cuda, 1024)
+    assert not compiled.wanted(mode("auto"), cuda, 384) and not compiled.wanted(mode("auto"), cuda, 128)
+    assert not compiled.wanted(mode("auto"), cpu) and not compiled.wanted(mode("auto"), cpu, 1024)
+    assert compiled.wanted(mode("on"), cuda, 384) and compiled.wanted(mode("on"), cpu)
+    assert not compiled.wanted(mode("off"), cuda) and not compiled.wanted(mode("off"), cuda, 1024)
+
+    seen = []
+    real = compiled.wanted
+    monkeypatch.setattr(loading.compiled, "wanted", lambda cfg, device, width=None: seen.append(width) or real(cfg, device, width))
+    bert = build_cross_encoder(tmp_path / "bert", "bert", _corpus()[:200], num_labels=1)
+    load_engine(RunConfig(inputs=(), output="", model=str(bert), device="cpu"))
+    load_engine(RunConfig(inputs=(), output="", model=TINY, device="cpu", engine="transformers"))
+    assert seen == [64, None]  # the tiny BERT's hidden size; the Qwen3 reranker is no cross-encoder
+
+
 def test_cpu_workers_keep_their_share_of_the_cores(monkeypatch):
     """A CPU worker of the device pool (or Ray) gets usable_cores // workers threads, and its
     engine's configure_cpu keeps that share; a user's RERANK_CPU_THREADS still wins."""

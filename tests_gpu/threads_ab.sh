@@ -4,7 +4,7 @@
 # MiniLM-L6 on 60,000 W-mixed pairs (sentence-transformers' rows in the first run only) and the
 # Qwen3 0.6B on W-short (shared prefixes: the host-bound workload). Records under $OUT. Run from
 # the repository root on a GPU machine; polars wheels in .whl/ for machines without network
-# access. About 6 minutes on an H100.
+# access. About 7 minutes on an H100.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -18,6 +18,8 @@ b() { name=$1; envs=$2; shift 2; echo "== $name [$envs]"
 M="--arch minilm-l6 --workload w-mixed --pairs 3000 --cli-pairs 60000 --cli-stages --repeats 2"
 b threads_minilm_l6_default "X=1" $M
 b threads_minilm_l6_pool "OMP_NUM_THREADS=$CORES" $M --no-st
+# MiniLM runs eagerly under --compile auto (hidden size 384); the compiled step beside it.
+b threads_minilm_l6_compiled "RERANK_BATCH_COMPILE=on" $M --no-st --compile on
 Q="--arch 0.6b --peer --no-st --workload w-short --pairs 1000 --cli-pairs 12000 --cli-stages --repeats 2"
 b threads_06b_wshort_default "X=1" $Q
 b threads_06b_wshort_pool "OMP_NUM_THREADS=$CORES" $Q

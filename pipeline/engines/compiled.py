@@ -48,9 +48,22 @@ def use_cache_dir() -> str:
     return path
 
 
-def wanted(cfg, device) -> bool:
-    """--compile: on, or auto on CUDA."""
-    return cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+# Cross-encoders this narrow (MiniLM's 384) run eagerly under --compile auto: their one compiled
+# step, the residual add and LayerNorm, spares the device little on rows this short, while its
+# compile adds seconds to every start and its calls take more of the launching thread's time.
+# On an H100, MiniLM-L6 over 60,000 pairs started in 4.9-5.1 s eagerly against 9.2-9.8 s
+# compiled, and scored 12,002 pairs/s against 8,505 (docs/PERFORMANCE.md).
+EAGER_ENCODER_WIDTH = 384
+
+
+def wanted(cfg, device, encoder_width: int | None = None) -> bool:
+    """--compile: on; auto: on CUDA, except for a cross-encoder (`encoder_width`: its hidden size)
+    no wider than EAGER_ENCODER_WIDTH."""
+    if cfg.compile == "on":
+        return True
+    if cfg.compile != "auto" or device.type != "cuda":
+        return False
+    return encoder_width is None or encoder_width > EAGER_ENCODER_WIDTH
 
 
 _COMPILED: dict = {}

@@ -119,7 +119,9 @@ def prepare(model, tokenizer, cfg: RunConfig, device=None, kind: ModelKind | Non
     kind = kind or inspect_model(cfg, model.config)
     if cfg.dtype in FP8_DTYPES:
         fp8.check_engine(cfg.engine, kind.family, cfg.dtype)
-    compile = compiled.wanted(cfg, device) if compile is None else compile
+    if compile is None:
+        width = getattr(model.config, "hidden_size", None) if kind.family == "seq-cls-encoder" else None
+        compile = compiled.wanted(cfg, device, width)
     threads.configure(device)
     if kind.family == "seq-cls-encoder":
         encoder = CrossEncoderEncoder(tokenizer, cfg.max_length)
