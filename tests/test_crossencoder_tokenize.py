@@ -134,6 +134,32 @@ def test_xlmr_file_pipeline_rebuilt_as_transformers_does(tmp_path, tokenizers_di
     assert ours.backend_tokenizer.encode("An Apple").ids != ours.backend_tokenizer.encode("an apple").ids
 
 
+def test_a_plain_tokenizer_file_loads_as_transformers_reads_it(tmp_path, tokenizers_dirs):
+    """A PreTrainedTokenizerFast file (ModernBERT's) is read by the library as it is; its own
+    truncation and padding are dropped and a missing post-processor gets transformers' template,
+    as transformers' load does: the same ids and token types as transformers' call."""
+    d = tmp_path / "modernbert-edited"
+    d.mkdir()
+    for name in os.listdir(tokenizers_dirs["modernbert"]):
+        (d / name).write_bytes(open(os.path.join(tokenizers_dirs["modernbert"], name), "rb").read())
+    tj = json.loads((d / "tokenizer.json").read_text())
+    tj["post_processor"] = None
+    tj["truncation"] = {"direction": "Right", "max_length": 5, "strategy": "LongestFirst", "stride": 0}
+    tj["padding"] = {"strategy": {"Fixed": 64}, "direction": "Right", "pad_to_multiple_of": None, "pad_id": 0,
+                     "pad_type_id": 0, "pad_token": "[PAD]"}
+    (d / "tokenizer.json").write_text(json.dumps(tj))
+    ours, why = cross_tokenizer.load(str(d))
+    assert ours is not None, why
+    b = ours.backend_tokenizer
+    assert b.truncation is None and b.padding is None and b.post_processor is not None
+    ref = AutoTokenizer.from_pretrained(str(d))
+    queries, documents = _pairs(30)
+    e = CrossEncoderEncoder(ours, 96).encode([None] * len(queries), queries, documents)
+    want = _reference(ref, queries, documents, 96)
+    assert [_split(e, k)[0] for k in range(len(queries))] == want[0]
+    assert b.encode("alpha", "beta").type_ids == ref("alpha", "beta", return_token_type_ids=True)["token_type_ids"]
+
+
 @pytest.mark.parametrize("edit, reason", [
     ({"tokenizer_class": "RobertaTokenizer"},
      "tokenizer class 'RobertaTokenizer' is not one we read without transformers"),

@@ -33,6 +33,8 @@ _BERT_DEFAULTS = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD
                   "mask_token": "[MASK]"}
 _XLMR_DEFAULTS = {"bos_token": "<s>", "eos_token": "</s>", "sep_token": "</s>", "cls_token": "<s>",
                   "unk_token": "<unk>", "pad_token": "<pad>", "mask_token": "<mask>"}
+# TokenizersBackend's own template, without add_bos_token / add_eos_token, for a file without one.
+_FILE_TEMPLATE = {"single": "$A:0", "pair": "$A:0 $B:1"}
 # class name -> (how transformers builds it, its special-token defaults, its model_input_names)
 CLASSES = {
     "BertTokenizer": ("bert", _BERT_DEFAULTS, ("input_ids", "token_type_ids", "attention_mask")),
@@ -181,8 +183,7 @@ def _rebuild(how: str, tj: dict, tcfg: dict, specials: dict) -> str | None:
             single=[bos, "$A", eos], pair=[bos, "$A", eos, eos, "$B", eos],
             special_tokens=[(bos, ids[bos]), (eos, ids[eos])]))
     elif tj.get("post_processor") is None:
-        # TokenizersBackend's own template without add_bos_token / add_eos_token.
-        tj["post_processor"] = _component(processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1"))
+        tj["post_processor"] = _component(processors.TemplateProcessing(**_FILE_TEMPLATE))
     tj["truncation"] = tj["padding"] = None
     return None
 
@@ -230,7 +231,16 @@ def load(path: str) -> tuple[CrossEncoderTokenizer | None, str]:
     if why:
         return None, why
     try:
-        backend = Tokenizer.from_str(json.dumps(tj))
+        if how == "file":
+            # The file as it is, read by the library itself: writing the parsed JSON back out
+            # for it to parse again took a third of the load. What _rebuild changed, set here.
+            backend = Tokenizer.from_file(tfile)
+            backend.no_truncation()
+            backend.no_padding()
+            if backend.post_processor is None:
+                backend.post_processor = processors.TemplateProcessing(**_FILE_TEMPLATE)
+        else:
+            backend = Tokenizer.from_str(json.dumps(tj))
     except Exception as exc:  # a file the library cannot read: transformers will say why
         return None, f"tokenizers cannot read tokenizer.json ({exc})"
     return CrossEncoderTokenizer(backend, path, specials, tcfg, names), ""
