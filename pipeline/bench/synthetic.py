@@ -195,26 +195,29 @@ def train_cross_tokenizer(out_dir: str | Path, style: str, texts: list[str], *, 
 
 
 def build_cross_encoder(out_dir: str | Path, arch: str, texts: list[str], *, num_labels: int = 1, seed: int = 0,
-                        init_std: float = 0.2):
+                        init_std: float = 0.2, **settings):
     """A tiny random cross-encoder: arch 'bert', 'xlm-roberta' or 'modernbert', with the tokenizer
-    kind and class of the real models (train_cross_tokenizer)."""
+    kind and class of the real models (train_cross_tokenizer). `settings`: config-class settings
+    that replace the tiny ones (e.g. ModernBERT's classifier_pooling or num_hidden_layers)."""
     out_dir = Path(out_dir)
     tok = train_cross_tokenizer(out_dir, {"xlm-roberta": "xlmr"}.get(arch, arch), texts)
     common = dict(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                   intermediate_size=128, num_labels=num_labels, initializer_range=init_std,
                   pad_token_id=tok.pad_token_id)
+    common.update(settings)
     if arch == "bert":
-        config = BertConfig(max_position_embeddings=512, type_vocab_size=2,
-                            architectures=["BertForSequenceClassification"], **common)
+        config = BertConfig(**{"max_position_embeddings": 512, "type_vocab_size": 2,
+                               "architectures": ["BertForSequenceClassification"], **common})
     elif arch == "xlm-roberta":
-        config = XLMRobertaConfig(max_position_embeddings=514, type_vocab_size=1, bos_token_id=tok.cls_token_id,
-                                  eos_token_id=tok.sep_token_id, architectures=["XLMRobertaForSequenceClassification"],
-                                  **common)
+        config = XLMRobertaConfig(**{"max_position_embeddings": 514, "type_vocab_size": 1,
+                                     "bos_token_id": tok.cls_token_id, "eos_token_id": tok.sep_token_id,
+                                     "architectures": ["XLMRobertaForSequenceClassification"], **common})
     elif arch == "modernbert":
-        config = ModernBertConfig(max_position_embeddings=512, cls_token_id=tok.cls_token_id,
-                                  sep_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id,
-                                  eos_token_id=tok.sep_token_id, global_attn_every_n_layers=2, local_attention=64,
-                                  architectures=["ModernBertForSequenceClassification"], **common)
+        config = ModernBertConfig(**{"max_position_embeddings": 512, "cls_token_id": tok.cls_token_id,
+                                     "sep_token_id": tok.sep_token_id, "bos_token_id": tok.cls_token_id,
+                                     "eos_token_id": tok.sep_token_id, "global_attn_every_n_layers": 2,
+                                     "local_attention": 64, "architectures": ["ModernBertForSequenceClassification"],
+                                     **common})
     else:
         raise ValueError(arch)
     torch.manual_seed(seed)

@@ -1,6 +1,6 @@
-"""A lean, packed forward of BERT, XLM-R and ModernBERT cross-encoders: BERT and XLM-R over their
-weights as plain tensors (`BertWeights`, taken from a transformers model or loaded directly by
-direct_encoder.py), ModernBERT over its transformers modules.
+"""A lean, packed forward of BERT, XLM-R and ModernBERT cross-encoders over their weights as plain
+tensors (`BertWeights`, `ModernBertWeights`), taken from a transformers model or loaded directly
+by direct_encoder.py: the same tensor code runs either way.
 
 The padded transformers forward spends most of a length-mixed batch on padding. Here a batch is
 one row of T real tokens holding n pairs (`cu` marks where each starts): embeddings with each
@@ -31,8 +31,9 @@ BERT_LIKE = {"bert", "xlm-roberta", "roberta"}
 
 def supports(hf_model) -> bool:
     """The packed forward runs this model: a transformers model it understands, or a directly
-    loaded one (direct_encoder.DirectEncoder, whose weights are already BertWeights)."""
-    if isinstance(getattr(hf_model, "weights", None), BertWeights):
+    loaded one (direct_encoder.DirectEncoder, whose weights are already BertWeights or
+    ModernBertWeights)."""
+    if isinstance(getattr(hf_model, "weights", None), (BertWeights, ModernBertWeights)):
         return True
     cfg = hf_model.config
     mtype = getattr(cfg, "model_type", "")
@@ -40,8 +41,17 @@ def supports(hf_model) -> bool:
         return (getattr(cfg, "position_embedding_type", "absolute") in (None, "absolute")
                 and hasattr(hf_model, "classifier") and not getattr(cfg, "is_decoder", False))
     if mtype == "modernbert":
-        return getattr(cfg, "classifier_pooling", "cls") in ("cls", "mean") and hasattr(hf_model, "head")
+        rot = getattr(getattr(hf_model, "model", None), "rotary_emb", None)
+        return (getattr(cfg, "classifier_pooling", "cls") in ("cls", "mean") and hasattr(hf_model, "head")
+                and rot is not None and all(static_rope(rot.rope_type.get(t)) for t in set(cfg.layer_types)))
     return False
+
+
+def static_rope(rope_type) -> bool:
+    """A rotary kind whose frequencies do not change with the sequence: ModernBertWeights holds
+    them once. Dynamic and longrope ones (transformers recomputes them per call) stay on the
+    padded transformers forward."""
+    return isinstance(rope_type, str) and "dynamic" not in rope_type and rope_type != "longrope"
 
 
 @dataclass(frozen=True)
@@ -108,6 +118,85 @@ class BertWeights:
                    emb.LayerNorm.weight, emb.LayerNorm.bias, emb.LayerNorm.eps, layers, head)
 
 
+MODERN_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+@dataclass(frozen=True)
+class ModernLayerWeights:
+    """One pre-LN ModernBERT layer: LayerNorm, attention (Wqkv, rotary q/k, Wo), residual; LayerNorm,
+    gated MLP (Wi, act(input) * gate, Wo), residual. A bias is None where the config has none."""
+
+    attn_norm_w: torch.Tensor | None  # None on layer 0, whose attn_norm is an Identity in transformers
+    attn_norm_b: torch.Tensor | None
+    qkv_w: torch.Tensor  # Wqkv as stored: query, key, value rows stacked
+    qkv_b: torch.Tensor | None
+    attn_out_w: torch.Tensor
+    attn_out_b: torch.Tensor | None
+    mlp_norm_w: torch.Tensor
+    mlp_norm_b: torch.Tensor | None
+    wi_w: torch.Tensor  # input and gate rows stacked (2 * intermediate_size)
+    wi_b: torch.Tensor | None
+    wo_w: torch.Tensor
+    wo_b: torch.Tensor | None
+    layer_type: str  # "full_attention", or "sliding_attention" (the local window)
+
+
+@dataclass(frozen=True)
+class ModernBertWeights:
+    """A ModernBERT sequence classifier as tensors: what FusedEncoder reads. Every LayerNorm has
+    the config's norm_eps (and a bias only with norm_bias)."""
+
+    word: torch.Tensor  # tok_embeddings: no position embeddings (rotary)
+    emb_norm_w: torch.Tensor
+    emb_norm_b: torch.Tensor | None
+    eps: float
+    act: Callable  # hidden_activation, as transformers' ACT2FN gives it
+    layers: list
+    final_norm_w: torch.Tensor
+    final_norm_b: torch.Tensor | None
+    # Layer type: (inv_freq, attention_scaling), as ModernBertRotaryEmbedding holds them.
+    rope: dict
+    window: int  # local layers: keys at most this far from the query on either side (local_attention // 2)
+    pooling: str  # "cls" (the first token) or "mean" (over the pair's tokens)
+    head_w: torch.Tensor  # head: dense, classifier_activation, LayerNorm
+    head_b: torch.Tensor | None
+    head_act: Callable
+    head_norm_w: torch.Tensor
+    head_norm_b: torch.Tensor | None
+    cls_w: torch.Tensor  # classifier (always with a bias)
+    cls_b: torch.Tensor
+
+    @classmethod
+    def from_hf(cls, hf_model) -> "ModernBertWeights":
+        """References to a transformers ModernBertForSequenceClassification's weights and rotary
+        buffers (no copies)."""
+        cfg, base, head = hf_model.config, hf_model.model, hf_model.head
+        layers = []
+        for blk in base.layers:
+            an = blk.attn_norm if isinstance(blk.attn_norm, torch.nn.LayerNorm) else None
+            layers.append(ModernLayerWeights(
+                an.weight if an is not None else None, an.bias if an is not None else None,
+                blk.attn.Wqkv.weight, blk.attn.Wqkv.bias, blk.attn.Wo.weight, blk.attn.Wo.bias,
+                blk.mlp_norm.weight, blk.mlp_norm.bias, blk.mlp.Wi.weight, blk.mlp.Wi.bias,
+                blk.mlp.Wo.weight, blk.mlp.Wo.bias, blk.attention_type))
+        rot = base.rotary_emb
+        rope = {t: (getattr(rot, f"{t}_inv_freq"), getattr(rot, f"{t}_attention_scaling"))
+                for t in {lw.layer_type for lw in layers}}
+        emb = base.embeddings
+        return cls(emb.tok_embeddings.weight, emb.norm.weight, emb.norm.bias, base.final_norm.eps,
+                   base.layers[0].mlp.act, layers, base.final_norm.weight, base.final_norm.bias, rope,
+                   cfg.local_attention // 2, cfg.classifier_pooling, head.dense.weight, head.dense.bias, head.act,
+                   head.norm.weight, head.norm.bias, hf_model.classifier.weight, hf_model.classifier.bias)
+
+
+def rope_tables(inv_freq, scaling: float, positions, dtype):
+    """cos, sin (T, 1, D) at each row's position, as ModernBertRotaryEmbedding computes them:
+    float32 angles, cos / sin times attention_scaling, cast to the activations' dtype."""
+    freqs = positions[:, None].float() * inv_freq.to(device=positions.device, dtype=torch.float)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * scaling).to(dtype)[:, None, :], (emb.sin() * scaling).to(dtype)[:, None, :]
+
+
 _VARLEN_PARAMS = None
 
 
@@ -151,9 +240,8 @@ def rope(x, cos, sin):
 class FusedEncoder:
     """The packed forward of one cross-encoder; `logits` is the only entry point.
 
-    `source`: a transformers model (BERT-style ones are read into BertWeights; ModernBERT runs on
-    its modules), or a directly loaded model (direct_encoder.DirectEncoder: `config` and
-    `weights`)."""
+    `source`: a transformers model (its weights read as BertWeights or ModernBertWeights), or a
+    directly loaded model (direct_encoder.DirectEncoder: `config` and `weights`)."""
 
     def __init__(self, source, kernel: str, compile: bool = False):
         self.cfg = cfg = source.config
@@ -164,18 +252,10 @@ class FusedEncoder:
         self.d = cfg.hidden_size // cfg.num_attention_heads
         self.scale = self.d ** -0.5
         self._add_ln = add_layer_norm
+        w = getattr(source, "weights", None)
         if self.modern:
-            self.model = source
-            self.base = source.model
-            types = list(getattr(cfg, "layer_types", None) or [])
-            if not types:  # older configs: every n-th layer global
-                every = cfg.global_attn_every_n_layers
-                types = ["full_attention" if i % every == 0 else "sliding_attention"
-                         for i in range(cfg.num_hidden_layers)]
-            self.layer_types = types
-            self.window = cfg.local_attention // 2
+            self.w = w if isinstance(w, ModernBertWeights) else ModernBertWeights.from_hf(source)
         else:
-            w = getattr(source, "weights", None)
             self.w = w if isinstance(w, BertWeights) else BertWeights.from_hf(source)
         if compile:
             try:
@@ -239,28 +319,33 @@ class FusedEncoder:
         return F.linear(torch.tanh(F.linear(x, dense_w, dense_b)), out_w, out_b)
 
     def _modernbert(self, input_ids, positions, cu, max_len, first_idx):
-        base, m = self.base, self.model
-        x = base.embeddings.norm(base.embeddings.tok_embeddings(input_ids))
-        tables = {lt: base.rotary_emb(x, positions[None], lt) for lt in set(self.layer_types)}
+        w = self.w
+        hid = w.word.shape[1:]
+        x = F.layer_norm(F.embedding(input_ids, w.word), hid, w.emb_norm_w, w.emb_norm_b, w.eps)
+        tables = {lt: rope_tables(*w.rope[lt], positions, x.dtype) for lt in {lw.layer_type for lw in w.layers}}
         t, h, d = x.shape[0], self.h, self.d
-        mean = self.cfg.classifier_pooling == "mean"
-        for i, blk in enumerate(base.layers):
-            lt = self.layer_types[i]
-            cos, sin = tables[lt]
-            cos, sin = cos[0][:, None, :], sin[0][:, None, :]
-            qkv = blk.attn.Wqkv(blk.attn_norm(x)).view(t, 3, h, d)
+        mean = w.pooling == "mean"
+        for i, lw in enumerate(w.layers):
+            cos, sin = tables[lw.layer_type]
+            a = x if lw.attn_norm_w is None else F.layer_norm(x, hid, lw.attn_norm_w, lw.attn_norm_b, w.eps)
+            qkv = F.linear(a, lw.qkv_w, lw.qkv_b).view(t, 3, h, d)
             q, k = rope(qkv[:, 0], cos, sin).contiguous(), rope(qkv[:, 1], cos, sin).contiguous()
             att = bidirectional_attention(q, k, qkv[:, 2], cu, max_len, self.scale, self.kernel,  # v: a view
-                                          self.window if lt == "sliding_attention" else None)
-            att = blk.attn.Wo(att.reshape(-1, h * d))
-            if i == len(base.layers) - 1 and not mean:
+                                          w.window if lw.layer_type == "sliding_attention" else None)
+            att = F.linear(att.reshape(-1, h * d), lw.attn_out_w, lw.attn_out_b)
+            if i == len(w.layers) - 1 and not mean:
                 x, att = x[first_idx], att[first_idx]
             x = x + att
-            x = x + blk.mlp(blk.mlp_norm(x))
-        x = base.final_norm(x)
+            # The gated MLP as transformers' ModernBertMLP: Wi, split into input and gate, act(input) * gate, Wo.
+            inp, gate = F.linear(F.layer_norm(x, hid, lw.mlp_norm_w, lw.mlp_norm_b, w.eps), lw.wi_w,
+                                 lw.wi_b).chunk(2, dim=-1)
+            x = x + F.linear(w.act(inp) * gate, lw.wo_w, lw.wo_b)
+        x = F.layer_norm(x, hid, w.final_norm_w, w.final_norm_b, w.eps)
         if mean:
             seg = torch.repeat_interleave(torch.arange(len(cu) - 1, device=x.device), cu[1:] - cu[:-1],
                                           output_size=x.shape[0])
             sums = torch.zeros(len(cu) - 1, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, seg, x)
             x = sums / (cu[1:] - cu[:-1]).to(x.dtype)[:, None]
-        return m.classifier(m.head(x))
+        # Head (dense, classifier_activation, LayerNorm), then the classifier.
+        x = F.layer_norm(w.head_act(F.linear(x, w.head_w, w.head_b)), hid, w.head_norm_w, w.head_norm_b, w.eps)
+        return F.linear(x, w.cls_w, w.cls_b)
