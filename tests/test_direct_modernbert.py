@@ -264,6 +264,7 @@ DECLINED = {
     "rope_dynamic": ({"rope_parameters": {t: {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}
                                           for t in ("full_attention", "sliding_attention")}}, "RoPE is not the default"),
     "rope_scaling": ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "RoPE is not the default"),
+    "rope_type": ({"rope_parameters": {"full_attention": {"rope_type": "linear"}}}, "RoPE is not the default"),
     "legacy_layer_type": ({"layer_types": ["attention", "sliding_attention"]}, "layer_types"),
     "null_rope_type": ({"rope_parameters": {"full_attention": None}}, "RoPE is not the default"),
     "int_eps": ({"norm_eps": 1}, "norm_eps 1 is not a positive float"),
