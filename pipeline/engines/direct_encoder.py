@@ -156,7 +156,8 @@ def modernbert_layer_types(c: JsonConfig) -> list[str] | None:
     understood (transformers then remaps or refuses them)."""
     types = getattr(c, "layer_types", None)
     if types is not None:
-        ok = isinstance(types, list) and len(types) == c.num_hidden_layers and set(types) <= set(MODERN_LAYER_TYPES)
+        ok = (isinstance(types, list) and len(types) == c.num_hidden_layers
+              and all(isinstance(t, str) and t in MODERN_LAYER_TYPES for t in types))
         return list(types) if ok else None
     every = _setting(c, "global_attn_every_n_layers")
     if not _positive_int(every):

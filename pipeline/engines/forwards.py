@@ -4,8 +4,8 @@ one place that decides which forward runs a loaded model.
     fused                Qwen3 decoders (yes-no, seq-cls)   packed   fused_qwen3.FusedQwen3
     transformers         other causal decoders, or          packed   the transformers decoder's
                          --engine transformers                       modules, our attention
-    fused-encoder        BERT, XLM-R, ModernBERT            packed   fused_encoder.FusedEncoder (BERT-style
-                                                                     weights as tensors, direct-loaded or not)
+    fused-encoder        BERT, XLM-R, ModernBERT            packed   fused_encoder.FusedEncoder (weights as
+                                                                     tensors, direct-loaded or not)
     transformers-padded  other cross-encoders               padded   the transformers model
 
 Every forward has `name`, `kernel`, `padded`, `compiled` and `logits(batch)`: the head's float32

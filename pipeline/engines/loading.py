@@ -39,8 +39,8 @@ class Loaded:
 
 def load(cfg: RunConfig, kind: ModelKind | None = None) -> Loaded:
     """`cfg.model` loaded, the weights in `cfg.dtype` on `cfg.device`. A plain Qwen3 reranker
-    (direct.py) or BERT / XLM-R cross-encoder (direct_encoder.py) loads without transformers
-    unless --engine transformers or RERANK_DIRECT_LOAD=0."""
+    (direct.py) or BERT / XLM-R / ModernBERT cross-encoder (direct_encoder.py) loads without
+    transformers unless --engine transformers or RERANK_DIRECT_LOAD=0."""
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     kind = kind or inspect_model(cfg)
