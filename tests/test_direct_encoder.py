@@ -81,25 +81,30 @@ def test_cli_scores_equal_transformers_loaded_and_reference(tmp_path, encoders, 
     assert np.abs(direct - ref).max() <= TOL, np.abs(direct - ref).max()
 
 
-@pytest.mark.parametrize("arch", list(LABELS))
-def test_python_api_scores_equal_reference(encoders, pairs, monkeypatch, arch):
+def api_scores_equal_reference(model, pairs, monkeypatch, max_length: int) -> None:
+    """The Python API over a directly loaded model, and over a transformers model (engine_from_model:
+    the packed forward reads its weights as tensors too), both within TOL of the reference."""
     from transformers import AutoModelForSequenceClassification
 
     from pipeline.engines.cross_tokenizer import load as load_tokenizer
 
-    model = encoders[arch]
     src = pq.read_table(pairs)
     qd = list(zip(src.column("query").to_pylist(), src.column("document").to_pylist()))
     monkeypatch.setenv("RERANK_DIRECT_LOAD", "1")
-    r = Reranker(model, device="cpu", max_length=48)
+    r = Reranker(model, device="cpu", max_length=max_length)
     assert r.scorer.info.forward == "fused-encoder"
     direct = np.asarray(r.predict(qd))
-    ref = _reference(model, pairs)
+    ref = _ref_cross_encoder(model, src.column("query").to_pylist(), src.column("document").to_pylist(), max_length)
     assert np.abs(direct - ref).max() <= TOL, np.abs(direct - ref).max()
-    # engine_from_model over a transformers model: the packed forward reads its weights as tensors too.
     hf = AutoModelForSequenceClassification.from_pretrained(model, dtype=torch.float32)
-    built = np.asarray(Reranker.from_model(hf, load_tokenizer(model)[0], device="cpu", max_length=48).predict(qd))
+    built = np.asarray(Reranker.from_model(hf, load_tokenizer(model)[0], device="cpu",
+                                           max_length=max_length).predict(qd))
     assert np.abs(built - ref).max() <= TOL, np.abs(built - ref).max()
+
+
+@pytest.mark.parametrize("arch", list(LABELS))
+def test_python_api_scores_equal_reference(encoders, pairs, monkeypatch, arch):
+    api_scores_equal_reference(encoders[arch], pairs, monkeypatch, 48)
 
 
 def test_direct_path_imports_no_transformers(tmp_path, encoders, pairs):

@@ -20,8 +20,7 @@ from conftest import _corpus, cut_in_half, real_pairs, run_cli, transformers_mod
 from pipeline.engines import direct_encoder, loading
 from pipeline.engines.fused_encoder import ModernBertWeights
 from pipeline.errors import ModelError
-from pipeline.reranker import Reranker
-from test_direct_encoder import _cfg, _copy, _direct, _edit_config, _edit_weights
+from test_direct_encoder import _cfg, _copy, _direct, _edit_config, _edit_weights, api_scores_equal_reference
 from test_families import _ref_cross_encoder
 
 TOL = 1e-5
@@ -215,24 +214,7 @@ def test_direct_weights_are_the_ones_transformers_builds(tmp_path, modernberts, 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_python_api_scores_equal_reference(modernberts, pairs, monkeypatch, variant):
-    from transformers import AutoModelForSequenceClassification
-
-    from pipeline.engines.cross_tokenizer import load as load_tokenizer
-
-    model = modernberts[variant]
-    src = pq.read_table(pairs)
-    qd = list(zip(src.column("query").to_pylist(), src.column("document").to_pylist()))
-    monkeypatch.setenv("RERANK_DIRECT_LOAD", "1")
-    r = Reranker(model, device="cpu", max_length=MAX_LEN)
-    assert r.scorer.info.forward == "fused-encoder"
-    direct = np.asarray(r.predict(qd))
-    ref = _reference(model, pairs)
-    assert np.abs(direct - ref).max() <= TOL, np.abs(direct - ref).max()
-    # engine_from_model over a transformers model: the packed forward reads its weights as tensors too.
-    hf = AutoModelForSequenceClassification.from_pretrained(model, dtype=torch.float32)
-    built = np.asarray(Reranker.from_model(hf, load_tokenizer(model)[0], device="cpu",
-                                           max_length=MAX_LEN).predict(qd))
-    assert np.abs(built - ref).max() <= TOL, np.abs(built - ref).max()
+    api_scores_equal_reference(modernberts[variant], pairs, monkeypatch, MAX_LEN)
 
 
 def test_direct_path_imports_no_transformers(tmp_path, modernberts, pairs):
