@@ -52,10 +52,11 @@ def _direct(model, pairs, **kw):
     return direct_encoder.load_encoder(cfg, inspect_model(cfg), tok, torch.device("cpu"), torch.float32)
 
 
-def _cli_scores(tmp_path, pairs, model, monkeypatch, direct: bool, *args):
+def _cli_scores(tmp_path, pairs, model, monkeypatch, direct: bool, *args, max_length: int = 48):
+    """The CLI's scores of `pairs` in input order, with the direct load on or off."""
     monkeypatch.setenv("RERANK_DIRECT_LOAD", "1" if direct else "0")
     out = tmp_path / f"o-{direct}-{len(args)}.parquet"
-    r = run_cli(["run", pairs, "--model", model, "--device", "cpu", "--max-length", 48, "-o", out, "-q",
+    r = run_cli(["run", pairs, "--model", model, "--device", "cpu", "--max-length", max_length, "-o", out, "-q",
                  "--overwrite", *args])
     assert r.exit_code == 0, r.output
     t = pq.read_table(out)

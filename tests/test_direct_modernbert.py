@@ -21,6 +21,7 @@ from pipeline.engines import direct_encoder, loading
 from pipeline.engines.fused_encoder import ModernBertWeights
 from pipeline.errors import ModelError
 from test_direct_encoder import _cfg, _copy, _direct, _edit_config, _edit_weights, api_scores_equal_reference
+from test_direct_encoder import _cli_scores as cli_scores
 from test_families import _ref_cross_encoder
 
 TOL = 1e-5
@@ -83,15 +84,9 @@ def _hub_style(d: str, global_theta=80_000.0, local_theta=5_000.0) -> None:
 
 
 def _cli_scores(tmp_path, pairs, model, monkeypatch, direct: bool, summary=None):
-    monkeypatch.setenv("RERANK_DIRECT_LOAD", "1" if direct else "0")
-    out = tmp_path / f"o-{direct}.parquet"
     extra = ["--summary", summary] if summary else []
-    r = run_cli(["run", pairs, "--model", model, "--device", "cpu", "--max-length", MAX_LEN, "-o", out, "-q",
-                 "--overwrite", "--max-batch-tokens", 1024, *extra])
-    assert r.exit_code == 0, r.output
-    t = pq.read_table(out)
-    got = dict(zip(t.column("doc_id").to_pylist(), t.column("score").to_numpy()))
-    return np.array([got[k] for k in pq.read_table(pairs).column("doc_id").to_pylist()])
+    return cli_scores(tmp_path, pairs, model, monkeypatch, direct, "--max-batch-tokens", 1024, *extra,
+                      max_length=MAX_LEN)
 
 
 def _reference(model, pairs):
