@@ -146,7 +146,8 @@ def bench_cmd(arch, workload, pairs, seed_pairs, e2e, repeats, device, gpu_memor
 
         with domain_errors():
             rec = run_peer_bench(arch, workload, device=device, pairs=pairs, repeats=repeats, st=st, cli=cli_row,
-                                 cli_stages=cli_stages, cli_pairs=cli_pairs, profile=profile)
+                                 cli_stages=cli_stages, cli_pairs=cli_pairs, profile=profile,
+                                 compile=compile)
         if rec.get("profile"):
             click.echo(rec["profile"])
         _emit(rec, format_peer_table(rec), json_path)

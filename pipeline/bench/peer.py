@@ -156,7 +156,7 @@ def _timed(fn, device):
 
 
 def cli_rows(model_dir: str, inp: str, device: str, repeats: int, max_length: int, workdir: str,
-             stages: bool = False) -> dict:
+             stages: bool = False, compile: str = "auto") -> dict:
     """The whole command in a fresh process, `repeats` times: wall clock and the summary. `stages`:
     each run under host_child.py's stage timers with the real forward (`--real-forward`), its
     record in the run's `stage_record` entry, and the medians over the runs in `stages` and
@@ -167,7 +167,8 @@ def cli_rows(model_dir: str, inp: str, device: str, repeats: int, max_length: in
         rec_path = os.path.join(workdir, f"cli-{r}-stages.json")
         prog = (["-m", "pipeline.bench.host_child", "--real-forward", rec_path] if stages else ["-m", "jobs.cli"])
         cmd = [sys.executable, *prog, "run", inp, "--model", model_dir, "-o", out, "--overwrite",
-               "--restart", "-q", "--device", device, "--max-length", str(max_length), "--summary", summ]
+               "--restart", "-q", "--device", device, "--max-length", str(max_length), "--summary", summ,
+               "--compile", compile]
         t0 = time.perf_counter()
         p = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - t0
@@ -259,8 +260,8 @@ THREAD_ENV = ("OMP_NUM_THREADS", "RERANK_CPU_THREADS", "RAYON_NUM_THREADS", "TOK
 def run_peer_bench(arch: str, workload: str, *, device: str = "auto", pairs: int | None = None, repeats: int = 3,
                    st: bool = True, cli: bool = True, batch_sizes: tuple[int, ...] | None = None,
                    dtype: str = "auto", cli_stages: bool = False, cli_pairs: int | None = None,
-                   profile: bool = False) -> dict:
-    """`cli_pairs`: the CLI row scores a larger draw of the same workload (users' runs are long, and a
+                   profile: bool = False, compile: str = "auto") -> dict:
+    """`compile`: --compile of the engine rows and the CLI runs. `cli_pairs`: the CLI row scores a larger draw of the same workload (users' runs are long, and a
     fresh process's first batches, cold kernels included, weigh less in them); the rows in one
     process score `pairs`. `profile` (CUDA): the top kernels of one model-only pass, in `profile`."""
     dev = resolve_device(device)
@@ -272,7 +273,7 @@ def run_peer_bench(arch: str, workload: str, *, device: str = "auto", pairs: int
     max_length = ENCODER_MAX_LENGTH if encoder_arch else 8192
     rec = {"arch": arch, "workload": workload, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
            "torch": torch.__version__, "dtype": str(tdtype).removeprefix("torch."), "repeats": repeats,
-           "date": time.strftime("%Y-%m-%d"), "cpu_threads": torch.get_num_threads()}
+           "date": time.strftime("%Y-%m-%d"), "cpu_threads": torch.get_num_threads(), "compile": compile}
     with tempfile.TemporaryDirectory() as workdir:
         mdir = build_saved_model(arch, os.path.join(workdir, "model"), dev, tdtype)
         with open(os.path.join(mdir, "tokenizer_config.json")) as f:
@@ -283,11 +284,12 @@ def run_peer_bench(arch: str, workload: str, *, device: str = "auto", pairs: int
         pq.write_table(table, inp)
         q, d = table.column("query").to_pylist(), table.column("document").to_pylist()
         instr = ["Given a web search query, retrieve relevant passages that answer the query"] * len(q)
-        cfg = RunConfig(inputs=(), output="", model=mdir, device=str(dev), dtype=dtype, max_length=max_length)
+        cfg = RunConfig(inputs=(), output="", model=mdir, device=str(dev), dtype=dtype, max_length=max_length,
+                        compile=compile)
         st_threads = torch.get_num_threads()  # what a user's process gives torch: the peer runs with it
         scorer = load_engine(cfg)
         ours = torch.get_num_threads()  # what the engine chose (threads.configure)
-        rec.update(engine_impl=scorer.info.forward, attention=scorer.info.kernel,
+        rec.update(engine_impl=scorer.info.forward, attention=scorer.info.kernel, engine_compiled=scorer.info.compiled,
                    batch_token_budget=scorer.token_budget, torch_threads={"engine": ours, "st": st_threads},
                    # The thread settings the CLI rows' fresh processes inherit.
                    env={k: os.environ[k] for k in THREAD_ENV if k in os.environ})
@@ -356,7 +358,8 @@ def run_peer_bench(arch: str, workload: str, *, device: str = "auto", pairs: int
                 inp = os.path.join(workdir, "input-cli.parquet")
                 pq.write_table(workload_table(w, cli_pairs), inp)
             rec["cli_pairs"] = cli_pairs or len(q)
-            rec["cli"] = cli_rows(mdir, inp, str(dev), repeats, max_length, workdir, stages=cli_stages)
+            rec["cli"] = cli_rows(mdir, inp, str(dev), repeats, max_length, workdir, stages=cli_stages,
+                                   compile=compile)
             if st_rows:
                 # The command's scoring rate (tokenizing included, from the first unit read to the last part
                 # written) and its wall-clock rate (start, load and write included) over predict's best.

@@ -237,6 +237,26 @@ def rope(x, cos, sin):
     return ((xf * cos) + (_rotate_half(xf) * sin)).to(x.dtype)
 
 
+# ModernBERT's steps between its matrix products. Eagerly, the float32 rotation alone is seven
+# passes over q and seven over k, each wider than the bf16 rows, every layer; compiled, each step
+# below is one kernel.
+def rope_qk(qkv, cos, sin):
+    """Rotary q and k of a (T, 3, heads, dim) qkv block, each contiguous for the attention kernel."""
+    return rope(qkv[:, 0], cos, sin).contiguous(), rope(qkv[:, 1], cos, sin).contiguous()
+
+
+def add_norm(x, delta, w, b, eps: float):
+    """Pre-LN residual (ModernBERT): x + delta, and its LayerNorm (the next sublayer's input)."""
+    y = x + delta
+    return y, F.layer_norm(y, (y.shape[-1],), w, b, eps)
+
+
+def gated(u, act):
+    """ModernBertMLP's gate: Wi's output split into input and gate, act(input) * gate."""
+    inp, gate = u.chunk(2, dim=-1)
+    return act(inp) * gate
+
+
 class FusedEncoder:
     """The packed forward of one cross-encoder; `logits` is the only entry point.
 
@@ -251,36 +271,53 @@ class FusedEncoder:
         self.h = cfg.num_attention_heads
         self.d = cfg.hidden_size // cfg.num_attention_heads
         self.scale = self.d ** -0.5
-        self._add_ln = add_layer_norm
         w = getattr(source, "weights", None)
         if self.modern:
             self.w = w if isinstance(w, ModernBertWeights) else ModernBertWeights.from_hf(source)
         else:
             self.w = w if isinstance(w, BertWeights) else BertWeights.from_hf(source)
+        self.use_eager()
         if compile:
             try:
-                self._add_ln = compiled.compile_rows(add_layer_norm)
+                if self.modern:
+                    self._rope_qk, self._add_norm, self._gated = (
+                        compiled.compile_rows(rope_qk), compiled.compile_rows(add_norm), compiled.compile_rows(gated))
+                else:
+                    self._add_ln = compiled.compile_rows(add_layer_norm)
             except Exception as exc:  # no Triton: eager is exact, only slower
+                self.use_eager()
                 log.warning("torch.compile unavailable (%s); running eagerly", exc)
 
     def warm_up(self, rows: int = 16) -> None:
-        """Run the compiled step once on dummy rows with a layer's own LayerNorm (BERT-style
-        encoders; ModernBERT compiles nothing): torch.compile compiles on the first call, so a
-        broken compiler shows here rather than in the first batch."""
-        if self.modern or self._add_ln is add_layer_norm:
+        """Run the compiled steps once on dummy rows with the model's own norms, rotary tables and
+        activation: torch.compile compiles on the first call, so a broken compiler shows here
+        rather than in the first batch."""
+        if not self.compiled:
             return
-        layer = self.w.layers[0]
+        w = self.w
         with torch.inference_mode():
-            x = torch.zeros(rows, layer.out_ln_w.shape[0], device=layer.out_ln_w.device, dtype=layer.out_ln_w.dtype)
-            self._add_ln(x, torch.zeros_like(x), layer.out_ln_w, layer.out_ln_b, layer.out_ln_eps)
+            if not self.modern:
+                layer = w.layers[0]
+                x = torch.zeros(rows, layer.out_ln_w.shape[0], device=layer.out_ln_w.device,
+                                dtype=layer.out_ln_w.dtype)
+                self._add_ln(x, torch.zeros_like(x), layer.out_ln_w, layer.out_ln_b, layer.out_ln_eps)
+                return
+            lw = w.layers[0]
+            dev, dt = w.word.device, w.word.dtype
+            x = torch.zeros(rows, w.word.shape[1], device=dev, dtype=dt)
+            self._add_norm(x, x, lw.mlp_norm_w, lw.mlp_norm_b, w.eps)
+            self._gated(torch.zeros(rows, lw.wi_w.shape[0], device=dev, dtype=dt), w.act)
+            qkv = torch.zeros(rows, 3, self.h, self.d, device=dev, dtype=dt)
+            for inv_freq, scaling in w.rope.values():
+                self._rope_qk(qkv, *rope_tables(inv_freq, scaling, torch.arange(rows, device=dev), dt))
 
     def use_eager(self) -> None:
-        self._add_ln = add_layer_norm
+        self._add_ln, self._rope_qk, self._add_norm, self._gated = add_layer_norm, rope_qk, add_norm, gated
 
     @property
     def compiled(self) -> bool:
-        """True while a compiled step runs (BERT-style encoders; ModernBERT compiles nothing)."""
-        return not self.modern and self._add_ln is not add_layer_norm
+        """True while the compiled steps run."""
+        return self._add_ln is not add_layer_norm or self._add_norm is not add_norm
 
     @torch.inference_mode()
     def logits(self, input_ids, type_ids, positions, cu, max_len: int, first_idx) -> torch.Tensor:
@@ -323,24 +360,32 @@ class FusedEncoder:
         hid = w.word.shape[1:]
         x = F.layer_norm(F.embedding(input_ids, w.word), hid, w.emb_norm_w, w.emb_norm_b, w.eps)
         tables = {lt: rope_tables(*w.rope[lt], positions, x.dtype) for lt in {lw.layer_type for lw in w.layers}}
-        t, h, d = x.shape[0], self.h, self.d
+        h, d = self.h, self.d
         mean = w.pooling == "mean"
+        last = len(w.layers) - 1
+        # `a`: the attention's input, the LayerNorm of x (layer 0's attn_norm is an Identity).
+        a = x if w.layers[0].attn_norm_w is None else F.layer_norm(x, hid, w.layers[0].attn_norm_w,
+                                                                    w.layers[0].attn_norm_b, w.eps)
         for i, lw in enumerate(w.layers):
-            cos, sin = tables[lw.layer_type]
-            a = x if lw.attn_norm_w is None else F.layer_norm(x, hid, lw.attn_norm_w, lw.attn_norm_b, w.eps)
-            qkv = F.linear(a, lw.qkv_w, lw.qkv_b).view(t, 3, h, d)
-            q, k = rope(qkv[:, 0], cos, sin).contiguous(), rope(qkv[:, 1], cos, sin).contiguous()
+            qkv = F.linear(a, lw.qkv_w, lw.qkv_b).view(-1, 3, h, d)
+            q, k = self._rope_qk(qkv, *tables[lw.layer_type])
             att = bidirectional_attention(q, k, qkv[:, 2], cu, max_len, self.scale, self.kernel,  # v: a view
                                           w.window if lw.layer_type == "sliding_attention" else None)
             att = F.linear(att.reshape(-1, h * d), lw.attn_out_w, lw.attn_out_b)
-            if i == len(w.layers) - 1 and not mean:
+            if i == last and not mean:
+                # Only the pooled rows are scored: the rest of the last layer runs on n rows.
                 x, att = x[first_idx], att[first_idx]
-            x = x + att
-            # The gated MLP as transformers' ModernBertMLP: Wi, split into input and gate, act(input) * gate, Wo.
-            inp, gate = F.linear(F.layer_norm(x, hid, lw.mlp_norm_w, lw.mlp_norm_b, w.eps), lw.wi_w,
-                                 lw.wi_b).chunk(2, dim=-1)
-            x = x + F.linear(w.act(inp) * gate, lw.wo_w, lw.wo_b)
-        x = F.layer_norm(x, hid, w.final_norm_w, w.final_norm_b, w.eps)
+            x, m = self._add_norm(x, att, lw.mlp_norm_w, lw.mlp_norm_b, w.eps)
+            # The gated MLP as transformers' ModernBertMLP: Wi, act(input) * gate, Wo.
+            mlp = F.linear(self._gated(F.linear(m, lw.wi_w, lw.wi_b), w.act), lw.wo_w, lw.wo_b)
+            if i < last:
+                nw = w.layers[i + 1]
+                if nw.attn_norm_w is None:
+                    x = a = x + mlp
+                else:
+                    x, a = self._add_norm(x, mlp, nw.attn_norm_w, nw.attn_norm_b, w.eps)
+            else:
+                x = self._add_norm(x, mlp, w.final_norm_w, w.final_norm_b, w.eps)[1]
         if mean:
             seg = torch.repeat_interleave(torch.arange(len(cu) - 1, device=x.device), cu[1:] - cu[:-1],
                                           output_size=x.shape[0])
