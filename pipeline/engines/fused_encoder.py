@@ -305,7 +305,8 @@ class FusedEncoder:
             lw = w.layers[0]
             dev, dt = w.word.device, w.word.dtype
             x = torch.zeros(rows, w.word.shape[1], device=dev, dtype=dt)
-            self._add_norm(x, x, lw.mlp_norm_w, lw.mlp_norm_b, w.eps)
+            # Two tensors: one tensor passed twice would compile a variant of its own.
+            self._add_norm(x, torch.zeros_like(x), lw.mlp_norm_w, lw.mlp_norm_b, w.eps)
             self._gated(torch.zeros(rows, lw.wi_w.shape[0], device=dev, dtype=dt), w.act)
             qkv = torch.zeros(rows, 3, self.h, self.d, device=dev, dtype=dt)
             for inv_freq, scaling in w.rope.values():
