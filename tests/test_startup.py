@@ -188,8 +188,8 @@ def test_cpu_workers_keep_their_share_of_the_cores(monkeypatch):
 
 def test_compile_warm_up_serves_the_first_batch(tmp_path):
     """--compile on (CPU): the fused steps compile once, on dummy rows while the weights load, and
-    the batches reuse them (no recompilation); the kernels land in the stable cache directory;
-    the scores equal the eager run's to float32 rounding."""
+    the batches reuse them (no recompilation, a batch of one pair included); the kernels land in
+    the stable cache directory; the scores equal the eager run's to float32 rounding."""
     import json
     import subprocess
     import sys
@@ -205,6 +205,10 @@ def test_compile_warm_up_serves_the_first_batch(tmp_path):
         "    t = pq.read_table(s.output)\n"
         "    out[c] = dict(zip(t.column('doc_id').to_pylist(), t.column('score').to_pylist()))\n"
         "    out[c + '_extra'] = s.extra\n"
+        "from pipeline.reranker import Reranker\n"
+        f"r = Reranker({TINY!r}, device='cpu', compile='on')\n"
+        "out['one'] = float(r.predict([('what is a reranker', 'a model that orders passages')])[0])\n"
+        "out['two'] = float(r.predict([('what is a reranker', 'a model that orders passages'), ('q', 'd')])[0])\n"
         "out['graphs'] = counters['stats']['unique_graphs']\n"
         "import os; out['dir'] = os.environ.get('TORCHINDUCTOR_CACHE_DIR')\n"
         "print(json.dumps(out))\n"
@@ -216,6 +220,7 @@ def test_compile_warm_up_serves_the_first_batch(tmp_path):
     got = json.loads(p.stdout.strip().splitlines()[-1])
     # rms_norm, qk_norm_rope, add_norm, swiglu: one graph each, so nothing compiled again for a batch
     assert got["graphs"] == 4, got
+    assert abs(got["one"] - got["two"]) <= 1e-5, got
     assert "startup_compile_s" in got["on_extra"] and "startup_compile_s" not in got["off_extra"]
     assert max(abs(got["on"][k] - got["off"][k]) for k in got["off"]) <= 1e-5
     assert got["dir"] == str(tmp_path / "cache" / "rerank-batch" / "inductor"), got["dir"]

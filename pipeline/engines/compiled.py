@@ -66,6 +66,14 @@ def wanted(cfg, device, encoder_width: int | None = None) -> bool:
     return encoder_width is None or encoder_width > EAGER_ENCODER_WIDTH
 
 
+def scored_rows(idx: torch.Tensor) -> torch.Tensor:
+    """The rows a last layer runs on (its scored rows), at least two: a single index is doubled
+    and the caller keeps the first output row. torch.compile specialises a dimension of size 1,
+    so a batch of one pair (a one-pair `predict`, a run's last batch) would otherwise compile
+    a one-row variant of every step of that layer in the middle of the run."""
+    return idx.repeat(2) if idx.shape[0] == 1 else idx
+
+
 _COMPILED: dict = {}
 
 

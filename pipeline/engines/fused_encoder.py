@@ -324,9 +324,12 @@ class FusedEncoder:
     def logits(self, input_ids, type_ids, positions, cu, max_len: int, first_idx) -> torch.Tensor:
         """Classifier logits (n, labels) of a packed batch; `first_idx`: the row of each pair's
         first token ([CLS] / <s>)."""
+        n = first_idx.shape[0]
+        if self.compiled:
+            first_idx = compiled.scored_rows(first_idx)
         if self.modern:
-            return self._modernbert(input_ids, positions, cu, max_len, first_idx)
-        return self._bert(input_ids, type_ids, positions, cu, max_len, first_idx)
+            return self._modernbert(input_ids, positions, cu, max_len, first_idx)[:n]
+        return self._bert(input_ids, type_ids, positions, cu, max_len, first_idx)[:n]
 
     def _bert(self, input_ids, type_ids, positions, cu, max_len, first_idx):
         w = self.w

@@ -247,6 +247,9 @@ class FusedQwen3:
     def last_hidden(self, input_ids, position_ids, cu, max_len: int, last_idx, shared=None) -> torch.Tensor:
         """Final-normed hidden states at rows `last_idx` of a packed batch: (n, hidden).
         `shared`: (kv_idx, cu_k, max_k) of a batch with shared prefixes (attention.packed_attention)."""
+        n = last_idx.shape[0]
+        if self.compiled:
+            last_idx = compiled.scored_rows(last_idx)
         x = F.embedding(input_ids, self.embed)
         cos, sin = self.rope_tables(position_ids, x.dtype)
         layers, eps = self.layers, self.eps
@@ -276,7 +279,7 @@ class FusedQwen3:
                 hn = fp8_layers.Quantized(*qs)
             else:
                 x, hn = self._add_norm(x, mlp, layers[i + 1].ln1 if i + 1 < n_layers else self.norm, eps)
-        return hn
+        return hn[:n]
 
 
 def warm_up(cfg, device, dtype, parameters: bool = False, rows: int = 16, fp8: bool = False) -> None:
