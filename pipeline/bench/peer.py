@@ -261,9 +261,10 @@ def run_peer_bench(arch: str, workload: str, *, device: str = "auto", pairs: int
                    st: bool = True, cli: bool = True, batch_sizes: tuple[int, ...] | None = None,
                    dtype: str = "auto", cli_stages: bool = False, cli_pairs: int | None = None,
                    profile: bool = False, compile: str = "auto") -> dict:
-    """`compile`: --compile of the engine rows and the CLI runs. `cli_pairs`: the CLI row scores a larger draw of the same workload (users' runs are long, and a
-    fresh process's first batches, cold kernels included, weigh less in them); the rows in one
-    process score `pairs`. `profile` (CUDA): the top kernels of one model-only pass, in `profile`."""
+    """`compile`: --compile of the engine rows and the CLI runs. `cli_pairs`: the CLI row scores a
+    larger draw of the same workload (users' runs are long, and a fresh process's first batches,
+    cold kernels included, weigh less in them); the rows in one process score `pairs`. `profile`
+    (CUDA): the top kernels of one model-only pass, in `profile`."""
     dev = resolve_device(device)
     tdtype = resolve_dtype(dtype, dev)
     batch_sizes = batch_sizes or ((32, 128) if dev.type == "cuda" else (32,))
