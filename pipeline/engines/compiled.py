@@ -51,8 +51,8 @@ def use_cache_dir() -> str:
 # Cross-encoders this narrow (MiniLM's 384) run eagerly under --compile auto: their one compiled
 # step, the residual add and LayerNorm, spares the device little on rows this short, while its
 # compile adds seconds to every start and its calls take more of the launching thread's time.
-# On an H100, MiniLM-L6 over 60,000 pairs started in 4.9-5.1 s eagerly against 9.2-9.8 s
-# compiled, and scored 12,002 pairs/s against 8,505 (docs/PERFORMANCE.md).
+# On an H100, MiniLM-L6 over 60,000 pairs ran in 11.4 s eagerly against 18.6 s compiled (startup
+# 4.8-5.3 s against 9.1-10.9 s) and scored 11,071 pairs/s against 10,174 (docs/PERFORMANCE.md).
 EAGER_ENCODER_WIDTH = 384
 
 
