@@ -38,6 +38,14 @@ class _OneLineUsageErrors(click.Group):
             return super().invoke(ctx)
         except click.UsageError as exc:
             raise _one_line(exc) from None
+        except KeyboardInterrupt:
+            # A signal before the job's run began (its imports, its checks): nothing to keep, so
+            # 128+signum as documented. Left to click, it would print "Aborted!" and exit 1.
+            raise SystemExit(_signal_status()) from None
+
+
+def _signal_status() -> int:
+    return 128 + ((common.STOP and common.STOP.signum) or signal.SIGINT)
 
 
 def _one_line(exc: click.UsageError) -> click.UsageError:
@@ -46,6 +54,8 @@ def _one_line(exc: click.UsageError) -> click.UsageError:
     message = exc.format_message().rstrip()
     helps = exc.ctx.command.get_help_option_names(exc.ctx) if exc.ctx is not None else ()
     if helps:
+        if not message.endswith((".", "?", "!")):  # a parameter type's own message ends without one
+            message += "."
         message += f" Try '{exc.ctx.command_path} {max(helps, key=len)}' for help."
     one = click.UsageError(message)  # no context: UsageError.show prints no usage block
     one.exit_code = exc.exit_code
@@ -92,7 +102,7 @@ def main():
             common.STOP = stop
             cli()
     except KeyboardInterrupt:  # a signal outside any run (click's own code): no traceback
-        _exit_now(128 + ((common.STOP and common.STOP.signum) or signal.SIGINT))
+        _exit_now(_signal_status())
     except SystemExit as exc:
         _exit_now(exc.code)
     _exit_now(0)

@@ -19,7 +19,8 @@ def prepare_cmd():
 @click.option("--run", "run_path", required=True, help="TREC run file of first-stage candidates.")
 @click.option("-o", "--output", required=True, help="Pairs Parquet to write.")
 @click.option("--depth", type=click.IntRange(min=1), default=None, help="Keep the top K candidates per query.")
-@click.option("--split", default="test", show_default=True, help="qrels/<split>.tsv gives the relevance column.")
+@click.option("--split", default=None, help="qrels/<split>.tsv gives the relevance column (it must exist). [default: "
+              "test; a folder with no qrels/ gives null relevance]")
 @click.option("--overwrite", is_flag=True, help="Replace an existing -o file.")
 @log_options
 def beir_cmd(beir_dir, run_path, output, depth, split, overwrite, quiet, verbose, log_level):
@@ -30,7 +31,7 @@ def beir_cmd(beir_dir, run_path, output, depth, split, overwrite, quiet, verbose
 
     with domain_errors():
         reads = [run_path] + [os.path.join(beir_dir, n) for n in ("corpus.jsonl", "queries.jsonl")]
-        reads += [os.path.join(beir_dir, "qrels", f"{split}.tsv")]
+        reads += [os.path.join(beir_dir, "qrels", f"{split or 'test'}.tsv")]
         check_target(output, "-o", reads=reads, overwrite=overwrite)
         n = prepare_beir(beir_dir, run_path, output, depth=depth, split=split)
     wrote("%s (%d pairs)", output, n)

@@ -58,13 +58,18 @@ class StoreUnavailable(RerankError):
 class Interrupted(RerankError):
     """SIGINT or SIGTERM stopped the run after the checkpoint was made consistent."""
 
-    def __init__(self, signum: int, kept: int | None = None, total: int | None = None, redo: int | None = None):
+    def __init__(self, signum: int, kept: int | None = None, total: int | None = None, redo: int | None = None,
+                 requested: bool = False):
         """`kept` of `total` pairs are in the checkpoint (None: not known, e.g. planning had not
-        finished); `redo` were scored by this run and not kept (None: not known)."""
+        finished); `redo` were scored by this run and not kept (None: not known). `requested`:
+        the caller's `should_stop` asked for the stop, no signal (exit status as for SIGINT)."""
         where = ""
         if kept is not None and total is not None:
             where = f"; {kept:,} of {total:,} pairs are kept in the checkpoint"
             if redo is not None:
                 where += f" and {redo:,} will be scored again" if redo else " and none will be scored again"
-        super().__init__(f"interrupted by signal {signum}{where}; rerun the same command to resume")
+        if requested:
+            super().__init__(f"stopped as should_stop asked{where}; run the same configuration again to resume")
+        else:
+            super().__init__(f"interrupted by signal {signum}{where}; rerun the same command to resume")
         self.exit_code = 128 + signum

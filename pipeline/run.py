@@ -139,9 +139,13 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
             fields, extra = finish(plan, fresh, rescore, stop, timer)
             summary.__dict__.update(fields)
         except KeyboardInterrupt:
-            signum = (stop.signum if stop is not None else None) or 2
+            signum = stop.signum if stop is not None else None
+            # Set with no signal: the caller's should_stop (wait(0) reads the token without asking
+            # the callable again). Unset: a KeyboardInterrupt of Python's own, i.e. SIGINT.
+            requested = signum is None and stop is not None and stop.wait(0)
+            signum = signum or 2
             if plan is None or plan.ckpt is None:
-                raise Interrupted(signum) from None
+                raise Interrupted(signum, requested=requested) from None
             kept = redo = None
             try:  # what the checkpoint holds now, workers' last commits included
                 if executor is not None and executor.kind != "local" and plan.ckpt.lease is not None:
@@ -154,7 +158,7 @@ def run(cfg: RunConfig, *, progress: bool | None = None, should_stop=None, score
             except (OSError, RerankError) as exc:
                 log.warning("could not count the pairs kept in the checkpoint (%s)", first_line(exc))
             plan.ckpt.close(remove=False)
-            raise Interrupted(signum, kept, plan.pairs_to_score, redo) from None
+            raise Interrupted(signum, kept, plan.pairs_to_score, redo, requested=requested) from None
         except BaseException:
             if plan is not None and plan.ckpt is not None and plan.ckpt.lease is not None:
                 # nothing scored yet: leave no checkpoint behind; else keep it for the rerun

@@ -52,7 +52,8 @@ def stop_after_pairs(n: int, signum: int = 2) -> dict:
 def shared(name: str) -> str:
     path = os.path.join(SHARED_DATA, name)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: the shared data must sit beside the checkout (../shared/data)")
+        raise FileNotFoundError(f"{path}: the shared data must sit beside the checkout (../shared/data), "
+                                "or RERANK_SHARED_DATA must name its folder")
     return path
 
 

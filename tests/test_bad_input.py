@@ -141,7 +141,7 @@ CASES = [
      "--attention flash_attn needs CUDA and this run is on cpu; use --attention sdpa (or auto) on CPU"),
     (["run", "{d}/good.parquet", "--device", "cpu", "--gpu-memory-limit", "4GiB"],
      "--gpu-memory-limit applies to CUDA only; drop it or use --device cuda"),
-    (["run", "{d}/good.parquet", "--gpu-memory-limit", "lots"], "'lots' is not a size; write it like 4GiB"),
+    (["run", "{d}/good.parquet", "--gpu-memory-limit", "lots"], "'lots' is not a size; write it like 4GiB, 4096MiB or 3.5GB. Try '"),
     # a Parquet file may repeat a column name; the reader must not pick one silently
     (["run", "{d}/dupcols.parquet"], "{d}/dupcols.parquet: the column name 'document' appears more than once; "
      "rename the copies"),

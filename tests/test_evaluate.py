@@ -156,6 +156,43 @@ def test_an_unscored_file_says_to_score_it(tmp_path):
                         "first_stage_score, first_stage_rank, relevance)\n")
 
 
+def test_prepare_beir_split_must_exist_where_judgments_are_kept(tmp_path):
+    """A mistyped or absent split once wrote every row with null relevance and exit 0: an
+    evaluation set with no judgments, found out only at eval time."""
+    import shutil
+
+    beir = tmp_path / "beir"
+    shutil.copytree(os.path.join(ROOT, "sample_data", "beir-mini"), beir)
+    trec, out = str(beir / "first-stage.trec"), tmp_path / "pairs.parquet"
+
+    def prepare(*extra):
+        return run_cli(["prepare", "beir", beir, "--run", trec, "-o", out, "--overwrite", *extra])
+
+    r = prepare("--split", "dev")
+    assert r.exit_code == 2
+    assert r.output == f"Error: {beir}/qrels/dev.tsv: no such file (qrels/ holds test); pass --split test\n"
+    assert not out.exists()
+    r = prepare("--split", "test")  # named and there: judged rows
+    assert r.exit_code == 0, r.output
+    judged = pq.read_table(out).column("relevance").drop_null()
+    assert len(judged) > 0
+    shutil.move(beir / "qrels" / "test.tsv", beir / "qrels" / "dev.tsv")
+    r = prepare()  # the default split is missing, another is there: the user picks
+    assert r.exit_code == 2
+    assert r.output == f"Error: {beir}/qrels/test.tsv: no such file (qrels/ holds dev); pass --split dev\n"
+    r = prepare("--split", "dev")
+    assert r.exit_code == 0, r.output
+    assert pq.read_table(out).column("relevance").drop_null().to_pylist() == judged.to_pylist()
+    shutil.rmtree(beir / "qrels")
+    r = prepare()  # no judgments at all: unjudged pairs to rerank
+    assert r.exit_code == 0, r.output
+    assert pq.read_table(out).column("relevance").null_count == pq.read_metadata(out).num_rows > 0
+    r = prepare("--split", "test")
+    assert r.exit_code == 2
+    assert r.output == (f"Error: {beir}/qrels/test.tsv: no such file, and {beir} has no qrels/ folder; drop "
+                        "--split to write the pairs with no relevance\n")
+
+
 def test_prepare_mc_reproduces_the_shared_long_form_and_qrels(tmp_path):
     out, qrels = tmp_path / "pairs.parquet", tmp_path / "qrels.txt"
     r = run_cli(["prepare", "mc", shared("physicaliqa.nested.parquet"), "-o", out, "--qrels-out", qrels])

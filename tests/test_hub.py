@@ -66,6 +66,7 @@ def test_unreachable_hub_falls_back_to_the_cache(hub_cache, monkeypatch):
     msg = str(e.value)
     assert "not in the Hugging Face cache" in msg and "the hub cannot be reached" in msg and "\n" not in msg
     assert "`hf download org/missing`" in msg
+    assert e.value.exit_code == 1  # a runtime failure (retried by a scheduler), unlike HF_HUB_OFFLINE's 2
 
 
 def test_not_a_directory_nor_a_hub_id(tmp_path):

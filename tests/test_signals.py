@@ -45,6 +45,17 @@ if hold == "import":
             time.sleep(1)  # the signal lands while importing
         return real_import(name, *a, **k)
     builtins.__import__ = imp
+elif hold == "job-import":  # inside the job, before its run begins: SIGTERM while it imports the run
+    import builtins
+    real_import = builtins.__import__
+    def imp(name, *a, **k):
+        if name == "pipeline.run" and not os.path.exists(event):
+            open(event, "w").close()
+            import signal
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)  # the handler raises here, at once
+        return real_import(name, *a, **k)
+    builtins.__import__ = imp
 elif hold == "load":
     import pipeline.engines.score as s
     s.load_engine = holding(s.load_engine)
@@ -135,3 +146,16 @@ def test_sigint_during_imports_prints_no_traceback(tmp_path):
     assert (tmp_path / "event").exists()
     assert code == 130, err[-2000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
+
+
+def test_a_signal_before_the_run_begins_exits_128_plus_signum(tmp_path):
+    """Inside the job, before its run takes over the signals' meaning: click would turn the
+    KeyboardInterrupt into "Aborted!" and exit 1, which a scheduler reads as a failed run."""
+    out = tmp_path / "out.parquet"
+    p = _spawn(tmp_path, "job-import", out)
+    code = p.wait(timeout=120)
+    err = p.stderr.read()
+    assert (tmp_path / "event").exists()
+    assert code == 143, err[-2000:]
+    assert "Aborted" not in err and "Traceback" not in err
+    assert not out.exists()

@@ -360,6 +360,26 @@ def test_resume_counts_units_in_words_and_a_mismatch_names_the_option_and_both_v
     assert f"rerank-batch: resuming: 1 unit already scored in {ck}" in r.output
 
 
+def test_a_stop_asked_by_should_stop_is_not_reported_as_a_signal(tmp_path):
+    from conftest import after_pairs
+
+    from pipeline.errors import Interrupted
+    from pipeline.run import run
+    from pipeline.runtime.stop import StopToken
+
+    out = tmp_path / "o.parquet"
+    stop = StopToken()
+    with pytest.raises(Interrupted) as exc:
+        run(RunConfig(inputs=SAMPLE, output=str(out), model=TINY, window_pairs=5), progress=False,
+            should_stop=stop, on_progress=after_pairs(5, stop.set))
+    message = str(exc.value)
+    assert message.startswith("stopped as should_stop asked; ") and "signal" not in message, message
+    assert message.endswith(" of 28 pairs are kept in the checkpoint and none will be scored again; run the same "
+                            "configuration again to resume"), message
+    summary = run(RunConfig(inputs=SAMPLE, output=str(out), model=TINY, window_pairs=5), progress=False)
+    assert summary.rows == 28 and summary.pairs_resumed > 0
+
+
 def test_mismatch_messages_for_fields_without_one_option():
     from pipeline.storage.fingerprint import describe_mismatch
 

@@ -90,7 +90,10 @@ def resolve_model(model: str) -> str:
                          "`hf auth login`, or pass a model directory") from None
     except Exception as exc:  # not cached, and offline or unreachable (the hub client's many error types)
         why = "HF_HUB_OFFLINE is set" if off else f"the hub cannot be reached ({first_line(exc, 120)})"
-        raise ModelError(f"model {model}: not in the Hugging Face cache {cache} and {why}; {fix}") from None
+        err = ModelError(f"model {model}: not in the Hugging Face cache {cache} and {why}; {fix}")
+        if not off:  # a hub that does not answer is a runtime failure, as a bucket's: a scheduler retries it
+            err.exit_code = 1
+        raise err from None
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ModelError(f"model {model}: its cached snapshot {path} has no config.json; {fix}")
     log.debug("model %s: snapshot %s", model, path)

@@ -62,9 +62,28 @@ def _read_jsonl(path: str, keep=None) -> dict[str, dict]:
     return out
 
 
-def prepare_beir(beir_dir: str, run_path: str, output: str, *, depth: int | None = None, split: str = "test",
+def _qrels_split(beir_dir: str, split: str | None) -> str | None:
+    """The qrels file of `split` (see prepare_beir), or None where the folder has no judgments."""
+    qrels_dir = os.path.join(beir_dir, "qrels")
+    path = os.path.join(qrels_dir, f"{split or 'test'}.tsv")
+    if os.path.isfile(path):
+        return path
+    if not os.path.isdir(qrels_dir):
+        if split is None:
+            return None
+        raise InputError(f"{path}: no such file, and {beir_dir} has no qrels/ folder; drop --split to write the "
+                         "pairs with no relevance")
+    have = sorted(n[:-4] for n in os.listdir(qrels_dir) if n.endswith(".tsv"))
+    fix = f"pass --split {' or --split '.join(have)}" if have else "put the split's judgments there"
+    raise InputError(f"{path}: no such file (qrels/ holds {', '.join(have) or 'no .tsv file'}); {fix}")
+
+
+def prepare_beir(beir_dir: str, run_path: str, output: str, *, depth: int | None = None, split: str | None = None,
                  title_sep: str = " ") -> int:
-    """Pairs for the first `depth` candidates of each query in `run_path`; returns rows written."""
+    """Pairs for the first `depth` candidates of each query in `run_path`; returns rows written.
+    `relevance` comes from qrels/<split>.tsv, which must exist when `split` is named. Unnamed:
+    qrels/test.tsv; a folder with no qrels/ gives null relevance (unjudged pairs to rerank), and
+    one whose qrels/ lacks test.tsv is refused, naming the splits it has."""
     if not os.path.isdir(beir_dir):
         raise InputError(f"{beir_dir}: not a directory; pass a BEIR folder (corpus.jsonl, queries.jsonl, qrels/)")
     run = read_trec_run(run_path)
@@ -84,8 +103,8 @@ def prepare_beir(beir_dir: str, run_path: str, output: str, *, depth: int | None
     if missing_d:
         raise InputError(f"{run_path}: document {sorted(missing_d)[0]!r} is not in corpus.jsonl "
                          f"({len(missing_d)} such); is the run for this dataset?")
-    qrels_path = os.path.join(beir_dir, "qrels", f"{split}.tsv")
-    if os.path.exists(qrels_path):
+    qrels_path = _qrels_split(beir_dir, split)
+    if qrels_path:
         run = run.join(read_qrels(qrels_path), on=["query_id", "doc_id"], how="left")
     else:
         run = run.with_columns(relevance=pl.lit(None, pl.Int64))
