@@ -7,7 +7,7 @@ import json
 
 import click
 
-from .common import SizeType, config_option, domain_errors, log_options, setup_logging, wrote
+from .common import FiniteRange, SizeType, config_option, domain_errors, log_options, setup_logging, wrote
 
 
 @click.command("bench")
@@ -41,7 +41,7 @@ from .common import SizeType, config_option, domain_errors, log_options, setup_l
                    "off and on) and the encoder alone; pairs/s the host can feed a device. With a cross-encoder "
                    "--arch: the whole CLI in fresh processes on that tokenizer (3,000 and 30,000 pairs, or --pairs), "
                    "its scoring span's stages and the CPU each pair costs.")
-@click.option("--device-us-per-token", type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option("--device-us-per-token", type=FiniteRange(min=0), default=0.0, show_default=True,
               help="With --host-only: the forward sleeps this long per computed token, as a device of that "
                    "speed would take (H100, 0.6B bf16: about 2.7); e2e near the device's rate = overlapped.")
 @click.option("--profile", is_flag=True, help="Print the top CUDA kernels of one model-only pass (CUDA; also with --peer).")

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import datetime
 import logging
+import math
 import os
 import re
 import sys
@@ -154,6 +155,17 @@ class SizeType(click.ParamType):
         return n
 
 
+class FiniteRange(click.FloatRange):
+    """click.FloatRange without nan and inf: a range check lets nan through (every comparison
+    with it is false), and `fuse --k nan` once scored every row nan."""
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number; pass one like 60 or 0.05", param, ctx)
+        return rv
+
+
 _CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
 
@@ -171,8 +183,8 @@ def config_option(*decls: str, **kw):
     elif meta.get("whole"):
         kw.setdefault("type", click.IntRange(min=meta["at_least"]))
     elif "at_least" in meta:
-        kw.setdefault("type", click.FloatRange(min=meta["above"], min_open=True) if meta["above"] is not None
-                      else click.FloatRange(min=meta["at_least"]))
+        kw.setdefault("type", FiniteRange(min=meta["above"], min_open=True) if meta["above"] is not None
+                      else FiniteRange(min=meta["at_least"]))
     elif meta.get("place"):
         kw.setdefault("metavar", "LOCATION")
     if isinstance(default, bool):

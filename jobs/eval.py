@@ -10,7 +10,7 @@ import polars as pl
 
 from pipeline.errors import InputError
 
-from .common import JobError, check_target, domain_errors, log_options, setup_logging, wrote
+from .common import FiniteRange, JobError, check_target, domain_errors, log_options, setup_logging, wrote
 
 
 @click.command("eval")
@@ -41,7 +41,7 @@ from .common import JobError, check_target, domain_errors, log_options, setup_lo
 @click.option("--correction", type=click.Choice(["holm", "bonferroni", "none"]), default="holm", show_default=True,
               help="Correction of the p-values for the number of comparisons in the table (runs after the first "
               "times metrics).")
-@click.option("--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.05, show_default=True,
+@click.option("--alpha", type=FiniteRange(0, 1, min_open=True, max_open=True), default=0.05, show_default=True,
               help="Significance level: corrected p-values below it are marked * in the table and the plot.")
 @click.option("--test", type=click.Choice(["randomization", "ttest"]), default="randomization", show_default=True,
               help="The paired test whose corrected p-value marks significance (both are in --json).")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import JobError, check_target, domain_errors, log_options, setup_logging, wrote
+from .common import FiniteRange, JobError, check_target, domain_errors, log_options, setup_logging, wrote
 
 
 @click.command("fuse")
@@ -12,7 +12,7 @@ from .common import JobError, check_target, domain_errors, log_options, setup_lo
 @click.option("--method", type=click.Choice(["rrf", "combsum", "combmnz"]), required=True,
               help="rrf: sum of 1/(k + rank); combsum: sum of normalized scores; combmnz: combsum times the "
               "number of runs that hold the document.")
-@click.option("--k", type=click.FloatRange(min=0), default=None,
+@click.option("--k", type=FiniteRange(min=0), default=None,
               help="The k of rrf (default 60).")
 @click.option("--norm", type=click.Choice(["minmax", "zscore", "none"]), default=None,
               help="Per-query score normalization of combsum and combmnz (default minmax).")

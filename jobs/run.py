@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import click
 
@@ -116,8 +117,13 @@ def run_cmd(inputs, output, summary_path, quiet, verbose, log_level, **opts):
         summary = run(cfg, progress=False if quiet else None, should_stop=_stop_token())
     text = summary.to_json()
     if summary_path:
-        with open(summary_path, "w") as f:
-            f.write(text + "\n")
+        try:
+            with open(summary_path, "w") as f:
+                f.write(text + "\n")
+        except OSError as exc:  # the output is published by now: say so
+            raise JobError(f"--summary {summary_path}: cannot write it ({exc.strerror or exc}); the output "
+                           f"{summary.output} is complete, and the run's `summary` log line holds the same "
+                           "record", 1) from None
     wrote("%s (%d rows)", summary.output, summary.rows)
 
 
@@ -135,6 +141,10 @@ def _check_summary(summary_path: str, cfg: RunConfig) -> None:
     out = location(cfg.output)
     # Only local files can be the summary's path (None: elsewhere, skipped).
     check_target(summary_path, "--summary", reads=[i.local_path for i in inputs], writes=[out.local_path])
+    where = os.path.dirname(os.path.realpath(summary_path))
+    if not os.access(where, os.W_OK):  # found now, not after the run (a read-only mount, another owner's folder)
+        raise JobError(f"--summary {summary_path}: the directory {where} is not writable; pass a path in a "
+                       "writable directory", 2)
     if summary.inside(out):
         raise JobError(f"--summary {summary_path}: inside the output directory, which holds the dataset "
                        "only; pass a path beside it", 2)

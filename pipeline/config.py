@@ -228,6 +228,8 @@ def check_field(f: dataclasses.Field, v) -> None:
 # every maker of a RunConfig meets them.
 AGGREGATES = ("max", "first", "mean")
 MIN_CHUNK_TOKENS = 8
+# Far above any model's context; a bound keeps the window arithmetic in 64-bit integers.
+MAX_CHUNK_TOKENS = 1 << 24
 # How the chunking options are named in messages: on the command line, or as Python keywords.
 CHUNK_CLI = {"tokens": "--chunk-tokens", "overlap": "--chunk-overlap", "aggregate": "--aggregate",
              "scores": "--chunk-scores", "sep": " "}
@@ -252,6 +254,9 @@ def check_chunking(tokens, overlap, aggregate, scores_path=None, names: dict = C
     if not is_whole(tokens) or tokens < MIN_CHUNK_TOKENS:
         raise InputError(f"{opt('tokens', tokens)}: a window must hold at least {MIN_CHUNK_TOKENS} tokens; pass "
                          f"{opt('tokens')} {MIN_CHUNK_TOKENS} or more")
+    if tokens > MAX_CHUNK_TOKENS:
+        raise InputError(f"{opt('tokens', tokens)}: a window holds at most {MAX_CHUNK_TOKENS:,} tokens; pass "
+                         f"{opt('tokens')} {MAX_CHUNK_TOKENS} or less (a document shorter than N is one window)")
     if overlap is not None and (not is_whole(overlap) or not 0 <= overlap < tokens):
         raise InputError(f"{opt('overlap', overlap)}: consecutive windows must share from 0 to {tokens - 1} tokens "
                          f"(fewer than {opt('tokens')} {tokens}); pass {opt('overlap')} 0 to {tokens - 1}")

@@ -234,6 +234,9 @@ def test_skipped_nulls_and_empty_lists_have_null_windows(tmp_path, models):
 
 BAD = [
     (["--chunk-tokens", "4"], "--chunk-tokens 4: a window must hold at least 8 tokens; pass --chunk-tokens 8 or more"),
+    # once an overflow traceback in the window arithmetic, after the model had loaded
+    (["--chunk-tokens", "99999999999999999999"], "--chunk-tokens 99999999999999999999: a window holds at most "
+     "16,777,216 tokens; pass --chunk-tokens 16777216 or less (a document shorter than N is one window)"),
     (["--chunk-tokens", "16", "--chunk-overlap", "16"],
      "--chunk-overlap 16: consecutive windows must share from 0 to 15 tokens (fewer than --chunk-tokens 16); pass "
      "--chunk-overlap 0 to 15"),

@@ -319,6 +319,30 @@ def test_fusion_by_hand_on_the_beir_sample_and_in_one_eval(tmp_path):
      "--norm applies to combsum and combmnz; rrf fuses ranks: drop --norm"),
     (["fuse", "{s}", "{t}", "--method", "combsum", "--k", "10", "-o", "{d}/o.parquet"],
      "--k applies to rrf; combsum and combmnz fuse scores: drop --k"),
+    # Wrong column types and bad qrels were tracebacks (polars' cast errors, pytrec_eval's TypeError).
+    (["eval", "{s}", "--qrels", "{q}", "--score-col", "query_id"],
+     "{s}: column 'query_id' holds String, not scores; pass --score-col with a column of numbers"),
+    (["eval", "{s}", "--qrels", "{q}", "--baseline-col", "query_id"],
+     "{s}: column 'query_id' holds String, not scores; pass --baseline-col with a column of numbers"),
+    (["export", "{s}", "-o", "{d}/o.trec", "--score-col", "doc_id"],
+     "{s}: column 'doc_id' holds String, not scores; pass --score-col with a column of numbers"),
+    (["eval", "{s}", "--qrels", "{d}/huge.txt"],
+     "{d}/huge.txt: line 1: relevance '99999999999999999999' is out of range; grades are whole numbers such as 0"),
+    (["eval", "{s}", "--qrels", "{d}/inf.txt"], "{d}/inf.txt: line 1: relevance 'inf' is out of range"),
+    (["eval", "{s}", "--qrels", "{d}/nulldoc.parquet"],
+     "{d}/nulldoc.parquet: row 1 (from 0): column 'doc_id' is null; fill it or drop the row"),
+    (["eval", "{s}", "--qrels", "{d}/strrel.parquet"],
+     "{d}/strrel.parquet: column 'relevance' holds String; qrels need whole-number grades such as 0, 1, 2 there"),
+    (["eval", "{s}", "--qrels", "{d}/listqid.parquet"],
+     "{d}/listqid.parquet: column 'query_id' holds List(String); qrels need strings or whole numbers there"),
+    (["eval", "{s}", "--qrels", "{d}/garbage.parquet"], "{d}/garbage.parquet: not a readable Parquet file ("),
+    (["eval", "{s}", "--qrels", "{q}", "--metrics", "ndcg@99999999999999999999"],
+     "--metrics: 'ndcg@99999999999999999999': the cutoff must be at most 1,000,000; write ndcg@1000000 or less"),
+    # nan passes a range check (every comparison with it is false): it once scored every row nan
+    (["fuse", "{s}", "{t}", "--method", "rrf", "--k", "nan", "-o", "{d}/o.parquet"],
+     "Invalid value for '--k': 'nan' is not a finite number; pass one like 60 or 0.05."),
+    (["eval", "{s}", "--qrels", "{q}", "--alpha", "nan"],
+     "Invalid value for '--alpha': 'nan' is not a finite number; pass one like 60 or 0.05."),
     (["fuse", "{s}", "{t}", "--method", "rrf", "--tag", "x", "-o", "{d}/o.parquet"],
      "--tag names the run in a TREC file; end -o in .trec or drop --tag"),
     (["fuse", "{s}", "{d}/bad.trec", "--method", "rrf", "-o", "{d}/o.parquet"], "{d}/bad.trec: line 2 has 4 fields"),
@@ -339,6 +363,13 @@ def test_bad_runs_are_one_line_exit_2(tmp_path, args, message):
                    tmp_path / "nulls.parquet")
     q = tmp_path / "q.txt"
     q.write_text("a 0 x 1\n")
+    (tmp_path / "huge.txt").write_text("a 0 x 99999999999999999999\n")
+    (tmp_path / "inf.txt").write_text("a 0 x inf\n")
+    pq.write_table(pa.table({"query_id": ["a", "a"], "doc_id": ["x", None], "relevance": [1, 0]}),
+                   tmp_path / "nulldoc.parquet")
+    pq.write_table(pa.table({"query_id": ["a"], "doc_id": ["x"], "relevance": ["abc"]}), tmp_path / "strrel.parquet")
+    pq.write_table(pa.table({"query_id": [["a"]], "doc_id": ["x"], "relevance": [1]}), tmp_path / "listqid.parquet")
+    (tmp_path / "garbage.parquet").write_bytes(b"PAR1 not really parquet PAR1")
     fill = lambda a: str(a).replace("{s}", str(s)).replace("{t}", str(t)).replace("{q}", str(q)).replace(  # noqa: E731
         "{d}", str(tmp_path))
     before = sorted(os.listdir(tmp_path))

@@ -260,6 +260,39 @@ def test_dataset_output_refusals_delete_nothing(ref, tmp_path):
     assert r.exit_code == 2 and "a file, not a directory" in r.output
 
 
+def test_a_dataset_output_that_is_a_link_is_replaced_and_its_target_kept(ref, tmp_path):
+    """--overwrite once emptied the linked folder (its files deleted through the link) and left
+    the link behind under a hidden name; now the link goes, as a file output's does, and the
+    folder it points to keeps what it held."""
+    inp = ref["dir"] / "long.parquet"
+    (tmp_path / "big").mkdir()
+    _run(inp, f"{tmp_path}/big/ds/", "--output-file-rows", 100)
+    before = {n: (tmp_path / "big" / "ds" / n).read_bytes() for n in os.listdir(tmp_path / "big" / "ds")}
+    (tmp_path / "ds").symlink_to(tmp_path / "big" / "ds")
+    _run(inp, f"{tmp_path}/ds/", "--output-file-rows", 9, "--overwrite")
+    assert not os.path.islink(tmp_path / "ds")
+    _check_dataset(tmp_path / "ds", ref["long"], 9)
+    assert {n: (tmp_path / "big" / "ds" / n).read_bytes() for n in os.listdir(tmp_path / "big" / "ds")} == before
+    assert sorted(os.listdir(tmp_path)) == ["big", "ds"]  # no link or folder left aside
+
+
+def test_a_local_temporary_folder_marks_a_dataset_as_someone_elses(ref, tmp_path):
+    """Object storage's uploads wait under _temporary/; a local one is the user's, and a folder
+    holding it is refused even with --overwrite (it was moved into a hidden folder)."""
+    inp = ref["dir"] / "long.parquet"
+    _run(inp, f"{tmp_path}/ds/")
+    (tmp_path / "ds" / "_temporary").mkdir()
+    (tmp_path / "ds" / "_temporary" / "notes.txt").write_text("important")
+    listing = sorted(os.listdir(tmp_path / "ds"))
+    r = run_cli(["run", inp, "--model", TINY, "-q", "-o", f"{tmp_path}/ds/", "--overwrite"])
+    assert r.exit_code == 2 and r.output.strip().splitlines()[-1] == (
+        f"Error: {tmp_path}/ds/: the directory is not empty and is not a dataset written by rerank-batch (holds "
+        "_temporary); pass a new or empty directory with -o")
+    assert sorted(os.listdir(tmp_path / "ds")) == listing
+    assert (tmp_path / "ds" / "_temporary" / "notes.txt").read_text() == "important"
+    assert sorted(os.listdir(tmp_path)) == ["ds"]
+
+
 @pytest.mark.parametrize("kill_at", [
     r"/ds$:1:before",   # every file written, the temp directory not yet renamed into place
     r"/ds$:1:after",    # in place, the checkpoint not yet marked published

@@ -410,3 +410,32 @@ def test_the_summary_is_a_local_file_outside_a_dataset_output(tmp_path, where, m
     assert r.exit_code == 2, r.output
     assert r.output == f"Error: {message.format(tmp=tmp_path)}\n"
     assert os.listdir(tmp_path / "ds") == []
+
+
+def test_a_summary_that_cannot_be_written_is_one_line_before_or_after_the_run(tmp_path, monkeypatch):
+    """It was a traceback after the output was published. A folder known to be unwritable is
+    refused first (exit 2, nothing written); a write that fails anyway (here /proc, where no file
+    can be made) is one line saying the output is complete (exit 1)."""
+    from conftest import ROOT, run_cli
+
+    real_access = os.access
+    blocked = str(tmp_path / "ro")
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: (p != blocked and p != "/proc" and real_access(p, mode, **k))
+                        or (p == "/proc"))
+    (tmp_path / "ro").mkdir()
+    base = ["run", os.path.join(ROOT, "sample_data", "pairs.parquet"), "--model",
+            os.path.join(ROOT, "sample_data", "tiny-qwen3-reranker"), "-q"]
+    out = tmp_path / "o.parquet"
+    r = run_cli([*base, "-o", out, "--summary", f"{blocked}/s.json"])
+    assert r.exit_code == 2, r.output
+    assert r.output == (f"Error: --summary {blocked}/s.json: the directory {blocked} is not writable; pass a path in "
+                        "a writable directory\n")
+    assert not out.exists() and not os.path.exists(f"{out}.ckpt")
+    r = run_cli([*base, "-o", out, "--summary", "/proc/rerank-summary.json"])
+    assert r.exit_code == 1, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.output, r.output
+    assert lines[0].startswith("Error: --summary /proc/rerank-summary.json: cannot write it (")
+    assert lines[0].endswith(f"); the output {out} is complete, and the run's `summary` log line holds the same "
+                             "record"), lines[0]
+    assert pq.read_metadata(out).num_rows == 28

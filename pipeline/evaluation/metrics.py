@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, first_line
 from pipeline.evaluation.text import text_lines
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,9 @@ class Metric:
     name: str  # as the user wrote it, e.g. "ndcg@10"
     kind: str  # ndcg, map, mrr, recall, p
     k: int | None
+
+
+MAX_CUTOFF = 1_000_000  # far above any run's depth; trec_eval reads cutoffs as C ints
 
 
 def parse_metrics(spec: str) -> list[Metric]:
@@ -49,6 +52,9 @@ def parse_metrics(spec: str) -> list[Metric]:
             raise InputError(f"--metrics: {raw!r} needs a cutoff; write {kind}@10")
         if k is not None and k < 1:
             raise InputError(f"--metrics: {raw!r}: the cutoff must be at least 1")
+        if k is not None and k > MAX_CUTOFF:
+            raise InputError(f"--metrics: {raw!r}: the cutoff must be at most {MAX_CUTOFF:,}; write "
+                             f"{kind}@{MAX_CUTOFF} or less")
         out.append(Metric(raw, kind, k))
     if not out:
         raise InputError("--metrics is empty; give e.g. ndcg@10,map,mrr")
@@ -67,17 +73,41 @@ def read_qrels(path: str) -> pl.DataFrame:
     return unique
 
 
+# Grades are small (0-3 in TREC); the bound keeps them in the 32-bit integers trec_eval reads.
+MAX_GRADE = 2**31 - 1
+
+
+def _read_qrels_parquet(path: str) -> pl.DataFrame:
+    try:
+        df = pl.read_parquet(path)
+    except Exception as exc:  # polars' and pyarrow's many error types
+        raise InputError(f"{path}: not a readable Parquet file ({first_line(exc)}); pass qrels as Parquet or TREC "
+                         "text") from None
+    missing = {"query_id", "doc_id", "relevance"} - set(df.columns)
+    if missing:
+        raise InputError(f"{path}: qrels Parquet needs columns query_id, doc_id, relevance "
+                         f"(missing {', '.join(sorted(missing))})")
+    for c in ("query_id", "doc_id", "relevance"):
+        dtype = df.schema[c]
+        ok = dtype.is_integer() if c == "relevance" else (dtype.is_integer() or dtype in (pl.String, pl.Categorical))
+        if not ok:
+            what = "whole-number grades such as 0, 1, 2" if c == "relevance" else "strings or whole numbers"
+            raise InputError(f"{path}: column {c!r} holds {dtype}; qrels need {what} there")
+        if df[c].null_count():
+            row = df.with_row_index().filter(pl.col(c).is_null())["index"][0]
+            raise InputError(f"{path}: row {row} (from 0): column {c!r} is null; fill it or drop the row")
+    if df.height and df["relevance"].cast(pl.Int64).abs().max() > MAX_GRADE:
+        raise InputError(f"{path}: column 'relevance' holds grades beyond {MAX_GRADE:,}; grades are whole numbers "
+                         "such as 0, 1, 2")
+    return df.select(pl.col("query_id").cast(pl.String), pl.col("doc_id").cast(pl.String),
+                     pl.col("relevance").cast(pl.Int64))
+
+
 def _read_qrels(path: str) -> pl.DataFrame:
     if not os.path.exists(path):
         raise InputError(f"{path}: no such qrels file; check the path")
     if path.endswith(".parquet"):
-        df = pl.read_parquet(path)
-        missing = {"query_id", "doc_id", "relevance"} - set(df.columns)
-        if missing:
-            raise InputError(f"{path}: qrels Parquet needs columns query_id, doc_id, relevance "
-                             f"(missing {', '.join(sorted(missing))})")
-        return df.select(pl.col("query_id").cast(pl.String), pl.col("doc_id").cast(pl.String),
-                         pl.col("relevance").cast(pl.Int64))
+        return _read_qrels_parquet(path)
     rows = []
     for n, line in text_lines(path):
         parts = line.split()
@@ -91,11 +121,17 @@ def _read_qrels(path: str) -> pl.DataFrame:
             raise InputError(f"{path}: line {n} has {len(parts)} fields; qrels lines are "
                              "'qid 0 docid rel' (TREC) or 'qid docid rel' (BEIR TSV)")
         try:
-            rows.append((qid, did, int(float(rel))))
+            grade = int(float(rel))
         except ValueError:
             if n == 1:
                 continue  # a header such as query-id corpus-id score
             raise InputError(f"{path}: line {n}: relevance {rel!r} is not a number") from None
+        except OverflowError:  # inf
+            grade = None
+        if grade is None or abs(grade) > MAX_GRADE:
+            raise InputError(f"{path}: line {n}: relevance {rel!r} is out of range; grades are whole numbers such "
+                             "as 0, 1, 2")
+        rows.append((qid, did, grade))
     return pl.DataFrame(rows, schema={"query_id": pl.String, "doc_id": pl.String, "relevance": pl.Int64},
                         orient="row")
 

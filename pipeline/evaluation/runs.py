@@ -106,6 +106,15 @@ def _read_parquet_run(path, query_id_col, doc_id_col, columns, options) -> pl.Da
         option = options.get(missing[0]) or ("--query-id-col" if missing[0] == query_id_col else
                                              "--doc-id-col" if missing[0] == doc_id_col else "--score-col")
         raise InputError(f"{path}: no column {missing[0]!r} (columns: {', '.join(schema)}); pass {option} NAME")
+    for c in columns:  # the scores (a relevance column has its own check, with its own message)
+        option = options.get(c) or "--score-col"
+        if option != "--relevance-col" and not schema[c].is_numeric():
+            raise InputError(f"{path}: column {c!r} holds {schema[c]}, not scores; pass {option} with a column of "
+                             "numbers")
+    for c, given in ((query_id_col, "--query-id-col"), (doc_id_col, "--doc-id-col")):
+        if not (schema[c].is_integer() or schema[c] in (pl.String, pl.Categorical)):
+            raise InputError(f"{path}: column {c!r} holds {schema[c]}, not ids; pass {given} with a column of "
+                             "strings or whole numbers")
     df = pl.read_parquet(path, columns=need).with_columns(
         query_id=pl.col(query_id_col).cast(pl.String), doc_id=pl.col(doc_id_col).cast(pl.String))
     for c, given in (("query_id", query_id_col), ("doc_id", doc_id_col)):

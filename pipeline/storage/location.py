@@ -432,13 +432,16 @@ class LocalLocation(Location):
         fsync_dir(staged)
         out, parent = self.key, os.path.dirname(self.key)
         aside = None
-        if os.path.isdir(out) and os.listdir(out):
+        # A link is set aside whatever it points to (a folder cannot be renamed onto a link).
+        if os.path.islink(out) or (os.path.isdir(out) and os.listdir(out)):
             (stem,) = self._stems([tag])
             aside = os.path.join(parent, f"{stem}{uuid.uuid4().hex[:8]}.old")
             os.replace(out, aside)
         os.replace(staged, out)  # onto an absent or empty folder
         fsync_dir(parent)
-        if aside is not None:
+        if os.path.islink(aside or ""):  # the link goes and what it points to stays, as with a file output's link
+            _unlink(aside)
+        elif aside is not None:
             _delete_tree_of_ours(aside, lambda n: ours(n) or n == marker)
 
 

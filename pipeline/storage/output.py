@@ -104,7 +104,9 @@ class Output:
         names = self.where.list()
         if not names:
             return []
-        strangers = [n for n in names if not (_PART.match(n) or n in _OURS_IN_DATASET)]
+        # _temporary/ is where object-storage uploads wait; in a local folder it is someone else's.
+        ours = _OURS_IN_DATASET if self.where.local_path is None else (SUCCESS,)
+        strangers = [n for n in names if not (_PART.match(n) or n in ours)]
         if strangers:
             return strangers
         if self._success() is None and not resumable:
