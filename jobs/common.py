@@ -50,6 +50,8 @@ def check_target(path: str, option: str, reads=(), writes=(), overwrite: bool = 
     real = os.path.realpath(path)
     if os.path.isdir(real):
         raise JobError(f"{option} {path}: is a directory; pass a file path", 2)
+    if os.path.exists(real) and not os.path.isfile(real):  # a pipe: opening it would wait for a reader
+        raise JobError(f"{option} {path}: not a regular file (a pipe, socket or device); pass a file path", 2)
     for what, paths in (("input", reads), ("output", writes)):
         for p in paths:
             if p and os.path.realpath(p) == real:

@@ -41,6 +41,7 @@ def bad(tmp_path_factory):
     bad_utf8 = pa.Array.from_buffers(pa.string(), 2, [None, pa.py_buffer(np.array([0, 2, 6], np.int32).tobytes()),
                                                      pa.py_buffer(b"okba\xff\xfe")])
     pq.write_table(pa.table({"query": ["q", "q"], "document": bad_utf8}), d / "badutf8.parquet")
+    os.mkfifo(d / "fifo.parquet")
     pq.write_table(pa.table({"query_id": pa.array([None] * 4, pa.string()), "query": ["a", "b", "c", "d"],
                              "document": ["w", "x", "y", "z"]}), d / "nullqid.parquet")
     pq.write_table(pa.table({"query": ["q", "r"], "documents": [["a"], ["b", None]]}), d / "nullelem.parquet")
@@ -147,6 +148,11 @@ CASES = [
      "rename the copies"),
     (["run", "{d}/badutf8.parquet"], "{d}/badutf8.parquet: row 1 (from 0): column 'document' is not valid UTF-8; "
      "re-encode the text as UTF-8"),
+    # opening a pipe blocks until a writer comes: the run hung, and one SIGTERM did not end it
+    (["run", "{d}/fifo.parquet"], "{d}/fifo.parquet: not a regular file (a pipe, socket or device); write the pairs "
+     "to a file and pass that"),
+    (["run", "{d}/good.parquet", "--summary", "{d}/fifo.parquet"],
+     "--summary {d}/fifo.parquet: not a regular file (a pipe, socket or device); pass a file path"),
     (["run", "{d}/good.parquet", "--device", "tpu"], "--device 'tpu': not a device; use auto, cpu, cuda or cuda:N"),
     (["run", "{d}/good.parquet", "--device", "cuda:x"], "--device 'cuda:x': not a device; use auto"),
     (["run", "{d}/good.parquet", "--device", ""], "--device '': not a device; use auto"),

@@ -292,6 +292,34 @@ def test_damaged_files_are_skipped_never_read_wrong(tmp_path, caplog):
     assert list(folder.glob("*.rbc")) == []
 
 
+def test_a_folder_in_place_of_a_file_is_skipped_and_left_alone(tmp_path, caplog):
+    """Opening a folder succeeds and only its reads fail (EISDIR): that error disabled the whole
+    cache for a run, and `cache prune` failed on it every time."""
+    c = _cache(tmp_path)
+    parts = [_keys(2000, seed=s) for s in range(2)]
+    for hi, lo, sc in parts:
+        c.add(hi, lo, sc)
+    names = sorted(c.files.headers)
+    folder = tmp_path / "c" / c.scope.hex
+    c.close()
+    (folder / names[0]).unlink()
+    (folder / names[0]).mkdir()
+    (folder / names[0] / "theirs.txt").write_text("x")
+    caplog.set_level(logging.WARNING, logger="pipeline.cache")
+    d = PairCache(str(tmp_path / "c"), c.scope)
+    hits = [d.lookup(hi, lo)[0] for hi, lo, _ in parts]
+    assert sum(h.all() for h in hits) == 1 and sum(h.any() for h in hits) == 1  # the other file still serves
+    served = 1 if hits[1].all() else 0
+    found, got = d.lookup(parts[served][0], parts[served][1])
+    assert found.all() and np.array_equal(got, parts[served][2])
+    assert any("it is not a regular file" in r.getMessage() for r in caplog.records)
+    d.close()
+    r = run_cli(["cache", "prune", tmp_path / "c"])
+    assert r.exit_code == 0, r.output
+    assert (folder / names[0] / "theirs.txt").read_text() == "x"
+    assert "is a folder, not a cache file; it is left in place" in r.output
+
+
 def test_a_file_from_another_scope_is_not_used(tmp_path, caplog):
     c = _cache(tmp_path)
     hi, lo, sc = _keys(1000)

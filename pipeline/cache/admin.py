@@ -150,7 +150,12 @@ def prune(location: str, models=(), older_than: int | None = None) -> dict:
             out["files_before"] += len(files.headers) + len(files.bad)
             res = compact.merge_all(files, store, bytes.fromhex(scope), keep_after=older_than)
             for name in sorted(files.bad):
-                store.delete(f"{scope}/{name}")
+                try:
+                    store.delete(f"{scope}/{name}")
+                except IsADirectoryError:  # not a file of ours: someone else's folder, left as it is
+                    log.warning("%s is a folder, not a cache file; it is left in place, and runs skip it",
+                                store.where(f"{scope}/{name}"))
+                    continue
                 out["damaged_removed"] += 1
             out["entries_old"] += res["dropped_old"]
             for name in store.list(scope):

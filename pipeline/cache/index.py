@@ -18,6 +18,7 @@ import logging
 import mmap
 import os
 import re
+import stat
 import tempfile
 import threading
 
@@ -110,7 +111,10 @@ class ScopeFiles:
             _put_local(self._mirror_path(name), data)
         fd = os.open(self._local(name), os.O_RDONLY)
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):  # a folder opens too, and its reads fail with EISDIR
+                raise Damaged("it is not a regular file")
+            size = st.st_size
             first = os.pread(fd, segment.FIXED, 0)
             hb = segment.header_size(first)
             h = segment.decode_header(name, os.pread(fd, hb, 0), size)

@@ -77,6 +77,9 @@ def resolve_inputs(specs) -> tuple[Location, ...]:
         if st is None:
             raise InputError(f"{spec}: no such {loc.FILE} or {loc.FOLDER}; {loc.CHECK}")
         if st.kind == "file":
+            if loc.local_path is not None and not os.path.isfile(loc.local_path):  # opening a pipe waits forever
+                raise InputError(f"{spec}: not a regular file (a pipe, socket or device); write the pairs to a file "
+                                 "and pass that")
             files.append(loc)
             continue
         found = [loc / n for n in loc.list("file") if n.endswith(SUFFIXES)]
