@@ -153,6 +153,9 @@ class Reranker:
                 if not isinstance(scores, torch.Tensor):
                     raise TypeError(f"activation_fn returned {type(scores).__name__}, not a torch.Tensor; pass a "
                                     "torch callable such as torch.sigmoid or torch.nn.Identity()")
+                if scores.ndim == 0 or scores.shape[0] != head.shape[0]:  # one score per pair, in order
+                    raise TypeError(f"activation_fn returned shape {tuple(scores.shape)} for {head.shape[0]} pairs; "
+                                    "pass an elementwise callable such as torch.sigmoid or torch.nn.Identity()")
             if self.num_labels == 1 and scores.ndim > 1:
                 scores = scores.squeeze(-1)
             if apply_softmax and scores.ndim > 1:
@@ -286,8 +289,11 @@ class Reranker:
                 if not isinstance(v, str):
                     raise InputError(f"{where}: the {name} is {type(v).__name__}, not a string; "
                                      "give text (an empty string is a valid pair)")
+                _check_encodable(v, where, name)
             if i is not None and not isinstance(i, str):
                 raise InputError(f"{where}: the instruction is {type(i).__name__}, not a string or None")
+            if i is not None:
+                _check_encodable(i, where, "instruction")
             instructions.append(default if i is None else i)
             queries.append(q)
             documents.append(d)
@@ -338,6 +344,18 @@ def _cross_encoder_default(model_dir: str, num_labels: int, trust_remote_code: b
     if name.startswith("torch.nn."):  # torch.nn.modules.linear.Identity is torch.nn.Identity
         name = "torch.nn." + name.rsplit(".", 1)[-1]
     return name + "()"
+
+
+def _check_encodable(text: str, where: str, name: str) -> None:
+    """A lone surrogate (from text decoded with errors="surrogateescape", or cut mid-pair) has no
+    UTF-8 form: the tokenizer would fail on it with a TypeError naming no pair."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(f"{where}: the {name} is not valid Unicode text (a lone surrogate at character "
+                         f"{exc.start}); decode the text as UTF-8, or drop such characters") from None
 
 
 def _check_chunking(tokens, overlap, aggregate) -> None:

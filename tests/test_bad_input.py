@@ -385,3 +385,15 @@ def test_a_bad_thread_count_in_the_environment_is_one_line_before_any_work(bad, 
                       "at least 1 (such as 4), or unset it"], r.output
     assert "Traceback" not in r.output
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("out, ck", [("c6/", "c6/ck"), ("c5.parquet", "c5.parquet"), ("c7/", "c7")])
+def test_a_checkpoint_dir_in_the_output_is_refused_before_anything_is_made(bad, tmp_path, out, ck):
+    """The checkpoint folder was made first, and then blamed: `c6/: the directory is not empty
+    (holds ck)`, with c6/ left behind."""
+    r = run_cli(["run", f"{bad}/good.parquet", "--model", TINY, "-o", f"{tmp_path}/{out}", "--checkpoint-dir",
+                 f"{tmp_path}/{ck}"])
+    assert r.exit_code == 2, r.output
+    assert r.output.strip().splitlines()[-1] == (f"Error: --checkpoint-dir {tmp_path}/{ck}: is the output or lies "
+                                                 "inside it; pass a directory beside the output")
+    assert os.listdir(tmp_path) == []

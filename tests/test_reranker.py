@@ -170,6 +170,17 @@ def test_bad_pairs_and_options_are_refused(tied_model):
                 call()
     with pytest.raises(TypeError, match="activation_fn returned ndarray, not a torch.Tensor"):
         rr.predict([("q", "d")], activation_fn=lambda x: x.numpy())
+    # Two pairs once came back as one score: an aggregate is not a score per pair.
+    with pytest.raises(TypeError, match=r"activation_fn returned shape \(\) for 2 pairs; pass an elementwise"):
+        rr.predict([("q", "d"), ("q", "e")], activation_fn=lambda x: x.mean())
+    with pytest.raises(TypeError, match=r"activation_fn returned shape \(1,\) for 2 pairs"):
+        rr.predict([("q", "d"), ("q", "e")], activation_fn=lambda x: x.reshape(-1)[:1])
+    # A lone surrogate has no UTF-8 form: it was the tokenizer's TypeError, naming no pair.
+    with pytest.raises(InputError, match=r"^pairs\[1\]: the document is not valid Unicode text \(a lone surrogate at "
+                                        r"character 2\); decode the text as UTF-8, or drop such characters$"):
+        rr.predict([("q", "d"), ("q", "ab\ud800")])
+    with pytest.raises(InputError, match=r"^pairs\[0\]: the instruction is not valid Unicode"):
+        rr.predict([("q", "d", "\udcff")])
     with pytest.raises(InputError, match=r"^rank\(activation_fn=.*\): it gives 2 scores per document and rank "
                                         r"orders by one"):
         rr.rank("q", ["a", "b"], activation_fn=lambda x: torch.cat([x, -x], 1))

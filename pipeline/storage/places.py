@@ -171,6 +171,10 @@ def open_checkpoint(ckpt_dir: str, fingerprint: dict, inputs, *, output: str, ov
     again under that lease: a run that finished meanwhile has published it. Returns the sink and
     whether the output existed then (False: one there at the end is someone else's)."""
     out = Output(output)
+    where = location(ckpt_dir)
+    if where.key == out.where.key or where.inside(out.where):  # checked before the folder is made
+        raise InputError(f"--checkpoint-dir {ckpt_dir}: is the output or lies inside it; pass a directory beside "
+                         "the output")
     ck = CheckpointSink.open(location(ckpt_dir), fingerprint, inputs, restart=restart, run_id=run_id,
                              own_root=own_root, output=out)
     try:
