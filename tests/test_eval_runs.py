@@ -378,3 +378,12 @@ def test_bad_runs_are_one_line_exit_2(tmp_path, args, message):
     assert fill(message) in r.output
     assert len(r.output.strip().splitlines()) == 1, r.output
     assert sorted(os.listdir(tmp_path)) == before  # nothing written, nothing half-written
+
+
+def test_parquet_qrels_take_whole_number_or_boolean_grades(tmp_path):
+    from pipeline.evaluation.metrics import read_qrels
+
+    for grades in ([True, False], [2, 0]):
+        p = tmp_path / f"q{grades[0]}.parquet"
+        pq.write_table(pa.table({"query_id": ["a", "b"], "doc_id": ["x", "y"], "relevance": grades}), p)
+        assert read_qrels(str(p))["relevance"].to_list() == [int(g) for g in grades]

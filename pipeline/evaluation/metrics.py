@@ -89,7 +89,8 @@ def _read_qrels_parquet(path: str) -> pl.DataFrame:
                          f"(missing {', '.join(sorted(missing))})")
     for c in ("query_id", "doc_id", "relevance"):
         dtype = df.schema[c]
-        ok = dtype.is_integer() if c == "relevance" else (dtype.is_integer() or dtype in (pl.String, pl.Categorical))
+        ok = (dtype.is_integer() or dtype == pl.Boolean if c == "relevance"  # as eval --relevance-col takes
+              else dtype.is_integer() or dtype in (pl.String, pl.Categorical))
         if not ok:
             what = "whole-number grades such as 0, 1, 2" if c == "relevance" else "strings or whole numbers"
             raise InputError(f"{path}: column {c!r} holds {dtype}; qrels need {what} there")
